@@ -1,0 +1,12 @@
+//! The kmm-fleet test world: real kube-apiserver/kube-controller-manager/etcd per
+//! cluster on loopback, a real OCI registry, and simulators for what needs a machine
+//! (nodes and kubelets, the OCM registration and work agents, the kaniko executor).
+
+pub mod cluster;
+pub mod fleet;
+pub mod kmod;
+pub mod oci;
+pub mod pki;
+pub mod provision;
+pub mod registry;
+pub mod sim;

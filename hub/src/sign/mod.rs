@@ -1,0 +1,1 @@
+//! Native kernel module signing (in progress).

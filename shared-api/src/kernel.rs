@@ -1,0 +1,455 @@
+//! Kernel mapping (first match wins) and variable substitution (SPEC §1.1, §4.7).
+
+use std::collections::BTreeMap;
+
+use regex::Regex;
+
+use crate::labels::normalize_kernel;
+use crate::module::{Build, BuildArg, ModuleLoaderContainerSpec, Sign, TlsOptions};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MappingError {
+    #[error("kernelMappings[{index}].regexp {regexp:?} does not compile: {reason}")]
+    BadRegexp { index: usize, regexp: String, reason: String },
+    #[error("{field}: {source}")]
+    Substitution { field: String, source: SubstError },
+    #[error("kernelMappings[{index}]: no containerImage on the mapping and none on the container")]
+    NoImage { index: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubstError {
+    #[error("unknown variable ${{{0}}} (known: {known})", known = KNOWN_VARIABLES.join(", "))]
+    Unknown(String),
+    #[error("unterminated ${{…}} in {0:?}")]
+    Unterminated(String),
+    #[error("kernel {kernel:?} has fewer than 3 parts separated by '.', ',' or '-', so ${{{var}}} is undefined")]
+    MalformedKernel { kernel: String, var: String },
+}
+
+pub const KNOWN_VARIABLES: [&str; 8] = [
+    "KERNEL_FULL_VERSION",
+    "KERNEL_VERSION",
+    "KERNEL_XYZ",
+    "KERNEL_X",
+    "KERNEL_Y",
+    "KERNEL_Z",
+    "MOD_NAME",
+    "MOD_NAMESPACE",
+];
+
+/// The values substituted into a Module's templated fields for one kernel.
+/// `MOD_NAMESPACE` is the namespace the Module lives in; on the hub that is the
+/// spoke namespace (DESIGN decision 5).
+#[derive(Debug, Clone)]
+pub struct Variables {
+    kernel: String,
+    xyz: Option<[String; 3]>,
+    mod_name: String,
+    mod_namespace: String,
+}
+
+impl Variables {
+    pub fn new(kernel: &str, mod_name: &str, mod_namespace: &str) -> Self {
+        let kernel = normalize_kernel(kernel);
+        let parts: Vec<&str> = kernel.split(['.', ',', '-']).collect();
+        let xyz = (parts.len() >= 3).then(|| [parts[0].to_string(), parts[1].to_string(), parts[2].to_string()]);
+        Self { kernel, xyz, mod_name: mod_name.to_string(), mod_namespace: mod_namespace.to_string() }
+    }
+
+    pub fn kernel(&self) -> &str {
+        &self.kernel
+    }
+
+    fn get(&self, var: &str) -> Result<String, SubstError> {
+        let part = |i: usize| {
+            self.xyz
+                .as_ref()
+                .map(|p| p[i].clone())
+                .ok_or_else(|| SubstError::MalformedKernel { kernel: self.kernel.clone(), var: var.to_string() })
+        };
+        match var {
+            "KERNEL_FULL_VERSION" | "KERNEL_VERSION" => Ok(self.kernel.clone()),
+            "KERNEL_XYZ" => Ok(format!("{}.{}.{}", part(0)?, part(1)?, part(2)?)),
+            "KERNEL_X" => part(0),
+            "KERNEL_Y" => part(1),
+            "KERNEL_Z" => part(2),
+            "MOD_NAME" => Ok(self.mod_name.clone()),
+            "MOD_NAMESPACE" => Ok(self.mod_namespace.clone()),
+            other => Err(SubstError::Unknown(other.to_string())),
+        }
+    }
+
+    /// Shell-style `$VAR` / `${VAR}` substitution; `$$` is a literal `$`.
+    /// Unknown variables are an error rather than silently empty.
+    pub fn substitute(&self, input: &str) -> Result<String, SubstError> {
+        substitute_with(input, |v| self.get(v))
+    }
+}
+
+/// The variable names used in a template (for validation without a kernel).
+pub fn variables_in(input: &str) -> Result<Vec<String>, SubstError> {
+    let mut out = Vec::new();
+    substitute_with(input, |v| {
+        out.push(v.to_string());
+        Ok(String::new())
+    })?;
+    Ok(out)
+}
+
+fn substitute_with(
+    input: &str,
+    mut lookup: impl FnMut(&str) -> Result<String, SubstError>,
+) -> Result<String, SubstError> {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(braced) = after.strip_prefix('{') {
+            let end = braced.find('}').ok_or_else(|| SubstError::Unterminated(input.to_string()))?;
+            out.push_str(&lookup(&braced[..end])?);
+            rest = &braced[end + 1..];
+        } else {
+            let len = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+            if len == 0 {
+                out.push('$');
+                rest = after;
+            } else {
+                out.push_str(&lookup(&after[..len])?);
+                rest = &after[len..];
+            }
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// What a Module's loader means for one kernel: the first matching mapping merged
+/// with the container defaults, variables substituted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedMapping {
+    /// The kernel as matched (trailing `+` trimmed).
+    pub kernel: String,
+    /// Index of the mapping in `kernelMappings`.
+    pub mapping_index: usize,
+    pub container_image: String,
+    pub registry_tls: TlsOptions,
+    pub in_tree_modules_to_remove: Vec<String>,
+    pub build: Option<Build>,
+    pub sign: Option<Sign>,
+}
+
+/// Compiled kernel mappings of one Module loader, reusable across many kernels.
+#[derive(Debug)]
+pub struct KernelMapper<'a> {
+    container: &'a ModuleLoaderContainerSpec,
+    regexps: Vec<Option<Regex>>,
+}
+
+impl<'a> KernelMapper<'a> {
+    pub fn new(container: &'a ModuleLoaderContainerSpec) -> Result<Self, MappingError> {
+        let regexps = container
+            .kernel_mappings
+            .iter()
+            .enumerate()
+            .map(|(index, m)| match (&m.literal, &m.regexp) {
+                (None, Some(re)) => Regex::new(re).map(Some).map_err(|e| MappingError::BadRegexp {
+                    index,
+                    regexp: re.clone(),
+                    reason: first_line(&e.to_string()),
+                }),
+                _ => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { container, regexps })
+    }
+
+    /// The index of the first mapping matching the kernel.
+    pub fn find(&self, kernel: &str) -> Option<usize> {
+        let kernel = kernel.trim().trim_end_matches('+');
+        self.container.kernel_mappings.iter().enumerate().position(|(i, m)| match &m.literal {
+            Some(lit) => lit == kernel,
+            None => self.regexps[i].as_ref().is_some_and(|re| re.is_match(kernel)),
+        })
+    }
+
+    /// Resolve the kernel: `Ok(None)` when no mapping matches.
+    pub fn resolve(
+        &self,
+        kernel: &str,
+        mod_name: &str,
+        mod_namespace: &str,
+    ) -> Result<Option<ResolvedMapping>, MappingError> {
+        let Some(index) = self.find(kernel) else { return Ok(None) };
+        let c = self.container;
+        let m = &c.kernel_mappings[index];
+        let vars = Variables::new(kernel, mod_name, mod_namespace);
+        let field = |f: &str| format!("kernelMappings[{index}].{f}");
+        let subst = |f: String, s: &str| {
+            vars.substitute(s).map_err(|source| MappingError::Substitution { field: f, source })
+        };
+
+        let image_template = if m.container_image.is_empty() {
+            c.container_image.as_deref().filter(|s| !s.is_empty()).ok_or(MappingError::NoImage { index })?
+        } else {
+            m.container_image.as_str()
+        };
+        let container_image = subst(field("containerImage"), image_template)?;
+
+        let build = merge_build(c.build.as_ref(), m.build.as_ref());
+        let sign = match merge_sign(c.sign.as_ref(), m.sign.as_ref()) {
+            None => None,
+            Some(mut s) => {
+                if let Some(u) = &s.unsigned_image {
+                    s.unsigned_image = Some(subst(field("sign.unsignedImage"), u)?);
+                }
+                s.files_to_sign = s
+                    .files_to_sign
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| subst(field(&format!("sign.filesToSign[{i}]")), f))
+                    .collect::<Result<_, _>>()?;
+                Some(s)
+            }
+        };
+
+        Ok(Some(ResolvedMapping {
+            kernel: vars.kernel().to_string(),
+            mapping_index: index,
+            container_image,
+            registry_tls: m.registry_tls.or(c.registry_tls).unwrap_or_default(),
+            in_tree_modules_to_remove: m.in_tree_removals().unwrap_or_else(|| c.in_tree_removals()),
+            build,
+            sign,
+        }))
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or(s).trim().to_string()
+}
+
+/// Container build, overridden by the mapping's: `dockerfileConfigMap` replaced,
+/// `buildArgs` overridden by name or appended, `secrets` appended, other set fields replaced.
+pub fn merge_build(container: Option<&Build>, mapping: Option<&Build>) -> Option<Build> {
+    match (container, mapping) {
+        (None, None) => None,
+        (Some(c), None) => Some(c.clone()),
+        (None, Some(m)) => Some(m.clone()),
+        (Some(c), Some(m)) => {
+            let mut b = c.clone();
+            if m.dockerfile_config_map.is_some() {
+                b.dockerfile_config_map = m.dockerfile_config_map.clone();
+            }
+            b.build_args = merge_build_args(&c.build_args, &m.build_args);
+            b.secrets.extend(m.secrets.iter().cloned());
+            if m.base_image_registry_tls.is_some() {
+                b.base_image_registry_tls = m.base_image_registry_tls;
+            }
+            if m.kaniko_params.is_some() {
+                b.kaniko_params = m.kaniko_params.clone();
+            }
+            if !m.selector.is_empty() {
+                b.selector = m.selector.clone();
+            }
+            Some(b)
+        }
+    }
+}
+
+/// Later arguments override earlier ones of the same name; order of first appearance is kept.
+pub fn merge_build_args(base: &[BuildArg], overrides: &[BuildArg]) -> Vec<BuildArg> {
+    let mut out: Vec<BuildArg> = base.to_vec();
+    for o in overrides {
+        match out.iter_mut().find(|a| a.name == o.name) {
+            Some(a) => a.value = o.value.clone(),
+            None => out.push(o.clone()),
+        }
+    }
+    out
+}
+
+/// Container sign, overridden by the mapping's: `unsignedImage`, `keySecret`, `certSecret`
+/// replaced when set, `filesToSign` appended.
+pub fn merge_sign(container: Option<&Sign>, mapping: Option<&Sign>) -> Option<Sign> {
+    match (container, mapping) {
+        (None, None) => None,
+        (Some(c), None) => Some(c.clone()),
+        (None, Some(m)) => Some(m.clone()),
+        (Some(c), Some(m)) => {
+            let mut s = c.clone();
+            if m.unsigned_image.is_some() {
+                s.unsigned_image = m.unsigned_image.clone();
+            }
+            if m.unsigned_image_registry_tls.is_some() {
+                s.unsigned_image_registry_tls = m.unsigned_image_registry_tls;
+            }
+            if m.key_secret.is_some() {
+                s.key_secret = m.key_secret.clone();
+            }
+            if m.cert_secret.is_some() {
+                s.cert_secret = m.cert_secret.clone();
+            }
+            s.files_to_sign.extend(m.files_to_sign.iter().cloned());
+            Some(s)
+        }
+    }
+}
+
+/// The kaniko build arguments for one kernel: the merged user arguments, then
+/// `KERNEL_VERSION`, `KERNEL_FULL_VERSION`, `MOD_NAME`, `MOD_NAMESPACE` (always set by us).
+pub fn build_args_for(build: &Build, vars: &Variables) -> BTreeMap<String, String> {
+    let mut args: BTreeMap<String, String> =
+        build.build_args.iter().map(|a| (a.name.clone(), a.value.clone())).collect();
+    args.insert("KERNEL_VERSION".into(), vars.kernel.clone());
+    args.insert("KERNEL_FULL_VERSION".into(), vars.kernel.clone());
+    args.insert("MOD_NAME".into(), vars.mod_name.clone());
+    args.insert("MOD_NAMESPACE".into(), vars.mod_namespace.clone());
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::module::{KernelMapping, LocalObjectReference};
+
+    fn mapping_lit(lit: &str, img: &str) -> KernelMapping {
+        KernelMapping { literal: Some(lit.into()), container_image: img.into(), ..Default::default() }
+    }
+    fn mapping_re(re: &str, img: &str) -> KernelMapping {
+        KernelMapping { regexp: Some(re.into()), container_image: img.into(), ..Default::default() }
+    }
+    fn container(mappings: Vec<KernelMapping>) -> ModuleLoaderContainerSpec {
+        ModuleLoaderContainerSpec { kernel_mappings: mappings, ..Default::default() }
+    }
+
+    #[test]
+    fn literal_beats_a_later_regexp() {
+        let c = container(vec![mapping_lit("6.0.15-300.fc37.x86_64", "r/lit:1"), mapping_re("^.+$", "r/re:1")]);
+        let m = KernelMapper::new(&c).unwrap();
+        let r = m.resolve("6.0.15-300.fc37.x86_64", "m", "ns").unwrap().unwrap();
+        assert_eq!((r.mapping_index, r.container_image.as_str()), (0, "r/lit:1"));
+    }
+
+    #[test]
+    fn first_matching_regexp_wins_and_is_unanchored() {
+        let c = container(vec![
+            mapping_re("fc37", "r/a:${KERNEL_FULL_VERSION}"),
+            mapping_re("^.+$", "r/b:${KERNEL_FULL_VERSION}"),
+        ]);
+        let m = KernelMapper::new(&c).unwrap();
+        assert_eq!(m.resolve("6.0.15-300.fc37.x86_64", "m", "ns").unwrap().unwrap().container_image, "r/a:6.0.15-300.fc37.x86_64");
+        assert_eq!(m.resolve("5.14.0-1.el9.x86_64", "m", "ns").unwrap().unwrap().mapping_index, 1);
+        let anchored = container(vec![mapping_re("^fc37$", "r/a:1")]);
+        assert_eq!(KernelMapper::new(&anchored).unwrap().find("6.0.15-300.fc37.x86_64"), None);
+    }
+
+    #[test]
+    fn no_match_is_none() {
+        let c = container(vec![mapping_re(r"^5\.14.*$", "r/x:1")]);
+        assert_eq!(KernelMapper::new(&c).unwrap().resolve("5.15.0-2", "m", "ns").unwrap(), None);
+    }
+
+    #[test]
+    fn variables_including_xyz() {
+        let v = Variables::new("5.14.0-284.36.1.el9_2.x86_64", "kmm-ci-a", "spoke-ns");
+        assert_eq!(v.substitute("${KERNEL_XYZ}").unwrap(), "5.14.0");
+        assert_eq!(v.substitute("$KERNEL_X.$KERNEL_Y.${KERNEL_Z}").unwrap(), "5.14.0");
+        assert_eq!(
+            v.substitute("reg/$MOD_NAMESPACE/$MOD_NAME:${KERNEL_FULL_VERSION}").unwrap(),
+            "reg/spoke-ns/kmm-ci-a:5.14.0-284.36.1.el9_2.x86_64"
+        );
+        assert_eq!(v.substitute("$KERNEL_VERSION").unwrap(), "5.14.0-284.36.1.el9_2.x86_64");
+        assert_eq!(v.substitute("a$$b").unwrap(), "a$b");
+    }
+
+    #[test]
+    fn trailing_plus_is_trimmed_before_matching_and_substitution() {
+        let c = container(vec![mapping_lit("6.6.0-rc1", "r/x:${KERNEL_FULL_VERSION}")]);
+        let r = KernelMapper::new(&c).unwrap().resolve("6.6.0-rc1+", "m", "ns").unwrap().unwrap();
+        assert_eq!((r.kernel.as_str(), r.container_image.as_str()), ("6.6.0-rc1", "r/x:6.6.0-rc1"));
+    }
+
+    #[test]
+    fn unknown_variable_and_malformed_kernel_are_errors() {
+        let v = Variables::new("5.14.0-1", "m", "ns");
+        assert_eq!(v.substitute("${NOPE}"), Err(SubstError::Unknown("NOPE".into())));
+        assert!(matches!(v.substitute("${KERNEL"), Err(SubstError::Unterminated(_))));
+        let bad = Variables::new("6", "m", "ns");
+        assert!(matches!(bad.substitute("$KERNEL_XYZ"), Err(SubstError::MalformedKernel { .. })));
+        assert_eq!(bad.substitute("$KERNEL_FULL_VERSION").unwrap(), "6");
+        let c = container(vec![mapping_re(".*", "r/x:$UNKNOWN")]);
+        let err = KernelMapper::new(&c).unwrap().resolve("5.14.0-1", "m", "ns").unwrap_err();
+        assert!(err.to_string().contains("kernelMappings[0].containerImage: unknown variable ${UNKNOWN}"), "{err}");
+    }
+
+    #[test]
+    fn mapping_values_override_container_defaults() {
+        let mut c = container(vec![KernelMapping {
+            regexp: Some(".*".into()),
+            container_image: "r/x:1".into(),
+            build: Some(Build {
+                build_args: vec![BuildArg { name: "A".into(), value: "mapping".into() }, BuildArg { name: "C".into(), value: "3".into() }],
+                secrets: vec![LocalObjectReference::new("s2")],
+                ..Default::default()
+            }),
+            sign: Some(Sign { files_to_sign: vec!["/opt/b.ko".into()], key_secret: Some(LocalObjectReference::new("k2")), ..Default::default() }),
+            registry_tls: Some(TlsOptions { insecure: true, insecure_skip_tls_verify: false }),
+            in_tree_modules_to_remove: Some(vec!["mapped".into()]),
+            ..Default::default()
+        }]);
+        c.build = Some(Build {
+            build_args: vec![BuildArg { name: "A".into(), value: "container".into() }, BuildArg { name: "B".into(), value: "2".into() }],
+            dockerfile_config_map: Some(LocalObjectReference::new("df")),
+            secrets: vec![LocalObjectReference::new("s1")],
+            ..Default::default()
+        });
+        c.sign = Some(Sign {
+            files_to_sign: vec!["/opt/a-$KERNEL_X.ko".into()],
+            key_secret: Some(LocalObjectReference::new("k1")),
+            cert_secret: Some(LocalObjectReference::new("c1")),
+            ..Default::default()
+        });
+        c.registry_tls = Some(TlsOptions { insecure: false, insecure_skip_tls_verify: true });
+        c.in_tree_module_to_remove = Some("container".into());
+        let r = KernelMapper::new(&c).unwrap().resolve("5.14.0-1", "m", "ns").unwrap().unwrap();
+        let b = r.build.unwrap();
+        let args: Vec<(&str, &str)> = b.build_args.iter().map(|a| (a.name.as_str(), a.value.as_str())).collect();
+        assert_eq!(args, vec![("A", "mapping"), ("B", "2"), ("C", "3")]);
+        assert_eq!(b.dockerfile_config_map, Some(LocalObjectReference::new("df")));
+        assert_eq!(b.secrets, vec![LocalObjectReference::new("s1"), LocalObjectReference::new("s2")]);
+        let s = r.sign.unwrap();
+        assert_eq!(s.files_to_sign, vec!["/opt/a-5.ko".to_string(), "/opt/b.ko".to_string()]);
+        assert_eq!(s.key_secret, Some(LocalObjectReference::new("k2")));
+        assert_eq!(s.cert_secret, Some(LocalObjectReference::new("c1")));
+        assert!(r.registry_tls.insecure && !r.registry_tls.insecure_skip_tls_verify);
+        assert_eq!(r.in_tree_modules_to_remove, vec!["mapped".to_string()]);
+    }
+
+    #[test]
+    fn container_image_fallback_and_singular_in_tree() {
+        let mut c = container(vec![mapping_re(".*", "")]);
+        c.container_image = Some("r/top:$KERNEL_X".into());
+        c.in_tree_module_to_remove = Some("joydev".into());
+        let r = KernelMapper::new(&c).unwrap().resolve("6.1.0-1", "m", "ns").unwrap().unwrap();
+        assert_eq!(r.container_image, "r/top:6");
+        assert_eq!(r.in_tree_modules_to_remove, vec!["joydev".to_string()]);
+        c.container_image = None;
+        assert_eq!(
+            KernelMapper::new(&c).unwrap().resolve("6.1.0-1", "m", "ns").unwrap_err(),
+            MappingError::NoImage { index: 0 }
+        );
+    }
+
+    #[test]
+    fn build_args_always_carry_the_kernel_and_module() {
+        let b = Build { build_args: vec![BuildArg { name: "KERNEL_VERSION".into(), value: "user".into() }], ..Default::default() };
+        let args = build_args_for(&b, &Variables::new("6.1.0-1+", "m", "spoke"));
+        assert_eq!(args["KERNEL_VERSION"], "6.1.0-1");
+        assert_eq!(args["MOD_NAMESPACE"], "spoke");
+    }
+}

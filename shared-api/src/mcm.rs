@@ -1,0 +1,139 @@
+//! `ManagedClusterModule` (`hub.kmm.sigs.x-k8s.io/v1beta1`, cluster-scoped).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::module::ModuleSpec;
+
+/// At most this many entries are kept in `status.images` and `status.clusters`;
+/// the rest are counted in the matching `…Omitted` field.
+pub const STATUS_LIST_LIMIT: usize = 64;
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "hub.kmm.sigs.x-k8s.io",
+    version = "v1beta1",
+    kind = "ManagedClusterModule",
+    plural = "managedclustermodules",
+    shortname = "mcm",
+    status = "ManagedClusterModuleStatus",
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.numberDesired"}"#,
+    printcolumn = r#"{"name":"Applied","type":"integer","jsonPath":".status.numberApplied"}"#,
+    printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.numberAvailable"}"#,
+    printcolumn = r#"{"name":"Degraded","type":"integer","jsonPath":".status.numberDegraded"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedClusterModuleSpec {
+    /// The Module spec delivered to every selected cluster (build and sign run on the hub).
+    pub module_spec: ModuleSpec,
+    /// Namespace of the Module on the spokes (must exist there).
+    pub spoke_namespace: String,
+    /// Label equality selector over ManagedClusters; empty selects all.
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedClusterModuleStatus {
+    /// ManifestWorks written for selected clusters.
+    #[serde(default)]
+    pub number_desired: i32,
+    /// ManifestWorks whose `Applied` condition is True.
+    #[serde(default)]
+    pub number_applied: i32,
+    /// ManifestWorks whose Module reports every desired loader and device-plugin pod available.
+    #[serde(default)]
+    pub number_available: i32,
+    /// ManifestWorks whose `Degraded` condition is True.
+    #[serde(default)]
+    pub number_degraded: i32,
+
+    /// `Ready`, `Progressing`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::schema::conditions")]
+    pub conditions: Vec<Condition>,
+
+    /// One entry per distinct target image (bounded, see `imagesOmitted`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageStatus>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub images_omitted: i32,
+
+    /// Selected clusters that cannot get (all of) their work, with the reason (bounded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<ClusterProblem>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub clusters_omitted: i32,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_rebuild_trigger_generation: Option<i32>,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+/// The state of one distinct target image of the image plan.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+pub enum ImageState {
+    /// Digest known, signed as required.
+    Ready,
+    /// Not resolved yet.
+    #[default]
+    Pending,
+    /// A build Job is running.
+    Building,
+    /// Being signed by the hub.
+    Signing,
+    /// Not in the registry and there is no build section.
+    Missing,
+    /// Build or signing failed, or the registry could not be asked.
+    Failed,
+}
+
+impl ImageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageState::Ready => "Ready",
+            ImageState::Pending => "Pending",
+            ImageState::Building => "Building",
+            ImageState::Signing => "Signing",
+            ImageState::Missing => "Missing",
+            ImageState::Failed => "Failed",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageStatus {
+    pub image: String,
+    /// A kernel this image serves (the first in sort order when several share it).
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    pub state: ImageState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Number of selected clusters that need this image.
+    #[serde(default)]
+    pub clusters: i32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterProblem {
+    pub name: String,
+    /// A short CamelCase reason, e.g. `NoKernelClaim`, `NoMatchingKernel`, `ImagesPending`.
+    pub reason: String,
+    pub message: String,
+}

@@ -1,0 +1,390 @@
+//! The Open Cluster Management types kmm-fleet reads and writes, with OCM's exact
+//! group/version/kind and field names (a subset of fields: the ones we touch).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The ClusterClaim the spoke publishes: distinct node kernels, sorted, newline-joined.
+pub const KERNEL_VERSIONS_CLAIM: &str = "kernel-versions.kmm.node.kubernetes.io";
+/// OCM caps a ClusterClaim value at this many characters.
+pub const CLAIM_VALUE_MAX: usize = 1024;
+
+/// `ManagedCluster` (`cluster.open-cluster-management.io/v1`, cluster-scoped).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "cluster.open-cluster-management.io",
+    version = "v1",
+    kind = "ManagedCluster",
+    plural = "managedclusters",
+    status = "ManagedClusterStatus",
+    printcolumn = r#"{"name":"Hub accepted","type":"boolean","jsonPath":".spec.hubAcceptsClient"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedClusterSpec {
+    #[serde(default)]
+    pub hub_accepts_client: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub managed_cluster_client_configs: Vec<ClientConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_duration_seconds: Option<i32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<Taint>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientConfig {
+    #[serde(default)]
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Taint {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    pub effect: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_added: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedClusterStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_claims: Vec<ManagedClusterClaim>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<ManagedClusterVersion>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ManagedClusterClaim {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ManagedClusterVersion {
+    #[serde(default)]
+    pub kubernetes: String,
+}
+
+/// `ClusterClaim` (`cluster.open-cluster-management.io/v1alpha1`, cluster-scoped, on spokes).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[kube(
+    group = "cluster.open-cluster-management.io",
+    version = "v1alpha1",
+    kind = "ClusterClaim",
+    plural = "clusterclaims"
+)]
+pub struct ClusterClaimSpec {
+    /// At most 1024 characters.
+    #[schemars(length(max = 1024))]
+    #[serde(default)]
+    pub value: String,
+}
+
+/// `ManifestWork` (`work.open-cluster-management.io/v1`, in the cluster's namespace on the hub).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "work.open-cluster-management.io",
+    version = "v1",
+    kind = "ManifestWork",
+    plural = "manifestworks",
+    namespaced,
+    status = "ManifestWorkStatus"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestWorkSpec {
+    #[serde(default)]
+    pub workload: ManifestsTemplate,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_option: Option<DeleteOption>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub manifest_configs: Vec<ManifestConfigOption>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct ManifestsTemplate {
+    #[serde(default)]
+    pub manifests: Vec<Manifest>,
+}
+
+/// One embedded Kubernetes object (OCM's `runtime.RawExtension`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(transparent)]
+pub struct Manifest(#[schemars(schema_with = "crate::schema::embedded_object")] pub serde_json::Value);
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteOption {
+    /// `Foreground`, `Orphan` or `SelectivelyOrphan`.
+    #[serde(default)]
+    pub propagation_policy: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestConfigOption {
+    pub resource_identifier: ResourceIdentifier,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub feedback_rules: Vec<FeedbackRule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_strategy: Option<UpdateStrategy>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ResourceIdentifier {
+    #[serde(default)]
+    pub group: String,
+    pub resource: String,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedbackRule {
+    /// `WellKnownStatus` or `JSONPaths`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub json_paths: Vec<JsonPath>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct JsonPath {
+    pub name: String,
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateStrategy {
+    /// `Update`, `CreateOnly` or `ServerSideApply`.
+    #[serde(rename = "type")]
+    pub type_: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestWorkStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_status: Option<ManifestResourceStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct ManifestResourceStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub manifests: Vec<ManifestCondition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestCondition {
+    pub resource_meta: ManifestResourceMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_feedback: Option<StatusFeedbackResult>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ManifestResourceMeta {
+    #[serde(default)]
+    pub ordinal: i32,
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub resource: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct StatusFeedbackResult {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<FeedbackValue>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedbackValue {
+    pub name: String,
+    pub field_value: FieldValue,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FieldValue {
+    /// `Integer`, `String`, `Boolean` or `JsonRaw`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integer: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub string: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boolean: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_raw: Option<String>,
+}
+
+/// ManifestWork condition types (OCM).
+pub mod work_conditions {
+    pub const APPLIED: &str = "Applied";
+    pub const AVAILABLE: &str = "Available";
+    pub const PROGRESSING: &str = "Progressing";
+    pub const DEGRADED: &str = "Degraded";
+}
+
+impl ManifestWorkStatus {
+    /// Whether the condition of that type is `True`.
+    pub fn condition_true(&self, type_: &str) -> bool {
+        self.conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+    }
+
+    /// The integer feedback value of that name on the first manifest that reports it.
+    pub fn feedback_integer(&self, name: &str) -> Option<i64> {
+        self.resource_status.as_ref()?.manifests.iter().find_map(|m| {
+            m.status_feedback
+                .as_ref()?
+                .values
+                .iter()
+                .find(|v| v.name == name)
+                .and_then(|v| v.field_value.integer)
+        })
+    }
+}
+
+impl ManagedClusterStatus {
+    /// The kernels a spoke published, from the claim and its numbered overflow claims
+    /// (`<claim>`, `<claim>.1`, `<claim>.2`, …), distinct and sorted. `None` without any claim.
+    pub fn kernel_versions(&self) -> Option<Vec<String>> {
+        let mut parts: Vec<(usize, &str)> = self
+            .cluster_claims
+            .iter()
+            .filter_map(|c| claim_part_index(&c.name).map(|i| (i, c.value.as_str())))
+            .collect();
+        if parts.is_empty() {
+            return None;
+        }
+        parts.sort_by_key(|(i, _)| *i);
+        let mut kernels: Vec<String> = parts
+            .iter()
+            .flat_map(|(_, v)| v.split('\n'))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_string)
+            .collect();
+        kernels.sort();
+        kernels.dedup();
+        Some(kernels)
+    }
+}
+
+/// 0 for the main claim, n for `<claim>.n`.
+pub fn claim_part_index(name: &str) -> Option<usize> {
+    if name == KERNEL_VERSIONS_CLAIM {
+        return Some(0);
+    }
+    name.strip_prefix(KERNEL_VERSIONS_CLAIM)?
+        .strip_prefix('.')?
+        .parse()
+        .ok()
+        .filter(|n: &usize| *n > 0)
+}
+
+/// Split sorted kernels into claim values of at most [`CLAIM_VALUE_MAX`] characters:
+/// `(claim name, value)`, the first under [`KERNEL_VERSIONS_CLAIM`], then `.1`, `.2`, ….
+/// A single kernel longer than the cap is truncated (kernels are far shorter in practice).
+pub fn split_kernel_claims(kernels: &[String]) -> Vec<(String, String)> {
+    let mut values: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for k in kernels {
+        let k: String = k.chars().take(CLAIM_VALUE_MAX).collect();
+        let needed = if current.is_empty() { k.len() } else { current.len() + 1 + k.len() };
+        if needed > CLAIM_VALUE_MAX && !current.is_empty() {
+            values.push(std::mem::take(&mut current));
+        }
+        if !current.is_empty() {
+            current.push('\n');
+        }
+        current.push_str(&k);
+    }
+    if !current.is_empty() || values.is_empty() {
+        values.push(current);
+    }
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let name = if i == 0 {
+                KERNEL_VERSIONS_CLAIM.to_string()
+            } else {
+                format!("{KERNEL_VERSIONS_CLAIM}.{i}")
+            };
+            (name, v)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(pairs: &[(String, String)]) -> ManagedClusterStatus {
+        ManagedClusterStatus {
+            cluster_claims: pairs
+                .iter()
+                .map(|(n, v)| ManagedClusterClaim { name: n.clone(), value: v.clone() })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn claims_split_and_join_round_trip() {
+        let kernels: Vec<String> =
+            (0..200).map(|i| format!("5.14.0-{i:03}.el9_2.x86_64")).collect();
+        let parts = split_kernel_claims(&kernels);
+        assert!(parts.len() > 1, "200 kernels must overflow one claim");
+        assert!(parts.iter().all(|(_, v)| v.len() <= CLAIM_VALUE_MAX));
+        assert_eq!(parts[1].0, format!("{KERNEL_VERSIONS_CLAIM}.1"));
+        assert_eq!(claims(&parts).kernel_versions().unwrap(), kernels);
+    }
+
+    #[test]
+    fn no_claim_is_none_and_unrelated_claims_are_ignored() {
+        let st = claims(&[("id.k8s.io".into(), "x".into())]);
+        assert_eq!(st.kernel_versions(), None);
+        assert_eq!(claim_part_index("kernel-versions.kmm.node.kubernetes.io.x"), None);
+        assert_eq!(claim_part_index("kernel-versions.kmm.node.kubernetes.io.0"), None);
+    }
+
+    #[test]
+    fn claim_value_is_sorted_and_distinct() {
+        let st = claims(&[(KERNEL_VERSIONS_CLAIM.into(), "b\na1\n\na2\nb".into())]);
+        assert_eq!(st.kernel_versions().unwrap(), vec!["a1", "a2", "b"]);
+    }
+}
