@@ -208,7 +208,7 @@ pub struct TlsOptions {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
     /// Use TLS without verifying the server's certificate.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not", rename = "insecureSkipTLSVerify")]
     pub insecure_skip_tls_verify: bool,
 }
 

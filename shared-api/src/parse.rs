@@ -51,6 +51,22 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, ParseError> {
     Ok(out)
 }
 
+/// `spec.moduleLoader.?.container.kernelMappings.2.x` → `spec.moduleLoader.container.kernelMappings[2].x`.
+fn display_path(raw: &str) -> String {
+    let mut out = String::new();
+    for seg in raw.split('.').filter(|s| *s != "?") {
+        if seg.chars().all(|c| c.is_ascii_digit()) && !seg.is_empty() {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    out
+}
+
 /// Parse one object already decoded into JSON.
 pub fn parse_value(index: usize, value: serde_json::Value) -> Result<Document, ParseError> {
     let s = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
@@ -78,7 +94,12 @@ pub fn parse_value(index: usize, value: serde_json::Value) -> Result<Document, P
         }
         _ => Object::Other { api_version, kind: kind.clone() },
     };
-    // kube's generated types keep `status` and `apiVersion`/`kind`; anything else unknown is reported.
-    unknown.retain(|p| !p.starts_with("status"));
+    // kube's generated types handle `apiVersion`/`kind` themselves; `status` is the server's.
+    let mut unknown: Vec<String> = unknown
+        .iter()
+        .map(|p| display_path(p))
+        .filter(|p| !matches!(p.as_str(), "apiVersion" | "kind") && !p.starts_with("status"))
+        .collect();
+    unknown.dedup();
     Ok(Document { index, kind, name, object, unknown_fields: unknown })
 }
