@@ -1,0 +1,45 @@
+# kmm-fleet everyday commands. `just` lists them.
+
+default:
+    @just --list
+
+# Format all code.
+fmt:
+    cargo fmt --all
+
+# Lints as CI runs them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# The whole suite, as CI runs it (provisions the test world first).
+test *ARGS:
+    ./scripts/test {{ARGS}}
+
+# Unit tests only (no cluster needed).
+unit:
+    cargo nextest run --workspace --lib --bins
+
+# Regenerate the CRDs in manifests/crds from the types.
+generate:
+    cargo run -q -p kmm-hub -- crd --dir manifests/crds --reference docs/crd-reference.md
+
+# Fail when the committed CRDs differ from the generator's output.
+check-generated:
+    cargo test -q -p shared-api --test generated
+
+# Validate Module / ManagedClusterModule YAML offline.
+validate +FILES:
+    cargo run -q -p kmm-hub -- validate {{FILES}}
+
+# Provision the test world (Debian packages, kube-apiserver v1.20.2 build).
+provision:
+    bash e2e/provision/provision.sh
+
+# Bring a local fleet up (hub + N spokes) and keep it running.
+fleet-up spokes="2" nodes="3" dir="/tmp/kmm-fleet":
+    cargo run -q -p kmm-e2e --bin kmm-fleet -- up --spokes {{spokes}} --nodes {{nodes}} --dir {{dir}}
+
+# Stop a fleet started with fleet-up.
+fleet-down dir="/tmp/kmm-fleet":
+    cargo run -q -p kmm-e2e --bin kmm-fleet -- down --dir {{dir}}
