@@ -7,12 +7,14 @@ set -euo pipefail
 
 K8S_SRC_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
 K8S_GIT_VERSION="v1.20.2"
+# Bump the suffix whenever the patches below change: binaries are cached per build id.
+K8S_BUILD_ID="$K8S_GIT_VERSION-kmm1"
 CACHE="${KMM_FLEET_CACHE:-$HOME/.cache/kmm-fleet}"
-BIN_DIR="$CACHE/k8s-$K8S_GIT_VERSION"
+BIN_DIR="$CACHE/k8s-$K8S_BUILD_ID"
 WORK="$CACHE/build-k8s-$K8S_GIT_VERSION"
 
 PACKAGES=(golang-1.19-go etcd-server rsync dpkg-dev golang-github-modern-go-reflect2-dev
-  docker-registry apache2-utils openssl kmod linux-headers-amd64 ca-certificates)
+  docker-registry apache2-utils openssl kmod linux-headers-amd64 ca-certificates chromium)
 [ -n "${KMM_FLEET_EXTRA_PACKAGES:-}" ] && read -r -a extra <<<"$KMM_FLEET_EXTRA_PACKAGES" && PACKAGES+=("${extra[@]}")
 
 step_start=0
@@ -46,7 +48,7 @@ else
 fi
 
 if [ -x "$BIN_DIR/kube-apiserver" ] && [ -x "$BIN_DIR/kube-controller-manager" ]; then
-  echo "==> kube-apiserver and kube-controller-manager $K8S_GIT_VERSION cached in $BIN_DIR"
+  echo "==> kube-apiserver and kube-controller-manager $K8S_BUILD_ID cached in $BIN_DIR"
   exit 0
 fi
 
@@ -96,6 +98,22 @@ if [ ! -f "$TREE/.unpacked" ]; then
   done_step
 fi
 
+# Go >= 1.18's reflect.Zero returns the runtime's shared zero buffer, the same one an empty
+# string is boxed to; go-openapi's type validator then takes every "" for null and rejects
+# it ("must be of type string: \"null\"") in CRD defaults and in custom resources. Built
+# with its own Go 1.15 the check was effectively `data == nil`; restore exactly that.
+if [ ! -f "$TREE/.patched-zero-null" ]; then
+  step "patching go-openapi's zero-value check (empty strings taken for null under Go >= 1.18)"
+  for f in "$TREE/vendor/github.com/go-openapi/validate/type.go" \
+           "$TREE/vendor/k8s.io/kube-openapi/pkg/validation/validate/type.go"; do
+    [ -f "$f" ] || continue
+    sed -i 's/if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {/if data == nil {/' "$f"
+    grep -q 'reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data))' "$f" && fail "patching $f" "edit $f by hand"
+  done
+  touch "$TREE/.patched-zero-null"
+  done_step
+fi
+
 mkdir -p "$GOPATH_DIR/src/k8s.io"
 ln -sfn "$TREE" "$GOPATH_DIR/src/k8s.io/kubernetes"
 export PATH="/usr/lib/go-1.19/bin:$PATH" GOPATH="$GOPATH_DIR" GO111MODULE=off CGO_ENABLED=0 GOPROXY=off \
@@ -115,7 +133,7 @@ LDFLAGS="-s -w -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitVers
  -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitTreeState=clean"
 for bin in kube-apiserver kube-controller-manager; do
   if [ ! -x "$BIN_DIR/$bin" ]; then
-    step "building $bin $K8S_GIT_VERSION (Go 1.19, 2 jobs; a cold build takes a few minutes)"
+    step "building $bin $K8S_BUILD_ID (Go 1.19, 2 jobs; a cold build takes a few minutes)"
     go build -p 2 -ldflags "$LDFLAGS" -o "$BIN_DIR/$bin.tmp" "./cmd/$bin" >"$WORK/$bin.log" 2>&1 \
       || fail "go build ./cmd/$bin (log: $WORK/$bin.log)" "see $WORK/$bin.log"
     mv "$BIN_DIR/$bin.tmp" "$BIN_DIR/$bin"
@@ -124,4 +142,4 @@ for bin in kube-apiserver kube-controller-manager; do
 done
 # The build cache is large and only needed to rebuild; the binaries are what we keep.
 rm -rf "$WORK/gocache"
-echo "==> kube-apiserver and kube-controller-manager $K8S_GIT_VERSION ready in $BIN_DIR"
+echo "==> kube-apiserver and kube-controller-manager $K8S_BUILD_ID ready in $BIN_DIR"

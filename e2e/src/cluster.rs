@@ -1,1 +1,616 @@
-//! (being written)
+//! One simulated cluster's real control plane: kube-apiserver and kube-controller-manager
+//! v1.20.2 on 127.0.0.1, against the fleet's shared etcd under a per-cluster prefix.
+//!
+//! Layout of a cluster directory: `pki/` (certificates, keys, static tokens),
+//! `admin.kubeconfig`, `nobody.kubeconfig`, `controller-manager.kubeconfig`,
+//! `kube-apiserver.log`, `kube-controller-manager.log`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::pki::Ca;
+use crate::process::{ManagedProcess, free_port};
+use crate::provision::Binaries;
+
+/// The field manager the test world applies with.
+pub const FIELD_MANAGER: &str = "kmm-fleet-testworld";
+/// The user of the static token with no RBAC permissions.
+pub const NOBODY_USER: &str = "nobody";
+/// Loopback service range: there is no kube-proxy, and only loopback is a valid target here.
+pub const SERVICE_CLUSTER_IP_RANGE: &str = "127.96.0.0/16";
+const CONTROLLERS: &str = "garbagecollector,namespace,serviceaccount,serviceaccount-token,daemonset,job,\
+deployment,replicaset,ttl-after-finished,clusterrole-aggregation";
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+const APISERVER_GRACE: Duration = Duration::from_secs(2);
+
+/// The fleet's etcd (one per fleet; clusters are separated by `--etcd-prefix`).
+#[derive(Debug)]
+pub struct Etcd {
+    process: ManagedProcess,
+    url: String,
+    data_dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd with its data on tmpfs (`/dev/shm` when present) and waits for `/health`.
+    pub async fn start(binaries: &Binaries, log_dir: &Path) -> anyhow::Result<Self> {
+        let shm = Path::new("/dev/shm");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("kmm-fleet-etcd-");
+        let data_dir = if shm.is_dir() {
+            builder.tempdir_in(shm)
+        } else {
+            builder.tempdir_in(log_dir)
+        }
+        .context("creating etcd data dir")?;
+        let client_port = free_port()?;
+        let peer_port = free_port()?;
+        let url = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let args: Vec<String> = vec![
+            "--name=kmm-fleet".into(),
+            format!("--data-dir={}", data_dir.path().join("data").display()),
+            format!("--listen-client-urls={url}"),
+            format!("--advertise-client-urls={url}"),
+            format!("--listen-peer-urls={peer}"),
+            format!("--initial-advertise-peer-urls={peer}"),
+            format!("--initial-cluster=kmm-fleet={peer}"),
+            "--initial-cluster-state=new".into(),
+            "--logger=zap".into(),
+            "--log-level=warn".into(),
+            // The 5,000-cluster benches write a lot; the default quota is 2 GiB.
+            "--quota-backend-bytes=8589934592".into(),
+        ];
+        let mut process =
+            ManagedProcess::spawn("etcd", &binaries.etcd, &args, &log_dir.join("etcd.log"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, body)) =
+                crate::process::http_get(&format!("127.0.0.1:{client_port}"), "/health").await
+                && body.contains("true")
+            {
+                break;
+            }
+            if let Some(status) = process.exited() {
+                bail!(
+                    "etcd exited ({status}) while starting; log tail:\n{}",
+                    process.log_tail(30)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "etcd not healthy after 30 s; log tail:\n{}",
+                    process.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            process,
+            url,
+            data_dir,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Stops etcd and removes its data.
+    pub async fn stop(self) {
+        let Self {
+            mut process,
+            data_dir,
+            ..
+        } = self;
+        process.stop(Duration::from_secs(5)).await;
+        drop(data_dir);
+    }
+}
+
+/// What a cluster needs from its fleet.
+#[derive(Clone, Copy, Debug)]
+pub struct ClusterConfig<'a> {
+    pub name: &'a str,
+    /// The cluster's own directory (created).
+    pub dir: &'a Path,
+    pub binaries: &'a Binaries,
+    pub etcd_url: &'a str,
+    pub ca: &'a Ca,
+}
+
+/// A running control plane. Dropping it kills its processes; [`Cluster::stop`] stops them
+/// gracefully.
+pub struct Cluster {
+    name: String,
+    dir: PathBuf,
+    port: u16,
+    binaries: Binaries,
+    apiserver_args: Vec<String>,
+    controller_manager_args: Vec<String>,
+    apiserver: Option<ManagedProcess>,
+    controller_manager: Option<ManagedProcess>,
+    ca_pem: String,
+    nobody_token: String,
+    admin: kube::Client,
+}
+
+impl Cluster {
+    /// Writes certificates and kubeconfigs, starts kube-apiserver (waits for `/readyz`),
+    /// kube-controller-manager, installs the CRDs of `shared_api::crds()` and waits until
+    /// they are Established and the token controller has made the `default` token.
+    pub async fn start(cfg: ClusterConfig<'_>) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let name = cfg.name;
+        let dir = cfg.dir.to_path_buf();
+        let pki = dir.join("pki");
+        std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
+        let port = free_port()?;
+        let server = format!("https://127.0.0.1:{port}");
+
+        let serving = cfg
+            .ca
+            .serving_cert("kube-apiserver", &["127.0.0.1", "localhost"])?;
+        let admin = cfg.ca.client_cert("kmm-fleet-admin", &["system:masters"])?;
+        let kcm = cfg.ca.client_cert("system:kube-controller-manager", &[])?;
+        let sa = crate::pki::service_account_key()?;
+        let nobody_token = random_token();
+        let ca_pem = cfg.ca.cert_pem().to_string();
+        let files = [
+            ("ca.crt", ca_pem.as_str()),
+            ("apiserver.crt", &serving.cert_pem),
+            ("apiserver.key", &serving.key_pem),
+            ("admin.crt", &admin.cert_pem),
+            ("admin.key", &admin.key_pem),
+            ("controller-manager.crt", &kcm.cert_pem),
+            ("controller-manager.key", &kcm.key_pem),
+            ("sa.key", &sa.private_pem),
+            ("sa.pub", &sa.public_pem),
+        ];
+        for (file, content) in files {
+            write_private(&pki.join(file), content)?;
+        }
+        // token,user,uid[,"groups"]: a user that authenticates but has no permissions.
+        write_private(
+            &pki.join("tokens.csv"),
+            &format!("{nobody_token},{NOBODY_USER},nobody-uid\n"),
+        )?;
+
+        let admin_yaml = kubeconfig_yaml(
+            name,
+            &server,
+            &ca_pem,
+            User::Cert(&admin.cert_pem, &admin.key_pem),
+        );
+        write_private(&dir.join("admin.kubeconfig"), &admin_yaml)?;
+        let kcm_yaml = kubeconfig_yaml(
+            name,
+            &server,
+            &ca_pem,
+            User::Cert(&kcm.cert_pem, &kcm.key_pem),
+        );
+        write_private(&dir.join("controller-manager.kubeconfig"), &kcm_yaml)?;
+        write_private(
+            &dir.join("nobody.kubeconfig"),
+            &kubeconfig_yaml(name, &server, &ca_pem, User::Token(&nobody_token)),
+        )?;
+
+        let p = |f: &str| pki.join(f).display().to_string();
+        let apiserver_args: Vec<String> = vec![
+            "--advertise-address=127.0.0.1".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={port}"),
+            "--insecure-port=0".into(),
+            format!("--cert-dir={}", p(""),),
+            format!("--etcd-servers={}", cfg.etcd_url),
+            format!("--etcd-prefix=/kmm-fleet/{name}"),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
+            // Endpoints validation rejects loopback IPs: no master endpoint reconciling.
+            "--endpoint-reconciler-type=none".into(),
+            "--authorization-mode=RBAC".into(),
+            format!("--token-auth-file={}", p("tokens.csv")),
+            format!("--service-account-issuer=https://{name}.kmm-fleet.invalid"),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--api-audiences=https://{name}.kmm-fleet.invalid"),
+            // Defaults of 1.20 plus the ones a real cluster runs with; TaintNodesByCondition
+            // is what makes simulated nodes start NotReady.
+            "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,TaintNodesByCondition,\
+             Priority,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota,\
+             NodeRestriction"
+                .replace(' ', ""),
+            // Loader pods are privileged, as in real KMM.
+            "--allow-privileged=true".into(),
+            "--feature-gates=TTLAfterFinished=true".into(),
+            "--profiling=false".into(),
+        ];
+        let controller_manager_args: Vec<String> = vec![
+            format!(
+                "--kubeconfig={}",
+                dir.join("controller-manager.kubeconfig").display()
+            ),
+            format!("--controllers={CONTROLLERS}"),
+            "--secure-port=0".into(),
+            "--port=0".into(),
+            "--leader-elect=false".into(),
+            // Each controller acts as its own service account, as in kubeadm clusters.
+            "--use-service-account-credentials=true".into(),
+            format!("--service-account-private-key-file={}", p("sa.key")),
+            format!("--root-ca-file={}", p("ca.crt")),
+            format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
+            "--feature-gates=TTLAfterFinished=true".into(),
+            "--profiling=false".into(),
+        ];
+
+        let admin_client = client_from_yaml(&admin_yaml).await?;
+        let mut cluster = Self {
+            name: name.to_string(),
+            dir,
+            port,
+            binaries: cfg.binaries.clone(),
+            apiserver_args,
+            controller_manager_args,
+            apiserver: None,
+            controller_manager: None,
+            ca_pem,
+            nobody_token,
+            admin: admin_client,
+        };
+        cluster.start_apiserver().await?;
+        let t_api = started.elapsed();
+        cluster.start_controller_manager()?;
+        let (crds, token) = tokio::join!(
+            cluster.install_crds(),
+            cluster.service_account_token("default", "default")
+        );
+        crds.with_context(|| format!("{name}: installing CRDs"))?;
+        token.with_context(|| {
+            format!(
+                "{name}: kube-controller-manager did not create the default service-account token; log tail:\n{}",
+                cluster.controller_manager.as_ref().map(|p| p.log_tail(30)).unwrap_or_default()
+            )
+        })?;
+        eprintln!(
+            "kmm-fleet: cluster {name} ready on {} in {:.1?} (apiserver {:.1?})",
+            cluster.server_url(),
+            started.elapsed(),
+            t_api
+        );
+        Ok(cluster)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The admin (system:masters client certificate) kubeconfig.
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.dir.join("admin.kubeconfig")
+    }
+
+    /// A kubeconfig for the user `nobody` (static token, no permissions).
+    pub fn nobody_kubeconfig_path(&self) -> PathBuf {
+        self.dir.join("nobody.kubeconfig")
+    }
+
+    pub fn server_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The static token of the user `nobody`.
+    pub fn nobody_token(&self) -> &str {
+        &self.nobody_token
+    }
+
+    /// An admin client (system:masters).
+    pub async fn client(&self) -> kube::Client {
+        self.admin.clone()
+    }
+
+    /// A client authenticating with a bearer token.
+    pub async fn client_for_token(&self, token: &str) -> anyhow::Result<kube::Client> {
+        client_from_yaml(&kubeconfig_yaml(
+            &self.name,
+            &self.server_url(),
+            &self.ca_pem,
+            User::Token(token),
+        ))
+        .await
+    }
+
+    /// The token of a service account, waiting (up to 60 s) for the Secret that the 1.20
+    /// token controller creates.
+    pub async fn service_account_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> anyhow::Result<String> {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.admin.clone(), namespace);
+        let secrets: Api<Secret> = Api::namespaced(self.admin.clone(), namespace);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::from("service account not found");
+        while Instant::now() < deadline {
+            match sas.get_opt(service_account).await {
+                Ok(Some(sa)) => {
+                    for r in sa.secrets.unwrap_or_default() {
+                        let Some(name) = r.name else { continue };
+                        if let Ok(Some(secret)) = secrets.get_opt(&name).await
+                            && secret.type_.as_deref()
+                                == Some("kubernetes.io/service-account-token")
+                            && let Some(token) = secret.data.as_ref().and_then(|d| d.get("token"))
+                        {
+                            return String::from_utf8(token.0.clone())
+                                .context("token is not UTF-8");
+                        }
+                    }
+                    last = "no token secret yet".into();
+                }
+                Ok(None) => last = "service account not found".into(),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "{}: no token for service account {namespace}/{service_account} after 60 s ({last})",
+            self.name
+        )
+    }
+
+    /// A client acting as a service account (see [`Cluster::service_account_token`]).
+    pub async fn service_account_client(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> anyhow::Result<kube::Client> {
+        let token = self
+            .service_account_token(namespace, service_account)
+            .await?;
+        self.client_for_token(&token).await
+    }
+
+    /// Stops and restarts kube-apiserver on the same port with the same certificates and
+    /// waits until it is ready again.
+    pub async fn restart_apiserver(&mut self) -> anyhow::Result<()> {
+        self.stop_apiserver().await;
+        self.start_apiserver().await
+    }
+
+    /// Stops kube-apiserver (for "API server down" scenarios); [`Cluster::start_apiserver`]
+    /// brings it back.
+    pub async fn stop_apiserver(&mut self) {
+        if let Some(mut p) = self.apiserver.take() {
+            // A SIGTERMed kube-apiserver drains open watches for up to a minute; nothing in
+            // the test world needs that, so it gets a short grace before SIGKILL.
+            p.stop(APISERVER_GRACE).await;
+        }
+    }
+
+    /// Starts kube-apiserver (same port, same certificates) and waits for `/readyz`.
+    pub async fn start_apiserver(&mut self) -> anyhow::Result<()> {
+        if self.apiserver.is_some() {
+            return Ok(());
+        }
+        let log = self.dir.join("kube-apiserver.log");
+        let mut process = ManagedProcess::spawn(
+            "kube-apiserver",
+            &self.binaries.kube_apiserver,
+            &self.apiserver_args,
+            &log,
+        )?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last;
+        loop {
+            let req = http::Request::get("/readyz")
+                .body(Vec::new())
+                .context("building /readyz request")?;
+            match self.admin.request_text(req).await {
+                Ok(body) if body.trim() == "ok" => break,
+                Ok(body) => last = body,
+                // /readyz lists every check; only the failing ones ("[-]…") say anything.
+                Err(kube::Error::Api(s)) => {
+                    last = s
+                        .message
+                        .lines()
+                        .filter(|l| l.starts_with("[-]"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if let Some(status) = process.exited() {
+                bail!(
+                    "{}: kube-apiserver exited ({status}) while starting; log {}:\n{}",
+                    self.name,
+                    log.display(),
+                    process.log_tail(40)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: kube-apiserver not ready after {READY_TIMEOUT:?} ({last}); log {}:\n{}",
+                    self.name,
+                    log.display(),
+                    process.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.apiserver = Some(process);
+        Ok(())
+    }
+
+    fn start_controller_manager(&mut self) -> anyhow::Result<()> {
+        let log = self.dir.join("kube-controller-manager.log");
+        self.controller_manager = Some(ManagedProcess::spawn(
+            "kube-controller-manager",
+            &self.binaries.kube_controller_manager,
+            &self.controller_manager_args,
+            &log,
+        )?);
+        Ok(())
+    }
+
+    /// Server-side applies every CRD of `shared_api::crds()` and waits until each is Established.
+    pub async fn install_crds(&self) -> anyhow::Result<()> {
+        let api: Api<CustomResourceDefinition> = Api::all(self.admin.clone());
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let crds = shared_api::crds();
+        for crd in &crds {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            match api.patch(&name, &pp, &Patch::Apply(crd)).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 422 => {
+                    // Probe whether a plain create accepts what server-side apply rejected, so
+                    // the error says which of the two is the problem.
+                    let post = PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    };
+                    let create = api.create(&post, crd).await;
+                    bail!(
+                        "server-side apply of CRD {name} rejected: {}; a plain create {}",
+                        s.message,
+                        match create {
+                            Ok(_) => "was accepted".to_string(),
+                            Err(e) => format!("failed too: {e}"),
+                        }
+                    );
+                }
+                Err(e) => return Err(e).with_context(|| format!("applying CRD {name}")),
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for crd in &crds {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            loop {
+                let got = api
+                    .get(&name)
+                    .await
+                    .with_context(|| format!("reading CRD {name}"))?;
+                let conds = got.status.and_then(|s| s.conditions).unwrap_or_default();
+                if conds
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("CRD {name} not Established after 30 s: {conds:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// `(component, pid)` of the running processes.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.apiserver {
+            out.push(("kube-apiserver", p.pid()));
+        }
+        if let Some(p) = &self.controller_manager {
+            out.push(("kube-controller-manager", p.pid()));
+        }
+        out
+    }
+
+    /// Paths of the process logs.
+    pub fn log_paths(&self) -> Vec<PathBuf> {
+        vec![
+            self.dir.join("kube-apiserver.log"),
+            self.dir.join("kube-controller-manager.log"),
+        ]
+    }
+
+    /// Stops kube-controller-manager and kube-apiserver (our PIDs only).
+    pub async fn stop(&mut self) {
+        if let Some(mut p) = self.controller_manager.take() {
+            p.stop(Duration::from_secs(5)).await;
+        }
+        self.stop_apiserver().await;
+    }
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("name", &self.name)
+            .field("server", &self.server_url())
+            .field("dir", &self.dir)
+            .field("pids", &self.pids())
+            .finish_non_exhaustive()
+    }
+}
+
+enum User<'a> {
+    Cert(&'a str, &'a str),
+    Token(&'a str),
+}
+
+fn kubeconfig_yaml(name: &str, server: &str, ca_pem: &str, user: User<'_>) -> String {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    let user = match user {
+        User::Cert(cert, key) => serde_json::json!({
+            "client-certificate-data": b64(cert),
+            "client-key-data": b64(key),
+        }),
+        User::Token(token) => serde_json::json!({ "token": token }),
+    };
+    let doc = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{ "name": name, "cluster": { "server": server, "certificate-authority-data": b64(ca_pem) } }],
+        "users": [{ "name": name, "user": user }],
+        "contexts": [{ "name": name, "context": { "cluster": name, "user": name } }],
+        "current-context": name,
+    });
+    serde_yaml::to_string(&doc).unwrap_or_default()
+}
+
+async fn client_from_yaml(yaml: &str) -> anyhow::Result<kube::Client> {
+    let kubeconfig = Kubeconfig::from_yaml(yaml).context("parsing generated kubeconfig")?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .context("loading generated kubeconfig")?;
+    kube::Client::try_from(config).context("building kube client")
+}
+
+fn random_token() -> String {
+    use rand::Rng as _;
+    let bytes: [u8; 16] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, content).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))
+}

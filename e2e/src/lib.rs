@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod kmod;
 pub mod oci;
 pub mod pki;
+pub mod process;
 pub mod provision;
 pub mod registry;
 pub mod sim;

@@ -1,0 +1,791 @@
+//! The node simulator: Node objects kept Ready, a scheduler for pods that target its
+//! nodes, and one kubelet task per bound pod (see [`super::pod`]).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+use super::SimNode;
+use super::loader::NodeKernel;
+use crate::oci::RegistryAccess;
+
+/// Node annotation: the node's loaded modules, comma-separated, in load order.
+pub const LOADED_MODULES_ANNOTATION: &str = "sim.kmm-fleet.io/loaded-modules";
+/// Node annotation: the files in the node's firmware directories, comma-separated.
+pub const FIRMWARE_ANNOTATION: &str = "sim.kmm-fleet.io/firmware";
+/// Node annotation: `true` on nodes with Secure Boot.
+pub const SECURE_BOOT_ANNOTATION: &str = "sim.kmm-fleet.io/secure-boot";
+const MAX_LOG_LINES: usize = 20_000;
+
+pub(crate) struct NodeEntry {
+    pub spec: SimNode,
+    pub boot_id: String,
+    pub kernel: Arc<Mutex<NodeKernel>>,
+    pub reboot: watch::Sender<u64>,
+}
+
+/// State shared by the simulator's tasks.
+pub(crate) struct Ctx {
+    pub cluster: String,
+    pub client: Client,
+    pub nodes: Mutex<BTreeMap<String, NodeEntry>>,
+    logs: Mutex<VecDeque<String>>,
+    pub annotations_dirty: Notify,
+    next_ip: AtomicU32,
+}
+
+impl Ctx {
+    pub fn log(&self, line: impl Into<String>) {
+        let line = line.into();
+        tracing::info!(cluster = %self.cluster, "{line}");
+        let stamped = format!(
+            "{} [{}] {line}",
+            chrono::Utc::now().format("%H:%M:%S%.3f"),
+            self.cluster
+        );
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        if logs.len() >= MAX_LOG_LINES {
+            logs.pop_front();
+        }
+        logs.push_back(stamped);
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    pub fn pod_ip(&self) -> String {
+        let n = self.next_ip.fetch_add(1, Ordering::Relaxed) + 2;
+        format!("127.244.{}.{}", (n / 250) % 250, n % 250 + 1)
+    }
+
+    pub fn node_kernel(
+        &self,
+        node: &str,
+    ) -> Option<(Arc<Mutex<NodeKernel>>, watch::Receiver<u64>)> {
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        nodes
+            .get(node)
+            .map(|n| (n.kernel.clone(), n.reboot.subscribe()))
+    }
+
+    fn has_node(&self, node: &str) -> bool {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(node)
+    }
+
+    fn node_names(&self) -> Vec<String> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Simulates the nodes (and their kubelets) of one cluster.
+pub struct NodeSim {
+    ctx: Arc<Ctx>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for NodeSim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeSim")
+            .field("cluster", &self.ctx.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_boot_id() -> String {
+    let r: u128 = rand::random();
+    let h = format!("{r:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+impl NodeSim {
+    /// Create (or adopt) `nodes` on the cluster, make them Ready and start serving pods.
+    /// `registry` is the test world's registry; pods still need `imagePullSecrets` for
+    /// it, as on a real node (the simulator has no node-level credentials).
+    pub async fn start(
+        cluster: &str,
+        client: Client,
+        registry: RegistryAccess,
+        nodes: Vec<SimNode>,
+    ) -> anyhow::Result<NodeSim> {
+        let ctx = Arc::new(Ctx {
+            cluster: cluster.to_string(),
+            client: client.clone(),
+            nodes: Mutex::new(BTreeMap::new()),
+            logs: Mutex::new(VecDeque::new()),
+            annotations_dirty: Notify::new(),
+            next_ip: AtomicU32::new(0),
+        });
+        ctx.log(format!(
+            "node simulator starting with {} node(s); registry {}",
+            nodes.len(),
+            registry.host
+        ));
+        let sim = NodeSim {
+            ctx: ctx.clone(),
+            tasks: Vec::new(),
+        };
+        for n in nodes {
+            sim.add_node(n).await?;
+        }
+        let mut sim = sim;
+        sim.tasks.push(tokio::spawn(annotation_writer(ctx.clone())));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        sim.tasks
+            .push(tokio::spawn(dispatcher(ctx.clone(), ready_tx)));
+        // Wait until the pod and node caches are listed, so callers can rely on the sim.
+        let _ = tokio::time::timeout(Duration::from_secs(30), ready_rx).await;
+        Ok(sim)
+    }
+
+    /// Loaded modules of a node, in load order (kernel-style names).
+    pub fn loaded_modules(&self, node: &str) -> Vec<String> {
+        self.ctx
+            .node_kernel(node)
+            .map(|(k, _)| k.lock().unwrap_or_else(|e| e.into_inner()).loaded.clone())
+            .unwrap_or_default()
+    }
+
+    /// Files in a node's simulated firmware directories.
+    pub fn firmware(&self, node: &str) -> Vec<String> {
+        self.ctx
+            .node_kernel(node)
+            .map(|(k, _)| {
+                k.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .firmware
+                    .iter()
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The names of the simulated nodes.
+    pub fn nodes(&self) -> Vec<String> {
+        self.ctx.node_names()
+    }
+
+    /// Add a node (created Ready; adopted if the Node object exists).
+    pub async fn add_node(&self, node: SimNode) -> anyhow::Result<()> {
+        let boot_id = new_boot_id();
+        let kernel = NodeKernel {
+            kernel: node.kernel.clone(),
+            secure_boot: node.secure_boot,
+            enrolled_certs: node.enrolled_certs.clone(),
+            loaded: node
+                .in_tree_modules
+                .iter()
+                .map(|m| m.replace('-', "_"))
+                .collect(),
+            firmware: Default::default(),
+        };
+        ensure_node(&self.ctx, &node, &boot_id).await?;
+        let (reboot, _) = watch::channel(0);
+        self.ctx.log(format!(
+            "node {} ready: kernel {}, secure boot {}, {} enrolled cert(s), in-tree {:?}",
+            node.name,
+            node.kernel,
+            node.secure_boot,
+            node.enrolled_certs.len(),
+            node.in_tree_modules
+        ));
+        let name = node.name.clone();
+        self.ctx
+            .nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                name,
+                NodeEntry {
+                    spec: node,
+                    boot_id,
+                    kernel: Arc::new(Mutex::new(kernel)),
+                    reboot,
+                },
+            );
+        self.ctx.annotations_dirty.notify_one();
+        Ok(())
+    }
+
+    /// Upgrade a node's kernel: a reboot (new bootID, loaded modules back to the in-tree
+    /// ones, running containers restarted).
+    pub async fn set_kernel(&self, node: &str, kernel: &str) -> anyhow::Result<()> {
+        let boot_id = new_boot_id();
+        let spec = {
+            let mut nodes = self.ctx.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = nodes
+                .get_mut(node)
+                .with_context(|| format!("no simulated node {node}"))?;
+            entry.spec.kernel = kernel.to_string();
+            entry.boot_id = boot_id.clone();
+            let mut k = entry.kernel.lock().unwrap_or_else(|e| e.into_inner());
+            k.kernel = kernel.to_string();
+            k.loaded = entry
+                .spec
+                .in_tree_modules
+                .iter()
+                .map(|m| m.replace('-', "_"))
+                .collect();
+            drop(k);
+            entry.spec.clone()
+        };
+        self.ctx.log(format!(
+            "node {node}: rebooted into kernel {kernel} (boot {boot_id})"
+        ));
+        let api: Api<Node> = Api::all(self.ctx.client.clone());
+        api.patch_status(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(node_status(&spec, &boot_id)),
+        )
+        .await
+        .with_context(|| format!("updating node {node} status"))?;
+        if let Some(entry) = self
+            .ctx
+            .nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+        {
+            entry.reboot.send_modify(|g| *g += 1);
+        }
+        self.ctx.annotations_dirty.notify_one();
+        Ok(())
+    }
+
+    /// Every decision the simulator made, oldest first.
+    pub fn logs(&self) -> Vec<String> {
+        self.ctx.logs()
+    }
+
+    /// Stop serving (Node objects and pods are left as they are).
+    pub async fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Read a node's loaded modules from its annotation (for processes without the sim).
+pub async fn read_loaded_modules(client: &Client, node: &str) -> anyhow::Result<Vec<String>> {
+    let n = Api::<Node>::all(client.clone()).get(node).await?;
+    Ok(n.annotations()
+        .get(LOADED_MODULES_ANNOTATION)
+        .map(|v| {
+            v.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn node_status(spec: &SimNode, boot_id: &str) -> serde_json::Value {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let cond = |t: &str, s: &str, reason: &str, msg: &str| {
+        json!({"type": t, "status": s, "reason": reason, "message": msg,
+               "lastHeartbeatTime": now, "lastTransitionTime": now})
+    };
+    let resources =
+        json!({"cpu": "8", "memory": "32Gi", "pods": "110", "ephemeral-storage": "100Gi"});
+    json!({"status": {
+        "conditions": [
+            cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+            cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+            cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+            cond("Ready", "True", "KubeletReady", "kubelet is posting ready status (simulated)"),
+        ],
+        "capacity": resources,
+        "allocatable": resources,
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": spec.name}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+        "nodeInfo": {
+            "kernelVersion": spec.kernel,
+            "bootID": boot_id,
+            "machineID": shared_api::labels::short_hash(&spec.name, 32),
+            "systemUUID": shared_api::labels::short_hash(&format!("uuid-{}", spec.name), 32),
+            "osImage": "kmm-fleet simulated node",
+            "containerRuntimeVersion": "containerd://1.7.0-sim",
+            "kubeletVersion": "v1.20.2",
+            "kubeProxyVersion": "v1.20.2",
+            "operatingSystem": "linux",
+            "architecture": "amd64",
+        },
+    }})
+}
+
+async fn ensure_node(ctx: &Ctx, spec: &SimNode, boot_id: &str) -> anyhow::Result<()> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let mut labels = BTreeMap::from([
+        ("kubernetes.io/hostname".to_string(), spec.name.clone()),
+        ("kubernetes.io/os".to_string(), "linux".to_string()),
+        ("kubernetes.io/arch".to_string(), "amd64".to_string()),
+        ("beta.kubernetes.io/os".to_string(), "linux".to_string()),
+        ("beta.kubernetes.io/arch".to_string(), "amd64".to_string()),
+    ]);
+    labels.extend(spec.labels.clone());
+    let annotations = BTreeMap::from([(
+        SECURE_BOOT_ANNOTATION.to_string(),
+        spec.secure_boot.to_string(),
+    )]);
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": spec.name, "labels": labels, "annotations": annotations},
+    }))?;
+    match api.create(&PostParams::default(), &node).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            api.patch(
+                &spec.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": labels, "annotations": annotations}})),
+            )
+            .await
+            .with_context(|| format!("adopting node {}", spec.name))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("creating node {}", spec.name)),
+    }
+    api.patch_status(
+        &spec.name,
+        &PatchParams::default(),
+        &Patch::Merge(node_status(spec, boot_id)),
+    )
+    .await
+    .with_context(|| format!("writing node {} status", spec.name))?;
+    // TaintNodesByCondition put `not-ready` on the new node; a node-lifecycle controller
+    // would lift it once Ready. Retry on conflicts (optimistic concurrency).
+    for _ in 0..10 {
+        let n = api.get(&spec.name).await?;
+        let taints = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
+        let kept: Vec<_> = taints
+            .iter()
+            .filter(|t| {
+                t.key != "node.kubernetes.io/not-ready" && t.key != "node.kubernetes.io/unreachable"
+            })
+            .cloned()
+            .collect();
+        if kept.len() == taints.len() {
+            return Ok(());
+        }
+        let patch = json!({"metadata": {"resourceVersion": n.resource_version()}, "spec": {"taints": kept}});
+        match api
+            .patch(&spec.name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("removing the not-ready taint of {}", spec.name));
+            }
+        }
+    }
+    anyhow::bail!("could not remove the not-ready taint of {}", spec.name)
+}
+
+/// Mirrors each node's loaded modules and firmware into its annotations.
+async fn annotation_writer(ctx: Arc<Ctx>) {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let mut written: HashMap<String, (String, String)> = HashMap::new();
+    loop {
+        let snapshot: Vec<(String, String, String)> = {
+            let nodes = ctx.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            nodes
+                .iter()
+                .map(|(name, n)| {
+                    let k = n.kernel.lock().unwrap_or_else(|e| e.into_inner());
+                    let fw: Vec<&str> = k.firmware.iter().map(String::as_str).collect();
+                    (name.clone(), k.loaded.join(","), fw.join(","))
+                })
+                .collect()
+        };
+        let mut failed = false;
+        for (name, loaded, fw) in snapshot {
+            if written.get(&name) == Some(&(loaded.clone(), fw.clone())) {
+                continue;
+            }
+            let patch = json!({"metadata": {"annotations": {LOADED_MODULES_ANNOTATION: loaded, FIRMWARE_ANNOTATION: fw}}});
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                Ok(_) => {
+                    written.insert(name, (loaded, fw));
+                }
+                Err(e) => {
+                    failed = true;
+                    ctx.log(format!("node {name}: writing module annotations: {e}"));
+                }
+            }
+        }
+        if failed {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        } else {
+            ctx.annotations_dirty.notified().await;
+        }
+    }
+}
+
+/// A running kubelet task: its node and the channel feeding it the latest pod.
+type PodTask = (String, watch::Sender<Option<Arc<Pod>>>);
+
+/// Watches pods: binds the ones meant for this simulator's nodes and runs a kubelet
+/// task per bound pod.
+async fn dispatcher(ctx: Arc<Ctx>, ready: tokio::sync::oneshot::Sender<()>) {
+    let (node_store, node_writer) = reflector::store::<Node>();
+    let node_stream = watcher::watcher(
+        Api::<Node>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(node_writer)
+    .touched_objects();
+    let node_task = tokio::spawn(async move {
+        futures::pin_mut!(node_stream);
+        while node_stream.next().await.is_some() {}
+    });
+    let _ = node_store.wait_until_ready().await;
+    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let pods = watcher::watcher(
+        Api::<Pod>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(pod_writer);
+    futures::pin_mut!(pods);
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut running: HashMap<String, PodTask> = HashMap::new();
+    let mut unschedulable_said: HashMap<String, String> = HashMap::new();
+    let mut ready = Some(ready);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            ev = pods.next() => {
+                let Some(ev) = ev else { break };
+                match ev {
+                    Ok(Event::Apply(p)) | Ok(Event::InitApply(p)) => {
+                        handle_pod(&ctx, &node_store, Arc::new(p), &mut running, &mut tasks, &mut unschedulable_said).await;
+                    }
+                    Ok(Event::Delete(p)) => {
+                        if let Some(uid) = p.uid() {
+                            running.remove(&uid);
+                            unschedulable_said.remove(&uid);
+                        }
+                    }
+                    Ok(Event::InitDone) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                        // Pods deleted while the watch was down: stop their tasks.
+                        let live: std::collections::HashSet<String> = pod_store.state().iter().filter_map(|p| p.uid()).collect();
+                        running.retain(|uid, _| live.contains(uid));
+                    }
+                    Ok(Event::Init) => {}
+                    Err(e) => ctx.log(format!("pod watch: {e}")),
+                }
+            }
+            _ = tick.tick() => {
+                while tasks.try_join_next().is_some() {}
+                for p in pod_store.state() {
+                    let unbound = p.spec.as_ref().is_some_and(|s| s.node_name.is_none());
+                    if unbound && p.metadata.deletion_timestamp.is_none() {
+                        handle_pod(&ctx, &node_store, p, &mut running, &mut tasks, &mut unschedulable_said).await;
+                    }
+                }
+            }
+        }
+    }
+    node_task.abort();
+}
+
+async fn handle_pod(
+    ctx: &Arc<Ctx>,
+    nodes: &Store<Node>,
+    pod: Arc<Pod>,
+    running: &mut HashMap<String, PodTask>,
+    tasks: &mut JoinSet<()>,
+    said: &mut HashMap<String, String>,
+) {
+    let Some(uid) = pod.uid() else { return };
+    if let Some((_, tx)) = running.get(&uid) {
+        let _ = tx.send(Some(pod));
+        return;
+    }
+    let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    match node_name {
+        Some(node) if ctx.has_node(&node) => {
+            let Some((kernel, reboot)) = ctx.node_kernel(&node) else {
+                return;
+            };
+            let (tx, rx) = watch::channel(Some(pod.clone()));
+            running.insert(uid, (node.clone(), tx));
+            tasks.spawn(super::pod::run(ctx.clone(), node, kernel, reboot, rx));
+        }
+        Some(_) => {}
+        None => {
+            if pod.metadata.deletion_timestamp.is_some() {
+                return;
+            }
+            let mut load: HashMap<String, usize> = HashMap::new();
+            for (n, _) in running.values() {
+                *load.entry(n.clone()).or_default() += 1;
+            }
+            match choose_node(ctx, nodes, &pod, &load) {
+                Ok(Some(node)) => bind(ctx, &pod, &node).await,
+                Ok(None) => {}
+                Err(why) => {
+                    if said.get(&uid) != Some(&why) {
+                        let key =
+                            format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+                        ctx.log(format!("pod {key}: unschedulable: {why}"));
+                        mark_unschedulable(ctx, &pod, &why).await;
+                        said.insert(uid, why);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The node to bind a pod to: `Ok(None)` when the pod names nodes that are not ours.
+fn choose_node(
+    ctx: &Ctx,
+    nodes: &Store<Node>,
+    pod: &Pod,
+    load: &HashMap<String, usize>,
+) -> Result<Option<String>, String> {
+    let ours = ctx.node_names();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let terms = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .map(|r| r.node_selector_terms.clone())
+        .unwrap_or_default();
+    // A pod pinned by name (DaemonSet pods) to nodes none of which are ours is not ours.
+    let pinned: Vec<String> = terms
+        .iter()
+        .flat_map(|t| t.match_fields.iter().flatten())
+        .filter(|f| f.key == "metadata.name" && f.operator == "In")
+        .flat_map(|f| f.values.clone().unwrap_or_default())
+        .collect();
+    if !pinned.is_empty() && !pinned.iter().any(|n| ours.contains(n)) {
+        return Ok(None);
+    }
+    let mut candidates = Vec::new();
+    let mut reasons: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for name in &ours {
+        let Some(node) = nodes.get(&reflector::ObjectRef::new(name)) else {
+            *reasons.entry("node not cached yet").or_default() += 1;
+            continue;
+        };
+        let labels = node.labels();
+        if let Some(sel) = &spec.node_selector
+            && !sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+        {
+            *reasons
+                .entry("node(s) didn't match node selector")
+                .or_default() += 1;
+            continue;
+        }
+        if !terms.is_empty() && !terms.iter().any(|t| term_matches(t, name, labels)) {
+            *reasons
+                .entry("node(s) didn't match node affinity")
+                .or_default() += 1;
+            continue;
+        }
+        if !tolerated(&node, spec.tolerations.as_deref().unwrap_or_default()) {
+            *reasons
+                .entry("node(s) had taints that the pod didn't tolerate")
+                .or_default() += 1;
+            continue;
+        }
+        candidates.push(name.clone());
+    }
+    candidates.sort_by_key(|n| (load.get(n).copied().unwrap_or(0), n.clone()));
+    match candidates.into_iter().next() {
+        Some(n) => Ok(Some(n)),
+        None => {
+            let detail: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+            Err(format!(
+                "0/{} nodes are available: {}.",
+                ours.len(),
+                detail.join(", ")
+            ))
+        }
+    }
+}
+
+fn term_matches(
+    t: &k8s_openapi::api::core::v1::NodeSelectorTerm,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let ok = |key: &str, op: &str, values: &[String], actual: Option<&String>| match op {
+        "In" => actual.is_some_and(|a| values.contains(a)),
+        "NotIn" => !actual.is_some_and(|a| values.contains(a)),
+        "Exists" => actual.is_some(),
+        "DoesNotExist" => actual.is_none(),
+        "Gt" | "Lt" => {
+            let (Some(a), Some(v)) = (
+                actual.and_then(|a| a.parse::<i64>().ok()),
+                values.first().and_then(|v| v.parse::<i64>().ok()),
+            ) else {
+                return false;
+            };
+            if op == "Gt" { a > v } else { a < v }
+        }
+        _ => {
+            let _ = key;
+            false
+        }
+    };
+    let name = name.to_string();
+    t.match_expressions.iter().flatten().all(|e| {
+        ok(
+            &e.key,
+            &e.operator,
+            e.values.as_deref().unwrap_or_default(),
+            labels.get(&e.key),
+        )
+    }) && t.match_fields.iter().flatten().all(|f| {
+        f.key == "metadata.name"
+            && ok(
+                &f.key,
+                &f.operator,
+                f.values.as_deref().unwrap_or_default(),
+                Some(&name),
+            )
+    })
+}
+
+fn tolerated(node: &Node, tolerations: &[k8s_openapi::api::core::v1::Toleration]) -> bool {
+    let mut taints = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    if node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
+    {
+        taints.push(k8s_openapi::api::core::v1::Taint {
+            key: "node.kubernetes.io/unschedulable".into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        });
+    }
+    taints
+        .iter()
+        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        .all(|t| {
+            tolerations.iter().any(|tol| {
+                let op = tol.operator.as_deref().unwrap_or("Equal");
+                let key_ok = tol.key.as_deref().is_none_or(|k| k.is_empty()) && op == "Exists"
+                    || tol.key.as_deref() == Some(t.key.as_str());
+                let value_ok = op == "Exists"
+                    || tol.value.as_deref().unwrap_or("") == t.value.as_deref().unwrap_or("");
+                let effect_ok = tol
+                    .effect
+                    .as_deref()
+                    .is_none_or(|e| e.is_empty() || e == t.effect);
+                key_ok && value_ok && effect_ok
+            })
+        })
+}
+
+async fn bind(ctx: &Ctx, pod: &Pod, node: &str) {
+    let ns = pod.namespace().unwrap_or_default();
+    let name = pod.name_any();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let binding = json!({
+        "apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": name, "namespace": ns, "uid": pod.uid()},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    });
+    match api
+        .create_subresource::<_, serde_json::Value>(
+            "binding",
+            &name,
+            &PostParams::default(),
+            &binding,
+        )
+        .await
+    {
+        Ok(_) => ctx.log(format!("pod {ns}/{name}: bound to node {node}")),
+        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => ctx.log(format!(
+            "pod {ns}/{name}: not bound ({}), already bound or gone",
+            e.message
+        )),
+        Err(e) => ctx.log(format!("pod {ns}/{name}: binding to {node} failed: {e}")),
+    }
+}
+
+async fn mark_unschedulable(ctx: &Ctx, pod: &Pod, why: &str) {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let patch = json!({"status": {"phase": "Pending", "conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": why,
+        "lastProbeTime": null, "lastTransitionTime": now,
+    }]}});
+    if let Err(e) = api
+        .patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        ctx.log(format!(
+            "pod {}: writing PodScheduled=False: {e}",
+            pod.name_any()
+        ));
+    }
+}

@@ -1,0 +1,417 @@
+//! The core of the test world against the real control plane: clusters start and stop
+//! cleanly, RBAC and static tokens behave, the registry authenticates, our CRDs work on a
+//! 1.20 API server. Each test starts its own small fleet.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use kmm_e2e::fleet::Fleet;
+use kmm_e2e::oci::{self, OciError};
+use kmm_e2e::process::pid_alive;
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+
+fn names<K: kube::Resource>(list: &[K]) -> Vec<String> {
+    list.iter().filter_map(|o| o.meta().name.clone()).collect()
+}
+
+async fn wait_gone(pids: &[u32]) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive: Vec<u32> = pids.iter().copied().filter(|p| pid_alive(*p)).collect();
+        if alive.is_empty() || Instant::now() > deadline {
+            return alive;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// (a) hub + 2 spokes start; kubectl and the kube client see every cluster; after stop no
+/// process of ours remains and the temporary directory is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_and_two_spokes_start_serve_and_stop_cleanly() -> anyhow::Result<()> {
+    let t = Instant::now();
+    let fleet = Fleet::builder().spokes(2).start().await?;
+    eprintln!("fleet (hub + 2 spokes) started in {:.2?}", t.elapsed());
+    eprintln!("memory:\n{}", fleet.memory_report());
+    let pids: Vec<u32> = fleet.pids().into_iter().map(|(_, _, pid)| pid).collect();
+    let dir = fleet.dir().to_path_buf();
+    // 1 etcd + 1 registry + 3 × (apiserver + controller-manager)
+    ensure!(pids.len() == 8, "unexpected processes: {:?}", fleet.pids());
+
+    let checks = async {
+        let names_of: Vec<&str> = fleet.clusters().map(|c| c.name()).collect();
+        ensure!(
+            names_of == ["hub", "spoke-1", "spoke-2"],
+            "cluster names {names_of:?}"
+        );
+        for c in fleet.clusters() {
+            let ns = Api::<Namespace>::all(c.client().await)
+                .list(&ListParams::default())
+                .await?;
+            let ns = names(&ns.items);
+            for want in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+                ensure!(
+                    ns.iter().any(|n| n == want),
+                    "{}: namespace {want} missing from {ns:?}",
+                    c.name()
+                );
+            }
+            if c.name() == "hub" {
+                ensure!(
+                    ns.iter().any(|n| n == "spoke-1") && ns.iter().any(|n| n == "spoke-2"),
+                    "hub namespaces {ns:?}"
+                );
+            }
+            if which_kubectl() {
+                let out = tokio::process::Command::new("kubectl")
+                    .args(["get", "ns", "-o", "name"])
+                    .env("KUBECONFIG", c.kubeconfig_path())
+                    .output()
+                    .await?;
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                ensure!(
+                    out.status.success() && stdout.contains("namespace/kube-system"),
+                    "{}: kubectl get ns failed: {}{}",
+                    c.name(),
+                    stdout,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        // The dump shows every cluster and the hub's build node (registered by its simulator).
+        let dump = fleet.dump().await;
+        if std::env::var_os("KMM_FLEET_SHOW_DUMP").is_some() {
+            eprintln!("{dump}");
+        }
+        for want in [
+            "==== cluster hub",
+            "==== cluster spoke-1",
+            "==== cluster spoke-2",
+            "hub-build-1",
+        ] {
+            ensure!(dump.contains(want), "dump lacks {want:?}:\n{dump}");
+        }
+        // The hub knows both spokes as accepted ManagedClusters labelled with their names.
+        let mcs = Api::<shared_api::ManagedCluster>::all(fleet.hub().client().await)
+            .list(&ListParams::default())
+            .await?;
+        for spoke in ["spoke-1", "spoke-2"] {
+            let mc = mcs
+                .iter()
+                .find(|m| m.metadata.name.as_deref() == Some(spoke))
+                .context("ManagedCluster missing")?;
+            ensure!(mc.spec.hub_accepts_client, "{spoke} not accepted");
+            ensure!(
+                mc.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("name"))
+                    .map(String::as_str)
+                    == Some(spoke),
+                "{spoke} labels {:?}",
+                mc.metadata.labels
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if checks.is_err() {
+        eprintln!("{}", fleet.dump().await);
+    }
+    fleet.stop().await;
+    checks?;
+    let alive = wait_gone(&pids).await;
+    ensure!(
+        alive.is_empty(),
+        "processes still alive after stop: {alive:?}"
+    );
+    ensure!(
+        !dir.exists() || std::env::var("KMM_FLEET_KEEP").is_ok(),
+        "fleet dir {} not removed",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn which_kubectl() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("kubectl").is_file()))
+}
+
+/// (b) With htpasswd auth the registry refuses an anonymous pull and serves an
+/// authenticated one; stop/start keeps the port and the content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_requires_auth_and_survives_restart() -> anyhow::Result<()> {
+    let binaries = tokio::task::spawn_blocking(kmm_e2e::provision::ensure_provisioned).await??;
+    let dir = tempfile::tempdir()?;
+    let mut registry = kmm_e2e::registry::Registry::run(&binaries, dir.path(), true).await?;
+    let files = BTreeMap::from([(
+        "lib/modules/6.1.0-13-amd64/hello.ko".to_string(),
+        b"not really elf".to_vec(),
+    )]);
+    let annotations = BTreeMap::new();
+    let reference = format!("{}/default/hello:6.1.0-13-amd64", registry.host());
+
+    let anonymous = oci::push_files(
+        &registry.anonymous_access(),
+        &reference,
+        &files,
+        &annotations,
+    )
+    .await;
+    ensure!(
+        matches!(anonymous, Err(OciError::Unauthorized(_))),
+        "anonymous push: {anonymous:?}"
+    );
+    let digest = oci::push_files(&registry.access(), &reference, &files, &annotations).await?;
+    ensure!(digest.starts_with("sha256:"), "digest {digest}");
+
+    let anonymous = oci::pull_files(&registry.anonymous_access(), &reference).await;
+    ensure!(
+        matches!(anonymous, Err(OciError::Unauthorized(_))),
+        "anonymous pull: {:?}",
+        anonymous.err()
+    );
+    let wrong = kmm_e2e::oci::RegistryAccess {
+        password: Some("wrong".into()),
+        ..registry.access()
+    };
+    let wrong = oci::pull_files(&wrong, &reference).await;
+    ensure!(
+        matches!(wrong, Err(OciError::Unauthorized(_))),
+        "wrong password pull: {:?}",
+        wrong.err()
+    );
+    oci::pull_files(&registry.access(), &reference)
+        .await
+        .context("authenticated pull")?;
+
+    // Down: unavailable. Back: same port, same content.
+    let port = registry.port();
+    registry.stop().await;
+    let down = oci::pull_files(&registry.access(), &reference).await;
+    ensure!(
+        matches!(down, Err(OciError::Unavailable(_))),
+        "pull while down: {:?}",
+        down.err()
+    );
+    registry.start().await?;
+    ensure!(registry.port() == port);
+    oci::pull_files(&registry.access(), &reference)
+        .await
+        .context("pull after restart")?;
+
+    let secret = registry.dockerconfigjson_secret("pull", "default");
+    ensure!(secret.type_.as_deref() == Some("kubernetes.io/dockerconfigjson"));
+    let doc = registry.dockerconfigjson();
+    ensure!(
+        doc.contains(&registry.host()) && doc.contains("\"auth\""),
+        "dockerconfigjson {doc}"
+    );
+    let pid = registry.pid().context("registry pid")?;
+    registry.stop().await;
+    ensure!(wait_gone(&[pid]).await.is_empty(), "registry still running");
+    Ok(())
+}
+
+/// (c) A static-token user without RBAC gets 403; a service account gets what its
+/// binding grants. Dropping the fleet (as on panic) kills its processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_denies_token_user_and_drop_kills_processes() -> anyhow::Result<()> {
+    let fleet = Fleet::builder()
+        .spokes(0)
+        .hub_build_node(false)
+        .simulators(false)
+        .start()
+        .await?;
+    let pids: Vec<u32> = fleet.pids().into_iter().map(|(_, _, pid)| pid).collect();
+    let hub = fleet.hub();
+
+    let nobody = hub.client_for_token(hub.nobody_token()).await?;
+    match Api::<Node>::all(nobody).list(&ListParams::default()).await {
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        other => bail!("nobody listing nodes: want 403, got {other:?}"),
+    }
+    // The same through the nobody kubeconfig, as a person would use it.
+    if which_kubectl() {
+        let out = tokio::process::Command::new("kubectl")
+            .args(["get", "nodes"])
+            .env("KUBECONFIG", hub.nobody_kubeconfig_path())
+            .output()
+            .await?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains("forbidden"),
+            "kubectl as nobody: {err}"
+        );
+    }
+
+    // A service account: 403 first, allowed after a ClusterRoleBinding.
+    let admin = hub.client().await;
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("reader".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &sa)
+        .await?;
+    let sa_client = hub.service_account_client("default", "reader").await?;
+    match Api::<Node>::all(sa_client.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        other => bail!("service account before binding: want 403, got {other:?}"),
+    }
+    let role = ClusterRole {
+        metadata: ObjectMeta {
+            name: Some("node-reader".into()),
+            ..Default::default()
+        },
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["nodes".into()]),
+            verbs: vec!["list".into()],
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    Api::<ClusterRole>::all(admin.clone())
+        .create(&PostParams::default(), &role)
+        .await?;
+    let binding = ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some("reader-nodes".into()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: "node-reader".into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: "reader".into(),
+            namespace: Some("default".into()),
+            ..Default::default()
+        }]),
+    };
+    Api::<ClusterRoleBinding>::all(admin)
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Api::<Node>::all(sa_client.clone())
+            .list(&ListParams::default())
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => bail!("service account after binding: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+
+    // Drop without stop, as a panicking test would.
+    drop(fleet);
+    let alive = wait_gone(&pids).await;
+    ensure!(alive.is_empty(), "processes alive after drop: {alive:?}");
+    Ok(())
+}
+
+fn module_spec() -> serde_json::Value {
+    serde_json::json!({
+        "moduleLoader": {
+            "container": {
+                "modprobe": { "moduleName": "kmm_ci_a", "modulesLoadingOrder": ["kmm_ci_a", "kmm_ci_b"] },
+                "inTreeModulesToRemove": ["dummy"],
+                "kernelMappings": [
+                    { "regexp": "^.+$", "containerImage": "127.0.0.1:5000/$MOD_NAMESPACE/$MOD_NAME:$KERNEL_FULL_VERSION" },
+                    { "literal": "6.1.0-13-amd64", "containerImage": "127.0.0.1:5000/x/y:z",
+                      "registryTLS": { "insecure": true } }
+                ]
+            }
+        },
+        "selector": { "node-role.kubernetes.io/worker": "" }
+    })
+}
+
+/// (d) Module, ManagedClusterModule and ManifestWork objects can be created and read
+/// back on a 1.20 server with our generated CRDs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmm_and_ocm_objects_can_be_created() -> anyhow::Result<()> {
+    Fleet::builder()
+        .spokes(1)
+        .hub_build_node(false)
+        .simulators(false)
+        .run(async |fleet| {
+            let module: shared_api::Module = serde_json::from_value(serde_json::json!({
+                "apiVersion": "kmm.sigs.x-k8s.io/v1beta1",
+                "kind": "Module",
+                "metadata": { "name": "kmm-ci", "namespace": "default" },
+                "spec": module_spec(),
+            }))?;
+            let spoke =
+                Api::<shared_api::Module>::namespaced(fleet.spoke(1).client().await, "default");
+            spoke
+                .create(&PostParams::default(), &module)
+                .await
+                .context("creating Module on spoke-1")?;
+            let back = spoke.get("kmm-ci").await?;
+            ensure!(
+                back.spec == module.spec,
+                "Module spec changed on the way:\n{:#?}\nvs\n{:#?}",
+                back.spec,
+                module.spec
+            );
+
+            let mcm: shared_api::ManagedClusterModule =
+                serde_json::from_value(serde_json::json!({
+                    "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1",
+                    "kind": "ManagedClusterModule",
+                    "metadata": { "name": "mod-example" },
+                    "spec": { "moduleSpec": module_spec(), "spokeNamespace": "kmm-operator-system",
+                              "selector": { "name": "spoke-1" } },
+                }))?;
+            let hub = fleet.hub().client().await;
+            let mcms = Api::<shared_api::ManagedClusterModule>::all(hub.clone());
+            mcms.create(&PostParams::default(), &mcm)
+                .await
+                .context("creating ManagedClusterModule on the hub")?;
+            let back = mcms.get("mod-example").await?;
+            ensure!(back.spec == mcm.spec, "MCM spec changed on the way");
+
+            // A ManifestWork embedding the Module (OCM's CRD preserves unknown fields there).
+            let mw: shared_api::ManifestWork = serde_json::from_value(serde_json::json!({
+                "apiVersion": "work.open-cluster-management.io/v1",
+                "kind": "ManifestWork",
+                "metadata": { "name": "mod-example", "namespace": "spoke-1" },
+                "spec": { "workload": { "manifests": [ serde_json::to_value(&module)? ] } },
+            }))?;
+            let works = Api::<shared_api::ManifestWork>::namespaced(hub, "spoke-1");
+            works
+                .create(&PostParams::default(), &mw)
+                .await
+                .context("creating ManifestWork")?;
+            let back = works.get("mod-example").await?;
+            ensure!(back.spec == mw.spec, "ManifestWork spec changed on the way");
+
+            // A spoke's API server restarts on the same port with the same certificates:
+            // existing clients reconnect and the data is still there.
+            let before = fleet.spoke(1).server_url();
+            fleet.spoke_mut(1).restart_apiserver().await?;
+            ensure!(fleet.spoke(1).server_url() == before);
+            let back = spoke
+                .get("kmm-ci")
+                .await
+                .context("reading the Module after the restart")?;
+            ensure!(back.spec == module.spec);
+            Ok(())
+        })
+        .await
+}
