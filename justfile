@@ -43,3 +43,17 @@ fleet-up spokes="2" nodes="3" dir="/tmp/kmm-fleet":
 # Stop a fleet started with fleet-up.
 fleet-down dir="/tmp/kmm-fleet":
     cargo run -q -p kmm-e2e --bin kmm-fleet -- down --dir {{dir}}
+
+# Build the hub and spoke images with buildah (daemonless, vfs storage). Names and tags come
+# from manifests/images/kustomization.yaml; needs network access for the base images.
+images:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    ref() { awk -v n="$1" '$2 == "name:" { f = ($3 == n) } f && $1 == "newName:" { r = $2 } f && $1 == "newTag:" { print r ":" $2; exit }' manifests/images/kustomization.yaml; }
+    for c in hub spoke; do
+      image=$(ref "kmm-$c")
+      test -n "$image" || { echo "no image for kmm-$c in manifests/images/kustomization.yaml" >&2; exit 1; }
+      buildah build --storage-driver vfs --isolation chroot --layers \
+        --build-arg VERSION="${image##*:}" -f "containers/$c.Containerfile" -t "$image" .
+      echo "built $image"
+    done

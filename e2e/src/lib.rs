@@ -11,3 +11,4 @@ pub mod process;
 pub mod provision;
 pub mod registry;
 pub mod sim;
+pub mod testkit;

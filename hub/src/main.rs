@@ -18,12 +18,21 @@ enum Command {
         /// Write `<group>_<plural>.yaml` files here instead of printing.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Also write the generated CRD reference page to this file.
+        #[arg(long)]
+        reference: Option<PathBuf>,
     },
     /// Validate Module and ManagedClusterModule YAML files (multi-document allowed).
     Validate {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Sign a kernel module like the kernel's scripts/sign-file (replaces an existing signature).
+    SignFile(kmm_hub::sign::cli::SignFileArgs),
+    /// Run the hub controller (MCM reconciler, webhook, admin port).
+    Run(Box<kmm_hub::run::RunArgs>),
+    /// Print, as YAML, the ManifestWorks the controller would write (no cluster needed).
+    Render(kmm_hub::render_cmd::RenderArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,7 +48,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Crd { dir } => {
+        Command::Crd { dir, reference } => {
+            if let Some(path) = reference {
+                std::fs::write(&path, shared_api::reference::crd_reference_markdown())?;
+                println!("wrote {}", path.display());
+            }
             let files = shared_api::crd_files();
             match dir {
                 Some(dir) => {
@@ -60,9 +73,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Run(args) => {
+            shared_api::runtime::telemetry::init_tracing(
+                args.log_format.parse().map_err(anyhow::Error::msg)?,
+                &args.log_filter,
+            )?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let token = shared_api::runtime::shutdown::install();
+                kmm_hub::run::run(*args, token).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Render(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let ok = rt.block_on(kmm_hub::render_cmd::run(args, &mut std::io::stdout()))?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::SignFile(args) => {
+            args.run()?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { files } => {
             let problems = kmm_hub::validate_cmd::run(&files, &mut std::io::stdout())?;
-            Ok(if problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if problems == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -37,7 +37,11 @@ pub fn run(files: &[PathBuf], out: &mut impl Write) -> std::io::Result<usize> {
             };
             checked += 1;
             for field in &doc.unknown_fields {
-                writeln!(out, "{shown}: {}/{}: {field}: unknown field (not part of {})", doc.kind, doc.name, doc.kind)?;
+                writeln!(
+                    out,
+                    "{shown}: {}/{}: {field}: unknown field (not part of {})",
+                    doc.kind, doc.name, doc.kind
+                )?;
                 problems += 1;
             }
             for v in violations {

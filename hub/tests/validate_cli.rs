@@ -70,19 +70,35 @@ fn three_broken_mcms_report_every_problem_and_fail() {
     assert!(!out.status.success(), "must exit non-zero:\n{stdout}");
     let f = file.display().to_string();
     for expected in [
-        format!("{f}: ManagedClusterModule/bad-regexp: spec.moduleSpec.moduleLoader.container.kernelMappings[0].regexp: "),
-        format!("{f}: ManagedClusterModule/both-literal-and-regexp: spec.moduleSpec.moduleLoader.container.kernelMappings[0]: exactly one of literal and regexp"),
-        format!("{f}: ManagedClusterModule/sign-outside-dir: spec.moduleSpec.moduleLoader.container.kernelMappings[0].sign.filesToSign[0]: \"/lib/modules/kmm_ci_a.ko\" must be under the module directory"),
-        format!("{f}: ManagedClusterModule/sign-outside-dir: spec.moduleSpec.moduleLoader.container.kernelMappings[0].buildd: unknown field"),
+        format!(
+            "{f}: ManagedClusterModule/bad-regexp: spec.moduleSpec.moduleLoader.container.kernelMappings[0].regexp: "
+        ),
+        format!(
+            "{f}: ManagedClusterModule/both-literal-and-regexp: spec.moduleSpec.moduleLoader.container.kernelMappings[0]: exactly one of literal and regexp"
+        ),
+        format!(
+            "{f}: ManagedClusterModule/sign-outside-dir: spec.moduleSpec.moduleLoader.container.kernelMappings[0].sign.filesToSign[0]: \"/lib/modules/kmm_ci_a.ko\" must be under the module directory"
+        ),
+        format!(
+            "{f}: ManagedClusterModule/sign-outside-dir: spec.moduleSpec.moduleLoader.container.kernelMappings[0].buildd: unknown field"
+        ),
     ] {
-        assert!(stdout.contains(&expected), "missing line starting {expected:?} in:\n{stdout}");
+        assert!(
+            stdout.contains(&expected),
+            "missing line starting {expected:?} in:\n{stdout}"
+        );
     }
-    assert_eq!(stdout.lines().count(), 4, "exactly the four problems:\n{stdout}");
+    assert_eq!(
+        stdout.lines().count(),
+        4,
+        "exactly the four problems:\n{stdout}"
+    );
 }
 
 #[test]
 fn seeds_examples_pass() {
-    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared-api/tests/fixtures/seeds");
+    let seeds =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared-api/tests/fixtures/seeds");
     let labs: Vec<_> = std::fs::read_dir(&seeds)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -91,7 +107,11 @@ fn seeds_examples_pass() {
     assert_eq!(labs.len(), 7);
     let out = kmm_hub().arg("validate").args(&labs).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("7 object(s) valid"), "{stdout}");
 }
 
@@ -100,7 +120,12 @@ fn unreadable_and_non_yaml_files_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "kind: [unclosed").unwrap();
-    let out = kmm_hub().arg("validate").arg(&bad).arg(dir.path().join("missing.yaml")).output().unwrap();
+    let out = kmm_hub()
+        .arg("validate")
+        .arg(&bad)
+        .arg(dir.path().join("missing.yaml"))
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(stdout.contains("not valid YAML"), "{stdout}");

@@ -52,7 +52,10 @@ pub fn set_condition(
 
 /// The status string (`True`/`False`/`Unknown`) of a condition type, if present.
 pub fn condition_status<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
-    conditions.iter().find(|c| c.type_ == type_).map(|c| c.status.as_str())
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.as_str())
 }
 
 #[cfg(test)]
@@ -64,8 +67,12 @@ mod tests {
         let t0 = Timestamp::from_second(1_000).unwrap();
         let t1 = Timestamp::from_second(2_000).unwrap();
         let mut cs = Vec::new();
-        assert!(set_condition(&mut cs, READY, false, "Pending", "x", None, t0));
-        assert!(!set_condition(&mut cs, READY, false, "Pending", "x", None, t1));
+        assert!(set_condition(
+            &mut cs, READY, false, "Pending", "x", None, t0
+        ));
+        assert!(!set_condition(
+            &mut cs, READY, false, "Pending", "x", None, t1
+        ));
         assert!(set_condition(&mut cs, READY, false, "Other", "y", None, t1));
         assert_eq!(cs[0].last_transition_time.0, t0);
         assert!(set_condition(&mut cs, READY, true, "Ready", "", None, t1));

@@ -10,7 +10,11 @@ use crate::module::{Build, BuildArg, ModuleLoaderContainerSpec, Sign, TlsOptions
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MappingError {
     #[error("kernelMappings[{index}].regexp {regexp:?} does not compile: {reason}")]
-    BadRegexp { index: usize, regexp: String, reason: String },
+    BadRegexp {
+        index: usize,
+        regexp: String,
+        reason: String,
+    },
     #[error("{field}: {source}")]
     Substitution { field: String, source: SubstError },
     #[error("kernelMappings[{index}]: no containerImage on the mapping and none on the container")]
@@ -23,7 +27,9 @@ pub enum SubstError {
     Unknown(String),
     #[error("unterminated ${{…}} in {0:?}")]
     Unterminated(String),
-    #[error("kernel {kernel:?} has fewer than 3 parts separated by '.', ',' or '-', so ${{{var}}} is undefined")]
+    #[error(
+        "kernel {kernel:?} has fewer than 3 parts separated by '.', ',' or '-', so ${{{var}}} is undefined"
+    )]
     MalformedKernel { kernel: String, var: String },
 }
 
@@ -53,8 +59,19 @@ impl Variables {
     pub fn new(kernel: &str, mod_name: &str, mod_namespace: &str) -> Self {
         let kernel = normalize_kernel(kernel);
         let parts: Vec<&str> = kernel.split(['.', ',', '-']).collect();
-        let xyz = (parts.len() >= 3).then(|| [parts[0].to_string(), parts[1].to_string(), parts[2].to_string()]);
-        Self { kernel, xyz, mod_name: mod_name.to_string(), mod_namespace: mod_namespace.to_string() }
+        let xyz = (parts.len() >= 3).then(|| {
+            [
+                parts[0].to_string(),
+                parts[1].to_string(),
+                parts[2].to_string(),
+            ]
+        });
+        Self {
+            kernel,
+            xyz,
+            mod_name: mod_name.to_string(),
+            mod_namespace: mod_namespace.to_string(),
+        }
     }
 
     pub fn kernel(&self) -> &str {
@@ -66,7 +83,10 @@ impl Variables {
             self.xyz
                 .as_ref()
                 .map(|p| p[i].clone())
-                .ok_or_else(|| SubstError::MalformedKernel { kernel: self.kernel.clone(), var: var.to_string() })
+                .ok_or_else(|| SubstError::MalformedKernel {
+                    kernel: self.kernel.clone(),
+                    var: var.to_string(),
+                })
         };
         match var {
             "KERNEL_FULL_VERSION" | "KERNEL_VERSION" => Ok(self.kernel.clone()),
@@ -110,11 +130,15 @@ fn substitute_with(
             out.push('$');
             rest = tail;
         } else if let Some(braced) = after.strip_prefix('{') {
-            let end = braced.find('}').ok_or_else(|| SubstError::Unterminated(input.to_string()))?;
+            let end = braced
+                .find('}')
+                .ok_or_else(|| SubstError::Unterminated(input.to_string()))?;
             out.push_str(&lookup(&braced[..end])?);
             rest = &braced[end + 1..];
         } else {
-            let len = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+            let len = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
             if len == 0 {
                 out.push('$');
                 rest = after;
@@ -157,11 +181,13 @@ impl<'a> KernelMapper<'a> {
             .iter()
             .enumerate()
             .map(|(index, m)| match (&m.literal, &m.regexp) {
-                (None, Some(re)) => Regex::new(re).map(Some).map_err(|e| MappingError::BadRegexp {
-                    index,
-                    regexp: re.clone(),
-                    reason: first_line(&e.to_string()),
-                }),
+                (None, Some(re)) => Regex::new(re)
+                    .map(Some)
+                    .map_err(|e| MappingError::BadRegexp {
+                        index,
+                        regexp: re.clone(),
+                        reason: regex_error_reason(&e),
+                    }),
                 _ => Ok(None),
             })
             .collect::<Result<_, _>>()?;
@@ -171,10 +197,16 @@ impl<'a> KernelMapper<'a> {
     /// The index of the first mapping matching the kernel.
     pub fn find(&self, kernel: &str) -> Option<usize> {
         let kernel = kernel.trim().trim_end_matches('+');
-        self.container.kernel_mappings.iter().enumerate().position(|(i, m)| match &m.literal {
-            Some(lit) => lit == kernel,
-            None => self.regexps[i].as_ref().is_some_and(|re| re.is_match(kernel)),
-        })
+        self.container
+            .kernel_mappings
+            .iter()
+            .enumerate()
+            .position(|(i, m)| match &m.literal {
+                Some(lit) => lit == kernel,
+                None => self.regexps[i]
+                    .as_ref()
+                    .is_some_and(|re| re.is_match(kernel)),
+            })
     }
 
     /// Resolve the kernel: `Ok(None)` when no mapping matches.
@@ -184,17 +216,23 @@ impl<'a> KernelMapper<'a> {
         mod_name: &str,
         mod_namespace: &str,
     ) -> Result<Option<ResolvedMapping>, MappingError> {
-        let Some(index) = self.find(kernel) else { return Ok(None) };
+        let Some(index) = self.find(kernel) else {
+            return Ok(None);
+        };
         let c = self.container;
         let m = &c.kernel_mappings[index];
         let vars = Variables::new(kernel, mod_name, mod_namespace);
         let field = |f: &str| format!("kernelMappings[{index}].{f}");
         let subst = |f: String, s: &str| {
-            vars.substitute(s).map_err(|source| MappingError::Substitution { field: f, source })
+            vars.substitute(s)
+                .map_err(|source| MappingError::Substitution { field: f, source })
         };
 
         let image_template = if m.container_image.is_empty() {
-            c.container_image.as_deref().filter(|s| !s.is_empty()).ok_or(MappingError::NoImage { index })?
+            c.container_image
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .ok_or(MappingError::NoImage { index })?
         } else {
             m.container_image.as_str()
         };
@@ -229,8 +267,14 @@ impl<'a> KernelMapper<'a> {
     }
 }
 
-fn first_line(s: &str) -> String {
-    s.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or(s).trim().to_string()
+/// The useful line of a regex error (the crate prints the pattern and a caret above it).
+pub(crate) fn regex_error_reason(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or(&text)
+        .trim()
+        .to_string()
 }
 
 /// Container build, overridden by the mapping's: `dockerfileConfigMap` replaced,
@@ -303,8 +347,11 @@ pub fn merge_sign(container: Option<&Sign>, mapping: Option<&Sign>) -> Option<Si
 /// The kaniko build arguments for one kernel: the merged user arguments, then
 /// `KERNEL_VERSION`, `KERNEL_FULL_VERSION`, `MOD_NAME`, `MOD_NAMESPACE` (always set by us).
 pub fn build_args_for(build: &Build, vars: &Variables) -> BTreeMap<String, String> {
-    let mut args: BTreeMap<String, String> =
-        build.build_args.iter().map(|a| (a.name.clone(), a.value.clone())).collect();
+    let mut args: BTreeMap<String, String> = build
+        .build_args
+        .iter()
+        .map(|a| (a.name.clone(), a.value.clone()))
+        .collect();
     args.insert("KERNEL_VERSION".into(), vars.kernel.clone());
     args.insert("KERNEL_FULL_VERSION".into(), vars.kernel.clone());
     args.insert("MOD_NAME".into(), vars.mod_name.clone());
@@ -318,21 +365,41 @@ mod tests {
     use crate::module::{KernelMapping, LocalObjectReference};
 
     fn mapping_lit(lit: &str, img: &str) -> KernelMapping {
-        KernelMapping { literal: Some(lit.into()), container_image: img.into(), ..Default::default() }
+        KernelMapping {
+            literal: Some(lit.into()),
+            container_image: img.into(),
+            ..Default::default()
+        }
     }
     fn mapping_re(re: &str, img: &str) -> KernelMapping {
-        KernelMapping { regexp: Some(re.into()), container_image: img.into(), ..Default::default() }
+        KernelMapping {
+            regexp: Some(re.into()),
+            container_image: img.into(),
+            ..Default::default()
+        }
     }
     fn container(mappings: Vec<KernelMapping>) -> ModuleLoaderContainerSpec {
-        ModuleLoaderContainerSpec { kernel_mappings: mappings, ..Default::default() }
+        ModuleLoaderContainerSpec {
+            kernel_mappings: mappings,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn literal_beats_a_later_regexp() {
-        let c = container(vec![mapping_lit("6.0.15-300.fc37.x86_64", "r/lit:1"), mapping_re("^.+$", "r/re:1")]);
+        let c = container(vec![
+            mapping_lit("6.0.15-300.fc37.x86_64", "r/lit:1"),
+            mapping_re("^.+$", "r/re:1"),
+        ]);
         let m = KernelMapper::new(&c).unwrap();
-        let r = m.resolve("6.0.15-300.fc37.x86_64", "m", "ns").unwrap().unwrap();
-        assert_eq!((r.mapping_index, r.container_image.as_str()), (0, "r/lit:1"));
+        let r = m
+            .resolve("6.0.15-300.fc37.x86_64", "m", "ns")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.mapping_index, r.container_image.as_str()),
+            (0, "r/lit:1")
+        );
     }
 
     #[test]
@@ -342,49 +409,102 @@ mod tests {
             mapping_re("^.+$", "r/b:${KERNEL_FULL_VERSION}"),
         ]);
         let m = KernelMapper::new(&c).unwrap();
-        assert_eq!(m.resolve("6.0.15-300.fc37.x86_64", "m", "ns").unwrap().unwrap().container_image, "r/a:6.0.15-300.fc37.x86_64");
-        assert_eq!(m.resolve("5.14.0-1.el9.x86_64", "m", "ns").unwrap().unwrap().mapping_index, 1);
+        assert_eq!(
+            m.resolve("6.0.15-300.fc37.x86_64", "m", "ns")
+                .unwrap()
+                .unwrap()
+                .container_image,
+            "r/a:6.0.15-300.fc37.x86_64"
+        );
+        assert_eq!(
+            m.resolve("5.14.0-1.el9.x86_64", "m", "ns")
+                .unwrap()
+                .unwrap()
+                .mapping_index,
+            1
+        );
         let anchored = container(vec![mapping_re("^fc37$", "r/a:1")]);
-        assert_eq!(KernelMapper::new(&anchored).unwrap().find("6.0.15-300.fc37.x86_64"), None);
+        assert_eq!(
+            KernelMapper::new(&anchored)
+                .unwrap()
+                .find("6.0.15-300.fc37.x86_64"),
+            None
+        );
     }
 
     #[test]
     fn no_match_is_none() {
         let c = container(vec![mapping_re(r"^5\.14.*$", "r/x:1")]);
-        assert_eq!(KernelMapper::new(&c).unwrap().resolve("5.15.0-2", "m", "ns").unwrap(), None);
+        assert_eq!(
+            KernelMapper::new(&c)
+                .unwrap()
+                .resolve("5.15.0-2", "m", "ns")
+                .unwrap(),
+            None
+        );
     }
 
     #[test]
     fn variables_including_xyz() {
         let v = Variables::new("5.14.0-284.36.1.el9_2.x86_64", "kmm-ci-a", "spoke-ns");
         assert_eq!(v.substitute("${KERNEL_XYZ}").unwrap(), "5.14.0");
-        assert_eq!(v.substitute("$KERNEL_X.$KERNEL_Y.${KERNEL_Z}").unwrap(), "5.14.0");
         assert_eq!(
-            v.substitute("reg/$MOD_NAMESPACE/$MOD_NAME:${KERNEL_FULL_VERSION}").unwrap(),
+            v.substitute("$KERNEL_X.$KERNEL_Y.${KERNEL_Z}").unwrap(),
+            "5.14.0"
+        );
+        assert_eq!(
+            v.substitute("reg/$MOD_NAMESPACE/$MOD_NAME:${KERNEL_FULL_VERSION}")
+                .unwrap(),
             "reg/spoke-ns/kmm-ci-a:5.14.0-284.36.1.el9_2.x86_64"
         );
-        assert_eq!(v.substitute("$KERNEL_VERSION").unwrap(), "5.14.0-284.36.1.el9_2.x86_64");
+        assert_eq!(
+            v.substitute("$KERNEL_VERSION").unwrap(),
+            "5.14.0-284.36.1.el9_2.x86_64"
+        );
         assert_eq!(v.substitute("a$$b").unwrap(), "a$b");
     }
 
     #[test]
     fn trailing_plus_is_trimmed_before_matching_and_substitution() {
         let c = container(vec![mapping_lit("6.6.0-rc1", "r/x:${KERNEL_FULL_VERSION}")]);
-        let r = KernelMapper::new(&c).unwrap().resolve("6.6.0-rc1+", "m", "ns").unwrap().unwrap();
-        assert_eq!((r.kernel.as_str(), r.container_image.as_str()), ("6.6.0-rc1", "r/x:6.6.0-rc1"));
+        let r = KernelMapper::new(&c)
+            .unwrap()
+            .resolve("6.6.0-rc1+", "m", "ns")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.kernel.as_str(), r.container_image.as_str()),
+            ("6.6.0-rc1", "r/x:6.6.0-rc1")
+        );
     }
 
     #[test]
     fn unknown_variable_and_malformed_kernel_are_errors() {
         let v = Variables::new("5.14.0-1", "m", "ns");
-        assert_eq!(v.substitute("${NOPE}"), Err(SubstError::Unknown("NOPE".into())));
-        assert!(matches!(v.substitute("${KERNEL"), Err(SubstError::Unterminated(_))));
+        assert_eq!(
+            v.substitute("${NOPE}"),
+            Err(SubstError::Unknown("NOPE".into()))
+        );
+        assert!(matches!(
+            v.substitute("${KERNEL"),
+            Err(SubstError::Unterminated(_))
+        ));
         let bad = Variables::new("6", "m", "ns");
-        assert!(matches!(bad.substitute("$KERNEL_XYZ"), Err(SubstError::MalformedKernel { .. })));
+        assert!(matches!(
+            bad.substitute("$KERNEL_XYZ"),
+            Err(SubstError::MalformedKernel { .. })
+        ));
         assert_eq!(bad.substitute("$KERNEL_FULL_VERSION").unwrap(), "6");
         let c = container(vec![mapping_re(".*", "r/x:$UNKNOWN")]);
-        let err = KernelMapper::new(&c).unwrap().resolve("5.14.0-1", "m", "ns").unwrap_err();
-        assert!(err.to_string().contains("kernelMappings[0].containerImage: unknown variable ${UNKNOWN}"), "{err}");
+        let err = KernelMapper::new(&c)
+            .unwrap()
+            .resolve("5.14.0-1", "m", "ns")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("kernelMappings[0].containerImage: unknown variable ${UNKNOWN}"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -393,17 +513,42 @@ mod tests {
             regexp: Some(".*".into()),
             container_image: "r/x:1".into(),
             build: Some(Build {
-                build_args: vec![BuildArg { name: "A".into(), value: "mapping".into() }, BuildArg { name: "C".into(), value: "3".into() }],
+                build_args: vec![
+                    BuildArg {
+                        name: "A".into(),
+                        value: "mapping".into(),
+                    },
+                    BuildArg {
+                        name: "C".into(),
+                        value: "3".into(),
+                    },
+                ],
                 secrets: vec![LocalObjectReference::new("s2")],
                 ..Default::default()
             }),
-            sign: Some(Sign { files_to_sign: vec!["/opt/b.ko".into()], key_secret: Some(LocalObjectReference::new("k2")), ..Default::default() }),
-            registry_tls: Some(TlsOptions { insecure: true, insecure_skip_tls_verify: false }),
+            sign: Some(Sign {
+                files_to_sign: vec!["/opt/b.ko".into()],
+                key_secret: Some(LocalObjectReference::new("k2")),
+                ..Default::default()
+            }),
+            registry_tls: Some(TlsOptions {
+                insecure: true,
+                insecure_skip_tls_verify: false,
+            }),
             in_tree_modules_to_remove: Some(vec!["mapped".into()]),
             ..Default::default()
         }]);
         c.build = Some(Build {
-            build_args: vec![BuildArg { name: "A".into(), value: "container".into() }, BuildArg { name: "B".into(), value: "2".into() }],
+            build_args: vec![
+                BuildArg {
+                    name: "A".into(),
+                    value: "container".into(),
+                },
+                BuildArg {
+                    name: "B".into(),
+                    value: "2".into(),
+                },
+            ],
             dockerfile_config_map: Some(LocalObjectReference::new("df")),
             secrets: vec![LocalObjectReference::new("s1")],
             ..Default::default()
@@ -414,16 +559,39 @@ mod tests {
             cert_secret: Some(LocalObjectReference::new("c1")),
             ..Default::default()
         });
-        c.registry_tls = Some(TlsOptions { insecure: false, insecure_skip_tls_verify: true });
+        c.registry_tls = Some(TlsOptions {
+            insecure: false,
+            insecure_skip_tls_verify: true,
+        });
         c.in_tree_module_to_remove = Some("container".into());
-        let r = KernelMapper::new(&c).unwrap().resolve("5.14.0-1", "m", "ns").unwrap().unwrap();
+        let r = KernelMapper::new(&c)
+            .unwrap()
+            .resolve("5.14.0-1", "m", "ns")
+            .unwrap()
+            .unwrap();
         let b = r.build.unwrap();
-        let args: Vec<(&str, &str)> = b.build_args.iter().map(|a| (a.name.as_str(), a.value.as_str())).collect();
+        let args: Vec<(&str, &str)> = b
+            .build_args
+            .iter()
+            .map(|a| (a.name.as_str(), a.value.as_str()))
+            .collect();
         assert_eq!(args, vec![("A", "mapping"), ("B", "2"), ("C", "3")]);
-        assert_eq!(b.dockerfile_config_map, Some(LocalObjectReference::new("df")));
-        assert_eq!(b.secrets, vec![LocalObjectReference::new("s1"), LocalObjectReference::new("s2")]);
+        assert_eq!(
+            b.dockerfile_config_map,
+            Some(LocalObjectReference::new("df"))
+        );
+        assert_eq!(
+            b.secrets,
+            vec![
+                LocalObjectReference::new("s1"),
+                LocalObjectReference::new("s2")
+            ]
+        );
         let s = r.sign.unwrap();
-        assert_eq!(s.files_to_sign, vec!["/opt/a-5.ko".to_string(), "/opt/b.ko".to_string()]);
+        assert_eq!(
+            s.files_to_sign,
+            vec!["/opt/a-5.ko".to_string(), "/opt/b.ko".to_string()]
+        );
         assert_eq!(s.key_secret, Some(LocalObjectReference::new("k2")));
         assert_eq!(s.cert_secret, Some(LocalObjectReference::new("c1")));
         assert!(r.registry_tls.insecure && !r.registry_tls.insecure_skip_tls_verify);
@@ -435,19 +603,32 @@ mod tests {
         let mut c = container(vec![mapping_re(".*", "")]);
         c.container_image = Some("r/top:$KERNEL_X".into());
         c.in_tree_module_to_remove = Some("joydev".into());
-        let r = KernelMapper::new(&c).unwrap().resolve("6.1.0-1", "m", "ns").unwrap().unwrap();
+        let r = KernelMapper::new(&c)
+            .unwrap()
+            .resolve("6.1.0-1", "m", "ns")
+            .unwrap()
+            .unwrap();
         assert_eq!(r.container_image, "r/top:6");
         assert_eq!(r.in_tree_modules_to_remove, vec!["joydev".to_string()]);
         c.container_image = None;
         assert_eq!(
-            KernelMapper::new(&c).unwrap().resolve("6.1.0-1", "m", "ns").unwrap_err(),
+            KernelMapper::new(&c)
+                .unwrap()
+                .resolve("6.1.0-1", "m", "ns")
+                .unwrap_err(),
             MappingError::NoImage { index: 0 }
         );
     }
 
     #[test]
     fn build_args_always_carry_the_kernel_and_module() {
-        let b = Build { build_args: vec![BuildArg { name: "KERNEL_VERSION".into(), value: "user".into() }], ..Default::default() };
+        let b = Build {
+            build_args: vec![BuildArg {
+                name: "KERNEL_VERSION".into(),
+                value: "user".into(),
+            }],
+            ..Default::default()
+        };
         let args = build_args_for(&b, &Variables::new("6.1.0-1+", "m", "spoke"));
         assert_eq!(args["KERNEL_VERSION"], "6.1.0-1");
         assert_eq!(args["MOD_NAMESPACE"], "spoke");

@@ -88,7 +88,11 @@ pub fn kernel_label_value(kernel: &str) -> String {
     let hash = short_hash(kernel, 10);
     let keep: String = trimmed.chars().take(63 - 11).collect();
     let keep = keep.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
-    if keep.is_empty() { hash } else { format!("{keep}-{hash}") }
+    if keep.is_empty() {
+        hash
+    } else {
+        format!("{keep}-{hash}")
+    }
 }
 
 /// A kernel in DNS-label form (for object names): lower-case, `.` and `_` as `-`.
@@ -109,7 +113,13 @@ pub fn normalize_kernel(kernel: &str) -> String {
         .trim()
         .trim_end_matches('+')
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -127,7 +137,10 @@ mod tests {
 
     #[test]
     fn label_keys() {
-        assert_eq!(module_ready_label("labsv2", "kmm-ci-a"), "kmm.node.kubernetes.io/labsv2.kmm-ci-a.ready");
+        assert_eq!(
+            module_ready_label("labsv2", "kmm-ci-a"),
+            "kmm.node.kubernetes.io/labsv2.kmm-ci-a.ready"
+        );
         assert_eq!(
             version_module_label("labsv2", "kmm-ci-a"),
             "kmm.node.kubernetes.io/version-module.labsv2.kmm-ci-a"
@@ -136,18 +149,27 @@ mod tests {
             device_plugin_ready_label("ns", "m"),
             "kmm.node.kubernetes.io/ns.m.device-plugin-ready"
         );
-        assert_eq!(module_version_ready_label("ns", "m"), "kmm.node.kubernetes.io/ns.m.version.ready");
+        assert_eq!(
+            module_version_ready_label("ns", "m"),
+            "kmm.node.kubernetes.io/ns.m.version.ready"
+        );
     }
 
     #[test]
     fn kernel_values() {
-        assert_eq!(kernel_label_value("5.14.0-284.36.1.el9_2.x86_64"), "5.14.0-284.36.1.el9_2.x86_64");
+        assert_eq!(
+            kernel_label_value("5.14.0-284.36.1.el9_2.x86_64"),
+            "5.14.0-284.36.1.el9_2.x86_64"
+        );
         assert_eq!(kernel_label_value("6.1.0-rc1+"), "6.1.0-rc1");
         assert_eq!(kernel_label_value("6.1.0 #1~weird"), "6.1.0__1_weird");
         let long = format!("6.1.0-{}", "x".repeat(80));
         let v = kernel_label_value(&long);
         assert!(v.len() <= 63, "{v}");
         assert_ne!(v, kernel_label_value(&format!("{long}y")));
-        assert_eq!(kernel_dns_form("5.14.0-284.36.1.el9_2.x86_64"), "5-14-0-284-36-1-el9-2-x86-64");
+        assert_eq!(
+            kernel_dns_form("5.14.0-284.36.1.el9_2.x86_64"),
+            "5-14-0-284-36-1-el9-2-x86-64"
+        );
     }
 }

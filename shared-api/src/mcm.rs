@@ -83,7 +83,20 @@ fn is_zero(n: &i32) -> bool {
 }
 
 /// The state of one distinct target image of the image plan.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    JsonSchema,
+)]
 pub enum ImageState {
     /// Digest known, signed as required.
     Ready,

@@ -156,7 +156,10 @@ pub struct ModprobeSpec {
 
 impl ModprobeSpec {
     pub fn dir_name(&self) -> &str {
-        self.dir_name.as_deref().filter(|d| !d.is_empty()).unwrap_or(DEFAULT_DIR_NAME)
+        self.dir_name
+            .as_deref()
+            .filter(|d| !d.is_empty())
+            .unwrap_or(DEFAULT_DIR_NAME)
     }
 }
 
@@ -208,7 +211,11 @@ pub struct TlsOptions {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
     /// Use TLS without verifying the server's certificate.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not", rename = "insecureSkipTLSVerify")]
+    #[serde(
+        default,
+        skip_serializing_if = "std::ops::Not::not",
+        rename = "insecureSkipTLSVerify"
+    )]
     pub insecure_skip_tls_verify: bool,
 }
 
@@ -393,7 +400,10 @@ pub struct DaemonSetStatus {
 impl ModuleLoaderContainerSpec {
     /// The in-tree modules to remove at container level, whichever field was used.
     pub fn in_tree_removals(&self) -> Vec<String> {
-        in_tree_list(&self.in_tree_modules_to_remove, &self.in_tree_module_to_remove)
+        in_tree_list(
+            &self.in_tree_modules_to_remove,
+            &self.in_tree_module_to_remove,
+        )
     }
 }
 
@@ -403,7 +413,10 @@ impl KernelMapping {
         if self.in_tree_modules_to_remove.is_none() && self.in_tree_module_to_remove.is_none() {
             return None;
         }
-        Some(in_tree_list(&self.in_tree_modules_to_remove, &self.in_tree_module_to_remove))
+        Some(in_tree_list(
+            &self.in_tree_modules_to_remove,
+            &self.in_tree_module_to_remove,
+        ))
     }
 }
 

@@ -8,7 +8,8 @@ use regex::Regex;
 static DNS_LABEL: LazyLock<Regex> = LazyLock::new(|| re(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"));
 static DNS_SUBDOMAIN: LazyLock<Regex> =
     LazyLock::new(|| re(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"));
-static LABEL_NAME: LazyLock<Regex> = LazyLock::new(|| re(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"));
+static LABEL_NAME: LazyLock<Regex> =
+    LazyLock::new(|| re(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"));
 static KMOD_NAME: LazyLock<Regex> = LazyLock::new(|| re(r"^[A-Za-z0-9_-]+$"));
 // The distribution/reference grammar: [domain[:port]/]path[:tag][@digest].
 static IMAGE_REF: LazyLock<Regex> = LazyLock::new(|| {
@@ -16,10 +17,13 @@ static IMAGE_REF: LazyLock<Regex> = LazyLock::new(|| {
     let sep = r"(?:[._]|__|[-]+)";
     let component = format!("{alnum}(?:{sep}{alnum})*");
     let domain_component = "(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])";
-    let domain = format!(r"(?:{domain_component}(?:\.{domain_component})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?");
+    let domain =
+        format!(r"(?:{domain_component}(?:\.{domain_component})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?");
     let tag = r"[\w][\w.-]{0,127}";
     let digest = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}";
-    re(&format!(r"^(?:{domain}/)?{component}(?:/{component})*(?::{tag})?(?:@{digest})?$"))
+    re(&format!(
+        r"^(?:{domain}/)?{component}(?:/{component})*(?::{tag})?(?:@{digest})?$"
+    ))
 });
 
 fn re(s: &str) -> Regex {
@@ -114,7 +118,9 @@ pub fn image_reference(s: &str) -> Result<(), String> {
         _ => name.len(),
     };
     if name_len > 255 {
-        return Err(format!("repository name must be at most 255 characters (is {name_len})"));
+        return Err(format!(
+            "repository name must be at most 255 characters (is {name_len})"
+        ));
     }
     if !IMAGE_REF.is_match(s) {
         return Err(format!(
@@ -168,7 +174,14 @@ mod tests {
         ] {
             assert_eq!(image_reference(ok), Ok(()), "{ok}");
         }
-        for bad in ["some.registry/org/<my_kmod>:6.1", "Reg/UPPER:1", "a::b", "", "x:", "reg/x:tag with space"] {
+        for bad in [
+            "some.registry/org/<my_kmod>:6.1",
+            "Reg/UPPER:1",
+            "a::b",
+            "",
+            "x:",
+            "reg/x:tag with space",
+        ] {
             assert!(image_reference(bad).is_err(), "{bad}");
         }
     }

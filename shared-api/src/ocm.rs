@@ -79,7 +79,9 @@ pub struct ManagedClusterVersion {
 }
 
 /// `ClusterClaim` (`cluster.open-cluster-management.io/v1alpha1`, cluster-scoped, on spokes).
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(
+    CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema,
+)]
 #[kube(
     group = "cluster.open-cluster-management.io",
     version = "v1alpha1",
@@ -122,7 +124,9 @@ pub struct ManifestsTemplate {
 /// One embedded Kubernetes object (OCM's `runtime.RawExtension`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(transparent)]
-pub struct Manifest(#[schemars(schema_with = "crate::schema::embedded_object")] pub serde_json::Value);
+pub struct Manifest(
+    #[schemars(schema_with = "crate::schema::embedded_object")] pub serde_json::Value,
+);
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -261,19 +265,25 @@ pub mod work_conditions {
 impl ManifestWorkStatus {
     /// Whether the condition of that type is `True`.
     pub fn condition_true(&self, type_: &str) -> bool {
-        self.conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+        self.conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.status == "True")
     }
 
     /// The integer feedback value of that name on the first manifest that reports it.
     pub fn feedback_integer(&self, name: &str) -> Option<i64> {
-        self.resource_status.as_ref()?.manifests.iter().find_map(|m| {
-            m.status_feedback
-                .as_ref()?
-                .values
-                .iter()
-                .find(|v| v.name == name)
-                .and_then(|v| v.field_value.integer)
-        })
+        self.resource_status
+            .as_ref()?
+            .manifests
+            .iter()
+            .find_map(|m| {
+                m.status_feedback
+                    .as_ref()?
+                    .values
+                    .iter()
+                    .find(|v| v.name == name)
+                    .and_then(|v| v.field_value.integer)
+            })
     }
 }
 
@@ -323,7 +333,11 @@ pub fn split_kernel_claims(kernels: &[String]) -> Vec<(String, String)> {
     let mut current = String::new();
     for k in kernels {
         let k: String = k.chars().take(CLAIM_VALUE_MAX).collect();
-        let needed = if current.is_empty() { k.len() } else { current.len() + 1 + k.len() };
+        let needed = if current.is_empty() {
+            k.len()
+        } else {
+            current.len() + 1 + k.len()
+        };
         if needed > CLAIM_VALUE_MAX && !current.is_empty() {
             values.push(std::mem::take(&mut current));
         }
@@ -357,7 +371,10 @@ mod tests {
         ManagedClusterStatus {
             cluster_claims: pairs
                 .iter()
-                .map(|(n, v)| ManagedClusterClaim { name: n.clone(), value: v.clone() })
+                .map(|(n, v)| ManagedClusterClaim {
+                    name: n.clone(),
+                    value: v.clone(),
+                })
                 .collect(),
             ..Default::default()
         }
@@ -365,8 +382,9 @@ mod tests {
 
     #[test]
     fn claims_split_and_join_round_trip() {
-        let kernels: Vec<String> =
-            (0..200).map(|i| format!("5.14.0-{i:03}.el9_2.x86_64")).collect();
+        let kernels: Vec<String> = (0..200)
+            .map(|i| format!("5.14.0-{i:03}.el9_2.x86_64"))
+            .collect();
         let parts = split_kernel_claims(&kernels);
         assert!(parts.len() > 1, "200 kernels must overflow one claim");
         assert!(parts.iter().all(|(_, v)| v.len() <= CLAIM_VALUE_MAX));
@@ -378,8 +396,14 @@ mod tests {
     fn no_claim_is_none_and_unrelated_claims_are_ignored() {
         let st = claims(&[("id.k8s.io".into(), "x".into())]);
         assert_eq!(st.kernel_versions(), None);
-        assert_eq!(claim_part_index("kernel-versions.kmm.node.kubernetes.io.x"), None);
-        assert_eq!(claim_part_index("kernel-versions.kmm.node.kubernetes.io.0"), None);
+        assert_eq!(
+            claim_part_index("kernel-versions.kmm.node.kubernetes.io.x"),
+            None
+        );
+        assert_eq!(
+            claim_part_index("kernel-versions.kmm.node.kubernetes.io.0"),
+            None
+        );
     }
 
     #[test]

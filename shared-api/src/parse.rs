@@ -11,7 +11,10 @@ pub enum Object {
     Module(Box<Module>),
     ManagedClusterModule(Box<ManagedClusterModule>),
     /// Any other kind (ConfigMaps and Secrets beside the Module, …): not ours to check.
-    Other { api_version: String, kind: String },
+    Other {
+        api_version: String,
+        kind: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -30,7 +33,12 @@ pub enum ParseError {
     #[error("document {index}: not valid YAML: {reason}")]
     Yaml { index: usize, reason: String },
     #[error("document {index} ({kind}/{name}): {reason}")]
-    Shape { index: usize, kind: String, name: String, reason: String },
+    Shape {
+        index: usize,
+        kind: String,
+        name: String,
+        reason: String,
+    },
 }
 
 const MODULE_API: &str = "kmm.sigs.x-k8s.io/v1beta1";
@@ -41,8 +49,10 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, ParseError> {
     let mut out = Vec::new();
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
-        let value = serde_json::Value::deserialize(de)
-            .map_err(|e| ParseError::Yaml { index, reason: e.to_string() })?;
+        let value = serde_json::Value::deserialize(de).map_err(|e| ParseError::Yaml {
+            index,
+            reason: e.to_string(),
+        })?;
         if value.is_null() {
             continue;
         }
@@ -69,7 +79,13 @@ fn display_path(raw: &str) -> String {
 
 /// Parse one object already decoded into JSON.
 pub fn parse_value(index: usize, value: serde_json::Value) -> Result<Document, ParseError> {
-    let s = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let s = |k: &str| {
+        value
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
     let api_version = s("apiVersion");
     let kind = s("kind");
     let name = value
@@ -77,22 +93,36 @@ pub fn parse_value(index: usize, value: serde_json::Value) -> Result<Document, P
         .and_then(|v| v.as_str())
         .unwrap_or("<unnamed>")
         .to_string();
-    let shape = |reason: String| ParseError::Shape { index, kind: kind.clone(), name: name.clone(), reason };
+    let shape = |reason: String| ParseError::Shape {
+        index,
+        kind: kind.clone(),
+        name: name.clone(),
+        reason,
+    };
     let mut unknown = Vec::new();
     let object = match (api_version.as_str(), kind.as_str()) {
         (MODULE_API, "Module") => Object::Module(Box::new(
-            serde_ignored::deserialize(value, |p| unknown.push(p.to_string())).map_err(|e| shape(e.to_string()))?,
+            serde_ignored::deserialize(value, |p| unknown.push(p.to_string()))
+                .map_err(|e| shape(e.to_string()))?,
         )),
         (MCM_API, "ManagedClusterModule") => Object::ManagedClusterModule(Box::new(
-            serde_ignored::deserialize(value, |p| unknown.push(p.to_string())).map_err(|e| shape(e.to_string()))?,
+            serde_ignored::deserialize(value, |p| unknown.push(p.to_string()))
+                .map_err(|e| shape(e.to_string()))?,
         )),
         (_, "Module" | "ManagedClusterModule") => {
             return Err(shape(format!(
                 "unsupported apiVersion {api_version:?}: expected {} for {kind}",
-                if kind == "Module" { MODULE_API } else { MCM_API }
+                if kind == "Module" {
+                    MODULE_API
+                } else {
+                    MCM_API
+                }
             )));
         }
-        _ => Object::Other { api_version, kind: kind.clone() },
+        _ => Object::Other {
+            api_version,
+            kind: kind.clone(),
+        },
     };
     // kube's generated types handle `apiVersion`/`kind` themselves; `status` is the server's.
     let mut unknown: Vec<String> = unknown
@@ -101,5 +131,11 @@ pub fn parse_value(index: usize, value: serde_json::Value) -> Result<Document, P
         .filter(|p| !matches!(p.as_str(), "apiVersion" | "kind") && !p.starts_with("status"))
         .collect();
     unknown.dedup();
-    Ok(Document { index, kind, name, object, unknown_fields: unknown })
+    Ok(Document {
+        index,
+        kind,
+        name,
+        object,
+        unknown_fields: unknown,
+    })
 }

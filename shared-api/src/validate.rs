@@ -12,7 +12,9 @@ use serde::Serialize;
 
 use crate::kernel::{KNOWN_VARIABLES, Variables, merge_build, merge_sign, variables_in};
 use crate::mcm::ManagedClusterModule;
-use crate::module::{DevicePluginContainerSpec, KernelMapping, Module, ModuleLoaderContainerSpec, ModuleSpec, Sign};
+use crate::module::{
+    DevicePluginContainerSpec, KernelMapping, Module, ModuleLoaderContainerSpec, ModuleSpec, Sign,
+};
 use crate::names;
 
 /// Upstream's limit: `len(name) + len(namespace) ≤ 41`, so that every label and
@@ -50,7 +52,10 @@ struct Report(Vec<Violation>);
 
 impl Report {
     fn push(&mut self, path: impl Into<String>, reason: impl Into<String>) {
-        self.0.push(Violation { path: path.into(), reason: reason.into() });
+        self.0.push(Violation {
+            path: path.into(),
+            reason: reason.into(),
+        });
     }
     fn check(&mut self, path: impl Into<String>, r: Result<(), String>) {
         if let Err(reason) = r {
@@ -77,7 +82,11 @@ pub fn validate_module(module: &Module, ctx: Context) -> Vec<Violation> {
             ),
         );
     }
-    let ns = if namespace.is_empty() { "default" } else { namespace.as_str() };
+    let ns = if namespace.is_empty() {
+        "default"
+    } else {
+        namespace.as_str()
+    };
     spec_rules(&mut r, "spec", &module.spec, &name, ns, ctx);
     r.0
 }
@@ -106,15 +115,30 @@ pub fn validate_mcm(mcm: &ManagedClusterModule) -> Vec<Violation> {
         );
     }
     selector_rules(&mut r, "spec.selector", &mcm.spec.selector);
-    let ns = if spoke_ns.is_empty() { "default" } else { spoke_ns.as_str() };
-    spec_rules(&mut r, "spec.moduleSpec", &mcm.spec.module_spec, &name, ns, Context::default());
+    let ns = if spoke_ns.is_empty() {
+        "default"
+    } else {
+        spoke_ns.as_str()
+    };
+    spec_rules(
+        &mut r,
+        "spec.moduleSpec",
+        &mcm.spec.module_spec,
+        &name,
+        ns,
+        Context::default(),
+    );
     r.0
 }
 
 /// Rules that compare an update with the stored object (rule 8).
 pub fn validate_update(path: &str, old: &ModuleSpec, new: &ModuleSpec) -> Vec<Violation> {
     let version = |s: &ModuleSpec| {
-        s.module_loader.as_ref().and_then(|l| l.container.version.as_deref()).filter(|v| !v.is_empty()).is_some()
+        s.module_loader
+            .as_ref()
+            .and_then(|l| l.container.version.as_deref())
+            .filter(|v| !v.is_empty())
+            .is_some()
     };
     let mut r = Report::default();
     if version(old) != version(new) {
@@ -126,14 +150,27 @@ pub fn validate_update(path: &str, old: &ModuleSpec, new: &ModuleSpec) -> Vec<Vi
     r.0
 }
 
-fn spec_rules(r: &mut Report, p: &str, spec: &ModuleSpec, name: &str, namespace: &str, ctx: Context) {
+fn spec_rules(
+    r: &mut Report,
+    p: &str,
+    spec: &ModuleSpec,
+    name: &str,
+    namespace: &str,
+    ctx: Context,
+) {
     selector_rules(r, &format!("{p}.selector"), &spec.selector);
     toleration_rules(r, &format!("{p}.tolerations"), &spec.tolerations);
     if let Some(secret) = &spec.image_repo_secret {
-        r.check(format!("{p}.imageRepoSecret.name"), names::dns_subdomain(&secret.name));
+        r.check(
+            format!("{p}.imageRepoSecret.name"),
+            names::dns_subdomain(&secret.name),
+        );
     }
     if spec.module_loader.is_none() && spec.device_plugin.is_none() && spec.dra.is_none() {
-        r.push(p, "at least one of moduleLoader, devicePlugin or dra must be set");
+        r.push(
+            p,
+            "at least one of moduleLoader, devicePlugin or dra must be set",
+        );
     }
     if let Some(dp) = &spec.device_plugin {
         let dpp = format!("{p}.devicePlugin");
@@ -142,7 +179,10 @@ fn spec_rules(r: &mut Report, p: &str, spec: &ModuleSpec, name: &str, namespace:
             plugin_container_rules(r, &format!("{dpp}.initContainer"), init);
         }
         if let Some(sa) = &dp.service_account_name {
-            r.check(format!("{dpp}.serviceAccountName"), names::dns_subdomain(sa));
+            r.check(
+                format!("{dpp}.serviceAccountName"),
+                names::dns_subdomain(sa),
+            );
         }
         volume_rules(r, &format!("{dpp}.volumes"), &dp.volumes);
     }
@@ -154,9 +194,15 @@ fn spec_rules(r: &mut Report, p: &str, spec: &ModuleSpec, name: &str, namespace:
         if let Some(minor) = ctx.kubernetes_minor
             && minor < 34
         {
-            r.push(dp.clone(), format!("DRA requires Kubernetes 1.34 or later; this cluster runs 1.{minor}"));
+            r.push(
+                dp.clone(),
+                format!("DRA requires Kubernetes 1.34 or later; this cluster runs 1.{minor}"),
+            );
         }
-        r.check(format!("{dp}.driverName"), names::dns_subdomain(&dra.driver_name));
+        r.check(
+            format!("{dp}.driverName"),
+            names::dns_subdomain(&dra.driver_name),
+        );
         plugin_container_rules(r, &format!("{dp}.container"), &dra.container);
         volume_rules(r, &format!("{dp}.volumes"), &dra.volumes);
         let mut seen = BTreeSet::new();
@@ -164,7 +210,10 @@ fn spec_rules(r: &mut Report, p: &str, spec: &ModuleSpec, name: &str, namespace:
             let cp = format!("{dp}.deviceClasses[{i}]");
             r.check(format!("{cp}.name"), names::dns_subdomain(&class.name));
             if !seen.insert(class.name.as_str()) {
-                r.push(format!("{cp}.name"), format!("duplicate device class {:?}", class.name));
+                r.push(
+                    format!("{cp}.name"),
+                    format!("duplicate device class {:?}", class.name),
+                );
             }
             if class.selectors.len() > 32 {
                 r.push(format!("{cp}.selectors"), "at most 32 selectors");
@@ -179,11 +228,23 @@ fn spec_rules(r: &mut Report, p: &str, spec: &ModuleSpec, name: &str, namespace:
         if let Some(sa) = &loader.service_account_name {
             r.check(format!("{lp}.serviceAccountName"), names::dns_subdomain(sa));
         }
-        container_rules(r, &format!("{lp}.container"), &loader.container, name, namespace);
+        container_rules(
+            r,
+            &format!("{lp}.container"),
+            &loader.container,
+            name,
+            namespace,
+        );
     }
 }
 
-fn container_rules(r: &mut Report, p: &str, c: &ModuleLoaderContainerSpec, name: &str, namespace: &str) {
+fn container_rules(
+    r: &mut Report,
+    p: &str,
+    c: &ModuleLoaderContainerSpec,
+    name: &str,
+    namespace: &str,
+) {
     let modprobe = &c.modprobe;
     let dir = modprobe.dir_name().to_string();
     modprobe_rules(r, &format!("{p}.modprobe"), c);
@@ -223,11 +284,24 @@ fn container_rules(r: &mut Report, p: &str, c: &ModuleLoaderContainerSpec, name:
             );
         }
     }
-    in_tree_names(r, &format!("{p}.inTreeModulesToRemove"), &format!("{p}.inTreeModuleToRemove"), c.in_tree_modules_to_remove.as_deref(), c.in_tree_module_to_remove.as_deref());
+    in_tree_names(
+        r,
+        &format!("{p}.inTreeModulesToRemove"),
+        &format!("{p}.inTreeModuleToRemove"),
+        c.in_tree_modules_to_remove.as_deref(),
+        c.in_tree_module_to_remove.as_deref(),
+    );
 
     let top_image = c.container_image.as_deref().filter(|s| !s.is_empty());
     if let Some(img) = top_image {
-        image_template_rule(r, &format!("{p}.containerImage"), img, name, namespace, true);
+        image_template_rule(
+            r,
+            &format!("{p}.containerImage"),
+            img,
+            name,
+            namespace,
+            true,
+        );
     }
     if let Some(b) = &c.build {
         build_selector_rules(r, &format!("{p}.build"), b);
@@ -237,10 +311,22 @@ fn container_rules(r: &mut Report, p: &str, c: &ModuleLoaderContainerSpec, name:
     }
 
     if c.kernel_mappings.is_empty() {
-        r.push(format!("{p}.kernelMappings"), "at least one kernel mapping is required");
+        r.push(
+            format!("{p}.kernelMappings"),
+            "at least one kernel mapping is required",
+        );
     }
     for (i, m) in c.kernel_mappings.iter().enumerate() {
-        mapping_rules(r, &format!("{p}.kernelMappings[{i}]"), m, c, top_image.is_some(), &dir, name, namespace);
+        mapping_rules(
+            r,
+            &format!("{p}.kernelMappings[{i}]"),
+            m,
+            c,
+            top_image.is_some(),
+            &dir,
+            name,
+            namespace,
+        );
     }
 }
 
@@ -258,24 +344,44 @@ fn mapping_rules(
     match (&m.literal, &m.regexp) {
         (Some(_), Some(_)) => r.push(p, "exactly one of literal and regexp must be set, not both"),
         (None, None) => r.push(p, "exactly one of literal and regexp must be set"),
-        (Some(lit), None) if lit.trim().is_empty() => r.push(format!("{p}.literal"), "must not be empty"),
+        (Some(lit), None) if lit.trim().is_empty() => {
+            r.push(format!("{p}.literal"), "must not be empty")
+        }
         (None, Some(re)) => {
             if let Err(e) = Regex::new(re) {
-                let reason = e.to_string();
-                let reason = reason.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim();
-                r.push(format!("{p}.regexp"), format!("{re:?} is not a valid regular expression: {reason}"));
+                let reason = crate::kernel::regex_error_reason(&e);
+                r.push(
+                    format!("{p}.regexp"),
+                    format!("{re:?} is not a valid regular expression: {reason}"),
+                );
             }
         }
         _ => {}
     }
     if m.container_image.is_empty() {
         if !has_top_image {
-            r.push(format!("{p}.containerImage"), "required: neither this mapping nor the container sets containerImage");
+            r.push(
+                format!("{p}.containerImage"),
+                "required: neither this mapping nor the container sets containerImage",
+            );
         }
     } else {
-        image_template_rule(r, &format!("{p}.containerImage"), &m.container_image, name, namespace, true);
+        image_template_rule(
+            r,
+            &format!("{p}.containerImage"),
+            &m.container_image,
+            name,
+            namespace,
+            true,
+        );
     }
-    in_tree_names(r, &format!("{p}.inTreeModulesToRemove"), &format!("{p}.inTreeModuleToRemove"), m.in_tree_modules_to_remove.as_deref(), m.in_tree_module_to_remove.as_deref());
+    in_tree_names(
+        r,
+        &format!("{p}.inTreeModulesToRemove"),
+        &format!("{p}.inTreeModuleToRemove"),
+        m.in_tree_modules_to_remove.as_deref(),
+        m.in_tree_module_to_remove.as_deref(),
+    );
     if let Some(b) = &m.build {
         build_selector_rules(r, &format!("{p}.build"), b);
     }
@@ -293,30 +399,58 @@ fn mapping_rules(
             Some(cm) => r.check(format!("{p}.build.dockerfileConfigMap.name"), names::dns_subdomain(&cm.name)),
         }
         for (i, s) in b.secrets.iter().enumerate() {
-            r.check(format!("{p}.build.secrets[{i}].name"), names::dns_subdomain(&s.name));
+            r.check(
+                format!("{p}.build.secrets[{i}].name"),
+                names::dns_subdomain(&s.name),
+            );
         }
         for (i, a) in b.build_args.iter().enumerate() {
-            if a.name.is_empty() || !a.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
-                r.push(format!("{p}.build.buildArgs[{i}].name"), format!("{:?} is not a build argument name (letters, digits, '_')", a.name));
+            if a.name.is_empty()
+                || !a
+                    .name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+            {
+                r.push(
+                    format!("{p}.build.buildArgs[{i}].name"),
+                    format!(
+                        "{:?} is not a build argument name (letters, digits, '_')",
+                        a.name
+                    ),
+                );
             }
         }
     }
     if let Some(s) = merge_sign(c.sign.as_ref(), m.sign.as_ref()) {
         let sp = format!("{p}.sign");
         match &s.key_secret {
-            None => r.push(format!("{sp}.keySecret"), "required: a secret holding the private key under 'key'"),
-            Some(k) => r.check(format!("{sp}.keySecret.name"), names::dns_subdomain(&k.name)),
+            None => r.push(
+                format!("{sp}.keySecret"),
+                "required: a secret holding the private key under 'key'",
+            ),
+            Some(k) => r.check(
+                format!("{sp}.keySecret.name"),
+                names::dns_subdomain(&k.name),
+            ),
         }
         match &s.cert_secret {
-            None => r.push(format!("{sp}.certSecret"), "required: a secret holding the certificate under 'cert'"),
-            Some(k) => r.check(format!("{sp}.certSecret.name"), names::dns_subdomain(&k.name)),
+            None => r.push(
+                format!("{sp}.certSecret"),
+                "required: a secret holding the certificate under 'cert'",
+            ),
+            Some(k) => r.check(
+                format!("{sp}.certSecret.name"),
+                names::dns_subdomain(&k.name),
+            ),
         }
         match (&s.unsigned_image, &build) {
             (None, None) => r.push(
                 format!("{sp}.unsignedImage"),
                 "required when there is no build: the image whose modules are to be signed",
             ),
-            (Some(u), _) => image_template_rule(r, &format!("{sp}.unsignedImage"), u, name, namespace, true),
+            (Some(u), _) => {
+                image_template_rule(r, &format!("{sp}.unsignedImage"), u, name, namespace, true)
+            }
             _ => {}
         }
     }
@@ -324,7 +458,10 @@ fn mapping_rules(
 
 fn modprobe_rules(r: &mut Report, p: &str, c: &ModuleLoaderContainerSpec) {
     let m = &c.modprobe;
-    let has_raw = m.raw_args.as_ref().is_some_and(|a| !a.load.is_empty() || !a.unload.is_empty());
+    let has_raw = m
+        .raw_args
+        .as_ref()
+        .is_some_and(|a| !a.load.is_empty() || !a.unload.is_empty());
     match &m.module_name {
         Some(n) if !n.is_empty() => {
             r.check(format!("{p}.moduleName"), names::kmod_name(n));
@@ -335,42 +472,72 @@ fn modprobe_rules(r: &mut Report, p: &str, c: &ModuleLoaderContainerSpec) {
         _ => {
             let raw = m.raw_args.clone().unwrap_or_default();
             if raw.load.is_empty() {
-                r.push(format!("{p}.rawArgs.load"), "required when moduleName is not set");
+                r.push(
+                    format!("{p}.rawArgs.load"),
+                    "required when moduleName is not set",
+                );
             }
             if raw.unload.is_empty() {
-                r.push(format!("{p}.rawArgs.unload"), "required when moduleName is not set");
+                r.push(
+                    format!("{p}.rawArgs.unload"),
+                    "required when moduleName is not set",
+                );
             }
         }
     }
     if let Some(args) = &m.args {
         if args.load.is_empty() {
-            r.push(format!("{p}.args.load"), "must have at least one item when args is set");
+            r.push(
+                format!("{p}.args.load"),
+                "must have at least one item when args is set",
+            );
         }
         if args.unload.is_empty() {
-            r.push(format!("{p}.args.unload"), "must have at least one item when args is set");
+            r.push(
+                format!("{p}.args.unload"),
+                "must have at least one item when args is set",
+            );
         }
     }
     if let Some(dir) = &m.dir_name
         && !dir.is_empty()
         && !dir.starts_with('/')
     {
-        r.push(format!("{p}.dirName"), format!("{dir:?} must be an absolute path"));
+        r.push(
+            format!("{p}.dirName"),
+            format!("{dir:?} must be an absolute path"),
+        );
     }
     if let Some(fw) = &m.firmware_path
         && !fw.starts_with('/')
     {
-        r.push(format!("{p}.firmwarePath"), format!("{fw:?} must be an absolute path in the image"));
+        r.push(
+            format!("{p}.firmwarePath"),
+            format!("{fw:?} must be an absolute path in the image"),
+        );
     }
     if let Some(order) = &m.modules_loading_order {
         let op = format!("{p}.modulesLoadingOrder");
         if order.len() < 2 {
-            r.push(op.clone(), "must list the module and at least one dependency (2 or more entries)");
+            r.push(
+                op.clone(),
+                "must list the module and at least one dependency (2 or more entries)",
+            );
         }
         match m.module_name.as_deref().filter(|n| !n.is_empty()) {
             None => r.push(op.clone(), "requires moduleName"),
             Some(n) => {
-                if order.first().is_some_and(|first| !names::same_kmod(first, n)) {
-                    r.push(format!("{op}[0]"), format!("must be the moduleName {n:?} (it is loaded last), found {:?}", order[0]));
+                if order
+                    .first()
+                    .is_some_and(|first| !names::same_kmod(first, n))
+                {
+                    r.push(
+                        format!("{op}[0]"),
+                        format!(
+                            "must be the moduleName {n:?} (it is loaded last), found {:?}",
+                            order[0]
+                        ),
+                    );
                 }
             }
         }
@@ -384,7 +551,13 @@ fn modprobe_rules(r: &mut Report, p: &str, c: &ModuleLoaderContainerSpec) {
     }
 }
 
-fn in_tree_names(r: &mut Report, plural_path: &str, singular_path: &str, plural: Option<&[String]>, singular: Option<&str>) {
+fn in_tree_names(
+    r: &mut Report,
+    plural_path: &str,
+    singular_path: &str,
+    plural: Option<&[String]>,
+    singular: Option<&str>,
+) {
     for (i, n) in plural.unwrap_or_default().iter().enumerate() {
         r.check(format!("{plural_path}[{i}]"), names::kmod_name(n));
     }
@@ -397,7 +570,10 @@ fn in_tree_names(r: &mut Report, plural_path: &str, singular_path: &str, plural:
 
 fn sign_rules(r: &mut Report, p: &str, s: &Sign, dir: &str) {
     if s.files_to_sign.is_empty() {
-        r.push(format!("{p}.filesToSign"), "at least one file (or glob) to sign is required");
+        r.push(
+            format!("{p}.filesToSign"),
+            "at least one file (or glob) to sign is required",
+        );
     }
     let prefix = format!("{}/", dir.trim_end_matches('/'));
     for (i, f) in s.files_to_sign.iter().enumerate() {
@@ -408,7 +584,10 @@ fn sign_rules(r: &mut Report, p: &str, s: &Sign, dir: &str) {
             );
         }
         if f.split('/').any(|c| c == "..") {
-            r.push(format!("{p}.filesToSign[{i}]"), format!("{f:?} must not contain '..'"));
+            r.push(
+                format!("{p}.filesToSign[{i}]"),
+                format!("{f:?} must not contain '..'"),
+            );
         }
         if let Err(e) = variables_in(f).and_then(|vars| unknown_variable(&vars)) {
             r.push(format!("{p}.filesToSign[{i}]"), e.to_string());
@@ -425,16 +604,34 @@ fn unknown_variable(vars: &[String]) -> Result<(), crate::kernel::SubstError> {
 
 /// A templated image: variables known, and a valid reference once substituted
 /// with a sample kernel; with `needs_tag`, a tag or digest is required (rule 5).
-fn image_template_rule(r: &mut Report, path: &str, template: &str, name: &str, namespace: &str, needs_tag: bool) {
-    let vars = Variables::new(SAMPLE_KERNEL, if name.is_empty() { "module" } else { name }, namespace);
+fn image_template_rule(
+    r: &mut Report,
+    path: &str,
+    template: &str,
+    name: &str,
+    namespace: &str,
+    needs_tag: bool,
+) {
+    let vars = Variables::new(
+        SAMPLE_KERNEL,
+        if name.is_empty() { "module" } else { name },
+        namespace,
+    );
     match vars.substitute(template) {
         Err(e) => r.push(path, e.to_string()),
         Ok(image) => {
             if let Err(e) = names::image_reference(&image) {
-                let shown = if image == template { e } else { format!("{e} (with the sample kernel {SAMPLE_KERNEL})") };
+                let shown = if image == template {
+                    e
+                } else {
+                    format!("{e} (with the sample kernel {SAMPLE_KERNEL})")
+                };
                 r.push(path, shown);
             } else if needs_tag && !template.contains(':') && !template.contains('@') {
-                r.push(path, format!("{template:?} needs a tag or a digest (':' or '@')"));
+                r.push(
+                    path,
+                    format!("{template:?} needs a tag or a digest (':' or '@')"),
+                );
             }
         }
     }
@@ -451,14 +648,20 @@ fn plugin_container_rules(r: &mut Report, p: &str, c: &DevicePluginContainerSpec
     }
     for (i, m) in c.volume_mounts.iter().enumerate() {
         if !m.mount_path.starts_with('/') {
-            r.push(format!("{p}.volumeMounts[{i}].mountPath"), format!("{:?} must be an absolute path", m.mount_path));
+            r.push(
+                format!("{p}.volumeMounts[{i}].mountPath"),
+                format!("{:?} must be an absolute path", m.mount_path),
+            );
         }
     }
 }
 
 fn pull_policy_rule(r: &mut Report, p: &str, policy: &str) {
     if !matches!(policy, "Always" | "IfNotPresent" | "Never") {
-        r.push(p, format!("{policy:?} is not one of Always, IfNotPresent, Never"));
+        r.push(
+            p,
+            format!("{policy:?} is not one of Always, IfNotPresent, Never"),
+        );
     }
 }
 
@@ -467,10 +670,15 @@ fn volume_rules(r: &mut Report, p: &str, volumes: &[Volume]) {
     for (i, v) in volumes.iter().enumerate() {
         r.check(format!("{p}[{i}].name"), names::dns_label(&v.name));
         if !seen.insert(v.name.as_str()) {
-            r.push(format!("{p}[{i}].name"), format!("duplicate volume {:?}", v.name));
+            r.push(
+                format!("{p}[{i}].name"),
+                format!("duplicate volume {:?}", v.name),
+            );
         }
         if let Some(hp) = &v.host_path
-            && !HOST_PATH_ROOTS.iter().any(|root| names::path_within(&hp.path, root))
+            && !HOST_PATH_ROOTS
+                .iter()
+                .any(|root| names::path_within(&hp.path, root))
         {
             r.push(
                 format!("{p}[{i}].hostPath.path"),
@@ -498,7 +706,10 @@ fn build_selector_rules(r: &mut Report, p: &str, b: &crate::module::Build) {
         && let Some(tag) = &k.tag
         && (tag.is_empty() || tag.contains(['/', ':', '@']))
     {
-        r.push(format!("{p}.kanikoParams.tag"), format!("{tag:?} is not an image tag"));
+        r.push(
+            format!("{p}.kanikoParams.tag"),
+            format!("{tag:?} is not an image tag"),
+        );
     }
 }
 
@@ -512,22 +723,37 @@ fn toleration_rules(r: &mut Report, p: &str, tolerations: &[Toleration]) {
         if !key.is_empty() {
             r.check(format!("{tp}.key"), names::qualified_name(key));
         } else if op != "Exists" {
-            r.push(format!("{tp}.operator"), "must be Exists when key is empty (matching every taint)");
+            r.push(
+                format!("{tp}.operator"),
+                "must be Exists when key is empty (matching every taint)",
+            );
         }
         if t.toleration_seconds.is_some() && effect != "NoExecute" {
-            r.push(format!("{tp}.tolerationSeconds"), "may only be set with effect NoExecute");
+            r.push(
+                format!("{tp}.tolerationSeconds"),
+                "may only be set with effect NoExecute",
+            );
         }
         match op {
             "" | "Equal" => r.check(format!("{tp}.value"), names::label_value(value)),
             "Exists" => {
                 if !value.is_empty() {
-                    r.push(format!("{tp}.value"), "must be empty when operator is Exists");
+                    r.push(
+                        format!("{tp}.value"),
+                        "must be empty when operator is Exists",
+                    );
                 }
             }
-            other => r.push(format!("{tp}.operator"), format!("{other:?} is not Equal or Exists")),
+            other => r.push(
+                format!("{tp}.operator"),
+                format!("{other:?} is not Equal or Exists"),
+            ),
         }
         if !matches!(effect, "" | "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
-            r.push(format!("{tp}.effect"), format!("{effect:?} is not NoSchedule, PreferNoSchedule or NoExecute"));
+            r.push(
+                format!("{tp}.effect"),
+                format!("{effect:?} is not NoSchedule, PreferNoSchedule or NoExecute"),
+            );
         }
     }
 }

@@ -1,6 +1,5 @@
 //! One rejecting test (at least) per validation rule, checking the field path and reason.
 
-
 use shared_api::ManagedClusterModule;
 use shared_api::module::Module;
 use shared_api::validate::{Context, Violation, validate_mcm, validate_module, validate_update};
@@ -44,7 +43,9 @@ fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
 #[track_caller]
 fn rejects(violations: Vec<Violation>, path: &str, reason_part: &str) {
     assert!(
-        violations.iter().any(|v| v.path == path && v.reason.contains(reason_part)),
+        violations
+            .iter()
+            .any(|v| v.path == path && v.reason.contains(reason_part)),
         "expected {path}: …{reason_part}…, got {violations:#?}"
     );
 }
@@ -62,14 +63,24 @@ fn base_is_valid() {
 
 #[test]
 fn name_plus_namespace_limit() {
-    let v = check(json!({"metadata": {"name": "a-very-long-module-name-indeed", "namespace": "and-a-long-namespace"}}));
+    let v = check(
+        json!({"metadata": {"name": "a-very-long-module-name-indeed", "namespace": "and-a-long-namespace"}}),
+    );
     rejects(v, "metadata.name", "at most 41 characters");
 }
 
 #[test]
 fn names_must_be_dns() {
-    rejects(check(json!({"metadata": {"name": "Bad_Name"}})), "metadata.name", "DNS-1123 subdomain");
-    rejects(check(json!({"spec": {"imageRepoSecret": {"name": "UPPER"}}})), "spec.imageRepoSecret.name", "DNS-1123");
+    rejects(
+        check(json!({"metadata": {"name": "Bad_Name"}})),
+        "metadata.name",
+        "DNS-1123 subdomain",
+    );
+    rejects(
+        check(json!({"spec": {"imageRepoSecret": {"name": "UPPER"}}})),
+        "spec.imageRepoSecret.name",
+        "DNS-1123",
+    );
     rejects(
         check(json!({"spec": {"moduleLoader": {"serviceAccountName": "a b"}}})),
         "spec.moduleLoader.serviceAccountName",
@@ -80,135 +91,328 @@ fn names_must_be_dns() {
 #[test]
 fn tolerations() {
     let t = |tol: serde_json::Value| check(json!({"spec": {"tolerations": [tol]}}));
-    rejects(t(json!({"key": "bad key!", "operator": "Exists"})), "spec.tolerations[0].key", "qualified name");
-    rejects(t(json!({"operator": "Equal", "value": "x"})), "spec.tolerations[0].operator", "must be Exists when key is empty");
     rejects(
-        t(json!({"key": "k", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 5})),
+        t(json!({"key": "bad key!", "operator": "Exists"})),
+        "spec.tolerations[0].key",
+        "qualified name",
+    );
+    rejects(
+        t(json!({"operator": "Equal", "value": "x"})),
+        "spec.tolerations[0].operator",
+        "must be Exists when key is empty",
+    );
+    rejects(
+        t(
+            json!({"key": "k", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 5}),
+        ),
         "spec.tolerations[0].tolerationSeconds",
         "NoExecute",
     );
-    rejects(t(json!({"key": "k", "operator": "Equal", "value": "-bad-"})), "spec.tolerations[0].value", "label value");
-    rejects(t(json!({"key": "k", "operator": "Exists", "value": "v"})), "spec.tolerations[0].value", "must be empty");
-    rejects(t(json!({"key": "k", "operator": "Gt"})), "spec.tolerations[0].operator", "is not Equal or Exists");
-    rejects(t(json!({"key": "k", "operator": "Exists", "effect": "Sometimes"})), "spec.tolerations[0].effect", "is not NoSchedule");
-    assert_eq!(t(json!({"key": "k", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 5})), vec![]);
+    rejects(
+        t(json!({"key": "k", "operator": "Equal", "value": "-bad-"})),
+        "spec.tolerations[0].value",
+        "label value",
+    );
+    rejects(
+        t(json!({"key": "k", "operator": "Exists", "value": "v"})),
+        "spec.tolerations[0].value",
+        "must be empty",
+    );
+    rejects(
+        t(json!({"key": "k", "operator": "Gt"})),
+        "spec.tolerations[0].operator",
+        "is not Equal or Exists",
+    );
+    rejects(
+        t(json!({"key": "k", "operator": "Exists", "effect": "Sometimes"})),
+        "spec.tolerations[0].effect",
+        "is not NoSchedule",
+    );
+    assert_eq!(
+        t(json!({"key": "k", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 5})),
+        vec![]
+    );
 }
 
 #[test]
 fn dra_rules() {
     let dra = json!({"driverName": "Bad Driver", "container": {"image": "r/dra:1"},
         "deviceClasses": [{"name": "gpu"}, {"name": "gpu"}]});
-    let v = check(json!({"spec": {"dra": dra, "devicePlugin": {"container": {"image": "r/dp:1"}}}}));
+    let v =
+        check(json!({"spec": {"dra": dra, "devicePlugin": {"container": {"image": "r/dp:1"}}}}));
     rejects(v.clone(), "spec", "dra and devicePlugin cannot both be set");
     rejects(v.clone(), "spec.dra.driverName", "DNS-1123");
-    rejects(v, "spec.dra.deviceClasses[1].name", "duplicate device class");
+    rejects(
+        v,
+        "spec.dra.deviceClasses[1].name",
+        "duplicate device class",
+    );
     let ok = json!({"driverName": "gpu.example.com", "container": {"image": "r/dra:1"}});
-    let old = validate_module(&module(json!({"spec": {"dra": ok}})), Context { kubernetes_minor: Some(20) });
+    let old = validate_module(
+        &module(json!({"spec": {"dra": ok}})),
+        Context {
+            kubernetes_minor: Some(20),
+        },
+    );
     rejects(old, "spec.dra", "requires Kubernetes 1.34");
 }
 
 #[test]
 fn host_path_volumes_must_stay_under_allowed_roots() {
-    for (path, ok) in [("/dev", true), ("/var/lib/x", true), ("/devious", false), ("/dev/../etc", false), ("/", false)] {
-        let v = check(json!({"spec": {"devicePlugin": {"container": {"image": "r/dp:1"},
-            "volumes": [{"name": "host", "hostPath": {"path": path}}]}}}));
+    for (path, ok) in [
+        ("/dev", true),
+        ("/var/lib/x", true),
+        ("/devious", false),
+        ("/dev/../etc", false),
+        ("/", false),
+    ] {
+        let v = check(
+            json!({"spec": {"devicePlugin": {"container": {"image": "r/dp:1"},
+            "volumes": [{"name": "host", "hostPath": {"path": path}}]}}}),
+        );
         if ok {
             assert_eq!(v, vec![], "{path}");
         } else {
-            rejects(v, "spec.devicePlugin.volumes[0].hostPath.path", "is not allowed");
+            rejects(
+                v,
+                "spec.devicePlugin.volumes[0].hostPath.path",
+                "is not allowed",
+            );
         }
     }
 }
 
 #[test]
 fn in_tree_singular_and_plural_never_together() {
-    let v = check(json!({"spec": {"moduleLoader": {"container": {"inTreeModuleToRemove": "joydev",
-        "kernelMappings": [{"regexp": ".*", "containerImage": "r/x:1", "inTreeModulesToRemove": ["a"]}]}}}}));
-    rejects(v, "spec.moduleLoader.container.inTreeModuleToRemove", "kernelMappings[0].inTreeModulesToRemove");
-    let both_in_mapping = check(json!({"spec": {"moduleLoader": {"container": {"kernelMappings": [
-        {"regexp": ".*", "containerImage": "r/x:1", "inTreeModuleToRemove": "a", "inTreeModulesToRemove": ["b"]}]}}}}));
-    rejects(both_in_mapping, "spec.moduleLoader.container.kernelMappings[0].inTreeModuleToRemove", "use only inTreeModulesToRemove");
+    let v = check(
+        json!({"spec": {"moduleLoader": {"container": {"inTreeModuleToRemove": "joydev",
+        "kernelMappings": [{"regexp": ".*", "containerImage": "r/x:1", "inTreeModulesToRemove": ["a"]}]}}}}),
+    );
+    rejects(
+        v,
+        "spec.moduleLoader.container.inTreeModuleToRemove",
+        "kernelMappings[0].inTreeModulesToRemove",
+    );
+    let both_in_mapping = check(
+        json!({"spec": {"moduleLoader": {"container": {"kernelMappings": [
+        {"regexp": ".*", "containerImage": "r/x:1", "inTreeModuleToRemove": "a", "inTreeModulesToRemove": ["b"]}]}}}}),
+    );
+    rejects(
+        both_in_mapping,
+        "spec.moduleLoader.container.kernelMappings[0].inTreeModuleToRemove",
+        "use only inTreeModulesToRemove",
+    );
 }
 
 #[test]
 fn mapping_rules() {
-    let m = |mapping: serde_json::Value| check(json!({"spec": {"moduleLoader": {"container": {"kernelMappings": [mapping]}}}}));
-    rejects(m(json!({"literal": "1", "regexp": "x", "containerImage": "r/x:1"})), "spec.moduleLoader.container.kernelMappings[0]", "not both");
-    rejects(m(json!({"containerImage": "r/x:1"})), "spec.moduleLoader.container.kernelMappings[0]", "exactly one of literal and regexp");
-    rejects(m(json!({"regexp": "(", "containerImage": "r/x:1"})), "spec.moduleLoader.container.kernelMappings[0].regexp", "not a valid regular expression");
-    rejects(m(json!({"regexp": ".*"})), "spec.moduleLoader.container.kernelMappings[0].containerImage", "required");
-    rejects(m(json!({"regexp": ".*", "containerImage": "r/x"})), "spec.moduleLoader.container.kernelMappings[0].containerImage", "needs a tag or a digest");
-    rejects(m(json!({"regexp": ".*", "containerImage": "r/X:1"})), "spec.moduleLoader.container.kernelMappings[0].containerImage", "not a valid image reference");
-    rejects(m(json!({"regexp": ".*", "containerImage": "r/x:$NOPE"})), "spec.moduleLoader.container.kernelMappings[0].containerImage", "unknown variable ${NOPE}");
+    let m = |mapping: serde_json::Value| {
+        check(json!({"spec": {"moduleLoader": {"container": {"kernelMappings": [mapping]}}}}))
+    };
+    rejects(
+        m(json!({"literal": "1", "regexp": "x", "containerImage": "r/x:1"})),
+        "spec.moduleLoader.container.kernelMappings[0]",
+        "not both",
+    );
+    rejects(
+        m(json!({"containerImage": "r/x:1"})),
+        "spec.moduleLoader.container.kernelMappings[0]",
+        "exactly one of literal and regexp",
+    );
+    rejects(
+        m(json!({"regexp": "(", "containerImage": "r/x:1"})),
+        "spec.moduleLoader.container.kernelMappings[0].regexp",
+        "not a valid regular expression",
+    );
+    rejects(
+        m(json!({"regexp": ".*"})),
+        "spec.moduleLoader.container.kernelMappings[0].containerImage",
+        "required",
+    );
+    rejects(
+        m(json!({"regexp": ".*", "containerImage": "r/x"})),
+        "spec.moduleLoader.container.kernelMappings[0].containerImage",
+        "needs a tag or a digest",
+    );
+    rejects(
+        m(json!({"regexp": ".*", "containerImage": "r/X:1"})),
+        "spec.moduleLoader.container.kernelMappings[0].containerImage",
+        "not a valid image reference",
+    );
+    rejects(
+        m(json!({"regexp": ".*", "containerImage": "r/x:$NOPE"})),
+        "spec.moduleLoader.container.kernelMappings[0].containerImage",
+        "unknown variable ${NOPE}",
+    );
     let empty = check(json!({"spec": {"moduleLoader": {"container": {"kernelMappings": []}}}}));
-    rejects(empty, "spec.moduleLoader.container.kernelMappings", "at least one kernel mapping");
-    let top = check(json!({"spec": {"moduleLoader": {"container": {"containerImage": "r/top:${KERNEL_XYZ}", "kernelMappings": [{"regexp": ".*"}]}}}}));
+    rejects(
+        empty,
+        "spec.moduleLoader.container.kernelMappings",
+        "at least one kernel mapping",
+    );
+    let top = check(
+        json!({"spec": {"moduleLoader": {"container": {"containerImage": "r/top:${KERNEL_XYZ}", "kernelMappings": [{"regexp": ".*"}]}}}}),
+    );
     assert_eq!(top, vec![]);
 }
 
 #[test]
 fn modprobe_rules() {
-    let mp = |modprobe: serde_json::Value| check(json!({"spec": {"moduleLoader": {"container": {"modprobe": modprobe}}}}));
-    rejects(mp(json!({"moduleName": "a", "rawArgs": {"load": ["x"], "unload": ["y"]}})), "spec.moduleLoader.container.modprobe.rawArgs", "must be empty when moduleName");
-    rejects(mp(json!({"moduleName": null, "rawArgs": {"load": ["x"]}})), "spec.moduleLoader.container.modprobe.rawArgs.unload", "required when moduleName is not set");
-    rejects(mp(json!({"modulesLoadingOrder": ["kmm-ci-a"]})), "spec.moduleLoader.container.modprobe.modulesLoadingOrder", "2 or more");
-    rejects(mp(json!({"modulesLoadingOrder": ["kmm-ci-b", "kmm-ci-a"]})), "spec.moduleLoader.container.modprobe.modulesLoadingOrder[0]", "must be the moduleName");
-    rejects(mp(json!({"modulesLoadingOrder": ["kmm-ci-a", "b", "b"]})), "spec.moduleLoader.container.modprobe.modulesLoadingOrder[2]", "duplicate module");
+    let mp = |modprobe: serde_json::Value| {
+        check(json!({"spec": {"moduleLoader": {"container": {"modprobe": modprobe}}}}))
+    };
     rejects(
-        mp(json!({"moduleName": null, "rawArgs": {"load": ["a"], "unload": ["a"]}, "modulesLoadingOrder": ["a", "b"]})),
+        mp(json!({"moduleName": "a", "rawArgs": {"load": ["x"], "unload": ["y"]}})),
+        "spec.moduleLoader.container.modprobe.rawArgs",
+        "must be empty when moduleName",
+    );
+    rejects(
+        mp(json!({"moduleName": null, "rawArgs": {"load": ["x"]}})),
+        "spec.moduleLoader.container.modprobe.rawArgs.unload",
+        "required when moduleName is not set",
+    );
+    rejects(
+        mp(json!({"modulesLoadingOrder": ["kmm-ci-a"]})),
+        "spec.moduleLoader.container.modprobe.modulesLoadingOrder",
+        "2 or more",
+    );
+    rejects(
+        mp(json!({"modulesLoadingOrder": ["kmm-ci-b", "kmm-ci-a"]})),
+        "spec.moduleLoader.container.modprobe.modulesLoadingOrder[0]",
+        "must be the moduleName",
+    );
+    rejects(
+        mp(json!({"modulesLoadingOrder": ["kmm-ci-a", "b", "b"]})),
+        "spec.moduleLoader.container.modprobe.modulesLoadingOrder[2]",
+        "duplicate module",
+    );
+    rejects(
+        mp(
+            json!({"moduleName": null, "rawArgs": {"load": ["a"], "unload": ["a"]}, "modulesLoadingOrder": ["a", "b"]}),
+        ),
         "spec.moduleLoader.container.modprobe.modulesLoadingOrder",
         "requires moduleName",
     );
-    rejects(mp(json!({"moduleName": "<my_kmod>"})), "spec.moduleLoader.container.modprobe.moduleName", "not a kernel module name");
-    rejects(mp(json!({"args": {"load": ["-v"]}})), "spec.moduleLoader.container.modprobe.args.unload", "at least one item");
-    rejects(mp(json!({"dirName": "opt"})), "spec.moduleLoader.container.modprobe.dirName", "absolute path");
-    assert_eq!(mp(json!({"modulesLoadingOrder": ["kmm_ci_a", "kmm-ci-b"]})), vec![], "'-' and '_' are alike");
+    rejects(
+        mp(json!({"moduleName": "<my_kmod>"})),
+        "spec.moduleLoader.container.modprobe.moduleName",
+        "not a kernel module name",
+    );
+    rejects(
+        mp(json!({"args": {"load": ["-v"]}})),
+        "spec.moduleLoader.container.modprobe.args.unload",
+        "at least one item",
+    );
+    rejects(
+        mp(json!({"dirName": "opt"})),
+        "spec.moduleLoader.container.modprobe.dirName",
+        "absolute path",
+    );
+    assert_eq!(
+        mp(json!({"modulesLoadingOrder": ["kmm_ci_a", "kmm-ci-b"]})),
+        vec![],
+        "'-' and '_' are alike"
+    );
 }
 
 #[test]
 fn sign_rules() {
-    let s = |sign: serde_json::Value| check(json!({"spec": {"moduleLoader": {"container": {"sign": sign,
-        "kernelMappings": [{"regexp": ".*", "containerImage": "r/x:1", "build": {"dockerfileConfigMap": {"name": "df"}}}]}}}}));
-    rejects(s(json!({"keySecret": {"name": "k"}, "certSecret": {"name": "c"}})), "spec.moduleLoader.container.sign.filesToSign", "at least one file");
+    let s = |sign: serde_json::Value| {
+        check(json!({"spec": {"moduleLoader": {"container": {"sign": sign,
+        "kernelMappings": [{"regexp": ".*", "containerImage": "r/x:1", "build": {"dockerfileConfigMap": {"name": "df"}}}]}}}}))
+    };
     rejects(
-        s(json!({"keySecret": {"name": "k"}, "certSecret": {"name": "c"}, "filesToSign": ["/usr/lib/x.ko"]})),
+        s(json!({"keySecret": {"name": "k"}, "certSecret": {"name": "c"}})),
+        "spec.moduleLoader.container.sign.filesToSign",
+        "at least one file",
+    );
+    rejects(
+        s(
+            json!({"keySecret": {"name": "k"}, "certSecret": {"name": "c"}, "filesToSign": ["/usr/lib/x.ko"]}),
+        ),
         "spec.moduleLoader.container.sign.filesToSign[0]",
         "must be under the module directory \"/opt/\"",
     );
-    rejects(s(json!({"certSecret": {"name": "c"}, "filesToSign": ["/opt/x.ko"]})), "spec.moduleLoader.container.kernelMappings[0].sign.keySecret", "required");
-    let no_build = check(json!({"spec": {"moduleLoader": {"container": {"kernelMappings": [{"regexp": ".*", "containerImage": "r/x:1",
-        "sign": {"keySecret": {"name": "k"}, "certSecret": {"name": "c"}, "filesToSign": ["/opt/x.ko"]}}]}}}}));
-    rejects(no_build, "spec.moduleLoader.container.kernelMappings[0].sign.unsignedImage", "required when there is no build");
+    rejects(
+        s(json!({"certSecret": {"name": "c"}, "filesToSign": ["/opt/x.ko"]})),
+        "spec.moduleLoader.container.kernelMappings[0].sign.keySecret",
+        "required",
+    );
+    let no_build = check(
+        json!({"spec": {"moduleLoader": {"container": {"kernelMappings": [{"regexp": ".*", "containerImage": "r/x:1",
+        "sign": {"keySecret": {"name": "k"}, "certSecret": {"name": "c"}, "filesToSign": ["/opt/x.ko"]}}]}}}}),
+    );
+    rejects(
+        no_build,
+        "spec.moduleLoader.container.kernelMappings[0].sign.unsignedImage",
+        "required when there is no build",
+    );
 }
 
 #[test]
 fn build_rules() {
-    let v = check(json!({"spec": {"moduleLoader": {"container": {"kernelMappings": [{"regexp": ".*", "containerImage": "r/x:1",
-        "build": {"buildArgs": [{"name": "A B", "value": "1"}], "kanikoParams": {"tag": "reg:5000/x"}}}]}}}}));
-    rejects(v.clone(), "spec.moduleLoader.container.kernelMappings[0].build.dockerfileConfigMap", "required");
-    rejects(v.clone(), "spec.moduleLoader.container.kernelMappings[0].build.buildArgs[0].name", "not a build argument name");
-    rejects(v, "spec.moduleLoader.container.kernelMappings[0].build.kanikoParams.tag", "is not an image tag");
+    let v = check(
+        json!({"spec": {"moduleLoader": {"container": {"kernelMappings": [{"regexp": ".*", "containerImage": "r/x:1",
+        "build": {"buildArgs": [{"name": "A B", "value": "1"}], "kanikoParams": {"tag": "reg:5000/x"}}}]}}}}),
+    );
+    rejects(
+        v.clone(),
+        "spec.moduleLoader.container.kernelMappings[0].build.dockerfileConfigMap",
+        "required",
+    );
+    rejects(
+        v.clone(),
+        "spec.moduleLoader.container.kernelMappings[0].build.buildArgs[0].name",
+        "not a build argument name",
+    );
+    rejects(
+        v,
+        "spec.moduleLoader.container.kernelMappings[0].build.kanikoParams.tag",
+        "is not an image tag",
+    );
 }
 
 #[test]
 fn device_plugin_and_pull_policy_and_selector() {
-    let v = check(json!({"spec": {"selector": {"bad key!": "x"}, "devicePlugin": {"container": {"image": "", "imagePullPolicy": "Sometimes"}}}}));
+    let v = check(
+        json!({"spec": {"selector": {"bad key!": "x"}, "devicePlugin": {"container": {"image": "", "imagePullPolicy": "Sometimes"}}}}),
+    );
     rejects(v.clone(), "spec.devicePlugin.container.image", "required");
-    rejects(v.clone(), "spec.devicePlugin.container.imagePullPolicy", "is not one of Always, IfNotPresent, Never");
+    rejects(
+        v.clone(),
+        "spec.devicePlugin.container.imagePullPolicy",
+        "is not one of Always, IfNotPresent, Never",
+    );
     rejects(v, "spec.selector[bad key!]", "qualified name");
     let nothing = check(json!({"spec": {"moduleLoader": null}}));
-    rejects(nothing, "spec", "at least one of moduleLoader, devicePlugin or dra");
+    rejects(
+        nothing,
+        "spec",
+        "at least one of moduleLoader, devicePlugin or dra",
+    );
 }
 
 #[test]
 fn version_cannot_flip_on_update() {
     let old = module(json!({}));
     let new = module(json!({"spec": {"moduleLoader": {"container": {"version": "1.0"}}}}));
-    rejects(validate_update("spec", &old.spec, &new.spec), "spec.moduleLoader.container.version", "delete and re-create");
-    rejects(validate_update("spec", &new.spec, &old.spec), "spec.moduleLoader.container.version", "cannot change");
+    rejects(
+        validate_update("spec", &old.spec, &new.spec),
+        "spec.moduleLoader.container.version",
+        "delete and re-create",
+    );
+    rejects(
+        validate_update("spec", &new.spec, &old.spec),
+        "spec.moduleLoader.container.version",
+        "cannot change",
+    );
     let newer = module(json!({"spec": {"moduleLoader": {"container": {"version": "1.1"}}}}));
     assert_eq!(validate_update("spec", &new.spec, &newer.spec), vec![]);
-    rejects(check(json!({"spec": {"moduleLoader": {"container": {"version": "not ok!"}}}})), "spec.moduleLoader.container.version", "label value");
+    rejects(
+        check(json!({"spec": {"moduleLoader": {"container": {"version": "not ok!"}}}})),
+        "spec.moduleLoader.container.version",
+        "label value",
+    );
 }
 
 #[test]
@@ -222,7 +426,15 @@ fn mcm_rules() {
     })).unwrap();
     let v = validate_mcm(&mcm);
     rejects(v.clone(), "spec.spokeNamespace", "DNS-1123 label");
-    rejects(v.clone(), "metadata.name", "spoke Module <spokeNamespace>/<name> would be rejected");
+    rejects(
+        v.clone(),
+        "metadata.name",
+        "spoke Module <spokeNamespace>/<name> would be rejected",
+    );
     rejects(v.clone(), "spec.selector[name]", "label value");
-    rejects(v, "spec.moduleSpec.moduleLoader.container.kernelMappings[0].regexp", "not a valid regular expression");
+    rejects(
+        v,
+        "spec.moduleSpec.moduleLoader.container.kernelMappings[0].regexp",
+        "not a valid regular expression",
+    );
 }

@@ -11,14 +11,20 @@ use shared_api::parse::{Object, parse_documents};
 use shared_api::validate::{Context, validate_mcm, validate_module};
 
 fn fixture(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/seeds").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/seeds")
+        .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn modules(name: &str) -> Vec<Module> {
     let docs = parse_documents(&fixture(name)).unwrap();
     for d in &docs {
-        assert!(d.unknown_fields.is_empty(), "{name}: unknown fields {:?}", d.unknown_fields);
+        assert!(
+            d.unknown_fields.is_empty(),
+            "{name}: unknown fields {:?}",
+            d.unknown_fields
+        );
     }
     docs.into_iter()
         .filter_map(|d| match d.object {
@@ -33,7 +39,11 @@ fn wrap(m: &Module) -> ManagedClusterModule {
         m.metadata.name.as_deref().unwrap(),
         ManagedClusterModuleSpec {
             module_spec: m.spec.clone(),
-            spoke_namespace: m.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            spoke_namespace: m
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
             selector: [("name".to_string(), "spoke-1".to_string())].into(),
         },
     );
@@ -58,7 +68,16 @@ fn every_lab_module_is_valid_alone_and_as_an_mcm() {
         assert_eq!(ms.len(), 1, "{lab}");
         for m in ms {
             assert_eq!(validate_module(&m, Context::default()), vec![], "{lab}");
-            assert_eq!(validate_module(&m, Context { kubernetes_minor: Some(20) }), vec![], "{lab}");
+            assert_eq!(
+                validate_module(
+                    &m,
+                    Context {
+                        kubernetes_minor: Some(20)
+                    }
+                ),
+                vec![],
+                "{lab}"
+            );
             assert_eq!(validate_mcm(&wrap(&m)), vec![], "{lab} as MCM");
         }
     }
@@ -69,19 +88,63 @@ fn labs_carry_what_they_teach() {
     let load = &modules("lab_load.yaml")[0];
     let c = &load.spec.module_loader.as_ref().unwrap().container;
     assert_eq!(c.modprobe.module_name.as_deref(), Some("kmm-ci-a"));
-    assert_eq!(load.spec.selector.get("node-role.kubernetes.io/worker").map(String::as_str), Some(""));
+    assert_eq!(
+        load.spec
+            .selector
+            .get("node-role.kubernetes.io/worker")
+            .map(String::as_str),
+        Some("")
+    );
     let intree = &modules("lab_remove_in_tree.yaml")[0];
-    assert_eq!(intree.spec.module_loader.as_ref().unwrap().container.in_tree_removals(), vec!["joydev"]);
+    assert_eq!(
+        intree
+            .spec
+            .module_loader
+            .as_ref()
+            .unwrap()
+            .container
+            .in_tree_removals(),
+        vec!["joydev"]
+    );
     let deps = &modules("lab_load_dependencies.yaml")[0];
-    let order = deps.spec.module_loader.as_ref().unwrap().container.modprobe.modules_loading_order.clone();
+    let order = deps
+        .spec
+        .module_loader
+        .as_ref()
+        .unwrap()
+        .container
+        .modprobe
+        .modules_loading_order
+        .clone();
     assert_eq!(order.unwrap(), vec!["kmm-ci-a", "kmm-ci-b"]);
     let signed = &modules("lab_build_and_sign.yaml")[0];
-    let m0 = &signed.spec.module_loader.as_ref().unwrap().container.kernel_mappings[0];
-    assert_eq!(m0.sign.as_ref().unwrap().key_secret.as_ref().unwrap().name, "mykey");
+    let m0 = &signed
+        .spec
+        .module_loader
+        .as_ref()
+        .unwrap()
+        .container
+        .kernel_mappings[0];
+    assert_eq!(
+        m0.sign.as_ref().unwrap().key_secret.as_ref().unwrap().name,
+        "mykey"
+    );
     let dp = &modules("lab_device_plugin.yaml")[0];
-    assert_eq!(dp.spec.device_plugin.as_ref().unwrap().container.args, vec!["-config=config-labs.yaml"]);
+    assert_eq!(
+        dp.spec.device_plugin.as_ref().unwrap().container.args,
+        vec!["-config=config-labs.yaml"]
+    );
     let v = &modules("lab_build_with_version.yaml")[0];
-    assert_eq!(v.spec.module_loader.as_ref().unwrap().container.version.as_deref(), Some("0.9"));
+    assert_eq!(
+        v.spec
+            .module_loader
+            .as_ref()
+            .unwrap()
+            .container
+            .version
+            .as_deref(),
+        Some("0.9")
+    );
 }
 
 fn paths_of(violations: &[shared_api::validate::Violation]) -> Vec<&str> {
@@ -102,7 +165,10 @@ fn annotated_upstream_reference_reports_only_the_in_tree_conflict() {
         ],
         "{v:#?}"
     );
-    assert!(v.iter().all(|x| x.reason.contains("cannot be used together with inTreeModulesToRemove")));
+    assert!(v.iter().all(|x| {
+        x.reason
+            .contains("cannot be used together with inTreeModulesToRemove")
+    }));
 }
 
 #[test]
@@ -127,15 +193,24 @@ fn annotated_openshift_reference_reports_its_placeholders() {
         ],
         "{v:#?}"
     );
-    assert!(v.iter().all(|x| x.reason.contains('<')), "each reason names the placeholder: {v:#?}");
+    assert!(
+        v.iter().all(|x| x.reason.contains('<')),
+        "each reason names the placeholder: {v:#?}"
+    );
 }
 
 #[test]
 fn openshift_mcm_snippet_reports_placeholders_and_its_empty_module_spec() {
     let docs = parse_documents(&fixture("reference_mcm_openshift.yaml")).unwrap();
-    let Object::ManagedClusterModule(mcm) = &docs[0].object else { panic!("not an MCM") };
+    let Object::ManagedClusterModule(mcm) = &docs[0].object else {
+        panic!("not an MCM")
+    };
     let v = validate_mcm(mcm);
-    assert_eq!(paths_of(&v), vec!["metadata.name", "spec.moduleSpec", "spec.spokeNamespace"], "{v:#?}");
+    assert_eq!(
+        paths_of(&v),
+        vec!["metadata.name", "spec.moduleSpec", "spec.spokeNamespace"],
+        "{v:#?}"
+    );
 }
 
 #[test]

@@ -1,0 +1,138 @@
+//! Helpers shared by the integration tests, the sandbox and the benchmarks: polling with a
+//! deadline, namespaces, and the hub run in-process with its admin port scraped.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
+use kube::api::{Api, PostParams};
+use tokio_util::sync::CancellationToken;
+
+/// Poll `check` until it yields `Ok(Ok(v))`; on timeout fail with the last thing it saw
+/// (`Ok(Err(seen))` or an error), so a failing test says what it was looking at.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Result<T, String>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let last = match check().await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(seen)) => seen,
+            Err(e) => format!("error: {e:#}"),
+        };
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Create a namespace if it does not exist.
+pub async fn ensure_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The hub running in this process.
+pub struct HubProcess {
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub admin: SocketAddr,
+}
+
+/// Options for [`HubProcess::start`] beyond the defaults of `kmm-hub run`.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    pub kubeconfig: PathBuf,
+    pub operator_namespace: String,
+    pub resync: Duration,
+    pub leader_elect: bool,
+    pub config: Option<PathBuf>,
+    pub webhook: Option<(SocketAddr, PathBuf, PathBuf)>,
+    pub dashboard: Option<SocketAddr>,
+}
+
+impl HubOptions {
+    pub fn new(kubeconfig: PathBuf, operator_namespace: &str) -> Self {
+        Self {
+            kubeconfig,
+            operator_namespace: operator_namespace.into(),
+            resync: Duration::from_secs(30),
+            leader_elect: true,
+            config: None,
+            webhook: None,
+            dashboard: None,
+        }
+    }
+}
+
+impl HubProcess {
+    pub fn start(o: HubOptions) -> anyhow::Result<Self> {
+        // Warnings of the in-process hub go to the test's output (RUST_LOG overrides).
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+        let admin: SocketAddr = format!("127.0.0.1:{}", crate::process::free_port()?).parse()?;
+        let args = kmm_hub::run::RunArgs {
+            kubeconfig: Some(o.kubeconfig),
+            operator_namespace: o.operator_namespace,
+            admin_address: admin,
+            webhook_address: o.webhook.as_ref().map(|w| w.0),
+            webhook_cert: o.webhook.as_ref().map(|w| w.1.clone()),
+            webhook_key: o.webhook.as_ref().map(|w| w.2.clone()),
+            config: o.config,
+            dashboard_address: o.dashboard,
+            dashboard_cert: None,
+            dashboard_key: None,
+            resync: o.resync,
+            concurrency: 2,
+            write_concurrency: 16,
+            leader_elect: o.leader_elect,
+            lease_name: "kmm-hub.sigs.x-k8s.io".into(),
+            log_format: "text".into(),
+            log_filter: "info".into(),
+        };
+        let token = CancellationToken::new();
+        let t = token.clone();
+        Ok(Self {
+            token,
+            task: tokio::spawn(async move { kmm_hub::run::run(args, t).await }),
+            admin,
+        })
+    }
+
+    /// Stop it and wait (bounded) for it to finish.
+    pub async fn stop(self) {
+        self.token.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+    }
+
+    /// A sample from the hub's /metrics, e.g. `kmm_hub_objects_written_total{kind="ManifestWork"}`
+    /// (0 when absent).
+    pub async fn metric(&self, name_and_labels: &str) -> anyhow::Result<f64> {
+        let (_, text) = crate::process::http_get(&self.admin.to_string(), "/metrics").await?;
+        Ok(text
+            .lines()
+            .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0))
+    }
+
+    pub async fn works_written(&self) -> anyhow::Result<f64> {
+        self.metric("kmm_hub_objects_written_total{kind=\"ManifestWork\"}")
+            .await
+    }
+}

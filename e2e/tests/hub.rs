@@ -1,0 +1,959 @@
+//! The hub against real control planes: ManifestWorks per selected cluster with pinned
+//! digests, delivery by the work agent, relabelling, deletion, registry outages, moving
+//! tags, restarts without duplicate writes, and the admission webhook.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kmm_e2e::fleet::{Fleet, spoke_name, worker_node};
+use kmm_e2e::oci::{KmodImage, push_kmod_image};
+use kmm_e2e::testkit::{HubOptions, HubProcess, ensure_namespace, eventually};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use sha2::Digest as _;
+use shared_api::ocm::{ClusterClaim, KERNEL_VERSIONS_CLAIM, ManifestWork};
+use shared_api::{ManagedCluster, ManagedClusterModule, Module};
+
+const HUB_NS: &str = "kmm-hub";
+const SPOKE_NS: &str = "kmm-labs";
+const PULL_SECRET: &str = "registry-pull";
+
+fn start_hub(fleet: &Fleet, resync: Duration) -> HubProcess {
+    let mut o = HubOptions::new(fleet.hub().kubeconfig_path(), HUB_NS);
+    o.resync = resync;
+    HubProcess::start(o).expect("hub starts")
+}
+
+/// Hub namespace with the registry pull secret; spoke namespaces; kernel claims on spokes.
+async fn prepare(fleet: &Fleet, kernels: &[&[&str]]) -> anyhow::Result<()> {
+    let hub = fleet.hub().client().await;
+    ensure_namespace(&hub, HUB_NS).await?;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(hub.clone(), HUB_NS);
+    secrets
+        .patch(
+            PULL_SECRET,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(
+                fleet
+                    .registry()
+                    .dockerconfigjson_secret(PULL_SECRET, HUB_NS),
+            ),
+        )
+        .await?;
+    for (i, ks) in kernels.iter().enumerate() {
+        let spoke = fleet.spoke(i + 1).client().await;
+        ensure_namespace(&spoke, SPOKE_NS).await?;
+        set_claim(&spoke, ks).await?;
+    }
+    Ok(())
+}
+
+async fn set_claim(spoke: &Client, kernels: &[&str]) -> anyhow::Result<()> {
+    let claims: Api<ClusterClaim> = Api::all(spoke.clone());
+    let claim = json!({"apiVersion": "cluster.open-cluster-management.io/v1alpha1", "kind": "ClusterClaim",
+        "metadata": {"name": KERNEL_VERSIONS_CLAIM}, "spec": {"value": kernels.join("\n")}});
+    claims
+        .patch(
+            KERNEL_VERSIONS_CLAIM,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(claim),
+        )
+        .await?;
+    Ok(())
+}
+
+fn image(fleet: &Fleet, kernel: &str) -> String {
+    format!("{}/kmm/kmm-ci-a:{kernel}", fleet.registry().host())
+}
+
+async fn push(fleet: &Fleet, kernel: &str) -> anyhow::Result<String> {
+    let img = KmodImage::new(&[kernel], &["kmm_ci_a"]);
+    Ok(push_kmod_image(&fleet.registry().access(), &image(fleet, kernel), &img).await?)
+}
+
+fn mcm(
+    fleet: &Fleet,
+    name: &str,
+    selector: serde_json::Value,
+) -> anyhow::Result<ManagedClusterModule> {
+    let host = fleet.registry().host();
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1", "kind": "ManagedClusterModule",
+        "metadata": {"name": name},
+        "spec": {
+            "spokeNamespace": SPOKE_NS,
+            "selector": selector,
+            "moduleSpec": {
+                "selector": {"node-role.kubernetes.io/worker": ""},
+                "imageRepoSecret": {"name": PULL_SECRET},
+                "moduleLoader": {"container": {
+                    "modprobe": {"moduleName": "kmm_ci_a"},
+                    "kernelMappings": [{"regexp": "^.*$", "containerImage": format!("{host}/kmm/kmm-ci-a:${{KERNEL_FULL_VERSION}}")}]
+                }}
+            }
+        }
+    }))?)
+}
+
+async fn apply_mcm(hub: &Client, m: &ManagedClusterModule) -> anyhow::Result<()> {
+    let api: Api<ManagedClusterModule> = Api::all(hub.clone());
+    api.patch(
+        &m.name_any(),
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(m),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The works of an MCM, by cluster namespace.
+async fn works(hub: &Client, mcm: &str) -> anyhow::Result<BTreeMap<String, ManifestWork>> {
+    let api: Api<ManifestWork> = Api::all(hub.clone());
+    let list = api
+        .list(&kube::api::ListParams::default().labels(&format!(
+            "kmm.node.kubernetes.io/managedclustermodule.name={mcm}"
+        )))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .map(|w| (w.namespace().unwrap_or_default(), w))
+        .collect())
+}
+
+fn work_images(w: &ManifestWork) -> Vec<String> {
+    let m: Module = serde_json::from_value(w.spec.workload.manifests[0].0.clone())
+        .unwrap_or_else(|_| Module::new("x", Default::default()));
+    m.spec
+        .module_loader
+        .map(|l| {
+            l.container
+                .kernel_mappings
+                .into_iter()
+                .map(|k| format!("{}={}", k.literal.unwrap_or_default(), k.container_image))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn mcm_status(hub: &Client, name: &str) -> anyhow::Result<ManagedClusterModule> {
+    Ok(Api::<ManagedClusterModule>::all(hub.clone())
+        .get(name)
+        .await?)
+}
+
+fn condition(m: &ManagedClusterModule, t: &str) -> Option<(String, String, String)> {
+    m.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_over_three_spokes_relabel_and_delete() -> anyhow::Result<()> {
+    Fleet::builder()
+        .spokes(3)
+        .nodes_with(|_, spoke| {
+            vec![worker_node(
+                &format!("{spoke}-w1"),
+                "5.14.0-284.36.1.el9_2.x86_64",
+            )]
+        })
+        .registry_auth(true)
+        .run(async |fleet: &mut Fleet| {
+            let (k1, k2) = ("5.14.0-284.36.1.el9_2.x86_64", "6.1.0-13-amd64");
+            prepare(fleet, &[&[k1], &[k1, k2], &[k2]]).await?;
+            let d1 = push(fleet, k1).await?;
+            let d2 = push(fleet, k2).await?;
+            let hub = fleet.hub().client().await;
+            let hub_proc = start_hub(fleet, Duration::from_secs(3));
+            apply_mcm(&hub, &mcm(fleet, "kmm-ci-a", json!({}))?).await?;
+
+            // Three works, each with exactly its cluster's kernels, pinned by digest.
+            let ws = eventually("3 ManifestWorks", Duration::from_secs(60), || async {
+                let ws = works(&hub, "kmm-ci-a").await?;
+                Ok(if ws.len() == 3 {
+                    Ok(ws)
+                } else {
+                    Err(format!("{:?}", ws.keys().collect::<Vec<_>>()))
+                })
+            })
+            .await?;
+            let repo = format!("{}/kmm/kmm-ci-a", fleet.registry().host());
+            assert_eq!(
+                work_images(&ws[&spoke_name(1)]),
+                vec![format!("{k1}={repo}@{d1}")]
+            );
+            assert_eq!(
+                work_images(&ws[&spoke_name(2)]),
+                vec![format!("{k1}={repo}@{d1}"), format!("{k2}={repo}@{d2}")]
+            );
+            assert_eq!(
+                work_images(&ws[&spoke_name(3)]),
+                vec![format!("{k2}={repo}@{d2}")]
+            );
+            for w in ws.values() {
+                let owner = &w.owner_references()[0];
+                assert_eq!(
+                    (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+                    ("ManagedClusterModule", "kmm-ci-a", Some(true))
+                );
+            }
+
+            // The work agent delivers the trimmed Module to every spoke.
+            for i in 1..=3 {
+                let spoke = fleet.spoke(i).client().await;
+                eventually("the Module on the spoke", Duration::from_secs(30), || {
+                    let spoke = spoke.clone();
+                    async move {
+                        let m = Api::<Module>::namespaced(spoke, SPOKE_NS)
+                            .get_opt("kmm-ci-a")
+                            .await?;
+                        Ok(match m {
+                            Some(m)
+                                if m.spec
+                                    .module_loader
+                                    .as_ref()
+                                    .is_some_and(|l| l.container.build.is_none()) =>
+                            {
+                                Ok(())
+                            }
+                            other => Err(format!("{other:?}")),
+                        })
+                    }
+                })
+                .await?;
+            }
+            let status = eventually("status counts", Duration::from_secs(30), || async {
+                let m = mcm_status(&hub, "kmm-ci-a").await?;
+                let s = m.status.clone().unwrap_or_default();
+                Ok(if s.number_desired == 3 && s.number_applied == 3 {
+                    Ok(m)
+                } else {
+                    Err(format!("{s:?}"))
+                })
+            })
+            .await?;
+            let images = &status.status.as_ref().unwrap().images;
+            assert_eq!(
+                images.len(),
+                2,
+                "two distinct images for the fleet: {images:?}"
+            );
+            assert!(
+                images
+                    .iter()
+                    .all(|i| i.state == shared_api::mcm::ImageState::Ready)
+            );
+
+            // A resync that finds nothing changed writes nothing.
+            let before = hub_proc.works_written().await?;
+            let mcm_rv = mcm_status(&hub, "kmm-ci-a").await?.resource_version();
+            let resyncs = hub_proc
+                .metric("kmm_hub_reconciles_total{outcome=\"ok\"}")
+                .await?;
+            tokio::time::sleep(Duration::from_secs(8)).await; // more than two resync periods
+            assert!(
+                hub_proc
+                    .metric("kmm_hub_reconciles_total{outcome=\"ok\"}")
+                    .await?
+                    >= resyncs + 2.0,
+                "resyncs happened"
+            );
+            assert_eq!(
+                hub_proc.works_written().await?,
+                before,
+                "no ManifestWork write on a no-op resync"
+            );
+            assert_eq!(
+                mcm_rv,
+                mcm_status(&hub, "kmm-ci-a").await?.resource_version(),
+                "no status write on a no-op resync"
+            );
+
+            // Relabelling one cluster out of the selector removes only its work.
+            let written = hub_proc.works_written().await?;
+            assert!(written >= 3.0, "three works written: {written}");
+            let clusters: Api<ManagedCluster> = Api::all(hub.clone());
+            for i in [1, 2] {
+                clusters
+                    .patch(
+                        &spoke_name(i),
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"labels": {"fleet": "yes"}}})),
+                    )
+                    .await?;
+            }
+            apply_mcm(&hub, &mcm(fleet, "kmm-ci-a", json!({"fleet": "yes"}))?).await?;
+            eventually("spoke-3's work gone", Duration::from_secs(30), || async {
+                let ws = works(&hub, "kmm-ci-a").await?;
+                Ok(
+                    if ws.keys().cloned().collect::<Vec<_>>() == vec![spoke_name(1), spoke_name(2)]
+                    {
+                        Ok(())
+                    } else {
+                        Err(format!("{:?}", ws.keys().collect::<Vec<_>>()))
+                    },
+                )
+            })
+            .await?;
+            let kept = works(&hub, "kmm-ci-a").await?;
+            assert_eq!(
+                kept[&spoke_name(1)].metadata.generation,
+                ws[&spoke_name(1)].metadata.generation,
+                "spoke-1's work unchanged"
+            );
+            assert_eq!(
+                hub_proc.works_written().await?,
+                written,
+                "relabelling rewrote no remaining work"
+            );
+            let spoke3 = fleet.spoke(3).client().await;
+            eventually(
+                "the Module gone from spoke-3",
+                Duration::from_secs(30),
+                || {
+                    let spoke3 = spoke3.clone();
+                    async move {
+                        let m = Api::<Module>::namespaced(spoke3, SPOKE_NS)
+                            .get_opt("kmm-ci-a")
+                            .await?;
+                        Ok(if m.is_none() {
+                            Ok(())
+                        } else {
+                            Err("still there".into())
+                        })
+                    }
+                },
+            )
+            .await?;
+
+            // Deleting the MCM removes every work, then the MCM itself.
+            Api::<ManagedClusterModule>::all(hub.clone())
+                .delete("kmm-ci-a", &DeleteParams::default())
+                .await?;
+            eventually(
+                "works and the MCM gone",
+                Duration::from_secs(60),
+                || async {
+                    let ws = works(&hub, "kmm-ci-a").await?;
+                    let m = Api::<ManagedClusterModule>::all(hub.clone())
+                        .get_opt("kmm-ci-a")
+                        .await?;
+                    Ok(if ws.is_empty() && m.is_none() {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "works {:?}, mcm present {}",
+                            ws.keys().collect::<Vec<_>>(),
+                            m.is_some()
+                        ))
+                    })
+                },
+            )
+            .await?;
+            hub_proc.stop().await;
+            Ok(())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_outage_keeps_shipped_works_and_moving_tags_repin() -> anyhow::Result<()> {
+    Fleet::builder()
+        .spokes(1)
+        .nodes_with(|_, spoke| vec![worker_node(&format!("{spoke}-w1"), "6.1.0-13-amd64")])
+        .registry_auth(true)
+        .run(async |fleet: &mut Fleet| {
+            let k = "6.1.0-13-amd64";
+            prepare(fleet, &[&[k]]).await?;
+            let d1 = push(fleet, k).await?;
+            let hub = fleet.hub().client().await;
+            let hub_proc = start_hub(fleet, Duration::from_secs(2));
+            apply_mcm(&hub, &mcm(fleet, "outage", json!({}))?).await?;
+            let repo = format!("{}/kmm/kmm-ci-a", fleet.registry().host());
+            let first = eventually("the work", Duration::from_secs(60), || async {
+                let ws = works(&hub, "outage").await?;
+                Ok(ws
+                    .get(&spoke_name(1))
+                    .cloned()
+                    .ok_or_else(|| "none".to_string()))
+            })
+            .await?;
+            assert_eq!(work_images(&first), vec![format!("{k}={repo}@{d1}")]);
+
+            // Registry down: the shipped work stays as it is, and status says Degraded.
+            fleet.registry_mut().stop().await;
+            let degraded = eventually("Degraded", Duration::from_secs(60), || async {
+                let m = mcm_status(&hub, "outage").await?;
+                Ok(match condition(&m, "Degraded") {
+                    Some((s, reason, msg)) if s == "True" => Ok((reason, msg)),
+                    other => Err(format!("{other:?}")),
+                })
+            })
+            .await?;
+            assert!(degraded.1.contains("cannot be reached"), "{degraded:?}");
+            let during = works(&hub, "outage").await?;
+            assert_eq!(
+                during[&spoke_name(1)].metadata.generation,
+                first.metadata.generation,
+                "shipped work untouched"
+            );
+            assert_eq!(
+                work_images(&during[&spoke_name(1)]),
+                vec![format!("{k}={repo}@{d1}")]
+            );
+            assert_eq!(hub_proc.works_written().await?, 1.0, "only the first write");
+
+            // Back up: recovers by itself.
+            fleet.registry_mut().start().await?;
+            eventually("Degraded cleared", Duration::from_secs(120), || async {
+                let m = mcm_status(&hub, "outage").await?;
+                Ok(match condition(&m, "Degraded") {
+                    Some((s, _, _)) if s == "False" => Ok(()),
+                    other => Err(format!("{other:?}")),
+                })
+            })
+            .await?;
+
+            // The tag moves: the next resync re-pins it.
+            let mut img = KmodImage::new(&[k], &["kmm_ci_a", "kmm_ci_b"]);
+            img.annotations.insert("moved".into(), "yes".into());
+            let d2 = push_kmod_image(&fleet.registry().access(), &image(fleet, k), &img).await?;
+            assert_ne!(d1, d2);
+            eventually("re-pinned", Duration::from_secs(60), || async {
+                let ws = works(&hub, "outage").await?;
+                let imgs = ws.get(&spoke_name(1)).map(work_images).unwrap_or_default();
+                Ok(if imgs == vec![format!("{k}={repo}@{d2}")] {
+                    Ok(())
+                } else {
+                    Err(format!("{imgs:?}"))
+                })
+            })
+            .await?;
+            hub_proc.stop().await;
+            Ok(())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_image_is_reported_and_a_restart_converges_without_duplicate_writes()
+-> anyhow::Result<()> {
+    Fleet::builder()
+        .spokes(3)
+        .nodes_with(|_, spoke| vec![worker_node(&format!("{spoke}-w1"), "6.1.0-13-amd64")])
+        .registry_auth(true)
+        .run(async |fleet: &mut Fleet| {
+            let (ka, kb) = ("6.1.0-13-amd64", "6.1.0-21-amd64");
+            prepare(fleet, &[&[ka], &[ka], &[kb]]).await?;
+            push(fleet, ka).await?;
+            let hub = fleet.hub().client().await;
+            let hub_proc = start_hub(fleet, Duration::from_secs(30));
+            apply_mcm(&hub, &mcm(fleet, "restart", json!({}))?).await?;
+            let before = eventually(
+                "works on spoke-1 and spoke-2",
+                Duration::from_secs(60),
+                || async {
+                    let ws = works(&hub, "restart").await?;
+                    Ok(if ws.len() == 2 {
+                        Ok(ws)
+                    } else {
+                        Err(format!("{:?}", ws.keys().collect::<Vec<_>>()))
+                    })
+                },
+            )
+            .await?;
+            // spoke-3's kernel has no image yet: reported with the image's name.
+            let missing = image(fleet, kb);
+            eventually("spoke-3 reported", Duration::from_secs(30), || async {
+                let m = mcm_status(&hub, "restart").await?;
+                let s = m.status.unwrap_or_default();
+                let ok = s
+                    .clusters
+                    .iter()
+                    .any(|c| c.name == spoke_name(3) && c.message.contains(&missing))
+                    && s.images.iter().any(|i| {
+                        i.image == missing && i.state == shared_api::mcm::ImageState::Missing
+                    });
+                Ok(if ok {
+                    Ok(())
+                } else {
+                    Err(format!("{:?} / {:?}", s.clusters, s.images))
+                })
+            })
+            .await?;
+
+            // Kill the hub mid-rollout, let the image appear, start a new hub.
+            hub_proc.stop().await;
+            push(fleet, kb).await?;
+            let hub_proc = start_hub(fleet, Duration::from_secs(30));
+            eventually("all three works", Duration::from_secs(60), || async {
+                let ws = works(&hub, "restart").await?;
+                Ok(if ws.len() == 3 {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", ws.keys().collect::<Vec<_>>()))
+                })
+            })
+            .await?;
+            let after = works(&hub, "restart").await?;
+            for c in [spoke_name(1), spoke_name(2)] {
+                assert_eq!(
+                    after[&c].metadata.generation, before[&c].metadata.generation,
+                    "{c}: unchanged after restart"
+                );
+            }
+            assert_eq!(
+                hub_proc.works_written().await?,
+                1.0,
+                "the restarted hub wrote only spoke-3's new work"
+            );
+            hub_proc.stop().await;
+            Ok(())
+        })
+        .await
+        .context("restart scenario")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_rejects_an_invalid_mcm_with_the_field_path() -> anyhow::Result<()> {
+    Fleet::builder()
+        .spokes(0)
+        .run(async |fleet: &mut Fleet| {
+            let hub = fleet.hub().client().await;
+            ensure_namespace(&hub, HUB_NS).await?;
+            let ca = kmm_e2e::pki::Ca::new("webhook-ca")?;
+            let serving = ca.serving_cert("kmm-hub-webhook", &["127.0.0.1", "localhost"])?;
+            let dir = fleet.dir().join("webhook");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("tls.crt"), &serving.cert_pem)?;
+            std::fs::write(dir.join("tls.key"), &serving.key_pem)?;
+            let port = kmm_e2e::process::free_port()?;
+            let mut o = HubOptions::new(fleet.hub().kubeconfig_path(), HUB_NS);
+            o.leader_elect = false;
+            o.webhook = Some((format!("127.0.0.1:{port}").parse()?, dir.join("tls.crt"), dir.join("tls.key")));
+            let hub_proc = HubProcess::start(o)?;
+
+            // Registered by URL on loopback, as the test world requires.
+            let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/hub/webhook.yaml"))?;
+            let mut vwc: serde_json::Value = serde_yaml::from_str(&manifest)?;
+            let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ca.cert_pem());
+            let hook = &mut vwc["webhooks"][0];
+            hook["clientConfig"] = json!({"url": format!("https://127.0.0.1:{port}{}", kmm_hub::webhook::MCM_PATH), "caBundle": b64});
+            let api: Api<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration> = Api::all(hub.clone());
+            api.create(&PostParams::default(), &serde_json::from_value(vwc)?).await?;
+
+            let mut bad: serde_json::Value = serde_json::to_value(mcm(fleet, "bad-regexp", json!({}))?)?;
+            bad["spec"]["moduleSpec"]["moduleLoader"]["container"]["kernelMappings"][0]["regexp"] = json!("^5\\.14(.*$");
+            let bad: ManagedClusterModule = serde_json::from_value(bad)?;
+            let mcms: Api<ManagedClusterModule> = Api::all(hub.clone());
+            let err = eventually("the webhook to answer", Duration::from_secs(30), || async {
+                Ok(match mcms.create(&PostParams::default(), &bad).await {
+                    Err(kube::Error::Api(e)) if e.message.contains("denied the request") => Ok(e.message),
+                    other => Err(format!("{other:?}")),
+                })
+            })
+            .await?;
+            assert!(err.contains("spec.moduleSpec.moduleLoader.container.kernelMappings[0].regexp"), "{err}");
+
+            // kubectl users see the same message.
+            if let Ok(kubectl) = which_kubectl() {
+                let file = dir.join("bad.yaml");
+                std::fs::write(&file, serde_yaml::to_string(&bad)?)?;
+                let out = tokio::process::Command::new(kubectl)
+                    .args(["--kubeconfig", &fleet.hub().kubeconfig_path().to_string_lossy(), "apply", "-f", &file.to_string_lossy()])
+                    .output()
+                    .await?;
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(!out.status.success());
+                assert!(stderr.contains("kernelMappings[0].regexp"), "{stderr}");
+            }
+
+            // A valid one is admitted.
+            mcms.create(&PostParams::default(), &mcm(fleet, "good", json!({}))?).await?;
+            hub_proc.stop().await;
+            Ok(())
+        })
+        .await
+}
+
+fn which_kubectl() -> anyhow::Result<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("kubectl"))
+        .find(|p| p.is_file())
+        .context("kubectl not on PATH")
+}
+
+// ---- builds and signing ------------------------------------------------------------------
+
+/// The in-cluster build lab's Dockerfile, unchanged.
+const LAB_DOCKERFILE: &str = r#"ARG DTK_AUTO
+ARG KERNEL_VERSION
+FROM ${DTK_AUTO} as builder
+WORKDIR /build/
+RUN git clone -b main --single-branch https://github.com/rh-ecosystem-edge/kernel-module-management.git
+WORKDIR kernel-module-management/ci/kmm-kmod/
+RUN make
+FROM docker.io/redhat/ubi8-minimal
+ARG KERNEL_VERSION
+RUN microdnf -y install kmod openssl && \
+    microdnf clean all && \
+    rm -rf /var/cache/yum
+RUN mkdir -p /opt/lib/modules/${KERNEL_VERSION}
+COPY --from=builder /build/kernel-module-management/ci/kmm-kmod/*.ko /opt/lib/modules/${KERNEL_VERSION}/
+RUN /usr/sbin/depmod -b /opt
+"#;
+
+fn openssl_keypair(
+    dir: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+    let key = dir.join(format!("{name}.key"));
+    let cert = dir.join(format!("{name}.crt"));
+    let der = dir.join(format!("{name}.der"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-sha256", "-nodes", "-days", "30", "-newkey", "rsa:2048", "-subj",
+        ])
+        .arg(format!("/CN={name}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?
+        .status
+        .success();
+    anyhow::ensure!(ok, "openssl req failed");
+    let ok = std::process::Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in"])
+        .arg(&cert)
+        .arg("-out")
+        .arg(&der)
+        .output()?
+        .status
+        .success();
+    anyhow::ensure!(ok, "openssl x509 failed");
+    Ok((
+        std::fs::read(key)?,
+        std::fs::read(cert)?,
+        std::fs::read(der)?,
+    ))
+}
+
+async fn put_secret(hub: &Client, name: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(hub.clone(), HUB_NS);
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, value);
+    let s = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": HUB_NS}, "data": {key: b64}});
+    api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(s))
+        .await?;
+    Ok(())
+}
+
+async fn put_dockerfile(hub: &Client, name: &str, dockerfile: &str) -> anyhow::Result<()> {
+    let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(hub.clone(), HUB_NS);
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": HUB_NS}, "data": {"dockerfile": dockerfile}});
+    api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(cm))
+        .await?;
+    Ok(())
+}
+
+/// The in-cluster build lab as an MCM (image moved to the local registry), optionally signed.
+fn build_mcm(
+    fleet: &Fleet,
+    name: &str,
+    dockerfile_cm: &str,
+    sign: bool,
+) -> anyhow::Result<ManagedClusterModule> {
+    let host = fleet.registry().host();
+    let mut mapping = json!({
+        "regexp": "^.*",
+        "containerImage": format!("{host}/kmm-labs:kmm-kmod-${{KERNEL_FULL_VERSION}}-v1.0"),
+        "build": {"dockerfileConfigMap": {"name": dockerfile_cm}}
+    });
+    if sign {
+        mapping["sign"] = json!({"keySecret": {"name": "mykey"}, "certSecret": {"name": "mycert"},
+            "filesToSign": ["/opt/lib/modules/$KERNEL_FULL_VERSION/kmm_ci_a.ko"]});
+    }
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1", "kind": "ManagedClusterModule",
+        "metadata": {"name": name},
+        "spec": {"spokeNamespace": SPOKE_NS, "selector": {},
+            "moduleSpec": {"selector": {"node-role.kubernetes.io/worker": ""},
+                "imageRepoSecret": {"name": PULL_SECRET},
+                "moduleLoader": {"container": {"modprobe": {"moduleName": "kmm-ci-a"}, "kernelMappings": [mapping]}}}}
+    }))?)
+}
+
+fn hub_config(fleet: &Fleet) -> anyhow::Result<std::path::PathBuf> {
+    let path = fleet.dir().join("hub-config.yaml");
+    std::fs::write(
+        &path,
+        "driverToolkit:\n  - kernel: '.*'\n    image: public.sim.kmm-fleet.io/driver-toolkit:latest\n",
+    )?;
+    Ok(path)
+}
+
+/// The digests every work of the MCM ships, by cluster.
+async fn shipped(hub: &Client, name: &str) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    Ok(works(hub, name)
+        .await?
+        .into_iter()
+        .map(|(c, w)| (c, work_images(&w)))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_build_per_image_then_signing_and_key_rotation() -> anyhow::Result<()> {
+    Fleet::builder()
+        .spokes(2)
+        .nodes_with(|_, spoke| vec![worker_node(&format!("{spoke}-w1"), "6.1.0-13-amd64")])
+        .registry_auth(true)
+        .run(async |fleet: &mut Fleet| {
+            let (ka, kb) = ("5.14.0-284.36.1.el9_2.x86_64", "6.1.0-13-amd64");
+            // Two spokes that share a kernel: two distinct images for the fleet.
+            prepare(fleet, &[&[ka, kb], &[ka]]).await?;
+            let hub = fleet.hub().client().await;
+            put_dockerfile(&hub, "build-module-labs", LAB_DOCKERFILE).await?;
+            let mut o = HubOptions::new(fleet.hub().kubeconfig_path(), HUB_NS);
+            o.resync = Duration::from_secs(4);
+            o.config = Some(hub_config(fleet)?);
+            let hub_proc = HubProcess::start(o)?;
+            apply_mcm(
+                &hub,
+                &build_mcm(fleet, "kmm-ci-a", "build-module-labs", false)?,
+            )
+            .await?;
+
+            let first = eventually(
+                "both works with every kernel",
+                Duration::from_secs(120),
+                || async {
+                    let s = shipped(&hub, "kmm-ci-a").await?;
+                    let total: usize = s.values().map(Vec::len).sum();
+                    Ok(if s.len() == 2 && total == 3 {
+                        Ok(s)
+                    } else {
+                        Err(format!("{s:?}"))
+                    })
+                },
+            )
+            .await?;
+            assert_eq!(
+                hub_proc
+                    .metric("kmm_hub_builds_total{outcome=\"created\"}")
+                    .await?,
+                2.0,
+                "one build per distinct image"
+            );
+            assert_eq!(
+                hub_proc
+                    .metric("kmm_hub_builds_total{outcome=\"succeeded\"}")
+                    .await?,
+                2.0
+            );
+            // The built image holds the lab's modules for its kernel.
+            let built = kmm_e2e::oci::pull_files(
+                &fleet.registry().access(),
+                &format!("{}/kmm-labs:kmm-kmod-{ka}-v1.0", fleet.registry().host()),
+            )
+            .await?;
+            let ko = &built.files[&format!("/opt/lib/modules/{ka}/kmm_ci_a.ko")];
+            assert_eq!(kmm_e2e::kmod::vermagic_kernel(ko)?.as_deref(), Some(ka));
+            // Finished Jobs are cleaned up (jobGcDelay 0).
+            eventually("build Jobs cleaned up", Duration::from_secs(30), || async {
+                let jobs = Api::<k8s_openapi::api::batch::v1::Job>::namespaced(hub.clone(), HUB_NS)
+                    .list(&Default::default())
+                    .await?;
+                Ok(if jobs.items.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{} Jobs", jobs.items.len()))
+                })
+            })
+            .await?;
+
+            // Adding `sign` to the built MCM signs the existing images: no rebuild.
+            let keys = tempfile::tempdir()?;
+            let (key_a, cert_a, der_a) = openssl_keypair(keys.path(), "kmm-signing-a")?;
+            put_secret(&hub, "mykey", "key", &key_a).await?;
+            put_secret(&hub, "mycert", "cert", &cert_a).await?;
+            apply_mcm(
+                &hub,
+                &build_mcm(fleet, "kmm-ci-a", "build-module-labs", true)?,
+            )
+            .await?;
+            let signed = eventually(
+                "new digests after signing",
+                Duration::from_secs(90),
+                || async {
+                    let s = shipped(&hub, "kmm-ci-a").await?;
+                    Ok(
+                        if s.values()
+                            .flatten()
+                            .all(|m| !first.values().flatten().any(|f| f == m))
+                            && s.len() == 2
+                        {
+                            Ok(s)
+                        } else {
+                            Err(format!("{s:?}"))
+                        },
+                    )
+                },
+            )
+            .await?;
+            assert_eq!(
+                hub_proc
+                    .metric("kmm_hub_builds_total{outcome=\"created\"}")
+                    .await?,
+                2.0,
+                "signing did not rebuild"
+            );
+            let image_a = format!("{}/kmm-labs:kmm-kmod-{ka}-v1.0", fleet.registry().host());
+            let pulled = kmm_e2e::oci::pull_files(&fleet.registry().access(), &image_a).await?;
+            let ko = &pulled.files[&format!("/opt/lib/modules/{ka}/kmm_ci_a.ko")];
+            let (body, sig) =
+                kmm_e2e::kmod::split_signature(ko).context("kmm_ci_a.ko is signed")?;
+            kmm_e2e::sim::loader::verify_signature(
+                body,
+                &sig.signature,
+                std::slice::from_ref(&der_a),
+            )
+            .map_err(anyhow::Error::msg)?;
+            let fp = hex::encode(sha2::Sha256::digest(&der_a));
+            assert_eq!(
+                pulled
+                    .annotations
+                    .get(shared_api::labels::SIGNED_BY_ANNOTATION),
+                Some(&fp)
+            );
+
+            // Rotating the key and certificate re-signs; the spokes get the new digests.
+            let (key_b, cert_b, der_b) = openssl_keypair(keys.path(), "kmm-signing-b")?;
+            put_secret(&hub, "mykey", "key", &key_b).await?;
+            put_secret(&hub, "mycert", "cert", &cert_b).await?;
+            eventually(
+                "re-signed digests after rotation",
+                Duration::from_secs(90),
+                || async {
+                    let s = shipped(&hub, "kmm-ci-a").await?;
+                    Ok(
+                        if s.values()
+                            .flatten()
+                            .all(|m| !signed.values().flatten().any(|f| f == m))
+                            && s.len() == 2
+                        {
+                            Ok(())
+                        } else {
+                            Err(format!("{s:?}"))
+                        },
+                    )
+                },
+            )
+            .await?;
+            let pulled = kmm_e2e::oci::pull_files(&fleet.registry().access(), &image_a).await?;
+            let ko = &pulled.files[&format!("/opt/lib/modules/{ka}/kmm_ci_a.ko")];
+            let (body, sig) = kmm_e2e::kmod::split_signature(ko).context("still signed")?;
+            let sig_bytes = &sig.signature;
+            kmm_e2e::sim::loader::verify_signature(body, sig_bytes, std::slice::from_ref(&der_b))
+                .map_err(anyhow::Error::msg)?;
+            assert!(
+                kmm_e2e::sim::loader::verify_signature(body, sig_bytes, &[der_a]).is_err(),
+                "no longer signed by the old key"
+            );
+            assert_eq!(
+                hub_proc
+                    .metric("kmm_hub_builds_total{outcome=\"created\"}")
+                    .await?,
+                2.0,
+                "rotation did not rebuild"
+            );
+            // The key never shows up in the hub's status.
+            let status = serde_json::to_string(&mcm_status(&hub, "kmm-ci-a").await?.status)?;
+            assert!(!status.contains("PRIVATE KEY"));
+            hub_proc.stop().await;
+            Ok(())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_build_is_reported_and_retried_with_backoff() -> anyhow::Result<()> {
+    Fleet::builder()
+        .spokes(1)
+        .nodes_with(|_, spoke| vec![worker_node(&format!("{spoke}-w1"), "6.1.0-13-amd64")])
+        .registry_auth(true)
+        .run(async |fleet: &mut Fleet| {
+            prepare(fleet, &[&["6.1.0-13-amd64"]]).await?;
+            let hub = fleet.hub().client().await;
+            put_dockerfile(
+                &hub,
+                "broken",
+                "FROM docker.io/redhat/ubi8-minimal\nRUN exit 3\n",
+            )
+            .await?;
+            let mut o = HubOptions::new(fleet.hub().kubeconfig_path(), HUB_NS);
+            o.resync = Duration::from_secs(2);
+            let hub_proc = HubProcess::start(o)?;
+            apply_mcm(&hub, &build_mcm(fleet, "broken-build", "broken", false)?).await?;
+            let reason = eventually("the failure in status", Duration::from_secs(90), || async {
+                let s = mcm_status(&hub, "broken-build")
+                    .await?
+                    .status
+                    .unwrap_or_default();
+                Ok(match s.images.first() {
+                    Some(i) if i.state == shared_api::mcm::ImageState::Failed => {
+                        Ok(i.reason.clone().unwrap_or_default())
+                    }
+                    other => Err(format!("{other:?}")),
+                })
+            })
+            .await?;
+            assert!(reason.contains("next attempt in"), "{reason}");
+            let events: Api<k8s_openapi::api::events::v1::Event> =
+                Api::namespaced(hub.clone(), "default");
+            eventually("a BuildFailed event", Duration::from_secs(30), || async {
+                let list = events.list(&Default::default()).await?;
+                Ok(
+                    if list.items.iter().any(|e| {
+                        e.reason.as_deref() == Some("BuildFailed")
+                            && e.note.as_deref().unwrap_or("").contains("exit")
+                    }) {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "{:?}",
+                            list.items
+                                .iter()
+                                .map(|e| e.reason.clone())
+                                .collect::<Vec<_>>()
+                        ))
+                    },
+                )
+            })
+            .await?;
+            // Resyncs every 2 s, but the next build waits for the backoff (30 s for the first retry).
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert_eq!(
+                hub_proc
+                    .metric("kmm_hub_builds_total{outcome=\"created\"}")
+                    .await?,
+                1.0,
+                "no retry before the backoff"
+            );
+            let works = works(&hub, "broken-build").await?;
+            assert!(
+                works.is_empty(),
+                "nothing shipped for a kernel without an image"
+            );
+            hub_proc.stop().await;
+            Ok(())
+        })
+        .await
+}

@@ -1,0 +1,446 @@
+//! In-cluster builds: one kaniko Job per distinct missing image, in the operator namespace.
+//! Rendering is pure (`render_build_job`); the pipeline in `images.rs` decides when.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMapVolumeSource, Container, KeyToPath, LocalObjectReference as CoreRef, PodSpec,
+    PodTemplateSpec, SecretVolumeSource, Toleration, Volume, VolumeMount,
+};
+use kube::api::ObjectMeta;
+use regex::Regex;
+use serde::Deserialize;
+use shared_api::kernel::{Variables, build_args_for};
+use shared_api::labels::{
+    BUILD_HASH_ANNOTATION, BUILD_IMAGE_ANNOTATION, IMAGE_HASH_LABEL, MCM_OWNER_LABEL,
+    RESOURCE_TYPE_LABEL, TARGET_KERNEL_LABEL, kernel_label_value, short_hash,
+};
+use shared_api::module::{Build, TlsOptions};
+
+use crate::registry::is_loopback_registry;
+
+pub const DEFAULT_KANIKO_IMAGE: &str = "gcr.io/kaniko-project/executor:latest";
+/// Annotation on build Jobs: which attempt this is (1-based), for the retry backoff.
+pub const ATTEMPT_ANNOTATION: &str = "kmm.node.kubernetes.io/build-attempt";
+
+/// One row of the Driver Toolkit table: kernels matching `kernel` build from `image`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DtkEntry {
+    pub kernel: String,
+    pub image: String,
+}
+
+/// The Driver Toolkit table, compiled.
+#[derive(Debug, Clone, Default)]
+pub struct DtkTable(Vec<(Regex, String)>);
+
+impl DtkTable {
+    pub fn new(entries: &[DtkEntry]) -> Result<Self, String> {
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                Regex::new(&e.kernel)
+                    .map(|r| (r, e.image.clone()))
+                    .map_err(|err| format!("driverToolkit[{i}].kernel {:?}: {err}", e.kernel))
+            })
+            .collect::<Result<_, _>>()
+            .map(DtkTable)
+    }
+
+    /// The toolkit image for a kernel: the first matching row.
+    pub fn image_for(&self, kernel: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(r, _)| r.is_match(kernel))
+            .map(|(_, i)| i.as_str())
+    }
+}
+
+/// Whether a Dockerfile declares `ARG DTK_AUTO` (with or without a default).
+pub fn wants_dtk_auto(dockerfile: &str) -> bool {
+    dockerfile.lines().any(|l| {
+        let mut words = l.split_whitespace();
+        words.next().is_some_and(|w| w.eq_ignore_ascii_case("ARG"))
+            && words
+                .next()
+                .is_some_and(|w| w == "DTK_AUTO" || w.starts_with("DTK_AUTO="))
+    })
+}
+
+/// Replace the tag of the kaniko image, keeping a registry port intact
+/// (upstream cut at the first ':' and broke `registry:5000/kaniko`).
+pub fn with_tag(image: &str, tag: &str) -> String {
+    let name = image.split('@').next().unwrap_or(image);
+    let repo = match (name.rfind(':'), name.rfind('/')) {
+        (Some(colon), Some(slash)) if colon > slash => &name[..colon],
+        (Some(colon), None) => &name[..colon],
+        _ => name,
+    };
+    format!("{repo}:{tag}")
+}
+
+/// Everything that defines one build.
+#[derive(Debug, Clone)]
+pub struct BuildInputs<'a> {
+    pub mcm: &'a str,
+    pub namespace: &'a str,
+    pub image: &'a str,
+    pub kernel: &'a str,
+    /// The Module's name and namespace on the spokes (MOD_NAME / MOD_NAMESPACE).
+    pub mod_name: &'a str,
+    pub mod_namespace: &'a str,
+    pub build: &'a Build,
+    pub dockerfile: &'a str,
+    pub registry_tls: TlsOptions,
+    pub pull_secret: Option<&'a str>,
+    pub tolerations: &'a [Toleration],
+    pub kaniko_image: &'a str,
+    pub dtk_image: Option<&'a str>,
+    pub attempt: u32,
+}
+
+/// The Job name: `<mcm>-build-<hash of the image>` (≤ 63 characters by validation).
+pub fn job_name(mcm: &str, image: &str) -> String {
+    format!("{mcm}-build-{}", short_hash(image, 10))
+}
+
+/// A hash of everything that defines the build: a changed Dockerfile or argument starts a new build.
+pub fn build_hash(inputs: &BuildInputs<'_>, args: &BTreeMap<String, String>) -> String {
+    let material = serde_json::json!({
+        "image": inputs.image,
+        "dockerfile": inputs.dockerfile,
+        "args": args,
+        "secrets": inputs.build.secrets,
+        "selector": inputs.build.selector,
+        "baseTLS": inputs.build.base_image_registry_tls,
+        "tls": inputs.registry_tls,
+        "kaniko": inputs.kaniko_image,
+        "kanikoTag": inputs.build.kaniko_params.as_ref().and_then(|k| k.tag.clone()),
+    });
+    short_hash(&material.to_string(), 16)
+}
+
+pub fn render_build_job(inputs: &BuildInputs<'_>) -> Job {
+    let vars = Variables::new(inputs.kernel, inputs.mod_name, inputs.mod_namespace);
+    let mut args_map = build_args_for(inputs.build, &vars);
+    if let Some(dtk) = inputs.dtk_image {
+        args_map.insert("DTK_AUTO".into(), dtk.to_string());
+    }
+    let hash = build_hash(inputs, &args_map);
+    let registry = inputs.image.split('/').next().unwrap_or_default();
+    let mut args = vec![
+        "--dockerfile=/workspace/Dockerfile".to_string(),
+        "--context=dir:///workspace/".to_string(),
+        format!("--destination={}", inputs.image),
+    ];
+    // Registries on loopback speak plain HTTP, as for the hub's own lookups.
+    if inputs.registry_tls.insecure
+        || (inputs.image.contains('/') && is_loopback_registry(registry))
+    {
+        args.push("--insecure".into());
+    }
+    if inputs.registry_tls.insecure_skip_tls_verify {
+        args.push("--skip-tls-verify".into());
+    }
+    let base = inputs.build.base_image_registry_tls.unwrap_or_default();
+    if base.insecure {
+        args.push("--insecure-pull".into());
+    }
+    if base.insecure_skip_tls_verify {
+        args.push("--skip-tls-verify-pull".into());
+    }
+    args.extend(args_map.iter().map(|(k, v)| format!("--build-arg={k}={v}")));
+
+    let cm = inputs
+        .build
+        .dockerfile_config_map
+        .as_ref()
+        .map(|c| c.name.clone())
+        .unwrap_or_default();
+    let mut volumes = vec![Volume {
+        name: "dockerfile".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: cm,
+            items: Some(vec![KeyToPath {
+                key: "dockerfile".into(),
+                path: "Dockerfile".into(),
+                mode: None,
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "dockerfile".into(),
+        mount_path: "/workspace".into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    if let Some(secret) = inputs.pull_secret {
+        volumes.push(Volume {
+            name: "docker-config".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.to_string()),
+                items: Some(vec![KeyToPath {
+                    key: ".dockerconfigjson".into(),
+                    path: "config.json".into(),
+                    mode: None,
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "docker-config".into(),
+            mount_path: "/kaniko/.docker".into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    for (i, s) in inputs.build.secrets.iter().enumerate() {
+        let name = format!("build-secret-{i}");
+        volumes.push(Volume {
+            name: name.clone(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(s.name.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name,
+            mount_path: format!("/run/secrets/{}", s.name),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    let kaniko = match inputs
+        .build
+        .kaniko_params
+        .as_ref()
+        .and_then(|k| k.tag.as_deref())
+    {
+        Some(tag) => with_tag(inputs.kaniko_image, tag),
+        None => inputs.kaniko_image.to_string(),
+    };
+    let labels = BTreeMap::from([
+        (MCM_OWNER_LABEL.to_string(), inputs.mcm.to_string()),
+        (
+            TARGET_KERNEL_LABEL.to_string(),
+            kernel_label_value(inputs.kernel),
+        ),
+        (RESOURCE_TYPE_LABEL.to_string(), "BuildImage".to_string()),
+        (IMAGE_HASH_LABEL.to_string(), short_hash(inputs.image, 10)),
+        (
+            "app.kubernetes.io/name".to_string(),
+            "kmm-fleet".to_string(),
+        ),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "build".to_string(),
+        ),
+    ]);
+    Job {
+        metadata: ObjectMeta {
+            name: Some(job_name(inputs.mcm, inputs.image)),
+            namespace: Some(inputs.namespace.to_string()),
+            labels: Some(labels.clone()),
+            annotations: Some(BTreeMap::from([
+                (BUILD_HASH_ANNOTATION.to_string(), hash),
+                (BUILD_IMAGE_ANNOTATION.to_string(), inputs.image.to_string()),
+                (ATTEMPT_ANNOTATION.to_string(), inputs.attempt.to_string()),
+            ])),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            // Retries are ours, with a capped backoff; the Job runs once.
+            backoff_limit: Some(0),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    containers: vec![Container {
+                        name: "kaniko".into(),
+                        image: Some(kaniko),
+                        args: Some(args),
+                        volume_mounts: Some(mounts),
+                        ..Default::default()
+                    }],
+                    volumes: Some(volumes),
+                    node_selector: (!inputs.build.selector.is_empty())
+                        .then(|| inputs.build.selector.clone()),
+                    tolerations: (!inputs.tolerations.is_empty())
+                        .then(|| inputs.tolerations.to_vec()),
+                    automount_service_account_token: Some(false),
+                    image_pull_secrets: inputs.pull_secret.map(|s| {
+                        vec![CoreRef {
+                            name: s.to_string(),
+                        }]
+                    }),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared_api::module::{BuildArg, KanikoParams, LocalObjectReference};
+
+    fn build() -> Build {
+        Build {
+            build_args: vec![BuildArg {
+                name: "ARG_NAME".into(),
+                value: "v".into(),
+            }],
+            dockerfile_config_map: Some(LocalObjectReference::new("build-module-labs")),
+            secrets: vec![LocalObjectReference::new("git-token")],
+            kaniko_params: Some(KanikoParams {
+                tag: Some("debug".into()),
+            }),
+            selector: BTreeMap::from([(
+                "node-role.kubernetes.io/worker".to_string(),
+                String::new(),
+            )]),
+            ..Default::default()
+        }
+    }
+
+    fn inputs<'a>(b: &'a Build, dockerfile: &'a str) -> BuildInputs<'a> {
+        BuildInputs {
+            mcm: "kmm-ci-a",
+            namespace: "kmm-hub",
+            image: "127.0.0.1:5000/labs/kmm-ci-a:5.14.0-1.el9.x86_64",
+            kernel: "5.14.0-1.el9.x86_64",
+            mod_name: "kmm-ci-a",
+            mod_namespace: "labsv2",
+            build: b,
+            dockerfile,
+            registry_tls: TlsOptions::default(),
+            pull_secret: Some("pull"),
+            tolerations: &[],
+            kaniko_image: "registry.local:5000/kaniko/executor:v1",
+            dtk_image: Some("registry.local/dtk:5.14"),
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn job_carries_everything_kaniko_needs() {
+        let b = build();
+        let job = render_build_job(&inputs(&b, "ARG DTK_AUTO\nFROM ${DTK_AUTO}\n"));
+        assert_eq!(
+            job.metadata.name.as_deref(),
+            Some(
+                job_name(
+                    "kmm-ci-a",
+                    "127.0.0.1:5000/labs/kmm-ci-a:5.14.0-1.el9.x86_64"
+                )
+                .as_str()
+            )
+        );
+        let spec = job.spec.unwrap().template.spec.unwrap();
+        let c = &spec.containers[0];
+        assert_eq!(
+            c.image.as_deref(),
+            Some("registry.local:5000/kaniko/executor:debug"),
+            "tag swapped, port kept"
+        );
+        let args = c.args.clone().unwrap();
+        for expected in [
+            "--destination=127.0.0.1:5000/labs/kmm-ci-a:5.14.0-1.el9.x86_64",
+            "--insecure",
+            "--build-arg=ARG_NAME=v",
+            "--build-arg=KERNEL_VERSION=5.14.0-1.el9.x86_64",
+            "--build-arg=KERNEL_FULL_VERSION=5.14.0-1.el9.x86_64",
+            "--build-arg=MOD_NAME=kmm-ci-a",
+            "--build-arg=MOD_NAMESPACE=labsv2",
+            "--build-arg=DTK_AUTO=registry.local/dtk:5.14",
+        ] {
+            assert!(
+                args.iter().any(|a| a == expected),
+                "missing {expected} in {args:?}"
+            );
+        }
+        let mounts: Vec<&str> = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(
+            mounts,
+            vec!["/workspace", "/kaniko/.docker", "/run/secrets/git-token"]
+        );
+        assert_eq!(spec.node_selector.unwrap().len(), 1);
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    }
+
+    #[test]
+    fn hash_follows_the_dockerfile_and_args() {
+        let b = build();
+        let a = render_build_job(&inputs(&b, "FROM x"));
+        let same = render_build_job(&inputs(&b, "FROM x"));
+        let other = render_build_job(&inputs(&b, "FROM y"));
+        let h = |j: &Job| j.metadata.annotations.as_ref().unwrap()[BUILD_HASH_ANNOTATION].clone();
+        assert_eq!(h(&a), h(&same));
+        assert_ne!(h(&a), h(&other));
+        let mut b2 = build();
+        b2.build_args[0].value = "changed".into();
+        assert_ne!(h(&a), h(&render_build_job(&inputs(&b2, "FROM x"))));
+    }
+
+    #[test]
+    fn dtk_detection_and_table() {
+        assert!(wants_dtk_auto("ARG DTK_AUTO\nFROM ${DTK_AUTO} as builder"));
+        assert!(wants_dtk_auto("arg DTK_AUTO=x"));
+        assert!(!wants_dtk_auto("FROM ubi\nRUN echo DTK_AUTO"));
+        let t = DtkTable::new(&[
+            DtkEntry {
+                kernel: r"^5\.14\.".into(),
+                image: "dtk:414".into(),
+            },
+            DtkEntry {
+                kernel: ".*".into(),
+                image: "dtk:any".into(),
+            },
+        ])
+        .unwrap();
+        assert_eq!(t.image_for("5.14.0-1"), Some("dtk:414"));
+        assert_eq!(t.image_for("6.1.0"), Some("dtk:any"));
+        assert!(
+            DtkTable::new(&[DtkEntry {
+                kernel: "(".into(),
+                image: "x".into()
+            }])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn kaniko_tag_with_a_registry_port() {
+        assert_eq!(
+            with_tag("gcr.io/kaniko-project/executor:latest", "debug"),
+            "gcr.io/kaniko-project/executor:debug"
+        );
+        assert_eq!(
+            with_tag("reg:5000/kaniko/executor", "v1"),
+            "reg:5000/kaniko/executor:v1"
+        );
+        assert_eq!(
+            with_tag("reg:5000/kaniko/executor:v0@sha256:aa", "v1"),
+            "reg:5000/kaniko/executor:v1"
+        );
+    }
+}

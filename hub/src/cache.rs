@@ -1,0 +1,443 @@
+//! Compact caches of ManagedClusters and our ManifestWorks, fed by watches.
+//! Only what the reconciler and the dashboard need is kept, so 5,000 clusters stay small.
+//! A change that matters enqueues the affected ManagedClusterModules.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, ResourceExt};
+use serde::Serialize;
+use shared_api::labels::MCM_OWNER_LABEL;
+use shared_api::ocm::{ManifestWork, work_conditions};
+use shared_api::{ManagedCluster, ManagedClusterModule};
+use tokio::sync::mpsc;
+
+use crate::plan::{ClusterFacts, selects};
+use crate::render::{ReadyMapping, SPEC_HASH_ANNOTATION, shipped_mappings};
+
+/// What the hub keeps of one of its ManifestWorks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkEntry {
+    pub mcm: String,
+    pub cluster: String,
+    pub spec_hash: Option<String>,
+    #[serde(skip)]
+    pub shipped: Vec<ReadyMapping>,
+    pub applied: bool,
+    pub available: bool,
+    pub degraded: bool,
+    pub feedback: BTreeMap<String, i64>,
+    pub conditions: Vec<Condition>,
+    pub deleting: bool,
+}
+
+impl WorkEntry {
+    pub fn from_work(w: &ManifestWork) -> Option<Self> {
+        let mcm = w.labels().get(MCM_OWNER_LABEL)?.clone();
+        let status = w.status.clone().unwrap_or_default();
+        let feedback: BTreeMap<String, i64> = crate::render::FEEDBACK_FIELDS
+            .iter()
+            .filter_map(|f| status.feedback_integer(f).map(|v| ((*f).to_string(), v)))
+            .collect();
+        Some(Self {
+            mcm,
+            cluster: w.namespace().unwrap_or_default(),
+            spec_hash: w.annotations().get(SPEC_HASH_ANNOTATION).cloned(),
+            shipped: shipped_mappings(w),
+            applied: status.condition_true(work_conditions::APPLIED),
+            available: status.condition_true(work_conditions::AVAILABLE),
+            degraded: status.condition_true(work_conditions::DEGRADED),
+            feedback,
+            conditions: status.conditions,
+            deleting: w.metadata.deletion_timestamp.is_some(),
+        })
+    }
+
+    /// Every desired loader and device-plugin pod available on the spoke.
+    pub fn module_available(&self) -> bool {
+        let f = |k: &str| self.feedback.get(k).copied();
+        let part = |prefix: &str| match (
+            f(&format!("{prefix}.desiredNumber")),
+            f(&format!("{prefix}.availableNumber")),
+        ) {
+            (Some(d), Some(a)) => a >= d,
+            (None, None) => true,
+            _ => false,
+        };
+        let reported = self.feedback.contains_key("moduleLoader.desiredNumber")
+            || self.feedback.contains_key("devicePlugin.desiredNumber");
+        self.available && reported && part("moduleLoader") && part("devicePlugin")
+    }
+}
+
+/// One recent event for the dashboard.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecentEvent {
+    pub time: String,
+    pub kind: String,
+    pub name: String,
+    pub type_: String,
+    pub reason: String,
+    pub message: String,
+}
+
+pub const RECENT_EVENTS: usize = 200;
+
+/// What the hub keeps of one of its build Jobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobEntry {
+    pub name: String,
+    pub uid: String,
+    pub mcm: String,
+    pub image: String,
+    pub build_hash: String,
+    pub attempt: u32,
+    pub active: bool,
+    pub succeeded: bool,
+    pub failed: bool,
+    /// When the Job finished (success or failure).
+    pub finished_at: Option<k8s_openapi::jiff::Timestamp>,
+    pub deleting: bool,
+}
+
+impl JobEntry {
+    pub fn from_job(j: &k8s_openapi::api::batch::v1::Job) -> Option<Self> {
+        use shared_api::labels::{BUILD_HASH_ANNOTATION, BUILD_IMAGE_ANNOTATION};
+        let mcm = j.labels().get(MCM_OWNER_LABEL)?.clone();
+        let a = j.annotations();
+        let status = j.status.clone().unwrap_or_default();
+        let cond = |t: &str| {
+            status
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == t && c.status == "True")
+        };
+        let failed = cond("Failed").is_some()
+            || status.failed.unwrap_or(0) > 0 && status.active.unwrap_or(0) == 0;
+        let succeeded = cond("Complete").is_some() || status.succeeded.unwrap_or(0) > 0;
+        let finished_at =
+            status.completion_time.as_ref().map(|t| t.0).or_else(|| {
+                cond("Failed").and_then(|c| c.last_transition_time.as_ref().map(|t| t.0))
+            });
+        Some(Self {
+            name: j.name_any(),
+            uid: j.uid().unwrap_or_default(),
+            mcm,
+            image: a.get(BUILD_IMAGE_ANNOTATION).cloned().unwrap_or_default(),
+            build_hash: a.get(BUILD_HASH_ANNOTATION).cloned().unwrap_or_default(),
+            attempt: a
+                .get(crate::build::ATTEMPT_ANNOTATION)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+            active: !failed && !succeeded,
+            succeeded,
+            failed,
+            finished_at,
+            deleting: j.metadata.deletion_timestamp.is_some(),
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Caches {
+    /// Build Jobs in the operator namespace, by name.
+    pub jobs: RwLock<BTreeMap<String, JobEntry>>,
+    pub jobs_synced: AtomicBool,
+    pub clusters: RwLock<BTreeMap<String, ClusterFacts>>,
+    pub works: RwLock<HashMap<(String, String), WorkEntry>>,
+    pub clusters_synced: AtomicBool,
+    pub works_synced: AtomicBool,
+    pub events: RwLock<VecDeque<RecentEvent>>,
+    /// Bumped on every change the dashboard's live stream should announce.
+    pub changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Caches {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn synced(&self) -> bool {
+        self.clusters_synced.load(Ordering::Acquire)
+            && self.works_synced.load(Ordering::Acquire)
+            && self.jobs_synced.load(Ordering::Acquire)
+    }
+
+    pub fn job(&self, name: &str) -> Option<JobEntry> {
+        self.jobs.read().ok()?.get(name).cloned()
+    }
+
+    pub fn put_job(&self, j: &k8s_openapi::api::batch::v1::Job) {
+        if let Some(e) = JobEntry::from_job(j)
+            && let Ok(mut jobs) = self.jobs.write()
+        {
+            jobs.insert(e.name.clone(), e);
+        }
+    }
+
+    pub fn cluster_facts(&self) -> Vec<ClusterFacts> {
+        self.clusters
+            .read()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The cached works of one MCM, by cluster.
+    pub fn works_of(&self, mcm: &str) -> BTreeMap<String, WorkEntry> {
+        self.works
+            .read()
+            .map(|w| {
+                w.values()
+                    .filter(|e| e.mcm == mcm)
+                    .map(|e| (e.cluster.clone(), e.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn put_work(&self, w: &ManifestWork) {
+        if let Some(e) = WorkEntry::from_work(w)
+            && let Ok(mut works) = self.works.write()
+        {
+            works.insert((e.cluster.clone(), w.name_any()), e);
+        }
+        self.bump();
+    }
+
+    pub fn remove_work(&self, cluster: &str, name: &str) {
+        if let Ok(mut works) = self.works.write() {
+            works.remove(&(cluster.to_string(), name.to_string()));
+        }
+        self.bump();
+    }
+
+    pub fn record_event(&self, ev: RecentEvent) {
+        if let Ok(mut events) = self.events.write() {
+            if events.len() >= RECENT_EVENTS {
+                events.pop_front();
+            }
+            events.push_back(ev);
+        }
+        self.bump();
+    }
+
+    pub fn bump(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// Where watch changes send the MCMs they affect.
+pub type Trigger = mpsc::UnboundedSender<ObjectRef<ManagedClusterModule>>;
+
+fn mcms_selecting(
+    store: &Store<ManagedClusterModule>,
+    labels: &[&BTreeMap<String, String>],
+) -> Vec<ObjectRef<ManagedClusterModule>> {
+    store
+        .state()
+        .iter()
+        .filter(|m| labels.iter().any(|l| selects(&m.spec.selector, l)))
+        .map(|m| ObjectRef::from_obj(m.as_ref()))
+        .collect()
+}
+
+/// Watch ManagedClusters; enqueue the MCMs whose selector matches the old or the new labels
+/// when labels or kernels change (upstream only looks at the new labels).
+pub async fn watch_clusters(
+    client: Client,
+    caches: Arc<Caches>,
+    mcms: Store<ManagedClusterModule>,
+    trigger: Trigger,
+) {
+    let api: Api<ManagedCluster> = Api::all(client);
+    let mut buffer: BTreeMap<String, ClusterFacts> = BTreeMap::new();
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    loop {
+        let ev = match stream.try_next().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "ManagedCluster watch error");
+                continue;
+            }
+        };
+        match ev {
+            Event::Init => buffer.clear(),
+            Event::InitApply(c) => {
+                let f = ClusterFacts::from_cluster(&c);
+                buffer.insert(f.name.clone(), f);
+            }
+            Event::InitDone => {
+                let new = std::mem::take(&mut buffer);
+                if let Ok(mut clusters) = caches.clusters.write() {
+                    *clusters = new;
+                }
+                caches.clusters_synced.store(true, Ordering::Release);
+                // After a (re)list anything may have changed: reconcile every MCM.
+                for m in mcms.state() {
+                    let _ = trigger.send(ObjectRef::from_obj(m.as_ref()));
+                }
+                caches.bump();
+            }
+            Event::Apply(c) => {
+                let f = ClusterFacts::from_cluster(&c);
+                let old = caches
+                    .clusters
+                    .write()
+                    .ok()
+                    .and_then(|mut cs| cs.insert(f.name.clone(), f.clone()));
+                if old.as_ref() != Some(&f) {
+                    let empty = BTreeMap::new();
+                    let old_labels = old.as_ref().map_or(&empty, |o| &o.labels);
+                    for r in mcms_selecting(&mcms, &[old_labels, &f.labels]) {
+                        let _ = trigger.send(r);
+                    }
+                    caches.bump();
+                }
+            }
+            Event::Delete(c) => {
+                let name = c.name_any();
+                let old = caches
+                    .clusters
+                    .write()
+                    .ok()
+                    .and_then(|mut cs| cs.remove(&name));
+                if let Some(old) = old {
+                    for r in mcms_selecting(&mcms, &[&old.labels]) {
+                        let _ = trigger.send(r);
+                    }
+                }
+                caches.bump();
+            }
+        }
+    }
+}
+
+/// Watch our ManifestWorks (by owner label, all namespaces); enqueue the owner MCM when
+/// a work's status or spec changes.
+pub async fn watch_works(client: Client, caches: Arc<Caches>, trigger: Trigger) {
+    let api: Api<ManifestWork> = Api::all(client);
+    let cfg = watcher::Config::default().labels(MCM_OWNER_LABEL);
+    let mut buffer: HashMap<(String, String), WorkEntry> = HashMap::new();
+    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    loop {
+        let ev = match stream.try_next().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "ManifestWork watch error");
+                continue;
+            }
+        };
+        match ev {
+            Event::Init => buffer.clear(),
+            Event::InitApply(w) => {
+                if let Some(e) = WorkEntry::from_work(&w) {
+                    buffer.insert((e.cluster.clone(), w.name_any()), e);
+                }
+            }
+            Event::InitDone => {
+                let new = std::mem::take(&mut buffer);
+                if let Ok(mut works) = caches.works.write() {
+                    *works = new;
+                }
+                caches.works_synced.store(true, Ordering::Release);
+                caches.bump();
+            }
+            Event::Apply(w) => {
+                let Some(e) = WorkEntry::from_work(&w) else {
+                    continue;
+                };
+                let key = (e.cluster.clone(), w.name_any());
+                let old = caches
+                    .works
+                    .write()
+                    .ok()
+                    .and_then(|mut ws| ws.insert(key, e.clone()));
+                if old.as_ref() != Some(&e) {
+                    let _ = trigger.send(ObjectRef::new(&e.mcm));
+                    caches.bump();
+                }
+            }
+            Event::Delete(w) => {
+                let key = (w.namespace().unwrap_or_default(), w.name_any());
+                let old = caches.works.write().ok().and_then(|mut ws| ws.remove(&key));
+                if let Some(old) = old {
+                    let _ = trigger.send(ObjectRef::new(&old.mcm));
+                }
+                caches.bump();
+            }
+        }
+    }
+}
+
+/// Watch our build Jobs in the operator namespace; enqueue the owner MCM on every change.
+pub async fn watch_jobs(client: Client, namespace: String, caches: Arc<Caches>, trigger: Trigger) {
+    use k8s_openapi::api::batch::v1::Job;
+    let api: Api<Job> = Api::namespaced(client, &namespace);
+    let cfg = watcher::Config::default().labels(MCM_OWNER_LABEL);
+    let mut buffer: BTreeMap<String, JobEntry> = BTreeMap::new();
+    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    loop {
+        let ev = match stream.try_next().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "Job watch error");
+                continue;
+            }
+        };
+        match ev {
+            Event::Init => buffer.clear(),
+            Event::InitApply(j) => {
+                if let Some(e) = JobEntry::from_job(&j) {
+                    buffer.insert(e.name.clone(), e);
+                }
+            }
+            Event::InitDone => {
+                let new = std::mem::take(&mut buffer);
+                if let Ok(mut jobs) = caches.jobs.write() {
+                    *jobs = new;
+                }
+                caches.jobs_synced.store(true, Ordering::Release);
+            }
+            Event::Apply(j) => {
+                let Some(e) = JobEntry::from_job(&j) else {
+                    continue;
+                };
+                let old = caches
+                    .jobs
+                    .write()
+                    .ok()
+                    .and_then(|mut js| js.insert(e.name.clone(), e.clone()));
+                if old.as_ref() != Some(&e) {
+                    let _ = trigger.send(ObjectRef::new(&e.mcm));
+                    caches.bump();
+                }
+            }
+            Event::Delete(j) => {
+                let old = caches
+                    .jobs
+                    .write()
+                    .ok()
+                    .and_then(|mut js| js.remove(&j.name_any()));
+                if let Some(old) = old {
+                    let _ = trigger.send(ObjectRef::new(&old.mcm));
+                }
+                caches.bump();
+            }
+        }
+    }
+}

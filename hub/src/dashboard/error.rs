@@ -1,0 +1,82 @@
+//! The one error type of the dashboard: client errors say what was wrong, internal ones
+//! are logged and answered without details.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::model::ErrorBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("user {user:?} may not list managedclustermodules.hub.kmm.sigs.x-k8s.io")]
+    Forbidden { user: String },
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no such endpoint; see /api/v1/openapi.json")]
+    NoSuchPath,
+    #[error("only GET is served")]
+    MethodNotAllowed,
+    /// The API server could not answer a TokenReview or SubjectAccessReview.
+    #[error("authentication backend: {0}")]
+    AuthBackend(String),
+}
+
+impl ApiError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::Forbidden { .. } => "forbidden",
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::NoSuchPath => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::AuthBackend(_) => "unavailable",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NoSuchPath => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::AuthBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// What the client sees: the message for its own mistakes, a fixed text otherwise.
+    fn public_reason(&self) -> String {
+        match self {
+            ApiError::AuthBackend(_) => {
+                "the hub cannot check the token right now; try again later".into()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::AuthBackend(detail) = &self {
+            tracing::warn!(error = %detail, category = self.category(), "dashboard: authentication failed");
+        }
+        let status = self.status();
+        let body = ErrorBody {
+            error: self.category().into(),
+            reason: self.public_reason(),
+        };
+        let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}

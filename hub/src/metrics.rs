@@ -1,0 +1,126 @@
+//! The hub's Prometheus metrics: one registry made in `main` and passed down;
+//! labels are bounded (outcomes and static error categories, never names).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CategoryLabel {
+    pub category: &'static str,
+}
+
+impl CategoryLabel {
+    pub fn new(category: &'static str) -> Self {
+        Self { category }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+/// Cheap to clone: every metric is reference-counted inside.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub reconciles: Family<OutcomeLabel, Counter>,
+    pub reconcile_duration: Histogram,
+    pub errors: Family<CategoryLabel, Counter>,
+    pub objects_written: Family<KindLabel, Counter>,
+    pub objects_deleted: Family<KindLabel, Counter>,
+    pub writes_skipped: Counter,
+    pub registry_lookups: Counter,
+    pub registry_cache_hits: Counter,
+    pub registry_errors: Family<CategoryLabel, Counter>,
+    pub builds: Family<OutcomeLabel, Counter>,
+    pub signs: Family<OutcomeLabel, Counter>,
+    pub managed_cluster_modules: Gauge,
+    pub clusters: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            reconciles: Family::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            errors: Family::default(),
+            objects_written: Family::default(),
+            objects_deleted: Family::default(),
+            writes_skipped: Counter::default(),
+            registry_lookups: Counter::default(),
+            registry_cache_hits: Counter::default(),
+            registry_errors: Family::default(),
+            builds: Family::default(),
+            signs: Family::default(),
+            managed_cluster_modules: Gauge::default(),
+            clusters: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Create the metrics and register them under `kmm_hub_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("kmm_hub");
+        r.register(
+            "reconciles",
+            "ManagedClusterModule reconciles by outcome",
+            m.reconciles.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Duration of ManagedClusterModule reconciles",
+            m.reconcile_duration.clone(),
+        );
+        r.register("errors", "Errors by category", m.errors.clone());
+        r.register(
+            "objects_written",
+            "Objects created or updated, by kind",
+            m.objects_written.clone(),
+        );
+        r.register(
+            "objects_deleted",
+            "Objects deleted, by kind",
+            m.objects_deleted.clone(),
+        );
+        r.register(
+            "writes_skipped",
+            "Writes skipped because the cached object already matched",
+            m.writes_skipped.clone(),
+        );
+        r.register(
+            "registry_lookups",
+            "Registry manifest lookups sent",
+            m.registry_lookups.clone(),
+        );
+        r.register(
+            "registry_cache_hits",
+            "Digest lookups answered from the cache",
+            m.registry_cache_hits.clone(),
+        );
+        r.register(
+            "registry_errors",
+            "Registry lookup failures by category",
+            m.registry_errors.clone(),
+        );
+        r.register("builds", "Build Jobs by outcome", m.builds.clone());
+        r.register("signs", "Image signings by outcome", m.signs.clone());
+        r.register(
+            "managed_cluster_modules",
+            "ManagedClusterModules known",
+            m.managed_cluster_modules.clone(),
+        );
+        r.register("clusters", "ManagedClusters known", m.clusters.clone());
+        m
+    }
+}

@@ -1,0 +1,178 @@
+//! `kmm-hub render`: the ManifestWorks the controller would write, with no cluster.
+//! Same plan and render code as the reconciler.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use shared_api::ManagedCluster;
+use shared_api::parse::{Object, parse_documents};
+use shared_api::validate::validate_mcm;
+
+use crate::metrics::Metrics;
+use crate::plan::{ClusterFacts, plan};
+use crate::registry::{DockerConfig, Resolver};
+use crate::render::{ReadyMapping, pin, render_manifestwork};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RenderArgs {
+    /// The ManagedClusterModule YAML.
+    #[arg(long, env = "KMM_RENDER_MCM")]
+    pub mcm: PathBuf,
+    /// ManagedCluster objects (YAML, multi-document or a List), with status.clusterClaims.
+    #[arg(long, env = "KMM_RENDER_CLUSTERS")]
+    pub clusters: PathBuf,
+    /// A YAML map from image reference to `sha256:…`; without it the registries are asked.
+    #[arg(long, env = "KMM_RENDER_DIGESTS")]
+    pub digests: Option<PathBuf>,
+    /// A `.dockerconfigjson` file with registry credentials (when asking registries).
+    #[arg(long, env = "KMM_RENDER_PULL_SECRET")]
+    pub pull_secret: Option<PathBuf>,
+}
+
+/// Print the works as YAML on `out` and every cluster left without one on stderr.
+/// Returns false when any selected cluster gets no work.
+pub async fn run(args: RenderArgs, out: &mut impl Write) -> anyhow::Result<bool> {
+    let mcm_text = std::fs::read_to_string(&args.mcm)
+        .with_context(|| format!("reading {}", args.mcm.display()))?;
+    let docs = parse_documents(&mcm_text).with_context(|| args.mcm.display().to_string())?;
+    let mcm = docs
+        .into_iter()
+        .find_map(|d| match d.object {
+            Object::ManagedClusterModule(m) => Some(*m),
+            _ => None,
+        })
+        .with_context(|| {
+            format!(
+                "{}: no ManagedClusterModule in the file",
+                args.mcm.display()
+            )
+        })?;
+    let violations = validate_mcm(&mcm);
+    if !violations.is_empty() {
+        let lines: Vec<String> = violations.iter().map(|v| format!("  {v}")).collect();
+        bail!(
+            "{}: the ManagedClusterModule is invalid:\n{}",
+            args.mcm.display(),
+            lines.join("\n")
+        );
+    }
+    let clusters = read_clusters(&args.clusters)?;
+    let p = plan(&mcm, clusters.iter())?;
+
+    let digests: BTreeMap<String, String> = match &args.digests {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_yaml::from_str(&text).with_context(|| {
+                format!(
+                    "{}: expected a map of image to sha256:… digest",
+                    path.display()
+                )
+            })?
+        }
+        None => {
+            let creds = match &args.pull_secret {
+                Some(p) => DockerConfig::parse(
+                    &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+                )?,
+                None => DockerConfig::default(),
+            };
+            let resolver = Resolver::new(Duration::from_secs(60), Metrics::default());
+            let mut d = BTreeMap::new();
+            for need in p.images.values() {
+                match resolver
+                    .digest(&need.image, need.registry_tls, &creds)
+                    .await
+                {
+                    Ok(digest) => {
+                        d.insert(need.image.clone(), digest);
+                    }
+                    Err(e) => eprintln!("image {}: {e}", need.image),
+                }
+            }
+            d
+        }
+    };
+    for (image, digest) in &digests {
+        if !digest.starts_with("sha256:") || digest.len() != 71 {
+            bail!("digest of {image} is {digest:?}, not sha256:<64 hex digits>");
+        }
+    }
+
+    let mut all = true;
+    for cp in &p.clusters {
+        if let Some(problem) = &cp.problem {
+            eprintln!(
+                "cluster {}: {}: {}",
+                cp.cluster, problem.reason, problem.message
+            );
+            all = false;
+            continue;
+        }
+        let mut ready = Vec::new();
+        for t in &cp.targets {
+            match digests.get(&t.image) {
+                Some(d) => ready.push(ReadyMapping {
+                    kernel: t.kernel.clone(),
+                    pinned_image: pin(&t.image, d),
+                    registry_tls: t.registry_tls,
+                    in_tree_modules_to_remove: t.in_tree_modules_to_remove.clone(),
+                }),
+                None => {
+                    eprintln!(
+                        "cluster {}: kernel {}: no digest for image {}",
+                        cp.cluster, t.kernel, t.image
+                    );
+                    all = false;
+                }
+            }
+        }
+        match render_manifestwork(&mcm, &cp.cluster, &ready) {
+            Ok(w) => write!(out, "---\n{}", serde_yaml::to_string(&w)?)?,
+            Err(e) => {
+                eprintln!("cluster {}: {}: {e}", cp.cluster, e.reason());
+                all = false;
+            }
+        }
+    }
+    Ok(all)
+}
+
+fn read_clusters(path: &PathBuf) -> anyhow::Result<Vec<ClusterFacts>> {
+    use serde::Deserialize;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let v = serde_json::Value::deserialize(de)
+            .with_context(|| format!("{}: document {}", path.display(), i + 1))?;
+        let items = match v.get("kind").and_then(|k| k.as_str()) {
+            Some("List") | Some("ManagedClusterList") => v
+                .get("items")
+                .and_then(|i| i.as_array())
+                .cloned()
+                .unwrap_or_default(),
+            Some("ManagedCluster") => vec![v],
+            None if v.is_null() => vec![],
+            other => bail!(
+                "{}: document {}: expected ManagedCluster objects, found {other:?}",
+                path.display(),
+                i + 1
+            ),
+        };
+        for item in items {
+            let c: ManagedCluster = serde_json::from_value(item).with_context(|| {
+                format!(
+                    "{}: document {}: not a ManagedCluster",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+            out.push(ClusterFacts::from_cluster(&c));
+        }
+    }
+    Ok(out)
+}

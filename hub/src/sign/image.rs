@@ -1,0 +1,578 @@
+//! Image signing: pull the unsigned image, sign the files `filesToSign` matches, push the
+//! original layers plus one layer holding the signed files, and mark the manifest with the
+//! signing certificate's fingerprint so the hub can tell whether an image carries the current
+//! certificate's signature.
+//!
+//! The pushed manifest is an OCI image manifest whatever the source format (Docker schema 2
+//! layer and config media types are mapped to their OCI equivalents; the blobs are unchanged).
+//! Signing is deterministic: the same image, key, certificate and patterns give the same digest.
+//! Re-signing an image this module produced (for example after a certificate rotation) replaces
+//! its signing layer instead of stacking another one.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use oci_client::manifest::{
+    IMAGE_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE,
+    IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE, IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE,
+    OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest,
+};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+use sha2::{Digest, Sha256};
+use shared_api::labels::{SIGNED_BY_ANNOTATION, SIGNED_FILES_ANNOTATION};
+
+pub use super::layers::{FilePatterns, MergedTree, SigningLayer, build_signing_layer};
+use super::{HashAlgorithm, SignError, Signer, SigningCert};
+
+/// `created_by` of the history entry for the signing layer; also how a previous signing layer
+/// is recognised.
+pub const HISTORY_CREATED_BY: &str = "kmm-fleet sign";
+
+/// The certificate fingerprint an image was signed with (`io.kmm-fleet.signing-cert-sha256`),
+/// from its manifest annotations.
+pub fn signed_by(annotations: &BTreeMap<String, String>) -> Option<String> {
+    annotations.get(SIGNED_BY_ANNOTATION).cloned()
+}
+
+/// Whether the manifest annotations say the image was signed with `cert`.
+pub fn is_signed_with(annotations: &BTreeMap<String, String>, cert: &SigningCert) -> bool {
+    signed_by(annotations).is_some_and(|fp| fp.eq_ignore_ascii_case(&cert.sha256_hex()))
+}
+
+/// What to sign and where to put it.
+pub struct ImageSignRequest<'a> {
+    /// The unsigned image: the built image, or `sign.unsignedImage`.
+    pub source: &'a Reference,
+    pub source_auth: &'a RegistryAuth,
+    /// Where the signed image goes: `containerImage` (may equal `source`).
+    pub destination: &'a Reference,
+    pub destination_auth: &'a RegistryAuth,
+    /// `sign.filesToSign`: absolute paths, globs allowed.
+    pub files_to_sign: &'a [String],
+    pub signer: &'a Signer,
+    pub hash: HashAlgorithm,
+}
+
+impl fmt::Debug for ImageSignRequest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImageSignRequest")
+            .field("source", &self.source.whole())
+            .field("destination", &self.destination.whole())
+            .field("files_to_sign", &self.files_to_sign)
+            .field("signer", &self.signer)
+            .field("hash", &self.hash)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of signing an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedImage {
+    /// `sha256:…` of the pushed manifest.
+    pub digest: String,
+    /// `sha256:…` of the source manifest that was signed.
+    pub source_digest: String,
+    /// The files that were signed, sorted.
+    pub signed_files: Vec<String>,
+    /// Hex SHA-256 of the certificate DER (the `SIGNED_BY_ANNOTATION` value).
+    pub cert_sha256: String,
+}
+
+/// The signed image, ready to push: produced from the pulled parts without a registry.
+#[derive(Debug, Clone)]
+pub struct SignedImagePlan {
+    /// Source layers that are kept (all of them, or all but a previous signing layer).
+    pub kept_layers: usize,
+    pub layer: SigningLayer,
+    pub config: Vec<u8>,
+    pub manifest: OciImageManifest,
+    /// The manifest exactly as pushed, and its digest.
+    pub manifest_bytes: Vec<u8>,
+    pub digest: String,
+}
+
+fn sha256_id(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+fn oci_media_type(media_type: &str) -> &str {
+    match media_type {
+        IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE => IMAGE_LAYER_GZIP_MEDIA_TYPE,
+        IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE => IMAGE_LAYER_MEDIA_TYPE,
+        IMAGE_DOCKER_CONFIG_MEDIA_TYPE => IMAGE_CONFIG_MEDIA_TYPE,
+        other => other,
+    }
+}
+
+/// Whether `manifest`/`config` describe an image this module signed: its last layer is then a
+/// signing layer to drop before signing again.
+fn previous_signing_layer(manifest: &OciImageManifest, config: &serde_json::Value) -> bool {
+    let annotated = manifest
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(SIGNED_BY_ANNOTATION));
+    let last_history_is_ours = config
+        .get("history")
+        .and_then(|h| h.as_array())
+        .and_then(|h| h.last())
+        .and_then(|e| e.get("created_by"))
+        .and_then(|c| c.as_str())
+        .is_some_and(|c| c.starts_with(HISTORY_CREATED_BY));
+    let diff_ids = config
+        .pointer("/rootfs/diff_ids")
+        .and_then(|d| d.as_array())
+        .map_or(0, Vec::len);
+    annotated
+        && last_history_is_ours
+        && manifest.layers.len() >= 2
+        && diff_ids == manifest.layers.len()
+}
+
+/// Sign the files of a pulled image and describe the image to push. `layers` are the source
+/// layer blobs in manifest order; `image` names the source in errors.
+pub fn plan_signed_image(
+    image: &str,
+    manifest: &OciImageManifest,
+    config: &[u8],
+    layers: &[&[u8]],
+    patterns: &FilePatterns,
+    signer: &Signer,
+    hash: HashAlgorithm,
+) -> Result<SignedImagePlan, SignError> {
+    let bad = |reason: String| SignError::Image {
+        image: image.to_string(),
+        reason,
+    };
+    if layers.len() != manifest.layers.len() {
+        return Err(bad(format!(
+            "{} layer blobs for {} manifest layers",
+            layers.len(),
+            manifest.layers.len()
+        )));
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| bad(format!("config is not JSON: {e}")))?;
+    let resign = previous_signing_layer(manifest, &config);
+    let kept_layers = if resign {
+        layers.len() - 1
+    } else {
+        layers.len()
+    };
+    if resign {
+        tracing::info!(
+            image,
+            "replacing the signing layer of a previously signed image"
+        );
+    }
+
+    let layer = build_signing_layer(&layers[..kept_layers], patterns, signer, hash)?;
+    let cert_sha256 = signer.cert().sha256_hex();
+
+    let diff_ids = config
+        .pointer_mut("/rootfs/diff_ids")
+        .and_then(|d| d.as_array_mut())
+        .ok_or_else(|| bad("config has no rootfs.diff_ids".into()))?;
+    if resign {
+        diff_ids.pop();
+    }
+    diff_ids.push(serde_json::Value::String(layer.diff_id.clone()));
+    let created = config.get("created").cloned();
+    if let Some(history) = config.get_mut("history").and_then(|h| h.as_array_mut()) {
+        if resign {
+            history.pop();
+        }
+        let mut entry = serde_json::Map::new();
+        // The source's creation time, not now: signing stays reproducible.
+        if let Some(created) = created {
+            entry.insert("created".into(), created);
+        }
+        entry.insert(
+            "created_by".into(),
+            format!("{HISTORY_CREATED_BY} {hash} {}", layer.files.join(" ")).into(),
+        );
+        entry.insert(
+            "comment".into(),
+            format!("signed with certificate sha256:{cert_sha256}").into(),
+        );
+        history.push(serde_json::Value::Object(entry));
+    }
+    let config = serde_json::to_vec(&config).map_err(|e| bad(format!("config: {e}")))?;
+
+    let mut layer_descriptors: Vec<OciDescriptor> = manifest.layers[..kept_layers]
+        .iter()
+        .map(|d| OciDescriptor {
+            media_type: oci_media_type(&d.media_type).to_string(),
+            ..d.clone()
+        })
+        .collect();
+    layer_descriptors.push(OciDescriptor {
+        media_type: IMAGE_LAYER_GZIP_MEDIA_TYPE.to_string(),
+        digest: layer.digest.clone(),
+        size: layer.blob.len() as i64,
+        ..OciDescriptor::default()
+    });
+    let mut annotations = manifest.annotations.clone().unwrap_or_default();
+    annotations.insert(SIGNED_BY_ANNOTATION.to_string(), cert_sha256);
+    annotations.insert(SIGNED_FILES_ANNOTATION.to_string(), layer.files.join(","));
+    let new_manifest = OciImageManifest {
+        schema_version: 2,
+        media_type: Some(OCI_IMAGE_MEDIA_TYPE.to_string()),
+        config: OciDescriptor {
+            media_type: oci_media_type(&manifest.config.media_type).to_string(),
+            digest: sha256_id(&config),
+            size: config.len() as i64,
+            ..OciDescriptor::default()
+        },
+        layers: layer_descriptors,
+        subject: None,
+        artifact_type: None,
+        annotations: Some(annotations),
+    };
+    let manifest_bytes =
+        serde_json::to_vec(&new_manifest).map_err(|e| bad(format!("manifest: {e}")))?;
+    Ok(SignedImagePlan {
+        kept_layers,
+        digest: sha256_id(&manifest_bytes),
+        layer,
+        config,
+        manifest: new_manifest,
+        manifest_bytes,
+    })
+}
+
+fn registry_error(
+    image: &Reference,
+) -> impl Fn(oci_client::errors::OciDistributionError) -> SignError + '_ {
+    move |error| SignError::Registry {
+        image: image.whole(),
+        error,
+    }
+}
+
+/// Pull `source`, sign the matching files, push to `destination`; returns the pushed digest.
+///
+/// The client must have a rustls crypto provider installed (see `oci-client`'s
+/// `rustls-tls-no-provider`). Source and destination credentials are applied per repository.
+#[tracing::instrument(skip_all, fields(image = %req.source.whole(), destination = %req.destination.whole()))]
+pub async fn sign_image(
+    client: &Client,
+    req: &ImageSignRequest<'_>,
+) -> Result<SignedImage, SignError> {
+    let patterns = FilePatterns::new(req.files_to_sign)?;
+    let src = req.source;
+    let dst = req.destination;
+
+    client
+        .auth(src, req.source_auth, RegistryOperation::Pull)
+        .await
+        .map_err(registry_error(src))?;
+    let (manifest, source_digest) = client
+        .pull_image_manifest(src, req.source_auth)
+        .await
+        .map_err(registry_error(src))?;
+    let mut config = Vec::new();
+    client
+        .pull_blob(src, &manifest.config, &mut config)
+        .await
+        .map_err(registry_error(src))?;
+    let blobs = futures::future::try_join_all(manifest.layers.iter().map(|layer| async move {
+        let mut blob = Vec::new();
+        client.pull_blob(src, layer, &mut blob).await.map(|()| blob)
+    }))
+    .await
+    .map_err(registry_error(src))?;
+    tracing::debug!(layers = blobs.len(), %source_digest, "pulled");
+
+    let blob_refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
+    let plan = plan_signed_image(
+        &src.whole(),
+        &manifest,
+        &config,
+        &blob_refs,
+        &patterns,
+        req.signer,
+        req.hash,
+    )?;
+
+    // Destination credentials for both the existence checks (pull) and the uploads (push).
+    for op in [RegistryOperation::Pull, RegistryOperation::Push] {
+        client
+            .auth(dst, req.destination_auth, op)
+            .await
+            .map_err(registry_error(dst))?;
+    }
+    let uploads = plan.manifest.layers[..plan.kept_layers]
+        .iter()
+        .zip(&blobs)
+        .map(|(d, b)| (d.digest.as_str(), b.as_slice()))
+        .chain([
+            (plan.layer.digest.as_str(), plan.layer.blob.as_slice()),
+            (plan.manifest.config.digest.as_str(), plan.config.as_slice()),
+        ]);
+    for (digest, data) in uploads {
+        if client
+            .blob_exists(dst, digest)
+            .await
+            .map_err(registry_error(dst))?
+        {
+            continue;
+        }
+        client
+            .push_blob(dst, data.to_vec(), digest)
+            .await
+            .map_err(registry_error(dst))?;
+    }
+    let content_type = http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE);
+    client
+        .push_manifest_raw(dst, plan.manifest_bytes.clone(), content_type)
+        .await
+        .map_err(registry_error(dst))?;
+    tracing::info!(digest = %plan.digest, files = plan.layer.files.len(), "pushed signed image");
+
+    Ok(SignedImage {
+        digest: plan.digest,
+        source_digest,
+        signed_files: plan.layer.files,
+        cert_sha256: req.signer.cert().sha256_hex(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sign::layers::tests::{E, tar_of, test_signer};
+
+    fn docker_source(layers: &[&[u8]]) -> (OciImageManifest, Vec<u8>) {
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "created": "2024-05-01T10:00:00Z",
+            "config": {"Entrypoint": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| format!("sha256:{}", hex::encode(Sha256::digest(l)))).collect::<Vec<_>>()},
+            "history": layers.iter().map(|_| serde_json::json!({"created_by": "COPY"})).collect::<Vec<_>>(),
+        });
+        let config = serde_json::to_vec(&config).expect("config");
+        let manifest = OciImageManifest {
+            schema_version: 2,
+            media_type: Some(oci_client::manifest::IMAGE_MANIFEST_MEDIA_TYPE.to_string()),
+            config: OciDescriptor {
+                media_type: IMAGE_DOCKER_CONFIG_MEDIA_TYPE.to_string(),
+                digest: sha256_id(&config),
+                size: config.len() as i64,
+                ..OciDescriptor::default()
+            },
+            layers: layers
+                .iter()
+                .map(|l| OciDescriptor {
+                    media_type: IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE.to_string(),
+                    digest: sha256_id(l),
+                    size: l.len() as i64,
+                    ..OciDescriptor::default()
+                })
+                .collect(),
+            subject: None,
+            artifact_type: None,
+            annotations: Some(BTreeMap::from([(
+                "org.example/keep".to_string(),
+                "yes".to_string(),
+            )])),
+        };
+        (manifest, config)
+    }
+
+    fn patterns() -> FilePatterns {
+        FilePatterns::new(&["/opt/lib/modules/*/*.ko".to_string()]).expect("patterns")
+    }
+
+    #[test]
+    fn plan_appends_one_layer_and_records_the_certificate() {
+        let signer = test_signer("image test");
+        let base = tar_of(&[E::File("bin/sh", b"shell", 0o755)], false);
+        let mods = tar_of(
+            &[
+                E::File("opt/lib/modules/6.1.0/a.ko", b"module a", 0o644),
+                E::File("opt/lib/modules/6.1.0/b.ko", b"module b", 0o644),
+            ],
+            false,
+        );
+        let (manifest, config) = docker_source(&[&base, &mods]);
+        let plan = plan_signed_image(
+            "reg/x:1",
+            &manifest,
+            &config,
+            &[&base, &mods],
+            &patterns(),
+            &signer,
+            HashAlgorithm::Sha256,
+        )
+        .expect("plan");
+
+        assert_eq!(plan.kept_layers, 2);
+        let m = &plan.manifest;
+        assert_eq!(m.media_type.as_deref(), Some(OCI_IMAGE_MEDIA_TYPE));
+        assert_eq!(m.config.media_type, IMAGE_CONFIG_MEDIA_TYPE);
+        assert_eq!(m.config.digest, sha256_id(&plan.config));
+        assert_eq!(m.layers.len(), 3);
+        assert!(
+            m.layers[..2]
+                .iter()
+                .all(|l| l.media_type == IMAGE_LAYER_MEDIA_TYPE)
+        );
+        assert_eq!(
+            m.layers[..2].iter().map(|l| &l.digest).collect::<Vec<_>>(),
+            manifest
+                .layers
+                .iter()
+                .map(|l| &l.digest)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(m.layers[2].media_type, IMAGE_LAYER_GZIP_MEDIA_TYPE);
+        assert_eq!(m.layers[2].digest, plan.layer.digest);
+        assert_eq!(m.layers[2].size, plan.layer.blob.len() as i64);
+
+        let annotations = m.annotations.clone().unwrap_or_default();
+        assert_eq!(signed_by(&annotations), Some(signer.cert().sha256_hex()));
+        assert!(is_signed_with(&annotations, signer.cert()));
+        assert!(!is_signed_with(&annotations, test_signer("other").cert()));
+        assert_eq!(
+            annotations[SIGNED_FILES_ANNOTATION],
+            "/opt/lib/modules/6.1.0/a.ko,/opt/lib/modules/6.1.0/b.ko"
+        );
+        assert_eq!(annotations["org.example/keep"], "yes");
+        assert_eq!(plan.digest, sha256_id(&plan.manifest_bytes));
+
+        let cfg: serde_json::Value = serde_json::from_slice(&plan.config).expect("json");
+        assert_eq!(cfg["config"]["Entrypoint"][0], "/bin/sh");
+        let diff_ids = cfg["rootfs"]["diff_ids"].as_array().expect("diff_ids");
+        assert_eq!(diff_ids.len(), 3);
+        assert_eq!(diff_ids[2], plan.layer.diff_id.as_str());
+        let history = cfg["history"].as_array().expect("history");
+        assert_eq!(history.len(), 3);
+        assert_eq!(history[2]["created"], "2024-05-01T10:00:00Z");
+        assert!(
+            history[2]["created_by"]
+                .as_str()
+                .is_some_and(|c| c.starts_with(HISTORY_CREATED_BY))
+        );
+    }
+
+    #[test]
+    fn resigning_a_signed_image_replaces_its_signing_layer() {
+        let first = test_signer("first cert");
+        let second = test_signer("second cert");
+        let mods = tar_of(
+            &[E::File("opt/lib/modules/6.1.0/a.ko", b"module a", 0o644)],
+            true,
+        );
+        let (manifest, config) = docker_source(&[&mods]);
+        let p = patterns();
+        let signed = plan_signed_image(
+            "r/x",
+            &manifest,
+            &config,
+            &[&mods],
+            &p,
+            &first,
+            HashAlgorithm::Sha256,
+        )
+        .expect("first");
+
+        // The signed image as a registry would return it.
+        let layers: Vec<&[u8]> = vec![&mods, &signed.layer.blob];
+        let resigned = plan_signed_image(
+            "r/x",
+            &signed.manifest,
+            &signed.config,
+            &layers,
+            &p,
+            &second,
+            HashAlgorithm::Sha256,
+        )
+        .expect("resign");
+        assert_eq!(resigned.kept_layers, 1);
+        assert_eq!(resigned.manifest.layers.len(), 2);
+
+        // Same result as signing the unsigned image with the new certificate (the source had
+        // docker media types, the signed one OCI; everything we write is OCI).
+        let direct = plan_signed_image(
+            "r/x",
+            &manifest,
+            &config,
+            &[&mods],
+            &p,
+            &second,
+            HashAlgorithm::Sha256,
+        )
+        .expect("direct");
+        assert_eq!(resigned.layer.digest, direct.layer.digest);
+        assert_eq!(resigned.config, direct.config);
+        assert_eq!(resigned.digest, direct.digest);
+        let annotations = resigned.manifest.annotations.clone().unwrap_or_default();
+        assert!(is_signed_with(&annotations, second.cert()));
+    }
+
+    #[test]
+    fn inconsistent_inputs_are_image_errors() {
+        let signer = test_signer("errors");
+        let mods = tar_of(&[E::File("opt/lib/modules/6.1.0/a.ko", b"a", 0o644)], false);
+        let (manifest, config) = docker_source(&[&mods]);
+        let p = patterns();
+        let err = plan_signed_image(
+            "r/x",
+            &manifest,
+            &config,
+            &[],
+            &p,
+            &signer,
+            HashAlgorithm::Sha256,
+        )
+        .expect_err("err");
+        assert_eq!(err.category(), "image");
+        let err = plan_signed_image(
+            "r/x",
+            &manifest,
+            b"{",
+            &[&mods],
+            &p,
+            &signer,
+            HashAlgorithm::Sha256,
+        )
+        .expect_err("err");
+        assert!(err.to_string().contains("config"), "{err}");
+        let err = plan_signed_image(
+            "r/x",
+            &manifest,
+            b"{}",
+            &[&mods],
+            &p,
+            &signer,
+            HashAlgorithm::Sha256,
+        )
+        .expect_err("err");
+        assert!(err.to_string().contains("diff_ids"), "{err}");
+    }
+
+    #[test]
+    fn request_debug_hides_credentials() {
+        let signer = test_signer("debug");
+        let src: Reference = "127.0.0.1:5000/m/x:1".parse().expect("ref");
+        let auth = RegistryAuth::Basic("user".into(), "hunter2-password".into());
+        let files = vec!["/opt/*.ko".to_string()];
+        let req = ImageSignRequest {
+            source: &src,
+            source_auth: &auth,
+            destination: &src,
+            destination_auth: &auth,
+            files_to_sign: &files,
+            signer: &signer,
+            hash: HashAlgorithm::Sha256,
+        };
+        let text = format!("{req:?}");
+        assert!(
+            text.contains("127.0.0.1:5000/m/x:1") && text.contains("<redacted>"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+}

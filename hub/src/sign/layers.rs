@@ -1,0 +1,734 @@
+//! The file side of image signing, without a registry: merge an image's layer tars into one file
+//! tree (honouring whiteouts), match `filesToSign` patterns against it, sign the matches and
+//! write the one extra layer that holds them.
+//!
+//! Only the contents of files that a pattern matches are kept in memory; everything else is
+//! tracked by metadata alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::{Component, Path};
+
+use flate2::Compression;
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+use glob::{MatchOptions, Pattern};
+use sha2::{Digest, Sha256};
+
+use super::{HashAlgorithm, SignError, Signer, module_sig};
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+
+/// Shell-like matching: `*` and `?` stay within one path component and do not match a leading
+/// dot, as in the `for f in /opt<pattern>` loop of upstream's sign Dockerfile.
+const MATCH_OPTIONS: MatchOptions = MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: true,
+};
+
+/// The validated `filesToSign` patterns.
+#[derive(Debug, Clone)]
+pub struct FilePatterns {
+    patterns: Vec<(String, Pattern)>,
+}
+
+impl FilePatterns {
+    /// Every pattern must be an absolute path; `*`, `?` and `[...]` are allowed.
+    pub fn new(patterns: &[String]) -> Result<Self, SignError> {
+        if patterns.is_empty() {
+            return Err(SignError::Pattern {
+                pattern: String::new(),
+                reason: "filesToSign is empty".into(),
+            });
+        }
+        let patterns = patterns
+            .iter()
+            .map(|raw| {
+                let bad = |reason: String| SignError::Pattern {
+                    pattern: raw.clone(),
+                    reason,
+                };
+                if !raw.starts_with('/') {
+                    return Err(bad("must be an absolute path inside the image".into()));
+                }
+                if raw.ends_with('/') {
+                    return Err(bad("names a directory, not files".into()));
+                }
+                let compiled = Pattern::new(raw).map_err(|e| bad(e.msg.to_string()))?;
+                Ok((raw.clone(), compiled))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(FilePatterns { patterns })
+    }
+
+    /// Whether any pattern matches the absolute path.
+    pub fn matches(&self, path: &str) -> bool {
+        self.patterns
+            .iter()
+            .any(|(_, p)| p.matches_with(path, MATCH_OPTIONS))
+    }
+
+    /// The first pattern (as written) that matches none of `files`.
+    pub fn first_unmatched(&self, files: &[&str]) -> Option<&str> {
+        self.patterns
+            .iter()
+            .find(|(_, p)| !files.iter().any(|f| p.matches_with(f, MATCH_OPTIONS)))
+            .map(|(raw, _)| raw.as_str())
+    }
+}
+
+/// Ownership and permissions of a tree entry, carried over to the signed copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Meta {
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: u64,
+    uname: Option<Vec<u8>>,
+    gname: Option<Vec<u8>>,
+}
+
+impl Meta {
+    fn from_header(h: &tar::Header) -> Self {
+        Meta {
+            mode: h.mode().unwrap_or(0o644),
+            uid: h.uid().unwrap_or(0),
+            gid: h.gid().unwrap_or(0),
+            mtime: h.mtime().unwrap_or(0),
+            uname: h.username_bytes().map(<[u8]>::to_vec),
+            gname: h.groupname_bytes().map(<[u8]>::to_vec),
+        }
+    }
+
+    fn default_dir() -> Self {
+        Meta {
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            uname: None,
+            gname: None,
+        }
+    }
+
+    fn header(&self, kind: tar::EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(self.mode);
+        h.set_uid(self.uid);
+        h.set_gid(self.gid);
+        h.set_mtime(self.mtime);
+        h.set_size(size);
+        // Names that do not fit are dropped: uid/gid are authoritative.
+        if let Some(u) = &self.uname {
+            let _ = h.set_username(&String::from_utf8_lossy(u));
+        }
+        if let Some(g) = &self.gname {
+            let _ = h.set_groupname(&String::from_utf8_lossy(g));
+        }
+        h
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    /// A regular file; the contents only when retained.
+    File(Option<Vec<u8>>),
+    Dir,
+    /// Symlinks, devices, FIFOs: never signed.
+    Other,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    meta: Meta,
+    kind: Kind,
+}
+
+/// The merged file tree of an image, keyed by normalised absolute path.
+#[derive(Debug, Default)]
+pub struct MergedTree {
+    nodes: BTreeMap<String, Node>,
+}
+
+/// `./a/b/`, `a//b`, `/a/./b` → `/a/b`; `None` for the root itself.
+fn normalise(path: &Path) -> Option<String> {
+    let mut parts: Vec<String> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::ParentDir => {
+                parts.pop();
+            }
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+        }
+    }
+    (!parts.is_empty()).then(|| format!("/{}", parts.join("/")))
+}
+
+fn parent_of(path: &str) -> &str {
+    match path.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &path[..i],
+    }
+}
+
+fn base_of(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// A layer blob as a tar reader: gzip is detected by its magic bytes, zstd is refused.
+fn layer_reader(blob: &[u8]) -> Result<Box<dyn Read + '_>, String> {
+    match blob {
+        [0x1f, 0x8b, ..] => Ok(Box::new(GzDecoder::new(blob))),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Err("zstd-compressed layers are not supported".into()),
+        _ => Ok(Box::new(blob)),
+    }
+}
+
+/// One layer's entries before they are applied.
+enum Change {
+    Whiteout(String),
+    Opaque(String),
+    Put(String, Node),
+    HardLink(String, String),
+}
+
+impl MergedTree {
+    /// Apply layer blobs (bottom first). Regular files for which `retain` says yes keep their
+    /// contents; `link_targets` collects hard-link targets whose contents a retained link needed
+    /// but that were not retained themselves.
+    fn apply_layers(
+        blobs: &[&[u8]],
+        retain: &dyn Fn(&str) -> bool,
+        link_targets: &mut BTreeSet<String>,
+    ) -> Result<Self, SignError> {
+        let mut tree = MergedTree::default();
+        for (index, blob) in blobs.iter().enumerate() {
+            let bad = |reason: String| SignError::Image {
+                image: format!("layer {index}"),
+                reason,
+            };
+            let changes = read_layer(blob, retain).map_err(bad)?;
+            // Whiteouts hide lower layers only, so they go first whatever their tar order.
+            for change in &changes {
+                match change {
+                    Change::Whiteout(path) => tree.remove_subtree(path, true),
+                    Change::Opaque(dir) => tree.remove_subtree(dir, false),
+                    _ => {}
+                }
+            }
+            for change in changes {
+                match change {
+                    Change::Put(path, node) => tree.put(path, node),
+                    Change::HardLink(path, target) => {
+                        let Some(node) = tree.nodes.get(&target).cloned() else {
+                            return Err(bad(format!(
+                                "hard link {path} points to missing {target}"
+                            )));
+                        };
+                        if matches!(node.kind, Kind::File(None)) && retain(&path) {
+                            link_targets.insert(target);
+                        }
+                        tree.put(path, node);
+                    }
+                    Change::Whiteout(_) | Change::Opaque(_) => {}
+                }
+            }
+        }
+        Ok(tree)
+    }
+
+    /// Merge layer blobs (bottom first), keeping the contents of files `patterns` match.
+    pub fn from_layers(blobs: &[&[u8]], patterns: &FilePatterns) -> Result<Self, SignError> {
+        let mut targets = BTreeSet::new();
+        let tree = Self::apply_layers(blobs, &|p| patterns.matches(p), &mut targets)?;
+        if targets.is_empty() {
+            return Ok(tree);
+        }
+        // A matched hard link whose target was not retained: merge again keeping the targets.
+        let mut again = BTreeSet::new();
+        Self::apply_layers(
+            blobs,
+            &|p| patterns.matches(p) || targets.contains(p),
+            &mut again,
+        )
+    }
+
+    fn remove_subtree(&mut self, path: &str, including_self: bool) {
+        if including_self {
+            self.nodes.remove(path);
+        }
+        let prefix = format!("{path}/");
+        let doomed: Vec<String> = self
+            .nodes
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in doomed {
+            self.nodes.remove(&k);
+        }
+    }
+
+    fn put(&mut self, path: String, node: Node) {
+        // A non-directory replaces whatever was below the same path.
+        if !matches!(node.kind, Kind::Dir) {
+            self.remove_subtree(&path, false);
+        }
+        self.nodes.insert(path, node);
+    }
+
+    /// Regular files, in path order.
+    pub fn files(&self) -> impl Iterator<Item = &str> + Clone {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| matches!(n.kind, Kind::File(_)))
+            .map(|(p, _)| p.as_str())
+    }
+}
+
+fn read_layer(blob: &[u8], retain: &dyn Fn(&str) -> bool) -> Result<Vec<Change>, String> {
+    let mut archive = tar::Archive::new(layer_reader(blob)?);
+    let mut changes = Vec::new();
+    let entries = archive.entries().map_err(|e| format!("not a tar: {e}"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| format!("bad tar entry: {e}"))?;
+        let raw_path = entry
+            .path()
+            .map_err(|e| format!("bad tar path: {e}"))?
+            .into_owned();
+        let Some(path) = normalise(&raw_path) else {
+            continue;
+        };
+        let base = base_of(&path);
+        if base == OPAQUE_WHITEOUT {
+            changes.push(Change::Opaque(parent_of(&path).to_string()));
+            continue;
+        }
+        if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
+            let dir = parent_of(&path);
+            let target = if dir == "/" {
+                format!("/{hidden}")
+            } else {
+                format!("{dir}/{hidden}")
+            };
+            changes.push(Change::Whiteout(target));
+            continue;
+        }
+        let header = entry.header();
+        let meta = Meta::from_header(header);
+        let kind = match header.entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                if retain(&path) {
+                    let mut data = Vec::new();
+                    entry
+                        .read_to_end(&mut data)
+                        .map_err(|e| format!("reading {path}: {e}"))?;
+                    Kind::File(Some(data))
+                } else {
+                    Kind::File(None)
+                }
+            }
+            tar::EntryType::Directory => Kind::Dir,
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| format!("bad link name of {path}: {e}"))?
+                    .and_then(|t| normalise(&t))
+                    .ok_or_else(|| format!("hard link {path} without a target"))?;
+                changes.push(Change::HardLink(path, target));
+                continue;
+            }
+            tar::EntryType::XGlobalHeader => continue,
+            _ => Kind::Other,
+        };
+        changes.push(Change::Put(path, Node { meta, kind }));
+    }
+    Ok(changes)
+}
+
+/// The extra layer: the signed files and their parent directories.
+#[derive(Clone)]
+pub struct SigningLayer {
+    /// The gzip-compressed tar (the blob to push).
+    pub blob: Vec<u8>,
+    /// `sha256:<hex>` of `blob`.
+    pub digest: String,
+    /// `sha256:<hex>` of the uncompressed tar (the config's `rootfs.diff_ids` entry).
+    pub diff_id: String,
+    /// Absolute paths of the signed files, sorted.
+    pub files: Vec<String>,
+}
+
+impl std::fmt::Debug for SigningLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningLayer")
+            .field("digest", &self.digest)
+            .field("diff_id", &self.diff_id)
+            .field("size", &self.blob.len())
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+fn sha256_id(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// Sign every regular file of the merged layers that a pattern matches (an existing signature
+/// is stripped first) and build the layer holding the signed copies. Each pattern must match
+/// at least one file.
+pub fn build_signing_layer(
+    blobs: &[&[u8]],
+    patterns: &FilePatterns,
+    signer: &Signer,
+    hash: HashAlgorithm,
+) -> Result<SigningLayer, SignError> {
+    let tree = MergedTree::from_layers(blobs, patterns)?;
+    let matched: Vec<&str> = tree.files().filter(|p| patterns.matches(p)).collect();
+    if let Some(pattern) = patterns.first_unmatched(&matched) {
+        return Err(SignError::NoMatch {
+            pattern: pattern.to_string(),
+        });
+    }
+
+    let mut dirs = BTreeSet::new();
+    for file in &matched {
+        let mut dir = parent_of(file);
+        while dir != "/" && dirs.insert(dir) {
+            dir = parent_of(dir);
+        }
+    }
+
+    let mut builder = tar::Builder::new(Vec::new());
+    let io = |e: std::io::Error| SignError::Encoding(format!("writing the signing layer: {e}"));
+    for dir in &dirs {
+        let meta = match tree.nodes.get(*dir) {
+            Some(Node {
+                meta,
+                kind: Kind::Dir,
+            }) => meta.clone(),
+            _ => Meta::default_dir(),
+        };
+        let mut header = meta.header(tar::EntryType::Directory, 0);
+        builder
+            .append_data(&mut header, format!("{}/", &dir[1..]), std::io::empty())
+            .map_err(io)?;
+    }
+    for file in &matched {
+        let Some(Node {
+            meta,
+            kind: Kind::File(Some(data)),
+        }) = tree.nodes.get(*file)
+        else {
+            return Err(SignError::Image {
+                image: "layers".into(),
+                reason: format!("contents of {file} were not retained"),
+            });
+        };
+        let signed = module_sig::sign_module(data, signer, hash).map_err(|e| e.in_file(file))?;
+        let mut header = meta.header(tar::EntryType::Regular, signed.len() as u64);
+        builder
+            .append_data(&mut header, &file[1..], signed.as_slice())
+            .map_err(io)?;
+        tracing::debug!(file, size = signed.len(), "signed file");
+    }
+    let tar = builder.into_inner().map_err(io)?;
+    let diff_id = sha256_id(&tar);
+    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+    gz.write_all(&tar).map_err(io)?;
+    let blob = gz.finish().map_err(io)?;
+    Ok(SigningLayer {
+        digest: sha256_id(&blob),
+        diff_id,
+        blob,
+        files: matched.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::sign::signature_info;
+
+    /// A throwaway RSA signer made with openssl (keys are never committed).
+    pub(crate) fn test_signer(cn: &str) -> Signer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-nodes", "-newkey", "rsa:2048", "-days", "30",
+            ])
+            .args(["-subj", &format!("/CN={cn}")])
+            .args(["-keyout", "k.pem", "-out", "c.pem"])
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl");
+        assert!(status.status.success(), "{status:?}");
+        let key = std::fs::read(dir.path().join("k.pem")).expect("key");
+        let cert = std::fs::read(dir.path().join("c.pem")).expect("cert");
+        Signer::from_pem_or_der(&key, &cert).expect("signer")
+    }
+
+    pub(crate) enum E<'a> {
+        Dir(&'a str),
+        File(&'a str, &'a [u8], u32),
+        Link(&'a str, &'a str),
+        Symlink(&'a str, &'a str),
+    }
+
+    pub(crate) fn tar_of(entries: &[E<'_>], gzip: bool) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for e in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_700_000_000);
+            match e {
+                E::Dir(p) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o750);
+                    h.set_size(0);
+                    b.append_data(&mut h, p, std::io::empty()).expect("dir");
+                }
+                E::File(p, data, mode) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(*mode);
+                    h.set_size(data.len() as u64);
+                    b.append_data(&mut h, p, *data).expect("file");
+                }
+                E::Link(p, target) | E::Symlink(p, target) => {
+                    let kind = if matches!(e, E::Link(..)) {
+                        tar::EntryType::Link
+                    } else {
+                        tar::EntryType::Symlink
+                    };
+                    h.set_entry_type(kind);
+                    h.set_mode(0o777);
+                    h.set_size(0);
+                    b.append_link(&mut h, p, target).expect("link");
+                }
+            }
+        }
+        let tar = b.into_inner().expect("tar");
+        if !gzip {
+            return tar;
+        }
+        let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+        gz.write_all(&tar).expect("gzip");
+        gz.finish().expect("gzip")
+    }
+
+    fn patterns(p: &[&str]) -> FilePatterns {
+        FilePatterns::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("patterns")
+    }
+
+    /// Entries of the signing layer: path -> (type, mode, data).
+    fn read_signing_layer(blob: &[u8]) -> BTreeMap<String, (tar::EntryType, u32, Vec<u8>)> {
+        let mut out = BTreeMap::new();
+        let mut a = tar::Archive::new(GzDecoder::new(blob));
+        for e in a.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            let path = e.path().expect("path").to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).expect("read");
+            let h = e.header();
+            out.insert(path, (h.entry_type(), h.mode().expect("mode"), data));
+        }
+        out
+    }
+
+    #[test]
+    fn patterns_must_be_absolute_and_valid() {
+        let err = |p: &[&str]| {
+            FilePatterns::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .err()
+                .map(|e| (e.category(), e.to_string()))
+        };
+        assert!(
+            err(&["lib/modules/x.ko"])
+                .is_some_and(|(c, m)| c == "pattern" && m.contains("absolute"))
+        );
+        assert!(
+            err(&["/opt/[x.ko"]).is_some_and(|(c, m)| c == "pattern" && m.contains("/opt/[x.ko"))
+        );
+        assert!(err(&["/opt/"]).is_some());
+        assert!(err(&[]).is_some());
+        let p = patterns(&["/opt/lib/modules/*/kmm_ci_?.ko", "/bin/[gs]etconf"]);
+        assert!(p.matches("/opt/lib/modules/6.1.0/kmm_ci_a.ko"));
+        assert!(
+            !p.matches("/opt/lib/modules/6.1.0/extra/kmm_ci_a.ko"),
+            "* crosses /"
+        );
+        assert!(!p.matches("/opt/lib/modules/6.1.0/kmm_ci_ab.ko"));
+        assert!(
+            p.matches("/bin/getconf") && p.matches("/bin/setconf") && !p.matches("/bin/tetconf")
+        );
+        let dot = patterns(&["/m/*.ko"]);
+        assert!(!dot.matches("/m/.hidden.ko"), "* matches a leading dot");
+    }
+
+    #[test]
+    fn merge_honours_whiteouts_opaque_dirs_and_replacements() {
+        let base = tar_of(
+            &[
+                E::Dir("opt/"),
+                E::Dir("opt/lib/modules/6.1/"),
+                E::File("opt/lib/modules/6.1/a.ko", b"A", 0o644),
+                E::File("opt/lib/modules/6.1/b.ko", b"B", 0o644),
+                E::File("./opt/lib/modules/6.1/.hidden.ko", b"H", 0o644),
+                E::File("opt/old/x.ko", b"X", 0o644),
+                E::File("opt/old/sub/y.ko", b"Y", 0o644),
+                E::File("opt/gone/z.ko", b"Z", 0o644),
+                E::File("opt/lib/modules/6.1/link-target.ko", b"T", 0o600),
+                E::Symlink("opt/lib/modules/6.1/sym.ko", "a.ko"),
+            ],
+            true,
+        );
+        let upper = tar_of(
+            &[
+                E::File("opt/lib/modules/6.1/.wh.b.ko", b"", 0o644),
+                E::File("opt/lib/modules/6.1/c.ko", b"C", 0o600),
+                // Opaque: lower contents of opt/old vanish, this layer's stay.
+                E::File("opt/old/new.ko", b"N", 0o644),
+                E::File("opt/old/.wh..wh..opq", b"", 0o644),
+                E::File("opt/.wh.gone", b"", 0o644),
+                E::Link(
+                    "opt/lib/modules/6.1/hard.ko",
+                    "opt/lib/modules/6.1/link-target.ko",
+                ),
+            ],
+            false,
+        );
+        let p = patterns(&["/opt/**/*.ko"]);
+        let tree = MergedTree::from_layers(&[&base, &upper], &p).expect("merge");
+        let files: Vec<&str> = tree.files().collect();
+        assert_eq!(
+            files,
+            [
+                "/opt/lib/modules/6.1/.hidden.ko",
+                "/opt/lib/modules/6.1/a.ko",
+                "/opt/lib/modules/6.1/c.ko",
+                "/opt/lib/modules/6.1/hard.ko",
+                "/opt/lib/modules/6.1/link-target.ko",
+                "/opt/old/new.ko",
+            ]
+        );
+        // A hard link carries its target's contents and mode.
+        let hard = tree
+            .nodes
+            .get("/opt/lib/modules/6.1/hard.ko")
+            .expect("hard");
+        assert!(matches!(&hard.kind, Kind::File(Some(d)) if d == b"T"));
+        assert_eq!(hard.meta.mode, 0o600);
+
+        // A file replacing a directory hides what was below it.
+        let replace = tar_of(&[E::File("opt/lib", b"file now", 0o644)], false);
+        let tree = MergedTree::from_layers(&[&base, &upper, &replace], &p).expect("merge");
+        assert_eq!(
+            tree.files().collect::<Vec<_>>(),
+            ["/opt/lib", "/opt/old/new.ko"]
+        );
+    }
+
+    #[test]
+    fn hard_link_to_an_unmatched_file_is_resolved() {
+        let layer = tar_of(
+            &[
+                E::File("usr/share/real.bin", b"REAL", 0o644),
+                E::Link("opt/lib/modules/m.ko", "usr/share/real.bin"),
+            ],
+            false,
+        );
+        let p = patterns(&["/opt/lib/modules/*.ko"]);
+        let tree = MergedTree::from_layers(&[&layer], &p).expect("merge");
+        let node = tree.nodes.get("/opt/lib/modules/m.ko").expect("link");
+        assert!(matches!(&node.kind, Kind::File(Some(d)) if d == b"REAL"));
+    }
+
+    #[test]
+    fn signing_layer_holds_signed_copies_with_parents() {
+        let signer = test_signer("layer test");
+        let base = tar_of(
+            &[
+                E::Dir("opt/"),
+                E::Dir("opt/lib/"),
+                E::File("opt/lib/a.ko", b"module a", 0o640),
+                E::File("opt/lib/notes.txt", b"not signed", 0o644),
+                E::File("opt/lib/b.ko", b"module b", 0o644),
+                E::Symlink("opt/lib/sym.ko", "a.ko"),
+            ],
+            true,
+        );
+        let p = patterns(&["/opt/lib/*.ko"]);
+        let layer =
+            build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256).expect("layer");
+        assert_eq!(layer.files, ["/opt/lib/a.ko", "/opt/lib/b.ko"]);
+        let entries = read_signing_layer(&layer.blob);
+        assert_eq!(
+            entries.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["opt/", "opt/lib/", "opt/lib/a.ko", "opt/lib/b.ko"]
+        );
+        let (kind, mode, data) = &entries["opt/lib/a.ko"];
+        assert_eq!((*kind, *mode), (tar::EntryType::Regular, 0o640));
+        assert_eq!(entries["opt/lib/"].1, 0o750, "parent directory mode kept");
+        assert_eq!(strip_signature_ok(data), b"module a");
+        let info = signature_info(data).expect("info").expect("signed");
+        assert_eq!(info.signer.as_deref(), Some("layer test"));
+
+        // The uncompressed tar is what diff_id names; the blob is what digest names.
+        let mut tar = Vec::new();
+        GzDecoder::new(layer.blob.as_slice())
+            .read_to_end(&mut tar)
+            .expect("gunzip");
+        assert_eq!(layer.diff_id, sha256_id(&tar));
+        assert_eq!(layer.digest, sha256_id(&layer.blob));
+
+        // Deterministic, and a signed input is re-signed from its unsigned contents.
+        let again =
+            build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256).expect("layer");
+        assert_eq!(again.digest, layer.digest);
+        let signed_on_top = tar_of(&[E::File("opt/lib/a.ko", data, 0o640)], false);
+        let resigned =
+            build_signing_layer(&[&base, &signed_on_top], &p, &signer, HashAlgorithm::Sha256)
+                .expect("layer");
+        assert_eq!(read_signing_layer(&resigned.blob)["opt/lib/a.ko"].2, *data);
+    }
+
+    fn strip_signature_ok(data: &[u8]) -> &[u8] {
+        crate::sign::strip_signature(data).expect("strip")
+    }
+
+    #[test]
+    fn unmatched_pattern_is_named() {
+        let signer = test_signer("nomatch");
+        let base = tar_of(
+            &[
+                E::File("opt/lib/a.ko", b"a", 0o644),
+                E::Symlink("opt/lib/s.ko", "a.ko"),
+            ],
+            false,
+        );
+        let p = patterns(&["/opt/lib/*.ko", "/opt/extra/*.ko"]);
+        let err =
+            build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256).expect_err("error");
+        assert_eq!(err.category(), "pattern");
+        assert!(err.to_string().contains("/opt/extra/*.ko"), "{err}");
+        // A symlink alone does not count as a match.
+        let p = patterns(&["/opt/lib/s.ko"]);
+        assert!(build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256).is_err());
+    }
+
+    #[test]
+    fn zstd_and_garbage_layers_are_image_errors() {
+        let p = patterns(&["/x"]);
+        let zstd = [0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0];
+        let err = MergedTree::from_layers(&[&zstd], &p).expect_err("error");
+        assert_eq!(err.category(), "image");
+        assert!(err.to_string().contains("zstd"));
+        let garbage = vec![7u8; 1024];
+        assert!(MergedTree::from_layers(&[&garbage], &p).is_err());
+    }
+}
