@@ -361,12 +361,15 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
         now,
     );
 
-    ctx.views.put(McmView {
+    let view_changed = ctx.views.put(McmView {
         name: name.clone(),
         clusters: cluster_outcomes.into_iter().map(|o| o.view).collect(),
         images: status.images.clone(),
         last_error: degraded_reasons.first().cloned(),
     });
+    if view_changed {
+        ctx.caches.bump();
+    }
     write_status(ctx, mcm, status).await?;
     if created > 0 {
         event(
@@ -633,6 +636,7 @@ async fn cleanup(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Er
     if works.is_empty() {
         ctx.views.remove(&name);
         ctx.images.forget(&name);
+        ctx.caches.bump();
         return Ok(Action::await_change());
     }
     let pending: Vec<String> = works
@@ -765,5 +769,61 @@ pub async fn event(
     reference.namespace = Some("default".into());
     if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
         tracing::warn!(error = %e, reason, "event not published");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(cluster: &str, applied: bool, degraded: bool) -> WorkEntry {
+        WorkEntry {
+            mcm: "m".into(),
+            cluster: cluster.into(),
+            applied,
+            degraded,
+            ..Default::default()
+        }
+    }
+
+    /// SPEC §7 case 7: works {Applied=True}, {Degraded=True} → desired 2, applied 1, degraded 1.
+    #[test]
+    fn status_counts_from_work_conditions() {
+        let works = BTreeMap::from([
+            ("c1".to_string(), entry("c1", true, false)),
+            ("c2".to_string(), entry("c2", false, true)),
+        ]);
+        let mut s = ManagedClusterModuleStatus::default();
+        fill_counts(&mut s, &works, None);
+        assert_eq!(
+            (
+                s.number_desired,
+                s.number_applied,
+                s.number_degraded,
+                s.number_available
+            ),
+            (2, 1, 1, 0)
+        );
+        // Only selected clusters count; a work being deleted does not.
+        let selected: BTreeSet<&str> = ["c1"].into();
+        fill_counts(&mut s, &works, Some(&selected));
+        assert_eq!((s.number_desired, s.number_applied), (1, 1));
+    }
+
+    #[test]
+    fn available_needs_feedback_showing_every_pod_available() {
+        let mut w = entry("c1", true, false);
+        w.available = true;
+        assert!(!w.module_available(), "no feedback yet");
+        w.feedback.insert("moduleLoader.desiredNumber".into(), 3);
+        w.feedback.insert("moduleLoader.availableNumber".into(), 2);
+        assert!(!w.module_available());
+        w.feedback.insert("moduleLoader.availableNumber".into(), 3);
+        assert!(w.module_available());
+        w.feedback.insert("devicePlugin.desiredNumber".into(), 3);
+        assert!(
+            !w.module_available(),
+            "device plugin reported desired but not available"
+        );
     }
 }

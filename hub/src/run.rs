@@ -218,6 +218,33 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         });
     }
 
+    // The dashboard's live stream also announces MCMs appearing and going.
+    let (fp_store, fp_caches, fp_token) = (store.clone(), caches.clone(), token.clone());
+    tokio::spawn(async move {
+        let mut last = Vec::new();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = fp_token.cancelled() => return,
+            }
+            let mut now: Vec<(String, String)> = fp_store
+                .state()
+                .iter()
+                .map(|m| {
+                    (
+                        m.metadata.name.clone().unwrap_or_default(),
+                        m.metadata.resource_version.clone().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            now.sort();
+            if now != last {
+                fp_caches.bump();
+                last = now;
+            }
+        }
+    });
+
     let ctx = Arc::new(Context {
         client: client.clone(),
         operator_namespace: args.operator_namespace.clone(),

@@ -41,9 +41,11 @@ pub struct McmView {
 pub struct Views(RwLock<BTreeMap<String, McmView>>);
 
 impl Views {
-    pub fn put(&self, v: McmView) {
-        if let Ok(mut m) = self.0.write() {
-            m.insert(v.name.clone(), v);
+    /// Store the view; returns whether it differs from the previous one.
+    pub fn put(&self, v: McmView) -> bool {
+        match self.0.write() {
+            Ok(mut m) => m.insert(v.name.clone(), v.clone()).as_ref() != Some(&v),
+            Err(_) => false,
         }
     }
 

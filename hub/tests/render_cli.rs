@@ -1,0 +1,111 @@
+//! `kmm-hub render`: the ManifestWorks the controller would write, offline.
+
+use std::process::Command;
+
+const MCM: &str = r#"
+apiVersion: hub.kmm.sigs.x-k8s.io/v1beta1
+kind: ManagedClusterModule
+metadata: {name: mod-example}
+spec:
+  spokeNamespace: kmm-labs
+  selector: {env: prod}
+  moduleSpec:
+    selector: {node-role.kubernetes.io/worker: ""}
+    moduleLoader:
+      container:
+        modprobe: {moduleName: kmm_ci_a}
+        kernelMappings:
+          - regexp: '^5\.14.*$'
+            containerImage: reg.example/kmm/$MOD_NAMESPACE/kmm-ci-a:${KERNEL_FULL_VERSION}
+            build: {dockerfileConfigMap: {name: df}}
+"#;
+
+const CLUSTERS: &str = r#"
+apiVersion: cluster.open-cluster-management.io/v1
+kind: ManagedCluster
+metadata: {name: c1, labels: {env: prod}}
+spec: {hubAcceptsClient: true}
+status:
+  clusterClaims:
+    - {name: kernel-versions.kmm.node.kubernetes.io, value: "5.14.0-1\n5.15.0-2"}
+---
+apiVersion: cluster.open-cluster-management.io/v1
+kind: ManagedCluster
+metadata: {name: c2, labels: {env: prod}}
+spec: {hubAcceptsClient: true}
+---
+apiVersion: cluster.open-cluster-management.io/v1
+kind: ManagedCluster
+metadata: {name: c3, labels: {env: dev}}
+spec: {hubAcceptsClient: true}
+"#;
+
+const DIGEST: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+fn render(dir: &std::path::Path, mcm: &str, digests: &str) -> std::process::Output {
+    std::fs::write(dir.join("mcm.yaml"), mcm).unwrap();
+    std::fs::write(dir.join("clusters.yaml"), CLUSTERS).unwrap();
+    std::fs::write(dir.join("digests.yaml"), digests).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_kmm-hub"))
+        .args(["render", "--mcm"])
+        .arg(dir.join("mcm.yaml"))
+        .arg("--clusters")
+        .arg(dir.join("clusters.yaml"))
+        .arg("--digests")
+        .arg(dir.join("digests.yaml"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn renders_one_pinned_work_per_ready_cluster_and_reports_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = render(
+        dir.path(),
+        MCM,
+        &format!("reg.example/kmm/kmm-labs/kmm-ci-a:5.14.0-1: {DIGEST}\n"),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let works: Vec<serde_json::Value> = stdout
+        .split("---\n")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_yaml::from_str(d).unwrap())
+        .collect();
+    assert_eq!(works.len(), 1, "{stdout}");
+    assert_eq!(works[0]["metadata"]["namespace"], "c1");
+    let mappings = &works[0]["spec"]["workload"]["manifests"][0]["spec"]["moduleLoader"]["container"]
+        ["kernelMappings"];
+    assert_eq!(mappings[0]["literal"], "5.14.0-1");
+    assert_eq!(
+        mappings[0]["containerImage"],
+        format!("reg.example/kmm/kmm-labs/kmm-ci-a@{DIGEST}")
+    );
+    assert!(mappings[0].get("build").is_none());
+    assert!(stderr.contains("cluster c2: NoKernelClaim"), "{stderr}");
+    assert!(!stderr.contains("c3"), "c3 is not selected: {stderr}");
+    assert!(
+        !out.status.success(),
+        "c2 has no work, so the preview says not everything renders"
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let invalid = MCM.replace("'^5\\.14.*$'", "'('");
+    let out = render(dir.path(), &invalid, "{}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("kernelMappings[0].regexp"), "{stderr}");
+    let out = render(
+        dir.path(),
+        MCM,
+        "reg.example/kmm/kmm-labs/kmm-ci-a:5.14.0-1: not-a-digest\n",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not sha256"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
