@@ -2,7 +2,7 @@
 //! Only what the reconciler and the dashboard need is kept, so 5,000 clusters stay small.
 //! A change that matters enqueues the affected ManagedClusterModules.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -154,7 +154,7 @@ pub struct Caches {
     pub jobs: RwLock<BTreeMap<String, JobEntry>>,
     pub jobs_synced: AtomicBool,
     pub clusters: RwLock<BTreeMap<String, ClusterFacts>>,
-    pub works: RwLock<HashMap<(String, String), WorkEntry>>,
+    pub works: RwLock<BTreeMap<(String, String), WorkEntry>>,
     pub clusters_synced: AtomicBool,
     pub works_synced: AtomicBool,
     pub events: RwLock<VecDeque<RecentEvent>>,
@@ -251,6 +251,68 @@ fn mcms_selecting(
         .collect()
 }
 
+/// Mirror a watch into a compact map: `entry` projects an object (None: not ours),
+/// `changed(old, new)` hears about every real change, `relisted` about every (re)list.
+#[allow(clippy::too_many_arguments)]
+async fn mirror<K, Key, V>(
+    kind: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    map: &RwLock<BTreeMap<Key, V>>,
+    synced: &AtomicBool,
+    entry: impl Fn(&K) -> Option<(Key, V)>,
+    key: impl Fn(&K) -> Key,
+    changed: impl Fn(Option<&V>, Option<&V>),
+    relisted: impl Fn(),
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    Key: Ord + Clone,
+    V: PartialEq,
+{
+    let mut buffer: BTreeMap<Key, V> = BTreeMap::new();
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    loop {
+        let ev = match stream.try_next().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, kind, "watch error");
+                continue;
+            }
+        };
+        match ev {
+            Event::Init => buffer.clear(),
+            Event::InitApply(obj) => {
+                if let Some((k, v)) = entry(&obj) {
+                    buffer.insert(k, v);
+                }
+            }
+            Event::InitDone => {
+                if let Ok(mut m) = map.write() {
+                    *m = std::mem::take(&mut buffer);
+                }
+                synced.store(true, Ordering::Release);
+                relisted();
+            }
+            Event::Apply(obj) => {
+                let Some((k, v)) = entry(&obj) else { continue };
+                let Ok(mut m) = map.write() else { continue };
+                let old = m.insert(k.clone(), v);
+                let new = m.get(&k);
+                if old.as_ref() != new {
+                    changed(old.as_ref(), new);
+                }
+            }
+            Event::Delete(obj) => {
+                let old = map.write().ok().and_then(|mut m| m.remove(&key(&obj)));
+                if old.is_some() {
+                    changed(old.as_ref(), None);
+                }
+            }
+        }
+    }
+}
+
 /// Watch ManagedClusters; enqueue the MCMs whose selector matches the old or the new labels
 /// when labels or kernels change (upstream only looks at the new labels).
 pub async fn watch_clusters(
@@ -259,185 +321,80 @@ pub async fn watch_clusters(
     mcms: Store<ManagedClusterModule>,
     trigger: Trigger,
 ) {
-    let api: Api<ManagedCluster> = Api::all(client);
-    let mut buffer: BTreeMap<String, ClusterFacts> = BTreeMap::new();
-    let mut stream = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    loop {
-        let ev = match stream.try_next().await {
-            Ok(Some(ev)) => ev,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "ManagedCluster watch error");
-                continue;
+    let empty = BTreeMap::new();
+    mirror(
+        "ManagedCluster",
+        Api::<ManagedCluster>::all(client),
+        watcher::Config::default(),
+        &caches.clusters,
+        &caches.clusters_synced,
+        |c| {
+            let f = ClusterFacts::from_cluster(c);
+            Some((f.name.clone(), f))
+        },
+        |c| c.name_any(),
+        |old, new| {
+            let labels: Vec<&BTreeMap<String, String>> = [
+                old.map_or(&empty, |o| &o.labels),
+                new.map_or(&empty, |n| &n.labels),
+            ]
+            .into();
+            for r in mcms_selecting(&mcms, &labels) {
+                let _ = trigger.send(r);
             }
-        };
-        match ev {
-            Event::Init => buffer.clear(),
-            Event::InitApply(c) => {
-                let f = ClusterFacts::from_cluster(&c);
-                buffer.insert(f.name.clone(), f);
+            caches.bump();
+        },
+        || {
+            // After a (re)list anything may have changed: reconcile every MCM.
+            for m in mcms.state() {
+                let _ = trigger.send(ObjectRef::from_obj(m.as_ref()));
             }
-            Event::InitDone => {
-                let new = std::mem::take(&mut buffer);
-                if let Ok(mut clusters) = caches.clusters.write() {
-                    *clusters = new;
-                }
-                caches.clusters_synced.store(true, Ordering::Release);
-                // After a (re)list anything may have changed: reconcile every MCM.
-                for m in mcms.state() {
-                    let _ = trigger.send(ObjectRef::from_obj(m.as_ref()));
-                }
-                caches.bump();
-            }
-            Event::Apply(c) => {
-                let f = ClusterFacts::from_cluster(&c);
-                let old = caches
-                    .clusters
-                    .write()
-                    .ok()
-                    .and_then(|mut cs| cs.insert(f.name.clone(), f.clone()));
-                if old.as_ref() != Some(&f) {
-                    let empty = BTreeMap::new();
-                    let old_labels = old.as_ref().map_or(&empty, |o| &o.labels);
-                    for r in mcms_selecting(&mcms, &[old_labels, &f.labels]) {
-                        let _ = trigger.send(r);
-                    }
-                    caches.bump();
-                }
-            }
-            Event::Delete(c) => {
-                let name = c.name_any();
-                let old = caches
-                    .clusters
-                    .write()
-                    .ok()
-                    .and_then(|mut cs| cs.remove(&name));
-                if let Some(old) = old {
-                    for r in mcms_selecting(&mcms, &[&old.labels]) {
-                        let _ = trigger.send(r);
-                    }
-                }
-                caches.bump();
-            }
-        }
-    }
+            caches.bump();
+        },
+    )
+    .await
 }
 
 /// Watch our ManifestWorks (by owner label, all namespaces); enqueue the owner MCM when
 /// a work's status or spec changes.
 pub async fn watch_works(client: Client, caches: Arc<Caches>, trigger: Trigger) {
-    let api: Api<ManifestWork> = Api::all(client);
-    let cfg = watcher::Config::default().labels(MCM_OWNER_LABEL);
-    let mut buffer: HashMap<(String, String), WorkEntry> = HashMap::new();
-    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
-    loop {
-        let ev = match stream.try_next().await {
-            Ok(Some(ev)) => ev,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "ManifestWork watch error");
-                continue;
+    mirror(
+        "ManifestWork",
+        Api::<ManifestWork>::all(client),
+        watcher::Config::default().labels(MCM_OWNER_LABEL),
+        &caches.works,
+        &caches.works_synced,
+        |w| WorkEntry::from_work(w).map(|e| ((e.cluster.clone(), w.name_any()), e)),
+        |w| (w.namespace().unwrap_or_default(), w.name_any()),
+        |old, new| {
+            if let Some(e) = new.or(old) {
+                let _ = trigger.send(ObjectRef::new(&e.mcm));
             }
-        };
-        match ev {
-            Event::Init => buffer.clear(),
-            Event::InitApply(w) => {
-                if let Some(e) = WorkEntry::from_work(&w) {
-                    buffer.insert((e.cluster.clone(), w.name_any()), e);
-                }
-            }
-            Event::InitDone => {
-                let new = std::mem::take(&mut buffer);
-                if let Ok(mut works) = caches.works.write() {
-                    *works = new;
-                }
-                caches.works_synced.store(true, Ordering::Release);
-                caches.bump();
-            }
-            Event::Apply(w) => {
-                let Some(e) = WorkEntry::from_work(&w) else {
-                    continue;
-                };
-                let key = (e.cluster.clone(), w.name_any());
-                let old = caches
-                    .works
-                    .write()
-                    .ok()
-                    .and_then(|mut ws| ws.insert(key, e.clone()));
-                if old.as_ref() != Some(&e) {
-                    let _ = trigger.send(ObjectRef::new(&e.mcm));
-                    caches.bump();
-                }
-            }
-            Event::Delete(w) => {
-                let key = (w.namespace().unwrap_or_default(), w.name_any());
-                let old = caches.works.write().ok().and_then(|mut ws| ws.remove(&key));
-                if let Some(old) = old {
-                    let _ = trigger.send(ObjectRef::new(&old.mcm));
-                }
-                caches.bump();
-            }
-        }
-    }
+            caches.bump();
+        },
+        || caches.bump(),
+    )
+    .await
 }
 
 /// Watch our build Jobs in the operator namespace; enqueue the owner MCM on every change.
 pub async fn watch_jobs(client: Client, namespace: String, caches: Arc<Caches>, trigger: Trigger) {
     use k8s_openapi::api::batch::v1::Job;
-    let api: Api<Job> = Api::namespaced(client, &namespace);
-    let cfg = watcher::Config::default().labels(MCM_OWNER_LABEL);
-    let mut buffer: BTreeMap<String, JobEntry> = BTreeMap::new();
-    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
-    loop {
-        let ev = match stream.try_next().await {
-            Ok(Some(ev)) => ev,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "Job watch error");
-                continue;
+    mirror(
+        "Job",
+        Api::<Job>::namespaced(client, &namespace),
+        watcher::Config::default().labels(MCM_OWNER_LABEL),
+        &caches.jobs,
+        &caches.jobs_synced,
+        |j| JobEntry::from_job(j).map(|e| (e.name.clone(), e)),
+        |j| j.name_any(),
+        |old, new| {
+            if let Some(e) = new.or(old) {
+                let _ = trigger.send(ObjectRef::new(&e.mcm));
             }
-        };
-        match ev {
-            Event::Init => buffer.clear(),
-            Event::InitApply(j) => {
-                if let Some(e) = JobEntry::from_job(&j) {
-                    buffer.insert(e.name.clone(), e);
-                }
-            }
-            Event::InitDone => {
-                let new = std::mem::take(&mut buffer);
-                if let Ok(mut jobs) = caches.jobs.write() {
-                    *jobs = new;
-                }
-                caches.jobs_synced.store(true, Ordering::Release);
-            }
-            Event::Apply(j) => {
-                let Some(e) = JobEntry::from_job(&j) else {
-                    continue;
-                };
-                let old = caches
-                    .jobs
-                    .write()
-                    .ok()
-                    .and_then(|mut js| js.insert(e.name.clone(), e.clone()));
-                if old.as_ref() != Some(&e) {
-                    let _ = trigger.send(ObjectRef::new(&e.mcm));
-                    caches.bump();
-                }
-            }
-            Event::Delete(j) => {
-                let old = caches
-                    .jobs
-                    .write()
-                    .ok()
-                    .and_then(|mut js| js.remove(&j.name_any()));
-                if let Some(old) = old {
-                    let _ = trigger.send(ObjectRef::new(&old.mcm));
-                }
-                caches.bump();
-            }
-        }
-    }
+            caches.bump();
+        },
+        || {},
+    )
+    .await
 }

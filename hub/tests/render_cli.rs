@@ -1,4 +1,5 @@
 //! `kmm-hub render`: the ManifestWorks the controller would write, offline.
+#![allow(clippy::unwrap_used)] // test fixtures
 
 use std::process::Command;
 
