@@ -1,7 +1,7 @@
 # kmm-fleet everyday commands. `just` lists them.
 
 default:
-    @just --list
+    @{{just_executable()}} --list
 
 # Format all code.
 fmt:
