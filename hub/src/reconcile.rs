@@ -331,7 +331,13 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
     let all_available = status.number_available == selected.len() as i32
         && problems.is_empty()
         && pending.is_empty();
-    let progressing = !all_available && !degraded_only_blocker(&pending, &problems);
+    // Rolling out: something is on its way (an image being resolved, built or signed, or a
+    // shipped work not yet available); failures alone are Degraded, not progress.
+    let in_flight = pending
+        .iter()
+        .any(|i| matches!(i.state, ImageState::Pending | ImageState::Building | ImageState::Signing))
+        || status.number_available < status.number_desired;
+    let progressing = !all_available && in_flight;
     let progress = progress_message(&status, selected.len(), &pending, &problems);
     set_condition(
         &mut status.conditions,
@@ -436,15 +442,6 @@ fn degraded_reason(
     } else {
         "ManifestWorksDegraded"
     }
-}
-
-/// Only failures block progress: nothing is rolling out by itself then.
-fn degraded_only_blocker(pending: &[ImageStatus], problems: &[ClusterProblem]) -> bool {
-    !pending.is_empty()
-        && pending
-            .iter()
-            .all(|i| i.state == ImageState::Failed || i.state == ImageState::Missing)
-        && problems.iter().all(|p| p.reason != "ImagesPending")
 }
 
 fn progress_message(
