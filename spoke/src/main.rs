@@ -1,1 +1,133 @@
-fn main() {}
+//! `kmm-spoke`: see `docs/spoke.md`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use kmm_spoke::cli::{Cli, Command, RenderArgs, RunArgs};
+use kmm_spoke::{Agent, AgentConfig};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use prometheus_client::registry::Registry;
+use shared_api::runtime::lease::LeaseConfig;
+use shared_api::runtime::{admin, shutdown, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Render(args) => render(args),
+        Command::Run(args) => {
+            if let Err(e) = telemetry::init_tracing(args.log_format, &args.log_filter) {
+                eprintln!("kmm-spoke: {e}");
+                return ExitCode::FAILURE;
+            }
+            // A single-threaded runtime: the agent is I/O-bound and should stay small.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("kmm-spoke: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "kmm-spoke failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn render(args: RenderArgs) -> ExitCode {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let (module, nodes) = match (read(&args.module), read(&args.nodes)) {
+        (Ok(m), Ok(n)) => (m, n),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("kmm-spoke render: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match kmm_spoke::render_cmd::render(
+        &module,
+        &nodes,
+        &args.render.settings(),
+        args.kubernetes_minor,
+    ) {
+        Ok((yaml, warnings)) => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kmm-spoke render: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn client(args: &RunArgs) -> anyhow::Result<Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .context("kubeconfig")?
+        }
+        None => Config::infer()
+            .await
+            .context("no in-cluster configuration and no kubeconfig")?,
+    };
+    Client::try_from(config).context("building the API client")
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let token = shutdown::install();
+    let client = client(&args).await?;
+    let identity = args.identity();
+    let cfg = AgentConfig {
+        settings: args.render.settings(),
+        resync: args.resync_period,
+        leader_election: args.leader_elect.then(|| {
+            LeaseConfig::new(
+                args.lease_name.clone(),
+                args.lease_namespace.clone(),
+                identity.clone(),
+            )
+        }),
+        cluster_claims: args.cluster_claims,
+        identity,
+        workers: args.workers,
+    };
+    let mut registry = Registry::default();
+    let health = admin::Health::new();
+    let agent = Agent::new(client, cfg, &mut registry, &health);
+    let router = admin::router(health.clone(), Arc::new(registry));
+    let addr = args.admin_address();
+    let t = token.clone();
+    let admin_task = tokio::spawn(admin::serve(
+        addr,
+        router,
+        async move { t.cancelled().await },
+        |_| {},
+    ));
+    let result = agent.run(token.clone()).await;
+    token.cancel();
+    match admin_task.await {
+        Ok(Err(e)) => return Err(e).context("admin server"),
+        Err(e) => tracing::warn!(error = %e, "admin server task ended abnormally"),
+        Ok(Ok(())) => {}
+    }
+    result.context("agent")
+}

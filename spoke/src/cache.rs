@@ -1,0 +1,192 @@
+//! The agent's caches: one watch per kind, filtered where the API allows it and stripped
+//! of everything the reconcilers do not read, so that the agent stays small.
+//!
+//! Each informer applies watch events to a reflector store and, for every event, tells the
+//! caller what changed (with the store still holding the previous state), so triggers can
+//! be computed from real transitions; the triggers are dispatched after the store update.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::hash::Hash;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Node,
+    NodeSpec, NodeStatus, NodeSystemInfo, Pod, PodCondition, PodSpec, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
+use kube::api::Api;
+use kube::runtime::reflector::Store;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::{WatchStreamExt, watcher};
+use serde::de::DeserializeOwned;
+use shared_api::runtime::admin::ReadyGate;
+use shared_api::runtime::shutdown::CancellationToken;
+use shared_api::{ClusterClaim, Module};
+
+use crate::render::SPEC_HASH_ANNOTATION;
+
+/// Run one informer until `token` is cancelled. `before` sees each (stripped) event with
+/// the store in its previous state and returns triggers; `after` receives them once the
+/// store is updated. `gate` opens at the first complete list.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_informer<K, T>(
+    kind: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    mut writer: Writer<K>,
+    strip: fn(&mut K),
+    mut before: impl FnMut(&Store<K>, &watcher::Event<K>) -> T,
+    mut after: impl FnMut(T),
+    gate: ReadyGate,
+    token: CancellationToken,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let reader = writer.as_reader();
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    loop {
+        let item = tokio::select! {
+            _ = token.cancelled() => break,
+            item = stream.next() => item,
+        };
+        let Some(item) = item else { break };
+        match item {
+            Ok(mut event) => {
+                match &mut event {
+                    watcher::Event::Apply(o)
+                    | watcher::Event::Delete(o)
+                    | watcher::Event::InitApply(o) => strip(o),
+                    watcher::Event::Init | watcher::Event::InitDone => {}
+                }
+                let triggers = before(&reader, &event);
+                writer.apply_watcher_event(&event);
+                if matches!(event, watcher::Event::InitDone) {
+                    gate.set(true);
+                    tracing::debug!(kind, objects = reader.len(), "cache synced");
+                }
+                after(triggers);
+            }
+            Err(e) => {
+                tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
+            }
+        }
+    }
+}
+
+fn strip_meta(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    meta.self_link = None;
+}
+
+/// Modules are kept whole (they are the input), less managed fields.
+pub fn strip_module(m: &mut Module) {
+    strip_meta(&mut m.metadata);
+    m.metadata.annotations = None;
+}
+
+/// Claims are small; managed fields go.
+pub fn strip_claim(c: &mut ClusterClaim) {
+    strip_meta(&mut c.metadata);
+    c.metadata.annotations = None;
+}
+
+/// Nodes: name, uid, labels, taints, deletion, kernel. The rest (images, conditions,
+/// addresses, annotations) is dropped.
+pub fn strip_node(n: &mut Node) {
+    strip_meta(&mut n.metadata);
+    n.metadata.annotations = None;
+    n.metadata.owner_references = None;
+    let spec = n.spec.take().unwrap_or_default();
+    n.spec = Some(NodeSpec {
+        taints: spec.taints,
+        unschedulable: spec.unschedulable,
+        ..Default::default()
+    });
+    let kernel = n
+        .status
+        .as_ref()
+        .and_then(|s| s.node_info.as_ref())
+        .map(|i| i.kernel_version.clone())
+        .unwrap_or_default();
+    n.status = Some(NodeStatus {
+        node_info: Some(NodeSystemInfo {
+            kernel_version: kernel,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+}
+
+/// Pods: labels, node, deletion, phase, Ready condition and container states.
+pub fn strip_pod(p: &mut Pod) {
+    strip_meta(&mut p.metadata);
+    p.metadata.annotations = None;
+    p.metadata.owner_references = None;
+    let node_name = p.spec.as_ref().and_then(|s| s.node_name.clone());
+    p.spec = Some(PodSpec {
+        node_name,
+        ..Default::default()
+    });
+    if let Some(status) = p.status.take() {
+        p.status = Some(PodStatus {
+            phase: status.phase,
+            conditions: status.conditions.map(|cs| {
+                cs.into_iter()
+                    .filter(|c| c.type_ == "Ready")
+                    .map(|c| PodCondition {
+                        type_: c.type_,
+                        status: c.status,
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            container_statuses: status
+                .container_statuses
+                .map(|cs| cs.into_iter().map(strip_container_status).collect()),
+            init_container_statuses: status
+                .init_container_statuses
+                .map(|cs| cs.into_iter().map(strip_container_status).collect()),
+            ..Default::default()
+        });
+    }
+}
+
+fn strip_container_status(c: ContainerStatus) -> ContainerStatus {
+    let state = c.state.map(|s| ContainerState {
+        waiting: s.waiting.map(|w| ContainerStateWaiting {
+            reason: w.reason,
+            message: w.message,
+        }),
+        terminated: s.terminated.map(|t| ContainerStateTerminated {
+            exit_code: t.exit_code,
+            reason: t.reason,
+            message: t.message,
+            ..Default::default()
+        }),
+        running: None,
+    });
+    ContainerStatus {
+        name: c.name,
+        ready: c.ready,
+        restart_count: c.restart_count,
+        state,
+        ..Default::default()
+    }
+}
+
+/// DaemonSets: metadata (labels, owners, generation, our hash annotation) and status; the
+/// spec is never read back (the hash annotation stands for it).
+pub fn strip_daemonset(d: &mut DaemonSet) {
+    strip_meta(&mut d.metadata);
+    let hash = d
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SPEC_HASH_ANNOTATION).cloned());
+    d.metadata.annotations = hash.map(|h| BTreeMap::from([(SPEC_HASH_ANNOTATION.to_string(), h)]));
+    d.spec = None;
+}

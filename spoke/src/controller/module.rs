@@ -1,0 +1,700 @@
+//! The Module reconciler: validate, render, apply the DaemonSets, delete orphans, keep the
+//! Module's node labels, write status; on deletion clean up and release the finalizer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use shared_api::Module;
+use shared_api::conditions::{DEGRADED, PROGRESSING, READY, VALID, set_condition};
+use shared_api::labels::{
+    MODULE_FINALIZER, MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_LABEL,
+    ROLE_LOADER, SPOKE_DAEMONSET_MANAGER, SPOKE_STATUS_MANAGER, TARGET_KERNEL_LABEL,
+    deprecated_ready_label, is_module_node_label, kernel_label_value, module_ready_label,
+    version_module_label,
+};
+use shared_api::module::{DaemonSetStatus, ModuleStatus};
+use shared_api::runtime::queue::Action;
+use shared_api::validate::{self, validate_module};
+
+use super::{Context, ModuleKey};
+use crate::error::ReconcileError;
+use crate::render::nodes::{node_kernel, node_labels, pod_node, pod_ready, targeted_nodes};
+use crate::render::{ModulePlan, module_version, plan_module, spec_hash};
+
+/// The field manager of one Module's node labels: several Modules co-own labels on a node,
+/// and dropping a Module's labels is an apply of none under its manager.
+pub fn node_label_manager(namespace: &str, name: &str) -> String {
+    format!("kmm-spoke/{namespace}.{name}")
+}
+
+pub async fn reconcile(key: &ModuleKey, ctx: &Context) -> Result<Action, ReconcileError> {
+    let (namespace, name) = key;
+    let Some(module) = ctx
+        .stores
+        .modules
+        .get(&ObjectRef::<Module>::new(name).within(namespace))
+    else {
+        // Gone without our finalizer (or removed by hand): drop what is left of it.
+        cleanup(key, ctx, None).await?;
+        return Ok(Action::AwaitChange);
+    };
+    if module.metadata.deletion_timestamp.is_some() {
+        return finalize(&module, key, ctx).await;
+    }
+    if !module.finalizers().iter().any(|f| f == MODULE_FINALIZER) {
+        add_finalizer(&module, ctx).await?;
+    }
+
+    let nodes = ctx.stores.nodes.state();
+    let owned = owned_daemonsets(&module, ctx);
+    let violations = validate_module(
+        &module,
+        validate::Context {
+            kubernetes_minor: ctx.kubernetes_minor,
+        },
+    );
+    let plan = if violations.is_empty() {
+        let plan = plan_module(&module, nodes.iter().map(Arc::as_ref), &ctx.settings);
+        apply_daemonsets(&plan, &owned, ctx).await?;
+        delete_orphans(&module, &plan, &owned, ctx).await?;
+        Some(plan)
+    } else {
+        // Bad input never deletes what works: existing DaemonSets are left as they are.
+        tracing::info!(module = %format!("{namespace}/{name}"), violations = violations.len(), "invalid Module");
+        None
+    };
+
+    sync_node_labels(namespace, name, false, ctx).await?;
+    let status = compute_status(&module, &violations, plan.as_ref(), &nodes, ctx);
+    write_status(&module, status, ctx).await?;
+    Ok(Action::Requeue(ctx.resync))
+}
+
+/// The DaemonSets of this Module in the cache (by owner label; owned by this Module's uid
+/// when they carry an owner reference).
+fn owned_daemonsets(module: &Module, ctx: &Context) -> Vec<Arc<DaemonSet>> {
+    let ns = module.namespace().unwrap_or_default();
+    let name = module.name_any();
+    let uid = module.uid();
+    ctx.stores.daemonsets.state_filter(|ds| {
+        ds.namespace().as_deref() == Some(ns.as_str())
+            && ds.labels().get(MODULE_NAME_LABEL) == Some(&name)
+            && (ds.owner_references().is_empty()
+                || ds
+                    .owner_references()
+                    .iter()
+                    .any(|o| Some(&o.uid) == uid.as_ref()))
+    })
+}
+
+async fn apply_daemonsets(
+    plan: &ModulePlan,
+    owned: &[Arc<DaemonSet>],
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    for desired in plan.loaders.iter().chain(plan.device_plugin.as_ref()) {
+        let name = desired.name_any();
+        let ns = desired.namespace().unwrap_or_default();
+        let current = owned.iter().find(|d| d.name_any() == name);
+        if current.is_some_and(|c| {
+            spec_hash(c) == spec_hash(desired) && c.metadata.deletion_timestamp.is_none()
+        }) {
+            continue;
+        }
+        let mut body = serde_json::to_value(desired).map_err(|source| ReconcileError::Encode {
+            what: "DaemonSet",
+            source,
+        })?;
+        body["apiVersion"] = json!("apps/v1");
+        body["kind"] = json!("DaemonSet");
+        let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch(
+            &name,
+            &PatchParams::apply(SPOKE_DAEMONSET_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(|source| ReconcileError::ApplyDaemonSet {
+            namespace: ns.clone(),
+            name: name.clone(),
+            source,
+        })?;
+        ctx.metrics.write("daemonset-apply");
+        tracing::info!(daemonset = %format!("{ns}/{name}"), "applied DaemonSet");
+    }
+    Ok(())
+}
+
+/// Whether a DaemonSet's status says it targets no node for its current spec.
+fn targets_no_node(ds: &DaemonSet) -> bool {
+    let Some(st) = ds.status.as_ref() else {
+        return false;
+    };
+    st.desired_number_scheduled == 0
+        && st.observed_generation.unwrap_or(0) >= ds.metadata.generation.unwrap_or(0)
+}
+
+async fn delete_orphans(
+    module: &Module,
+    plan: &ModulePlan,
+    owned: &[Arc<DaemonSet>],
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let wanted = plan.names();
+    let version = module_version(module);
+    for ds in owned {
+        let name = ds.name_any();
+        if wanted.contains(&name) || ds.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let labels = ds.labels();
+        let ds_version = labels.get(MODULE_VERSION_LABEL).map(String::as_str);
+        let role = labels.get(ROLE_LABEL).map(String::as_str);
+        if role == Some(ROLE_LOADER)
+            && ds_version == version
+            && labels
+                .get(TARGET_KERNEL_LABEL)
+                .is_some_and(|k| plan.failed_kernels.contains_key(k))
+        {
+            continue; // its kernel failed to render this time: keep what works
+        }
+        let older_version = version.is_some() && ds_version.is_some() && ds_version != version;
+        if role == Some(ROLE_DEVICE_PLUGIN)
+            && module.spec.device_plugin.is_some()
+            && older_version
+            && !targets_no_node(ds)
+        {
+            continue;
+        }
+        if role == Some(ROLE_LOADER) && older_version && !targets_no_node(ds) {
+            continue; // ordered upgrade: nodes still labelled for the old version keep it
+        }
+        delete_daemonset(ds, ctx).await?;
+    }
+    Ok(())
+}
+
+async fn delete_daemonset(ds: &DaemonSet, ctx: &Context) -> Result<(), ReconcileError> {
+    let name = ds.name_any();
+    let ns = ds.namespace().unwrap_or_default();
+    let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ns);
+    match api.delete(&name, &DeleteParams::background()).await {
+        Ok(_) => {
+            ctx.metrics.write("daemonset-delete");
+            tracing::info!(daemonset = %format!("{ns}/{name}"), "deleted DaemonSet");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(ReconcileError::DeleteDaemonSet {
+            namespace: ns,
+            name,
+            source,
+        }),
+    }
+}
+
+/// Bring this Module's labels on every node in line with its pods (`drop_all`: none).
+/// Also removes the deprecated `<name>.ready` label where seen.
+pub async fn sync_node_labels(
+    namespace: &str,
+    name: &str,
+    drop_all: bool,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let pods: Vec<Arc<Pod>> = ctx.stores.pods.state_filter(|p| {
+        p.namespace().as_deref() == Some(namespace)
+            && p.labels().get(MODULE_NAME_LABEL).map(String::as_str) == Some(name)
+    });
+    let deprecated = deprecated_ready_label(name);
+    // Never remove a key that is some other Module's current ready label.
+    let deprecated_is_live = ctx.stores.modules.state().iter().any(|m| {
+        module_ready_label(&m.namespace().unwrap_or_default(), &m.name_any()) == deprecated
+    });
+    for node in ctx.stores.nodes.state() {
+        let node_name = node.name_any();
+        let desired = if drop_all {
+            BTreeMap::new()
+        } else {
+            node_labels(namespace, name, &node_name, pods.iter().map(Arc::as_ref))
+        };
+        let current: BTreeMap<String, String> = node
+            .labels()
+            .iter()
+            .filter(|(k, _)| is_module_node_label(k, namespace, name))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if desired != current && node.metadata.deletion_timestamp.is_none() {
+            apply_node_labels(&node, namespace, name, &desired, ctx).await?;
+        }
+        if !deprecated_is_live && node.labels().contains_key(&deprecated) {
+            remove_labels(&node_name, std::slice::from_ref(&deprecated), ctx).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn apply_node_labels(
+    node: &Node,
+    namespace: &str,
+    name: &str,
+    desired: &BTreeMap<String, String>,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let node_name = node.name_any();
+    let mut meta = json!({ "name": node_name });
+    if !desired.is_empty() {
+        meta["labels"] = json!(desired);
+    }
+    // The uid makes a write to a node that was replaced under the same name fail.
+    if let Some(uid) = node.uid() {
+        meta["uid"] = json!(uid);
+    }
+    let body = json!({ "apiVersion": "v1", "kind": "Node", "metadata": meta });
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let manager = node_label_manager(namespace, name);
+    let result = api
+        .patch(
+            &node_name,
+            &PatchParams::apply(&manager).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(|source| ReconcileError::NodeLabels {
+            node: node_name.clone(),
+            source,
+        })?;
+    ctx.metrics.write("node-labels");
+    // Labels of ours that someone else also owns survive an apply; take them off directly.
+    let leftover: Vec<String> = result
+        .labels()
+        .keys()
+        .filter(|k| is_module_node_label(k, namespace, name) && !desired.contains_key(*k))
+        .cloned()
+        .collect();
+    if !leftover.is_empty() {
+        remove_labels(&node_name, &leftover, ctx).await?;
+    }
+    tracing::debug!(node = %node_name, module = %format!("{namespace}/{name}"), labels = ?desired, "node labels applied");
+    Ok(())
+}
+
+async fn remove_labels(node: &str, keys: &[String], ctx: &Context) -> Result<(), ReconcileError> {
+    let labels: serde_json::Map<String, serde_json::Value> = keys
+        .iter()
+        .map(|k| (k.clone(), serde_json::Value::Null))
+        .collect();
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    api.patch(
+        node,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "metadata": { "labels": labels } })),
+    )
+    .await
+    .map_err(|source| ReconcileError::NodeLabels {
+        node: node.to_string(),
+        source,
+    })?;
+    ctx.metrics.write("node-labels");
+    Ok(())
+}
+
+async fn add_finalizer(module: &Module, ctx: &Context) -> Result<(), ReconcileError> {
+    let ns = module.namespace().unwrap_or_default();
+    let name = module.name_any();
+    let patch = if module.finalizers().is_empty() {
+        json!([
+            { "op": "test", "path": "/metadata/resourceVersion", "value": module.resource_version() },
+            { "op": "add", "path": "/metadata/finalizers", "value": [MODULE_FINALIZER] }
+        ])
+    } else {
+        json!([
+            { "op": "test", "path": "/metadata/resourceVersion", "value": module.resource_version() },
+            { "op": "add", "path": "/metadata/finalizers/-", "value": MODULE_FINALIZER }
+        ])
+    };
+    json_patch_module(&ns, &name, patch, ctx).await
+}
+
+async fn remove_finalizer(module: &Module, ctx: &Context) -> Result<(), ReconcileError> {
+    let ns = module.namespace().unwrap_or_default();
+    let name = module.name_any();
+    let Some(index) = module
+        .finalizers()
+        .iter()
+        .position(|f| f == MODULE_FINALIZER)
+    else {
+        return Ok(());
+    };
+    let patch = json!([
+        { "op": "test", "path": format!("/metadata/finalizers/{index}"), "value": MODULE_FINALIZER },
+        { "op": "remove", "path": format!("/metadata/finalizers/{index}") }
+    ]);
+    json_patch_module(&ns, &name, patch, ctx).await
+}
+
+async fn json_patch_module(
+    ns: &str,
+    name: &str,
+    patch: serde_json::Value,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let patch: json_patch::Patch =
+        serde_json::from_value(patch).map_err(|source| ReconcileError::Encode {
+            what: "finalizer patch",
+            source,
+        })?;
+    let api: Api<Module> = Api::namespaced(ctx.client.clone(), ns);
+    match api
+        .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+    {
+        Ok(_) => {
+            ctx.metrics.write("finalizer");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(ReconcileError::Finalizer {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            source,
+        }),
+    }
+}
+
+/// Deletion: delete the DaemonSets (their pods unload through preStop), wait for the loader
+/// pods to be gone, drop the node labels, then release the finalizer.
+async fn finalize(
+    module: &Module,
+    key: &ModuleKey,
+    ctx: &Context,
+) -> Result<Action, ReconcileError> {
+    if !module.finalizers().iter().any(|f| f == MODULE_FINALIZER) {
+        return Ok(Action::AwaitChange);
+    }
+    if !cleanup(key, ctx, Some(module)).await? {
+        // Pod and DaemonSet events bring us back; the requeue is a safety net.
+        return Ok(Action::Requeue(
+            std::time::Duration::from_secs(30).min(ctx.resync),
+        ));
+    }
+    remove_finalizer(module, ctx).await?;
+    tracing::info!(module = %format!("{}/{}", key.0, key.1), "Module cleaned up");
+    Ok(Action::AwaitChange)
+}
+
+/// Delete the Module's DaemonSets and labels; `true` once nothing of it is left.
+async fn cleanup(
+    key: &ModuleKey,
+    ctx: &Context,
+    module: Option<&Module>,
+) -> Result<bool, ReconcileError> {
+    let (namespace, name) = key;
+    let daemonsets = match module {
+        Some(m) => owned_daemonsets(m, ctx),
+        None => ctx.stores.daemonsets.state_filter(|ds| {
+            ds.namespace().as_deref() == Some(namespace.as_str())
+                && ds.labels().get(MODULE_NAME_LABEL) == Some(name)
+        }),
+    };
+    for ds in &daemonsets {
+        if ds.metadata.deletion_timestamp.is_none() {
+            delete_daemonset(ds, ctx).await?;
+        }
+    }
+    let pods_left = ctx
+        .stores
+        .pods
+        .state_filter(|p| {
+            p.namespace().as_deref() == Some(namespace.as_str())
+                && p.labels().get(MODULE_NAME_LABEL) == Some(name)
+        })
+        .len();
+    // Labels follow the pods while they terminate; once they are gone none may remain.
+    sync_node_labels(namespace, name, pods_left == 0, ctx).await?;
+    Ok(daemonsets.is_empty() && pods_left == 0)
+}
+
+fn sum_status(daemonsets: &[&Arc<DaemonSet>]) -> (i32, i32) {
+    daemonsets.iter().fold((0, 0), |(d, a), ds| {
+        let st = ds.status.as_ref();
+        (
+            d + st.map_or(0, |s| s.desired_number_scheduled),
+            a + st.and_then(|s| s.number_available).unwrap_or(0),
+        )
+    })
+}
+
+fn compute_status(
+    module: &Module,
+    violations: &[validate::Violation],
+    plan: Option<&ModulePlan>,
+    nodes: &[Arc<Node>],
+    ctx: &Context,
+) -> ModuleStatus {
+    let (namespace, name) = (module.namespace().unwrap_or_default(), module.name_any());
+    let generation = module.metadata.generation;
+    let now = Timestamp::now();
+    let mut status = module.status.clone().unwrap_or_default();
+    let owned = owned_daemonsets(module, ctx);
+    let live: Vec<&Arc<DaemonSet>> = owned
+        .iter()
+        .filter(|d| d.metadata.deletion_timestamp.is_none())
+        .collect();
+    let role =
+        |d: &&Arc<DaemonSet>, r: &str| d.labels().get(ROLE_LABEL).map(String::as_str) == Some(r);
+    let loaders: Vec<&Arc<DaemonSet>> = live
+        .iter()
+        .filter(|d| role(d, ROLE_LOADER))
+        .copied()
+        .collect();
+    let plugins: Vec<&Arc<DaemonSet>> = live
+        .iter()
+        .filter(|d| role(d, ROLE_DEVICE_PLUGIN))
+        .copied()
+        .collect();
+    let targeted = targeted_nodes(module, nodes.iter().map(Arc::as_ref)).len() as i32;
+
+    status.module_loader = module.spec.module_loader.as_ref().map(|_| {
+        let (desired, available) = sum_status(&loaders);
+        DaemonSetStatus {
+            nodes_matching_selector_number: targeted,
+            desired_number: desired,
+            available_number: available,
+        }
+    });
+    status.device_plugin = module.spec.device_plugin.as_ref().map(|_| {
+        let (desired, available) = sum_status(&plugins);
+        DaemonSetStatus {
+            nodes_matching_selector_number: targeted,
+            desired_number: desired,
+            available_number: available,
+        }
+    });
+    status.dra = None;
+    status.observed_generation = generation;
+
+    let conds = &mut status.conditions;
+    if !violations.is_empty() {
+        let msg = violations
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        set_condition(conds, VALID, false, "InvalidSpec", &msg, generation, now);
+        set_condition(
+            conds,
+            READY,
+            false,
+            "InvalidSpec",
+            "the spec is invalid; existing DaemonSets are left as they are",
+            generation,
+            now,
+        );
+        set_condition(
+            conds,
+            PROGRESSING,
+            false,
+            "InvalidSpec",
+            "",
+            generation,
+            now,
+        );
+        set_condition(conds, DEGRADED, true, "InvalidSpec", &msg, generation, now);
+        return status;
+    }
+    set_condition(conds, VALID, true, "Valid", "", generation, now);
+    let Some(plan) = plan else { return status };
+
+    // Progress: every DaemonSet of the current render has all its pods available.
+    let desired_names = plan.names();
+    let current: Vec<&&Arc<DaemonSet>> = live
+        .iter()
+        .filter(|d| desired_names.contains(&d.name_any()))
+        .collect();
+    let missing = desired_names.len().saturating_sub(current.len());
+    let pending: Vec<String> = current
+        .iter()
+        .filter(|d| {
+            let st = d.status.clone().unwrap_or_default();
+            st.observed_generation.unwrap_or(0) < d.metadata.generation.unwrap_or(0)
+                || st.number_available.unwrap_or(0) < st.desired_number_scheduled
+                || st.updated_number_scheduled.unwrap_or(0) < st.desired_number_scheduled
+        })
+        .map(|d| d.name_any())
+        .collect();
+    // The nodes that should run the current version: targeted, with a mapped kernel and,
+    // for ordered upgrade, labelled by the user for this version.
+    let mapped: BTreeSet<String> = plan
+        .loaders
+        .iter()
+        .filter_map(|d| d.labels().get(TARGET_KERNEL_LABEL).cloned())
+        .collect();
+    let version = module_version(module);
+    let version_key = version_module_label(&namespace, &name);
+    let expected = targeted_nodes(module, nodes.iter().map(Arc::as_ref))
+        .into_iter()
+        .filter(|n| node_kernel(n).is_some_and(|k| mapped.contains(&kernel_label_value(k))))
+        .filter(|n| {
+            version.is_none_or(|v| n.labels().get(&version_key).map(String::as_str) == Some(v))
+        })
+        .count() as i32;
+    let current_loaders: Vec<&Arc<DaemonSet>> = current
+        .iter()
+        .map(|d| **d)
+        .filter(|d| role(d, ROLE_LOADER))
+        .collect();
+    let (_, available) = sum_status(&current_loaders);
+    let mut info =
+        format!("module loaded on {available} of {expected} nodes ({targeted} selected)");
+    if !plan.unmapped_kernels.is_empty() {
+        let kernels: Vec<&str> = plan.unmapped_kernels.iter().map(String::as_str).collect();
+        info.push_str(&format!("; no kernel mapping for {}", kernels.join(", ")));
+    }
+    if missing == 0 && pending.is_empty() && available >= expected {
+        set_condition(conds, READY, true, "Available", &info, generation, now);
+        set_condition(conds, PROGRESSING, false, "Available", "", generation, now);
+    } else {
+        let msg = if pending.is_empty() {
+            format!("creating DaemonSets; {info}")
+        } else {
+            format!("waiting for {}; {info}", pending.join(", "))
+        };
+        set_condition(conds, READY, false, "Progressing", &msg, generation, now);
+        set_condition(
+            conds,
+            PROGRESSING,
+            true,
+            "Progressing",
+            &msg,
+            generation,
+            now,
+        );
+    }
+
+    let mut problems: Vec<String> = plan.failed_kernels.values().cloned().collect();
+    if module.spec.dra.is_some() {
+        problems.push(
+            "spec.dra: kmm-spoke does not run DRA drivers; nothing was created for it".into(),
+        );
+    }
+    problems.extend(failing_pods(&namespace, &name, ctx));
+    let reason = if !plan.failed_kernels.is_empty() {
+        "MappingFailed"
+    } else if module.spec.dra.is_some() {
+        "DRANotSupported"
+    } else {
+        "PodsFailing"
+    };
+    if problems.is_empty() {
+        set_condition(conds, DEGRADED, false, "AsExpected", "", generation, now);
+    } else {
+        set_condition(
+            conds,
+            DEGRADED,
+            true,
+            reason,
+            &problems.join("; "),
+            generation,
+            now,
+        );
+    }
+    status
+}
+
+/// Loader and device-plugin pods of the Module that are failing, as `node: reason: message`.
+fn failing_pods(namespace: &str, name: &str, ctx: &Context) -> Vec<String> {
+    const BAD: [&str; 6] = [
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "CrashLoopBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "RunContainerError",
+    ];
+    let mut out = BTreeSet::new();
+    for pod in ctx.stores.pods.state() {
+        if pod.namespace().as_deref() != Some(namespace)
+            || pod.labels().get(MODULE_NAME_LABEL).map(String::as_str) != Some(name)
+            || pod_ready(&pod)
+        {
+            continue;
+        }
+        let node = pod_node(&pod).unwrap_or("<unscheduled>").to_string();
+        let statuses = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.clone())
+            .unwrap_or_default();
+        for c in statuses {
+            let state = c.state.unwrap_or_default();
+            let problem = match (state.waiting, state.terminated) {
+                (Some(w), _) if w.reason.as_deref().is_some_and(|r| BAD.contains(&r)) => {
+                    Some(format!(
+                        "{}: {}",
+                        w.reason.unwrap_or_default(),
+                        w.message.unwrap_or_default()
+                    ))
+                }
+                (_, Some(t)) if t.exit_code != 0 => Some(format!(
+                    "exited {}: {}",
+                    t.exit_code,
+                    t.message.or(t.reason).unwrap_or_default()
+                )),
+                _ => None,
+            };
+            if let Some(p) = problem {
+                out.insert(format!(
+                    "pod {} on {node}: {}",
+                    pod.name_any(),
+                    p.trim_end_matches([':', ' '])
+                ));
+            }
+        }
+    }
+    out.into_iter().take(10).collect()
+}
+
+async fn write_status(
+    module: &Module,
+    status: ModuleStatus,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    if module.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let ns = module.namespace().unwrap_or_default();
+    let name = module.name_any();
+    let body = json!({
+        "apiVersion": Module::api_version(&()),
+        "kind": Module::kind(&()),
+        "metadata": { "name": name },
+        "status": status,
+    });
+    let api: Api<Module> = Api::namespaced(ctx.client.clone(), &ns);
+    match api
+        .patch_status(
+            &name,
+            &PatchParams::apply(SPOKE_STATUS_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+    {
+        Ok(_) => {
+            ctx.metrics.write("status");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(ReconcileError::Status {
+            namespace: ns,
+            name,
+            source,
+        }),
+    }
+}

@@ -1,0 +1,125 @@
+//! Pure renderers: what the agent wants in the cluster for a Module and a set of Nodes.
+//! No client calls here; the reconcilers apply what these functions return, and
+//! `kmm-spoke render` prints it.
+
+pub mod device_plugin;
+pub mod loader;
+pub mod loader_script;
+pub mod nodes;
+pub mod plan;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
+use shared_api::Module;
+use shared_api::labels::short_hash;
+
+pub use device_plugin::render_device_plugin_daemonset;
+pub use loader::{LoaderTarget, render_loader_daemonset};
+pub use loader_script::LOADER_SCRIPT;
+pub use nodes::{node_kernel, node_labels, node_schedulable_for, targeted_nodes};
+pub use plan::{ModulePlan, plan_module};
+
+/// Annotation on our DaemonSets: hash of the rendered object, so an unchanged render is
+/// recognised in the cache without comparing defaulted specs.
+pub const SPEC_HASH_ANNOTATION: &str = "kmm.node.kubernetes.io/spec-hash";
+/// The default firmware directory on the host.
+pub const DEFAULT_FIRMWARE_HOST_PATH: &str = "/var/lib/firmware";
+/// The default service account of loader pods.
+pub const DEFAULT_LOADER_SERVICE_ACCOUNT: &str = "default";
+/// The kubelet's device-plugin socket directory.
+pub const DEVICE_PLUGIN_HOST_PATH: &str = "/var/lib/kubelet/device-plugins";
+
+/// Settings of the agent that shape what it renders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderSettings {
+    /// Host directory firmware files are copied into.
+    pub firmware_host_path: String,
+    /// Service account of loader pods when the Module names none.
+    pub loader_service_account: String,
+    /// Whether device-plugin pods get `priorityClassName: system-node-critical`.
+    pub device_plugin_priority_class: Option<String>,
+}
+
+impl Default for RenderSettings {
+    fn default() -> Self {
+        Self {
+            firmware_host_path: DEFAULT_FIRMWARE_HOST_PATH.to_string(),
+            loader_service_account: DEFAULT_LOADER_SERVICE_ACCOUNT.to_string(),
+            device_plugin_priority_class: Some("system-node-critical".to_string()),
+        }
+    }
+}
+
+/// `(namespace, name)` of a Module; the namespace defaults to `default` for offline input.
+pub fn module_key(module: &Module) -> (String, String) {
+    let ns = module
+        .metadata
+        .namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into());
+    (ns, module.metadata.name.clone().unwrap_or_default())
+}
+
+/// The Module's `moduleLoader.container.version`, when set and non-empty.
+pub fn module_version(module: &Module) -> Option<&str> {
+    module
+        .spec
+        .module_loader
+        .as_ref()
+        .and_then(|l| l.container.version.as_deref())
+        .filter(|v| !v.is_empty())
+}
+
+/// The controller owner reference to the Module; `None` offline (no uid).
+pub fn owner_reference(module: &Module) -> Option<OwnerReference> {
+    let uid = module.metadata.uid.clone().filter(|u| !u.is_empty())?;
+    Some(OwnerReference {
+        api_version: Module::api_version(&()).into_owned(),
+        kind: Module::kind(&()).into_owned(),
+        name: module.metadata.name.clone().unwrap_or_default(),
+        uid,
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    })
+}
+
+/// `<prefix><suffix>` shortened to 63 characters by trimming the prefix (names we derive
+/// from Modules stay valid even for long Module names).
+pub fn bounded_name(prefix: &str, suffix: &str) -> String {
+    let room = 63usize.saturating_sub(suffix.len());
+    let mut p: String = prefix.chars().take(room).collect();
+    while p.ends_with(['-', '.']) {
+        p.pop();
+    }
+    format!("{p}{suffix}")
+}
+
+/// Set [`SPEC_HASH_ANNOTATION`] to the hash of everything else in the object.
+pub fn stamp_hash(ds: &mut DaemonSet) {
+    if let Some(a) = ds.metadata.annotations.as_mut() {
+        a.remove(SPEC_HASH_ANNOTATION);
+    }
+    let json = serde_json::to_string(&ds).unwrap_or_default();
+    let hash = short_hash(&json, 16);
+    ds.metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(SPEC_HASH_ANNOTATION.into(), hash);
+}
+
+/// The hash stamped on a DaemonSet, if any.
+pub fn spec_hash(ds: &DaemonSet) -> Option<&str> {
+    ds.metadata
+        .annotations
+        .as_ref()?
+        .get(SPEC_HASH_ANNOTATION)
+        .map(String::as_str)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
