@@ -1,5 +1,7 @@
 //! `kmm-hub validate` end to end: every problem with its path, non-zero exit; the seeds pass.
 
+#![allow(clippy::unwrap_used)] // test fixtures
+
 use std::process::Command;
 
 const BROKEN: &str = r#"

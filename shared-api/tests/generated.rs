@@ -1,6 +1,8 @@
 //! The committed CRDs must be exactly what the generator prints.
 //! Regenerate with `just generate` (`cargo run -p kmm-hub -- crd --dir manifests/crds`).
 
+#![allow(clippy::unwrap_used)] // test fixtures
+
 use std::path::Path;
 
 #[test]

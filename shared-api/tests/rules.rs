@@ -1,5 +1,7 @@
 //! One rejecting test (at least) per validation rule, checking the field path and reason.
 
+#![allow(clippy::unwrap_used)] // test fixtures
+
 use shared_api::ManagedClusterModule;
 use shared_api::module::Module;
 use shared_api::validate::{Context, Violation, validate_mcm, validate_module, validate_update};

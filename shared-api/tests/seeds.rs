@@ -2,6 +2,8 @@
 //! (also wrapped as a ManagedClusterModule), and the annotated reference examples
 //! report exactly their real problems.
 
+#![allow(clippy::unwrap_used)] // test fixtures
+
 use std::path::PathBuf;
 
 use shared_api::ManagedClusterModule;
