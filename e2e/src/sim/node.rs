@@ -555,6 +555,12 @@ async fn handle_pod(
     let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     match node_name {
         Some(node) if ctx.has_node(&node) => {
+            // A finished pod (or one going away that we no longer run) must not run again:
+            // an update after completion, e.g. the Job's garbage collection, is not a new start.
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            if pod.metadata.deletion_timestamp.is_some() || matches!(phase, Some("Succeeded" | "Failed")) {
+                return;
+            }
             let Some((kernel, reboot)) = ctx.node_kernel(&node) else {
                 return;
             };
