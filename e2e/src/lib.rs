@@ -5,10 +5,12 @@
 pub mod cluster;
 pub mod fleet;
 pub mod kmod;
+pub mod labs;
 pub mod oci;
 pub mod pki;
 pub mod process;
 pub mod provision;
 pub mod registry;
+pub mod sandbox;
 pub mod sim;
 pub mod testkit;

@@ -518,17 +518,33 @@ async fn missing_image_is_reported_and_a_restart_converges_without_duplicate_wri
             // changing imageRebuildTriggerGeneration re-verifies every image at once.
             let mut img = KmodImage::new(&[ka], &["kmm_ci_a"]);
             img.annotations.insert("rebuilt".into(), "yes".into());
-            let moved = push_kmod_image(&fleet.registry().access(), &image(fleet, ka), &img).await?;
+            let moved =
+                push_kmod_image(&fleet.registry().access(), &image(fleet, ka), &img).await?;
             let mut m = mcm(fleet, "restart", json!({}))?;
             m.spec.module_spec.image_rebuild_trigger_generation = Some(1);
             apply_mcm(&hub, &m).await?;
             let repo = format!("{}/kmm/kmm-ci-a", fleet.registry().host());
-            eventually("re-pinned after the rebuild trigger", Duration::from_secs(20), || async {
-                let imgs = works(&hub, "restart").await?.get(&spoke_name(1)).map(work_images).unwrap_or_default();
-                Ok(if imgs == vec![format!("{ka}={repo}@{moved}")] { Ok(()) } else { Err(format!("{imgs:?}")) })
-            })
+            eventually(
+                "re-pinned after the rebuild trigger",
+                Duration::from_secs(20),
+                || async {
+                    let imgs = works(&hub, "restart")
+                        .await?
+                        .get(&spoke_name(1))
+                        .map(work_images)
+                        .unwrap_or_default();
+                    Ok(if imgs == vec![format!("{ka}={repo}@{moved}")] {
+                        Ok(())
+                    } else {
+                        Err(format!("{imgs:?}"))
+                    })
+                },
+            )
             .await?;
-            let status = mcm_status(&hub, "restart").await?.status.unwrap_or_default();
+            let status = mcm_status(&hub, "restart")
+                .await?
+                .status
+                .unwrap_or_default();
             assert_eq!(status.image_rebuild_trigger_generation, Some(1));
             hub_proc.stop().await;
             Ok(())

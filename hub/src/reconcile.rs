@@ -333,10 +333,12 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
         && pending.is_empty();
     // Rolling out: something is on its way (an image being resolved, built or signed, or a
     // shipped work not yet available); failures alone are Degraded, not progress.
-    let in_flight = pending
-        .iter()
-        .any(|i| matches!(i.state, ImageState::Pending | ImageState::Building | ImageState::Signing))
-        || status.number_available < status.number_desired;
+    let in_flight = pending.iter().any(|i| {
+        matches!(
+            i.state,
+            ImageState::Pending | ImageState::Building | ImageState::Signing
+        )
+    }) || status.number_available < status.number_desired;
     let progressing = !all_available && in_flight;
     let progress = progress_message(&status, selected.len(), &pending, &problems);
     set_condition(

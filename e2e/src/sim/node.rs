@@ -558,7 +558,9 @@ async fn handle_pod(
             // A finished pod (or one going away that we no longer run) must not run again:
             // an update after completion, e.g. the Job's garbage collection, is not a new start.
             let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-            if pod.metadata.deletion_timestamp.is_some() || matches!(phase, Some("Succeeded" | "Failed")) {
+            if pod.metadata.deletion_timestamp.is_some()
+                || matches!(phase, Some("Succeeded" | "Failed"))
+            {
                 return;
             }
             let Some((kernel, reboot)) = ctx.node_kernel(&node) else {

@@ -1,0 +1,147 @@
+//! What the labs need besides their MCMs: secrets, Dockerfiles, namespaces, ServiceAccounts
+//! and prebuilt images.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::Client;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use serde_json::{Value, json};
+
+use super::Sandbox;
+use super::install::{self, HUB_NAMESPACE, MANAGER};
+use crate::labs::{self, LAB_SERVICE_ACCOUNT, PULL_SECRET};
+use crate::oci::{KmodImage, SignWith, push_files, push_kmod_image};
+
+impl Sandbox {
+    pub async fn prepare_lab_inputs(&self, spoke_namespace: &str) -> anyhow::Result<usize> {
+        let hub = self.hub_client().await;
+        let reg = self.fleet.registry();
+        let pp = PatchParams::apply(MANAGER).force();
+        let mut n = 0;
+        Api::<Secret>::namespaced(hub.clone(), HUB_NAMESPACE)
+            .patch(
+                PULL_SECRET,
+                &pp,
+                &Patch::Apply(with_kind(
+                    reg.dockerconfigjson_secret(PULL_SECRET, HUB_NAMESPACE),
+                )),
+            )
+            .await?;
+        for cm in labs::DOCKERFILE_CONFIGMAPS {
+            install::apply(
+                &hub,
+                &json!({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": cm, "namespace": HUB_NAMESPACE},
+                    "data": {"dockerfile": labs::LAB_DOCKERFILE}}),
+            )
+            .await?;
+        }
+        for ((name, key), value) in [
+            (labs::SIGNING_KEY_SECRET, &self.keys.key_pem),
+            (labs::SIGNING_CERT_SECRET, &self.keys.cert_pem),
+        ] {
+            use base64::Engine as _;
+            install::apply(
+                &hub,
+                &json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": name, "namespace": HUB_NAMESPACE},
+                    "data": {key: base64::engine::general_purpose::STANDARD.encode(value)}}),
+            )
+            .await?;
+        }
+        n += 2 + labs::DOCKERFILE_CONFIGMAPS.len();
+        for s in self.fleet.spokes() {
+            let c = s.client().await;
+            self.prepare_spoke_namespace(&c, spoke_namespace).await?;
+            n += 3;
+        }
+        n += self.push_lab_images().await?;
+        Ok(n)
+    }
+
+    /// On one spoke: `namespace`, the labs' ServiceAccount and pull secret in it.
+    pub async fn prepare_spoke_namespace(
+        &self,
+        spoke: &Client,
+        namespace: &str,
+    ) -> anyhow::Result<()> {
+        let pp = PatchParams::apply(MANAGER).force();
+        install::apply(
+            spoke,
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        )
+        .await?;
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(LAB_SERVICE_ACCOUNT.into()),
+                namespace: Some(namespace.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<ServiceAccount>::namespaced(spoke.clone(), namespace)
+            .patch(LAB_SERVICE_ACCOUNT, &pp, &Patch::Apply(with_kind(sa)))
+            .await?;
+        Api::<Secret>::namespaced(spoke.clone(), namespace)
+            .patch(
+                PULL_SECRET,
+                &pp,
+                &Patch::Apply(with_kind(
+                    self.fleet
+                        .registry()
+                        .dockerconfigjson_secret(PULL_SECRET, namespace),
+                )),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Push the prebuilt kmod images (signed with the sandbox key) and the device plugin.
+    pub async fn push_lab_images(&self) -> anyhow::Result<usize> {
+        let reg = self.fleet.registry();
+        let access = reg.access();
+        let host = reg.host();
+        let mut n = 0;
+        for img in labs::prebuilt_images() {
+            let mut k = KmodImage::new(&img.kernels, &img.modules);
+            if img.signed {
+                k.sign = Some(SignWith {
+                    key: self.keys.key_pem_path.clone(),
+                    cert: self.keys.cert_pem_path.clone(),
+                });
+            }
+            push_kmod_image(&access, &format!("{host}/{}", img.path), &k)
+                .await
+                .with_context(|| format!("pushing {}", img.path))?;
+            n += 1;
+        }
+        push_files(
+            &access,
+            &format!("{host}/{}", labs::DEVICE_PLUGIN_IMAGE),
+            &BTreeMap::from([
+                (
+                    "/usr/bin/simple-device-plugin".to_string(),
+                    b"#!/bin/sh\n# simulated: registers example.com/simple-device\n".to_vec(),
+                ),
+                (
+                    "/config-labs.yaml".to_string(),
+                    b"resources:\n  - name: example.com/simple-device\n    count: 1\n".to_vec(),
+                ),
+            ]),
+            &BTreeMap::new(),
+        )
+        .await
+        .context("pushing the device plugin image")?;
+        Ok(n + 1)
+    }
+}
+
+/// A typed object as JSON with its apiVersion and kind (for server-side apply).
+fn with_kind<K: kube::Resource<DynamicType = ()> + serde::Serialize>(obj: K) -> Value {
+    let mut v = serde_json::to_value(&obj).unwrap_or(Value::Null);
+    v["apiVersion"] = json!(K::api_version(&()));
+    v["kind"] = json!(K::kind(&()));
+    v
+}
