@@ -262,8 +262,28 @@ pub async fn pull_files(
         )
         .await
         .map_err(|e| map_err(reference, e))?;
+    // oci-client's `pull` hands layers back in download-completion order; apply them in the
+    // manifest's order, or a later layer (a signed module) may be overwritten by its base.
+    let order: Vec<String> = data
+        .manifest
+        .as_ref()
+        .map(|m| m.layers.iter().map(|l| l.digest.clone()).collect())
+        .unwrap_or_default();
+    let mut layers: Vec<(usize, &ImageLayer)> = data
+        .layers
+        .iter()
+        .map(|l| {
+            let digest = l.sha256_digest();
+            let at = order
+                .iter()
+                .position(|d| *d == digest)
+                .unwrap_or(usize::MAX);
+            (at, l)
+        })
+        .collect();
+    layers.sort_by_key(|(at, _)| *at);
     let mut files = BTreeMap::new();
-    for layer in &data.layers {
+    for (_, layer) in layers {
         let gz = layer.media_type.ends_with("gzip");
         apply_layer(&mut files, &layer.data, gz)
             .map_err(|e| OciError::Other(format!("{reference}: layer: {e}")))?;

@@ -189,6 +189,31 @@ async fn registry_requires_auth_and_survives_restart() -> anyhow::Result<()> {
         .await
         .context("authenticated pull")?;
 
+    // Layers apply in the manifest's order however their downloads finish: a small upper
+    // layer that overrides a file of a large base layer always wins.
+    let mut noise = vec![0u8; 6 << 20];
+    let mut x = 0x9e37_79b9_u32;
+    for b in &mut noise {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    let base = BTreeMap::from([
+        ("/opt/noise".to_string(), noise),
+        ("/opt/m.ko".to_string(), b"base".to_vec()),
+    ]);
+    let top = BTreeMap::from([("/opt/m.ko".to_string(), b"top".to_vec())]);
+    let layered = format!("{}/default/layered:v1", registry.host());
+    oci::push_layers(&registry.access(), &layered, &[base, top], &annotations).await?;
+    for _ in 0..3 {
+        let got = oci::pull_files(&registry.access(), &layered).await?;
+        ensure!(
+            got.files["/opt/m.ko"] == b"top",
+            "the upper layer's file wins"
+        );
+    }
+
     // Down: unavailable. Back: same port, same content.
     let port = registry.port();
     registry.stop().await;
