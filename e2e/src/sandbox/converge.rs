@@ -370,6 +370,7 @@ pub fn node_table(obs: &Observation, namespace: &str) -> String {
                 .labels
                 .keys()
                 .filter_map(|k| k.strip_prefix(&prefix)?.strip_suffix(".ready"))
+                .filter(|k| !k.ends_with(".version"))
                 .map(str::to_string)
                 .collect();
             ready.sort();

@@ -441,6 +441,15 @@ impl Sandbox {
                 .unwrap_or("-"),
             self.fleet.dir().join("fleet.env").display()
         );
+        let _ = writeln!(
+            s,
+            "Metrics    http://{}/metrics (kmm-hub){}",
+            self.hub.admin,
+            self.spokes
+                .iter()
+                .map(|a| format!(", http://{}/metrics ({})", a.admin, a.name))
+                .collect::<String>()
+        );
         let _ = writeln!(s, "Logs       {}", self.dir().join("logs").display());
         s
     }
