@@ -162,7 +162,37 @@ fn set_parent_death_signal(cmd: &mut tokio::process::Command) {
 }
 
 /// A free TCP port on 127.0.0.1 (bound, then released; the caller binds it soon after).
+///
+/// Chosen below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`): a port from
+/// that range can be taken by any outgoing connection between this check and the server's
+/// own bind (seen as `bind: address already in use` from kube-apiserver under load). Never
+/// hands out the same port twice in one process; falls back to `127.0.0.1:0`.
 pub fn free_port() -> anyhow::Result<u16> {
+    use rand::Rng as _;
+    use std::sync::{Mutex, OnceLock};
+    static GIVEN: OnceLock<Mutex<std::collections::HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(Default::default);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOW: u16 = 10_000;
+    if ephemeral_low > LOW + 1_000 {
+        let mut rng = rand::rng();
+        for _ in 0..200 {
+            let port = rng.random_range(LOW..ephemeral_low);
+            let mut g = given
+                .lock()
+                .map_err(|_| anyhow::anyhow!("port registry poisoned"))?;
+            if g.contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                g.insert(port);
+                return Ok(port);
+            }
+        }
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
