@@ -215,27 +215,19 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
             .collect(),
     };
 
+    // Decide cluster by cluster and keep only the works to write: an unchanged work is
+    // dropped at once and a changed one moved, so a fleet's worth of rendered works is never
+    // held (or copied) at the same time.
     let existing = ctx.caches.works_of(&name);
-    let mut cluster_outcomes = Vec::with_capacity(plan.clusters.len());
-    for cp in &plan.clusters {
-        cluster_outcomes.push(decide_cluster(
-            mcm,
-            cp,
-            &outcomes,
-            existing.get(&cp.cluster),
-        ));
-    }
-
-    // Write what changed, in parallel.
     let selected: BTreeSet<&str> = plan.clusters.iter().map(|c| c.cluster.as_str()).collect();
-    let writes: Vec<ManifestWork> = cluster_outcomes
-        .iter()
-        .filter_map(|o| o.desired.clone())
-        .filter(|w| {
-            let cluster = w.namespace().unwrap_or_default();
-            match existing.get(&cluster) {
+    let mut cluster_outcomes = Vec::with_capacity(plan.clusters.len());
+    let mut writes: Vec<ManifestWork> = Vec::new();
+    for cp in &plan.clusters {
+        let mut outcome = decide_cluster(mcm, cp, &outcomes, existing.get(&cp.cluster));
+        if let Some(w) = outcome.desired.take() {
+            match existing.get(&cp.cluster) {
                 // Being deleted: writing to it is pointless; its removal triggers a new reconcile.
-                Some(e) if e.deleting => false,
+                Some(e) if e.deleting => {}
                 Some(e)
                     if e.spec_hash.as_deref()
                         == w.annotations()
@@ -243,12 +235,12 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
                             .map(String::as_str) =>
                 {
                     ctx.metrics.writes_skipped.inc();
-                    false
                 }
-                _ => true,
+                _ => writes.push(w),
             }
-        })
-        .collect();
+        }
+        cluster_outcomes.push(outcome);
+    }
     let created = writes
         .iter()
         .filter(|w| !existing.contains_key(&w.namespace().unwrap_or_default()))
