@@ -57,3 +57,23 @@ images:
         --build-arg VERSION="${image##*:}" -f "containers/$c.Containerfile" -t "$image" .
       echo "built $image"
     done
+
+# The signing bench, then the fleet bench on the test world (fan-out over 100/1,000/5,000
+# clusters, steady state, hub and spoke memory). TARGET is $CARGO_TARGET_DIR or target; ARGS go
+# to the fleet bench (e.g. `--sizes 100,1000`). Run nothing else heavy meanwhile.
+# Benchmarks: writes TARGET/bench/results.json, docs/benchmarks.md and its plot.
+bench *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    t0=$(date +%s)
+    KMM_FLEET_EXTRA_PACKAGES="${KMM_FLEET_EXTRA_PACKAGES:-} fonts-dejavu-core" bash e2e/provision/provision.sh
+    out="${CARGO_TARGET_DIR:-target}/bench"
+    mkdir -p "$out"
+    echo "==> kmm-hub and kmm-spoke as the container images build them (release-small, one each)"
+    cargo build --profile release-small --locked -p kmm-spoke --bin kmm-spoke
+    cargo build --profile release-small --locked -p kmm-hub --bin kmm-hub
+    echo "==> signing: native vs sign-file"
+    cargo bench --locked -p kmm-hub --bench sign | tee "$out/sign.jsonl"
+    echo "==> fleet: fan-out, steady state, memory"
+    cargo bench --locked -p kmm-e2e --bench fleet -- --sign-results "$out/sign.jsonl" {{ARGS}}
+    echo "==> bench done in $(( $(date +%s) - t0 ))s: $out/results.json, docs/benchmarks.md"

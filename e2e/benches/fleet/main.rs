@@ -1,0 +1,410 @@
+//! Fleet-scale benchmarks, side by side in one run on the test world (`just bench`):
+//!
+//! 1. fan-out: one ManagedClusterModule over 100, 1,000 and 5,000 clusters (3 kernels each,
+//!    20 distinct kernels, prebuilt images) against the rate at which the same API server
+//!    accepts plain ManifestWork creates in the same run; registry requests and API writes;
+//! 2. steady state: one cluster's kernel change (latency, writes), and a restarted hub with a
+//!    short resync (writes: none expected);
+//! 3. memory: the `kmm-hub` binary's peak RSS per size; the `kmm-spoke` binary idle with 3
+//!    Modules on 50 simulated nodes;
+//! 4. signing: the figures of `hub/benches/sign.rs` (run by the `just` recipe);
+//! 5. upstream KMM-hub's design on paper for the same fan-out.
+//!
+//! Writes `target/bench/results.json` and renders `docs/benchmarks.md` and its PNG.
+//!
+//! ```text
+//! cargo bench -p kmm-e2e --bench fleet -- [--sizes 100,1000,5000] [--sign-results FILE]
+//!     [--skip-fanout] [--skip-spoke] [--render-only]
+//! ```
+
+mod fanout;
+mod plot;
+mod proxy;
+mod report;
+mod results;
+mod spoke;
+mod world;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use results::{FanOut, Machine, Outcome, Results, Settings, SignCase, Signing, Target, Upstream};
+
+#[derive(Parser, Debug)]
+#[command(name = "kmm-bench", about = "Fleet-scale benchmarks of kmm-fleet")]
+struct Args {
+    /// Fleet sizes of the fan-out runs.
+    #[arg(long, env = "KMM_BENCH_SIZES", value_delimiter = ',', default_values_t = [100, 1000, 5000])]
+    sizes: Vec<usize>,
+    /// ManifestWork writes in flight: the hub's `--write-concurrency` and the baseline's.
+    #[arg(long, env = "KMM_BENCH_WRITE_CONCURRENCY", default_value_t = 32)]
+    write_concurrency: usize,
+    /// The `kmm-hub` binary [default: TARGET/release-small/kmm-hub, the images' profile].
+    #[arg(long, env = "KMM_BENCH_HUB_BIN")]
+    hub_bin: Option<PathBuf>,
+    /// The `kmm-spoke` binary [default: TARGET/release-small/kmm-spoke].
+    #[arg(long, env = "KMM_BENCH_SPOKE_BIN")]
+    spoke_bin: Option<PathBuf>,
+    /// Output of `cargo bench -p kmm-hub --bench sign` (JSON lines).
+    #[arg(long, env = "KMM_BENCH_SIGN_RESULTS")]
+    sign_results: Option<PathBuf>,
+    /// Skip the fan-out runs (and so the steady-state and hub memory figures).
+    #[arg(long, env = "KMM_BENCH_SKIP_FANOUT")]
+    skip_fanout: bool,
+    /// Skip the spoke agent measurement.
+    #[arg(long, env = "KMM_BENCH_SKIP_SPOKE")]
+    skip_spoke: bool,
+    /// Only render the page from an existing results.json.
+    #[arg(long)]
+    render_only: bool,
+    /// The results file [default: TARGET/bench/results.json].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The page [default: docs/benchmarks.md of the workspace].
+    #[arg(long)]
+    doc: Option<PathBuf>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| {
+            if p.is_absolute() {
+                p
+            } else {
+                workspace_root().join(p)
+            }
+        })
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| target_dir().join("bench/results.json"));
+    let doc = args
+        .doc
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("docs/benchmarks.md"));
+    if args.render_only {
+        let results: Results = serde_json::from_slice(
+            &std::fs::read(&out).with_context(|| format!("reading {}", out.display()))?,
+        )?;
+        return report::write(&results, &doc);
+    }
+
+    let started = Instant::now();
+    let bench_dir = out
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let logs = bench_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let hub_bin = args
+        .hub_bin
+        .clone()
+        .unwrap_or_else(|| target_dir().join("release-small/kmm-hub"));
+    anyhow::ensure!(
+        hub_bin.is_file(),
+        "{} is missing: `cargo build --profile release-small -p kmm-hub` first",
+        hub_bin.display()
+    );
+    let spoke_bin = args
+        .spoke_bin
+        .clone()
+        .unwrap_or_else(|| target_dir().join("release-small/kmm-spoke"));
+
+    let mut results = Results {
+        generated_at: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        machine: machine(),
+        settings: Settings {
+            write_concurrency: args.write_concurrency,
+            kernels_per_cluster: world::KERNELS_PER_CLUSTER,
+            distinct_kernels: world::kernels().len(),
+            apiserver: "kube-apiserver v1.20.2 of the test world with its defaults: \
+                        --max-requests-inflight=400, --max-mutating-requests-inflight=200, \
+                        API Priority and Fairness on (the admin client is in system:masters, \
+                        which is exempt); one etcd 3.4 on tmpfs"
+                .into(),
+            hub_bin: shown(&hub_bin),
+            spoke_bin: shown(&spoke_bin),
+            notes: Vec::new(),
+        },
+        ..Default::default()
+    };
+
+    let cfg = fanout::Config {
+        hub_bin: &hub_bin,
+        write_concurrency: args.write_concurrency,
+        logs: &logs,
+    };
+    let sizes: &[usize] = if args.skip_fanout { &[] } else { &args.sizes };
+    for &n in sizes {
+        match fanout::run(n, &cfg).await {
+            Ok(r) => results.fanout.push(r),
+            Err(e) => {
+                eprintln!("kmm-bench: fan-out over {n} clusters failed: {e:#}");
+                results
+                    .settings
+                    .notes
+                    .push(format!("The run over {n} clusters failed: {e:#}"));
+            }
+        }
+    }
+
+    results.signing = signing(args.sign_results.as_deref());
+    results.spoke = if args.skip_spoke {
+        Outcome::todo("skipped (--skip-spoke)")
+    } else if !spoke_bin.is_file() {
+        Outcome::todo(format!(
+            "TODO: {} is missing (`cargo build --profile release-small -p kmm-spoke`)",
+            spoke_bin.display()
+        ))
+    } else {
+        match spoke::run(&spoke_bin, &logs).await {
+            Ok(s) => Outcome::Done(s),
+            Err(e) => {
+                eprintln!("kmm-bench: spoke agent measurement failed: {e:#}");
+                Outcome::todo(format!("TODO: the spoke agent run failed: {e:#}"))
+            }
+        }
+    };
+
+    results.upstream = results.fanout.iter().map(upstream).collect();
+    results.targets = targets(&results);
+    results.machine.load_end = load_average();
+    results.duration_s = started.elapsed().as_secs_f64();
+    std::fs::write(&out, serde_json::to_vec_pretty(&results)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("kmm-bench: results in {}", out.display());
+    report::write(&results, &doc)
+}
+
+/// A binary's path as the page shows it: under `TARGET/` when it is in the target directory.
+fn shown(bin: &Path) -> String {
+    bin.strip_prefix(target_dir()).map_or_else(
+        |_| bin.display().to_string(),
+        |rel| format!("TARGET/{}", rel.display()),
+    )
+}
+
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+fn machine() -> Machine {
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map_or(0, usize::from),
+        memory_gib: mem_kib / 1024.0 / 1024.0,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        load_start: load_average(),
+        load_end: 0.0,
+    }
+}
+
+/// The JSON lines of `hub/benches/sign.rs`.
+fn signing(path: Option<&Path>) -> Outcome<Signing> {
+    let Some(path) = path else {
+        return Outcome::todo("TODO: not run (pass --sign-results, as `just bench` does)");
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => return Outcome::todo(format!("TODO: cannot read {}: {e}", path.display())),
+    };
+    let mut s = Signing::default();
+    for line in text.lines().filter(|l| l.starts_with('{')) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v.get("bench").is_some() {
+            s.runs = v["runs"].as_u64().unwrap_or(0);
+            s.sign_file = v["sign_file"].as_str().unwrap_or_default().to_string();
+        } else if let Ok(c) = serde_json::from_value::<SignCase>(v) {
+            s.cases.push(c);
+        }
+    }
+    if s.cases.is_empty() {
+        return Outcome::todo(format!(
+            "TODO: no signing cases in {} (no kernel headers under /usr/src?)",
+            path.display()
+        ));
+    }
+    Outcome::Done(s)
+}
+
+/// Upstream KMM-hub (SPEC §2) for the same fan-out: a MIC per MCM × cluster, a pull pod per
+/// image per MIC, build (and sign) pods per MIC and kernel.
+fn upstream(f: &FanOut) -> Upstream {
+    let n = f.clusters as u64;
+    let k = world::KERNELS_PER_CLUSTER as u64;
+    let distinct = world::kernels().len() as u64;
+    Upstream {
+        clusters: f.clusters,
+        upstream_mics: n,
+        upstream_pull_pods: k * n,
+        upstream_image_pulls: k * n,
+        upstream_build_pods_if_unbuilt: k * n,
+        // Per cluster: MIC create, MIC status, a pull pod create and delete per image,
+        // the ManifestWork; kubelet and scheduler writes for every pod come on top.
+        upstream_api_writes_min: n * (1 + 1 + 2 * k + 1),
+        ours_pull_pods: 0,
+        ours_registry_lookups: f.registry_lookups,
+        ours_registry_http: f.registry_http_total,
+        ours_build_jobs_if_unbuilt: distinct,
+        ours_api_writes: f.hub_writes.values().sum(),
+    }
+}
+
+fn targets(r: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    let largest = r.fanout.iter().max_by_key(|f| f.clusters);
+    let distinct = world::kernels().len() as u64;
+    if let Some(f) = largest {
+        out.push(Target {
+            name: format!("Fan-out at {} clusters", f.clusters),
+            target: "≥ 50% of the plain create rate".into(),
+            measured: format!(
+                "{:.0}% ({:.0} of {:.0} works/s)",
+                f.ratio * 100.0,
+                f.hub.per_second,
+                f.limit_per_second
+            ),
+            met: Some(f.ratio >= 0.5),
+        });
+    }
+    if !r.fanout.is_empty() {
+        let lookups: Vec<String> = r
+            .fanout
+            .iter()
+            .map(|f| f.registry_lookups.to_string())
+            .collect();
+        out.push(Target {
+            name: "Registry lookups per fan-out".into(),
+            target: format!("= distinct images ({distinct})"),
+            measured: format!("{} (sizes {})", lookups.join(" / "), sizes(r)),
+            met: Some(r.fanout.iter().all(|f| f.registry_lookups == distinct)),
+        });
+        let noop: u64 = r
+            .fanout
+            .iter()
+            .map(|f| f.resync.resync_writes + f.resync.restart_writes)
+            .sum();
+        out.push(Target {
+            name: "No-op resync (and restart)".into(),
+            target: "0 writes".into(),
+            measured: format!(
+                "{noop} writes over {} resyncs",
+                r.fanout.iter().map(|f| f.resync.resyncs).sum::<u64>()
+            ),
+            met: Some(noop == 0),
+        });
+    }
+    if let Some(f) = largest {
+        out.push(Target {
+            name: format!("One kernel change at {} clusters", f.clusters),
+            target: "≤ 2 API writes, within 1 s".into(),
+            measured: format!(
+                "{} writes, {:.0} ms",
+                f.steady.total_writes, f.steady.latency_ms
+            ),
+            met: Some(f.steady.total_writes <= 2 && f.steady.latency_ms <= 1000.0),
+        });
+        let peak = f.memory.peak_mib.max(f.resync.memory.peak_mib);
+        out.push(Target {
+            name: format!("Hub peak RSS at {} clusters", f.clusters),
+            target: "≤ 150 MiB".into(),
+            measured: format!("{peak:.0} MiB"),
+            met: Some(peak <= 150.0),
+        });
+    }
+    out.push(match r.spoke.done() {
+        Some(s) => Target {
+            name: "Spoke agent idle RSS (3 Modules, 50 nodes)".into(),
+            target: "≤ 20 MiB".into(),
+            measured: format!("{:.1} MiB (peak {:.1} MiB)", s.rss_mib, s.peak_mib),
+            met: Some(s.rss_mib <= 20.0),
+        },
+        None => Target {
+            name: "Spoke agent idle RSS (3 Modules, 50 nodes)".into(),
+            target: "≤ 20 MiB".into(),
+            measured: "TODO: not measured in this run".into(),
+            met: None,
+        },
+    });
+    out.push(match r.signing.done() {
+        Some(s) => {
+            let min_lib = s
+                .cases
+                .iter()
+                .map(|c| c.speedup_library)
+                .fold(f64::INFINITY, f64::min);
+            let min_cli = s
+                .cases
+                .iter()
+                .map(|c| c.speedup_cli)
+                .fold(f64::INFINITY, f64::min);
+            Target {
+                name: "Native signing vs sign-file".into(),
+                target: "at least as fast (speed-up ≥ 1)".into(),
+                measured: format!(
+                    "slowest case: {min_lib:.2}× in process, {min_cli:.2}× as a CLI process"
+                ),
+                met: Some(min_lib >= 1.0 && min_cli >= 1.0),
+            }
+        }
+        None => Target {
+            name: "Native signing vs sign-file".into(),
+            target: "at least as fast".into(),
+            measured: "TODO: not measured in this run".into(),
+            met: None,
+        },
+    });
+    out
+}
+
+fn sizes(r: &Results) -> String {
+    r.fanout
+        .iter()
+        .map(|f| f.clusters.to_string())
+        .collect::<Vec<_>>()
+        .join(" / ")
+}

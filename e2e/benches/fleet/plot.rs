@@ -1,0 +1,230 @@
+//! The page's figure: fan-out rates and hub memory against fleet size, drawn with plotters
+//! into an RGB buffer and written as PNG. Text needs a TrueType font: DejaVu Sans (Debian's
+//! fonts-dejavu-core) or `KMM_BENCH_FONT`; without one the plot is skipped.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use plotters::prelude::*;
+
+use crate::results::FanOut;
+
+const W: u32 = 1200;
+const H: u32 = 480;
+const FONT_CANDIDATES: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+];
+
+fn register_font() -> anyhow::Result<()> {
+    let path = std::env::var("KMM_BENCH_FONT")
+        .ok()
+        .into_iter()
+        .chain(FONT_CANDIDATES.iter().map(|s| s.to_string()))
+        .find(|p| Path::new(p).is_file())
+        .context("no TrueType font (install fonts-dejavu-core or set KMM_BENCH_FONT)")?;
+    let bytes: &'static [u8] = Box::leak(std::fs::read(&path)?.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{path} is not a usable font"))?;
+    Ok(())
+}
+
+pub fn render(fanout: &[FanOut], out: &Path) -> anyhow::Result<()> {
+    if fanout.is_empty() {
+        bail!("no fan-out results to plot");
+    }
+    register_font()?;
+    let mut buf = vec![0u8; (W * H * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (left, right) = root.split_horizontally(W * 3 / 5);
+        rates(&left, fanout).map_err(|e| anyhow::anyhow!("rates panel: {e}"))?;
+        memory(&right, fanout).map_err(|e| anyhow::anyhow!("memory panel: {e}"))?;
+        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W, H);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header()?.write_image_data(&buf)?;
+    Ok(())
+}
+
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+fn x_range(fanout: &[FanOut]) -> std::ops::Range<f64> {
+    let min = fanout.iter().map(|f| f.clusters).min().unwrap_or(100) as f64;
+    let max = fanout.iter().map(|f| f.clusters).max().unwrap_or(5000) as f64;
+    (min * 0.7)..(max * 1.4)
+}
+
+fn series(
+    chart: &mut ChartContext<
+        '_,
+        BitMapBackend<'_>,
+        Cartesian2d<
+            plotters::coord::combinators::LogCoord<f64>,
+            plotters::coord::types::RangedCoordf64,
+        >,
+    >,
+    points: Vec<(f64, f64)>,
+    color: RGBColor,
+    label: &str,
+    dashed: bool,
+) -> DrawResult {
+    let style = color.stroke_width(3);
+    if dashed {
+        chart
+            .draw_series(DashedLineSeries::new(points.clone(), 8, 6, style))?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+    } else {
+        chart
+            .draw_series(LineSeries::new(points.clone(), style))?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+    }
+    chart.draw_series(
+        points
+            .into_iter()
+            .map(|p| Circle::new(p, 5, color.filled())),
+    )?;
+    Ok(())
+}
+
+fn rates(area: &Area<'_>, fanout: &[FanOut]) -> DrawResult {
+    let ymax = fanout
+        .iter()
+        .flat_map(|f| {
+            [
+                f.hub.per_second,
+                f.limit_per_second,
+                f.apply_plain.per_second,
+            ]
+        })
+        .fold(0.0f64, f64::max)
+        * 1.2;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            "ManifestWorks written per second (one MCM)",
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x_range(fanout).log_scale(), 0.0..ymax.max(1.0))?;
+    chart
+        .configure_mesh()
+        .x_desc("clusters (log scale)")
+        .y_desc("writes/s")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 16))
+        .draw()?;
+    let pts = |f: &dyn Fn(&FanOut) -> f64| -> Vec<(f64, f64)> {
+        fanout.iter().map(|r| (r.clusters as f64, f(r))).collect()
+    };
+    series(
+        &mut chart,
+        pts(&|r| r.limit_per_second),
+        RGBColor(90, 90, 90),
+        "plain creates (the limit)",
+        false,
+    )?;
+    series(
+        &mut chart,
+        pts(&|r| r.limit_per_second * 0.5),
+        RGBColor(90, 90, 90),
+        "50% of the limit (target)",
+        true,
+    )?;
+    series(
+        &mut chart,
+        pts(&|r| r.apply_plain.per_second),
+        RGBColor(230, 140, 20),
+        "plain server-side applies",
+        false,
+    )?;
+    series(
+        &mut chart,
+        pts(&|r| r.hub.per_second),
+        RGBColor(30, 100, 200),
+        "kmm-hub fan-out",
+        false,
+    )?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(("sans-serif", 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+fn memory(area: &Area<'_>, fanout: &[FanOut]) -> DrawResult {
+    let ymax = fanout
+        .iter()
+        .flat_map(|f| [f.memory.peak_mib, f.resync.memory.peak_mib])
+        .fold(150.0f64, f64::max)
+        * 1.25;
+    let mut chart = ChartBuilder::on(area)
+        .caption("kmm-hub peak RSS", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x_range(fanout).log_scale(), 0.0..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc("clusters (log scale)")
+        .y_desc("MiB")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 16))
+        .draw()?;
+    let xs: Vec<f64> = fanout.iter().map(|r| r.clusters as f64).collect();
+    series(
+        &mut chart,
+        xs.iter().map(|x| (*x, 150.0)).collect(),
+        RGBColor(200, 40, 40),
+        "target 150 MiB",
+        true,
+    )?;
+    series(
+        &mut chart,
+        fanout
+            .iter()
+            .map(|r| (r.clusters as f64, r.memory.peak_mib))
+            .collect(),
+        RGBColor(30, 100, 200),
+        "during the fan-out",
+        false,
+    )?;
+    series(
+        &mut chart,
+        fanout
+            .iter()
+            .map(|r| (r.clusters as f64, r.resync.memory.peak_mib))
+            .collect(),
+        RGBColor(40, 160, 80),
+        "restarted with N works",
+        false,
+    )?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
