@@ -3,22 +3,21 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{
-    Container, HostPathVolumeSource, LocalObjectReference, PodSpec, PodTemplateSpec,
-    SecurityContext, Volume, VolumeMount,
+    Container, HostPathVolumeSource, LocalObjectReference, PodSpec, SecurityContext, Volume,
+    VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use shared_api::Module;
 use shared_api::labels::{
-    MODULE_ANNOTATION, MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_LABEL,
-    module_ready_label, module_version_ready_label, short_hash,
+    MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_LABEL, module_ready_label,
+    module_version_ready_label, short_hash,
 };
 use shared_api::module::DevicePluginContainerSpec;
 
 use super::{
-    DEVICE_PLUGIN_HOST_PATH, RenderSettings, bounded_name, module_key, module_version,
-    owner_reference, stamp_hash,
+    DEVICE_PLUGIN_HOST_PATH, RenderSettings, bounded_name, module_daemonset, module_key,
+    module_version,
 };
 
 const DEVICE_PLUGIN_VOLUME: &str = "kubelet-device-plugins";
@@ -105,36 +104,12 @@ pub fn render_device_plugin_daemonset(
         ..Default::default()
     };
 
-    let mut ds = DaemonSet {
-        metadata: ObjectMeta {
-            name: Some(device_plugin_daemonset_name(&name, version)),
-            namespace: Some(namespace.clone()),
-            labels: Some(labels.clone()),
-            owner_references: owner_reference(module).map(|o| vec![o]),
-            ..Default::default()
-        },
-        spec: Some(DaemonSetSpec {
-            selector: LabelSelector {
-                match_labels: Some(labels.clone()),
-                match_expressions: None,
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    annotations: Some(BTreeMap::from([(
-                        MODULE_ANNOTATION.to_string(),
-                        format!("{namespace}/{name}"),
-                    )])),
-                    ..Default::default()
-                }),
-                spec: Some(pod_spec),
-            },
-            ..Default::default()
-        }),
-        status: None,
-    };
-    stamp_hash(&mut ds);
-    Some(ds)
+    Some(module_daemonset(
+        module,
+        device_plugin_daemonset_name(&name, version),
+        labels,
+        pod_spec,
+    ))
 }
 
 fn plugin_container(name: &str, c: &DevicePluginContainerSpec) -> Container {

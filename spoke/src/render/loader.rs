@@ -3,23 +3,21 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EnvVar, ExecAction, HostPathVolumeSource, Lifecycle, LifecycleHandler,
-    LocalObjectReference, PodSpec, PodTemplateSpec, Probe, SecurityContext, Volume, VolumeMount,
+    LocalObjectReference, PodSpec, Probe, SecurityContext, Volume, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use shared_api::Module;
 use shared_api::kernel::ResolvedMapping;
 use shared_api::labels::{
-    KERNEL_LABEL, MODULE_ANNOTATION, MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_LABEL,
-    ROLE_LOADER, TARGET_KERNEL_LABEL, short_hash, version_module_label,
+    KERNEL_LABEL, MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_LABEL, ROLE_LOADER,
+    TARGET_KERNEL_LABEL, short_hash, version_module_label,
 };
 use shared_api::module::ModuleLoaderSpec;
 
 use super::{
-    LOADER_SCRIPT, RenderSettings, bounded_name, module_key, module_version, owner_reference,
-    stamp_hash,
+    LOADER_SCRIPT, RenderSettings, bounded_name, module_daemonset, module_key, module_version,
 };
 
 /// The container name the node simulator (and people) look for.
@@ -178,36 +176,12 @@ pub fn render_loader_daemonset(
         ..Default::default()
     };
 
-    let mut ds = DaemonSet {
-        metadata: ObjectMeta {
-            name: Some(loader_daemonset_name(&name, &target.kernel_label, version)),
-            namespace: Some(namespace.clone()),
-            labels: Some(labels.clone()),
-            owner_references: owner_reference(module).map(|o| vec![o]),
-            ..Default::default()
-        },
-        spec: Some(DaemonSetSpec {
-            selector: LabelSelector {
-                match_labels: Some(labels.clone()),
-                match_expressions: None,
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    annotations: Some(BTreeMap::from([(
-                        MODULE_ANNOTATION.to_string(),
-                        format!("{namespace}/{name}"),
-                    )])),
-                    ..Default::default()
-                }),
-                spec: Some(pod_spec),
-            },
-            ..Default::default()
-        }),
-        status: None,
-    };
-    stamp_hash(&mut ds);
-    ds
+    module_daemonset(
+        module,
+        loader_daemonset_name(&name, &target.kernel_label, version),
+        labels,
+        pod_spec,
+    )
 }
 
 fn host_path_volume(name: &str, path: &str, type_: Option<&str>) -> Volume {

@@ -10,11 +10,12 @@ pub mod plan;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
+use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use kube::Resource;
 use shared_api::Module;
-use shared_api::labels::short_hash;
+use shared_api::labels::{MODULE_ANNOTATION, short_hash};
 
 pub use device_plugin::render_device_plugin_daemonset;
 pub use loader::{LoaderTarget, render_loader_daemonset};
@@ -96,6 +97,48 @@ pub fn bounded_name(prefix: &str, suffix: &str) -> String {
         p.pop();
     }
     format!("{p}{suffix}")
+}
+
+/// One of the agent's DaemonSets for `module`: `labels` on the object, as its selector and on
+/// its pods, the pods annotated with the Module's `namespace/name`, owned by the Module, and
+/// stamped with [`SPEC_HASH_ANNOTATION`].
+pub fn module_daemonset(
+    module: &Module,
+    name: String,
+    labels: BTreeMap<String, String>,
+    pod_spec: PodSpec,
+) -> DaemonSet {
+    let (namespace, module_name) = module_key(module);
+    let mut ds = DaemonSet {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace.clone()),
+            labels: Some(labels.clone()),
+            owner_references: owner_reference(module).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(labels.clone()),
+                match_expressions: None,
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(BTreeMap::from([(
+                        MODULE_ANNOTATION.to_string(),
+                        format!("{namespace}/{module_name}"),
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    };
+    stamp_hash(&mut ds);
+    ds
 }
 
 /// Set [`SPEC_HASH_ANNOTATION`] to the hash of everything else in the object.
