@@ -221,3 +221,59 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
         .with_context(|| format!("GET http://{addr}{path}: no HTTP status in {head:?}"))?;
     Ok((status, body.to_string()))
 }
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM: how the long-running commands are told to stop.
+pub async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// The PID in `pid_file` if that process is alive and its command line names `program`
+/// (PIDs get reused).
+pub fn running_pid(pid_file: &Path, program: &str) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    (pid_alive(pid) && String::from_utf8_lossy(&cmdline).contains(program)).then_some(pid)
+}
+
+/// `down` of a command that stays up in `dir` (`kmm-fleet`, `kmm-sandbox`): SIGTERM to the
+/// process of `pid_file`, then wait up to `timeout` for it to finish its own clean-up.
+/// `what` names it for people ("fleet", "sandbox").
+pub fn stop_by_pid_file(
+    dir: &Path,
+    pid_file: &Path,
+    program: &str,
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let Some(pid) = running_pid(pid_file, program) else {
+        let _ = std::fs::remove_file(pid_file);
+        println!("no {what} running in {}", dir.display());
+        return Ok(());
+    };
+    signal(pid, libc::SIGTERM);
+    let started = std::time::Instant::now();
+    while pid_alive(pid) {
+        if started.elapsed() > timeout {
+            anyhow::bail!(
+                "{program} pid {pid} still running after {timeout:?}; kill it with `kill -9 {pid}`"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "{what} in {} stopped ({:.1?})",
+        dir.display(),
+        started.elapsed()
+    );
+    Ok(())
+}

@@ -8,12 +8,12 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use kmm_e2e::fleet::{Fleet, worker_node};
-use kmm_e2e::process::{pid_alive, signal};
+use kmm_e2e::process::{running_pid, shutdown_signal, stop_by_pid_file};
 
 /// Kernels given to simulated worker nodes, round-robin.
 const DEFAULT_KERNELS: &[&str] = &["6.1.0-13-amd64", "6.1.0-18-amd64", "5.10.0-26-amd64"];
@@ -112,7 +112,7 @@ async fn up(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let pid_file = dir.join(PID_FILE);
-    if let Some(pid) = running_pid(&pid_file) {
+    if let Some(pid) = running_pid(&pid_file, "kmm-fleet") {
         bail!(
             "a fleet is already up in {} (pid {pid}); run `kmm-fleet down --dir {}` first",
             dir.display(),
@@ -140,7 +140,7 @@ async fn up(
             .start()
             .await?;
         print_summary(&fleet);
-        wait_for_shutdown().await?;
+        shutdown_signal().await?;
         eprintln!("kmm-fleet: stopping");
         fleet.stop().await;
         anyhow::Ok(())
@@ -176,48 +176,6 @@ fn print_summary(fleet: &Fleet) {
     );
 }
 
-async fn wait_for_shutdown() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-        _ = term.recv() => {}
-    }
-    Ok(())
-}
-
-/// The PID in the pid file if that process is alive and is a kmm-fleet (PIDs get reused).
-fn running_pid(pid_file: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    (pid_alive(pid) && String::from_utf8_lossy(&cmdline).contains("kmm-fleet")).then_some(pid)
-}
-
 fn down(dir: &Path, timeout: Duration) -> anyhow::Result<()> {
-    let pid_file = dir.join(PID_FILE);
-    let Some(pid) = running_pid(&pid_file) else {
-        let _ = std::fs::remove_file(&pid_file);
-        println!("no fleet running in {}", dir.display());
-        return Ok(());
-    };
-    signal(pid, libc::SIGTERM);
-    let started = Instant::now();
-    while pid_alive(pid) {
-        if started.elapsed() > timeout {
-            bail!(
-                "kmm-fleet pid {pid} still running after {timeout:?}; kill it with `kill -9 {pid}`"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    println!(
-        "fleet in {} stopped ({:.1?})",
-        dir.display(),
-        started.elapsed()
-    );
-    Ok(())
+    stop_by_pid_file(dir, &dir.join(PID_FILE), "kmm-fleet", "fleet", timeout)
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
-use kmm_e2e::process::{pid_alive, signal};
+use kmm_e2e::process::{running_pid, shutdown_signal, stop_by_pid_file};
 use kmm_e2e::sandbox::progress::Progress;
 use kmm_e2e::sandbox::{Sandbox, SandboxOptions};
 
@@ -127,7 +127,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let pid_file = args.dir.join(PID_FILE);
-    if let Some(pid) = running_pid(&pid_file) {
+    if let Some(pid) = running_pid(&pid_file, "kmm-sandbox") {
         bail!(
             "a sandbox is already up in {} (pid {pid}); run `kmm-sandbox down --dir {}` first",
             args.dir.display(),
@@ -216,46 +216,12 @@ async fn up_inner(args: &UpArgs) -> anyhow::Result<()> {
     outcome
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-        _ = term.recv() => {}
-    }
-    Ok(())
-}
-
-/// The PID in the pid file if that process is alive and is a kmm-sandbox (PIDs get reused).
-fn running_pid(pid_file: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    (pid_alive(pid) && String::from_utf8_lossy(&cmdline).contains("kmm-sandbox")).then_some(pid)
-}
-
 fn down(dir: &Path) -> anyhow::Result<()> {
-    let pid_file = dir.join(PID_FILE);
-    let Some(pid) = running_pid(&pid_file) else {
-        let _ = std::fs::remove_file(&pid_file);
-        println!("no sandbox running in {}", dir.display());
-        return Ok(());
-    };
-    signal(pid, libc::SIGTERM);
-    let started = Instant::now();
-    while pid_alive(pid) {
-        if started.elapsed() > Duration::from_secs(90) {
-            bail!("kmm-sandbox pid {pid} still running after 90 s; kill it with `kill -9 {pid}`");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    println!(
-        "sandbox in {} stopped ({:.1?})",
-        dir.display(),
-        started.elapsed()
-    );
-    Ok(())
+    stop_by_pid_file(
+        dir,
+        &dir.join(PID_FILE),
+        "kmm-sandbox",
+        "sandbox",
+        Duration::from_secs(90),
+    )
 }
