@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use kmm_e2e::fleet::{Fleet, spoke_name, worker_node};
+use kmm_e2e::labs::LAB_DOCKERFILE;
 use kmm_e2e::oci::{KmodImage, push_kmod_image};
 use kmm_e2e::testkit::{HubOptions, HubProcess, ensure_namespace, eventually};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -625,24 +626,6 @@ fn which_kubectl() -> anyhow::Result<std::path::PathBuf> {
 }
 
 // ---- builds and signing ------------------------------------------------------------------
-
-/// The in-cluster build lab's Dockerfile, unchanged.
-const LAB_DOCKERFILE: &str = r#"ARG DTK_AUTO
-ARG KERNEL_VERSION
-FROM ${DTK_AUTO} as builder
-WORKDIR /build/
-RUN git clone -b main --single-branch https://github.com/rh-ecosystem-edge/kernel-module-management.git
-WORKDIR kernel-module-management/ci/kmm-kmod/
-RUN make
-FROM docker.io/redhat/ubi8-minimal
-ARG KERNEL_VERSION
-RUN microdnf -y install kmod openssl && \
-    microdnf clean all && \
-    rm -rf /var/cache/yum
-RUN mkdir -p /opt/lib/modules/${KERNEL_VERSION}
-COPY --from=builder /build/kernel-module-management/ci/kmm-kmod/*.ko /opt/lib/modules/${KERNEL_VERSION}/
-RUN /usr/sbin/depmod -b /opt
-"#;
 
 fn openssl_keypair(
     dir: &std::path::Path,

@@ -14,6 +14,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kmm_e2e::fleet::{Fleet, worker_node};
 use kmm_e2e::kmod;
+use kmm_e2e::labs::LAB_DOCKERFILE;
 use kmm_e2e::oci::{self, KmodImage, SignWith};
 use kmm_e2e::sim::loader;
 use kmm_e2e::sim::{SimNode, read_loaded_modules};
@@ -949,24 +950,6 @@ async fn ocm_agents(fleet: &Fleet) -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
-
-/// The lab's Dockerfile (seed 000), unchanged.
-const LAB_DOCKERFILE: &str = r#"ARG DTK_AUTO
-ARG KERNEL_VERSION
-FROM ${DTK_AUTO} as builder
-WORKDIR /build/
-RUN git clone -b main --single-branch https://github.com/rh-ecosystem-edge/kernel-module-management.git
-WORKDIR kernel-module-management/ci/kmm-kmod/
-RUN make
-FROM docker.io/redhat/ubi8-minimal
-ARG KERNEL_VERSION
-RUN microdnf -y install kmod openssl && \
-    microdnf clean all && \
-    rm -rf /var/cache/yum
-RUN mkdir -p /opt/lib/modules/${KERNEL_VERSION}
-COPY --from=builder /build/kernel-module-management/ci/kmm-kmod/*.ko /opt/lib/modules/${KERNEL_VERSION}/
-RUN /usr/sbin/depmod -b /opt
-"#;
 
 fn kaniko_job(
     ns: &str,

@@ -1111,22 +1111,7 @@ impl Shell<'_> {
 mod tests {
     use super::*;
 
-    const LAB: &str = r#"ARG DTK_AUTO
-ARG KERNEL_VERSION
-FROM ${DTK_AUTO} as builder
-WORKDIR /build/
-RUN git clone -b main --single-branch https://github.com/rh-ecosystem-edge/kernel-module-management.git
-WORKDIR kernel-module-management/ci/kmm-kmod/
-RUN make
-FROM docker.io/redhat/ubi8-minimal
-ARG KERNEL_VERSION
-RUN microdnf -y install kmod openssl && \
-    microdnf clean all && \
-    rm -rf /var/cache/yum
-RUN mkdir -p /opt/lib/modules/${KERNEL_VERSION}
-COPY --from=builder /build/kernel-module-management/ci/kmm-kmod/*.ko /opt/lib/modules/${KERNEL_VERSION}/
-RUN /usr/sbin/depmod -b /opt
-"#;
+    use crate::labs::LAB_DOCKERFILE as LAB;
 
     const DOCS: &str = r#"ARG DTK_AUTO
 FROM ${DTK_AUTO} as builder
