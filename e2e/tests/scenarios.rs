@@ -151,6 +151,23 @@ async fn loaded_now(sb: &Sandbox) -> anyhow::Result<BTreeMap<String, Vec<String>
     Ok(loaded(&sb.observe().await?))
 }
 
+/// Wait until every node's loaded modules are `before` again.
+async fn loaded_back_to(
+    sb: &Sandbox,
+    before: &BTreeMap<String, Vec<String>>,
+    what: &str,
+) -> anyhow::Result<()> {
+    eventually(what, DEADLINE, || async {
+        let l = loaded_now(sb).await?;
+        Ok(if l == *before {
+            Ok(())
+        } else {
+            Err(format!("before {before:?}\nnow {l:?}"))
+        })
+    })
+    .await
+}
+
 async fn mcm(hub: &Client, name: &str) -> anyhow::Result<Option<ManagedClusterModule>> {
     Ok(Api::<ManagedClusterModule>::all(hub.clone())
         .get_opt(name)
@@ -1029,15 +1046,7 @@ async fn relabel_then_delete(sb: &Sandbox) -> anyhow::Result<()> {
 
     // Deleting the MCM: works gone, then the MCM; the module unloaded, other modules untouched.
     delete_mcm(&hub, NAME).await?;
-    eventually("kmm_scn_select unloaded everywhere", DEADLINE, || async {
-        let l = loaded_now(sb).await?;
-        Ok(if l == before {
-            Ok(())
-        } else {
-            Err(format!("before {before:?}\nnow {l:?}"))
-        })
-    })
-    .await?;
+    loaded_back_to(sb, &before, "kmm_scn_select unloaded everywhere").await?;
     let spoke1 = sb.fleet().spoke(1).client().await;
     let unloaded = Api::<Event>::namespaced(spoke1, kmm_spoke::controller::events::EVENT_NAMESPACE)
         .list(&ListParams::default())
@@ -1278,15 +1287,7 @@ async fn ordered_upgrade(sb: &Sandbox, progress: &Progress) -> anyhow::Result<()
     kmm_e2e::sandbox::upgrade::ordered_upgrade(sb, progress).await?;
     let hub = sb.hub_client().await;
     delete_mcm(&hub, kmm_e2e::sandbox::upgrade::NAME).await?;
-    eventually("the upgraded module unloaded", DEADLINE, || async {
-        let l = loaded_now(sb).await?;
-        Ok(if l == before {
-            Ok(())
-        } else {
-            Err(format!("before {before:?}\nnow {l:?}"))
-        })
-    })
-    .await?;
+    loaded_back_to(sb, &before, "the upgraded module unloaded").await?;
     labs_still_converged(sb).await
 }
 
