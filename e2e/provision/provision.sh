@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# Provision the local test world: Debian packages, then kube-apiserver and
-# kube-controller-manager v1.20.2 built from Debian's `kubernetes` source package.
-# Idempotent: every step checks first and says what it does and how long it took.
-# The binaries are cached outside the checkout, keyed by the source version.
+# Provision the local test world:
+#   - Debian packages (the registry, openssl, kmod, the kernel's sign-file, …);
+#   - from their published Go modules, with the machine's Go and pinned versions (the wrapper
+#     modules beside this script, with committed go.mod/go.sum):
+#       kube-apiserver, kube-controller-manager, kube-scheduler,
+#       kubectl                                                   (k8s.io/kubernetes)
+#       etcd                                                      (go.etcd.io/etcd/server/v3)
+#       registration, work, placement, registration-operator     (open-cluster-management.io/ocm)
+#       work-webhook: OCM's ManifestWork webhook package served on loopback (ocm/cmd/work-webhook)
+#       governance-policy-propagator, config-policy-controller   (open-cluster-management.io/…)
+# Idempotent: every step checks first and says what it does and how long it took. The
+# binaries are cached outside the checkout, keyed by version: $CACHE/bin/<set>-<version>-<build>.
 set -euo pipefail
 
-K8S_SRC_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
-K8S_GIT_VERSION="v1.20.2"
-# Bump the suffix whenever the patches below change: binaries are cached per build id.
-K8S_BUILD_ID="$K8S_GIT_VERSION-kmm1"
-CACHE="${KMM_FLEET_CACHE:-$HOME/.cache/kmm-fleet}"
-BIN_DIR="$CACHE/k8s-$K8S_BUILD_ID"
-WORK="$CACHE/build-k8s-$K8S_GIT_VERSION"
+K8S_VERSION="v1.37.2"
+ETCD_VERSION="v3.7.4"
+OCM_VERSION="v1.2.1"
+GOVERNANCE_VERSION="v0.18.0"
+# Bump when the way a set is built changes (flags, stamping): every machine then rebuilds.
+BUILD_ID="kmm3"
+GO_MIN="1.26"
 
-PACKAGES=(golang-1.19-go etcd-server rsync dpkg-dev golang-github-modern-go-reflect2-dev
-  docker-registry apache2-utils openssl kmod linux-headers-amd64 ca-certificates chromium)
+CACHE="${KMM_FLEET_CACHE:-$HOME/.cache/kmm-fleet}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+PACKAGES=(docker-registry apache2-utils openssl kmod linux-headers-amd64 ca-certificates chromium
+  time)
 [ -n "${KMM_FLEET_EXTRA_PACKAGES:-}" ] && read -r -a extra <<<"$KMM_FLEET_EXTRA_PACKAGES" && PACKAGES+=("${extra[@]}")
 
 step_start=0
@@ -47,99 +58,120 @@ else
   echo "==> Debian packages present (${#PACKAGES[@]})"
 fi
 
-if [ -x "$BIN_DIR/kube-apiserver" ] && [ -x "$BIN_DIR/kube-controller-manager" ]; then
-  echo "==> kube-apiserver and kube-controller-manager $K8S_BUILD_ID cached in $BIN_DIR"
-  exit 0
-fi
+# The Go programs. Each set: NAME VERSION MODULE-DIR LDFLAGS BIN=PACKAGE...
+bin_dir() { printf '%s/bin/%s-%s-%s' "$CACHE" "$1" "$2" "$BUILD_ID"; }
 
-mkdir -p "$WORK" "$BIN_DIR"
-# A private deb-src list derived from the machine's own Debian source configuration:
-# /etc/apt stays untouched and no host name is written into the repository.
-APT_DIR="$WORK/apt"
-mkdir -p "$APT_DIR/lists/partial" "$APT_DIR/sources.list.d"
-src_conf=""
-for f in /etc/apt/sources.list.d/*.sources; do
-  [ -f "$f" ] || continue
-  src_conf+="$(sed -e 's/^Types:.*/Types: deb-src/' "$f")"$'\n\n'
-done
-if [ -z "$src_conf" ] && [ -f /etc/apt/sources.list ]; then
-  grep -E '^deb ' /etc/apt/sources.list | sed 's/^deb /deb-src /' > "$APT_DIR/sources.list" || true
-else
-  printf '%s' "$src_conf" > "$APT_DIR/sources.list.d/debian-src.sources"
-  : > "$APT_DIR/sources.list"
-fi
-APT_OPTS=(-o "Dir::Etc::SourceList=$APT_DIR/sources.list" -o "Dir::Etc::SourceParts=$APT_DIR/sources.list.d"
-  -o "Dir::State::Lists=$APT_DIR/lists" -o "APT::Sandbox::User=root")
-
-DSC="$WORK/kubernetes_${K8S_SRC_VERSION//+really/+really}.dsc"
-if ! ls "$WORK"/kubernetes_*.dsc >/dev/null 2>&1; then
-  step "fetching Debian source package kubernetes=$K8S_SRC_VERSION"
-  apt-get "${APT_OPTS[@]}" update -qq || fail "apt-get update for the deb-src list in $APT_DIR" \
-    "apt-get ${APT_OPTS[*]} update"
-  (cd "$WORK" && apt-get "${APT_OPTS[@]}" source --download-only "kubernetes=$K8S_SRC_VERSION" >/dev/null) \
-    || fail "apt-get source kubernetes=$K8S_SRC_VERSION" "cd $WORK && apt-get ${APT_OPTS[*]} source --download-only kubernetes=$K8S_SRC_VERSION"
-  done_step
-fi
-DSC=$(ls "$WORK"/kubernetes_*.dsc | head -n1)
-
-GOPATH_DIR="$WORK/gopath"
-TREE="$WORK/src"
-if [ ! -f "$TREE/.unpacked" ]; then
-  step "unpacking $DSC"
-  rm -rf "$TREE"
-  dpkg-source --no-check -x "$DSC" "$TREE" >/dev/null || fail "dpkg-source -x $DSC" "dpkg-source -x $DSC $TREE"
-  # The vendored reflect2 v1.0.1 crashes under Go >= 1.18; Debian's 1.0.2 fixes it.
-  R2=/usr/share/gocode/src/github.com/modern-go/reflect2
-  rm -f "$TREE/vendor/github.com/modern-go/reflect2/"*.go "$TREE/vendor/github.com/modern-go/reflect2/"*.s
-  cp "$R2"/*.go "$TREE/vendor/github.com/modern-go/reflect2/"
-  ls "$R2"/*.s >/dev/null 2>&1 && cp "$R2"/*.s "$TREE/vendor/github.com/modern-go/reflect2/"
-  rm -f "$TREE/vendor/github.com/modern-go/reflect2/"*_test.go
-  touch "$TREE/.unpacked"
-  done_step
-fi
-
-# Go >= 1.18's reflect.Zero returns the runtime's shared zero buffer, the same one an empty
-# string is boxed to; go-openapi's type validator then takes every "" for null and rejects
-# it ("must be of type string: \"null\"") in CRD defaults and in custom resources. Built
-# with its own Go 1.15 the check was effectively `data == nil`; restore exactly that.
-if [ ! -f "$TREE/.patched-zero-null" ]; then
-  step "patching go-openapi's zero-value check (empty strings taken for null under Go >= 1.18)"
-  for f in "$TREE/vendor/github.com/go-openapi/validate/type.go" \
-           "$TREE/vendor/k8s.io/kube-openapi/pkg/validation/validate/type.go"; do
-    [ -f "$f" ] || continue
-    sed -i 's/if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {/if data == nil {/' "$f"
-    grep -q 'reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data))' "$f" && fail "patching $f" "edit $f by hand"
-  done
-  touch "$TREE/.patched-zero-null"
-  done_step
-fi
-
-mkdir -p "$GOPATH_DIR/src/k8s.io"
-ln -sfn "$TREE" "$GOPATH_DIR/src/k8s.io/kubernetes"
-export PATH="/usr/lib/go-1.19/bin:$PATH" GOPATH="$GOPATH_DIR" GO111MODULE=off CGO_ENABLED=0 GOPROXY=off \
-  GOFLAGS= GOCACHE="$WORK/gocache"
-cd "$GOPATH_DIR/src/k8s.io/kubernetes"
-
-if [ ! -f pkg/generated/openapi/zz_generated.openapi.go ]; then
-  step "generating OpenAPI definitions (make gen_openapi)"
-  make gen_openapi >"$WORK/gen_openapi.log" 2>&1 || fail "make gen_openapi (log: $WORK/gen_openapi.log)" \
-    "cd $GOPATH_DIR/src/k8s.io/kubernetes && GO111MODULE=off GOPATH=$GOPATH_DIR make gen_openapi"
-  done_step
-fi
-
-LDFLAGS="-s -w -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitVersion=$K8S_GIT_VERSION \
- -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitMajor=1 \
- -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitMinor=20 \
- -X k8s.io/kubernetes/vendor/k8s.io/component-base/version.gitTreeState=clean"
-for bin in kube-apiserver kube-controller-manager; do
-  if [ ! -x "$BIN_DIR/$bin" ]; then
-    step "building $bin $K8S_BUILD_ID (Go 1.19, 2 jobs; a cold build takes a few minutes)"
-    go build -p 2 -ldflags "$LDFLAGS" -o "$BIN_DIR/$bin.tmp" "./cmd/$bin" >"$WORK/$bin.log" 2>&1 \
-      || fail "go build ./cmd/$bin (log: $WORK/$bin.log)" "see $WORK/$bin.log"
-    mv "$BIN_DIR/$bin.tmp" "$BIN_DIR/$bin"
-    done_step
+need_go() {
+  command -v go >/dev/null 2>&1 || fail "go is not on PATH (this machine kind ships Go $GO_MIN or newer)" \
+    "install Go $GO_MIN or newer and put it on PATH"
+  local v
+  v=$(go env GOVERSION | sed 's/^go//')
+  if [ "$(printf '%s\n%s\n' "$GO_MIN" "$v" | sort -V | head -n1)" != "$GO_MIN" ]; then
+    fail "go $v is older than $GO_MIN" "install Go $GO_MIN or newer"
   fi
-done
-# The build cache is large and only needed to rebuild; the binaries are what we keep.
-rm -rf "$WORK/gocache"
-echo "==> kube-apiserver and kube-controller-manager $K8S_BUILD_ID ready in $BIN_DIR"
+}
+
+build_set() {
+  local name=$1 version=$2 module=$3 ldflags=$4
+  shift 4
+  local dir
+  dir=$(bin_dir "$name" "$version")
+  local want=() pkgs=() b
+  for b in "$@"; do
+    want+=("${b%%=*}")
+    pkgs+=("${b#*=}")
+  done
+  local all=1
+  for b in "${want[@]}"; do [ -x "$dir/$b" ] || all=0; done
+  if [ "$all" = 1 ]; then
+    echo "==> $name $version cached in $dir (${want[*]})"
+    return
+  fi
+  need_go
+  mkdir -p "$dir"
+  local tmp="$dir.tmp"
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  local log="$CACHE/build-$name-$version.log"
+  step "building $name $version from its Go module ($(go env GOVERSION), ${want[*]}; log $log)"
+  local i timing=()
+  [ -x /usr/bin/time ] && timing=(/usr/bin/time -f 'peak memory %M KiB, %e s wall, %U s user')
+  for i in "${!want[@]}"; do
+    printf '    %s\n' "${want[$i]}"
+    ( cd "$HERE/$module" && GOTOOLCHAIN=local GOFLAGS=-mod=readonly CGO_ENABLED=0 \
+        "${timing[@]}" go build -trimpath -ldflags "$ldflags" -o "$tmp/${want[$i]}" "${pkgs[$i]}" ) \
+        >>"$log" 2>&1 || fail "go build ${pkgs[$i]} (log: $log)" "cd $HERE/$module && go build ${pkgs[$i]}"
+    [ ${#timing[@]} -gt 0 ] && printf '      %s\n' "$(tail -n1 "$log")"
+  done
+  for b in "${want[@]}"; do mv "$tmp/$b" "$dir/$b"; done
+  rmdir "$tmp"
+  done_step
+}
+
+K8S_MINOR=$(echo "$K8S_VERSION" | cut -d. -f2)
+VERSION_PKG=k8s.io/component-base/version
+build_set kube "$K8S_VERSION" kube "-s -w -X $VERSION_PKG.gitVersion=$K8S_VERSION \
+ -X $VERSION_PKG.gitMajor=1 -X $VERSION_PKG.gitMinor=$K8S_MINOR -X $VERSION_PKG.gitTreeState=clean \
+ -X $VERSION_PKG.buildDate=1970-01-01T00:00:00Z" \
+  kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
+  kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
+  kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
+  kubectl=k8s.io/kubernetes/cmd/kubectl
+
+build_set etcd "$ETCD_VERSION" etcd "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION" \
+  etcd=go.etcd.io/etcd/server/v3
+
+OCM_VPKG=open-cluster-management.io/ocm/pkg/version
+build_set ocm "$OCM_VERSION" ocm "-s -w -X $OCM_VPKG.versionFromGit=$OCM_VERSION \
+ -X $OCM_VPKG.majorFromGit=$(echo "$OCM_VERSION" | cut -d. -f1 | tr -d v) \
+ -X $OCM_VPKG.minorFromGit=$(echo "$OCM_VERSION" | cut -d. -f2)" \
+  registration=open-cluster-management.io/ocm/cmd/registration \
+  work=open-cluster-management.io/ocm/cmd/work \
+  placement=open-cluster-management.io/ocm/cmd/placement \
+  registration-operator=open-cluster-management.io/ocm/cmd/registration-operator \
+  work-webhook=./cmd/work-webhook
+
+build_set governance "$GOVERNANCE_VERSION" governance \
+  "-s -w -X open-cluster-management.io/governance-policy-propagator/version.Version=$GOVERNANCE_VERSION" \
+  governance-policy-propagator=open-cluster-management.io/governance-policy-propagator \
+  config-policy-controller=open-cluster-management.io/config-policy-controller
+
+# The OCM and policy CRDs ship inside the modules; copy them next to the binaries so that the
+# test world installs exactly the released files.
+crd_dir="$(bin_dir ocm "$OCM_VERSION")/crds"
+if [ ! -f "$crd_dir/.complete-2" ]; then
+  step "collecting the OCM and policy CRDs from their modules"
+  rm -rf "$crd_dir" && mkdir -p "$crd_dir/hub" "$crd_dir/spoke"
+  modcache=$(go env GOMODCACHE)
+  ocm_src="$modcache/open-cluster-management.io/ocm@$OCM_VERSION"
+  prop_src="$modcache/open-cluster-management.io/governance-policy-propagator@$GOVERNANCE_VERSION"
+  cpc_src="$modcache/open-cluster-management.io/config-policy-controller@$GOVERNANCE_VERSION"
+  ( cd "$HERE/governance" && GOTOOLCHAIN=local go mod download open-cluster-management.io/governance-policy-propagator \
+      open-cluster-management.io/config-policy-controller )
+  ( cd "$HERE/ocm" && GOTOOLCHAIN=local go mod download open-cluster-management.io/ocm )
+  cp "$ocm_src"/manifests/cluster-manager/hub/crds/*.crd.yaml "$crd_dir/hub/"
+  # The add-on CRDs name the add-on manager's conversion webhook through operator templates;
+  # the test world runs no add-on manager, so they keep their stored version only (strategy None).
+  for f in "$crd_dir"/hub/*.yaml; do
+    grep -q '{{' "$f" || continue
+    awk '/^  conversion:/{skip=1; next} skip && /^  [a-z]/{skip=0} !skip' "$f" > "$f.tmp" && mv "$f.tmp" "$f"
+    grep -q '{{' "$f" && fail "$f still holds template expressions"
+  done
+  cp "$ocm_src"/manifests/klusterlet/managed/*.crd.yaml "$crd_dir/spoke/"
+  for f in "$prop_src"/deploy/crds/*.yaml; do cp "$f" "$crd_dir/hub/policy-$(basename "$f")"; done
+  # Spokes hold replicated Policies too (the policy framework copies them into the cluster's
+  # namespace there).
+  cp "$prop_src"/deploy/crds/policy.open-cluster-management.io_policies.yaml "$crd_dir/spoke/policy-policies.yaml"
+  for f in "$cpc_src"/deploy/crds/*.yaml; do
+    case "$(basename "$f")" in kustomization.yaml) continue ;; esac
+    cp "$f" "$crd_dir/spoke/policy-$(basename "$f")"
+  done
+  # The bootstrap ClusterRole of OCM's cluster-manager chart (its template lines removed).
+  rbac_dir="$(bin_dir ocm "$OCM_VERSION")/rbac"
+  mkdir -p "$rbac_dir"
+  sed '/^{{/d' "$ocm_src/deploy/cluster-manager/chart/cluster-manager/templates/bootstrap_cluster_role.yaml" \
+    > "$rbac_dir/bootstrap-clusterrole.yaml"
+  chmod -R u+w "$crd_dir" "$rbac_dir"
+  touch "$crd_dir/.complete-2"
+  done_step
+fi
+echo "==> test world programs ready in $CACHE/bin"

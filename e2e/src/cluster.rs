@@ -1,15 +1,18 @@
-//! One simulated cluster's real control plane: kube-apiserver and kube-controller-manager
-//! v1.20.2 on 127.0.0.1, against the fleet's shared etcd under a per-cluster prefix.
+//! One cluster's real control plane: kube-apiserver, kube-controller-manager and
+//! kube-scheduler (the release `provision` builds) on 127.0.0.1, against the fleet's shared
+//! etcd under a per-cluster prefix.
 //!
 //! Layout of a cluster directory: `pki/` (certificates, keys, static tokens),
 //! `admin.kubeconfig`, `nobody.kubeconfig`, `controller-manager.kubeconfig`,
-//! `kube-apiserver.log`, `kube-controller-manager.log`.
+//! `scheduler.kubeconfig`, `kube-apiserver.log`, `kube-controller-manager.log`,
+//! `kube-scheduler.log`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -24,8 +27,15 @@ pub const FIELD_MANAGER: &str = "kmm-fleet-testworld";
 pub const NOBODY_USER: &str = "nobody";
 /// Loopback service range: there is no kube-proxy, and only loopback is a valid target here.
 pub const SERVICE_CLUSTER_IP_RANGE: &str = "127.96.0.0/16";
-const CONTROLLERS: &str = "garbagecollector,namespace,serviceaccount,serviceaccount-token,daemonset,job,\
-deployment,replicaset,ttl-after-finished,clusterrole-aggregation";
+/// What a cluster of the fleet needs: no node lifecycle (simulated nodes send no heartbeats),
+/// no cloud, no volumes. `csrsigning`/`csrapproving` sign the OCM agents' hub certificates;
+/// `root-ca-cert-publisher` makes the `kube-root-ca.crt` ConfigMap that projected
+/// service-account volumes need.
+const CONTROLLERS: &str = "garbage-collector-controller,namespace-controller,serviceaccount-controller,\
+daemonset-controller,job-controller,deployment-controller,replicaset-controller,ttl-after-finished-controller,\
+clusterrole-aggregation-controller,certificatesigningrequest-signing-controller,\
+certificatesigningrequest-approving-controller,certificatesigningrequest-cleaner-controller,\
+root-ca-certificate-publisher-controller,resourceclaim-controller,pod-garbage-collector-controller";
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const APISERVER_GRACE: Duration = Duration::from_secs(2);
 
@@ -127,6 +137,9 @@ pub struct ClusterConfig<'a> {
     pub binaries: &'a Binaries,
     pub etcd_url: &'a str,
     pub ca: &'a Ca,
+    /// Directories of released CRD files (YAML) installed besides ours: OCM's hub or spoke
+    /// CRDs and the policy framework's.
+    pub crd_dirs: &'a [PathBuf],
 }
 
 /// A running control plane. Dropping it kills its processes; [`Cluster::stop`] stops them
@@ -138,11 +151,14 @@ pub struct Cluster {
     binaries: Binaries,
     apiserver_args: Vec<String>,
     controller_manager_args: Vec<String>,
+    scheduler_args: Vec<String>,
     apiserver: Option<ManagedProcess>,
     controller_manager: Option<ManagedProcess>,
+    scheduler: Option<ManagedProcess>,
     ca_pem: String,
     nobody_token: String,
     admin: kube::Client,
+    crd_dirs: Vec<PathBuf>,
 }
 
 impl Cluster {
@@ -163,6 +179,7 @@ impl Cluster {
             .serving_cert("kube-apiserver", &["127.0.0.1", "localhost"])?;
         let admin = cfg.ca.client_cert("kmm-fleet-admin", &["system:masters"])?;
         let kcm = cfg.ca.client_cert("system:kube-controller-manager", &[])?;
+        let scheduler = cfg.ca.client_cert("system:kube-scheduler", &[])?;
         let sa = crate::pki::service_account_key()?;
         let nobody_token = random_token();
         let ca_pem = cfg.ca.cert_pem().to_string();
@@ -174,6 +191,9 @@ impl Cluster {
             ("admin.key", &admin.key_pem),
             ("controller-manager.crt", &kcm.cert_pem),
             ("controller-manager.key", &kcm.key_pem),
+            ("scheduler.crt", &scheduler.cert_pem),
+            ("scheduler.key", &scheduler.key_pem),
+            ("ca.key", cfg.ca.key_pem()),
             ("sa.key", &sa.private_pem),
             ("sa.pub", &sa.public_pem),
         ];
@@ -201,6 +221,15 @@ impl Cluster {
         );
         write_private(&dir.join("controller-manager.kubeconfig"), &kcm_yaml)?;
         write_private(
+            &dir.join("scheduler.kubeconfig"),
+            &kubeconfig_yaml(
+                name,
+                &server,
+                &ca_pem,
+                User::Cert(&scheduler.cert_pem, &scheduler.key_pem),
+            ),
+        )?;
+        write_private(
             &dir.join("nobody.kubeconfig"),
             &kubeconfig_yaml(name, &server, &ca_pem, User::Token(&nobody_token)),
         )?;
@@ -210,7 +239,6 @@ impl Cluster {
             "--advertise-address=127.0.0.1".into(),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={port}"),
-            "--insecure-port=0".into(),
             format!("--cert-dir={}", p(""),),
             format!("--etcd-servers={}", cfg.etcd_url),
             format!("--etcd-prefix=/kmm-fleet/{name}"),
@@ -226,15 +254,11 @@ impl Cluster {
             format!("--service-account-signing-key-file={}", p("sa.key")),
             format!("--service-account-key-file={}", p("sa.pub")),
             format!("--api-audiences=https://{name}.kmm-fleet.invalid"),
-            // Defaults of 1.20 plus the ones a real cluster runs with; TaintNodesByCondition
-            // is what makes simulated nodes start NotReady.
-            "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,TaintNodesByCondition,\
-             Priority,DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota,\
-             NodeRestriction"
-                .replace(' ', ""),
+            // The defaults (PodSecurity among them) plus NodeRestriction, as kubeadm runs it;
+            // TaintNodesByCondition is what makes simulated nodes start NotReady.
+            "--enable-admission-plugins=NodeRestriction".into(),
             // Loader pods are privileged, as in real KMM.
             "--allow-privileged=true".into(),
-            "--feature-gates=TTLAfterFinished=true".into(),
             "--profiling=false".into(),
         ];
         let controller_manager_args: Vec<String> = vec![
@@ -244,14 +268,34 @@ impl Cluster {
             ),
             format!("--controllers={CONTROLLERS}"),
             "--secure-port=0".into(),
-            "--port=0".into(),
             "--leader-elect=false".into(),
             // Each controller acts as its own service account, as in kubeadm clusters.
             "--use-service-account-credentials=true".into(),
             format!("--service-account-private-key-file={}", p("sa.key")),
             format!("--root-ca-file={}", p("ca.crt")),
             format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
-            "--feature-gates=TTLAfterFinished=true".into(),
+            // Signs the OCM agents' CertificateSigningRequests once the hub approved them.
+            format!("--cluster-signing-cert-file={}", p("ca.crt")),
+            format!("--cluster-signing-key-file={}", p("ca.key")),
+            "--profiling=false".into(),
+        ];
+        let scheduler_args: Vec<String> = vec![
+            format!(
+                "--kubeconfig={}",
+                dir.join("scheduler.kubeconfig").display()
+            ),
+            format!(
+                "--authentication-kubeconfig={}",
+                dir.join("scheduler.kubeconfig").display()
+            ),
+            format!(
+                "--authorization-kubeconfig={}",
+                dir.join("scheduler.kubeconfig").display()
+            ),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", free_port()?),
+            format!("--cert-dir={}", pki.join("scheduler-serving").display()),
+            "--leader-elect=false".into(),
             "--profiling=false".into(),
         ];
 
@@ -263,15 +307,19 @@ impl Cluster {
             binaries: cfg.binaries.clone(),
             apiserver_args,
             controller_manager_args,
+            scheduler_args,
             apiserver: None,
             controller_manager: None,
+            scheduler: None,
             ca_pem,
             nobody_token,
             admin: admin_client,
+            crd_dirs: cfg.crd_dirs.to_vec(),
         };
         cluster.start_apiserver().await?;
         let t_api = started.elapsed();
         cluster.start_controller_manager()?;
+        cluster.start_scheduler()?;
         let (crds, token) = tokio::join!(
             cluster.install_crds(),
             cluster.service_account_token("default", "default")
@@ -279,7 +327,7 @@ impl Cluster {
         crds.with_context(|| format!("{name}: installing CRDs"))?;
         token.with_context(|| {
             format!(
-                "{name}: kube-controller-manager did not create the default service-account token; log tail:\n{}",
+                "{name}: kube-controller-manager did not create the default service account; log tail:\n{}",
                 cluster.controller_manager.as_ref().map(|p| p.log_tail(30)).unwrap_or_default()
             )
         })?;
@@ -343,34 +391,38 @@ impl Cluster {
         .await
     }
 
-    /// The token of a service account, waiting (up to 60 s) for the Secret that the 1.20
-    /// token controller creates.
+    /// A bound token of a service account (TokenRequest, one hour), waiting up to 60 s for
+    /// the service account (the controller manager creates `default` in each namespace).
     pub async fn service_account_token(
         &self,
         namespace: &str,
         service_account: &str,
     ) -> anyhow::Result<String> {
         let sas: Api<ServiceAccount> = Api::namespaced(self.admin.clone(), namespace);
-        let secrets: Api<Secret> = Api::namespaced(self.admin.clone(), namespace);
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![],
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut last = String::from("service account not found");
         while Instant::now() < deadline {
-            match sas.get_opt(service_account).await {
-                Ok(Some(sa)) => {
-                    for r in sa.secrets.unwrap_or_default() {
-                        let Some(name) = r.name else { continue };
-                        if let Ok(Some(secret)) = secrets.get_opt(&name).await
-                            && secret.type_.as_deref()
-                                == Some("kubernetes.io/service-account-token")
-                            && let Some(token) = secret.data.as_ref().and_then(|d| d.get("token"))
-                        {
-                            return String::from_utf8(token.0.clone())
-                                .context("token is not UTF-8");
-                        }
+            match sas
+                .create_token_request(service_account, &PostParams::default(), &request)
+                .await
+            {
+                Ok(tr) => {
+                    if let Some(status) = tr.status {
+                        return Ok(status.token);
                     }
-                    last = "no token secret yet".into();
+                    last = "TokenRequest answered without a token".into();
                 }
-                Ok(None) => last = "service account not found".into(),
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    last = "service account not found".into()
+                }
                 Err(e) => last = e.to_string(),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -475,11 +527,26 @@ impl Cluster {
         Ok(())
     }
 
-    /// Server-side applies every CRD of `shared_api::crds()` and waits until each is Established.
+    fn start_scheduler(&mut self) -> anyhow::Result<()> {
+        let log = self.dir.join("kube-scheduler.log");
+        self.scheduler = Some(ManagedProcess::spawn(
+            "kube-scheduler",
+            &self.binaries.kube_scheduler,
+            &self.scheduler_args,
+            &log,
+        )?);
+        Ok(())
+    }
+
+    /// Server-side applies every CRD of `shared_api::crds()` and those of the cluster's
+    /// `crd_dirs`, and waits until each is Established.
     pub async fn install_crds(&self) -> anyhow::Result<()> {
         let api: Api<CustomResourceDefinition> = Api::all(self.admin.clone());
         let pp = PatchParams::apply(FIELD_MANAGER).force();
-        let crds = shared_api::crds();
+        let mut crds = shared_api::crds();
+        for dir in &self.crd_dirs {
+            crds.extend(read_crd_dir(dir)?);
+        }
         for crd in &crds {
             let name = crd.metadata.name.clone().unwrap_or_default();
             match api.patch(&name, &pp, &Patch::Apply(crd)).await {
@@ -537,6 +604,9 @@ impl Cluster {
         if let Some(p) = &self.controller_manager {
             out.push(("kube-controller-manager", p.pid()));
         }
+        if let Some(p) = &self.scheduler {
+            out.push(("kube-scheduler", p.pid()));
+        }
         out
     }
 
@@ -545,11 +615,15 @@ impl Cluster {
         vec![
             self.dir.join("kube-apiserver.log"),
             self.dir.join("kube-controller-manager.log"),
+            self.dir.join("kube-scheduler.log"),
         ]
     }
 
-    /// Stops kube-controller-manager and kube-apiserver (our PIDs only).
+    /// Stops kube-scheduler, kube-controller-manager and kube-apiserver (our PIDs only).
     pub async fn stop(&mut self) {
+        if let Some(mut p) = self.scheduler.take() {
+            p.stop(Duration::from_secs(5)).await;
+        }
         if let Some(mut p) = self.controller_manager.take() {
             p.stop(Duration::from_secs(5)).await;
         }
@@ -566,6 +640,38 @@ impl std::fmt::Debug for Cluster {
             .field("pids", &self.pids())
             .finish_non_exhaustive()
     }
+}
+
+/// Every CustomResourceDefinition in the `*.yaml` files of `dir` (sorted by file name).
+pub fn read_crd_dir(dir: &Path) -> anyhow::Result<Vec<CustomResourceDefinition>> {
+    use serde::Deserialize as _;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(doc)
+                .with_context(|| format!("parsing {}", f.display()))?;
+            if value.get("kind").and_then(|k| k.as_str()) == Some("CustomResourceDefinition") {
+                out.push(
+                    serde_yaml::from_value(value)
+                        .with_context(|| format!("reading the CRD in {}", f.display()))?,
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A kubeconfig (YAML) for `server` authenticating with a bearer token.
+pub fn token_kubeconfig_yaml(name: &str, server: &str, ca_pem: &str, token: &str) -> String {
+    kubeconfig_yaml(name, server, ca_pem, User::Token(token))
 }
 
 enum User<'a> {
@@ -608,7 +714,8 @@ fn random_token() -> String {
     hex::encode(bytes)
 }
 
-fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+/// Writes a file only its owner may read (keys, tokens, kubeconfigs).
+pub fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::write(path, content).with_context(|| format!("writing {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))

@@ -1,5 +1,6 @@
-//! A whole test fleet: one etcd, a hub and N spoke control planes, a registry, and the
-//! simulators (nodes/kubelets per cluster, the OCM agents).
+//! A whole test fleet: one etcd, a hub and N spoke control planes, a registry, the real Open
+//! Cluster Management programs (hub controllers, a klusterlet agent per spoke) and the node
+//! simulators (nodes and kubelets per cluster).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -24,9 +25,10 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 
 use crate::cluster::{Cluster, ClusterConfig, Etcd, FIELD_MANAGER};
+use crate::ocm::{OcmAgent, OcmHub};
 use crate::pki::Ca;
 use crate::registry::Registry;
-use crate::sim::{NodeSim, OcmSim, SimNode};
+use crate::sim::{NodeSim, SimNode};
 
 /// Name of the hub cluster.
 pub const HUB: &str = "hub";
@@ -134,8 +136,9 @@ impl FleetBuilder {
         self
     }
 
-    /// Start the node and OCM simulators (default true). Without them the fleet is just
-    /// control planes and a registry.
+    /// Start the node simulators and the real OCM programs (default true); spokes then join
+    /// the hub through OCM's registration. Without them the fleet is just control planes and
+    /// a registry, and each spoke's ManagedCluster is written directly (accepted, no agent).
     pub fn simulators(mut self, yes: bool) -> Self {
         self.simulators = yes;
         self
@@ -209,7 +212,8 @@ pub struct Fleet {
     // Field order is drop order: simulators, then clusters, registry, etcd, and the
     // directory last.
     node_sims: BTreeMap<String, NodeSim>,
-    ocm: Option<OcmSim>,
+    ocm_agents: Vec<OcmAgent>,
+    ocm_hub: Option<OcmHub>,
     hub: Cluster,
     spokes: Vec<Cluster>,
     registry: Registry,
@@ -288,6 +292,8 @@ impl Fleet {
                 std::fs::remove_dir_all(d).with_context(|| format!("clearing {}", d.display()))?;
             }
         }
+        let hub_crds = [binaries.ocm_crds.join("hub")];
+        let spoke_crds = [binaries.ocm_crds.join("spoke")];
         let clusters = futures::future::try_join_all(names.iter().zip(&dirs).map(|(name, dir)| {
             Cluster::start(ClusterConfig {
                 name,
@@ -295,6 +301,7 @@ impl Fleet {
                 binaries: &binaries,
                 etcd_url: etcd.url(),
                 ca: &ca,
+                crd_dirs: if name == HUB { &hub_crds } else { &spoke_crds },
             })
         }));
         let registry_dir = root.join("registry");
@@ -311,7 +318,8 @@ impl Fleet {
 
         let mut fleet = Self {
             node_sims: BTreeMap::new(),
-            ocm: None,
+            ocm_agents: Vec::new(),
+            ocm_hub: None,
             hub,
             spokes,
             registry,
@@ -320,14 +328,17 @@ impl Fleet {
             started_in: Duration::ZERO,
         };
 
-        let t = Instant::now();
-        fleet.register_spokes(&b).await?;
-        step("ManagedClusters registered on the hub", t);
-
         if b.simulators {
             let t = Instant::now();
+            fleet.join_spokes(&b, &binaries, &ca).await?;
+            step("spokes joined the hub through OCM", t);
+            let t = Instant::now();
             fleet.start_simulators(&b).await?;
-            step("simulators started", t);
+            step("node simulators started", t);
+        } else {
+            let t = Instant::now();
+            fleet.register_spokes(&b).await?;
+            step("ManagedClusters written on the hub", t);
         }
         fleet.started_in = t0.elapsed();
         fleet.write_env_file()?;
@@ -339,8 +350,54 @@ impl Fleet {
         Ok(fleet)
     }
 
-    /// On the hub: a namespace and a ManagedCluster per spoke (label `name=<spoke>` plus the
-    /// builder's, `hubAcceptsClient: true`, the spoke's URL and CA).
+    /// Starts OCM's hub controllers and a klusterlet agent per spoke, waits until every spoke
+    /// joined (CSR signed, ManagedCluster accepted and available), then labels the
+    /// ManagedClusters (`name=<spoke>` plus the builder's) as an admin would.
+    async fn join_spokes(
+        &mut self,
+        b: &FleetBuilder,
+        binaries: &crate::provision::Binaries,
+        ca: &Ca,
+    ) -> anyhow::Result<()> {
+        let root = self.dir().to_path_buf();
+        let hub = OcmHub::start(&self.hub, binaries, ca, &root.join("hub").join("ocm"))
+            .await
+            .context("starting OCM's hub controllers")?;
+        let bootstrap = hub.bootstrap_kubeconfig().to_string();
+        self.ocm_hub = Some(hub);
+        for spoke in &self.spokes {
+            let agent = OcmAgent::start(
+                spoke,
+                self.hub.client().await,
+                binaries,
+                &bootstrap,
+                &root.join(spoke.name()).join("ocm"),
+            )
+            .await
+            .with_context(|| format!("starting the OCM agents of {}", spoke.name()))?;
+            self.ocm_agents.push(agent);
+        }
+        let client = self.hub.client().await;
+        futures::future::try_join_all(self.spokes.iter().map(|s| {
+            crate::ocm::accept_and_wait_joined(&client, s.name(), Duration::from_secs(120))
+        }))
+        .await?;
+        let managed: Api<shared_api::ManagedCluster> = Api::all(client);
+        for (i, spoke) in self.spokes.iter().enumerate() {
+            let name = spoke.name();
+            let mut labels = BTreeMap::from([("name".to_string(), name.to_string())]);
+            labels.extend(b.spoke_labels.get(&(i + 1)).cloned().unwrap_or_default());
+            let patch = serde_json::json!({"metadata": {"labels": labels}});
+            managed
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .with_context(|| format!("labelling ManagedCluster {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// Without OCM's programs: on the hub a namespace and a ManagedCluster per spoke (label
+    /// `name=<spoke>` plus the builder's, `hubAcceptsClient: true`, the spoke's URL and CA).
     async fn register_spokes(&self, b: &FleetBuilder) -> anyhow::Result<()> {
         use base64::Engine as _;
         let client = self.hub.client().await;
@@ -414,15 +471,6 @@ impl Fleet {
         }))
         .await?;
         self.node_sims = sims.into_iter().collect();
-        let mut spokes = Vec::new();
-        for s in &self.spokes {
-            spokes.push((s.name().to_string(), s.client().await));
-        }
-        self.ocm = Some(
-            OcmSim::start(self.hub.client().await, spokes)
-                .await
-                .context("starting the OCM simulator")?,
-        );
         Ok(())
     }
 
@@ -511,25 +559,44 @@ impl Fleet {
         })
     }
 
-    /// The OCM simulator, when simulators are on.
-    pub fn ocm(&self) -> Option<&OcmSim> {
-        self.ocm.as_ref()
+    /// OCM's hub controllers, when simulators are on.
+    pub fn ocm_hub(&self) -> Option<&OcmHub> {
+        self.ocm_hub.as_ref()
+    }
+
+    /// The OCM agents of every spoke, when simulators are on.
+    pub fn ocm_agents(&self) -> &[OcmAgent] {
+        &self.ocm_agents
     }
 
     /// `(cluster or "fleet", component, pid)` of every process the fleet runs.
-    pub fn pids(&self) -> Vec<(String, &'static str, u32)> {
+    pub fn pids(&self) -> Vec<(String, String, u32)> {
         let mut out = Vec::new();
         if let Some(e) = &self.etcd {
-            out.push(("fleet".to_string(), "etcd", e.pid()));
+            out.push(("fleet".to_string(), "etcd".to_string(), e.pid()));
         }
         if let Some(pid) = self.registry.pid() {
-            out.push(("fleet".to_string(), "docker-registry", pid));
+            out.push(("fleet".to_string(), "docker-registry".to_string(), pid));
         }
         for c in self.clusters() {
             out.extend(
                 c.pids()
                     .into_iter()
-                    .map(|(comp, pid)| (c.name().to_string(), comp, pid)),
+                    .map(|(comp, pid)| (c.name().to_string(), comp.to_string(), pid)),
+            );
+        }
+        if let Some(hub) = &self.ocm_hub {
+            out.extend(
+                hub.pids()
+                    .into_iter()
+                    .map(|(comp, pid)| (HUB.to_string(), comp, pid)),
+            );
+        }
+        for a in &self.ocm_agents {
+            out.extend(
+                a.pids()
+                    .into_iter()
+                    .map(|(comp, pid)| (a.cluster().to_string(), comp, pid)),
             );
         }
         out
@@ -556,8 +623,11 @@ impl Fleet {
         for (_, sim) in std::mem::take(&mut self.node_sims) {
             sim.stop().await;
         }
-        if let Some(ocm) = self.ocm.take() {
-            ocm.stop().await;
+        for agent in std::mem::take(&mut self.ocm_agents) {
+            agent.stop().await;
+        }
+        if let Some(hub) = self.ocm_hub.take() {
+            hub.stop().await;
         }
         futures::future::join_all(
             std::iter::once(&mut self.hub)
@@ -590,10 +660,14 @@ impl Fleet {
                 let _ = writeln!(out, "  {l}");
             }
         }
-        if let Some(ocm) = &self.ocm {
-            let _ = writeln!(out, "==== OCM simulator (last 100 lines)");
-            let logs = ocm.logs();
-            for l in &logs[logs.len().saturating_sub(100)..] {
+        let ocm_logs = self
+            .ocm_hub
+            .iter()
+            .flat_map(OcmHub::log_paths)
+            .chain(self.ocm_agents.iter().flat_map(OcmAgent::log_paths));
+        for path in ocm_logs {
+            let _ = writeln!(out, "==== {} (last 40 lines)", path.display());
+            for l in crate::process::log_tail(&path, 40).lines() {
                 let _ = writeln!(out, "  {l}");
             }
         }

@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod kmod;
 pub mod labs;
 pub mod oci;
+pub mod ocm;
 pub mod pki;
 pub mod process;
 pub mod provision;

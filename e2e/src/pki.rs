@@ -29,6 +29,9 @@ pub struct ServiceAccountKey {
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
+    /// The CA's private key: kube-controller-manager signs CertificateSigningRequests (the
+    /// OCM agents' hub client certificates) with it.
+    key_pem: String,
 }
 
 impl std::fmt::Debug for Ca {
@@ -51,12 +54,17 @@ impl Ca {
         let cert = params.self_signed(&key).context("self-signing CA")?;
         Ok(Self {
             cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
         })
     }
 
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
     }
 
     /// A TLS server certificate for `sans` (IP addresses or DNS names).

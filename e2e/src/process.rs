@@ -25,6 +25,17 @@ impl ManagedProcess {
     /// that forked it exits. Call this from a runtime worker thread or the main thread,
     /// never from a `spawn_blocking` thread (those exit when idle).
     pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with_env(name, program, args, &[], log)
+    }
+
+    /// [`ManagedProcess::spawn`] with variables added to the environment.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -33,6 +44,7 @@ impl ManagedProcess {
         let err = out.try_clone().context("duplicating log file handle")?;
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))

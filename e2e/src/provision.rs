@@ -1,5 +1,6 @@
-//! Makes sure the real parts of the test world are on this machine: Debian packages and
-//! kube-apiserver/kube-controller-manager v1.20.2 built from Debian's source package.
+//! Makes sure the real parts of the test world are on this machine: Debian packages, and the
+//! Go programs built from their published modules (Kubernetes, etcd, Open Cluster Management,
+//! the policy framework) by the wrapper modules in `e2e/provision/`.
 //!
 //! The fast path only looks (binaries present, `dpkg-query` says the packages are
 //! installed). Otherwise the embedded `provision/provision.sh` runs, under an exclusive
@@ -14,28 +15,72 @@ use anyhow::{Context as _, bail};
 
 /// The provisioning script, embedded so that the compiled binary works from anywhere.
 pub const SCRIPT: &str = include_str!("../provision/provision.sh");
-/// The Kubernetes version the script builds.
-pub const K8S_VERSION: &str = "v1.20.2";
 
-/// The script's `K8S_BUILD_ID` (version plus our patch level): the cache directory of the
-/// binaries is `k8s-<build id>`, so a new patch level rebuilds everywhere.
-pub fn build_id() -> String {
-    script_var("K8S_BUILD_ID")
-        .map(|v| v.replace("$K8S_GIT_VERSION", K8S_VERSION))
-        .unwrap_or_else(|| K8S_VERSION.to_string())
+/// The wrapper Go modules the script builds from, embedded beside it.
+const GO_MODULES: &[(&str, &str)] = &[
+    ("kube/go.mod", include_str!("../provision/kube/go.mod")),
+    ("kube/go.sum", include_str!("../provision/kube/go.sum")),
+    ("kube/tools.go", include_str!("../provision/kube/tools.go")),
+    ("etcd/go.mod", include_str!("../provision/etcd/go.mod")),
+    ("etcd/go.sum", include_str!("../provision/etcd/go.sum")),
+    ("etcd/tools.go", include_str!("../provision/etcd/tools.go")),
+    ("ocm/go.mod", include_str!("../provision/ocm/go.mod")),
+    ("ocm/go.sum", include_str!("../provision/ocm/go.sum")),
+    ("ocm/tools.go", include_str!("../provision/ocm/tools.go")),
+    (
+        "ocm/cmd/work-webhook/main.go",
+        include_str!("../provision/ocm/cmd/work-webhook/main.go"),
+    ),
+    (
+        "governance/go.mod",
+        include_str!("../provision/governance/go.mod"),
+    ),
+    (
+        "governance/go.sum",
+        include_str!("../provision/governance/go.sum"),
+    ),
+    (
+        "governance/tools.go",
+        include_str!("../provision/governance/tools.go"),
+    ),
+];
+
+/// A `NAME="value"` line of the script.
+fn script_var(name: &str) -> String {
+    SCRIPT
+        .lines()
+        .find_map(|l| {
+            let v = l.strip_prefix(name)?.strip_prefix("=\"")?;
+            Some(v.split('"').next()?.to_string())
+        })
+        .unwrap_or_default()
 }
 
-/// The value of a `NAME="value"` line of the script.
-fn script_var(name: &str) -> Option<String> {
-    SCRIPT.lines().find_map(|l| {
-        let v = l.strip_prefix(name)?.strip_prefix("=\"")?;
-        Some(v.split('"').next()?.to_string())
-    })
+/// The Kubernetes release of the test world's control planes.
+pub fn k8s_version() -> String {
+    script_var("K8S_VERSION")
 }
 
-/// Where the script puts kube-apiserver and kube-controller-manager.
-pub fn k8s_bin_dir() -> PathBuf {
-    cache_dir().join(format!("k8s-{}", build_id()))
+/// The etcd release.
+pub fn etcd_version() -> String {
+    script_var("ETCD_VERSION")
+}
+
+/// The Open Cluster Management release (registration, work, placement).
+pub fn ocm_version() -> String {
+    script_var("OCM_VERSION")
+}
+
+/// The policy framework release (propagator, configuration policy controller).
+pub fn governance_version() -> String {
+    script_var("GOVERNANCE_VERSION")
+}
+
+/// Where the script puts one set of programs: `<cache>/bin/<set>-<version>-<build id>`.
+pub fn bin_dir(set: &str, version: &str) -> PathBuf {
+    cache_dir()
+        .join("bin")
+        .join(format!("{set}-{version}-{}", script_var("BUILD_ID")))
 }
 
 /// Where the test world's programs are.
@@ -43,10 +88,52 @@ pub fn k8s_bin_dir() -> PathBuf {
 pub struct Binaries {
     pub kube_apiserver: PathBuf,
     pub kube_controller_manager: PathBuf,
+    pub kube_scheduler: PathBuf,
+    /// kubectl of the same release (the sandbox puts its directory first on `PATH`).
+    pub kubectl: PathBuf,
     pub etcd: PathBuf,
+    /// `registration controller|agent|webhook-server` of OCM.
+    pub ocm_registration: PathBuf,
+    /// `work manager|agent|webhook-server` of OCM.
+    pub ocm_work: PathBuf,
+    /// OCM's ManifestWork admission webhook on loopback addresses (`ocm/cmd/work-webhook`).
+    pub ocm_work_webhook: PathBuf,
+    /// `placement controller` of OCM.
+    pub ocm_placement: PathBuf,
+    /// `registration-operator agent`: OCM's singleton klusterlet agent (registration + work).
+    pub ocm_klusterlet: PathBuf,
+    pub policy_propagator: PathBuf,
+    pub config_policy_controller: PathBuf,
+    /// The released CRDs: `hub/` (OCM hub and policy) and `spoke/` (klusterlet and
+    /// configuration policy), copied from the modules.
+    pub ocm_crds: PathBuf,
     pub docker_registry: PathBuf,
     pub htpasswd: PathBuf,
     pub openssl: PathBuf,
+}
+
+impl Binaries {
+    /// OCM's released RBAC files the test world uses (the bootstrap ClusterRole).
+    pub fn ocm_rbac(&self) -> PathBuf {
+        self.ocm_crds.with_file_name("rbac")
+    }
+
+    /// `(component, version)` of every program of the test world built from Go modules.
+    pub fn versions() -> Vec<(&'static str, String)> {
+        vec![
+            ("kube-apiserver", k8s_version()),
+            ("kube-controller-manager", k8s_version()),
+            ("kube-scheduler", k8s_version()),
+            ("kubectl", k8s_version()),
+            ("etcd", etcd_version()),
+            (
+                "ocm registration, work, placement, klusterlet agent",
+                ocm_version(),
+            ),
+            ("governance-policy-propagator", governance_version()),
+            ("config-policy-controller", governance_version()),
+        ]
+    }
 }
 
 /// `$KMM_FLEET_CACHE`, else `~/.cache/kmm-fleet` (the script uses the same rule).
@@ -89,16 +176,43 @@ pub fn packages() -> Vec<String> {
 
 /// Paths the test world uses; `None` when something is missing.
 fn locate() -> Option<Binaries> {
-    let k8s = k8s_bin_dir();
+    let kube = bin_dir("kube", &k8s_version());
+    let ocm = bin_dir("ocm", &ocm_version());
+    let gov = bin_dir("governance", &governance_version());
     let b = Binaries {
-        kube_apiserver: k8s.join("kube-apiserver"),
-        kube_controller_manager: k8s.join("kube-controller-manager"),
-        etcd: which("etcd")?,
+        kube_apiserver: kube.join("kube-apiserver"),
+        kube_controller_manager: kube.join("kube-controller-manager"),
+        kube_scheduler: kube.join("kube-scheduler"),
+        kubectl: kube.join("kubectl"),
+        etcd: bin_dir("etcd", &etcd_version()).join("etcd"),
+        ocm_registration: ocm.join("registration"),
+        ocm_work: ocm.join("work"),
+        ocm_placement: ocm.join("placement"),
+        ocm_work_webhook: ocm.join("work-webhook"),
+        ocm_klusterlet: ocm.join("registration-operator"),
+        policy_propagator: gov.join("governance-policy-propagator"),
+        config_policy_controller: gov.join("config-policy-controller"),
+        ocm_crds: ocm.join("crds"),
         docker_registry: which("docker-registry")?,
         htpasswd: which("htpasswd")?,
         openssl: which("openssl")?,
     };
-    (is_executable(&b.kube_apiserver) && is_executable(&b.kube_controller_manager)).then_some(b)
+    let programs = [
+        &b.kube_apiserver,
+        &b.kube_controller_manager,
+        &b.kube_scheduler,
+        &b.kubectl,
+        &b.etcd,
+        &b.ocm_registration,
+        &b.ocm_work,
+        &b.ocm_placement,
+        &b.ocm_work_webhook,
+        &b.ocm_klusterlet,
+        &b.policy_propagator,
+        &b.config_policy_controller,
+    ];
+    (programs.iter().all(|p| is_executable(p)) && b.ocm_crds.join(".complete-2").is_file())
+        .then_some(b)
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -144,9 +258,13 @@ pub fn check() -> anyhow::Result<Binaries> {
     }
     locate().with_context(|| {
         format!(
-            "kube-apiserver/kube-controller-manager {} not in {} or a Debian tool missing from PATH",
-            build_id(),
-            k8s_bin_dir().display()
+            "a program of the test world (Kubernetes {}, etcd {}, OCM {}, policy framework {}) is not in {} \
+             or a Debian tool is missing from PATH",
+            k8s_version(),
+            etcd_version(),
+            ocm_version(),
+            governance_version(),
+            cache_dir().join("bin").display()
         )
     })
 }
@@ -201,17 +319,26 @@ fn provision_locked() -> anyhow::Result<Binaries> {
 }
 
 fn run_script(cache: &Path) -> anyhow::Result<()> {
-    let script = tempfile::Builder::new()
+    // The script builds from the wrapper modules beside it: lay both out in a temp directory.
+    let dir = tempfile::Builder::new()
         .prefix("kmm-fleet-provision-")
-        .suffix(".sh")
-        .tempfile()
-        .context("creating a temp file for the provision script")?;
-    std::fs::write(script.path(), SCRIPT).context("writing the provision script")?;
+        .tempdir()
+        .context("creating a temp directory for the provision script")?;
+    let script = dir.path().join("provision.sh");
+    std::fs::write(&script, SCRIPT).context("writing the provision script")?;
+    for (path, content) in GO_MODULES {
+        let dest = dir.path().join(path);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&dest, content).with_context(|| format!("writing {}", dest.display()))?;
+    }
     let started = Instant::now();
     eprintln!("kmm-fleet: running provision script (output follows)");
     // The script's output goes to our stderr as it happens (a cold build takes minutes).
     let status = Command::new("bash")
-        .arg(script.path())
+        .arg(&script)
         .env("KMM_FLEET_CACHE", cache)
         .stdin(Stdio::null())
         .stdout(Stdio::from(std::io::stderr()))
@@ -237,22 +364,50 @@ mod tests {
     #[test]
     fn packages_are_parsed_from_the_script() {
         let p = packages();
-        for want in [
-            "etcd-server",
-            "docker-registry",
-            "apache2-utils",
-            "openssl",
-            "golang-1.19-go",
-        ] {
+        for want in ["docker-registry", "apache2-utils", "openssl", "kmod"] {
             assert!(p.iter().any(|x| x == want), "{want} missing from {p:?}");
         }
         assert!(!p.iter().any(|x| x.contains('(') || x.contains(')')));
     }
 
     #[test]
-    fn build_id_comes_from_the_script() {
-        let id = build_id();
-        assert!(id.starts_with("v1.20.2-"), "{id}");
-        assert!(!id.contains('$'));
+    fn versions_come_from_the_script() {
+        assert!(k8s_version().starts_with("v1.3"), "{}", k8s_version());
+        assert!(etcd_version().starts_with("v3."), "{}", etcd_version());
+        assert!(ocm_version().starts_with('v'), "{}", ocm_version());
+        assert!(governance_version().starts_with('v'));
+        let dir = bin_dir("kube", &k8s_version());
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            name.starts_with("kube-v1.3") && !name.ends_with('-'),
+            "{name}"
+        );
+    }
+
+    #[test]
+    fn embedded_modules_pin_what_the_script_builds() {
+        let find = |p: &str| {
+            GO_MODULES
+                .iter()
+                .find(|(n, _)| *n == p)
+                .map(|(_, c)| *c)
+                .unwrap()
+        };
+        assert!(find("kube/go.mod").contains(&format!("k8s.io/kubernetes {}", k8s_version())));
+        assert!(find("etcd/go.mod").contains(&format!("server/v3 {}", etcd_version())));
+        assert!(find("ocm/go.mod").contains(&format!("ocm {}", ocm_version())));
+        assert!(
+            find("governance/go.mod").contains(&format!("propagator {}", governance_version()))
+        );
+        // Every staging module is mapped to the release's v0.X.Y, none left at v0.0.0.
+        let staging = format!("v0.{}", k8s_version().trim_start_matches("v1."));
+        let kube = find("kube/go.mod");
+        assert!(
+            kube.contains(&format!("k8s.io/api => k8s.io/api {staging}")),
+            "{kube}"
+        );
+        for (_, content) in GO_MODULES.iter().filter(|(n, _)| n.ends_with("go.sum")) {
+            assert!(!content.is_empty());
+        }
     }
 }

@@ -596,7 +596,8 @@ async fn webhook_rejects_an_invalid_mcm_with_the_field_path() -> anyhow::Result<
             assert!(err.contains("spec.moduleSpec.moduleLoader.container.kernelMappings[0].regexp"), "{err}");
 
             // kubectl users see the same message.
-            if let Ok(kubectl) = which_kubectl() {
+            {
+                let kubectl = kmm_e2e::provision::ensure_provisioned()?.kubectl;
                 let file = dir.join("bad.yaml");
                 std::fs::write(&file, serde_yaml::to_string(&bad)?)?;
                 let out = tokio::process::Command::new(kubectl)
@@ -614,15 +615,6 @@ async fn webhook_rejects_an_invalid_mcm_with_the_field_path() -> anyhow::Result<
             Ok(())
         })
         .await
-}
-
-fn which_kubectl() -> anyhow::Result<std::path::PathBuf> {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("kubectl"))
-        .find(|p| p.is_file())
-        .context("kubectl not on PATH")
 }
 
 // ---- builds and signing ------------------------------------------------------------------

@@ -803,7 +803,7 @@ async fn ocm_agents(fleet: &Fleet) -> anyhow::Result<()> {
             let fin = w
                 .finalizers()
                 .iter()
-                .any(|f| f == kmm_e2e::sim::ocm::WORK_FINALIZER);
+                .any(|f| f == kmm_e2e::ocm::WORK_FINALIZER);
             Ok(
                 if st.condition_true("Applied")
                     && st.condition_true("Available")
@@ -852,7 +852,9 @@ async fn ocm_agents(fleet: &Fleet) -> anyhow::Result<()> {
         )
     })
     .await?;
-    // A manifest into a namespace that does not exist: Applied=False with the reason.
+    // A manifest into a namespace that does not exist: Applied=False on the work, and the
+    // API server's reason on the manifest's own condition (the real agent keeps the work-level
+    // message generic: "Failed to apply manifest work").
     let bad: ManifestWork = serde_json::from_value(json!({
         "metadata": {"name": "sim-bad", "namespace": "spoke-1"},
         "spec": {"workload": {"manifests": [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "sim-nowhere"}}]}},
@@ -861,11 +863,17 @@ async fn ocm_agents(fleet: &Fleet) -> anyhow::Result<()> {
     eventually("Applied=False for a missing namespace", || async {
         let st = works.get("sim-bad").await?.status.unwrap_or_default();
         let applied = st.conditions.iter().find(|c| c.type_ == "Applied");
-        Ok(match applied {
-            Some(c)
+        let manifest_applied = st
+            .resource_status
+            .as_ref()
+            .and_then(|r| r.manifests.first())
+            .and_then(|m| m.conditions.iter().find(|c| c.type_ == "Applied"));
+        Ok(match (applied, manifest_applied) {
+            (Some(c), Some(m))
                 if c.status == "False"
-                    && c.message.contains("not found")
-                    && c.reason == "AppliedManifestWorkFailed" =>
+                    && c.reason == "AppliedManifestWorkFailed"
+                    && m.status == "False"
+                    && m.message.contains("namespaces \"sim-nowhere\" not found") =>
             {
                 Ok(())
             }

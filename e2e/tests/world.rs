@@ -1,6 +1,7 @@
 //! The core of the test world against the real control plane: clusters start and stop
-//! cleanly, RBAC and static tokens behave, the registry authenticates, our CRDs work on a
-//! 1.20 API server. Each test starts its own small fleet.
+//! cleanly, spokes join through OCM's real registration, RBAC and static tokens behave, the
+//! registry authenticates, our CRDs work on the current API server. Each test starts its own
+//! small fleet.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -38,8 +39,43 @@ async fn hub_and_two_spokes_start_serve_and_stop_cleanly() -> anyhow::Result<()>
     eprintln!("memory:\n{}", fleet.memory_report());
     let pids: Vec<u32> = fleet.pids().into_iter().map(|(_, _, pid)| pid).collect();
     let dir = fleet.dir().to_path_buf();
-    // 1 etcd + 1 registry + 3 × (apiserver + controller-manager)
-    ensure!(pids.len() == 8, "unexpected processes: {:?}", fleet.pids());
+    let kubectl = kmm_e2e::provision::ensure_provisioned()?.kubectl;
+    // etcd, the registry, a control plane per cluster, OCM's hub controllers and per spoke the
+    // klusterlet agent and the configuration policy controller.
+    let mut have: Vec<(String, String)> = fleet
+        .pids()
+        .into_iter()
+        .map(|(c, comp, _)| (c, comp))
+        .collect();
+    have.sort();
+    let mut want: Vec<(String, String)> = vec![
+        ("fleet".into(), "docker-registry".into()),
+        ("fleet".into(), "etcd".into()),
+    ];
+    for c in ["hub", "spoke-1", "spoke-2"] {
+        for comp in [
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+        ] {
+            want.push((c.into(), comp.into()));
+        }
+    }
+    for comp in [
+        "governance-policy-propagator",
+        "ocm-placement-controller",
+        "ocm-registration-controller",
+        "ocm-work-webhook",
+    ] {
+        want.push(("hub".into(), comp.into()));
+    }
+    for c in ["spoke-1", "spoke-2"] {
+        for comp in ["config-policy-controller", "ocm-klusterlet-agent"] {
+            want.push((c.into(), comp.into()));
+        }
+    }
+    want.sort();
+    ensure!(have == want, "processes {have:?}, want {want:?}");
 
     let checks = async {
         let names_of: Vec<&str> = fleet.clusters().map(|c| c.name()).collect();
@@ -65,8 +101,22 @@ async fn hub_and_two_spokes_start_serve_and_stop_cleanly() -> anyhow::Result<()>
                     "hub namespaces {ns:?}"
                 );
             }
-            if which_kubectl() {
-                let out = tokio::process::Command::new("kubectl")
+            {
+                let out = tokio::process::Command::new(&kubectl)
+                    .args(["version", "-o", "json"])
+                    .env("KUBECONFIG", c.kubeconfig_path())
+                    .output()
+                    .await?;
+                let version: serde_json::Value = serde_json::from_slice(&out.stdout)
+                    .with_context(|| String::from_utf8_lossy(&out.stderr).to_string())?;
+                let want = kmm_e2e::provision::k8s_version();
+                ensure!(
+                    version["serverVersion"]["gitVersion"] == want.as_str()
+                        && version["clientVersion"]["gitVersion"] == want.as_str(),
+                    "{}: kubectl version {version}",
+                    c.name()
+                );
+                let out = tokio::process::Command::new(&kubectl)
                     .args(["get", "ns", "-o", "name"])
                     .env("KUBECONFIG", c.kubeconfig_path())
                     .output()
@@ -94,7 +144,8 @@ async fn hub_and_two_spokes_start_serve_and_stop_cleanly() -> anyhow::Result<()>
         ] {
             ensure!(dump.contains(want), "dump lacks {want:?}:\n{dump}");
         }
-        // The hub knows both spokes as accepted ManagedClusters labelled with their names.
+        // The hub knows both spokes as accepted, joined and available ManagedClusters (the
+        // real registration agent's conditions) labelled with their names.
         let mcs = Api::<shared_api::ManagedCluster>::all(fleet.hub().client().await)
             .list(&ListParams::default())
             .await?;
@@ -104,6 +155,21 @@ async fn hub_and_two_spokes_start_serve_and_stop_cleanly() -> anyhow::Result<()>
                 .find(|m| m.metadata.name.as_deref() == Some(spoke))
                 .context("ManagedCluster missing")?;
             ensure!(mc.spec.hub_accepts_client, "{spoke} not accepted");
+            let conds = mc
+                .status
+                .as_ref()
+                .map(|s| s.conditions.clone())
+                .unwrap_or_default();
+            for t in [
+                "HubAcceptedManagedCluster",
+                "ManagedClusterJoined",
+                "ManagedClusterConditionAvailable",
+            ] {
+                ensure!(
+                    conds.iter().any(|c| c.type_ == t && c.status == "True"),
+                    "{spoke}: condition {t} not True: {conds:?}"
+                );
+            }
             ensure!(
                 mc.metadata
                     .labels
@@ -134,11 +200,6 @@ async fn hub_and_two_spokes_start_serve_and_stop_cleanly() -> anyhow::Result<()>
         dir.display()
     );
     Ok(())
-}
-
-fn which_kubectl() -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("kubectl").is_file()))
 }
 
 /// (b) With htpasswd auth the registry refuses an anonymous pull and serves an
@@ -261,8 +322,9 @@ async fn rbac_denies_token_user_and_drop_kills_processes() -> anyhow::Result<()>
         other => bail!("nobody listing nodes: want 403, got {other:?}"),
     }
     // The same through the nobody kubeconfig, as a person would use it.
-    if which_kubectl() {
-        let out = tokio::process::Command::new("kubectl")
+    {
+        let kubectl = kmm_e2e::provision::ensure_provisioned()?.kubectl;
+        let out = tokio::process::Command::new(kubectl)
             .args(["get", "nodes"])
             .env("KUBECONFIG", hub.nobody_kubeconfig_path())
             .output()

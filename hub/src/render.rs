@@ -12,7 +12,7 @@ use shared_api::labels::MCM_OWNER_LABEL;
 use shared_api::module::{KernelMapping, ModuleSpec, TlsOptions};
 use shared_api::ocm::{
     FeedbackRule, JsonPath, Manifest, ManifestConfigOption, ManifestWork, ManifestWorkSpec,
-    ManifestsTemplate, ResourceIdentifier,
+    ManifestsTemplate, ResourceIdentifier, UpdateStrategy,
 };
 use shared_api::{ManagedClusterModule, Module};
 
@@ -168,7 +168,11 @@ pub fn render_manifestwork(
                     })
                     .collect(),
             }],
-            update_strategy: None,
+            // The real work agent's default (`Update`) replaces the whole object; server-side
+            // apply leaves fields others own (and the status) alone.
+            update_strategy: Some(UpdateStrategy {
+                type_: "ServerSideApply".into(),
+            }),
         }],
     };
     let hash = spec_hash(&spec);

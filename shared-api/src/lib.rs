@@ -23,18 +23,13 @@ pub use ocm::{ClusterClaim, ManagedCluster, ManifestWork};
 pub use k8s_openapi;
 
 /// The CRD files committed under `manifests/crds/`: `(relative path, YAML)`.
-/// Ours at the top level, OCM's (needed only by the test world) under `ocm/`.
+/// Only ours: the OCM CRDs come from Open Cluster Management's own releases.
 pub fn crd_files() -> Vec<(String, String)> {
     crds()
         .into_iter()
         .map(|crd| {
             let group = crd.spec.group.clone();
-            let dir = if group.ends_with("open-cluster-management.io") {
-                "ocm/"
-            } else {
-                ""
-            };
-            let path = format!("{dir}{group}_{}.yaml", crd.spec.names.plural);
+            let path = format!("{group}_{}.yaml", crd.spec.names.plural);
             let yaml =
                 serde_yaml::to_string(&crd).unwrap_or_else(|e| format!("# cannot render: {e}\n"));
             (
@@ -45,16 +40,11 @@ pub fn crd_files() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Every CRD of the API, in a stable order: ours, then the OCM ones (for the test world).
+/// The CRDs kmm-fleet defines, in a stable order. The OCM types in [`ocm`] are clients' views
+/// of Open Cluster Management's CRDs and have no CRD of ours.
 pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
-    vec![
-        Module::crd(),
-        ManagedClusterModule::crd(),
-        ManagedCluster::crd(),
-        ClusterClaim::crd(),
-        ManifestWork::crd(),
-    ]
+    vec![Module::crd(), ManagedClusterModule::crd()]
 }

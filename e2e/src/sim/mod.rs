@@ -1,7 +1,7 @@
 //! Simulators for what the test world has no machines for: nodes and their kubelets
-//! (with the module loader and the kaniko executor emulated), and the OCM registration
-//! and work agents. They are ordinary Kubernetes clients, so they run against any API
-//! server. Conventions are documented in `docs/test-world.md` ("Simulators").
+//! (with the module loader and the kaniko executor emulated). They are ordinary Kubernetes
+//! clients, so they run against any API server. (OCM's agents are the real programs: see
+//! `crate::ocm`.) Conventions are documented in `docs/test-world.md` ("Simulators").
 
 use std::collections::BTreeMap;
 
@@ -10,14 +10,13 @@ pub mod images;
 pub mod kaniko;
 pub mod loader;
 pub mod node;
-pub mod ocm;
 mod pod;
+pub mod policy;
 
 pub use node::{
     FIRMWARE_ANNOTATION, LOADED_MODULES_ANNOTATION, NodeSim, SECURE_BOOT_ANNOTATION,
     read_loaded_modules,
 };
-pub use ocm::OcmSim;
 
 /// A simulated node: its name, kernel, labels, Secure Boot state with the DER
 /// certificates enrolled in its MOK database, and the in-tree modules loaded at boot.

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -470,22 +470,9 @@ async fn annotation_writer(ctx: Arc<Ctx>) {
 /// A running kubelet task: its node and the channel feeding it the latest pod.
 type PodTask = (String, watch::Sender<Option<Arc<Pod>>>);
 
-/// Watches pods: binds the ones meant for this simulator's nodes and runs a kubelet
-/// task per bound pod.
+/// Watches pods and runs a kubelet task per pod bound (by the real kube-scheduler, or by
+/// whoever set `nodeName`) to one of this simulator's nodes.
 async fn dispatcher(ctx: Arc<Ctx>, ready: tokio::sync::oneshot::Sender<()>) {
-    let (node_store, node_writer) = reflector::store::<Node>();
-    let node_stream = watcher::watcher(
-        Api::<Node>::all(ctx.client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(node_writer)
-    .touched_objects();
-    let node_task = tokio::spawn(async move {
-        futures::pin_mut!(node_stream);
-        while node_stream.next().await.is_some() {}
-    });
-    let _ = node_store.wait_until_ready().await;
     let (pod_store, pod_writer) = reflector::store::<Pod>();
     let pods = watcher::watcher(
         Api::<Pod>::all(ctx.client.clone()),
@@ -496,7 +483,6 @@ async fn dispatcher(ctx: Arc<Ctx>, ready: tokio::sync::oneshot::Sender<()>) {
     futures::pin_mut!(pods);
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut running: HashMap<String, PodTask> = HashMap::new();
-    let mut unschedulable_said: HashMap<String, String> = HashMap::new();
     let mut ready = Some(ready);
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -505,12 +491,11 @@ async fn dispatcher(ctx: Arc<Ctx>, ready: tokio::sync::oneshot::Sender<()>) {
                 let Some(ev) = ev else { break };
                 match ev {
                     Ok(Event::Apply(p)) | Ok(Event::InitApply(p)) => {
-                        handle_pod(&ctx, &node_store, Arc::new(p), &mut running, &mut tasks, &mut unschedulable_said).await;
+                        handle_pod(&ctx, Arc::new(p), &mut running, &mut tasks);
                     }
                     Ok(Event::Delete(p)) => {
                         if let Some(uid) = p.uid() {
                             running.remove(&uid);
-                            unschedulable_said.remove(&uid);
                         }
                     }
                     Ok(Event::InitDone) => {
@@ -527,25 +512,16 @@ async fn dispatcher(ctx: Arc<Ctx>, ready: tokio::sync::oneshot::Sender<()>) {
             }
             _ = tick.tick() => {
                 while tasks.try_join_next().is_some() {}
-                for p in pod_store.state() {
-                    let unbound = p.spec.as_ref().is_some_and(|s| s.node_name.is_none());
-                    if unbound && p.metadata.deletion_timestamp.is_none() {
-                        handle_pod(&ctx, &node_store, p, &mut running, &mut tasks, &mut unschedulable_said).await;
-                    }
-                }
             }
         }
     }
-    node_task.abort();
 }
 
-async fn handle_pod(
+fn handle_pod(
     ctx: &Arc<Ctx>,
-    nodes: &Store<Node>,
     pod: Arc<Pod>,
     running: &mut HashMap<String, PodTask>,
     tasks: &mut JoinSet<()>,
-    said: &mut HashMap<String, String>,
 ) {
     let Some(uid) = pod.uid() else { return };
     if let Some((_, tx)) = running.get(&uid) {
@@ -570,230 +546,7 @@ async fn handle_pod(
             running.insert(uid, (node.clone(), tx));
             tasks.spawn(super::pod::run(ctx.clone(), node, kernel, reboot, rx));
         }
-        Some(_) => {}
-        None => {
-            if pod.metadata.deletion_timestamp.is_some() {
-                return;
-            }
-            let mut load: HashMap<String, usize> = HashMap::new();
-            for (n, _) in running.values() {
-                *load.entry(n.clone()).or_default() += 1;
-            }
-            match choose_node(ctx, nodes, &pod, &load) {
-                Ok(Some(node)) => bind(ctx, &pod, &node).await,
-                Ok(None) => {}
-                Err(why) => {
-                    if said.get(&uid) != Some(&why) {
-                        let key =
-                            format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
-                        ctx.log(format!("pod {key}: unschedulable: {why}"));
-                        mark_unschedulable(ctx, &pod, &why).await;
-                        said.insert(uid, why);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The node to bind a pod to: `Ok(None)` when the pod names nodes that are not ours.
-fn choose_node(
-    ctx: &Ctx,
-    nodes: &Store<Node>,
-    pod: &Pod,
-    load: &HashMap<String, usize>,
-) -> Result<Option<String>, String> {
-    let ours = ctx.node_names();
-    let spec = pod.spec.clone().unwrap_or_default();
-    let terms = spec
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| {
-            a.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        })
-        .map(|r| r.node_selector_terms.clone())
-        .unwrap_or_default();
-    // A pod pinned by name (DaemonSet pods) to nodes none of which are ours is not ours.
-    let pinned: Vec<String> = terms
-        .iter()
-        .flat_map(|t| t.match_fields.iter().flatten())
-        .filter(|f| f.key == "metadata.name" && f.operator == "In")
-        .flat_map(|f| f.values.clone().unwrap_or_default())
-        .collect();
-    if !pinned.is_empty() && !pinned.iter().any(|n| ours.contains(n)) {
-        return Ok(None);
-    }
-    let mut candidates = Vec::new();
-    let mut reasons: BTreeMap<&'static str, usize> = BTreeMap::new();
-    for name in &ours {
-        let Some(node) = nodes.get(&reflector::ObjectRef::new(name)) else {
-            *reasons.entry("node not cached yet").or_default() += 1;
-            continue;
-        };
-        let labels = node.labels();
-        if let Some(sel) = &spec.node_selector
-            && !sel.iter().all(|(k, v)| labels.get(k) == Some(v))
-        {
-            *reasons
-                .entry("node(s) didn't match node selector")
-                .or_default() += 1;
-            continue;
-        }
-        if !terms.is_empty() && !terms.iter().any(|t| term_matches(t, name, labels)) {
-            *reasons
-                .entry("node(s) didn't match node affinity")
-                .or_default() += 1;
-            continue;
-        }
-        if !tolerated(&node, spec.tolerations.as_deref().unwrap_or_default()) {
-            *reasons
-                .entry("node(s) had taints that the pod didn't tolerate")
-                .or_default() += 1;
-            continue;
-        }
-        candidates.push(name.clone());
-    }
-    candidates.sort_by_key(|n| (load.get(n).copied().unwrap_or(0), n.clone()));
-    match candidates.into_iter().next() {
-        Some(n) => Ok(Some(n)),
-        None => {
-            let detail: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
-            Err(format!(
-                "0/{} nodes are available: {}.",
-                ours.len(),
-                detail.join(", ")
-            ))
-        }
-    }
-}
-
-fn term_matches(
-    t: &k8s_openapi::api::core::v1::NodeSelectorTerm,
-    name: &str,
-    labels: &BTreeMap<String, String>,
-) -> bool {
-    let ok = |key: &str, op: &str, values: &[String], actual: Option<&String>| match op {
-        "In" => actual.is_some_and(|a| values.contains(a)),
-        "NotIn" => !actual.is_some_and(|a| values.contains(a)),
-        "Exists" => actual.is_some(),
-        "DoesNotExist" => actual.is_none(),
-        "Gt" | "Lt" => {
-            let (Some(a), Some(v)) = (
-                actual.and_then(|a| a.parse::<i64>().ok()),
-                values.first().and_then(|v| v.parse::<i64>().ok()),
-            ) else {
-                return false;
-            };
-            if op == "Gt" { a > v } else { a < v }
-        }
-        _ => {
-            let _ = key;
-            false
-        }
-    };
-    let name = name.to_string();
-    t.match_expressions.iter().flatten().all(|e| {
-        ok(
-            &e.key,
-            &e.operator,
-            e.values.as_deref().unwrap_or_default(),
-            labels.get(&e.key),
-        )
-    }) && t.match_fields.iter().flatten().all(|f| {
-        f.key == "metadata.name"
-            && ok(
-                &f.key,
-                &f.operator,
-                f.values.as_deref().unwrap_or_default(),
-                Some(&name),
-            )
-    })
-}
-
-fn tolerated(node: &Node, tolerations: &[k8s_openapi::api::core::v1::Toleration]) -> bool {
-    let mut taints = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default();
-    if node
-        .spec
-        .as_ref()
-        .and_then(|s| s.unschedulable)
-        .unwrap_or(false)
-    {
-        taints.push(k8s_openapi::api::core::v1::Taint {
-            key: "node.kubernetes.io/unschedulable".into(),
-            effect: "NoSchedule".into(),
-            ..Default::default()
-        });
-    }
-    taints
-        .iter()
-        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
-        .all(|t| {
-            tolerations.iter().any(|tol| {
-                let op = tol.operator.as_deref().unwrap_or("Equal");
-                let key_ok = tol.key.as_deref().is_none_or(|k| k.is_empty()) && op == "Exists"
-                    || tol.key.as_deref() == Some(t.key.as_str());
-                let value_ok = op == "Exists"
-                    || tol.value.as_deref().unwrap_or("") == t.value.as_deref().unwrap_or("");
-                let effect_ok = tol
-                    .effect
-                    .as_deref()
-                    .is_none_or(|e| e.is_empty() || e == t.effect);
-                key_ok && value_ok && effect_ok
-            })
-        })
-}
-
-async fn bind(ctx: &Ctx, pod: &Pod, node: &str) {
-    let ns = pod.namespace().unwrap_or_default();
-    let name = pod.name_any();
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let binding = json!({
-        "apiVersion": "v1", "kind": "Binding",
-        "metadata": {"name": name, "namespace": ns, "uid": pod.uid()},
-        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
-    });
-    match api
-        .create_subresource::<_, serde_json::Value>(
-            "binding",
-            &name,
-            &PostParams::default(),
-            &binding,
-        )
-        .await
-    {
-        Ok(_) => ctx.log(format!("pod {ns}/{name}: bound to node {node}")),
-        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => ctx.log(format!(
-            "pod {ns}/{name}: not bound ({}), already bound or gone",
-            e.message
-        )),
-        Err(e) => ctx.log(format!("pod {ns}/{name}: binding to {node} failed: {e}")),
-    }
-}
-
-async fn mark_unschedulable(ctx: &Ctx, pod: &Pod, why: &str) {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let patch = json!({"status": {"phase": "Pending", "conditions": [{
-        "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": why,
-        "lastProbeTime": null, "lastTransitionTime": now,
-    }]}});
-    if let Err(e) = api
-        .patch_status(
-            &pod.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-    {
-        ctx.log(format!(
-            "pod {}: writing PodScheduled=False: {e}",
-            pod.name_any()
-        ));
+        // Another cluster's node, or not scheduled yet.
+        Some(_) | None => {}
     }
 }
