@@ -257,6 +257,13 @@ impl Cluster {
             // The defaults (PodSecurity among them) plus NodeRestriction, as kubeadm runs it;
             // TaintNodesByCondition is what makes simulated nodes start NotReady.
             "--enable-admission-plugins=NodeRestriction".into(),
+            // The front-proxy settings kubeadm gives every cluster: delegating servers (OCM's
+            // controllers, webhooks) read them from kube-system/extension-apiserver-authentication.
+            format!("--requestheader-client-ca-file={}", p("ca.crt")),
+            "--requestheader-allowed-names=front-proxy-client".into(),
+            "--requestheader-username-headers=X-Remote-User".into(),
+            "--requestheader-group-headers=X-Remote-Group".into(),
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
             // Loader pods are privileged, as in real KMM.
             "--allow-privileged=true".into(),
             "--profiling=false".into(),

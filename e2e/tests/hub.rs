@@ -542,11 +542,22 @@ async fn missing_image_is_reported_and_a_restart_converges_without_duplicate_wri
                 },
             )
             .await?;
-            let status = mcm_status(&hub, "restart")
-                .await?
-                .status
-                .unwrap_or_default();
-            assert_eq!(status.image_rebuild_trigger_generation, Some(1));
+            // The status follows the works (a second write).
+            eventually(
+                "status records the rebuild trigger generation",
+                Duration::from_secs(20),
+                || async {
+                    let status = mcm_status(&hub, "restart")
+                        .await?
+                        .status
+                        .unwrap_or_default();
+                    Ok(match status.image_rebuild_trigger_generation {
+                        Some(1) => Ok(()),
+                        other => Err(format!("{other:?}")),
+                    })
+                },
+            )
+            .await?;
             hub_proc.stop().await;
             Ok(())
         })

@@ -7,18 +7,20 @@
 //! - The Deployments are hardened and configured with flags and variables their binaries
 //!   accept; the hub's shipped configuration parses.
 //! - The RHACM Policy carries exactly the spoke manifests (it is generated from them).
-//! - Every manifest applies with server-side apply and `dryRun=All`. The test world has no
-//!   RHACM CRDs: the test installs schema-less stand-ins for Policy, PlacementBinding,
-//!   Placement and ManagedClusterSetBinding, so the server checks their kinds, names and
-//!   namespaces, and the fields the rollout depends on are checked here.
-//! - Applying the Policy's object-templates to a spoke (as the config-policy controller does)
-//!   gives a working agent: the `kmm-spoke` binary, run with the Deployment's arguments and
-//!   environment and its ServiceAccount's token, becomes ready, publishes the kernel
-//!   ClusterClaim and loads a Module created by the work agent's ServiceAccount.
+//! - Every manifest applies with server-side apply and `dryRun=All`, the Policy and its
+//!   placement against OCM's and the policy framework's released CRDs on the hub.
+//! - Applied on the hub, `manifests/policy` reaches the spoke through the real Placement, the
+//!   real policy propagator and the real configuration policy controller (the framework
+//!   addon's sync between them is simulated: its module is refused by the Go proxy), and the
+//!   objects it puts there give a working agent: the `kmm-spoke` binary, run with the
+//!   Deployment's arguments and environment and its ServiceAccount's token, becomes ready,
+//!   publishes the kernel ClusterClaim and loads a Module created by the work agent's
+//!   ServiceAccount.
 //! - The hub, run with its ServiceAccount's token and the shipped configuration, ships a
 //!   ManifestWork, runs a build, records events and answers its dashboard.
 //!
-//! Manifests are rendered with `kubectl kustomize` (kubectl on PATH), as users apply them.
+//! Manifests are rendered with `kubectl kustomize` (the test world's kubectl), as users apply
+//! them.
 //! `KMM_UPDATE_POLICY=1 cargo test -p kmm-e2e --test install policy_yaml` regenerates
 //! manifests/policy/policy.yaml. The spoke test builds the `kmm-spoke` binary with cargo
 //! unless `KMM_SPOKE_BIN` names one.
@@ -77,12 +79,7 @@ fn repo() -> PathBuf {
 }
 
 fn kubectl() -> anyhow::Result<PathBuf> {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("kubectl"))
-        .find(|p| p.is_file())
-        .context("kubectl (for `kubectl kustomize`) is not on PATH")
+    Ok(kmm_e2e::provision::ensure_provisioned()?.kubectl)
 }
 
 fn yaml_docs(text: &str) -> anyhow::Result<Vec<Value>> {
@@ -964,14 +961,23 @@ fn policy_yaml_is_generated_from_the_spoke_manifests() -> anyhow::Result<()> {
 // Applying to live servers
 
 /// Server-side apply of one manifest; `dry_run` is `dryRun=All`.
-async fn apply(client: &Client, doc: &Value, dry_run: bool) -> anyhow::Result<()> {
+/// The API resource of a document's kind, and whether it is namespaced.
+async fn api_resource(
+    client: &Client,
+    doc: &Value,
+) -> anyhow::Result<(kube::discovery::ApiResource, bool)> {
     let api_version = s(doc, "/apiVersion");
     let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
     let gvk = GroupVersionKind::gvk(group, version, s(doc, "/kind"));
     let (resource, caps) = kube::discovery::pinned_kind(client, &gvk)
         .await
         .with_context(|| format!("discovering {}", ident(doc)))?;
-    let api: Api<DynamicObject> = if caps.scope == Scope::Namespaced {
+    Ok((resource, caps.scope == Scope::Namespaced))
+}
+
+async fn apply(client: &Client, doc: &Value, dry_run: bool) -> anyhow::Result<()> {
+    let (resource, namespaced) = api_resource(client, doc).await?;
+    let api: Api<DynamicObject> = if namespaced {
         let ns = s(doc, "/metadata/namespace");
         ensure!(!ns.is_empty(), "{} has no namespace", ident(doc));
         Api::namespaced_with(client.clone(), ns, &resource)
@@ -1015,50 +1021,6 @@ async fn wait_established(client: &Client, name: &str) -> anyhow::Result<()> {
     .await
 }
 
-/// Schema-less stand-ins for the RHACM kinds of manifests/policy: the server then checks
-/// kinds, names and namespaces of those objects; their fields are checked offline.
-async fn install_policy_stand_ins(hub: &Client) -> anyhow::Result<()> {
-    for (group, version, kind, plural) in [
-        (
-            "policy.open-cluster-management.io",
-            "v1",
-            "Policy",
-            "policies",
-        ),
-        (
-            "policy.open-cluster-management.io",
-            "v1",
-            "PlacementBinding",
-            "placementbindings",
-        ),
-        (
-            "cluster.open-cluster-management.io",
-            "v1beta1",
-            "Placement",
-            "placements",
-        ),
-        (
-            "cluster.open-cluster-management.io",
-            "v1beta2",
-            "ManagedClusterSetBinding",
-            "managedclustersetbindings",
-        ),
-    ] {
-        let name = format!("{plural}.{group}");
-        let crd = json!({
-            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "metadata": {"name": name},
-            "spec": {"group": group, "scope": "Namespaced",
-                "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
-                "versions": [{"name": version, "served": true, "storage": true,
-                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}
-        });
-        apply(hub, &crd, false).await?;
-        wait_established(hub, &name).await?;
-    }
-    Ok(())
-}
-
 /// Create the Namespaces of `docs` for real (namespaced objects cannot be dry-run into a
 /// namespace that does not exist), then dry-run every document.
 async fn dry_run_all(client: &Client, docs: &[Value], what: &str) -> anyhow::Result<()> {
@@ -1084,7 +1046,7 @@ async fn every_manifest_applies_with_server_side_dry_run() -> anyhow::Result<()>
             let spoke = fleet.spoke(1).client().await;
             dry_run_all(&hub, &hub_docs, "manifests/hub on the hub").await?;
             dry_run_all(&spoke, &spoke_docs, "manifests/spoke on a spoke").await?;
-            install_policy_stand_ins(&hub).await?;
+            // The hub has OCM's and the policy framework's released CRDs.
             dry_run_all(&hub, &policy_docs, "manifests/policy on the hub").await?;
             // What the config-policy controller applies on each spoke.
             dry_run_all(
@@ -1093,6 +1055,35 @@ async fn every_manifest_applies_with_server_side_dry_run() -> anyhow::Result<()>
                 "the Policy's objects on a spoke",
             )
             .await?;
+
+            // Pod Security as the namespaces declare it: each Deployment's pod passes its
+            // namespace's enforced level (a dry-run create is admitted by PodSecurity), and a
+            // privileged pod is refused there.
+            for (client, docs, name, ns) in [
+                (&hub, &hub_docs, "kmm-hub", HUB_NS),
+                (&spoke, &spoke_docs, "kmm-spoke", SPOKE_NS),
+            ] {
+                let d = find(docs, "Deployment", name)?;
+                let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": format!("{name}-pss"), "namespace": ns},
+                    "spec": d["spec"]["template"]["spec"].clone()});
+                let pods: Api<DynamicObject> = Api::namespaced_with(
+                    client.clone(),
+                    ns,
+                    &kube::discovery::ApiResource::erase::<k8s_openapi::api::core::v1::Pod>(&()),
+                );
+                let dry = PostParams { dry_run: true, ..Default::default() };
+                let obj: DynamicObject = serde_json::from_value(pod.clone())?;
+                pods.create(&dry, &obj)
+                    .await
+                    .with_context(|| format!("{name}'s pod in namespace {ns} (Pod Security)"))?;
+                pod["spec"]["containers"][0]["securityContext"] = json!({"privileged": true});
+                let obj: DynamicObject = serde_json::from_value(pod)?;
+                match pods.create(&dry, &obj).await {
+                    Err(kube::Error::Api(e)) if e.message.contains("violates PodSecurity") => {}
+                    other => bail!("a privileged pod in {ns}: want PodSecurity to refuse, got {other:?}"),
+                }
+            }
 
             // Dry runs wrote nothing, and they do validate: a bad manifest is refused.
             let deployments: Api<DynamicObject> = Api::namespaced_with(
@@ -1336,7 +1327,8 @@ fn lab_module(image: &str) -> anyhow::Result<Module> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_policy_installs_a_working_spoke_agent() -> anyhow::Result<()> {
-    let objects = policy_objects(&kustomize("policy")?)?;
+    let policy_docs = kustomize("policy")?;
+    let objects = policy_objects(&policy_docs)?;
     let deployment = find(&objects, "Deployment", "kmm-spoke")?.clone();
     let bin = spoke_binary().await?;
     let _one = ONE_FLEET_AT_A_TIME.lock().await;
@@ -1345,10 +1337,12 @@ async fn the_policy_installs_a_working_spoke_agent() -> anyhow::Result<()> {
         .spoke_nodes(1, vec![worker_node("n1", K1), worker_node("n2", K2)])
         .run(async |fleet: &mut Fleet| {
             let admin = fleet.spoke(1).client().await;
-            // The config-policy controller applies each object-template in order.
-            for o in &objects {
-                apply(&admin, o, false).await?;
+            // On the hub, as a platform team does; the policy framework does the rest.
+            let hub = fleet.hub().client().await;
+            for d in &policy_docs {
+                apply(&hub, d, false).await?;
             }
+            policy_reaches_the_spoke(&hub, &admin, &objects).await?;
             wait_established(&admin, "modules.kmm.sigs.x-k8s.io").await?;
 
             let token = fleet
@@ -1384,6 +1378,50 @@ async fn the_policy_installs_a_working_spoke_agent() -> anyhow::Result<()> {
             Ok(())
         })
         .await
+}
+
+/// Waits until every object of the Policy exists on the spoke and the root Policy on the hub
+/// reports the cluster Compliant.
+async fn policy_reaches_the_spoke(
+    hub: &Client,
+    spoke: &Client,
+    objects: &[Value],
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let policy_ar = kube::discovery::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("policy.open-cluster-management.io", "v1", "Policy"),
+        "policies",
+    );
+    let root: Api<DynamicObject> = Api::namespaced_with(hub.clone(), POLICY_NS, &policy_ar);
+    loop {
+        let mut missing = Vec::new();
+        for o in objects {
+            let (ar, namespaced) = api_resource(spoke, o).await?;
+            let api: Api<DynamicObject> = match (namespaced, o["metadata"]["namespace"].as_str()) {
+                (true, Some(ns)) => Api::namespaced_with(spoke.clone(), ns, &ar),
+                _ => Api::all_with(spoke.clone(), &ar),
+            };
+            if api.get_opt(s(o, "/metadata/name")).await?.is_none() {
+                missing.push(ident(o));
+            }
+        }
+        let status = root.get_opt(POLICY).await?.map(|p| p.data["status"].clone());
+        let compliant = status
+            .as_ref()
+            .and_then(|s| s["status"].as_array())
+            .is_some_and(|clusters| {
+                clusters.iter().any(|c| c["clustername"] == "spoke-1" && c["compliant"] == "Compliant")
+            });
+        if missing.is_empty() && compliant {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the Policy did not reach the spoke in 120 s: missing {missing:?}; root Policy status {status:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 async fn spoke_agent_works(

@@ -852,6 +852,32 @@ async fn ocm_agents(fleet: &Fleet) -> anyhow::Result<()> {
         )
     })
     .await?;
+    // OCM's own webhook refuses a work whose manifests exceed 512,000 bytes, exactly the
+    // limit the hub renders against (kmm_hub::render::MAX_MANIFESTS_BYTES).
+    let limit = kmm_hub::render::MAX_MANIFESTS_BYTES;
+    let sized = |name: &str, size: usize| -> anyhow::Result<ManifestWork> {
+        let mut cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": "sim-ocm"}, "data": {"k": ""}});
+        let base = serde_json::to_vec(&cm)?.len();
+        cm["data"]["k"] = json!("x".repeat(size - base));
+        ensure!(serde_json::to_vec(&cm)?.len() == size);
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "spoke-1"},
+            "spec": {"workload": {"manifests": [cm]}},
+        }))?)
+    };
+    match works.create(&PostParams::default(), &sized("sim-too-big", limit + 1)?).await {
+        Err(kube::Error::Api(e))
+            if e.message.contains("manifestworkvalidators.admission.work.open-cluster-management.io")
+                && e.message.contains(&format!("{} bytes which exceeds the {limit} limit", limit + 1)) => {}
+        other => bail!("a work of {} bytes: want OCM's webhook to refuse it, got {other:?}", limit + 1),
+    }
+    works
+        .create(&PostParams::default(), &sized("sim-at-limit", limit)?)
+        .await
+        .context("a work of exactly the limit must be admitted")?;
+    works.delete("sim-at-limit", &DeleteParams::default()).await?;
+
     // A manifest into a namespace that does not exist: Applied=False on the work, and the
     // API server's reason on the manifest's own condition (the real agent keeps the work-level
     // message generic: "Failed to apply manifest work").

@@ -295,7 +295,14 @@ async fn mirror<K, Key, V>(
                 relisted();
             }
             Event::Apply(obj) => {
-                let Some((k, v)) = entry(&obj) else { continue };
+                let Some((k, v)) = entry(&obj) else {
+                    // No longer of interest (e.g. being deleted): it leaves the cache.
+                    let old = map.write().ok().and_then(|mut m| m.remove(&key(&obj)));
+                    if old.is_some() {
+                        changed(old.as_ref(), None);
+                    }
+                    continue;
+                };
                 let Ok(mut m) = map.write() else { continue };
                 let old = m.insert(k.clone(), v);
                 let new = m.get(&k);
@@ -329,6 +336,12 @@ pub async fn watch_clusters(
         &caches.clusters,
         &caches.clusters_synced,
         |c| {
+            // A ManagedCluster being deleted is leaving the fleet: OCM's registration
+            // controller waits for its works to go before the cluster does, so the hub must
+            // stop selecting it now (and delete its works), not when it is finally gone.
+            if c.metadata.deletion_timestamp.is_some() {
+                return None;
+            }
             let f = ClusterFacts::from_cluster(c);
             Some((f.name.clone(), f))
         },

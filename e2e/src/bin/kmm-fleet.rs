@@ -76,13 +76,22 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Provision => {
             let b = kmm_e2e::provision::ensure_provisioned()?;
-            println!("kube-apiserver          {}", b.kube_apiserver.display());
-            println!(
-                "kube-controller-manager {}",
-                b.kube_controller_manager.display()
-            );
-            println!("etcd                    {}", b.etcd.display());
-            println!("docker-registry         {}", b.docker_registry.display());
+            for (name, path) in [
+                ("kube-apiserver", &b.kube_apiserver),
+                ("kube-controller-manager", &b.kube_controller_manager),
+                ("kube-scheduler", &b.kube_scheduler),
+                ("kubectl", &b.kubectl),
+                ("etcd", &b.etcd),
+                ("ocm registration", &b.ocm_registration),
+                ("ocm placement", &b.ocm_placement),
+                ("ocm work webhook", &b.ocm_work_webhook),
+                ("ocm klusterlet agent", &b.ocm_klusterlet),
+                ("policy propagator", &b.policy_propagator),
+                ("config-policy-controller", &b.config_policy_controller),
+                ("docker-registry", &b.docker_registry),
+            ] {
+                println!("{name:<25} {}", path.display());
+            }
             Ok(())
         }
         Command::Down { dir, timeout } => down(&dir, Duration::from_secs(timeout)),
@@ -170,6 +179,21 @@ fn print_summary(fleet: &Fleet) {
         None => println!("  registry   {} (no auth)", r.host()),
     }
     println!("  env file   {}", fleet.dir().join("fleet.env").display());
+    println!("Components:");
+    for (component, version) in kmm_e2e::provision::Binaries::versions() {
+        println!("  {component:<52} {version}");
+    }
+    println!("  {:<52} Debian's docker-registry", "registry");
+    let mut running: Vec<(String, String, u32)> = fleet.pids();
+    running.sort();
+    println!("Processes:");
+    for (cluster, component, pid) in running {
+        println!("  {cluster:<10} {component:<30} pid {pid}");
+    }
+    println!(
+        "kubectl of the same release: export PATH={}:$PATH",
+        kmm_e2e::provision::bin_dir("kube", &kmm_e2e::provision::k8s_version()).display()
+    );
     println!(
         "Stop with Ctrl-C or `kmm-fleet down --dir {}`.",
         fleet.dir().display()

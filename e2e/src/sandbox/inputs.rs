@@ -70,7 +70,10 @@ impl Sandbox {
         let pp = PatchParams::apply(MANAGER).force();
         install::apply(
             spoke,
-            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+            // Loaders and device plugins are privileged pods: this is the one namespace that
+            // needs Pod Security's `privileged` level (docs/install.md).
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace,
+                "labels": {"pod-security.kubernetes.io/enforce": "privileged"}}}),
         )
         .await?;
         let sa = ServiceAccount {

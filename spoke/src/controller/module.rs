@@ -421,11 +421,20 @@ async fn cleanup(
     Ok(daemonsets.is_empty() && pods_left == 0)
 }
 
+/// Desired and available pods over the DaemonSets. A DaemonSet the DaemonSet controller has not
+/// yet observed (no status, or one for an older generation) counts at least one desired pod:
+/// the agent writes a DaemonSet only for a kernel some selected node runs, and a fresh
+/// DaemonSet's `desiredNumberScheduled` of 0 would otherwise read as "nothing to do" and make
+/// the Module look available before anything loaded.
 fn sum_status(daemonsets: &[&Arc<DaemonSet>]) -> (i32, i32) {
     daemonsets.iter().fold((0, 0), |(d, a), ds| {
         let st = ds.status.as_ref();
+        let observed = st.is_some_and(|s| {
+            s.observed_generation.unwrap_or(0) >= ds.metadata.generation.unwrap_or(0)
+        });
+        let desired = st.map_or(0, |s| s.desired_number_scheduled);
         (
-            d + st.map_or(0, |s| s.desired_number_scheduled),
+            d + if observed { desired } else { desired.max(1) },
             a + st.and_then(|s| s.number_available).unwrap_or(0),
         )
     })
@@ -696,5 +705,37 @@ async fn write_status(
             name,
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::DaemonSetStatus as DsStatus;
+
+    fn ds(generation: i64, status: Option<(i64, i32, i32)>) -> Arc<DaemonSet> {
+        let mut d = DaemonSet::default();
+        d.metadata.generation = Some(generation);
+        d.status = status.map(|(observed, desired, available)| DsStatus {
+            observed_generation: Some(observed),
+            desired_number_scheduled: desired,
+            number_available: Some(available),
+            ..Default::default()
+        });
+        Arc::new(d)
+    }
+
+    #[test]
+    fn an_unobserved_daemonset_is_never_read_as_nothing_to_do() {
+        // Fresh: no status yet.
+        assert_eq!(sum_status(&[&ds(1, None)]), (1, 0));
+        // A status of the previous generation.
+        assert_eq!(sum_status(&[&ds(2, Some((1, 0, 0)))]), (1, 0));
+        // Observed: the controller's word counts, zero included.
+        assert_eq!(sum_status(&[&ds(2, Some((2, 0, 0)))]), (0, 0));
+        assert_eq!(
+            sum_status(&[&ds(1, Some((1, 3, 2))), &ds(1, Some((1, 1, 1)))]),
+            (4, 3)
+        );
     }
 }
