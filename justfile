@@ -32,7 +32,7 @@ check-generated:
 validate +FILES:
     cargo run -q -p kmm-hub -- validate {{FILES}}
 
-# Provision the test world (Debian packages, kube-apiserver v1.20.2 build).
+# Provision the test world (Debian packages; Kubernetes, etcd, OCM and the policy framework built from their Go modules).
 provision:
     bash e2e/provision/provision.sh
 

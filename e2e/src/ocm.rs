@@ -309,7 +309,10 @@ impl OcmHub {
                 "--metrics-bind-address=0".into(),
                 format!("--health-probe-bind-address=127.0.0.1:{}", free_port()?),
             ],
-            env,
+            // As in the propagator's own Deployment: empty means every namespace.
+            env.into_iter()
+                .chain([("WATCH_NAMESPACE".to_string(), String::new())])
+                .collect(),
             &dir.join("policy-propagator.log"),
         )?);
 

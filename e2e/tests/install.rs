@@ -1067,12 +1067,20 @@ async fn every_manifest_applies_with_server_side_dry_run() -> anyhow::Result<()>
                 let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
                     "metadata": {"name": format!("{name}-pss"), "namespace": ns},
                     "spec": d["spec"]["template"]["spec"].clone()});
+                // A dry run only validates: the ServiceAccount the Deployment names is not
+                // there (admission would refuse for that before PodSecurity looks).
+                if let Some(spec) = pod["spec"].as_object_mut() {
+                    spec.remove("serviceAccountName");
+                }
                 let pods: Api<DynamicObject> = Api::namespaced_with(
                     client.clone(),
                     ns,
                     &kube::discovery::ApiResource::erase::<k8s_openapi::api::core::v1::Pod>(&()),
                 );
-                let dry = PostParams { dry_run: true, ..Default::default() };
+                let dry = PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                };
                 let obj: DynamicObject = serde_json::from_value(pod.clone())?;
                 pods.create(&dry, &obj)
                     .await
@@ -1081,7 +1089,9 @@ async fn every_manifest_applies_with_server_side_dry_run() -> anyhow::Result<()>
                 let obj: DynamicObject = serde_json::from_value(pod)?;
                 match pods.create(&dry, &obj).await {
                     Err(kube::Error::Api(e)) if e.message.contains("violates PodSecurity") => {}
-                    other => bail!("a privileged pod in {ns}: want PodSecurity to refuse, got {other:?}"),
+                    other => {
+                        bail!("a privileged pod in {ns}: want PodSecurity to refuse, got {other:?}")
+                    }
                 }
             }
 
@@ -1405,12 +1415,17 @@ async fn policy_reaches_the_spoke(
                 missing.push(ident(o));
             }
         }
-        let status = root.get_opt(POLICY).await?.map(|p| p.data["status"].clone());
+        let status = root
+            .get_opt(POLICY)
+            .await?
+            .map(|p| p.data["status"].clone());
         let compliant = status
             .as_ref()
             .and_then(|s| s["status"].as_array())
             .is_some_and(|clusters| {
-                clusters.iter().any(|c| c["clustername"] == "spoke-1" && c["compliant"] == "Compliant")
+                clusters
+                    .iter()
+                    .any(|c| c["clustername"] == "spoke-1" && c["compliant"] == "Compliant")
             });
         if missing.is_empty() && compliant {
             return Ok(());

@@ -1504,22 +1504,46 @@ async fn registry_down_and_back(sb: &mut Sandbox) -> anyhow::Result<()> {
 async fn spoke_apiserver_restarted(sb: &mut Sandbox) -> anyhow::Result<()> {
     const NAME: &str = "scn-after-restart";
     let before = running_state(sb).await?;
-    sb.fleet_mut().spoke_mut(2).restart_apiserver().await?;
-    // A new module after the restart: the agent and the simulators must have reconnected.
-    let image = push_module(sb, "scenario/after-restart:v1", "kmm-scn-restart", true).await?;
     let hub = sb.hub_client().await;
-    apply_mcm(
-        &hub,
-        &prebuilt_mcm(
-            NAME,
+    // The spoke-2 agent is frozen across the restart and until the new Module is on the
+    // spoke: its watches come back with resource versions the new API server has expired
+    // (410), so it learns of the Module only from its relist, never from a watch event.
+    let agent = sb.spokes[1].pid().context("the spoke-2 agent's pid")?;
+    kmm_e2e::process::signal(agent, libc::SIGSTOP);
+    let frozen = async {
+        sb.fleet_mut().spoke_mut(2).restart_apiserver().await?;
+        let image = push_module(sb, "scenario/after-restart:v1", "kmm-scn-restart", true).await?;
+        apply_mcm(
+            &hub,
+            &prebuilt_mcm(
+                NAME,
+                LAB_NAMESPACE,
+                json!({}),
+                worker_selector(),
+                &image,
+                "kmm-scn-restart",
+            ),
+        )
+        .await?;
+        let modules = Api::<shared_api::Module>::namespaced(
+            sb.fleet().spoke(2).client().await,
             LAB_NAMESPACE,
-            json!({}),
-            worker_selector(),
-            &image,
-            "kmm-scn-restart",
-        ),
-    )
-    .await?;
+        );
+        eventually(
+            "the work agent puts the Module on spoke-2",
+            DEADLINE,
+            || async {
+                Ok(match modules.get_opt(NAME).await? {
+                    Some(_) => Ok(()),
+                    None => Err("not yet".to_string()),
+                })
+            },
+        )
+        .await
+    }
+    .await;
+    kmm_e2e::process::signal(agent, libc::SIGCONT);
+    frozen?;
     eventually(
         "kmm_scn_restart on every worker of spoke-2",
         CONVERGE,

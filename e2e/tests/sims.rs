@@ -866,17 +866,33 @@ async fn ocm_agents(fleet: &Fleet) -> anyhow::Result<()> {
             "spec": {"workload": {"manifests": [cm]}},
         }))?)
     };
-    match works.create(&PostParams::default(), &sized("sim-too-big", limit + 1)?).await {
+    // OCM counts a manifest's protobuf size (the JSON plus a tag and a 3-byte length here):
+    // 511,996 JSON bytes count exactly 512,000; one more is refused.
+    let at_limit = limit - 4;
+    ensure!(kmm_hub::render::ocm_manifest_size(at_limit) == limit);
+    match works
+        .create(&PostParams::default(), &sized("sim-too-big", at_limit + 1)?)
+        .await
+    {
         Err(kube::Error::Api(e))
-            if e.message.contains("manifestworkvalidators.admission.work.open-cluster-management.io")
-                && e.message.contains(&format!("{} bytes which exceeds the {limit} limit", limit + 1)) => {}
-        other => bail!("a work of {} bytes: want OCM's webhook to refuse it, got {other:?}", limit + 1),
+            if e.message
+                .contains("manifestworkvalidators.admission.work.open-cluster-management.io")
+                && e.message.contains(&format!(
+                    "{} bytes which exceeds the {limit} limit",
+                    limit + 1
+                )) => {}
+        other => bail!(
+            "a work of {} JSON bytes: want OCM's webhook to refuse it, got {other:?}",
+            at_limit + 1
+        ),
     }
     works
-        .create(&PostParams::default(), &sized("sim-at-limit", limit)?)
+        .create(&PostParams::default(), &sized("sim-at-limit", at_limit)?)
         .await
-        .context("a work of exactly the limit must be admitted")?;
-    works.delete("sim-at-limit", &DeleteParams::default()).await?;
+        .context("a work that counts exactly the limit must be admitted")?;
+    works
+        .delete("sim-at-limit", &DeleteParams::default())
+        .await?;
 
     // A manifest into a namespace that does not exist: Applied=False on the work, and the
     // API server's reason on the manifest's own condition (the real agent keeps the work-level

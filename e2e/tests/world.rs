@@ -429,7 +429,8 @@ fn module_spec() -> serde_json::Value {
 }
 
 /// (d) Module, ManagedClusterModule and ManifestWork objects can be created and read
-/// back on a 1.20 server with our generated CRDs.
+/// back with our generated CRDs and OCM's, and the CRDs' CEL rules are enforced by the API
+/// server itself (no webhook runs in this fleet).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kmm_and_ocm_objects_can_be_created() -> anyhow::Result<()> {
     Fleet::builder()
@@ -488,6 +489,8 @@ async fn kmm_and_ocm_objects_can_be_created() -> anyhow::Result<()> {
             let back = works.get("mod-example").await?;
             ensure!(back.spec == mw.spec, "ManifestWork spec changed on the way");
 
+            cel_rules_are_enforced(&spoke, &mcms, &module).await?;
+
             // A spoke's API server restarts on the same port with the same certificates:
             // existing clients reconnect and the data is still there.
             let before = fleet.spoke(1).server_url();
@@ -501,4 +504,127 @@ async fn kmm_and_ocm_objects_can_be_created() -> anyhow::Result<()> {
             Ok(())
         })
         .await
+}
+
+/// Each CEL rule of our CRDs refuses what it describes, with the field path and message.
+async fn cel_rules_are_enforced(
+    modules: &Api<shared_api::Module>,
+    mcms: &Api<shared_api::ManagedClusterModule>,
+    valid: &shared_api::Module,
+) -> anyhow::Result<()> {
+    let base = serde_json::to_value(valid)?;
+    let container = "/spec/moduleLoader/container";
+    let cases: Vec<(&str, serde_json::Value, &str, &str)> = vec![
+        (
+            "a mapping with both literal and regexp",
+            serde_json::json!([{"op": "add", "path": format!("{container}/kernelMappings/0/literal"), "value": "6.1.0"}]),
+            "spec.moduleLoader.container.kernelMappings[0]",
+            "exactly one of literal and regexp must be set",
+        ),
+        (
+            "a mapping with neither literal nor regexp",
+            serde_json::json!([{"op": "remove", "path": format!("{container}/kernelMappings/0/regexp")}]),
+            "spec.moduleLoader.container.kernelMappings[0]",
+            "exactly one of literal and regexp must be set",
+        ),
+        (
+            "no kernel mapping",
+            serde_json::json!([{"op": "replace", "path": format!("{container}/kernelMappings"), "value": []}]),
+            "spec.moduleLoader.container.kernelMappings",
+            "at least one kernel mapping is required",
+        ),
+        (
+            "both in-tree fields on the container",
+            serde_json::json!([{"op": "add", "path": format!("{container}/inTreeModuleToRemove"), "value": "dummy"}]),
+            "spec.moduleLoader.container.inTreeModuleToRemove",
+            "cannot be used together with inTreeModulesToRemove",
+        ),
+        (
+            "both in-tree fields on a mapping",
+            serde_json::json!([
+                {"op": "add", "path": format!("{container}/kernelMappings/1/inTreeModuleToRemove"), "value": "a"},
+                {"op": "add", "path": format!("{container}/kernelMappings/1/inTreeModulesToRemove"), "value": ["b"]}]),
+            "spec.moduleLoader.container.kernelMappings[1].inTreeModuleToRemove",
+            "cannot be used together with inTreeModulesToRemove",
+        ),
+        (
+            "nothing to run",
+            serde_json::json!([{"op": "remove", "path": "/spec/moduleLoader"}]),
+            "spec",
+            "at least one of moduleLoader, devicePlugin or dra must be set",
+        ),
+    ];
+    for (i, (what, patch, path, message)) in cases.into_iter().enumerate() {
+        let mut doc = base.clone();
+        let patch: json_patch::Patch = serde_json::from_value(patch)?;
+        json_patch::patch(&mut doc, &patch)?;
+        doc["metadata"] = serde_json::json!({"name": format!("cel-{i}"), "namespace": "default"});
+        let module: shared_api::Module = serde_json::from_value(doc.clone())?;
+        match modules.create(&PostParams::default(), &module).await {
+            Err(kube::Error::Api(e))
+                if e.code == 422 && e.message.contains(path) && e.message.contains(message) => {}
+            other => anyhow::bail!("{what}: want 422 naming {path} and {message:?}, got {other:?}"),
+        }
+        // The same rule holds inside an MCM's moduleSpec.
+        let mcm: shared_api::ManagedClusterModule = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1", "kind": "ManagedClusterModule",
+            "metadata": {"name": format!("cel-{i}")},
+            "spec": {"moduleSpec": doc["spec"], "spokeNamespace": "kmm-operator-system",
+                     "selector": {"name": "spoke-1"}},
+        }))?;
+        let mcm_path = path.replacen("spec", "spec.moduleSpec", 1);
+        match mcms.create(&PostParams::default(), &mcm).await {
+            Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains(&mcm_path) => {}
+            other => anyhow::bail!("{what} in an MCM: want 422 naming {mcm_path}, got {other:?}"),
+        }
+    }
+
+    // A transition rule: version can change, but not between set and unset.
+    let name = valid.metadata.name.clone().unwrap_or_default();
+    let patch = |v: serde_json::Value| {
+        kube::api::Patch::Merge(serde_json::json!(
+            {"spec": {"moduleLoader": {"container": {"version": v}}}}))
+    };
+    match modules
+        .patch(&name, &Default::default(), &patch(serde_json::json!("1.0")))
+        .await
+    {
+        Err(kube::Error::Api(e))
+            if e.code == 422
+                && e.message.contains("spec.moduleLoader.container.version")
+                && e.message.contains("delete and re-create") => {}
+        other => anyhow::bail!("setting version on an existing Module: want 422, got {other:?}"),
+    }
+    let mut versioned = valid.clone();
+    versioned.metadata = kube::api::ObjectMeta {
+        name: Some("cel-versioned".into()),
+        namespace: Some("default".into()),
+        ..Default::default()
+    };
+    if let Some(l) = versioned.spec.module_loader.as_mut() {
+        l.container.version = Some("1.0".into());
+    }
+    modules.create(&PostParams::default(), &versioned).await?;
+    modules
+        .patch(
+            "cel-versioned",
+            &Default::default(),
+            &patch(serde_json::json!("1.1")),
+        )
+        .await
+        .context("changing a set version is allowed")?;
+    match modules
+        .patch(
+            "cel-versioned",
+            &Default::default(),
+            &patch(serde_json::Value::Null),
+        )
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("delete and re-create") => {
+        }
+        other => anyhow::bail!("unsetting version: want 422, got {other:?}"),
+    }
+    modules.delete("cel-versioned", &Default::default()).await?;
+    Ok(())
 }

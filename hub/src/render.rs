@@ -16,8 +16,22 @@ use shared_api::ocm::{
 };
 use shared_api::{ManagedClusterModule, Module};
 
-/// OCM rejects ManifestWorks whose manifests exceed this many bytes.
+/// OCM rejects ManifestWorks whose manifests exceed this many bytes (as [`ocm_manifest_size`]
+/// counts them).
 pub const MAX_MANIFESTS_BYTES: usize = 512_000;
+
+/// The size OCM's ManifestWork webhook counts for one manifest of `json_len` bytes: the
+/// protobuf size of its `RawExtension` (a field tag, the length as a varint, the bytes), so
+/// a manifest of 512,000 JSON bytes counts 512,004 and is refused.
+pub fn ocm_manifest_size(json_len: usize) -> usize {
+    let mut varint = 1;
+    let mut rest = json_len >> 7;
+    while rest > 0 {
+        varint += 1;
+        rest >>= 7;
+    }
+    json_len + 1 + varint
+}
 /// Annotation holding a hash of what we rendered, so an unchanged work is never rewritten.
 pub const SPEC_HASH_ANNOTATION: &str = "kmm.node.kubernetes.io/spec-hash";
 
@@ -140,7 +154,7 @@ pub fn render_manifestwork(
         obj.remove("status");
     }
     let size = serde_json::to_vec(&module_json)
-        .map(|v| v.len())
+        .map(|v| ocm_manifest_size(v.len()))
         .unwrap_or(usize::MAX);
     if size > MAX_MANIFESTS_BYTES {
         return Err(RenderError::TooLarge(size));
@@ -427,6 +441,19 @@ moduleSpec:
             render_manifestwork(&m, "c", &[ready("k", "r/x:1")]),
             Err(RenderError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn manifest_size_counts_as_ocm_does() {
+        // Tag byte plus the varint length: 1, 2, 3 bytes at the varint boundaries.
+        assert_eq!(ocm_manifest_size(0), 2);
+        assert_eq!(ocm_manifest_size(127), 129);
+        assert_eq!(ocm_manifest_size(128), 131);
+        assert_eq!(ocm_manifest_size(16_383), 16_386);
+        assert_eq!(ocm_manifest_size(16_384), 16_388);
+        // Measured against OCM's webhook (e2e sims): 512,001 JSON bytes count 512,005.
+        assert_eq!(ocm_manifest_size(512_001), 512_005);
+        assert_eq!(ocm_manifest_size(511_996), MAX_MANIFESTS_BYTES);
     }
 
     #[test]

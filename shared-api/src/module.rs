@@ -8,14 +8,20 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration, Volume, VolumeMount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The default `modprobe.dirName`.
 pub const DEFAULT_DIR_NAME: &str = "/opt";
 
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+// The `x_kube` validation rules below are the part of `validate` a CRD can express in CEL; the
+// API server enforces them even when no webhook answers. The webhooks check everything else.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.moduleLoader) || has(self.devicePlugin) || has(self.dra)")
+    .message("at least one of moduleLoader, devicePlugin or dra must be set"))]
+#[x_kube(validation = Rule::new("!(has(self.dra) && has(self.devicePlugin))")
+    .message("dra and devicePlugin cannot both be set"))]
 #[kube(
     group = "kmm.sigs.x-k8s.io",
     version = "v1beta1",
@@ -79,7 +85,15 @@ pub struct ModuleLoaderSpec {
     pub service_account_name: Option<String>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("size(self.kernelMappings) > 0")
+    .message("at least one kernel mapping is required").field_path(".kernelMappings"))]
+#[x_kube(validation = Rule::new("!(has(self.inTreeModuleToRemove) && has(self.inTreeModulesToRemove))")
+    .message("the deprecated inTreeModuleToRemove cannot be used together with inTreeModulesToRemove; use only inTreeModulesToRemove")
+    .field_path(".inTreeModuleToRemove"))]
+#[x_kube(validation = Rule::new("(has(self.version) && self.version != '') == (has(oldSelf.version) && oldSelf.version != '')")
+    .message("cannot change between set and unset on an existing object; delete and re-create it to switch to or from ordered upgrade")
+    .field_path(".version"))]
 #[serde(rename_all = "camelCase")]
 pub struct ModuleLoaderContainerSpec {
     pub modprobe: ModprobeSpec,
@@ -171,7 +185,12 @@ pub struct ModprobeArgs {
     pub unload: Vec<String>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.literal) != has(self.regexp)")
+    .message("exactly one of literal and regexp must be set"))]
+#[x_kube(validation = Rule::new("!(has(self.inTreeModuleToRemove) && has(self.inTreeModulesToRemove))")
+    .message("the deprecated inTreeModuleToRemove cannot be used together with inTreeModulesToRemove; use only inTreeModulesToRemove")
+    .field_path(".inTreeModuleToRemove"))]
 #[serde(rename_all = "camelCase")]
 pub struct KernelMapping {
     /// The exact kernel version this mapping is for. Exactly one of `literal` and `regexp`.

@@ -430,15 +430,24 @@ async fn informer_modules(
         watcher::Config::default(),
         writer,
         cache::strip_module,
+        // (keys, and whether every Module of the new list is due too)
         |store: &Store<Module>, ev: &watcher::Event<Module>| match ev {
-            watcher::Event::Apply(m) | watcher::Event::Delete(m) => vec![module_key(m)],
-            // After a relist, Modules that vanished meanwhile need their cleanup too.
-            watcher::Event::InitDone => store.state().iter().map(|m| module_key(m)).collect(),
-            _ => Vec::new(),
+            watcher::Event::Apply(m) | watcher::Event::Delete(m) => (vec![module_key(m)], false),
+            // After a (re)list: the Modules that vanished meanwhile need their cleanup (the
+            // store still holds the old list here), and those that appeared or changed
+            // meanwhile (an API server restart, an expired watch) their reconcile: the new
+            // list is in the store only after this event, so `after` enqueues it.
+            watcher::Event::InitDone => {
+                (store.state().iter().map(|m| module_key(m)).collect(), true)
+            }
+            _ => (Vec::new(), false),
         },
-        move |keys: Vec<ModuleKey>| {
+        move |(keys, relisted): (Vec<ModuleKey>, bool)| {
             for k in keys {
                 q.add(k);
+            }
+            if relisted {
+                enqueue_all(&reader, &q);
             }
             metrics.modules.set(reader.len() as i64);
         },
@@ -446,7 +455,6 @@ async fn informer_modules(
         token,
     )
     .await;
-    // Once synced, the InitDone trigger above has covered every Module known then.
     let _ = queue;
 }
 
