@@ -1564,6 +1564,30 @@ async fn spoke_apiserver_restarted(sb: &mut Sandbox) -> anyhow::Result<()> {
         },
     )
     .await?;
+    // OCM's work agent deletes on work deletion only what its AppliedManifestWork has recorded,
+    // which follows the work's status: a work deleted before its status shows the Module
+    // applied leaves the Module behind (seen here after the restart). Wait for the record.
+    let works = Api::<ManifestWork>::namespaced(hub.clone(), "spoke-2");
+    eventually(
+        "the work's status shows the Module applied",
+        DEADLINE,
+        || async {
+            let st = works.get(NAME).await?.status.unwrap_or_default();
+            let applied = st.resource_status.as_ref().is_some_and(|r| {
+                r.manifests.iter().any(|m| {
+                    m.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Applied" && c.status == "True")
+                })
+            });
+            Ok(if applied {
+                Ok(())
+            } else {
+                Err(format!("{st:?}"))
+            })
+        },
+    )
+    .await?;
     delete_mcm(&hub, NAME).await?;
     eventually("kmm_scn_restart unloaded", DEADLINE, || async {
         let d = diff(&before, &running_state(sb).await?);

@@ -25,6 +25,14 @@ pub const SPOKE_NAMESPACE_YAML: &str = include_str!("../../../manifests/spoke/na
 pub const SPOKE_RBAC_YAML: &str = include_str!("../../../manifests/spoke/rbac.yaml");
 pub const SPOKE_WORK_AGENT_RBAC_YAML: &str =
     include_str!("../../../manifests/spoke/work-agent-rbac.yaml");
+/// manifests/policy: the Policy that installs the spoke agent, its Placement and namespace.
+pub const POLICY_YAMLS: [&str; 3] = [
+    include_str!("../../../manifests/policy/namespace.yaml"),
+    include_str!("../../../manifests/policy/policy.yaml"),
+    include_str!("../../../manifests/policy/placement.yaml"),
+];
+pub const POLICY_NAMESPACE: &str = "kmm-policies";
+pub const POLICY_NAME: &str = "install-kmm-spoke";
 
 /// The hub's namespace and ServiceAccount (manifests/hub).
 pub const HUB_NAMESPACE: &str = "kmm-hub";
@@ -113,6 +121,67 @@ pub async fn install_spoke_rbac(spoke: &Client) -> anyhow::Result<usize> {
     n += apply_yaml(spoke, SPOKE_RBAC_YAML).await?;
     n += apply_yaml(spoke, SPOKE_WORK_AGENT_RBAC_YAML).await?;
     Ok(n)
+}
+
+/// Rolls the spoke agent's objects out as a platform team does: manifests/policy applied on
+/// the hub, and OCM's policy propagator, Placement and configuration policy controller put
+/// the namespace, ServiceAccount, RBAC (also the work agent's grant on Modules) and the
+/// Deployment on every spoke. Waits until the root Policy reports each spoke Compliant and
+/// the ServiceAccount is there; returns the number of objects applied on the hub.
+pub async fn roll_out_spoke_policy(
+    hub: &Client,
+    spokes: &[(String, Client)],
+    timeout: std::time::Duration,
+) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for yaml in POLICY_YAMLS {
+        n += apply_yaml(hub, yaml).await?;
+    }
+    let policy_ar = kube::discovery::ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("policy.open-cluster-management.io", "v1", "Policy"),
+        "policies",
+    );
+    let policies: Api<DynamicObject> =
+        Api::namespaced_with(hub.clone(), POLICY_NAMESPACE, &policy_ar);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let status = policies
+            .get_opt(POLICY_NAME)
+            .await?
+            .map(|p| p.data["status"]["status"].clone())
+            .unwrap_or(Value::Null);
+        let mut waiting = Vec::new();
+        for (name, client) in spokes {
+            let compliant = status.as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["clustername"] == name.as_str() && c["compliant"] == "Compliant")
+            });
+            let sa = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(
+                client.clone(),
+                SPOKE_NAMESPACE,
+            )
+            .get_opt(SPOKE_SERVICE_ACCOUNT)
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+            if !(compliant && sa) {
+                waiting.push(format!(
+                    "{name} (Compliant: {compliant}, ServiceAccount: {sa})"
+                ));
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(n);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the Policy {POLICY_NAMESPACE}/{POLICY_NAME} did not reach every spoke in {timeout:?}: \
+             waiting for {}; root Policy status {status}",
+            waiting.join(", ")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 fn viewer_rbac() -> Vec<Value> {

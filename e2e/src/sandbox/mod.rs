@@ -495,11 +495,23 @@ async fn install_and_run(
     spoke_bin: &Path,
     progress: &Progress,
 ) -> anyhow::Result<Parts> {
-    let step = progress.step("Installing kmm-fleet from manifests/ (namespaces, RBAC, webhook)");
+    let step = progress.step(
+        "Installing kmm-fleet from manifests/ (hub namespace, RBAC, webhook; the spoke agent's objects through manifests/policy and OCM's policy framework)",
+    );
     let hub_client = fleet.hub().client().await;
     let mut objects = install::install_hub_rbac(&hub_client).await?;
-    for s in fleet.spokes() {
-        objects += install::install_spoke_rbac(&s.client().await).await?;
+    if fleet.ocm_hub().is_some() {
+        let mut spokes = Vec::new();
+        for s in fleet.spokes() {
+            spokes.push((s.name().to_string(), s.client().await));
+        }
+        objects +=
+            install::roll_out_spoke_policy(&hub_client, &spokes, Duration::from_secs(180)).await?;
+    } else {
+        // No OCM in this fleet (a bare one): the spoke manifests, applied directly.
+        for s in fleet.spokes() {
+            objects += install::install_spoke_rbac(&s.client().await).await?;
+        }
     }
     let hub_token = fleet
         .hub()
