@@ -1589,6 +1589,9 @@ async fn spoke_apiserver_restarted(sb: &mut Sandbox) -> anyhow::Result<()> {
         },
     )
     .await?;
+    // The AppliedManifestWork follows the work's status with its own lag (longer under load,
+    // and after the restart the work agent's spoke-side caches relist too): give it time.
+    tokio::time::sleep(Duration::from_secs(10)).await;
     delete_mcm(&hub, NAME).await?;
     eventually("kmm_scn_restart unloaded", DEADLINE, || async {
         let d = diff(&before, &running_state(sb).await?);
