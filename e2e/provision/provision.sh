@@ -25,7 +25,7 @@ CACHE="${KMM_FLEET_CACHE:-$HOME/.cache/kmm-fleet}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 PACKAGES=(docker-registry apache2-utils openssl kmod linux-headers-amd64 ca-certificates chromium
-  time)
+  time qemu-system-x86 ovmf busybox-static gcc make libc6-dev python3-venv)
 [ -n "${KMM_FLEET_EXTRA_PACKAGES:-}" ] && read -r -a extra <<<"$KMM_FLEET_EXTRA_PACKAGES" && PACKAGES+=("${extra[@]}")
 
 step_start=0
@@ -173,5 +173,40 @@ if [ ! -f "$crd_dir/.complete-2" ]; then
   chmod -R u+w "$crd_dir" "$rbac_dir"
   touch "$crd_dir/.complete-2"
   done_step
+fi
+
+# Real-kernel nodes (e2e/src/vm.rs): Debian's packaged kernel, the same version as the
+# linux-headers-amd64 that modules are compiled against, with Debian's signed shim and GRUB
+# for the Secure Boot node. Unpacked (not installed: this machine's own boot stays untouched)
+# into $CACHE/vm/<kernel>/root, with depmod's indexes.
+KVER=$(dpkg-query -W -f='${Depends}' linux-headers-amd64 | sed -n 's/.*linux-headers-\([0-9][^ ,]*-amd64\).*/\1/p')
+[ -n "$KVER" ] || fail "cannot tell the kernel version of linux-headers-amd64" "dpkg -s linux-headers-amd64"
+vm_dir="$CACHE/vm/$KVER"
+if [ ! -f "$vm_dir/.complete-1" ]; then
+  step "unpacking Debian's kernel $KVER, shim and GRUB for the real-kernel nodes into $vm_dir"
+  rm -rf "$vm_dir" && mkdir -p "$vm_dir/debs" "$vm_dir/root"
+  ( cd "$vm_dir/debs" && apt-get download -q "linux-image-$KVER" shim-signed shim-helpers-amd64-signed \
+      grub-efi-amd64-signed 2>&1 | grep -v '^W: Download is performed unsandboxed' ) \
+    || fail "apt-get download linux-image-$KVER shim-signed grub-efi-amd64-signed"
+  for d in "$vm_dir"/debs/*.deb; do dpkg-deb -x "$d" "$vm_dir/root"; done
+  depmod -b "$vm_dir/root" "$KVER" || fail "depmod -b $vm_dir/root $KVER"
+  rm -rf "$vm_dir/debs"
+  touch "$vm_dir/.complete-1"
+  done_step
+else
+  echo "==> kernel $KVER for the real-kernel nodes unpacked in $vm_dir"
+fi
+# virt-fw-vars (PyPI virt-firmware) enrolls the sandbox's certificate in the Secure Boot VM's
+# MOK list, in a copy of OVMF's variable store.
+VIRT_FIRMWARE_VERSION="26.10"
+venv="$CACHE/venv/virt-firmware-$VIRT_FIRMWARE_VERSION"
+if [ ! -x "$venv/bin/virt-fw-vars" ]; then
+  step "installing virt-firmware $VIRT_FIRMWARE_VERSION (PyPI) into $venv"
+  rm -rf "$venv" && /usr/bin/python3 -m venv "$venv" || fail "python3 -m venv $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "virt-firmware==$VIRT_FIRMWARE_VERSION" \
+    || fail "pip install virt-firmware==$VIRT_FIRMWARE_VERSION"
+  done_step
+else
+  echo "==> virt-firmware $VIRT_FIRMWARE_VERSION in $venv"
 fi
 echo "==> test world programs ready in $CACHE/bin"

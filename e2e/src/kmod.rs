@@ -29,6 +29,8 @@ pub enum KmodError {
     BadSignature(&'static str),
     #[error("sign-file: {0}")]
     SignFile(String),
+    #[error("building a real module: {0}")]
+    Build(String),
 }
 
 impl KmodError {
@@ -38,6 +40,7 @@ impl KmodError {
             KmodError::NoModinfo => "no-modinfo",
             KmodError::BadSignature(_) => "bad-signature",
             KmodError::SignFile(_) => "sign-file",
+            KmodError::Build(_) => "build",
         }
     }
 }

@@ -61,7 +61,8 @@ pub const SIGNING_CERT_SECRET: (&str, &str) = ("mycert", "cert");
 pub struct PrebuiltImage {
     /// Reference without the registry host, e.g. `vendor/kmm-labs:…`.
     pub path: String,
-    pub kernels: Vec<&'static str>,
+    /// Kernels A and B, and the real-kernel nodes' kernel when this machine has it.
+    pub kernels: Vec<String>,
     pub modules: Vec<&'static str>,
     /// Signed with the sandbox's key (loadable on Secure Boot nodes).
     pub signed: bool,
@@ -104,30 +105,83 @@ fn mcm(name: &str, module_spec: &str, registry: &str) -> Value {
 /// The prebuilt images every lab needs, pushed by the sandbox before the labs are applied.
 pub fn prebuilt_images() -> Vec<PrebuiltImage> {
     let fixed = format!("kmm-labs:kmm-kmod-{KERNEL_A}-v1.0");
+    let real = crate::vm::KernelDist::locate(&crate::provision::cache_dir()).map(|d| d.release);
+    let kernels = |ks: &[&str]| -> Vec<String> {
+        ks.iter()
+            .map(|k| k.to_string())
+            .chain(real.clone())
+            .collect()
+    };
     vec![
         // "Load Module from an existing image" and "Device Plugins": a vendor's image. The seed
         // pins the one kernel of its cluster in the tag; this image serves both kernels.
         PrebuiltImage {
             path: format!("vendor/{fixed}"),
-            kernels: vec![KERNEL_A, KERNEL_B],
+            kernels: kernels(&[KERNEL_A, KERNEL_B]),
             modules: vec!["kmm-ci-a"],
             signed: true,
         },
         // "Replacing In-Tree Modules" (the seed pulls it from the lab author's repository).
         PrebuiltImage {
             path: format!("ebelarte/{fixed}"),
-            kernels: vec![KERNEL_A, KERNEL_B],
+            kernels: kernels(&[KERNEL_A, KERNEL_B]),
             modules: vec!["kmm-ci-a"],
             signed: true,
         },
         // "Loading soft dependencies": one image per kernel with both modules.
         PrebuiltImage {
             path: format!("myrepo/kmmo-lab:kmm-kmod-{KERNEL_A}"),
-            kernels: vec![KERNEL_A],
+            kernels: vec![KERNEL_A.to_string()],
             modules: vec!["kmm-ci-a", "kmm-ci-b"],
             signed: true,
         },
     ]
+    .into_iter()
+    .chain(real.iter().map(|k| PrebuiltImage {
+        path: format!("myrepo/kmmo-lab:kmm-kmod-{k}"),
+        kernels: vec![k.clone()],
+        modules: vec!["kmm-ci-a", "kmm-ci-b"],
+        signed: true,
+    }))
+    .collect()
+}
+
+/// The labs' device plugin (`simple-device-plugin`): on the base userspace, a script that
+/// says what it advertises and, like a real driver's plugin, holds the driver's device
+/// (`/dev/kmm_ci_a`) open while it runs — so the module is in use until the plugin stops.
+pub const DEVICE_PLUGIN_SCRIPT: &str = r#"# simple-device-plugin: advertises example.com/simple-device
+echo "simple-device-plugin $*"
+dev=/dev/kmm_ci_a
+while [ ! -e "$dev" ]; do sleep 1; done
+exec 3<"$dev"
+echo "holding $dev"
+# Stopping takes a moment (a real plugin drains its gRPC server and devices).
+trap 'echo "releasing $dev"; sleep 3; exit 0' TERM INT
+while :; do sleep 1 & wait $!; done
+"#;
+
+/// Push the device plugin image to `reference`.
+pub async fn push_device_plugin_image(
+    access: &crate::oci::RegistryAccess,
+    reference: &str,
+) -> anyhow::Result<String> {
+    let files = BTreeMap::from([
+        (
+            "/usr/bin/simple-device-plugin".to_string(),
+            DEVICE_PLUGIN_SCRIPT.as_bytes().to_vec(),
+        ),
+        (
+            "/config-labs.yaml".to_string(),
+            b"resources:\n  - name: example.com/simple-device\n    count: 1\n".to_vec(),
+        ),
+    ]);
+    let base = crate::userspace::layer()?.to_vec();
+    let top = crate::oci::tar_files(&files)?;
+    let config = crate::oci::ImageConfig {
+        entrypoint: vec!["/bin/sh".into(), "/usr/bin/simple-device-plugin".into()],
+        ..Default::default()
+    };
+    Ok(crate::oci::push_image(access, reference, &[base, top], &config, &BTreeMap::new()).await?)
 }
 
 /// Every lab, for a registry at `registry` (`host:port`).

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod fleet;
+pub mod kbuild;
 pub mod kmod;
 pub mod labs;
 pub mod oci;
@@ -15,3 +16,5 @@ pub mod registry;
 pub mod sandbox;
 pub mod sim;
 pub mod testkit;
+pub mod userspace;
+pub mod vm;

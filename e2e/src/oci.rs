@@ -80,7 +80,8 @@ impl OciError {
 }
 
 /// An image's files merged over its layers (whiteouts honoured), its manifest
-/// annotations and its manifest digest.
+/// annotations and its manifest digest; also the layers themselves and the image
+/// configuration, for a runtime that unpacks a real root file system.
 #[derive(Clone, Debug, Default)]
 pub struct ImageContents {
     /// Absolute paths (`/opt/lib/modules/…`) to contents; regular files only.
@@ -89,6 +90,62 @@ pub struct ImageContents {
     /// `sha256:…` of the manifest.
     pub digest: String,
     pub layers: usize,
+    /// The layer blobs in the manifest's order.
+    pub raw_layers: Vec<Layer>,
+    pub config: ImageConfig,
+}
+
+/// One layer blob: a tar, gzipped or not.
+#[derive(Clone, Debug, Default)]
+pub struct Layer {
+    pub data: Vec<u8>,
+    pub gzipped: bool,
+}
+
+/// What an image's configuration says about running it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    /// `NAME=value`.
+    pub env: Vec<String>,
+    pub working_dir: String,
+}
+
+impl ImageConfig {
+    fn from_json(data: &[u8]) -> ImageConfig {
+        let v: serde_json::Value = serde_json::from_slice(data).unwrap_or_default();
+        let c = &v["config"];
+        let list = |k: &str| -> Vec<String> {
+            c[k].as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        ImageConfig {
+            entrypoint: list("Entrypoint"),
+            cmd: list("Cmd"),
+            env: list("Env"),
+            working_dir: c["WorkingDir"].as_str().unwrap_or_default().to_string(),
+        }
+    }
+
+    fn to_oci(&self) -> Option<oci_client::config::Config> {
+        if *self == ImageConfig::default() {
+            return None;
+        }
+        let some = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+        Some(oci_client::config::Config {
+            entrypoint: some(&self.entrypoint),
+            cmd: some(&self.cmd),
+            env: some(&self.env),
+            working_dir: (!self.working_dir.is_empty()).then(|| self.working_dir.clone()),
+            ..Default::default()
+        })
+    }
 }
 
 /// Whether `host` (with or without a port) is loopback: `localhost`, `127.0.0.0/8`, `::1`.
@@ -201,13 +258,35 @@ pub async fn push_layers(
     layers: &[BTreeMap<String, Vec<u8>>],
     annotations: &BTreeMap<String, String>,
 ) -> Result<String, OciError> {
+    let tars = layers
+        .iter()
+        .map(tar_files)
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| OciError::Other(format!("writing layer: {e}")))?;
+    push_image(
+        access,
+        reference,
+        &tars,
+        &ImageConfig::default(),
+        annotations,
+    )
+    .await
+}
+
+/// Push an image made of `tars` (uncompressed layer tars, lowest first) with `config`.
+pub async fn push_image(
+    access: &RegistryAccess,
+    reference: &str,
+    tars: &[Vec<u8>],
+    config: &ImageConfig,
+    annotations: &BTreeMap<String, String>,
+) -> Result<String, OciError> {
     let image = parse_ref(reference)?;
     let mut oci_layers = Vec::new();
     let mut diff_ids = Vec::new();
-    for files in layers {
-        let tar = tar_files(files).map_err(|e| OciError::Other(format!("writing layer: {e}")))?;
-        diff_ids.push(format!("sha256:{}", hex::encode(Sha256::digest(&tar))));
-        let gz = gzip(&tar).map_err(|e| OciError::Other(format!("compressing layer: {e}")))?;
+    for tar in tars {
+        diff_ids.push(format!("sha256:{}", hex::encode(Sha256::digest(tar))));
+        let gz = gzip(tar).map_err(|e| OciError::Other(format!("compressing layer: {e}")))?;
         oci_layers.push(ImageLayer::oci_v1_gzip(gz, None));
     }
     let config_file = ConfigFile {
@@ -217,6 +296,7 @@ pub async fn push_layers(
             r#type: "layers".to_string(),
             diff_ids,
         },
+        config: config.to_oci(),
         ..Default::default()
     };
     let config =
@@ -283,10 +363,15 @@ pub async fn pull_files(
         .collect();
     layers.sort_by_key(|(at, _)| *at);
     let mut files = BTreeMap::new();
+    let mut raw_layers = Vec::new();
     for (_, layer) in layers {
         let gz = layer.media_type.ends_with("gzip");
         apply_layer(&mut files, &layer.data, gz)
             .map_err(|e| OciError::Other(format!("{reference}: layer: {e}")))?;
+        raw_layers.push(Layer {
+            data: layer.data.to_vec(),
+            gzipped: gz,
+        });
     }
     Ok(ImageContents {
         files,
@@ -296,6 +381,8 @@ pub async fn pull_files(
             .unwrap_or_default(),
         digest: data.digest.unwrap_or_default(),
         layers: data.layers.len(),
+        raw_layers,
+        config: ImageConfig::from_json(&data.config.data),
     })
 }
 
@@ -348,6 +435,73 @@ pub fn apply_layer(
     Ok(())
 }
 
+/// Unpack `layers` (lowest first) into `dir` as a container runtime does: modes, owners,
+/// symbolic and hard links kept, OCI whiteouts honoured, nothing written outside `dir`.
+pub fn unpack_layers(dir: &std::path::Path, layers: &[Layer]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for layer in layers {
+        let reader: Box<dyn Read + '_> = if layer.gzipped {
+            Box::new(flate2::read::GzDecoder::new(layer.data.as_slice()))
+        } else {
+            Box::new(layer.data.as_slice())
+        };
+        let mut archive = tar::Archive::new(reader);
+        archive.set_preserve_permissions(true);
+        // Everything here runs as root; files belong to root as in a rootful runtime.
+        archive.set_preserve_ownerships(false);
+        archive.set_overwrite(true);
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let rel = normal_path(&entry.path()?.to_string_lossy());
+            if rel.split('/').any(|c| c == "..") {
+                continue;
+            }
+            let (parent, name) = rel.rsplit_once('/').unwrap_or(("", rel.as_str()));
+            let host_parent = dir.join(parent.trim_start_matches('/'));
+            if name == ".wh..wh..opq" {
+                if let Ok(rd) = std::fs::read_dir(&host_parent) {
+                    for e in rd.flatten() {
+                        remove_path(&e.path())?;
+                    }
+                }
+                continue;
+            }
+            if let Some(target) = name.strip_prefix(".wh.") {
+                remove_path(&host_parent.join(target))?;
+                continue;
+            }
+            let target = dir.join(rel.trim_start_matches('/'));
+            let is_dir = entry.header().entry_type().is_dir();
+            if let Ok(m) = std::fs::symlink_metadata(&target)
+                && !(is_dir && m.is_dir())
+            {
+                remove_path(&target)?;
+            }
+            entry.unpack_in(dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// A layer as an uncompressed tar.
+pub fn layer_tar(layer: &Layer) -> std::io::Result<Vec<u8>> {
+    if !layer.gzipped {
+        return Ok(layer.data.clone());
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(layer.data.as_slice()).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+fn remove_path(p: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        Ok(_) => std::fs::remove_file(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// A deterministic tar of `files` (with parent directories), for a layer.
 pub fn tar_files(files: &BTreeMap<String, Vec<u8>>) -> std::io::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
@@ -369,6 +523,8 @@ pub fn tar_files(files: &BTreeMap<String, Vec<u8>>) -> std::io::Result<Vec<u8>> 
         h.set_mode(0o755);
         h.set_size(0);
         h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
         builder.append_data(&mut h, d, std::io::empty())?;
     }
     for (path, data) in files {
@@ -377,6 +533,8 @@ pub fn tar_files(files: &BTreeMap<String, Vec<u8>>) -> std::io::Result<Vec<u8>> 
         h.set_mode(0o644);
         h.set_size(data.len() as u64);
         h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
         builder.append_data(&mut h, path.trim_start_matches('/'), data.as_slice())?;
     }
     builder.into_inner()
@@ -451,7 +609,10 @@ pub struct SignWith {
 }
 
 /// A kmod image fixture: `<dir>/lib/modules/<kernel>/<name>.ko` for every kernel and
-/// module (a [`kmod::fake_module`] with that kernel's vermagic), plus firmware files.
+/// module, plus firmware files. For the kernel of the real-kernel nodes the modules are
+/// real ([`crate::kbuild`]: compiled, indexed by `depmod`) and the image is built on the
+/// base userspace ([`crate::userspace`]); for simulated kernels they are
+/// [`kmod::fake_module`]s with that kernel's vermagic.
 #[derive(Clone, Debug, Default)]
 pub struct KmodImage {
     pub kernels: Vec<String>,
@@ -462,6 +623,8 @@ pub struct KmodImage {
     pub firmware: BTreeMap<String, Vec<u8>>,
     pub sign: Option<SignWith>,
     pub annotations: BTreeMap<String, String>,
+    /// `MODULE_VERSION` of real modules (default [`crate::kbuild::DEFAULT_VERSION`]).
+    pub version: Option<String>,
 }
 
 impl KmodImage {
@@ -482,18 +645,45 @@ impl KmodImage {
         };
         let mut files = self.firmware.clone();
         for kernel in &self.kernels {
+            let real = crate::vm::is_real_kernel(kernel);
+            let compiled = if real {
+                let names: Vec<&str> = self.modules.iter().map(String::as_str).collect();
+                let version = self
+                    .version
+                    .as_deref()
+                    .unwrap_or(crate::kbuild::DEFAULT_VERSION);
+                crate::kbuild::compile(kernel, &names, version)
+                    .map_err(|e| kmod::KmodError::Build(format!("{e:#}")))?
+            } else {
+                BTreeMap::new()
+            };
+            let mut these = BTreeMap::new();
             for m in &self.modules {
-                let mut ko = kmod::fake_module(m, kernel);
+                let mut ko = match compiled.get(&m.replace('-', "_")) {
+                    Some(ko) => ko.clone(),
+                    None => kmod::fake_module(m, kernel),
+                };
                 if let Some(s) = &self.sign {
                     ko = kmod::sign_with_sign_file(&ko, &s.key, &s.cert)?;
                 }
-                files.insert(
+                these.insert(
                     format!("{dir}/lib/modules/{kernel}/{}", kmod::module_file_name(m)),
                     ko,
                 );
             }
+            if real {
+                let index = crate::kbuild::depmod(&these, dir, kernel)
+                    .map_err(|e| kmod::KmodError::Build(format!("{e:#}")))?;
+                these.extend(index);
+            }
+            files.extend(these);
         }
         Ok(files)
+    }
+
+    /// Whether the image carries modules for a real kernel (and so the base userspace).
+    pub fn for_real_kernel(&self) -> bool {
+        self.kernels.iter().any(|k| crate::vm::is_real_kernel(k))
     }
 }
 
@@ -504,6 +694,20 @@ pub async fn push_kmod_image(
     image: &KmodImage,
 ) -> Result<String, OciError> {
     let files = image.files().map_err(|e| OciError::Other(e.to_string()))?;
+    if image.for_real_kernel() {
+        let base = crate::userspace::layer()
+            .map_err(|e| OciError::Other(format!("{e:#}")))?
+            .to_vec();
+        let top = tar_files(&files).map_err(|e| OciError::Other(format!("writing layer: {e}")))?;
+        return push_image(
+            access,
+            reference,
+            &[base, top],
+            &ImageConfig::default(),
+            &image.annotations,
+        )
+        .await;
+    }
     push_files(access, reference, &files, &image.annotations).await
 }
 
@@ -568,5 +772,68 @@ mod tests {
     fn error_mapping() {
         let e = parse_ref("docker.io/redhat/ubi8-minimal").unwrap_err();
         assert!(matches!(e, OciError::Unavailable(_)), "{e}");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod unpack_tests {
+    use super::*;
+
+    #[test]
+    fn layers_unpack_into_a_root_file_system() {
+        let base = crate::userspace::layer().unwrap().to_vec();
+        let mut lower = BTreeMap::new();
+        lower.insert("/opt/lib/modules/k/a.ko".to_string(), b"a".to_vec());
+        lower.insert("/etc/gone".to_string(), b"x".to_vec());
+        let mut upper = BTreeMap::new();
+        upper.insert("/etc/.wh.gone".to_string(), Vec::new());
+        upper.insert("/opt/lib/modules/k/b.ko".to_string(), b"b".to_vec());
+        let layers = vec![
+            Layer {
+                data: gzip(&base).unwrap(),
+                gzipped: true,
+            },
+            Layer {
+                data: tar_files(&lower).unwrap(),
+                gzipped: false,
+            },
+            Layer {
+                data: tar_files(&upper).unwrap(),
+                gzipped: false,
+            },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        if let Err(e) = unpack_layers(dir.path(), &layers) {
+            let mut chain = format!("{e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                chain.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            panic!("{chain}");
+        }
+        let root = dir.path();
+        assert!(
+            std::fs::symlink_metadata(root.join("bin/sh"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            std::fs::read(root.join("opt/lib/modules/k/a.ko")).unwrap(),
+            b"a"
+        );
+        assert_eq!(
+            std::fs::read(root.join("opt/lib/modules/k/b.ko")).unwrap(),
+            b"b"
+        );
+        assert!(!root.join("etc/gone").exists());
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(root.join("bin/kmod"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o111, 0o111, "executables stay executable");
     }
 }

@@ -110,6 +110,12 @@ pub struct Binaries {
     pub docker_registry: PathBuf,
     pub htpasswd: PathBuf,
     pub openssl: PathBuf,
+    /// Debian's kernel for the real-kernel nodes, unpacked (`boot/`, `lib/modules/`, the
+    /// signed shim and GRUB under `usr/lib/`).
+    pub kernel: crate::vm::KernelDist,
+    pub qemu: PathBuf,
+    /// `virt-fw-vars` (PyPI virt-firmware): enrolls certificates in OVMF variable stores.
+    pub virt_fw_vars: PathBuf,
 }
 
 impl Binaries {
@@ -196,6 +202,15 @@ fn locate() -> Option<Binaries> {
         docker_registry: which("docker-registry")?,
         htpasswd: which("htpasswd")?,
         openssl: which("openssl")?,
+        kernel: crate::vm::KernelDist::locate(&cache_dir())?,
+        qemu: which("qemu-system-x86_64")?,
+        virt_fw_vars: cache_dir()
+            .join("venv")
+            .join(format!(
+                "virt-firmware-{}",
+                script_var("VIRT_FIRMWARE_VERSION")
+            ))
+            .join("bin/virt-fw-vars"),
     };
     let programs = [
         &b.kube_apiserver,
@@ -210,6 +225,7 @@ fn locate() -> Option<Binaries> {
         &b.ocm_klusterlet,
         &b.policy_propagator,
         &b.config_policy_controller,
+        &b.virt_fw_vars,
     ];
     (programs.iter().all(|p| is_executable(p)) && b.ocm_crds.join(".complete-2").is_file())
         .then_some(b)

@@ -156,7 +156,7 @@ pub fn strip_pod(p: &mut Pod) {
 }
 
 fn strip_container_status(c: ContainerStatus) -> ContainerStatus {
-    let state = c.state.map(|s| ContainerState {
+    let strip = |s: ContainerState| ContainerState {
         waiting: s.waiting.map(|w| ContainerStateWaiting {
             reason: w.reason,
             message: w.message,
@@ -168,12 +168,14 @@ fn strip_container_status(c: ContainerStatus) -> ContainerStatus {
             ..Default::default()
         }),
         running: None,
-    });
+    };
     ContainerStatus {
         name: c.name,
         ready: c.ready,
         restart_count: c.restart_count,
-        state,
+        state: c.state.map(strip),
+        // Why the container last ended: what a CrashLoopBackOff is about.
+        last_state: c.last_state.map(strip),
         ..Default::default()
     }
 }

@@ -1,8 +1,6 @@
 //! What the labs need besides their MCMs: secrets, Dockerfiles, namespaces, ServiceAccounts
 //! and prebuilt images.
 
-use std::collections::BTreeMap;
-
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::Client;
@@ -12,7 +10,7 @@ use serde_json::{Value, json};
 use super::Sandbox;
 use super::install::{self, HUB_NAMESPACE, MANAGER};
 use crate::labs::{self, LAB_SERVICE_ACCOUNT, PULL_SECRET};
-use crate::oci::{KmodImage, SignWith, push_files, push_kmod_image};
+use crate::oci::{KmodImage, SignWith, push_kmod_image};
 
 impl Sandbox {
     pub async fn prepare_lab_inputs(&self, spoke_namespace: &str) -> anyhow::Result<usize> {
@@ -108,7 +106,8 @@ impl Sandbox {
         let host = reg.host();
         let mut n = 0;
         for img in labs::prebuilt_images() {
-            let mut k = KmodImage::new(&img.kernels, &img.modules);
+            let kernels: Vec<&str> = img.kernels.iter().map(String::as_str).collect();
+            let mut k = KmodImage::new(&kernels, &img.modules);
             if img.signed {
                 k.sign = Some(SignWith {
                     key: self.keys.key_pem_path.clone(),
@@ -120,23 +119,9 @@ impl Sandbox {
                 .with_context(|| format!("pushing {}", img.path))?;
             n += 1;
         }
-        push_files(
-            &access,
-            &format!("{host}/{}", labs::DEVICE_PLUGIN_IMAGE),
-            &BTreeMap::from([
-                (
-                    "/usr/bin/simple-device-plugin".to_string(),
-                    b"#!/bin/sh\n# simulated: registers example.com/simple-device\n".to_vec(),
-                ),
-                (
-                    "/config-labs.yaml".to_string(),
-                    b"resources:\n  - name: example.com/simple-device\n    count: 1\n".to_vec(),
-                ),
-            ]),
-            &BTreeMap::new(),
-        )
-        .await
-        .context("pushing the device plugin image")?;
+        labs::push_device_plugin_image(&access, &format!("{host}/{}", labs::DEVICE_PLUGIN_IMAGE))
+            .await
+            .context("pushing the device plugin image")?;
         Ok(n + 1)
     }
 }

@@ -93,6 +93,7 @@ pub fn topology(cert_der: &[u8]) -> Vec<Vec<SimNode>> {
             vec![]
         },
         in_tree_modules: in_tree.iter().map(|s| s.to_string()).collect(),
+        real_kernel: false,
     };
     let control_plane = SimNode {
         name: "spoke-1-control-plane".into(),

@@ -358,6 +358,11 @@ pub struct BuildParams {
 pub struct BuildOutput {
     pub fs: Fs,
     pub log: Vec<String>,
+    /// The image the final stage is based on (through earlier stages), whose layers the
+    /// pushed image keeps; `None` for `scratch`.
+    pub base: Option<BaseKind>,
+    /// The files that base image had (the pushed image's own layer holds what differs).
+    pub base_files: Fs,
 }
 
 /// A failed build: kaniko's error message and the log up to it.
@@ -493,6 +498,9 @@ struct Stage {
     fs: Fs,
     workdir: String,
     vars: BTreeMap<String, String>,
+    /// The image at the root of this stage's `FROM` chain, and its files.
+    root: Option<BaseKind>,
+    root_files: Fs,
 }
 
 /// Run a build. `images` holds the file trees of the registry images
@@ -516,6 +524,7 @@ pub fn build(
     let globals = global_vars(df, &params.build_args);
     let mut names: Vec<Option<String>> = Vec::new();
     let mut done: Vec<Fs> = Vec::new();
+    let mut roots: Vec<(Option<BaseKind>, Fs)> = Vec::new();
     let mut cur: Option<Stage> = None;
     let modules_override: Vec<String> = params
         .build_args
@@ -539,11 +548,13 @@ pub fn build(
                 }
                 if let Some(prev) = cur.take() {
                     done.push(prev.fs);
+                    roots.push((prev.root, prev.root_files));
                 }
-                let fs = match base_kind(&image, &ins.args, &names) {
-                    BaseKind::Stage(i) => done.get(i).cloned().unwrap_or_default(),
+                let kind = base_kind(&image, &ins.args, &names);
+                let fs = match &kind {
+                    BaseKind::Stage(i) => done.get(*i).cloned().unwrap_or_default(),
                     BaseKind::Scratch | BaseKind::Simulated => Fs::default(),
-                    BaseKind::Registry(r) => match images.get(&r) {
+                    BaseKind::Registry(r) => match images.get(r) {
                         Some(fs) => fs.clone(),
                         None => {
                             return Err(fail(
@@ -552,6 +563,11 @@ pub fn build(
                             ));
                         }
                     },
+                };
+                let (root, root_files) = match kind {
+                    BaseKind::Stage(i) => roots.get(i).cloned().unwrap_or_default(),
+                    BaseKind::Scratch => (None, Fs::default()),
+                    k => (Some(k), fs.clone()),
                 };
                 log.push(format!(
                     "INFO Retrieving image {image}; stage {}",
@@ -562,6 +578,8 @@ pub fn build(
                     fs,
                     workdir: "/".to_string(),
                     vars: BTreeMap::new(),
+                    root,
+                    root_files,
                 });
             }
             "ARG" => {
@@ -693,7 +711,12 @@ pub fn build(
         "INFO build complete: {} files",
         last.fs.files.len()
     ));
-    Ok(BuildOutput { fs: last.fs, log })
+    Ok(BuildOutput {
+        fs: last.fs,
+        log,
+        base: last.root,
+        base_files: last.root_files,
+    })
 }
 
 fn shell_quote(w: &str) -> String {
@@ -898,6 +921,7 @@ impl Shell<'_> {
             }
             "git" if args.first().is_some_and(|a| a == "clone") => self.git_clone(&args[1..]),
             "make" | "gmake" => self.make(&args, &env),
+            "depmod" => self.depmod(&args),
             other => {
                 self.log.push(format!("INFO (simulated) {other}: ok"));
                 0
@@ -986,6 +1010,60 @@ impl Shell<'_> {
         ));
         for (p, content) in files {
             self.fs.write(&join(&dir, p), content.into_bytes());
+        }
+        0
+    }
+
+    /// `depmod [-b base] [version]`: the real depmod for the real-kernel nodes' kernel (its
+    /// indexes are what `modprobe` reads); simulated for other kernels. Without a version
+    /// it indexes every kernel directory under the base.
+    fn depmod(&mut self, args: &[String]) -> i32 {
+        let mut base = "/".to_string();
+        let mut versions = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if a == "-b" || a == "--basedir" {
+                base = it.next().cloned().unwrap_or_default();
+            } else if let Some(b) = a.strip_prefix("--basedir=") {
+                base = b.to_string();
+            } else if let Some(b) = a.strip_prefix("-b").filter(|b| !b.is_empty()) {
+                base = b.to_string();
+            } else if !a.starts_with('-') {
+                versions.push(a.clone());
+            }
+        }
+        let base = resolve(&self.cwd, &base);
+        let root = join(&base, "lib/modules");
+        if versions.is_empty() {
+            versions = self
+                .fs
+                .files
+                .keys()
+                .filter_map(|p| p.strip_prefix(&format!("{root}/")))
+                .filter_map(|r| r.split('/').next())
+                .map(str::to_string)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+        }
+        for v in versions {
+            if !crate::vm::is_real_kernel(&v) {
+                self.log.push(format!("INFO (simulated) depmod {v}: ok"));
+                continue;
+            }
+            match crate::kbuild::depmod(&self.fs.files, &base, &v) {
+                Ok(index) => {
+                    self.log
+                        .push(format!("INFO depmod {v}: {} index files", index.len()));
+                    for (p, d) in index {
+                        self.fs.write(&p, d);
+                    }
+                }
+                Err(e) => {
+                    self.log.push(format!("depmod: {e:#}"));
+                    return 1;
+                }
+            }
         }
         0
     }
@@ -1091,8 +1169,28 @@ impl Shell<'_> {
             return 2;
         };
         let install = targets.iter().any(|t| t.contains("install"));
+        let real = if crate::vm::is_real_kernel(&kernel) {
+            let names: Vec<&str> = modules.iter().map(String::as_str).collect();
+            match crate::kbuild::compile(&kernel, &names, crate::kbuild::DEFAULT_VERSION) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.log.push(format!("make: *** {e:#}"));
+                    return 2;
+                }
+            }
+        } else {
+            BTreeMap::new()
+        };
         for m in &modules {
-            let ko = kmod::fake_module(m, &kernel);
+            let ko = match real.get(&m.replace('-', "_")) {
+                Some(ko) => {
+                    self.log.push(format!(
+                        "INFO CC [M] {dir}/{m}.o; LD [M] {dir}/{m}.ko (compiled against linux-headers-{kernel})"
+                    ));
+                    ko.clone()
+                }
+                None => kmod::fake_module(m, &kernel),
+            };
             self.fs.write(&join(&dir, &format!("{m}.ko")), ko.clone());
             if install {
                 self.fs

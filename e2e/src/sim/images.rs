@@ -29,6 +29,10 @@ pub struct Pulled {
     pub files: BTreeMap<String, Vec<u8>>,
     /// `repo@sha256:…`, for `containerStatuses[].imageID`.
     pub image_id: String,
+    /// The layers, lowest first (empty for simulated public images), and the image's
+    /// configuration: what a real-kernel node unpacks and runs.
+    pub layers: Vec<oci::Layer>,
+    pub config: oci::ImageConfig,
 }
 
 /// A failed pull: the kubelet-style message for `waiting.message`.
@@ -97,6 +101,7 @@ pub async fn pull_with(
         return Ok(Pulled {
             files: BTreeMap::new(),
             image_id: format!("{}@sha256:{digest}", repo_of(&full)),
+            ..Default::default()
         });
     }
     if !oci::is_loopback_host(host) {
@@ -118,10 +123,18 @@ pub async fn pull_with(
     let mut last = None;
     for access in &accesses {
         match oci::pull_files(access, &full).await {
-            Ok(ImageContents { files, digest, .. }) => {
+            Ok(ImageContents {
+                files,
+                digest,
+                raw_layers,
+                config,
+                ..
+            }) => {
                 return Ok(Pulled {
                     files,
                     image_id: format!("{}@{digest}", repo_of(&full)),
+                    layers: raw_layers,
+                    config,
                 });
             }
             Err(e) => last = Some(e),

@@ -207,10 +207,12 @@ async fn build_and_push(
         }
     };
     let mut pulled = BTreeMap::new();
+    let mut pulled_layers = BTreeMap::new();
     for image in dockerfile::registry_images(&df, &args.build_args) {
         log.push(format!("INFO Retrieving image manifest {image}"));
         match oci::pull_files(&access_for(&image), &image).await {
             Ok(contents) => {
+                pulled_layers.insert(image.clone(), contents.raw_layers);
                 pulled.insert(image, Fs::from_files(contents.files));
             }
             Err(e) => {
@@ -242,10 +244,43 @@ async fn build_and_push(
         log.push("INFO Skipping push to container registry due to --no-push flag".to_string());
         return Ok(Vec::new());
     }
+    // The pushed image keeps its base image's layers and adds one with what the build changed.
+    // The simulated public base images (ubi-minimal) stand for the test world's base
+    // userspace, so that what the build makes runs on a real-kernel node.
+    let mut tars = match &out.base {
+        Some(dockerfile::BaseKind::Simulated) => match crate::userspace::layer() {
+            Ok(l) => vec![l.to_vec()],
+            Err(e) => return Err(format!("error building image: {e:#}")),
+        },
+        Some(dockerfile::BaseKind::Registry(r)) => {
+            let mut v = Vec::new();
+            for l in pulled_layers.get(r).into_iter().flatten() {
+                v.push(oci::layer_tar(l).map_err(|e| format!("error building image: {r}: {e}"))?);
+            }
+            v
+        }
+        _ => Vec::new(),
+    };
+    let changed: BTreeMap<String, Vec<u8>> = out
+        .fs
+        .files
+        .iter()
+        .filter(|(p, d)| out.base_files.files.get(*p) != Some(*d))
+        .map(|(p, d)| (p.clone(), d.clone()))
+        .collect();
+    tars.push(oci::tar_files(&changed).map_err(|e| format!("error building image: {e}"))?);
     let mut digests = Vec::new();
     for dest in &args.destinations {
         log.push(format!("INFO Pushing image to {dest}"));
-        match oci::push_files(&access_for(dest), dest, &out.fs.files, &BTreeMap::new()).await {
+        match oci::push_image(
+            &access_for(dest),
+            dest,
+            &tars,
+            &oci::ImageConfig::default(),
+            &BTreeMap::new(),
+        )
+        .await
+        {
             Ok(d) => {
                 log.push(format!("INFO Pushed {dest}@{d}"));
                 digests.push(d);

@@ -12,14 +12,21 @@ pub mod loader;
 pub mod node;
 mod pod;
 pub mod policy;
+pub(crate) mod vmrun;
 
 pub use node::{
     FIRMWARE_ANNOTATION, LOADED_MODULES_ANNOTATION, NodeSim, SECURE_BOOT_ANNOTATION,
     read_loaded_modules,
 };
 
-/// A simulated node: its name, kernel, labels, Secure Boot state with the DER
-/// certificates enrolled in its MOK database, and the in-tree modules loaded at boot.
+/// A node: its name, kernel, labels, Secure Boot state with the DER certificates enrolled
+/// in its MOK database, and the in-tree modules loaded at boot.
+///
+/// With `real_kernel` the node is backed by a VM running Debian's kernel ([`crate::vm`]):
+/// `kernel` is that kernel's release (filled in when empty), Secure Boot is the real UEFI
+/// path with `enrolled_certs` in the MOK list, `in_tree_modules` are loaded with the VM's
+/// `modprobe` after boot, and every container of its pods runs in the VM
+/// ([`vmrun`]). Otherwise the node and its kernel are simulated.
 #[derive(Clone, Debug, Default)]
 pub struct SimNode {
     pub name: String,
@@ -28,4 +35,20 @@ pub struct SimNode {
     pub secure_boot: bool,
     pub enrolled_certs: Vec<Vec<u8>>,
     pub in_tree_modules: Vec<String>,
+    pub real_kernel: bool,
+}
+
+impl SimNode {
+    /// A real-kernel node (see the type's documentation).
+    pub fn real(name: &str, labels: BTreeMap<String, String>) -> SimNode {
+        SimNode {
+            name: name.to_string(),
+            kernel: crate::vm::KernelDist::locate(&crate::provision::cache_dir())
+                .map(|d| d.release)
+                .unwrap_or_default(),
+            labels,
+            real_kernel: true,
+            ..Default::default()
+        }
+    }
 }

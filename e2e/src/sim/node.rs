@@ -20,7 +20,12 @@ use tokio::task::JoinSet;
 
 use super::SimNode;
 use super::loader::NodeKernel;
+use super::vmrun::{VmSlot, VmState};
+
+/// What a kubelet task needs of its node.
+pub(crate) type NodeHandles = (Arc<Mutex<NodeKernel>>, watch::Receiver<u64>, Option<VmSlot>);
 use crate::oci::RegistryAccess;
+use crate::vm::{Vm, VmSpec};
 
 /// Node annotation: the node's loaded modules, comma-separated, in load order.
 pub const LOADED_MODULES_ANNOTATION: &str = "sim.kmm-fleet.io/loaded-modules";
@@ -35,6 +40,8 @@ pub(crate) struct NodeEntry {
     pub boot_id: String,
     pub kernel: Arc<Mutex<NodeKernel>>,
     pub reboot: watch::Sender<u64>,
+    /// Real-kernel nodes: the VM (being booted, booted, or failed) and its directory.
+    pub vm: Option<(watch::Sender<VmState>, Arc<tempfile::TempDir>)>,
 }
 
 /// State shared by the simulator's tasks.
@@ -77,14 +84,28 @@ impl Ctx {
         format!("127.244.{}.{}", (n / 250) % 250, n % 250 + 1)
     }
 
-    pub fn node_kernel(
-        &self,
-        node: &str,
-    ) -> Option<(Arc<Mutex<NodeKernel>>, watch::Receiver<u64>)> {
+    pub fn node_kernel(&self, node: &str) -> Option<NodeHandles> {
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        nodes.get(node).map(|n| {
+            (
+                n.kernel.clone(),
+                n.reboot.subscribe(),
+                n.vm.as_ref().map(|(tx, _)| tx.subscribe()),
+            )
+        })
+    }
+
+    /// The VMs of this simulator's real-kernel nodes that have booted.
+    pub fn vms(&self) -> Vec<(String, Arc<Vm>)> {
         let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         nodes
-            .get(node)
-            .map(|n| (n.kernel.clone(), n.reboot.subscribe()))
+            .iter()
+            .filter_map(|(name, n)| {
+                let (tx, _) = n.vm.as_ref()?;
+                let vm = tx.borrow().as_ref()?.as_ref().ok()?.clone();
+                Some((name.clone(), vm))
+            })
+            .collect()
     }
 
     fn has_node(&self, node: &str) -> bool {
@@ -175,7 +196,7 @@ impl NodeSim {
     pub fn loaded_modules(&self, node: &str) -> Vec<String> {
         self.ctx
             .node_kernel(node)
-            .map(|(k, _)| k.lock().unwrap_or_else(|e| e.into_inner()).loaded.clone())
+            .map(|(k, _, _)| k.lock().unwrap_or_else(|e| e.into_inner()).loaded.clone())
             .unwrap_or_default()
     }
 
@@ -183,7 +204,7 @@ impl NodeSim {
     pub fn firmware(&self, node: &str) -> Vec<String> {
         self.ctx
             .node_kernel(node)
-            .map(|(k, _)| {
+            .map(|(k, _, _)| {
                 k.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .firmware
@@ -199,9 +220,65 @@ impl NodeSim {
         self.ctx.node_names()
     }
 
-    /// Add a node (created Ready; adopted if the Node object exists).
-    pub async fn add_node(&self, node: SimNode) -> anyhow::Result<()> {
+    /// The booted VMs of the real-kernel nodes, by node name.
+    pub fn vms(&self) -> Vec<(String, Arc<Vm>)> {
+        self.ctx.vms()
+    }
+
+    /// Waits until every real-kernel node's VM has booted (or one failed to).
+    pub async fn vms_booted(&self) -> anyhow::Result<Vec<(String, Arc<Vm>)>> {
+        let slots: Vec<(String, VmSlot)> = {
+            let nodes = self.ctx.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            nodes
+                .iter()
+                .filter_map(|(n, e)| e.vm.as_ref().map(|(tx, _)| (n.clone(), tx.subscribe())))
+                .collect()
+        };
+        let mut out = Vec::new();
+        for (name, slot) in slots {
+            let vm = super::vmrun::booted(&slot)
+                .await
+                .map_err(|e| anyhow::anyhow!("node {name}: {e}"))?;
+            out.push((name, vm));
+        }
+        Ok(out)
+    }
+
+    /// Add a node (created Ready; adopted if the Node object exists). A real-kernel node's
+    /// VM boots in the background; its pods wait for it.
+    pub async fn add_node(&self, mut node: SimNode) -> anyhow::Result<()> {
         let boot_id = new_boot_id();
+        let vm = if node.real_kernel {
+            if node.kernel.is_empty() {
+                node.kernel = crate::vm::KernelDist::locate(&crate::provision::cache_dir())
+                    .map(|d| d.release)
+                    .context("no unpacked kernel for real-kernel nodes (run the provisioning)")?;
+            }
+            let dir = Arc::new(
+                tempfile::Builder::new()
+                    .prefix(&format!("kmm-vm-{}-", node.name))
+                    .tempdir()
+                    .context("creating the VM's directory")?,
+            );
+            let (tx, _) = watch::channel(None);
+            let spec = VmSpec {
+                name: node.name.clone(),
+                secure_boot: node.secure_boot.then(|| node.enrolled_certs.clone()),
+            };
+            let in_tree = node.in_tree_modules.clone();
+            let (ctx, tx2, dir2) = (self.ctx.clone(), tx.clone(), dir.clone());
+            tokio::spawn(async move {
+                let result = boot_node_vm(&ctx, &spec, dir2.path(), &in_tree).await;
+                if let Err(e) = &result {
+                    ctx.log(format!("node {}: VM failed to boot: {e}", spec.name));
+                }
+                let _ = tx2.send(Some(result));
+                ctx.annotations_dirty.notify_one();
+            });
+            Some((tx, dir))
+        } else {
+            None
+        };
         let kernel = NodeKernel {
             kernel: node.kernel.clone(),
             secure_boot: node.secure_boot,
@@ -235,6 +312,7 @@ impl NodeSim {
                     boot_id,
                     kernel: Arc::new(Mutex::new(kernel)),
                     reboot,
+                    vm,
                 },
             );
         self.ctx.annotations_dirty.notify_one();
@@ -250,6 +328,11 @@ impl NodeSim {
             let entry = nodes
                 .get_mut(node)
                 .with_context(|| format!("no simulated node {node}"))?;
+            if entry.vm.is_some() {
+                anyhow::bail!(
+                    "node {node} runs a real kernel in a VM: its kernel cannot be swapped"
+                );
+            }
             entry.spec.kernel = kernel.to_string();
             entry.boot_id = boot_id.clone();
             let mut k = entry.kernel.lock().unwrap_or_else(|e| e.into_inner());
@@ -292,13 +375,16 @@ impl NodeSim {
         self.ctx.logs()
     }
 
-    /// Stop serving (Node objects and pods are left as they are).
+    /// Stop serving (Node objects and pods are left as they are); VMs are powered off.
     pub async fn stop(self) {
         for t in &self.tasks {
             t.abort();
         }
         for t in self.tasks {
             let _ = t.await;
+        }
+        for (_, vm) in self.ctx.vms() {
+            vm.shutdown().await;
         }
     }
 }
@@ -315,6 +401,53 @@ pub async fn read_loaded_modules(client: &Client, node: &str) -> anyhow::Result<
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// Boots a real-kernel node's VM and loads its in-tree modules.
+async fn boot_node_vm(
+    ctx: &Ctx,
+    spec: &VmSpec,
+    dir: &std::path::Path,
+    in_tree: &[String],
+) -> Result<Arc<Vm>, String> {
+    let bins = tokio::task::spawn_blocking(crate::provision::ensure_provisioned)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{e:#}"))?;
+    ctx.log(format!(
+        "node {}: booting a VM with kernel {}{}",
+        spec.name,
+        bins.kernel.release,
+        if spec.secure_boot.is_some() {
+            " (UEFI Secure Boot)"
+        } else {
+            ""
+        }
+    ));
+    let vm = Vm::boot(&bins, spec, dir)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    for m in in_tree {
+        let out = vm
+            .exec(&format!("modprobe {}", crate::vm::shell_quote(m)))
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        if out.status != 0 {
+            return Err(format!("modprobe {m}: {}", out.output.trim()));
+        }
+    }
+    ctx.log(format!(
+        "node {}: VM up in {:.1}s, kernel {}{}",
+        spec.name,
+        vm.boot_time().as_secs_f32(),
+        vm.release(),
+        if in_tree.is_empty() {
+            String::new()
+        } else {
+            format!(", in-tree {in_tree:?} loaded")
+        }
+    ));
+    Ok(Arc::new(vm))
 }
 
 fn node_status(spec: &SimNode, boot_id: &str) -> serde_json::Value {
@@ -341,7 +474,7 @@ fn node_status(spec: &SimNode, boot_id: &str) -> serde_json::Value {
             "bootID": boot_id,
             "machineID": shared_api::labels::short_hash(&spec.name, 32),
             "systemUUID": shared_api::labels::short_hash(&format!("uuid-{}", spec.name), 32),
-            "osImage": "kmm-fleet simulated node",
+            "osImage": if spec.real_kernel { "Debian GNU/Linux 12 (bookworm), kernel in a qemu VM" } else { "kmm-fleet simulated node" },
             "containerRuntimeVersion": "containerd://1.7.0-sim",
             "kubeletVersion": "v1.20.2",
             "kubeProxyVersion": "v1.20.2",
@@ -429,6 +562,29 @@ async fn annotation_writer(ctx: Arc<Ctx>) {
     let api: Api<Node> = Api::all(ctx.client.clone());
     let mut written: HashMap<String, (String, String)> = HashMap::new();
     loop {
+        // Real-kernel nodes: what their kernels say.
+        let vms = ctx.vms();
+        for (name, vm) in &vms {
+            let Ok(loaded) = vm.modules().await else {
+                continue;
+            };
+            let fw = vm
+                .exec("cd /var/lib/firmware 2>/dev/null && find . -type f | sed 's#^./##' | sort")
+                .await
+                .map(|o| o.output.lines().map(str::to_string).collect::<Vec<_>>())
+                .unwrap_or_default();
+            if let Some(n) = ctx
+                .nodes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(name)
+            {
+                let mut k = n.kernel.lock().unwrap_or_else(|e| e.into_inner());
+                // /proc/modules lists the most recent first.
+                k.loaded = loaded.into_iter().rev().collect();
+                k.firmware = fw.into_iter().collect();
+            }
+        }
         let snapshot: Vec<(String, String, String)> = {
             let nodes = ctx.nodes.lock().unwrap_or_else(|e| e.into_inner());
             nodes
@@ -461,6 +617,10 @@ async fn annotation_writer(ctx: Arc<Ctx>) {
         }
         if failed {
             tokio::time::sleep(Duration::from_secs(1)).await;
+        } else if !vms.is_empty() {
+            // A real kernel changes without telling anyone: look again now and then.
+            let _ = tokio::time::timeout(Duration::from_secs(5), ctx.annotations_dirty.notified())
+                .await;
         } else {
             ctx.annotations_dirty.notified().await;
         }
@@ -539,12 +699,12 @@ fn handle_pod(
             {
                 return;
             }
-            let Some((kernel, reboot)) = ctx.node_kernel(&node) else {
+            let Some((kernel, reboot, vm)) = ctx.node_kernel(&node) else {
                 return;
             };
             let (tx, rx) = watch::channel(Some(pod.clone()));
             running.insert(uid, (node.clone(), tx));
-            tasks.spawn(super::pod::run(ctx.clone(), node, kernel, reboot, rx));
+            tasks.spawn(super::pod::run(ctx.clone(), node, kernel, reboot, vm, rx));
         }
         // Another cluster's node, or not scheduled yet.
         Some(_) | None => {}

@@ -16,6 +16,7 @@ use super::images::{self, Pulled};
 use super::kaniko;
 use super::loader::{self, Loaded, LoaderEnv, NodeKernel};
 use super::node::Ctx;
+use super::vmrun::{self, VmContainer, VmSlot};
 
 /// First delay before retrying a failed pull or restarting a failed container; doubles
 /// up to the cap (kubelet uses 10 s → 5 min; shorter here so tests recover quickly).
@@ -172,6 +173,12 @@ struct Kubelet {
     loaded: Option<(LoaderEnv, Loaded, BTreeMap<String, Vec<u8>>)>,
     conditions: BTreeMap<&'static str, (bool, String)>,
     written: Option<Value>,
+    /// Real-kernel nodes: the VM every container runs in, the running containers, and
+    /// what their monitors report.
+    vm: Option<VmSlot>,
+    in_vm: Vec<Option<(VmContainer, watch::Receiver<bool>)>>,
+    events_tx: tokio::sync::mpsc::UnboundedSender<vmrun::Event>,
+    events_rx: tokio::sync::mpsc::UnboundedReceiver<vmrun::Event>,
 }
 
 /// Serve one pod bound to `node` until it is gone.
@@ -180,11 +187,13 @@ pub(crate) async fn run(
     node: String,
     kernel: Arc<Mutex<NodeKernel>>,
     reboot: watch::Receiver<u64>,
+    vm: Option<VmSlot>,
     rx: watch::Receiver<Option<Arc<Pod>>>,
 ) {
     let Some(pod) = rx.borrow().clone() else {
         return;
     };
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let ns = pod.namespace().unwrap_or_default();
     let spec = pod.spec.clone().unwrap_or_default();
     let has_init = spec.init_containers.as_ref().is_some_and(|v| !v.is_empty());
@@ -227,6 +236,10 @@ pub(crate) async fn run(
         loaded: None,
         conditions: BTreeMap::new(),
         written: None,
+        vm,
+        in_vm: vec![None; spec.containers.len()],
+        events_tx,
+        events_rx,
     };
     let phase = pod
         .status
@@ -285,6 +298,11 @@ impl Kubelet {
             }
             tokio::select! {
                 _ = &mut sleep => return None,
+                Some(ev) = self.events_rx.recv() => {
+                    self.apply_vm_event(ev).await;
+                    // Waiting forever means "until something changes": it did.
+                    dur?;
+                }
                 r = self.rx.changed() => if r.is_err() { return Some(Interrupt::Gone) },
                 r = self.reboot.changed(), if !self.reboot_closed => match r {
                     Ok(()) => return Some(Interrupt::Reboot),
@@ -296,6 +314,140 @@ impl Kubelet {
 
     fn log(&self, line: impl AsRef<str>) {
         self.ctx.log(format!("pod {}: {}", self.key, line.as_ref()));
+    }
+
+    /// A container in the VM became ready or ended.
+    async fn apply_vm_event(&mut self, ev: vmrun::Event) {
+        match ev {
+            vmrun::Event::Ready { index, generation } => {
+                let Some(cs) = self.main.get_mut(index) else {
+                    return;
+                };
+                if cs.restarts == generation && matches!(cs.state, State::Running { .. }) {
+                    cs.ready = true;
+                    let name = cs.name.clone();
+                    self.log(format!("{name}: ready"));
+                }
+            }
+            vmrun::Event::Exited {
+                index,
+                generation,
+                status,
+                message,
+                output,
+            } => {
+                let Some(cs) = self.main.get_mut(index) else {
+                    return;
+                };
+                if cs.restarts != generation {
+                    return;
+                }
+                let reason = if status == 0 { "Completed" } else { "Error" };
+                cs.terminate(status, reason, message.clone());
+                let name = cs.name.clone();
+                if let Some(slot) = self.in_vm.get_mut(index) {
+                    *slot = None;
+                }
+                let lines: Vec<&str> = output.lines().collect();
+                for l in &lines[lines.len().saturating_sub(40)..] {
+                    self.log(format!("{name}: {l}"));
+                }
+                self.log(format!(
+                    "{name}: exited with status {status}{}",
+                    message.map(|m| format!(": {m}")).unwrap_or_default()
+                ));
+            }
+        }
+        self.ctx.annotations_dirty.notify_one();
+        self.write().await;
+    }
+
+    /// Starts container `i` in the node's VM.
+    async fn start_in_vm(&mut self, i: usize, c: &Container) {
+        let Some(slot) = self.vm.clone() else { return };
+        let started = now();
+        self.main[i].state = State::Running {
+            started: started.clone(),
+        };
+        self.main[i].ready = false;
+        let vm = match vmrun::booted(&slot).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                self.log(format!("{}: no VM: {e}", c.name));
+                self.main[i].terminate(128, "StartError", Some(e));
+                return;
+            }
+        };
+        let Some(pod) = self.pod() else { return };
+        let pulled = self.pulled[i].clone().unwrap_or_default();
+        let uid8: String = self.uid.chars().take(8).collect();
+        let cid = format!("{uid8}-{}-{}", c.name, self.main[i].restarts);
+        match vmrun::start(vm.clone(), &self.ctx.client, &pod, c, &pulled, &cid).await {
+            Ok((vc, job)) => {
+                self.log(format!(
+                    "{}: started in VM {} (job {})",
+                    c.name,
+                    vm.name(),
+                    job.id
+                ));
+                let probe = c
+                    .readiness_probe
+                    .as_ref()
+                    .and_then(|p| p.exec.as_ref())
+                    .and_then(|e| e.command.clone());
+                let done = vmrun::monitor(
+                    vc.clone(),
+                    job,
+                    probe,
+                    i,
+                    self.main[i].restarts,
+                    self.events_tx.clone(),
+                );
+                self.in_vm[i] = Some((vc, done));
+            }
+            Err(msg) => {
+                self.log(format!("{}: {msg}", c.name));
+                self.main[i].terminate(128, "StartError", Some(msg));
+            }
+        }
+    }
+
+    /// Runs init container `i` in the node's VM to its end: its status and message.
+    async fn run_init_in_vm(&mut self, c: &Container, pulled: &Pulled) -> (i32, Option<String>) {
+        let Some(slot) = self.vm.clone() else {
+            return (0, None);
+        };
+        let vm = match vmrun::booted(&slot).await {
+            Ok(vm) => vm,
+            Err(e) => return (128, Some(e)),
+        };
+        let Some(pod) = self.pod() else {
+            return (0, None);
+        };
+        let uid8: String = self.uid.chars().take(8).collect();
+        let cid = format!("{uid8}-init-{}", c.name);
+        match vmrun::start(vm, &self.ctx.client, &pod, c, pulled, &cid).await {
+            Ok((vc, job)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let _done = vmrun::monitor(vc, job, None, 0, 0, tx);
+                while let Some(ev) = rx.recv().await {
+                    if let vmrun::Event::Exited {
+                        status,
+                        message,
+                        output,
+                        ..
+                    } = ev
+                    {
+                        for l in output.lines() {
+                            self.log(format!("{}: {l}", c.name));
+                        }
+                        return (status, message);
+                    }
+                }
+                (137, Some("the VM stopped".into()))
+            }
+            Err(msg) => (128, Some(msg)),
+        }
     }
 
     fn set_condition(&mut self, t: &'static str, v: bool) {
@@ -405,8 +557,29 @@ impl Kubelet {
         for i in 0..self.init.len() {
             let c = self.container(i, true)?;
             let pulled = self.pull_until_ok(&c, i, true).await?;
-            self.init[i].image_id = pulled.image_id;
-            self.init[i].terminate(0, "Completed", None);
+            self.init[i].image_id = pulled.image_id.clone();
+            let mut delay = BACKOFF_START;
+            loop {
+                self.init[i].state = State::Running { started: now() };
+                self.write().await;
+                let (status, message) = self.run_init_in_vm(&c, &pulled).await;
+                if status == 0 {
+                    self.init[i].terminate(0, "Completed", None);
+                    break;
+                }
+                self.log(format!("init container {} failed: status {status}", c.name));
+                self.init[i].terminate(status, "Error", message);
+                self.init[i].restarts += 1;
+                self.write().await;
+                if let Some(i) = self
+                    .wait(Some(delay))
+                    .await
+                    .filter(|i| !matches!(i, Interrupt::Reboot))
+                {
+                    return self.interrupted(i).await;
+                }
+                delay = (delay * 2).min(BACKOFF_CAP);
+            }
             self.log(format!("init container {} completed", c.name));
             self.write().await;
         }
@@ -507,6 +680,11 @@ impl Kubelet {
         let Some(c) = self.container(i, false) else {
             return;
         };
+        if self.vm.is_some() {
+            self.start_in_vm(i, &c).await;
+            self.ctx.annotations_dirty.notify_one();
+            return;
+        }
         match self.kind(&c) {
             Kind::Loader(env) => {
                 let env = *env;
@@ -699,6 +877,45 @@ impl Kubelet {
         }
     }
 
+    /// Deleted, on a real-kernel node: each running container's preStop hook, then SIGTERM
+    /// and, after the grace period (at most 10 s here), SIGKILL.
+    async fn stop_in_vm(&mut self) {
+        let grace = self
+            .pod()
+            .and_then(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds)
+            })
+            .unwrap_or(30)
+            .clamp(0, 10) as u64;
+        for i in 0..self.in_vm.len() {
+            let Some((vc, mut done)) = self.in_vm[i].take() else {
+                continue;
+            };
+            let hook = self
+                .container(i, false)
+                .and_then(|c| c.lifecycle)
+                .and_then(|l| l.pre_stop)
+                .and_then(|h| h.exec)
+                .and_then(|e| e.command);
+            if let Some(cmd) = hook {
+                match vc.exec(&cmd).await {
+                    Ok(out) => {
+                        for l in out.output.lines() {
+                            self.log(format!("{} preStop: {l}", vc.name));
+                        }
+                        self.log(format!("{} preStop: exit status {}", vc.name, out.status));
+                    }
+                    Err(e) => self.log(format!("{} preStop: {e:#}", vc.name)),
+                }
+            }
+            vc.stop(Duration::from_secs(grace), &mut done).await;
+            self.log(format!("{}: stopped", vc.name));
+        }
+        self.ctx.annotations_dirty.notify_one();
+    }
+
     /// Deleted (graceful): preStop, containers stopped, then the final delete.
     async fn finish(&mut self, i: Interrupt) {
         match i {
@@ -709,6 +926,7 @@ impl Kubelet {
             Interrupt::Reboot => return,
             Interrupt::Deleted => {}
         }
+        self.stop_in_vm().await;
         if let Some((env, loaded, files)) = self.loaded.take() {
             let kernel = self.kernel.clone();
             let log = tokio::task::spawn_blocking(move || {

@@ -403,19 +403,23 @@ async fn cleanup(
                 && ds.labels().get(MODULE_NAME_LABEL) == Some(name)
         }),
     };
+    let pods = ctx.stores.pods.state_filter(|p| {
+        p.namespace().as_deref() == Some(namespace.as_str())
+            && p.labels().get(MODULE_NAME_LABEL) == Some(name)
+    });
+    let is_plugin = |l: &BTreeMap<String, String>| {
+        l.get(ROLE_LABEL).map(String::as_str) == Some(ROLE_DEVICE_PLUGIN)
+    };
+    // Device plugins first: a plugin holds its driver's devices, and the kernel refuses to
+    // unload a module in use ("Module … is in use"). Loaders go once no plugin pod is left.
+    let plugins_left = daemonsets.iter().any(|d| is_plugin(d.labels()))
+        || pods.iter().any(|p| is_plugin(p.labels()));
     for ds in &daemonsets {
-        if ds.metadata.deletion_timestamp.is_none() {
+        if ds.metadata.deletion_timestamp.is_none() && (is_plugin(ds.labels()) || !plugins_left) {
             delete_daemonset(ds, ctx).await?;
         }
     }
-    let pods_left = ctx
-        .stores
-        .pods
-        .state_filter(|p| {
-            p.namespace().as_deref() == Some(namespace.as_str())
-                && p.labels().get(MODULE_NAME_LABEL) == Some(name)
-        })
-        .len();
+    let pods_left = pods.len();
     // Labels follow the pods while they terminate; once they are gone none may remain.
     sync_node_labels(namespace, name, pods_left == 0, ctx).await?;
     Ok(daemonsets.is_empty() && pods_left == 0)
@@ -643,10 +647,24 @@ fn failing_pods(namespace: &str, name: &str, ctx: &Context) -> Vec<String> {
             .unwrap_or_default();
         for c in statuses {
             let state = c.state.unwrap_or_default();
+            // A crash loop is about why the container last ended (the kernel's words, for a
+            // loader), not about the back-off.
+            let last_exit = c
+                .last_state
+                .and_then(|l| l.terminated)
+                .filter(|t| t.exit_code != 0)
+                .map(|t| {
+                    format!(
+                        "; last exited {}: {}",
+                        t.exit_code,
+                        t.message.or(t.reason).unwrap_or_default().trim_end()
+                    )
+                })
+                .unwrap_or_default();
             let problem = match (state.waiting, state.terminated) {
                 (Some(w), _) if w.reason.as_deref().is_some_and(|r| BAD.contains(&r)) => {
                     Some(format!(
-                        "{}: {}",
+                        "{}: {}{last_exit}",
                         w.reason.unwrap_or_default(),
                         w.message.unwrap_or_default()
                     ))

@@ -119,10 +119,28 @@ pub fn pod_node(pod: &Pod) -> Option<&str> {
         .filter(|n| !n.is_empty())
 }
 
+/// Whether a pod was Ready when it last reported, terminating or not: a loader pod being
+/// deleted still has its module loaded until its preStop hook has unloaded it and the pod
+/// is gone.
+fn pod_was_ready(pod: &Pod) -> bool {
+    let Some(status) = pod.status.as_ref() else {
+        return false;
+    };
+    status.phase.as_deref() == Some("Running")
+        && status
+            .conditions
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
 /// The labels the agent keeps on `node` for the Module `namespace/name`, given the pods of
 /// that Module: `<ns>.<name>.ready=""` (+ `.version.ready=<version>` for a versioned loader)
-/// while a Ready loader pod runs there, `<ns>.<name>.device-plugin-ready=""` while a Ready
-/// device-plugin pod runs there.
+/// while a Ready loader pod runs there — until it is gone, since the module stays loaded
+/// while the pod terminates and its preStop hook unloads it — and
+/// `<ns>.<name>.device-plugin-ready=""` while a Ready, not terminating, device-plugin pod
+/// runs there.
 pub fn node_labels<'a>(
     namespace: &str,
     name: &str,
@@ -135,7 +153,7 @@ pub fn node_labels<'a>(
         if pod.metadata.namespace.as_deref() != Some(namespace)
             || pod.labels().get(MODULE_NAME_LABEL).map(String::as_str) != Some(name)
             || pod_node(pod) != Some(node)
-            || !pod_ready(pod)
+            || !pod_was_ready(pod)
         {
             continue;
         }
@@ -146,7 +164,7 @@ pub fn node_labels<'a>(
                     versions.insert(v);
                 }
             }
-            Some(ROLE_DEVICE_PLUGIN) => {
+            Some(ROLE_DEVICE_PLUGIN) if pod_ready(pod) => {
                 labels.insert(device_plugin_ready_label(namespace, name), String::new());
             }
             _ => {}

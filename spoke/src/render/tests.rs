@@ -527,9 +527,16 @@ fn node_labels_follow_ready_pods() {
         Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
         ));
+    assert_eq!(
+        node_labels("labsv2", "kmm-ci-a", "w2", [terminating.clone()].iter()),
+        BTreeMap::from([(module_ready_label("labsv2", "kmm-ci-a"), String::new())]),
+        "a terminating loader pod has not unloaded yet: the module is loaded until it is gone"
+    );
+    let mut plugin = pod("labsv2", "kmm-ci-a", ROLE_DEVICE_PLUGIN, "w2", true, None);
+    plugin.metadata.deletion_timestamp = terminating.metadata.deletion_timestamp.clone();
     assert!(
-        node_labels("labsv2", "kmm-ci-a", "w2", [terminating].iter()).is_empty(),
-        "a terminating pod is unloading"
+        node_labels("labsv2", "kmm-ci-a", "w2", [plugin].iter()).is_empty(),
+        "a terminating device plugin no longer serves"
     );
 }
 

@@ -1,0 +1,492 @@
+//! Real kernels under the nodes: Debian's packaged kernel in qemu VMs (software emulation),
+//! the project's real modules compiled against its headers, the real loader script with
+//! kmod's `modprobe`, and Secure Boot through OVMF, shim and the MOK list.
+//!
+//! One fleet (or VM pair) per test, one test at a time: each VM takes a core while it boots.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use k8s_openapi::api::core::v1::{Namespace, Node, Secret, ServiceAccount};
+use kmm_e2e::fleet::Fleet;
+use kmm_e2e::oci::{KmodImage, SignWith, push_kmod_image};
+use kmm_e2e::sim::SimNode;
+use kmm_e2e::vm::{Vm, VmSpec};
+use kmm_spoke::{Agent, AgentConfig};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use shared_api::Module;
+use shared_api::runtime::admin::Health;
+use shared_api::runtime::shutdown::CancellationToken;
+
+const NS: &str = "labsv2";
+const SPOKE: &str = "spoke-1";
+const NODE: &str = "real-1";
+const MANAGER: &str = "e2e-kernel";
+const DEADLINE: Duration = Duration::from_secs(240);
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "kmm_spoke=info,kmm_e2e=info".into()),
+        )
+        .try_init();
+}
+
+/// Poll `f` until it returns `Ok(Ok(_))`, or fail after [`DEADLINE`] with the last observation.
+async fn eventually<T>(
+    what: &str,
+    mut f: impl AsyncFnMut() -> anyhow::Result<Result<T, String>>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    let mut last = String::from("never checked");
+    while start.elapsed() < DEADLINE {
+        match f().await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(seen)) => last = seen,
+            Err(e) => last = format!("error: {e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("{what}: not reached within {DEADLINE:?}; last seen: {last}")
+}
+
+/// A key and self-signed certificate made with openssl, as a fleet admin makes one.
+fn signing_pair(dir: &std::path::Path, cn: &str) -> (SignWith, Vec<u8>) {
+    let key = dir.join(format!("{cn}.key"));
+    let cert = dir.join(format!("{cn}.pem"));
+    let der = dir.join(format!("{cn}.der"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+        ])
+        .arg("-subj")
+        .arg(format!("/CN={cn}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let ok = std::process::Command::new("openssl")
+        .args(["x509", "-outform", "DER"])
+        .arg("-in")
+        .arg(&cert)
+        .arg("-out")
+        .arg(&der)
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    (SignWith { key, cert }, std::fs::read(der).unwrap())
+}
+
+/// The VMs alone: a plain VM loads any module built for its kernel; a Secure Boot VM loads
+/// only modules signed with the certificate enrolled in its MOK list, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_boot_vm_loads_only_what_its_mok_list_trusts() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    init_tracing();
+    let bins = tokio::task::spawn_blocking(kmm_e2e::provision::ensure_provisioned).await??;
+    let release = bins.kernel.release.clone();
+    let tmp = tempfile::tempdir()?;
+    let (trusted, trusted_der) = signing_pair(tmp.path(), "kmm-fleet test signing key");
+    let (foreign, _) = signing_pair(tmp.path(), "someone else");
+    let plain_dir = tmp.path().join("plain");
+    let sb_dir = tmp.path().join("sb");
+    let plain_spec = VmSpec {
+        name: "plain".into(),
+        secure_boot: None,
+    };
+    let sb_spec = VmSpec {
+        name: "secure".into(),
+        secure_boot: Some(vec![trusted_der.clone()]),
+    };
+    let (plain, sb) = tokio::join!(
+        Vm::boot(&bins, &plain_spec, &plain_dir),
+        Vm::boot(&bins, &sb_spec, &sb_dir),
+    );
+    let (plain, sb) = (plain?, sb?);
+    eprintln!(
+        "booted: plain {:.1}s, Secure Boot {:.1}s; qemu RSS {} / {} MiB",
+        plain.boot_time().as_secs_f32(),
+        sb.boot_time().as_secs_f32(),
+        plain.rss_bytes().await.unwrap_or(0) >> 20,
+        sb.rss_bytes().await.unwrap_or(0) >> 20
+    );
+    assert_eq!(plain.release(), release);
+    assert_eq!(sb.release(), release);
+
+    let ko = kmm_e2e::kbuild::compile(&release, &["kmm_ci_a"], "1.0")?["kmm_ci_a"].clone();
+    let signed = kmm_e2e::kmod::sign_with_sign_file(&ko, &trusted.key, &trusted.cert)?;
+    let foreign_signed = kmm_e2e::kmod::sign_with_sign_file(&ko, &foreign.key, &foreign.cert)?;
+    for vm in [&plain, &sb] {
+        let d = vm.shared_dir();
+        std::fs::write(d.join("unsigned.ko"), &ko)?;
+        std::fs::write(d.join("signed.ko"), &signed)?;
+        std::fs::write(d.join("foreign.ko"), &foreign_signed)?;
+    }
+    let try_load =
+        |f: &str| format!("insmod /shared/{f} 2>&1; s=$?; rmmod kmm_ci_a 2>/dev/null; exit $s");
+    // No Secure Boot: the kernel takes any module built for it (and taints itself).
+    let out = plain.exec(&try_load("unsigned.ko")).await?;
+    ensure!(
+        out.status == 0,
+        "plain VM refused an unsigned module: {}",
+        out.output
+    );
+    let lockdown = sb.exec("cat /sys/kernel/security/lockdown").await?;
+    ensure!(
+        lockdown.output.contains("[integrity]") || lockdown.output.contains("[confidentiality]"),
+        "the Secure Boot VM is not locked down: {}",
+        lockdown.output
+    );
+    let out = sb.exec(&try_load("signed.ko")).await?;
+    ensure!(
+        out.status == 0,
+        "the enrolled key's module was refused: {}",
+        out.output
+    );
+    for f in ["unsigned.ko", "foreign.ko"] {
+        let out = sb.exec(&try_load(f)).await?;
+        ensure!(
+            out.status != 0 && out.output.contains("Key was rejected by service"),
+            "{f} on the Secure Boot VM: status {}, {}",
+            out.status,
+            out.output
+        );
+    }
+    plain.shutdown().await;
+    sb.shutdown().await;
+    Ok(())
+}
+
+/// The spoke agent, in this process, against the spoke.
+struct RunningAgent {
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningAgent {
+    fn start(client: Client) -> Self {
+        let cfg = AgentConfig {
+            resync: Duration::from_secs(60),
+            identity: "kmm-spoke-e2e".into(),
+            ..Default::default()
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        let agent = Agent::new(client, cfg, &mut registry, &Health::new());
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = agent.run(t).await {
+                eprintln!("kmm-spoke agent failed: {e}");
+            }
+        });
+        Self { token, task }
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn worker_labels(secure_boot: bool) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (kmm_e2e::labs::WORKER_LABEL.to_string(), String::new()),
+        (
+            kmm_e2e::labs::SECURE_BOOT_LABEL.to_string(),
+            secure_boot.to_string(),
+        ),
+    ])
+}
+
+/// Namespace, service account and pull secret of the labs on the spoke.
+async fn prepare_namespace(fleet: &Fleet, client: &Client) -> anyhow::Result<()> {
+    let pp = PatchParams::apply(MANAGER).force();
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(NS.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .patch(NS, &pp, &Patch::Apply(&ns))
+        .await?;
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(kmm_e2e::labs::LAB_SERVICE_ACCOUNT.into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), NS)
+        .patch(kmm_e2e::labs::LAB_SERVICE_ACCOUNT, &pp, &Patch::Apply(&sa))
+        .await?;
+    let secret = fleet
+        .registry()
+        .dockerconfigjson_secret(kmm_e2e::labs::PULL_SECRET, NS);
+    Api::<Secret>::namespaced(client.clone(), NS)
+        .patch(kmm_e2e::labs::PULL_SECRET, &pp, &Patch::Apply(&secret))
+        .await?;
+    Ok(())
+}
+
+/// A Module named `name` with `spec` (a ModuleSpec as JSON), applied server-side.
+async fn apply_module(client: &Client, name: &str, spec: &serde_json::Value) -> anyhow::Result<()> {
+    let body = json!({
+        "apiVersion": "kmm.sigs.x-k8s.io/v1beta1",
+        "kind": "Module",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    });
+    Api::<Module>::namespaced(client.clone(), NS)
+        .patch(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .with_context(|| format!("applying Module {name}"))?;
+    Ok(())
+}
+
+/// Deletes a Module and waits until it is gone (its finalizer released).
+async fn delete_module(client: &Client, name: &str) -> anyhow::Result<()> {
+    let api = Api::<Module>::namespaced(client.clone(), NS);
+    api.delete(name, &DeleteParams::default()).await?;
+    eventually(&format!("Module {name} gone"), async || {
+        Ok(match api.get_opt(name).await? {
+            None => Ok(()),
+            Some(m) => Err(format!("status {:?}", m.status)),
+        })
+    })
+    .await
+}
+
+/// The VM's modules beyond those it loaded to boot, from `/proc/modules`.
+async fn kernel_modules(vm: &Vm) -> anyhow::Result<Vec<String>> {
+    vm.modules().await
+}
+
+/// Waits until `pred` holds for the VM's loaded modules.
+async fn wait_modules(
+    vm: &Vm,
+    what: &str,
+    pred: impl Fn(&[String]) -> bool,
+) -> anyhow::Result<Vec<String>> {
+    eventually(what, async || {
+        let m = kernel_modules(vm).await?;
+        Ok(if pred(&m) {
+            Ok(m)
+        } else {
+            Err(format!("{m:?}"))
+        })
+    })
+    .await
+}
+
+/// The lines of the VM's kernel log that mention `word`.
+async fn dmesg(vm: &Vm, word: &str) -> anyhow::Result<Vec<String>> {
+    let out = vm.exec("dmesg").await?;
+    Ok(out
+        .output
+        .lines()
+        .filter(|l| l.contains(word))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Whether the node carries a label of Module `name` that says it is loaded/ready.
+async fn module_labels(client: &Client, node: &str, name: &str) -> anyhow::Result<Vec<String>> {
+    let n = Api::<Node>::all(client.clone()).get(node).await?;
+    Ok(n.labels()
+        .keys()
+        .filter(|k| shared_api::labels::is_module_node_label(k, NS, name))
+        .cloned()
+        .collect())
+}
+
+/// One fleet with one spoke whose nodes are `nodes`, the agent running, the labs' inputs
+/// pushed, and the VMs booted.
+async fn with_real_spoke(
+    nodes: Vec<SimNode>,
+    f: impl AsyncFnOnce(&Fleet, &Client, &[(String, std::sync::Arc<Vm>)]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    init_tracing();
+    Fleet::builder()
+        .spoke_nodes(1, nodes)
+        .run(async |fleet: &mut Fleet| {
+            let client = fleet.spoke(1).client().await;
+            prepare_namespace(fleet, &client).await?;
+            let t0 = Instant::now();
+            let vms = fleet.node_sim(SPOKE).vms_booted().await?;
+            for (n, vm) in &vms {
+                eprintln!(
+                    "node {n}: VM {} booted in {:.1}s (ready {:.1}s after the fleet); qemu RSS {} MiB",
+                    vm.release(),
+                    vm.boot_time().as_secs_f32(),
+                    t0.elapsed().as_secs_f32(),
+                    vm.rss_bytes().await.unwrap_or(0) >> 20
+                );
+            }
+            let agent = RunningAgent::start(client.clone());
+            let r = f(fleet, &client, &vms).await;
+            if r.is_err() {
+                for l in fleet.node_sim(SPOKE).logs().iter().rev().take(80).rev() {
+                    eprintln!("  {l}");
+                }
+            }
+            agent.stop().await;
+            r
+        })
+        .await
+}
+
+fn real_kernel() -> String {
+    kmm_e2e::vm::KernelDist::locate(&kmm_e2e::provision::cache_dir())
+        .map(|d| d.release)
+        .expect("the real-kernel nodes' kernel (provisioning unpacks it)")
+}
+
+/// The labs' prebuilt images and the device plugin, pushed for the real kernel.
+async fn push_lab_images(fleet: &Fleet, sign: Option<SignWith>) -> anyhow::Result<()> {
+    let access = fleet.registry().access();
+    let host = fleet.registry().host();
+    for img in kmm_e2e::labs::prebuilt_images() {
+        let kernels: Vec<&str> = img.kernels.iter().map(String::as_str).collect();
+        let mut k = KmodImage::new(&kernels, &img.modules);
+        k.sign = sign.clone();
+        push_kmod_image(&access, &format!("{host}/{}", img.path), &k).await?;
+    }
+    kmm_e2e::labs::push_device_plugin_image(
+        &access,
+        &format!("{host}/{}", kmm_e2e::labs::DEVICE_PLUGIN_IMAGE),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A lab's ModuleSpec for the spoke, with its `^.*\.x86_64$` mappings (el9 kernels) widened
+/// to the real node's Debian kernel.
+fn lab_spec(registry: &str, name: &str) -> serde_json::Value {
+    let lab = kmm_e2e::labs::lab(registry, name).unwrap();
+    let text = lab.mcm["spec"]["moduleSpec"]
+        .to_string()
+        .replace(r"^.*\\.x86_64$", "^.*$");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The labs that use prebuilt images, one after the other on one real node (they all load
+/// `kmm_ci_a`, and a real kernel has one of it): each loads with the real loader script and
+/// kmod's modprobe, and unloads when its Module is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labs_load_and_unload_on_a_real_kernel() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut node = SimNode::real(NODE, worker_labels(false));
+    node.in_tree_modules = vec!["joydev".into()];
+    with_real_spoke(vec![node], async |fleet, client, vms| {
+        let vm = &vms[0].1;
+        let kernel = real_kernel();
+        push_lab_images(fleet, None).await?;
+        let registry = fleet.registry().host();
+        ensure!(
+            kernel_modules(vm).await? == vec!["joydev".to_string()],
+            "joydev is loaded in-tree at boot"
+        );
+        let node = Api::<Node>::all(client.clone()).get(NODE).await?;
+        assert_eq!(
+            node.status.and_then(|s| s.node_info).map(|i| i.kernel_version),
+            Some(kernel.clone()),
+            "the Node reports the VM's uname -r"
+        );
+
+        // In-tree removal: joydev goes before kmm_ci_a loads.
+        apply_module(client, "kmm-ci-a-in-tree", &lab_spec(&registry, "kmm-ci-a-in-tree")).await?;
+        let m = wait_modules(vm, "kmm_ci_a loaded, joydev removed", |m| {
+            m.iter().any(|x| x == "kmm_ci_a") && !m.iter().any(|x| x == "joydev")
+        })
+        .await?;
+        eprintln!("in-tree lab: {m:?}");
+        let version = vm.exec("cat /sys/module/kmm_ci_a/version").await?;
+        ensure!(version.output.trim() == "1.0", "{}", version.output);
+        delete_module(client, "kmm-ci-a-in-tree").await?;
+        wait_modules(vm, "kmm_ci_a unloaded", |m| !m.iter().any(|x| x == "kmm_ci_a")).await?;
+
+        // Load an existing image.
+        apply_module(client, "kmm-ci-a-load", &lab_spec(&registry, "kmm-ci-a-load")).await?;
+        wait_modules(vm, "kmm_ci_a loaded", |m| m.iter().any(|x| x == "kmm_ci_a")).await?;
+        eventually("the node's ready label", async || {
+            let l = module_labels(client, NODE, "kmm-ci-a-load").await?;
+            Ok(if l.is_empty() { Err("none".into()) } else { Ok(()) })
+        })
+        .await?;
+        delete_module(client, "kmm-ci-a-load").await?;
+        wait_modules(vm, "kmm_ci_a unloaded", |m| !m.iter().any(|x| x == "kmm_ci_a")).await?;
+        ensure!(
+            module_labels(client, NODE, "kmm-ci-a-load").await?.is_empty(),
+            "labels left after the unload"
+        );
+
+        // Soft dependencies: kmm_ci_b loads first and unloads last.
+        apply_module(client, "kmm-ci-a-softdep", &lab_spec(&registry, "kmm-ci-a-softdep")).await?;
+        wait_modules(vm, "kmm_ci_a and kmm_ci_b loaded", |m| {
+            m.iter().any(|x| x == "kmm_ci_a") && m.iter().any(|x| x == "kmm_ci_b")
+        })
+        .await?;
+        delete_module(client, "kmm-ci-a-softdep").await?;
+        wait_modules(vm, "both unloaded", |m| {
+            !m.iter().any(|x| x == "kmm_ci_a" || x == "kmm_ci_b")
+        })
+        .await?;
+        let log = dmesg(vm, "World").await?;
+        let pos = |needle: &str| log.iter().rposition(|l| l.contains(needle));
+        let (b_in, a_in, a_out, b_out) = (
+            pos("kmm_ci_b: Hello"),
+            pos("kmm_ci_a: Hello"),
+            pos("kmm_ci_a: Goodbye"),
+            pos("kmm_ci_b: Goodbye"),
+        );
+        ensure!(
+            b_in.is_some() && b_in < a_in && a_in < a_out && a_out < b_out,
+            "order of the soft dependency in the kernel log: {log:#?}"
+        );
+
+        // Device plugin: runs next to the loader (and holds the module's device).
+        apply_module(
+            client,
+            "kmm-ci-a-device-plugin",
+            &lab_spec(&registry, "kmm-ci-a-device-plugin"),
+        )
+        .await?;
+        wait_modules(vm, "kmm_ci_a loaded", |m| m.iter().any(|x| x == "kmm_ci_a")).await?;
+        eventually("the device plugin holds /dev/kmm_ci_a", async || {
+            let out = vm.exec("cat /sys/module/kmm_ci_a/refcnt").await?;
+            Ok(if out.output.trim() == "1" { Ok(()) } else { Err(out.output) })
+        })
+        .await?;
+        delete_module(client, "kmm-ci-a-device-plugin").await?;
+        // The module may only be reported gone when the kernel has it no more.
+        let m = kernel_modules(vm).await?;
+        let labels = module_labels(client, NODE, "kmm-ci-a-device-plugin").await?;
+        ensure!(
+            !m.iter().any(|x| x == "kmm_ci_a"),
+            "the Module is deleted and its node labels are {labels:?}, yet the kernel still has kmm_ci_a: {m:?}"
+        );
+        Ok(())
+    })
+    .await
+}
