@@ -490,3 +490,308 @@ async fn labs_load_and_unload_on_a_real_kernel() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// An image on the base userspace holding `files` (with depmod's indexes for the real
+/// kernel's module directory under `/opt`); returns its reference.
+async fn push_real_image(
+    fleet: &Fleet,
+    repo_tag: &str,
+    mut files: BTreeMap<String, Vec<u8>>,
+) -> anyhow::Result<String> {
+    let kernel = real_kernel();
+    files.extend(kmm_e2e::kbuild::depmod(&files, "/opt", &kernel)?);
+    let reference = format!("{}/{repo_tag}", fleet.registry().host());
+    kmm_e2e::oci::push_image(
+        &fleet.registry().access(),
+        &reference,
+        &[
+            kmm_e2e::userspace::layer()?.to_vec(),
+            kmm_e2e::oci::tar_files(&files)?,
+        ],
+        &kmm_e2e::oci::ImageConfig::default(),
+        &BTreeMap::new(),
+    )
+    .await?;
+    Ok(reference)
+}
+
+/// `kmm_ci_a` compiled for the real kernel with `MODULE_VERSION(version)`, optionally signed.
+fn real_module(name: &str, version: &str, sign: Option<&SignWith>) -> anyhow::Result<Vec<u8>> {
+    let ko = kmm_e2e::kbuild::compile(&real_kernel(), &[name], version)?
+        .remove(name)
+        .context("compiled")?;
+    Ok(match sign {
+        Some(s) => kmm_e2e::kmod::sign_with_sign_file(&ko, &s.key, &s.cert)?,
+        None => ko,
+    })
+}
+
+fn module_path(name: &str) -> String {
+    format!("/opt/lib/modules/{}/{name}.ko", real_kernel())
+}
+
+/// A plain Module loading `name` from `image` on the workers.
+fn simple_spec(name: &str, image: &str) -> serde_json::Value {
+    json!({
+        "moduleLoader": {
+            "serviceAccountName": kmm_e2e::labs::LAB_SERVICE_ACCOUNT,
+            "container": {
+                "modprobe": {"moduleName": name},
+                "kernelMappings": [{"regexp": "^.*$", "containerImage": image}],
+            },
+        },
+        "imageRepoSecret": {"name": kmm_e2e::labs::PULL_SECRET},
+        "selector": {kmm_e2e::labs::WORKER_LABEL: ""},
+    })
+}
+
+/// The Module's Degraded condition message, once it mentions `words`.
+async fn degraded_with(client: &Client, module: &str, words: &str) -> anyhow::Result<String> {
+    eventually(
+        &format!("Module {module} Degraded with {words:?}"),
+        async || {
+            let m = Api::<Module>::namespaced(client.clone(), NS)
+                .get(module)
+                .await?;
+            let conds = m.status.map(|s| s.conditions).unwrap_or_default();
+            let msg = conds
+                .iter()
+                .find(|c| c.type_ == "Degraded" && c.status == "True")
+                .map(|c| c.message.clone())
+                .unwrap_or_default();
+            Ok(if msg.contains(words) {
+                Ok(msg)
+            } else {
+                Err(format!("{conds:?}"))
+            })
+        },
+    )
+    .await
+}
+
+/// The Secure Boot node trusts the sandbox's certificate through its MOK list, as a fleet
+/// node does: the signed module loads; the unsigned one and one signed by another key are
+/// refused with the kernel's own words, which reach the Module's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_boot_node_refuses_what_it_does_not_trust_in_the_kernels_words() -> anyhow::Result<()>
+{
+    let _one = ONE_AT_A_TIME.lock().await;
+    let tmp = tempfile::tempdir()?;
+    let (ours, ours_der) = signing_pair(tmp.path(), "kmm-fleet sandbox signing key");
+    let (theirs, _) = signing_pair(tmp.path(), "someone else");
+    let mut node = SimNode::real("secure-1", worker_labels(true));
+    node.secure_boot = true;
+    node.enrolled_certs = vec![ours_der];
+    with_real_spoke(vec![node], async |fleet, client, vms| {
+        let vm = &vms[0].1;
+        let image = |sign: Option<&SignWith>| -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+            Ok(BTreeMap::from([(
+                module_path("kmm_ci_a"),
+                real_module("kmm_ci_a", "1.0", sign)?,
+            )]))
+        };
+        let unsigned = push_real_image(fleet, "sb/kmm-ci-a:unsigned", image(None)?).await?;
+        let foreign = push_real_image(fleet, "sb/kmm-ci-a:foreign", image(Some(&theirs))?).await?;
+        let signed = push_real_image(fleet, "sb/kmm-ci-a:signed", image(Some(&ours))?).await?;
+
+        for (what, img) in [("unsigned", &unsigned), ("foreign-signed", &foreign)] {
+            apply_module(client, "kmm-ci-a", &simple_spec("kmm_ci_a", img)).await?;
+            let msg = degraded_with(client, "kmm-ci-a", "Key was rejected by service").await?;
+            eprintln!("{what}: {msg}");
+            ensure!(kernel_modules(vm).await?.is_empty(), "nothing loaded");
+        }
+        apply_module(client, "kmm-ci-a", &simple_spec("kmm_ci_a", &signed)).await?;
+        wait_modules(vm, "the signed kmm_ci_a loaded", |m| {
+            m.iter().any(|x| x == "kmm_ci_a")
+        })
+        .await?;
+        let taint = vm.exec("cat /proc/sys/kernel/tainted").await?;
+        eprintln!("tainted after the signed load: {}", taint.output.trim());
+        delete_module(client, "kmm-ci-a").await?;
+        wait_modules(vm, "unloaded", |m| m.is_empty()).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// Firmware: the loader copies the image's firmware to the host path, points the kernel at
+/// it, and the module's `request_firmware` finds it; deletion unloads and removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firmware_is_copied_and_found_by_the_kernel() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    with_real_spoke(
+        vec![SimNode::real(NODE, worker_labels(false))],
+        async |fleet, client, vms| {
+            let vm = &vms[0].1;
+            let blob: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+            let files = BTreeMap::from([
+                (
+                    module_path("kmm_ci_fw"),
+                    real_module("kmm_ci_fw", "1.0", None)?,
+                ),
+                ("/firmware/kmm_ci_fw.bin".to_string(), blob.clone()),
+            ]);
+            let image = push_real_image(fleet, "fw/kmm-ci-fw:1.0", files).await?;
+            let mut spec = simple_spec("kmm_ci_fw", &image);
+            spec["moduleLoader"]["container"]["modprobe"]["firmwarePath"] = json!("/firmware");
+            apply_module(client, "kmm-ci-fw", &spec).await?;
+            wait_modules(vm, "kmm_ci_fw loaded", |m| {
+                m.iter().any(|x| x == "kmm_ci_fw")
+            })
+            .await?;
+            let size = vm
+                .exec("cat /sys/module/kmm_ci_fw/parameters/firmware_size")
+                .await?;
+            ensure!(
+                size.output.trim() == blob.len().to_string(),
+                "the kernel loaded a firmware of {} bytes",
+                size.output.trim()
+            );
+            let copied = vm.exec("ls /var/lib/firmware").await?;
+            ensure!(copied.output.contains("kmm_ci_fw.bin"), "{}", copied.output);
+            delete_module(client, "kmm-ci-fw").await?;
+            wait_modules(vm, "kmm_ci_fw unloaded", |m| {
+                !m.iter().any(|x| x == "kmm_ci_fw")
+            })
+            .await?;
+            let left = vm.exec("ls /var/lib/firmware").await?;
+            ensure!(
+                !left.output.contains("kmm_ci_fw.bin"),
+                "firmware left: {}",
+                left.output
+            );
+            Ok(())
+        },
+    )
+    .await
+}
+
+/// A module built for another kernel: the kernel refuses it (`Exec format error`, and
+/// "version magic … should be …" in its log), and the Module's status says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vermagic_mismatch_is_reported_in_the_kernels_words() -> anyhow::Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    with_real_spoke(
+        vec![SimNode::real(NODE, worker_labels(false))],
+        async |fleet, client, vms| {
+            let vm = &vms[0].1;
+            let kernel = real_kernel();
+            // The same module with the vermagic of another kernel build: another release and
+            // preemption model (with modversions the kernel forgives a different release alone,
+            // as symbol CRCs decide then; the build flags must match exactly).
+            let other: String = kernel
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_digit() {
+                        if c == '9' { '8' } else { '9' }
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            let mut ko = real_module("kmm_ci_a", "1.0", None)?;
+            let from = format!("vermagic={kernel} SMP preempt ");
+            let to = format!("vermagic={other} SMP PREEMPT ");
+            let at = ko
+                .windows(from.len())
+                .position(|w| w == from.as_bytes())
+                .context("vermagic in .modinfo")?;
+            ko[at..at + from.len()].copy_from_slice(to.as_bytes());
+            let image = push_real_image(
+                fleet,
+                "bad/kmm-ci-a:other-kernel",
+                BTreeMap::from([(module_path("kmm_ci_a"), ko)]),
+            )
+            .await?;
+            apply_module(client, "kmm-ci-a", &simple_spec("kmm_ci_a", &image)).await?;
+            let msg = degraded_with(client, "kmm-ci-a", "Exec format error").await?;
+            eprintln!("{msg}");
+            let log = dmesg(vm, "version magic").await?;
+            ensure!(
+                log.iter()
+                    .any(|l| l.contains(&other) && l.contains(&kernel)),
+                "the kernel's log: {log:?}"
+            );
+            ensure!(kernel_modules(vm).await?.is_empty());
+            delete_module(client, "kmm-ci-a").await?;
+            Ok(())
+        },
+    )
+    .await
+}
+
+/// An ordered upgrade with the node relabelled directly from one version to the next ends
+/// with the new module in the kernel (its `/sys/module/<name>/version`), not the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_upgrade_relabelled_directly_ends_with_the_new_version_loaded() -> anyhow::Result<()>
+{
+    let _one = ONE_AT_A_TIME.lock().await;
+    with_real_spoke(
+        vec![SimNode::real(NODE, worker_labels(false))],
+        async |fleet, client, vms| {
+            let vm = &vms[0].1;
+            let image = |v: &str| -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+                Ok(BTreeMap::from([(
+                    module_path("kmm_ci_a"),
+                    real_module("kmm_ci_a", v, None)?,
+                )]))
+            };
+            let v1 = push_real_image(fleet, "up/kmm-ci-a:1.0", image("1.0")?).await?;
+            let v2 = push_real_image(fleet, "up/kmm-ci-a:2.0", image("2.0")?).await?;
+            let label = shared_api::labels::version_module_label(NS, "kmm-ci-a");
+            let set_label = async |v: &str| -> anyhow::Result<()> {
+                Api::<Node>::all(client.clone())
+                    .patch(
+                        NODE,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"labels": {label.clone(): v}}})),
+                    )
+                    .await?;
+                Ok(())
+            };
+            let versioned = |image: &str, v: &str| {
+                let mut s = simple_spec("kmm_ci_a", image);
+                s["moduleLoader"]["container"]["version"] = json!(v);
+                s
+            };
+            let loaded_version = async || -> anyhow::Result<String> {
+                Ok(vm
+                    .exec("cat /sys/module/kmm_ci_a/version 2>/dev/null")
+                    .await?
+                    .output
+                    .trim()
+                    .to_string())
+            };
+            set_label("1.0").await?;
+            apply_module(client, "kmm-ci-a", &versioned(&v1, "1.0")).await?;
+            eventually("1.0 in the kernel", async || {
+                let v = loaded_version().await?;
+                Ok(if v == "1.0" { Ok(()) } else { Err(v) })
+            })
+            .await?;
+            // The upgrade: the Module and the node's label move to 2.0 directly.
+            apply_module(client, "kmm-ci-a", &versioned(&v2, "2.0")).await?;
+            set_label("2.0").await?;
+            let ready = shared_api::labels::module_version_ready_label(NS, "kmm-ci-a");
+            eventually("2.0 in the kernel and on the node's label", async || {
+                let v = loaded_version().await?;
+                let n = Api::<Node>::all(client.clone()).get(NODE).await?;
+                let l = n.labels().get(&ready).cloned().unwrap_or_default();
+                Ok(if v == "2.0" && l == "2.0" {
+                    Ok(())
+                } else {
+                    Err(format!("kernel has {v:?}, node label says {l:?}"))
+                })
+            })
+            .await?;
+            // And it stays so: nothing unloads the new module behind the label's back.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let v = loaded_version().await?;
+            ensure!(v == "2.0", "after settling the kernel has {v:?}");
+            delete_module(client, "kmm-ci-a").await?;
+            wait_modules(vm, "unloaded", |m| m.is_empty()).await?;
+            Ok(())
+        },
+    )
+    .await
+}
