@@ -276,7 +276,8 @@ async fn push_module(
     signed: bool,
 ) -> anyhow::Result<String> {
     let reference = format!("{}/{path}", sb.registry_host());
-    let mut img = KmodImage::new(&[KERNEL_A, KERNEL_B], &[module]);
+    let real = real_kernel();
+    let mut img = KmodImage::new(&[KERNEL_A, KERNEL_B, real.as_str()], &[module]);
     if signed {
         img.sign = Some(SignWith {
             key: sb.keys.key_pem_path.clone(),
@@ -285,6 +286,13 @@ async fn push_module(
     }
     push_kmod_image(&sb.fleet().registry().access(), &reference, &img).await?;
     Ok(reference)
+}
+
+/// The kernel of the sandbox's real-kernel nodes (Debian's, in VMs).
+fn real_kernel() -> String {
+    kmm_e2e::vm::KernelDist::locate(&kmm_e2e::provision::cache_dir())
+        .map(|d| d.release)
+        .unwrap_or_default()
 }
 
 async fn label_cluster(
@@ -459,6 +467,39 @@ async fn labs_on_the_right_nodes(sb: &Sandbox) -> anyhow::Result<()> {
         "nothing on the control-plane node: {:?}",
         cp.loaded
     );
+    // The real-kernel nodes (what their kernels' /proc/modules say): the in-cluster build
+    // compiled kmm_ci_a for Debian's kernel and it loaded; the Secure Boot one loaded the
+    // images signed with the sandbox's key, never the unsigned build.
+    let real_sb = obs
+        .node("spoke-1", "spoke-1-worker-sb-real")
+        .context("the real Secure Boot node")?;
+    ensure!(real_sb.secure_boot);
+    ensure!(
+        !ready(real_sb, "kmm-ci-a") && ready(real_sb, "kmm-ci-a-load"),
+        "real Secure Boot node: {:?}",
+        real_sb.labels
+    );
+    for (cluster, node) in [
+        ("spoke-1", "spoke-1-worker-real"),
+        ("spoke-2", "spoke-2-worker-real"),
+        ("spoke-1", "spoke-1-worker-sb-real"),
+    ] {
+        let n = obs.node(cluster, node).context("a real-kernel node")?;
+        ensure!(
+            n.loaded == vec!["kmm_ci_a"],
+            "{node} ({}): {:?}",
+            n.kernel,
+            n.loaded
+        );
+    }
+    let real = obs
+        .node("spoke-1", "spoke-1-worker-real")
+        .context("spoke-1-worker-real")?;
+    ensure!(
+        ready(real, "kmm-ci-a"),
+        "the in-cluster build for Debian's kernel: {:?}",
+        real.labels
+    );
     Ok(())
 }
 
@@ -516,10 +557,12 @@ async fn work_shape(sb: &Sandbox) -> anyhow::Result<()> {
             .iter()
             .map(|k| k["literal"].as_str().unwrap_or("?"))
             .collect();
+        let real = real_kernel();
+        // Both spokes also run a real-kernel node (Debian's kernel).
         let want: Vec<&str> = if cluster == "spoke-1" {
-            vec![KERNEL_A]
+            vec![KERNEL_A, &real]
         } else {
-            vec![KERNEL_A, KERNEL_B]
+            vec![KERNEL_A, KERNEL_B, &real]
         };
         ensure!(
             kernels == want,
@@ -556,22 +599,23 @@ async fn work_shape(sb: &Sandbox) -> anyhow::Result<()> {
 
 async fn builds_and_signing(sb: &Sandbox) -> anyhow::Result<()> {
     let hub = sb.hub_client().await;
-    // kmm-ci-a: kernels A and B; labs-signed-module: kernel A only (its mapping is x86_64).
+    // kmm-ci-a: kernels A, B and the real nodes' Debian kernel; labs-signed-module: kernel A
+    // only (its mapping is x86_64).
     let jobs = Api::<Job>::namespaced(hub.clone(), HUB_NAMESPACE)
         .list(&ListParams::default())
         .await?
         .items;
     let names: BTreeSet<String> = jobs.iter().map(|j| j.name_any()).collect();
     ensure!(
-        jobs.len() == 3 && names.len() == 3,
-        "3 build Jobs for 3 distinct images, got {names:?}"
+        jobs.len() == 4 && names.len() == 4,
+        "4 build Jobs for 4 distinct images, got {names:?}"
     );
     let created = sb
         .hub
         .metric("kmm_hub_builds_total{outcome=\"created\"}")
         .await?;
     ensure!(
-        created == 3.0,
+        created == 4.0,
         "kmm_hub_builds_total{{outcome=\"created\"}} = {created}"
     );
     // The signed image: signed by the sandbox's certificate, annotated with its fingerprint.
@@ -687,9 +731,10 @@ async fn status_counts(sb: &Sandbox) -> anyhow::Result<()> {
 }
 
 async fn kernel_claims(sb: &Sandbox) -> anyhow::Result<()> {
+    let real = real_kernel();
     let want = BTreeMap::from([
-        ("spoke-1", KERNEL_A.to_string()),
-        ("spoke-2", format!("{KERNEL_A}\n{KERNEL_B}")),
+        ("spoke-1", format!("{KERNEL_A}\n{real}")),
+        ("spoke-2", format!("{KERNEL_A}\n{KERNEL_B}\n{real}")),
     ]);
     let hub = sb.hub_client().await;
     for (cluster, client) in sb.spoke_clients().await {
@@ -1372,8 +1417,8 @@ async fn hub_killed_mid_rollout(sb: &mut Sandbox, progress: &Progress) -> anyhow
     let jobs = build_jobs(&hub).await?;
     let names: BTreeSet<String> = jobs.iter().map(|j| j.name_any()).collect();
     ensure!(
-        jobs.len() == 3 && names.len() == 3,
-        "3 distinct images, 3 Jobs; got {names:?}"
+        jobs.len() == 4 && names.len() == 4,
+        "4 distinct images, 4 Jobs; got {names:?}"
     );
     ensure!(
         at_kill.is_subset(&names),
@@ -1391,7 +1436,7 @@ async fn hub_killed_mid_rollout(sb: &mut Sandbox, progress: &Progress) -> anyhow
         .await
         .unwrap_or(0.0);
     ensure!(
-        (created - failed) as usize == 3 - at_kill.len(),
+        (created - failed) as usize == 4 - at_kill.len(),
         "the restarted hub created {created} Jobs ({failed} after failed builds); {} existed",
         at_kill.len()
     );

@@ -26,8 +26,11 @@ pub struct NodeState {
     pub kernel: String,
     pub secure_boot: bool,
     pub labels: BTreeMap<String, String>,
-    /// Loaded modules in load order (the node simulator's annotation).
+    /// Loaded modules in load order (the node simulator's annotation: for a real-kernel node,
+    /// what its kernel's `/proc/modules` lists beyond the modules it booted with).
     pub loaded: Vec<String>,
+    /// A real kernel in a VM, not a simulated one.
+    pub real_kernel: bool,
 }
 
 /// Nodes of every spoke and the labs' MCMs, read at one moment.
@@ -79,6 +82,9 @@ pub fn node_state(cluster: &str, n: &Node) -> NodeState {
             .map(|i| i.kernel_version.clone())
             .unwrap_or_default(),
         secure_boot: ann.get(SECURE_BOOT_ANNOTATION).is_some_and(|v| v == "true"),
+        real_kernel: ann
+            .get(crate::sim::REAL_KERNEL_ANNOTATION)
+            .is_some_and(|v| v == "true"),
         labels: n.labels().clone(),
         loaded: ann
             .get(LOADED_MODULES_ANNOTATION)
@@ -377,7 +383,11 @@ pub fn node_table(obs: &Observation, namespace: &str) -> String {
             [
                 n.cluster.clone(),
                 n.name.clone(),
-                n.kernel.clone(),
+                if n.real_kernel {
+                    format!("{} (real, VM)", n.kernel)
+                } else {
+                    n.kernel.clone()
+                },
                 if n.secure_boot { "on" } else { "off" }.to_string(),
                 if n.loaded.is_empty() {
                     "-".into()

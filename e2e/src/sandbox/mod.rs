@@ -131,7 +131,7 @@ impl Sandbox {
         step.done("RSA 2048, enrolled on the Secure Boot node");
 
         let step = progress.step(
-            "Starting the fleet: hub + 2 spokes (kube-apiserver v1.20), registry, simulated nodes",
+            "Starting the fleet: hub + 2 spokes (Kubernetes and OCM from their Go modules), registry, simulated and real-kernel nodes",
         );
         let nodes = topology(&keys.cert_der);
         let mut builder = Fleet::builder().spokes(2).registry_auth(true);

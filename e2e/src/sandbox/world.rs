@@ -75,17 +75,22 @@ impl SigningKeys {
     }
 }
 
-/// The sandbox's nodes: spoke-1 has two workers on kernel A (one with Secure Boot, enrolled
-/// with `cert_der`) and a control-plane node; spoke-2 has workers on kernels A and B.
-/// `joydev` is loaded in-tree on some of them.
+/// The sandbox's nodes, a mixed fleet. Simulated: spoke-1's workers on kernel A (el9; one
+/// with Secure Boot, `cert_der` enrolled) and its control-plane node, spoke-2's workers on
+/// kernels A and B. Real (Debian's kernel in a VM, see [`crate::vm`]): one worker per spoke,
+/// and spoke-1's `spoke-1-worker-sb-real`, which boots through UEFI Secure Boot with
+/// `cert_der` enrolled in its MOK list. `joydev` is loaded in-tree on some of them.
 pub fn topology(cert_der: &[u8]) -> Vec<Vec<SimNode>> {
+    let labels = |secure_boot: bool| {
+        BTreeMap::from([
+            (labs::WORKER_LABEL.to_string(), String::new()),
+            (labs::SECURE_BOOT_LABEL.to_string(), secure_boot.to_string()),
+        ])
+    };
     let worker = |name: &str, kernel: &str, secure_boot: bool, in_tree: &[&str]| SimNode {
         name: name.into(),
         kernel: kernel.into(),
-        labels: BTreeMap::from([
-            (labs::WORKER_LABEL.to_string(), String::new()),
-            (labs::SECURE_BOOT_LABEL.to_string(), secure_boot.to_string()),
-        ]),
+        labels: labels(secure_boot),
         secure_boot,
         enrolled_certs: if secure_boot {
             vec![cert_der.to_vec()]
@@ -94,6 +99,15 @@ pub fn topology(cert_der: &[u8]) -> Vec<Vec<SimNode>> {
         },
         in_tree_modules: in_tree.iter().map(|s| s.to_string()).collect(),
         real_kernel: false,
+    };
+    let real = |name: &str, secure_boot: bool, in_tree: &[&str]| {
+        let mut n = SimNode::real(name, labels(secure_boot));
+        n.secure_boot = secure_boot;
+        if secure_boot {
+            n.enrolled_certs = vec![cert_der.to_vec()];
+        }
+        n.in_tree_modules = in_tree.iter().map(|s| s.to_string()).collect();
+        n
     };
     let control_plane = SimNode {
         name: "spoke-1-control-plane".into(),
@@ -111,11 +125,14 @@ pub fn topology(cert_der: &[u8]) -> Vec<Vec<SimNode>> {
         vec![
             worker("spoke-1-worker-1", labs::KERNEL_A, false, &["joydev"]),
             worker("spoke-1-worker-sb", labs::KERNEL_A, true, &["joydev"]),
+            real("spoke-1-worker-real", false, &["joydev"]),
+            real("spoke-1-worker-sb-real", true, &["joydev"]),
             control_plane,
         ],
         vec![
             worker("spoke-2-worker-1", labs::KERNEL_A, false, &["joydev"]),
             worker("spoke-2-worker-2", labs::KERNEL_B, false, &[]),
+            real("spoke-2-worker-real", false, &[]),
         ],
     ]
 }

@@ -15,8 +15,8 @@ pub mod policy;
 pub(crate) mod vmrun;
 
 pub use node::{
-    FIRMWARE_ANNOTATION, LOADED_MODULES_ANNOTATION, NodeSim, SECURE_BOOT_ANNOTATION,
-    read_loaded_modules,
+    FIRMWARE_ANNOTATION, LOADED_MODULES_ANNOTATION, NodeSim, REAL_KERNEL_ANNOTATION,
+    SECURE_BOOT_ANNOTATION, read_loaded_modules,
 };
 
 /// A node: its name, kernel, labels, Secure Boot state with the DER certificates enrolled

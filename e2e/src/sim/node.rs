@@ -33,6 +33,8 @@ pub const LOADED_MODULES_ANNOTATION: &str = "sim.kmm-fleet.io/loaded-modules";
 pub const FIRMWARE_ANNOTATION: &str = "sim.kmm-fleet.io/firmware";
 /// Node annotation: `true` on nodes with Secure Boot.
 pub const SECURE_BOOT_ANNOTATION: &str = "sim.kmm-fleet.io/secure-boot";
+/// Node annotation: `true` on nodes whose kernel is real (a VM), not simulated.
+pub const REAL_KERNEL_ANNOTATION: &str = "sim.kmm-fleet.io/real-kernel";
 const MAX_LOG_LINES: usize = 20_000;
 
 pub(crate) struct NodeEntry {
@@ -494,10 +496,16 @@ async fn ensure_node(ctx: &Ctx, spec: &SimNode, boot_id: &str) -> anyhow::Result
         ("beta.kubernetes.io/arch".to_string(), "amd64".to_string()),
     ]);
     labels.extend(spec.labels.clone());
-    let annotations = BTreeMap::from([(
-        SECURE_BOOT_ANNOTATION.to_string(),
-        spec.secure_boot.to_string(),
-    )]);
+    let annotations = BTreeMap::from([
+        (
+            SECURE_BOOT_ANNOTATION.to_string(),
+            spec.secure_boot.to_string(),
+        ),
+        (
+            REAL_KERNEL_ANNOTATION.to_string(),
+            spec.real_kernel.to_string(),
+        ),
+    ]);
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": spec.name, "labels": labels, "annotations": annotations},
