@@ -1,6 +1,7 @@
-//! The kmm-fleet test world: real kube-apiserver/kube-controller-manager/etcd per
-//! cluster on loopback, a real OCI registry, and simulators for what needs a machine
-//! (nodes and kubelets, the OCM registration and work agents, the kaniko executor).
+//! The kmm-fleet test world: real kube-apiserver/kube-controller-manager/kube-scheduler/etcd
+//! per cluster on loopback, the real OCM programs, a real OCI registry, real Linux kernels in
+//! qemu VMs under the nodes that load modules ([`vm`]), and simulators for what needs a
+//! machine we lack (kubelets and container runtimes, el9 kernels, the kaniko executor).
 
 pub mod cluster;
 pub mod fleet;

@@ -155,7 +155,8 @@ pub struct VmSpec {
 
 /// The guest agent's init script (see the module documentation).
 const INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
+# Links in the usual places: the kernel runs /sbin/modprobe itself (e.g. for sha512).
+/bin/busybox --install -s
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys

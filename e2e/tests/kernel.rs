@@ -130,11 +130,29 @@ async fn secure_boot_vm_loads_only_what_its_mok_list_trusts() -> anyhow::Result<
     let ko = kmm_e2e::kbuild::compile(&release, &["kmm_ci_a"], "1.0")?["kmm_ci_a"].clone();
     let signed = kmm_e2e::kmod::sign_with_sign_file(&ko, &trusted.key, &trusted.cert)?;
     let foreign_signed = kmm_e2e::kmod::sign_with_sign_file(&ko, &foreign.key, &foreign.cert)?;
+    // What the hub ships: signed in-process by its own CMS code (RustCrypto), not sign-file.
+    let hub_signer = kmm_hub::sign::Signer::from_pem_or_der(
+        &std::fs::read(&trusted.key)?,
+        &std::fs::read(&trusted.cert)?,
+    )?;
+    let mut hub_signed = Vec::new();
+    for hash in [
+        kmm_hub::sign::HashAlgorithm::Sha256,
+        kmm_hub::sign::HashAlgorithm::Sha512,
+    ] {
+        hub_signed.push((
+            format!("hub-{}.ko", hash.name()),
+            kmm_hub::sign::module_sig::sign_module(&ko, &hub_signer, hash)?,
+        ));
+    }
     for vm in [&plain, &sb] {
         let d = vm.shared_dir();
         std::fs::write(d.join("unsigned.ko"), &ko)?;
         std::fs::write(d.join("signed.ko"), &signed)?;
         std::fs::write(d.join("foreign.ko"), &foreign_signed)?;
+        for (f, data) in &hub_signed {
+            std::fs::write(d.join(f), data)?;
+        }
     }
     let try_load =
         |f: &str| format!("insmod /shared/{f} 2>&1; s=$?; rmmod kmm_ci_a 2>/dev/null; exit $s");
@@ -157,6 +175,14 @@ async fn secure_boot_vm_loads_only_what_its_mok_list_trusts() -> anyhow::Result<
         "the enrolled key's module was refused: {}",
         out.output
     );
+    for (f, _) in &hub_signed {
+        let out = sb.exec(&try_load(f)).await?;
+        ensure!(
+            out.status == 0,
+            "the hub's signature ({f}) was refused: {}",
+            out.output
+        );
+    }
     for f in ["unsigned.ko", "foreign.ko"] {
         let out = sb.exec(&try_load(f)).await?;
         ensure!(

@@ -1116,10 +1116,19 @@ async fn kaniko_builds(fleet: &Fleet) -> anyhow::Result<()> {
             "{m}: wrong vermagic"
         );
     }
+    // The simulated public base image stands for the base userspace: its layer, then one
+    // layer with what the build made.
+    let mut base = std::collections::BTreeMap::new();
+    oci::apply_layer(&mut base, kmm_e2e::userspace::layer()?, false)?;
+    let built: Vec<&String> = image
+        .files
+        .keys()
+        .filter(|p| !base.contains_key(*p))
+        .collect();
     ensure!(
-        image.files.len() == 2,
-        "unexpected files {:?}",
-        image.files.keys().collect::<Vec<_>>()
+        built.len() == 2 && image.layers == 2,
+        "unexpected files {built:?} in {} layer(s)",
+        image.layers
     );
     let pods: Api<Pod> = Api::namespaced(hub.clone(), ns);
     for (job, want) in [

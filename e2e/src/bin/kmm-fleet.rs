@@ -184,6 +184,12 @@ fn print_summary(fleet: &Fleet) {
         println!("  {component:<52} {version}");
     }
     println!("  {:<52} Debian's docker-registry", "registry");
+    if let Some(k) = kmm_e2e::vm::KernelDist::locate(&kmm_e2e::provision::cache_dir()) {
+        println!(
+            "  {:<52} {} (Debian's linux-image, in qemu VMs)",
+            "kernel of the real-kernel nodes", k.release
+        );
+    }
     let mut running: Vec<(String, String, u32)> = fleet.pids();
     running.sort();
     println!("Processes:");
