@@ -599,6 +599,13 @@ impl Fleet {
                     .map(|(comp, pid)| (a.cluster().to_string(), comp, pid)),
             );
         }
+        for (cluster, sim) in &self.node_sims {
+            out.extend(
+                sim.vms()
+                    .into_iter()
+                    .map(|(node, vm)| (cluster.clone(), format!("qemu {node}"), vm.pid())),
+            );
+        }
         out
     }
 

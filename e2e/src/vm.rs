@@ -221,6 +221,7 @@ pub struct Vm {
     dir: PathBuf,
     release: String,
     process: tokio::sync::Mutex<ManagedProcess>,
+    pid: u32,
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<i32>>>>,
     alive: watch::Receiver<bool>,
@@ -434,10 +435,12 @@ impl Vm {
             p2.lock().unwrap_or_else(|e| e.into_inner()).clear();
             let _ = alive_tx.send(false);
         });
+        let pid = process.pid();
         let mut vm = Vm {
             name: spec.name.clone(),
             dir: dir.to_path_buf(),
             release,
+            pid,
             process: tokio::sync::Mutex::new(process),
             writer: tokio::sync::Mutex::new(write),
             pending,
@@ -485,9 +488,14 @@ impl Vm {
         *self.alive.borrow()
     }
 
+    /// qemu's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// qemu's resident memory.
-    pub async fn rss_bytes(&self) -> Option<u64> {
-        crate::process::rss_bytes(self.process.lock().await.pid())
+    pub fn rss_bytes(&self) -> Option<u64> {
+        crate::process::rss_bytes(self.pid)
     }
 
     /// Starts `script` (POSIX sh, run by the guest's busybox as root) in its own session.

@@ -121,8 +121,8 @@ async fn secure_boot_vm_loads_only_what_its_mok_list_trusts() -> anyhow::Result<
         "booted: plain {:.1}s, Secure Boot {:.1}s; qemu RSS {} / {} MiB",
         plain.boot_time().as_secs_f32(),
         sb.boot_time().as_secs_f32(),
-        plain.rss_bytes().await.unwrap_or(0) >> 20,
-        sb.rss_bytes().await.unwrap_or(0) >> 20
+        plain.rss_bytes().unwrap_or(0) >> 20,
+        sb.rss_bytes().unwrap_or(0) >> 20
     );
     assert_eq!(plain.release(), release);
     assert_eq!(sb.release(), release);
@@ -366,7 +366,7 @@ async fn with_real_spoke(
                     vm.release(),
                     vm.boot_time().as_secs_f32(),
                     t0.elapsed().as_secs_f32(),
-                    vm.rss_bytes().await.unwrap_or(0) >> 20
+                    vm.rss_bytes().unwrap_or(0) >> 20
                 );
             }
             let agent = RunningAgent::start(client.clone());

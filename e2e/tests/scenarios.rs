@@ -829,7 +829,7 @@ async fn secure_boot_refuses_unsigned(sb: &Sandbox) -> anyhow::Result<()> {
         &image,
         "kmm-scn-unsigned",
     );
-    secure_boot_refuses(sb, &m, "kmm_scn_unsigned", "Required key not available").await
+    secure_boot_refuses(sb, &m, "kmm_scn_unsigned", "Key was rejected by service").await
 }
 
 /// Issue 6's negative case end to end: the hub signs a module with a key the Secure Boot node

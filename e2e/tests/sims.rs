@@ -612,7 +612,7 @@ async fn loader_contract(fleet: &Fleet, k: &Keys) -> anyhow::Result<()> {
     let failures = [
         (
             "unsigned",
-            "modprobe: ERROR: could not insert 'unsigned_mod': Required key not available"
+            "modprobe: ERROR: could not insert 'unsigned_mod': Key was rejected by service"
                 .to_string(),
         ),
         (

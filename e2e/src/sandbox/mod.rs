@@ -451,6 +451,23 @@ impl Sandbox {
                 .collect::<String>()
         );
         let _ = writeln!(s, "Logs       {}", self.dir().join("logs").display());
+        for cluster in self.fleet.spokes() {
+            for (node, vm) in self.fleet.node_sim(cluster.name()).vms() {
+                let _ = writeln!(
+                    s,
+                    "VM         {node}: kernel {}{}, booted in {:.1}s, qemu RSS {} MiB, console {}",
+                    vm.release(),
+                    if vm.secure_boot() {
+                        " (UEFI Secure Boot, locked down)"
+                    } else {
+                        ""
+                    },
+                    vm.boot_time().as_secs_f32(),
+                    vm.rss_bytes().unwrap_or(0) >> 20,
+                    vm.console_log().display()
+                );
+            }
+        }
         s
     }
 

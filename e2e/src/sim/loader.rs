@@ -297,11 +297,12 @@ fn insert(
     if node.secure_boot {
         match kmod::split_signature(data) {
             None => {
-                log.push(format!(
-                    "Lockdown: modprobe: unsigned module loading is restricted ({kname})"
-                ));
+                // As Linux 6.1 with enforced signatures: "Loading of unsigned module is
+                // rejected", EKEYREJECTED (older kernels said ENOKEY, "Required key not
+                // available").
+                log.push(format!("{kname}: Loading of unsigned module is rejected"));
                 return Err(format!(
-                    "modprobe: ERROR: could not insert '{kname}': Required key not available"
+                    "modprobe: ERROR: could not insert '{kname}': Key was rejected by service"
                 ));
             }
             Some((content, sig)) => {
@@ -459,7 +460,7 @@ mod tests {
         let err = start(&env("a"), &img, &mut sb).1.unwrap_err();
         assert_eq!(
             err,
-            "modprobe: ERROR: could not insert 'a': Required key not available"
+            "modprobe: ERROR: could not insert 'a': Key was rejected by service"
         );
     }
 
