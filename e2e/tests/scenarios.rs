@@ -385,6 +385,11 @@ async fn labs_acceptance_and_bad_input() -> anyhow::Result<()> {
         )
         .await;
         r.run(
+            "secure boot: a module the hub signed with the enrolled key loads, on the real kernel too",
+            secure_boot_loads_what_the_hub_signed(sb),
+        )
+        .await;
+        r.run(
             "spec 7.5/7.6: relabel a cluster out, then delete the MCM",
             relabel_then_delete(sb),
         )
@@ -911,6 +916,52 @@ async fn secure_boot_rejects_a_foreign_key(sb: &Sandbox) -> anyhow::Result<()> {
         let _ = secrets.delete(name, &DeleteParams::default()).await;
     }
     outcome.and(signed)
+}
+
+/// The positive case: the hub signs (in-process, RustCrypto CMS) with the sandbox's key, which
+/// both Secure Boot nodes trust — the simulated one through `openssl cms`, the real one through
+/// its MOK list and machine keyring. The module loads on both and unloads when the MCM goes.
+async fn secure_boot_loads_what_the_hub_signed(sb: &Sandbox) -> anyhow::Result<()> {
+    const NS: &str = "scn-sb-signed";
+    let hub = sb.hub_client().await;
+    let spoke1 = sb.fleet().spoke(1).client().await;
+    sb.prepare_spoke_namespace(&spoke1, NS).await?;
+    let unsigned =
+        push_module(sb, "scenario/hub-signed:unsigned", "kmm-scn-hub-signed", false).await?;
+    let target = format!("{}/scenario/hub-signed:signed", sb.registry_host());
+    let mut m = prebuilt_mcm(
+        "scn-sb-signed",
+        NS,
+        json!({"name": "spoke-1"}),
+        json!({labs::WORKER_LABEL: "", labs::SECURE_BOOT_LABEL: "true"}),
+        &target,
+        "kmm-scn-hub-signed",
+    );
+    m["spec"]["moduleSpec"]["moduleLoader"]["container"]["sign"] = json!({
+        "unsignedImage": unsigned,
+        "keySecret": {"name": labs::SIGNING_KEY_SECRET.0},
+        "certSecret": {"name": labs::SIGNING_CERT_SECRET.0},
+        "filesToSign": ["/opt/lib/modules/$KERNEL_FULL_VERSION/kmm_scn_hub_signed.ko"],
+    });
+    let before = loaded_now(sb).await?;
+    apply_mcm(&hub, &m).await?;
+    let nodes = ["spoke-1/spoke-1-worker-sb", "spoke-1/spoke-1-worker-sb-real"];
+    let loaded = eventually("kmm_scn_hub_signed on both Secure Boot nodes", DEADLINE, || async {
+        let l = loaded_now(sb).await?;
+        let missing: Vec<&&str> = nodes
+            .iter()
+            .filter(|n| !l.get(**n).is_some_and(|m| m.iter().any(|x| x == "kmm_scn_hub_signed")))
+            .collect();
+        Ok(if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("missing on {missing:?}: {l:?}"))
+        })
+    })
+    .await;
+    delete_mcm(&hub, "scn-sb-signed").await?;
+    loaded?;
+    loaded_back_to(sb, &before, "kmm_scn_hub_signed unloaded").await
 }
 
 fn base64_encode(data: &[u8]) -> String {
