@@ -926,8 +926,13 @@ async fn secure_boot_loads_what_the_hub_signed(sb: &Sandbox) -> anyhow::Result<(
     let hub = sb.hub_client().await;
     let spoke1 = sb.fleet().spoke(1).client().await;
     sb.prepare_spoke_namespace(&spoke1, NS).await?;
-    let unsigned =
-        push_module(sb, "scenario/hub-signed:unsigned", "kmm-scn-hub-signed", false).await?;
+    let unsigned = push_module(
+        sb,
+        "scenario/hub-signed:unsigned",
+        "kmm-scn-hub-signed",
+        false,
+    )
+    .await?;
     let target = format!("{}/scenario/hub-signed:signed", sb.registry_host());
     let mut m = prebuilt_mcm(
         "scn-sb-signed",
@@ -945,19 +950,29 @@ async fn secure_boot_loads_what_the_hub_signed(sb: &Sandbox) -> anyhow::Result<(
     });
     let before = loaded_now(sb).await?;
     apply_mcm(&hub, &m).await?;
-    let nodes = ["spoke-1/spoke-1-worker-sb", "spoke-1/spoke-1-worker-sb-real"];
-    let loaded = eventually("kmm_scn_hub_signed on both Secure Boot nodes", DEADLINE, || async {
-        let l = loaded_now(sb).await?;
-        let missing: Vec<&&str> = nodes
-            .iter()
-            .filter(|n| !l.get(**n).is_some_and(|m| m.iter().any(|x| x == "kmm_scn_hub_signed")))
-            .collect();
-        Ok(if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("missing on {missing:?}: {l:?}"))
-        })
-    })
+    let nodes = [
+        "spoke-1/spoke-1-worker-sb",
+        "spoke-1/spoke-1-worker-sb-real",
+    ];
+    let loaded = eventually(
+        "kmm_scn_hub_signed on both Secure Boot nodes",
+        DEADLINE,
+        || async {
+            let l = loaded_now(sb).await?;
+            let missing: Vec<&&str> = nodes
+                .iter()
+                .filter(|n| {
+                    !l.get(**n)
+                        .is_some_and(|m| m.iter().any(|x| x == "kmm_scn_hub_signed"))
+                })
+                .collect();
+            Ok(if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("missing on {missing:?}: {l:?}"))
+            })
+        },
+    )
     .await;
     delete_mcm(&hub, "scn-sb-signed").await?;
     loaded?;
