@@ -821,3 +821,111 @@ async fn ordered_upgrade_relabelled_directly_ends_with_the_new_version_loaded() 
     )
     .await
 }
+
+/// The two labs the hub builds, for Debian's kernel, through the whole fleet: the in-cluster
+/// build (`make` compiles the lab's module against the kernel's headers, `depmod` indexes it)
+/// on the plain real node, and build-and-sign — the hub signs in-process with the key the
+/// Secure Boot node has in its MOK list — on both. Each loads on the real kernels and unloads
+/// when its MCM is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_built_and_hub_signed_labs_load_on_real_kernels() -> anyhow::Result<()> {
+    use kmm_e2e::labs::{DOCKERFILE_CONFIGMAPS, LAB_DOCKERFILE, PULL_SECRET};
+    use kmm_e2e::testkit::{HubOptions, HubProcess, ensure_namespace};
+    use shared_api::ManagedClusterModule;
+    const HUB_NS: &str = "kmm-hub";
+    let _one = ONE_AT_A_TIME.lock().await;
+    let tmp = tempfile::tempdir()?;
+    let (ours, ours_der) = signing_pair(tmp.path(), "kmm-fleet hub signing key");
+    let mut secure = SimNode::real("secure-1", worker_labels(true));
+    secure.secure_boot = true;
+    secure.enrolled_certs = vec![ours_der];
+    let nodes = vec![SimNode::real(NODE, worker_labels(false)), secure];
+    with_real_spoke(nodes, async |fleet, _client, vms| {
+        let hub = fleet.hub().client().await;
+        ensure_namespace(&hub, HUB_NS).await?;
+        let pp = PatchParams::apply(MANAGER).force();
+        Api::<Secret>::namespaced(hub.clone(), HUB_NS)
+            .patch(
+                PULL_SECRET,
+                &pp,
+                &Patch::Apply(fleet.registry().dockerconfigjson_secret(PULL_SECRET, HUB_NS)),
+            )
+            .await?;
+        for cm in DOCKERFILE_CONFIGMAPS {
+            let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": cm, "namespace": HUB_NS},
+                "data": {"dockerfile": LAB_DOCKERFILE}});
+            Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(hub.clone(), HUB_NS)
+                .patch(cm, &pp, &Patch::Apply(&body))
+                .await?;
+        }
+        for ((name, key), file) in [
+            (kmm_e2e::labs::SIGNING_KEY_SECRET, &ours.key),
+            (kmm_e2e::labs::SIGNING_CERT_SECRET, &ours.cert),
+        ] {
+            use base64::Engine as _;
+            let body = json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": name, "namespace": HUB_NS},
+                "data": {key: base64::engine::general_purpose::STANDARD.encode(std::fs::read(file)?)}});
+            Api::<Secret>::namespaced(hub.clone(), HUB_NS)
+                .patch(name, &pp, &Patch::Apply(&body))
+                .await?;
+        }
+        let config = fleet.dir().join("hub-config.yaml");
+        std::fs::write(
+            &config,
+            "driverToolkit:\n  - kernel: '.*'\n    image: public.sim.kmm-fleet.io/driver-toolkit:latest\n",
+        )?;
+        let mut o = HubOptions::new(fleet.hub().kubeconfig_path(), HUB_NS);
+        o.resync = Duration::from_secs(10);
+        o.config = Some(config);
+        let hub_process = HubProcess::start(o)?;
+        let registry = fleet.registry().host();
+        let result = async {
+            let mcms = Api::<ManagedClusterModule>::all(hub.clone());
+            for name in ["kmm-ci-a", "labs-signed-module"] {
+                let lab = kmm_e2e::labs::lab(&registry, name).context("lab")?;
+                // Debian's kernel for the el9-only mapping of the build-and-sign lab.
+                let text = lab.mcm.to_string().replace(r"^.*\\.x86_64$", "^.*$");
+                let mut mcm: serde_json::Value = serde_json::from_str(&text)?;
+                mcm["spec"]["spokeNamespace"] = json!(NS);
+                mcms.patch(name, &pp, &Patch::Apply(&mcm)).await?;
+            }
+            let (plain, secure) = (&vms[0].1, &vms[1].1);
+            for (vm, what) in [(plain, "plain"), (secure, "Secure Boot")] {
+                wait_modules(vm, &format!("kmm_ci_a on the {what} node"), |m| {
+                    m.iter().any(|x| x == "kmm_ci_a")
+                })
+                .await?;
+            }
+            let spoke = fleet.spoke(1).client().await;
+            eventually("labs-signed-module ready on the Secure Boot node", async || {
+                let l = module_labels(&spoke, "secure-1", "labs-signed-module").await?;
+                Ok(if l.is_empty() { Err("no label".into()) } else { Ok(()) })
+            })
+            .await?;
+            ensure!(
+                module_labels(&spoke, "secure-1", "kmm-ci-a").await?.is_empty(),
+                "the unsigned build lab selects secure-boot=false nodes only"
+            );
+            let modinfo = secure
+                .exec("cat /sys/module/kmm_ci_a/version; cat /proc/sys/kernel/tainted")
+                .await?;
+            eprintln!("Secure Boot node: kmm_ci_a version, taint: {:?}", modinfo.output);
+            for name in ["kmm-ci-a", "labs-signed-module"] {
+                mcms.delete(name, &DeleteParams::default()).await?;
+            }
+            for (vm, what) in [(plain, "plain"), (secure, "Secure Boot")] {
+                wait_modules(vm, &format!("kmm_ci_a unloaded on the {what} node"), |m| {
+                    !m.iter().any(|x| x == "kmm_ci_a")
+                })
+                .await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        hub_process.stop().await;
+        result
+    })
+    .await
+}
