@@ -933,7 +933,12 @@ async fn secure_boot_loads_what_the_hub_signed(sb: &Sandbox) -> anyhow::Result<(
         false,
     )
     .await?;
-    let target = format!("{}/scenario/hub-signed:signed", sb.registry_host());
+    // One signed image per kernel: with one tag for every kernel, each kernel's signing would
+    // overwrite the others' (the module of only one kernel would end up signed).
+    let target = format!(
+        "{}/scenario/hub-signed:signed-${{KERNEL_FULL_VERSION}}",
+        sb.registry_host()
+    );
     let mut m = prebuilt_mcm(
         "scn-sb-signed",
         NS,

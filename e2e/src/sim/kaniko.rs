@@ -232,7 +232,14 @@ async fn build_and_push(
         build_args: args.build_args.clone(),
         context: Fs::from_files(context),
     };
-    let out = match dockerfile::build(&df, &params, &pulled) {
+    // The build may compile real modules (seconds of CPU): off the runtime's workers.
+    let built = {
+        let (df, pulled) = (df.clone(), pulled.clone());
+        tokio::task::spawn_blocking(move || dockerfile::build(&df, &params, &pulled))
+            .await
+            .map_err(|e| format!("error building image: the build task failed: {e}"))?
+    };
+    let out = match built {
         Ok(out) => out,
         Err(e) => {
             log.extend(e.log);

@@ -274,7 +274,8 @@ impl NodeSim {
                 if let Err(e) = &result {
                     ctx.log(format!("node {}: VM failed to boot: {e}", spec.name));
                 }
-                let _ = tx2.send(Some(result));
+                // `send` drops the value when nobody listens yet: the VM must stay.
+                let _ = tx2.send_replace(Some(result));
                 ctx.annotations_dirty.notify_one();
             });
             Some((tx, dir))
