@@ -95,19 +95,7 @@ pub fn targeted_nodes<'a>(
 
 /// A pod that runs, is Ready and is not terminating.
 pub fn pod_ready(pod: &Pod) -> bool {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return false;
-    }
-    let Some(status) = pod.status.as_ref() else {
-        return false;
-    };
-    status.phase.as_deref() == Some("Running")
-        && status
-            .conditions
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
+    pod.metadata.deletion_timestamp.is_none() && pod_was_ready(pod)
 }
 
 /// The node a pod is bound to.
