@@ -303,11 +303,6 @@ async fn delete_module(client: &Client, name: &str) -> anyhow::Result<()> {
     .await
 }
 
-/// The VM's modules beyond those it loaded to boot, from `/proc/modules`.
-async fn kernel_modules(vm: &Vm) -> anyhow::Result<Vec<String>> {
-    vm.modules().await
-}
-
 /// Waits until `pred` holds for the VM's loaded modules.
 async fn wait_modules(
     vm: &Vm,
@@ -315,7 +310,7 @@ async fn wait_modules(
     pred: impl Fn(&[String]) -> bool,
 ) -> anyhow::Result<Vec<String>> {
     eventually(what, async || {
-        let m = kernel_modules(vm).await?;
+        let m = vm.modules().await?;
         Ok(if pred(&m) {
             Ok(m)
         } else {
@@ -430,7 +425,7 @@ async fn labs_load_and_unload_on_a_real_kernel() -> anyhow::Result<()> {
         push_lab_images(fleet, None).await?;
         let registry = fleet.registry().host();
         ensure!(
-            kernel_modules(vm).await? == vec!["joydev".to_string()],
+            vm.modules().await? == vec!["joydev".to_string()],
             "joydev is loaded in-tree at boot"
         );
         let node = Api::<Node>::all(client.clone()).get(NODE).await?;
@@ -506,7 +501,7 @@ async fn labs_load_and_unload_on_a_real_kernel() -> anyhow::Result<()> {
         .await?;
         delete_module(client, "kmm-ci-a-device-plugin").await?;
         // The module may only be reported gone when the kernel has it no more.
-        let m = kernel_modules(vm).await?;
+        let m = vm.modules().await?;
         let labels = module_labels(client, NODE, "kmm-ci-a-device-plugin").await?;
         ensure!(
             !m.iter().any(|x| x == "kmm_ci_a"),
@@ -624,7 +619,7 @@ async fn secure_boot_node_refuses_what_it_does_not_trust_in_the_kernels_words() 
             apply_module(client, "kmm-ci-a", &simple_spec("kmm_ci_a", img)).await?;
             let msg = degraded_with(client, "kmm-ci-a", "Key was rejected by service").await?;
             eprintln!("{what}: {msg}");
-            ensure!(kernel_modules(vm).await?.is_empty(), "nothing loaded");
+            ensure!(vm.modules().await?.is_empty(), "nothing loaded");
         }
         apply_module(client, "kmm-ci-a", &simple_spec("kmm_ci_a", &signed)).await?;
         wait_modules(vm, "the signed kmm_ci_a loaded", |m| {
@@ -738,7 +733,7 @@ async fn vermagic_mismatch_is_reported_in_the_kernels_words() -> anyhow::Result<
                     .any(|l| l.contains(&other) && l.contains(&kernel)),
                 "the kernel's log: {log:?}"
             );
-            ensure!(kernel_modules(vm).await?.is_empty());
+            ensure!(vm.modules().await?.is_empty());
             delete_module(client, "kmm-ci-a").await?;
             Ok(())
         },

@@ -559,12 +559,12 @@ impl Kubelet {
             let pulled = self.pull_until_ok(&c, i, true).await?;
             self.init[i].image_id = pulled.image_id.clone();
             let mut delay = BACKOFF_START;
-            loop {
+            // Simulated nodes complete init containers at once; real-kernel nodes run them.
+            while self.vm.is_some() {
                 self.init[i].state = State::Running { started: now() };
                 self.write().await;
                 let (status, message) = self.run_init_in_vm(&c, &pulled).await;
                 if status == 0 {
-                    self.init[i].terminate(0, "Completed", None);
                     break;
                 }
                 self.log(format!("init container {} failed: status {status}", c.name));
@@ -580,6 +580,7 @@ impl Kubelet {
                 }
                 delay = (delay * 2).min(BACKOFF_CAP);
             }
+            self.init[i].terminate(0, "Completed", None);
             self.log(format!("init container {} completed", c.name));
             self.write().await;
         }
