@@ -142,6 +142,71 @@ pub struct ClusterConfig<'a> {
     pub crd_dirs: &'a [PathBuf],
 }
 
+/// The audit log of the API server, in the cluster directory.
+pub const AUDIT_LOG: &str = "audit.log";
+
+/// Audit only the requests of the service accounts in kmm-fleet's namespaces (the hub's, the
+/// spoke agent's, the build executor's), at `Metadata` level: who asked what of which object,
+/// and the answer. Tests compare these requests with the shipped roles.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  userGroups:
+  - system:serviceaccounts:kmm-hub
+  - system:serviceaccounts:kmm-hub-builds
+  - system:serviceaccounts:kmm-spoke
+- level: None
+";
+
+/// One audited request: who, what, where, and the HTTP status of the answer.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AuditedRequest {
+    pub user: String,
+    pub verb: String,
+    /// `""` for the core group.
+    pub group: String,
+    /// `resource` or `resource/subresource`.
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    pub code: u16,
+}
+
+/// Parses an audit log written with [`AUDIT_POLICY`]; lines of other shapes (non-resource
+/// URLs) are skipped.
+pub fn parse_audit_log(text: &str) -> Vec<AuditedRequest> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(obj) = v.get("objectRef") else {
+            continue;
+        };
+        let field = |o: &serde_json::Value, k: &str| o[k].as_str().unwrap_or_default().to_string();
+        let mut resource = field(obj, "resource");
+        let sub = field(obj, "subresource");
+        if !sub.is_empty() {
+            resource = format!("{resource}/{sub}");
+        }
+        out.push(AuditedRequest {
+            user: field(&v["user"], "username"),
+            verb: field(&v, "verb"),
+            group: field(obj, "apiGroup"),
+            resource,
+            namespace: field(obj, "namespace"),
+            name: field(obj, "name"),
+            code: v["responseStatus"]["code"]
+                .as_u64()
+                .and_then(|c| u16::try_from(c).ok())
+                .unwrap_or(0),
+        });
+    }
+    out
+}
+
 /// A running control plane. Dropping it kills its processes; [`Cluster::stop`] stops them
 /// gracefully.
 pub struct Cluster {
@@ -234,6 +299,7 @@ impl Cluster {
             &kubeconfig_yaml(name, &server, &ca_pem, User::Token(&nobody_token)),
         )?;
 
+        write_private(&pki.join("audit-policy.yaml"), AUDIT_POLICY)?;
         let p = |f: &str| pki.join(f).display().to_string();
         let apiserver_args: Vec<String> = vec![
             "--advertise-address=127.0.0.1".into(),
@@ -267,6 +333,11 @@ impl Cluster {
             // Loader pods are privileged, as in real KMM.
             "--allow-privileged=true".into(),
             "--profiling=false".into(),
+            // What kmm-fleet's own service accounts ask for (see [`Cluster::audit_requests`]).
+            format!("--audit-policy-file={}", p("audit-policy.yaml")),
+            format!("--audit-log-path={}", dir.join(AUDIT_LOG).display()),
+            "--audit-log-format=json".into(),
+            "--audit-log-mode=blocking".into(),
         ];
         let controller_manager_args: Vec<String> = vec![
             format!(
@@ -356,6 +427,14 @@ impl Cluster {
     }
 
     /// The admin (system:masters client certificate) kubeconfig.
+    /// Every audited request so far (our service accounts' only; see [`AUDIT_POLICY`]).
+    pub fn audit_requests(&self) -> anyhow::Result<Vec<AuditedRequest>> {
+        let path = self.dir.join(AUDIT_LOG);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(parse_audit_log(&text))
+    }
+
     pub fn kubeconfig_path(&self) -> PathBuf {
         self.dir.join("admin.kubeconfig")
     }
