@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
@@ -80,8 +80,11 @@ pub struct ImagePipeline {
     announced: Mutex<HashSet<String>>,
     /// Failure text of failed Jobs, by UID (read once from the pod).
     failures: Mutex<HashMap<String, String>>,
-    /// The attempt number of the next build Job, by Job name, across its re-creations.
-    attempts: Mutex<HashMap<String, u32>>,
+    /// The attempt number of the next build Job, by Job name, across its re-creations
+    /// (with the MCM it belongs to, so that it goes with the MCM).
+    attempts: Mutex<HashMap<String, (String, u32)>>,
+    /// Moved tags already announced by an event, per MCM: image → the digest it moved to.
+    moved_announced: Mutex<HashMap<String, BTreeMap<String, String>>>,
     pub lookup_concurrency: usize,
 }
 
@@ -93,10 +96,41 @@ impl ImagePipeline {
         }
     }
 
+    /// The MCM is gone: forget everything kept for it.
     pub fn forget(&self, mcm: &str) {
         if let Ok(mut t) = self.triggers.lock() {
             t.remove(mcm);
         }
+        if let Ok(mut a) = self.attempts.lock() {
+            a.retain(|_, (m, _)| m != mcm);
+        }
+        if let Ok(mut m) = self.moved_announced.lock() {
+            m.remove(mcm);
+        }
+    }
+
+    /// Keep per-Job memory (announced outcomes, failure texts) only for Jobs that exist.
+    pub fn prune_jobs(&self, live_uids: &HashSet<String>) {
+        if let Ok(mut a) = self.announced.lock() {
+            a.retain(|k| {
+                k.rsplit_once('/')
+                    .is_some_and(|(uid, _)| live_uids.contains(uid))
+            });
+        }
+        if let Ok(mut f) = self.failures.lock() {
+            f.retain(|uid, _| live_uids.contains(uid));
+        }
+    }
+
+    /// Sizes of the per-object memories (announced, failures, attempts, triggers, moved), for tests.
+    pub fn sizes(&self) -> [usize; 5] {
+        [
+            self.announced.lock().map(|a| a.len()).unwrap_or(0),
+            self.failures.lock().map(|a| a.len()).unwrap_or(0),
+            self.attempts.lock().map(|a| a.len()).unwrap_or(0),
+            self.triggers.lock().map(|a| a.len()).unwrap_or(0),
+            self.moved_announced.lock().map(|a| a.len()).unwrap_or(0),
+        ]
     }
 
     fn first_time(&self, uid: &str, what: &str) -> bool {
@@ -114,6 +148,13 @@ impl ImagePipeline {
         plan: &Plan,
         creds: &DockerConfig,
     ) -> BTreeMap<String, ImageOutcome> {
+        let live: HashSet<String> = ctx
+            .caches
+            .jobs
+            .read()
+            .map(|j| j.values().map(|e| e.uid.clone()).collect())
+            .unwrap_or_default();
+        self.prune_jobs(&live);
         let trigger = mcm.spec.module_spec.image_rebuild_trigger_generation;
         let changed = self
             .triggers
@@ -300,7 +341,12 @@ impl ImagePipeline {
         let attempt = existing
             .as_ref()
             .map(|j| j.attempt)
-            .or_else(|| self.attempts.lock().ok().and_then(|a| a.get(job).copied()))
+            .or_else(|| {
+                self.attempts
+                    .lock()
+                    .ok()
+                    .and_then(|a| a.get(job).map(|(_, n)| *n))
+            })
             .unwrap_or(1);
         let inputs = BuildInputs {
             mcm: &mcm.name_any(),
@@ -360,7 +406,7 @@ impl ImagePipeline {
                     .map_or(wait, |t| Timestamp::now().duration_since(t).unsigned_abs());
                 if since >= wait {
                     if let Ok(mut a) = self.attempts.lock() {
-                        a.insert(job.to_string(), j.attempt + 1);
+                        a.insert(job.to_string(), (mcm.name_any(), j.attempt + 1));
                     }
                     delete_job(ctx, job).await;
                     return ImageOutcome::failed(format!(
@@ -503,8 +549,7 @@ impl ImagePipeline {
             .unwrap_or(need.registry_tls);
         let client = ctx
             .resolver
-            .client_for(src_ref.resolve_registry(), src_tls)
-            .clone();
+            .fresh_client(src_ref.resolve_registry(), src_tls);
         let req = ImageSignRequest {
             source: &src_ref,
             source_auth: &creds.auth_for(src_ref.resolve_registry()),
@@ -572,23 +617,19 @@ async fn delete_job(ctx: &Context, name: &str) {
 /// Errors name the secret, never its content.
 async fn read_signer(ctx: &Context, sign: &shared_api::module::Sign) -> Result<Signer, String> {
     let ns = &ctx.operator_namespace;
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let entry = |secret: Option<&shared_api::module::LocalObjectReference>, key: &'static str| {
-        let api = api.clone();
         let name = secret.map(|s| s.name.clone()).unwrap_or_default();
-        async move {
-            match api.get_opt(&name).await {
-                Ok(Some(s)) => s
-                    .data
-                    .and_then(|d| d.get(key).map(|b| b.0.clone()))
-                    .ok_or_else(|| format!("secret {ns}/{name} has no '{key}' entry")),
-                Ok(None) => Err(format!("signing secret {ns}/{name} does not exist")),
-                Err(e) => Err(format!("cannot read secret {ns}/{name}: {e}")),
-            }
+        match ctx.secret(&name) {
+            Some(s) => s
+                .data
+                .as_ref()
+                .and_then(|d| d.get(key).map(|b| b.0.clone()))
+                .ok_or_else(|| format!("secret {ns}/{name} has no '{key}' entry")),
+            None => Err(format!("signing secret {ns}/{name} does not exist")),
         }
     };
-    let key = entry(sign.key_secret.as_ref(), "key").await?;
-    let cert = entry(sign.cert_secret.as_ref(), "cert").await?;
+    let key = entry(sign.key_secret.as_ref(), "key")?;
+    let cert = entry(sign.cert_secret.as_ref(), "cert")?;
     Signer::from_pem_or_der(&key, &cert).map_err(|e| format!("signing key/certificate: {e}"))
 }
 

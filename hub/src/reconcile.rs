@@ -70,6 +70,16 @@ pub struct Context {
     pub views: Arc<Views>,
     pub resync: Duration,
     pub config: crate::config::HubConfig,
+    /// The Secrets of the hub namespace (a reflector's store; see `cache::watch_secrets`).
+    pub secrets: kube::runtime::reflector::Store<Secret>,
+}
+
+impl Context {
+    /// A Secret of the hub namespace, from the store (never an API call).
+    pub fn secret(&self, name: &str) -> Option<Arc<Secret>> {
+        self.secrets
+            .get(&kube::runtime::reflector::ObjectRef::new(name).within(&self.operator_namespace))
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -116,7 +126,8 @@ pub fn error_policy(mcm: Arc<ManagedClusterModule>, error: &Error, ctx: Arc<Cont
         .errors
         .get_or_create(&CategoryLabel::new(error.category()))
         .inc();
-    let delay = ctx.backoff.next(&name);
+    // Jittered, so that MCMs failing together do not retry together.
+    let delay = crate::registry::jittered(ctx.backoff.next(&name));
     tracing::info!(mcm = %name, error = %error, retry_in = ?delay, "reconcile will be retried");
     Action::requeue(delay)
 }
@@ -620,14 +631,20 @@ async fn delete_works(ctx: &Context, name: &str, clusters: &[String]) -> Vec<Str
     results.into_iter().filter_map(Result::err).collect()
 }
 
+/// Drop everything kept in memory for an MCM (views, image pipeline memory, backoff).
+pub fn forget_mcm(ctx: &Context, name: &str) {
+    ctx.views.remove(name);
+    ctx.images.forget(name);
+    ctx.backoff.reset(&name.to_string());
+    ctx.caches.bump();
+}
+
 /// On deletion: delete every work of this MCM, and hold the finalizer until they are gone.
 async fn cleanup(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Error> {
     let name = mcm.name_any();
     let works = ctx.caches.works_of(&name);
     if works.is_empty() {
-        ctx.views.remove(&name);
-        ctx.images.forget(&name);
-        ctx.caches.bump();
+        forget_mcm(ctx, &name);
         return Ok(Action::await_change());
     }
     let pending: Vec<String> = works
@@ -710,20 +727,21 @@ async fn write_status(
 }
 
 async fn read_docker_config(ctx: &Context, secret: &str) -> Result<DockerConfig, String> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.operator_namespace);
     let ns = &ctx.operator_namespace;
-    match api.get_opt(secret).await {
-        Ok(Some(s)) => {
-            let data = s.data.unwrap_or_default();
-            let bytes = data
-                .get(".dockerconfigjson")
+    match ctx.secret(secret) {
+        Some(s) => {
+            let bytes = s
+                .data
+                .as_ref()
+                .and_then(|d| d.get(".dockerconfigjson"))
                 .ok_or_else(|| format!("pull secret {ns}/{secret} has no .dockerconfigjson key"))?;
-            DockerConfig::parse(&bytes.0).map_err(|e| format!("pull secret {ns}/{secret}: {e}"))
+            DockerConfig::parse(&bytes.0)
+                .map(|c| c.from_secret(secret))
+                .map_err(|e| format!("pull secret {ns}/{secret}: {e}"))
         }
-        Ok(None) => Err(format!(
+        None => Err(format!(
             "pull secret {ns}/{secret} (spec.moduleSpec.imageRepoSecret) does not exist"
         )),
-        Err(e) => Err(format!("cannot read pull secret {ns}/{secret}: {e}")),
     }
 }
 
