@@ -275,7 +275,7 @@ fn expected_roles() -> BTreeMap<&'static str, BTreeSet<String>> {
             vec![
                 grants("batch", "jobs", &["list", "watch", "create", "delete"], &[]),
                 grants("", "pods", &["list"], &[]),
-                grants("", "secrets", &["get"], &[]),
+                grants("", "secrets", &["list", "watch"], &[]),
                 grants("", "configmaps", &["get"], &[]),
                 grants(
                     "coordination.k8s.io",
@@ -500,7 +500,13 @@ fn rbac_grants_exactly_what_the_binaries_use_and_no_wildcards() -> anyhow::Resul
     ] {
         ensure!(secrets(key).is_empty(), "{key} reaches secrets");
     }
-    ensure!(secrets("Role/kmm-hub") == vec!["core secrets get".to_string()]);
+    ensure!(
+        secrets("Role/kmm-hub")
+            == vec![
+                "core secrets list".to_string(),
+                "core secrets watch".to_string()
+            ]
+    );
     // Namespaced roles sit where their binary needs them.
     let hub = kustomize("hub")?;
     let spoke = kustomize("spoke")?;
@@ -1893,10 +1899,11 @@ async fn hub_works(
         admin,
         (HUB_NS, HUB_SA),
         &[
-            "yes get secrets registry-pull -n kmm-hub",
+            "yes list secrets -n kmm-hub",
+            "yes watch secrets -n kmm-hub",
+            "no list secrets -n default",
             "no get secrets registry-pull -n default",
             "no get secrets x -n spoke-1",
-            "no list secrets -n kmm-hub",
             "no watch secrets",
             "no get configmaps x -n default",
             "yes create jobs.batch -n kmm-hub",
