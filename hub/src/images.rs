@@ -14,7 +14,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::runtime::events::EventType;
 use shared_api::ManagedClusterModule;
-use shared_api::mcm::ImageState;
+use shared_api::mcm::{ImageState, MovedTagPolicy};
 
 use crate::build::{BuildInputs, job_name, render_build_job, wants_dtk_auto};
 use crate::metrics::OutcomeLabel;
@@ -25,11 +25,13 @@ use crate::sign::HashAlgorithm;
 use crate::sign::Signer;
 use crate::sign::image::{ImageSignRequest, is_signed_with, sign_image};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ImageOutcome {
     pub state: ImageState,
     pub digest: Option<String>,
     pub reason: Option<String>,
+    /// The tag moved to this digest and was not re-pinned (`digest` is the one kept).
+    pub moved_to: Option<String>,
 }
 
 impl ImageOutcome {
@@ -38,6 +40,7 @@ impl ImageOutcome {
             state: ImageState::Ready,
             digest: Some(digest),
             reason: None,
+            moved_to: None,
         }
     }
     pub fn failed(reason: String) -> Self {
@@ -45,6 +48,7 @@ impl ImageOutcome {
             state: ImageState::Failed,
             digest: None,
             reason: Some(reason),
+            moved_to: None,
         }
     }
     pub fn missing(reason: String) -> Self {
@@ -52,6 +56,7 @@ impl ImageOutcome {
             state: ImageState::Missing,
             digest: None,
             reason: Some(reason),
+            moved_to: None,
         }
     }
     fn building(reason: String) -> Self {
@@ -59,6 +64,7 @@ impl ImageOutcome {
             state: ImageState::Building,
             digest: None,
             reason: Some(reason),
+            moved_to: None,
         }
     }
 }
@@ -212,6 +218,11 @@ impl ImagePipeline {
             Err(LookupError::NotFound(_)) => None,
             Err(e) => return ImageOutcome::failed(e.to_string()),
         };
+        if let Some((digest, _)) = &found
+            && let Some(kept) = self.hold_moved_tag(ctx, mcm, need, digest, &job).await
+        {
+            return kept;
+        }
         match (found, &need.build, &need.sign) {
             (Some((digest, _)), _, None) => {
                 self.collect_finished_job(ctx, mcm, &job, need).await;
@@ -247,6 +258,74 @@ impl ImagePipeline {
                 need.image
             )),
         }
+    }
+
+    /// A tag that moved away from the digest this MCM ships, when re-pinning is off: keep
+    /// the shipped digest (and do nothing with the new content, e.g. not sign it), say so
+    /// once with an event. `None`: take `digest` as usual.
+    async fn hold_moved_tag(
+        &self,
+        ctx: &Context,
+        mcm: &ManagedClusterModule,
+        need: &ImageNeed,
+        digest: &str,
+        job: &str,
+    ) -> Option<ImageOutcome> {
+        let keep = match mcm.spec.moved_tag_policy {
+            Some(MovedTagPolicy::Repin) => false,
+            Some(MovedTagPolicy::Keep) => true,
+            None => need.sign.is_some(),
+        };
+        if !keep || crate::registry::pinned_digest(&need.image).is_some() {
+            return None;
+        }
+        let status = mcm.status.as_ref()?;
+        let accepted = status
+            .images
+            .iter()
+            .find(|i| i.image == need.image)
+            .and_then(|i| i.digest.clone())?;
+        if accepted == digest
+            // Asked for: re-verify and take what the tags point to now.
+            || mcm.spec.module_spec.image_rebuild_trigger_generation
+                != status.image_rebuild_trigger_generation
+            // Ours: the hub pushed it (signing) or its build Job just did.
+            || ctx.resolver.produced(&need.image, digest)
+            || ctx
+                .caches
+                .job(job)
+                .is_some_and(|j| j.succeeded && j.image == need.image)
+        {
+            return None;
+        }
+        let policy = match mcm.spec.moved_tag_policy {
+            Some(_) => "spec.movedTagPolicy is Keep",
+            None => "spec.movedTagPolicy is unset: Keep for images the hub signs",
+        };
+        let msg = format!(
+            "tag {} moved from {accepted} to {digest}; still shipping {accepted} ({policy}; set movedTagPolicy: Repin or change imageRebuildTriggerGeneration to take the new digest)",
+            need.image
+        );
+        let first = self
+            .moved_announced
+            .lock()
+            .map(|mut m| {
+                m.entry(mcm.name_any())
+                    .or_default()
+                    .insert(need.image.clone(), digest.to_string())
+                    .as_deref()
+                    != Some(digest)
+            })
+            .unwrap_or(false);
+        if first {
+            event(ctx, mcm, EventType::Warning, "TagMoved", &msg).await;
+        }
+        Some(ImageOutcome {
+            state: ImageState::Ready,
+            digest: Some(accepted),
+            reason: Some(msg),
+            moved_to: Some(digest.to_string()),
+        })
     }
 
     /// Publish the build's success once and clean the Job up after the configured delay.
@@ -590,11 +669,7 @@ impl ImagePipeline {
                     need.build_kernel()
                 );
                 event(ctx, mcm, EventType::Warning, "SignFailed", &msg).await;
-                ImageOutcome {
-                    state: ImageState::Failed,
-                    digest: None,
-                    reason: Some(msg),
-                }
+                ImageOutcome::failed(msg)
             }
         }
     }

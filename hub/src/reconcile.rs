@@ -19,6 +19,7 @@ use shared_api::conditions::{DEGRADED, PROGRESSING, READY, set_condition};
 use shared_api::labels::{HUB_MANIFESTWORK_MANAGER, MCM_FINALIZER};
 use shared_api::mcm::{
     ClusterProblem, ImageState, ImageStatus, ManagedClusterModuleStatus, STATUS_LIST_LIMIT,
+    TAG_MOVED,
 };
 use shared_api::ocm::ManifestWork;
 use shared_api::runtime::backoff::KeyedBackoff;
@@ -279,7 +280,7 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
         .iter()
         .filter_map(|o| o.problem.clone())
         .collect();
-    let images = image_statuses(&plan, &outcomes);
+    let images = image_statuses(&plan, &outcomes, &status.images);
     fill_counts(&mut status, &works, Some(&selected));
     status.images_omitted = images.len().saturating_sub(STATUS_LIST_LIMIT) as i32;
     status.images = images.into_iter().take(STATUS_LIST_LIMIT).collect();
@@ -371,6 +372,34 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
         generation,
         now,
     );
+
+    // Tags that moved and were not re-pinned (see spec.movedTagPolicy).
+    let moved: Vec<String> = outcomes
+        .values()
+        .filter(|o| o.moved_to.is_some())
+        .filter_map(|o| o.reason.clone())
+        .collect();
+    if !moved.is_empty() {
+        set_condition(
+            &mut status.conditions,
+            TAG_MOVED,
+            true,
+            "TagMovedNotRepinned",
+            &moved.join("; "),
+            generation,
+            now,
+        );
+    } else if status.conditions.iter().any(|c| c.type_ == TAG_MOVED) {
+        set_condition(
+            &mut status.conditions,
+            TAG_MOVED,
+            false,
+            "AsExpected",
+            "every image is pinned to the digest its tag points to",
+            generation,
+            now,
+        );
+    }
 
     let view_changed = ctx.views.put(McmView {
         name: name.clone(),
@@ -679,18 +708,27 @@ fn fill_counts(
     status.number_available = relevant.iter().filter(|w| w.module_available()).count() as i32;
 }
 
+/// One entry per image; an image whose lookup failed keeps the digest recorded before
+/// (the one still shipped), which is also what a moved tag is compared against.
 fn image_statuses(
     plan: &crate::plan::Plan,
     outcomes: &BTreeMap<String, ImageOutcome>,
+    previous: &[ImageStatus],
 ) -> Vec<ImageStatus> {
     plan.images
         .values()
         .map(|need| {
             let o = outcomes.get(&need.image);
+            let before = || {
+                previous
+                    .iter()
+                    .find(|p| p.image == need.image)
+                    .and_then(|p| p.digest.clone())
+            };
             ImageStatus {
                 image: need.image.clone(),
                 kernel: need.build_kernel().to_string(),
-                digest: o.and_then(|o| o.digest.clone()),
+                digest: o.and_then(|o| o.digest.clone()).or_else(before),
                 state: o.map_or(ImageState::Pending, |o| o.state),
                 reason: o.and_then(|o| o.reason.clone()),
                 clusters: need.clusters as i32,
