@@ -1155,8 +1155,9 @@ async fn rotated_pull_secret_moved_signed_tag_and_empty_claim() -> anyhow::Resul
                 vec![format!("{k}={repo}@{signed}")]
             );
 
-            // An empty claim (no node reports a kernel): the work stays.
-            set_hub_claim(&hub, &spoke_name(1), "").await?;
+            // An empty claim (no node reports a kernel; OCM wants at least one character,
+            // so a line break): the work stays.
+            set_hub_claim(&hub, &spoke_name(1), "\n").await?;
             eventually("NoKernelClaim", Duration::from_secs(60), || async {
                 let m = mcm_status(&hub, "signed").await?;
                 let reasons: Vec<String> = m
@@ -1226,29 +1227,27 @@ async fn rotated_pull_secret_moved_signed_tag_and_empty_claim() -> anyhow::Resul
             })
             .await?;
 
-            // Explicit choice: re-pin. The hub takes the tag again (and signs what it finds).
+            // Explicit choice: re-pin. The hub takes the tag again: it signs from
+            // unsignedImage and pushes, so the tag points to the hub's digest again.
             apply_mcm(&hub, &signed_mcm(fleet, "signed", Some("Repin"))?).await?;
-            eventually(
-                "re-pinned and TagMoved cleared",
-                Duration::from_secs(90),
-                || async {
-                    let m = mcm_status(&hub, "signed").await?;
-                    let imgs = shipped(&hub, "signed")
-                        .await?
-                        .remove(&spoke_name(1))
-                        .unwrap_or_default();
-                    let cleared =
-                        matches!(condition(&m, "TagMoved"), Some((s, _, _)) if s == "False");
-                    Ok(
-                        if cleared && imgs.len() == 1 && !imgs[0].ends_with(&signed) {
-                            Ok(())
-                        } else {
-                            Err(format!("{imgs:?} {:?}", condition(&m, "TagMoved")))
-                        },
-                    )
-                },
-            )
+            let repinned = eventually("TagMoved cleared", Duration::from_secs(90), || async {
+                let m = mcm_status(&hub, "signed").await?;
+                let imgs = shipped(&hub, "signed")
+                    .await?
+                    .remove(&spoke_name(1))
+                    .unwrap_or_default();
+                let cleared = matches!(condition(&m, "TagMoved"), Some((s, _, _)) if s == "False");
+                Ok(match imgs.first().and_then(|i| i.split_once('@')) {
+                    Some((_, d)) if cleared && imgs.len() == 1 => Ok(d.to_string()),
+                    _ => Err(format!("{imgs:?} {:?}", condition(&m, "TagMoved"))),
+                })
+            })
             .await?;
+            let now =
+                kmm_e2e::oci::manifest_digest(&fleet.registry().access(), &format!("{repo}:{k}"))
+                    .await?;
+            assert_eq!(now, repinned, "the tag points to what is shipped");
+            assert_ne!(now, moved, "the pushed-over content is not shipped");
             hub_proc.stop().await;
             Ok(())
         })
