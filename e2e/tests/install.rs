@@ -2007,10 +2007,11 @@ async fn hub_works(
         admin,
         (HUB_NS, HUB_SA),
         &[
-            "yes get secrets registry-pull -n kmm-hub",
+            "yes list secrets -n kmm-hub",
+            "yes watch secrets -n kmm-hub",
+            "no list secrets -n default",
             "no get secrets registry-pull -n default",
             "no get secrets x -n spoke-1",
-            "no list secrets -n kmm-hub",
             "no watch secrets",
             "no get configmaps x -n default",
             "yes create jobs.batch -n kmm-hub",

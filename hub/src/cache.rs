@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
@@ -157,6 +158,8 @@ pub struct Caches {
     pub works: RwLock<BTreeMap<(String, String), WorkEntry>>,
     pub clusters_synced: AtomicBool,
     pub works_synced: AtomicBool,
+    /// The Secrets of the hub namespace are listed (see [`watch_secrets`]).
+    pub secrets_synced: AtomicBool,
     pub events: RwLock<VecDeque<RecentEvent>>,
     /// Bumped on every change the dashboard's live stream should announce.
     pub changes: tokio::sync::watch::Sender<u64>,
@@ -171,6 +174,7 @@ impl Caches {
         self.clusters_synced.load(Ordering::Acquire)
             && self.works_synced.load(Ordering::Acquire)
             && self.jobs_synced.load(Ordering::Acquire)
+            && self.secrets_synced.load(Ordering::Acquire)
     }
 
     pub fn job(&self, name: &str) -> Option<JobEntry> {
@@ -410,4 +414,110 @@ pub async fn watch_jobs(client: Client, namespace: String, caches: Arc<Caches>, 
         || {},
     )
     .await
+}
+
+/// Whether an MCM's module spec names `secret` (pull secret, signing key or certificate,
+/// build secret).
+pub fn references_secret(mcm: &ManagedClusterModule, secret: &str) -> bool {
+    fn walk(v: &serde_json::Value, secret: &str) -> bool {
+        match v {
+            serde_json::Value::Object(m) => m.iter().any(|(k, v)| {
+                let named =
+                    |x: &serde_json::Value| x.get("name").and_then(|n| n.as_str()) == Some(secret);
+                match k.as_str() {
+                    "imageRepoSecret" | "keySecret" | "certSecret" if named(v) => true,
+                    "secrets" if v.as_array().is_some_and(|a| a.iter().any(named)) => true,
+                    _ => walk(v, secret),
+                }
+            }),
+            serde_json::Value::Array(a) => a.iter().any(|x| walk(x, secret)),
+            _ => false,
+        }
+    }
+    serde_json::to_value(&mcm.spec.module_spec).is_ok_and(|v| walk(&v, secret))
+}
+
+/// A short fingerprint of a Secret's content (type and data), to tell real changes apart.
+fn secret_fingerprint(s: &Secret) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(s.type_.as_deref().unwrap_or_default());
+    for (k, v) in s.data.iter().flatten() {
+        h.update(b"\0");
+        h.update(k.as_bytes());
+        h.update(b"\0");
+        h.update(&v.0);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Mirror the Secrets of the hub namespace into `writer` (the reconciler reads pull secrets
+/// and signing keys from its store, never from the API server per reconcile). A Secret whose
+/// content changes or that goes drops the registry clients holding its credential, and the
+/// MCMs that name it are reconciled.
+pub async fn watch_secrets(
+    client: Client,
+    namespace: String,
+    caches: Arc<Caches>,
+    mut writer: kube::runtime::reflector::store::Writer<Secret>,
+    resolver: crate::registry::Resolver,
+    mcms: Store<ManagedClusterModule>,
+    trigger: Trigger,
+) {
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut relist: BTreeMap<String, String> = BTreeMap::new();
+    let changed = |name: &str| {
+        resolver.forget_secret(name);
+        for m in mcms.state() {
+            if references_secret(&m, name) {
+                let _ = trigger.send(ObjectRef::from_obj(m.as_ref()));
+            }
+        }
+    };
+    let mut stream = watcher::watcher(
+        Api::<Secret>::namespaced(client, &namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .boxed();
+    loop {
+        let ev = match stream.try_next().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, kind = "Secret", "watch error");
+                continue;
+            }
+        };
+        writer.apply_watcher_event(&ev);
+        match &ev {
+            Event::Init => relist.clear(),
+            Event::InitApply(s) => {
+                relist.insert(s.name_any(), secret_fingerprint(s));
+            }
+            Event::InitDone => {
+                let now = std::mem::take(&mut relist);
+                for (name, fp) in &seen {
+                    if now.get(name) != Some(fp) {
+                        changed(name);
+                    }
+                }
+                seen = now;
+                caches.secrets_synced.store(true, Ordering::Release);
+            }
+            Event::Apply(s) => {
+                let name = s.name_any();
+                let fp = secret_fingerprint(s);
+                // New (an MCM may wait for it) or changed: drop old clients, reconcile.
+                if seen.insert(name.clone(), fp.clone()).as_ref() != Some(&fp) {
+                    changed(&name);
+                }
+            }
+            Event::Delete(s) => {
+                let name = s.name_any();
+                seen.remove(&name);
+                changed(&name);
+            }
+        }
+    }
 }

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::runtime::events::EventType;
 use shared_api::ManagedClusterModule;
-use shared_api::mcm::ImageState;
+use shared_api::mcm::{ImageState, MovedTagPolicy};
 
 use crate::build::{BuildInputs, job_name, render_build_job, wants_dtk_auto};
 use crate::metrics::OutcomeLabel;
@@ -25,11 +25,13 @@ use crate::sign::HashAlgorithm;
 use crate::sign::Signer;
 use crate::sign::image::{ImageSignRequest, is_signed_with, sign_image};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ImageOutcome {
     pub state: ImageState,
     pub digest: Option<String>,
     pub reason: Option<String>,
+    /// The tag moved to this digest and was not re-pinned (`digest` is the one kept).
+    pub moved_to: Option<String>,
 }
 
 impl ImageOutcome {
@@ -38,6 +40,7 @@ impl ImageOutcome {
             state: ImageState::Ready,
             digest: Some(digest),
             reason: None,
+            moved_to: None,
         }
     }
     pub fn failed(reason: String) -> Self {
@@ -45,6 +48,7 @@ impl ImageOutcome {
             state: ImageState::Failed,
             digest: None,
             reason: Some(reason),
+            moved_to: None,
         }
     }
     pub fn missing(reason: String) -> Self {
@@ -52,6 +56,7 @@ impl ImageOutcome {
             state: ImageState::Missing,
             digest: None,
             reason: Some(reason),
+            moved_to: None,
         }
     }
     fn building(reason: String) -> Self {
@@ -59,6 +64,7 @@ impl ImageOutcome {
             state: ImageState::Building,
             digest: None,
             reason: Some(reason),
+            moved_to: None,
         }
     }
 }
@@ -80,8 +86,11 @@ pub struct ImagePipeline {
     announced: Mutex<HashSet<String>>,
     /// Failure text of failed Jobs, by UID (read once from the pod).
     failures: Mutex<HashMap<String, String>>,
-    /// The attempt number of the next build Job, by Job name, across its re-creations.
-    attempts: Mutex<HashMap<String, u32>>,
+    /// The attempt number of the next build Job, by Job name, across its re-creations
+    /// (with the MCM it belongs to, so that it goes with the MCM).
+    attempts: Mutex<HashMap<String, (String, u32)>>,
+    /// Moved tags already announced by an event, per MCM: image → the digest it moved to.
+    moved_announced: Mutex<HashMap<String, BTreeMap<String, String>>>,
     pub lookup_concurrency: usize,
 }
 
@@ -93,10 +102,41 @@ impl ImagePipeline {
         }
     }
 
+    /// The MCM is gone: forget everything kept for it.
     pub fn forget(&self, mcm: &str) {
         if let Ok(mut t) = self.triggers.lock() {
             t.remove(mcm);
         }
+        if let Ok(mut a) = self.attempts.lock() {
+            a.retain(|_, (m, _)| m != mcm);
+        }
+        if let Ok(mut m) = self.moved_announced.lock() {
+            m.remove(mcm);
+        }
+    }
+
+    /// Keep per-Job memory (announced outcomes, failure texts) only for Jobs that exist.
+    pub fn prune_jobs(&self, live_uids: &HashSet<String>) {
+        if let Ok(mut a) = self.announced.lock() {
+            a.retain(|k| {
+                k.rsplit_once('/')
+                    .is_some_and(|(uid, _)| live_uids.contains(uid))
+            });
+        }
+        if let Ok(mut f) = self.failures.lock() {
+            f.retain(|uid, _| live_uids.contains(uid));
+        }
+    }
+
+    /// Sizes of the per-object memories (announced, failures, attempts, triggers, moved), for tests.
+    pub fn sizes(&self) -> [usize; 5] {
+        [
+            self.announced.lock().map(|a| a.len()).unwrap_or(0),
+            self.failures.lock().map(|a| a.len()).unwrap_or(0),
+            self.attempts.lock().map(|a| a.len()).unwrap_or(0),
+            self.triggers.lock().map(|a| a.len()).unwrap_or(0),
+            self.moved_announced.lock().map(|a| a.len()).unwrap_or(0),
+        ]
     }
 
     fn first_time(&self, uid: &str, what: &str) -> bool {
@@ -114,6 +154,13 @@ impl ImagePipeline {
         plan: &Plan,
         creds: &DockerConfig,
     ) -> BTreeMap<String, ImageOutcome> {
+        let live: HashSet<String> = ctx
+            .caches
+            .jobs
+            .read()
+            .map(|j| j.values().map(|e| e.uid.clone()).collect())
+            .unwrap_or_default();
+        self.prune_jobs(&live);
         let trigger = mcm.spec.module_spec.image_rebuild_trigger_generation;
         let changed = self
             .triggers
@@ -171,6 +218,11 @@ impl ImagePipeline {
             Err(LookupError::NotFound(_)) => None,
             Err(e) => return ImageOutcome::failed(e.to_string()),
         };
+        if let Some((digest, _)) = &found
+            && let Some(kept) = self.hold_moved_tag(ctx, mcm, need, digest, &job).await
+        {
+            return kept;
+        }
         match (found, &need.build, &need.sign) {
             (Some((digest, _)), _, None) => {
                 self.collect_finished_job(ctx, mcm, &job, need).await;
@@ -206,6 +258,74 @@ impl ImagePipeline {
                 need.image
             )),
         }
+    }
+
+    /// A tag that moved away from the digest this MCM ships, when re-pinning is off: keep
+    /// the shipped digest (and do nothing with the new content, e.g. not sign it), say so
+    /// once with an event. `None`: take `digest` as usual.
+    async fn hold_moved_tag(
+        &self,
+        ctx: &Context,
+        mcm: &ManagedClusterModule,
+        need: &ImageNeed,
+        digest: &str,
+        job: &str,
+    ) -> Option<ImageOutcome> {
+        let keep = match mcm.spec.moved_tag_policy {
+            Some(MovedTagPolicy::Repin) => false,
+            Some(MovedTagPolicy::Keep) => true,
+            None => need.sign.is_some(),
+        };
+        if !keep || crate::registry::pinned_digest(&need.image).is_some() {
+            return None;
+        }
+        let status = mcm.status.as_ref()?;
+        let accepted = status
+            .images
+            .iter()
+            .find(|i| i.image == need.image)
+            .and_then(|i| i.digest.clone())?;
+        if accepted == digest
+            // Asked for: re-verify and take what the tags point to now.
+            || mcm.spec.module_spec.image_rebuild_trigger_generation
+                != status.image_rebuild_trigger_generation
+            // Ours: the hub pushed it (signing) or its build Job just did.
+            || ctx.resolver.produced(&need.image, digest)
+            || ctx
+                .caches
+                .job(job)
+                .is_some_and(|j| j.succeeded && j.image == need.image)
+        {
+            return None;
+        }
+        let policy = match mcm.spec.moved_tag_policy {
+            Some(_) => "spec.movedTagPolicy is Keep",
+            None => "spec.movedTagPolicy is unset: Keep for images the hub signs",
+        };
+        let msg = format!(
+            "tag {} moved from {accepted} to {digest}; still shipping {accepted} ({policy}; set movedTagPolicy: Repin or change imageRebuildTriggerGeneration to take the new digest)",
+            need.image
+        );
+        let first = self
+            .moved_announced
+            .lock()
+            .map(|mut m| {
+                m.entry(mcm.name_any())
+                    .or_default()
+                    .insert(need.image.clone(), digest.to_string())
+                    .as_deref()
+                    != Some(digest)
+            })
+            .unwrap_or(false);
+        if first {
+            event(ctx, mcm, EventType::Warning, "TagMoved", &msg).await;
+        }
+        Some(ImageOutcome {
+            state: ImageState::Ready,
+            digest: Some(accepted),
+            reason: Some(msg),
+            moved_to: Some(digest.to_string()),
+        })
     }
 
     /// Publish the build's success once and clean the Job up after the configured delay.
@@ -300,7 +420,12 @@ impl ImagePipeline {
         let attempt = existing
             .as_ref()
             .map(|j| j.attempt)
-            .or_else(|| self.attempts.lock().ok().and_then(|a| a.get(job).copied()))
+            .or_else(|| {
+                self.attempts
+                    .lock()
+                    .ok()
+                    .and_then(|a| a.get(job).map(|(_, n)| *n))
+            })
             .unwrap_or(1);
         let inputs = BuildInputs {
             mcm: &mcm.name_any(),
@@ -360,7 +485,7 @@ impl ImagePipeline {
                     .map_or(wait, |t| Timestamp::now().duration_since(t).unsigned_abs());
                 if since >= wait {
                     if let Ok(mut a) = self.attempts.lock() {
-                        a.insert(job.to_string(), j.attempt + 1);
+                        a.insert(job.to_string(), (mcm.name_any(), j.attempt + 1));
                     }
                     delete_job(ctx, job).await;
                     return ImageOutcome::failed(format!(
@@ -503,8 +628,7 @@ impl ImagePipeline {
             .unwrap_or(need.registry_tls);
         let client = ctx
             .resolver
-            .client_for(src_ref.resolve_registry(), src_tls)
-            .clone();
+            .fresh_client(src_ref.resolve_registry(), src_tls);
         let req = ImageSignRequest {
             source: &src_ref,
             source_auth: &creds.auth_for(src_ref.resolve_registry()),
@@ -545,11 +669,7 @@ impl ImagePipeline {
                     need.build_kernel()
                 );
                 event(ctx, mcm, EventType::Warning, "SignFailed", &msg).await;
-                ImageOutcome {
-                    state: ImageState::Failed,
-                    digest: None,
-                    reason: Some(msg),
-                }
+                ImageOutcome::failed(msg)
             }
         }
     }
@@ -572,23 +692,19 @@ async fn delete_job(ctx: &Context, name: &str) {
 /// Errors name the secret, never its content.
 async fn read_signer(ctx: &Context, sign: &shared_api::module::Sign) -> Result<Signer, String> {
     let ns = &ctx.operator_namespace;
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let entry = |secret: Option<&shared_api::module::LocalObjectReference>, key: &'static str| {
-        let api = api.clone();
         let name = secret.map(|s| s.name.clone()).unwrap_or_default();
-        async move {
-            match api.get_opt(&name).await {
-                Ok(Some(s)) => s
-                    .data
-                    .and_then(|d| d.get(key).map(|b| b.0.clone()))
-                    .ok_or_else(|| format!("secret {ns}/{name} has no '{key}' entry")),
-                Ok(None) => Err(format!("signing secret {ns}/{name} does not exist")),
-                Err(e) => Err(format!("cannot read secret {ns}/{name}: {e}")),
-            }
+        match ctx.secret(&name) {
+            Some(s) => s
+                .data
+                .as_ref()
+                .and_then(|d| d.get(key).map(|b| b.0.clone()))
+                .ok_or_else(|| format!("secret {ns}/{name} has no '{key}' entry")),
+            None => Err(format!("signing secret {ns}/{name} does not exist")),
         }
     };
-    let key = entry(sign.key_secret.as_ref(), "key").await?;
-    let cert = entry(sign.cert_secret.as_ref(), "cert").await?;
+    let key = entry(sign.key_secret.as_ref(), "key")?;
+    let cert = entry(sign.cert_secret.as_ref(), "cert")?;
     Signer::from_pem_or_der(&key, &cert).map_err(|e| format!("signing key/certificate: {e}"))
 }
 

@@ -112,15 +112,20 @@ pub fn plan<'a>(
             out.clusters.push(cp);
             continue;
         };
-        let Some(kernels) = &facts.kernels else {
-            cp.problem = Some(problem(
-                &facts.name,
-                "NoKernelClaim",
-                format!(
+        // No claim, or a claim listing no kernel (no node reports one yet): the cluster
+        // keeps whatever it was shipped until it says which kernels it runs.
+        let Some(kernels) = facts.kernels.as_ref().filter(|k| !k.is_empty()) else {
+            let message = match &facts.kernels {
+                None => format!(
                     "the cluster publishes no {} claim yet",
                     shared_api::ocm::KERNEL_VERSIONS_CLAIM
                 ),
-            ));
+                Some(_) => format!(
+                    "the cluster's {} claim lists no kernel yet",
+                    shared_api::ocm::KERNEL_VERSIONS_CLAIM
+                ),
+            };
+            cp.problem = Some(problem(&facts.name, "NoKernelClaim", message));
             out.clusters.push(cp);
             continue;
         };
@@ -260,6 +265,17 @@ moduleSpec:
             "NoMatchingKernel"
         );
         assert!(p.images.is_empty());
+    }
+
+    /// An empty claim (no node reports a kernel yet) is no claim: the cluster keeps its
+    /// work instead of losing it to `NoMatchingKernel`.
+    #[test]
+    fn an_empty_claim_is_like_no_claim() {
+        let m = mcm(SPEC);
+        let p = plan(&m, &[cluster("a", &[("wants", "yes")], Some(&[]))]).unwrap();
+        let problem = p.clusters[0].problem.as_ref().unwrap();
+        assert_eq!(problem.reason, "NoKernelClaim", "{problem:?}");
+        assert!(problem.message.contains("lists no kernel"), "{problem:?}");
     }
 
     #[test]

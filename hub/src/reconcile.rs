@@ -19,6 +19,7 @@ use shared_api::conditions::{DEGRADED, PROGRESSING, READY, set_condition};
 use shared_api::labels::{HUB_MANIFESTWORK_MANAGER, MCM_FINALIZER};
 use shared_api::mcm::{
     ClusterProblem, ImageState, ImageStatus, ManagedClusterModuleStatus, STATUS_LIST_LIMIT,
+    TAG_MOVED,
 };
 use shared_api::ocm::ManifestWork;
 use shared_api::runtime::backoff::KeyedBackoff;
@@ -70,6 +71,16 @@ pub struct Context {
     pub views: Arc<Views>,
     pub resync: Duration,
     pub config: crate::config::HubConfig,
+    /// The Secrets of the hub namespace (a reflector's store; see `cache::watch_secrets`).
+    pub secrets: kube::runtime::reflector::Store<Secret>,
+}
+
+impl Context {
+    /// A Secret of the hub namespace, from the store (never an API call).
+    pub fn secret(&self, name: &str) -> Option<Arc<Secret>> {
+        self.secrets
+            .get(&kube::runtime::reflector::ObjectRef::new(name).within(&self.operator_namespace))
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -116,7 +127,8 @@ pub fn error_policy(mcm: Arc<ManagedClusterModule>, error: &Error, ctx: Arc<Cont
         .errors
         .get_or_create(&CategoryLabel::new(error.category()))
         .inc();
-    let delay = ctx.backoff.next(&name);
+    // Jittered, so that MCMs failing together do not retry together.
+    let delay = crate::registry::jittered(ctx.backoff.next(&name));
     tracing::info!(mcm = %name, error = %error, retry_in = ?delay, "reconcile will be retried");
     Action::requeue(delay)
 }
@@ -268,7 +280,7 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
         .iter()
         .filter_map(|o| o.problem.clone())
         .collect();
-    let images = image_statuses(&plan, &outcomes);
+    let images = image_statuses(&plan, &outcomes, &status.images);
     fill_counts(&mut status, &works, Some(&selected));
     status.images_omitted = images.len().saturating_sub(STATUS_LIST_LIMIT) as i32;
     status.images = images.into_iter().take(STATUS_LIST_LIMIT).collect();
@@ -360,6 +372,34 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
         generation,
         now,
     );
+
+    // Tags that moved and were not re-pinned (see spec.movedTagPolicy).
+    let moved: Vec<String> = outcomes
+        .values()
+        .filter(|o| o.moved_to.is_some())
+        .filter_map(|o| o.reason.clone())
+        .collect();
+    if !moved.is_empty() {
+        set_condition(
+            &mut status.conditions,
+            TAG_MOVED,
+            true,
+            "TagMovedNotRepinned",
+            &moved.join("; "),
+            generation,
+            now,
+        );
+    } else if status.conditions.iter().any(|c| c.type_ == TAG_MOVED) {
+        set_condition(
+            &mut status.conditions,
+            TAG_MOVED,
+            false,
+            "AsExpected",
+            "every image is pinned to the digest its tag points to",
+            generation,
+            now,
+        );
+    }
 
     let view_changed = ctx.views.put(McmView {
         name: name.clone(),
@@ -620,14 +660,20 @@ async fn delete_works(ctx: &Context, name: &str, clusters: &[String]) -> Vec<Str
     results.into_iter().filter_map(Result::err).collect()
 }
 
+/// Drop everything kept in memory for an MCM (views, image pipeline memory, backoff).
+pub fn forget_mcm(ctx: &Context, name: &str) {
+    ctx.views.remove(name);
+    ctx.images.forget(name);
+    ctx.backoff.reset(&name.to_string());
+    ctx.caches.bump();
+}
+
 /// On deletion: delete every work of this MCM, and hold the finalizer until they are gone.
 async fn cleanup(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Error> {
     let name = mcm.name_any();
     let works = ctx.caches.works_of(&name);
     if works.is_empty() {
-        ctx.views.remove(&name);
-        ctx.images.forget(&name);
-        ctx.caches.bump();
+        forget_mcm(ctx, &name);
         return Ok(Action::await_change());
     }
     let pending: Vec<String> = works
@@ -662,18 +708,27 @@ fn fill_counts(
     status.number_available = relevant.iter().filter(|w| w.module_available()).count() as i32;
 }
 
+/// One entry per image; an image whose lookup failed keeps the digest recorded before
+/// (the one still shipped), which is also what a moved tag is compared against.
 fn image_statuses(
     plan: &crate::plan::Plan,
     outcomes: &BTreeMap<String, ImageOutcome>,
+    previous: &[ImageStatus],
 ) -> Vec<ImageStatus> {
     plan.images
         .values()
         .map(|need| {
             let o = outcomes.get(&need.image);
+            let before = || {
+                previous
+                    .iter()
+                    .find(|p| p.image == need.image)
+                    .and_then(|p| p.digest.clone())
+            };
             ImageStatus {
                 image: need.image.clone(),
                 kernel: need.build_kernel().to_string(),
-                digest: o.and_then(|o| o.digest.clone()),
+                digest: o.and_then(|o| o.digest.clone()).or_else(before),
                 state: o.map_or(ImageState::Pending, |o| o.state),
                 reason: o.and_then(|o| o.reason.clone()),
                 clusters: need.clusters as i32,
@@ -710,20 +765,21 @@ async fn write_status(
 }
 
 async fn read_docker_config(ctx: &Context, secret: &str) -> Result<DockerConfig, String> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.operator_namespace);
     let ns = &ctx.operator_namespace;
-    match api.get_opt(secret).await {
-        Ok(Some(s)) => {
-            let data = s.data.unwrap_or_default();
-            let bytes = data
-                .get(".dockerconfigjson")
+    match ctx.secret(secret) {
+        Some(s) => {
+            let bytes = s
+                .data
+                .as_ref()
+                .and_then(|d| d.get(".dockerconfigjson"))
                 .ok_or_else(|| format!("pull secret {ns}/{secret} has no .dockerconfigjson key"))?;
-            DockerConfig::parse(&bytes.0).map_err(|e| format!("pull secret {ns}/{secret}: {e}"))
+            DockerConfig::parse(&bytes.0)
+                .map(|c| c.from_secret(secret))
+                .map_err(|e| format!("pull secret {ns}/{secret}: {e}"))
         }
-        Ok(None) => Err(format!(
+        None => Err(format!(
             "pull secret {ns}/{secret} (spec.moduleSpec.imageRepoSecret) does not exist"
         )),
-        Err(e) => Err(format!("cannot read pull secret {ns}/{secret}: {e}")),
     }
 }
 

@@ -114,7 +114,10 @@ pub async fn run(args: RenderArgs, out: &mut impl Write) -> anyhow::Result<bool>
         }
         let mut ready = Vec::new();
         for t in &cp.targets {
-            match digests.get(&t.image) {
+            // A reference the user pinned by digest passes through as it is.
+            let digest = crate::registry::pinned_digest(&t.image)
+                .or(digests.get(&t.image).map(String::as_str));
+            match digest {
                 Some(d) => ready.push(ReadyMapping {
                     kernel: t.kernel.clone(),
                     pinned_image: pin(&t.image, d),

@@ -20,7 +20,7 @@ use shared_api::runtime::backoff::KeyedBackoff;
 use shared_api::runtime::{admin, lease, shutdown};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{Caches, watch_clusters, watch_jobs, watch_works};
+use crate::cache::{Caches, watch_clusters, watch_jobs, watch_secrets, watch_works};
 use crate::images::ImagePipeline;
 use crate::metrics::Metrics;
 use crate::reconcile::{Context, error_policy, reconcile};
@@ -170,6 +170,18 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         tx.clone(),
     ));
 
+    let resolver = Resolver::new(args.resync, metrics.clone());
+    let (secrets, secrets_writer) = kube::runtime::reflector::store();
+    tokio::spawn(watch_secrets(
+        client.clone(),
+        args.operator_namespace.clone(),
+        caches.clone(),
+        secrets_writer,
+        resolver.clone(),
+        store.clone(),
+        tx.clone(),
+    ));
+
     let views = Arc::new(Views::default());
     if let Some(addr) = args.dashboard_address {
         let state = crate::dashboard::DashboardState {
@@ -250,7 +262,7 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         operator_namespace: args.operator_namespace.clone(),
         write_concurrency: args.write_concurrency,
         caches: caches.clone(),
-        resolver: Resolver::new(args.resync, metrics.clone()),
+        resolver,
         images: ImagePipeline::new(8),
         metrics: metrics.clone(),
         recorder: Recorder::new(
@@ -268,6 +280,28 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         views: views.clone(),
         resync: args.resync,
         config,
+        secrets,
+    });
+
+    // What is kept per MCM goes with the MCM, also when it vanishes without our finalizer.
+    let (gc_store, gc_ctx, gc_token) = (store.clone(), ctx.clone(), token.clone());
+    tokio::spawn(async move {
+        let mut known: std::collections::BTreeSet<String> = Default::default();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = gc_token.cancelled() => return,
+            }
+            let now: std::collections::BTreeSet<String> = gc_store
+                .state()
+                .iter()
+                .map(|m| m.metadata.name.clone().unwrap_or_default())
+                .collect();
+            for gone in known.difference(&now) {
+                crate::reconcile::forget_mcm(&gc_ctx, gone);
+            }
+            known = now;
+        }
     });
 
     // Ready only with synced caches (and the lease, below).

@@ -110,3 +110,44 @@ fn bad_input_is_a_clear_error() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A `containerImage` pinned by the user (`repo@sha256:…`) passes through unchanged,
+/// without an entry in `--digests` (and, without `--digests`, without a registry).
+#[test]
+fn a_digest_pinned_image_passes_through() {
+    let pinned = format!("reg.example/kmm/kmm-ci-a@{DIGEST}");
+    let mcm = MCM
+        .replace(
+            "reg.example/kmm/$MOD_NAMESPACE/kmm-ci-a:${KERNEL_FULL_VERSION}",
+            &pinned,
+        )
+        .replace("            build: {dockerfileConfigMap: {name: df}}\n", "");
+    let dir = tempfile::tempdir().unwrap();
+    for with_digests in [true, false] {
+        std::fs::write(dir.path().join("mcm.yaml"), &mcm).unwrap();
+        std::fs::write(dir.path().join("clusters.yaml"), CLUSTERS).unwrap();
+        std::fs::write(dir.path().join("digests.yaml"), "{}\n").unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kmm-hub"));
+        cmd.args(["render", "--mcm"])
+            .arg(dir.path().join("mcm.yaml"))
+            .arg("--clusters")
+            .arg(dir.path().join("clusters.yaml"));
+        if with_digests {
+            cmd.arg("--digests").arg(dir.path().join("digests.yaml"));
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("no digest"), "{stderr}");
+        let work: serde_json::Value = serde_yaml::from_str(
+            stdout
+                .split("---\n")
+                .find(|d| !d.trim().is_empty())
+                .unwrap(),
+        )
+        .unwrap();
+        let mappings = &work["spec"]["workload"]["manifests"][0]["spec"]["moduleLoader"]["container"]
+            ["kernelMappings"];
+        assert_eq!(mappings[0]["containerImage"], pinned.as_str(), "{stdout}");
+    }
+}

@@ -36,7 +36,27 @@ pub struct ManagedClusterModuleSpec {
     pub spoke_namespace: String,
     /// Label equality selector over ManagedClusters; empty selects all.
     pub selector: BTreeMap<String, String>,
+    /// kmm-fleet addition. What the hub does when an image tag it pinned now points to
+    /// another digest (someone pushed to the tag): `Repin` ships the new digest at the next
+    /// lookup; `Keep` keeps shipping the pinned digest and reports the moved tag (condition
+    /// `TagMoved`, event `TagMoved`). Unset: `Keep` for images the hub signs (`sign` set),
+    /// `Repin` for the others. Digests the hub produced (its builds, its signing) and a
+    /// change of `imageRebuildTriggerGeneration` are always taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_tag_policy: Option<MovedTagPolicy>,
 }
+
+/// See `spec.movedTagPolicy`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MovedTagPolicy {
+    /// Ship the digest the tag points to now.
+    Repin,
+    /// Keep shipping the digest pinned before; report the moved tag.
+    Keep,
+}
+
+/// Condition type on an MCM: an image tag moved and was not re-pinned.
+pub const TAG_MOVED: &str = "TagMoved";
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -132,6 +152,8 @@ pub struct ImageStatus {
     pub image: String,
     /// A kernel this image serves (the first in sort order when several share it).
     pub kernel: String,
+    /// The digest shipped for this image (kept while the registry cannot be asked; a tag
+    /// that moves away from it is re-pinned or reported, see `spec.movedTagPolicy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
     pub state: ImageState,

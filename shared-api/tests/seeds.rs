@@ -47,6 +47,7 @@ fn wrap(m: &Module) -> ManagedClusterModule {
                 .clone()
                 .unwrap_or_else(|| "default".into()),
             selector: [("name".to_string(), "spoke-1".to_string())].into(),
+            ..Default::default()
         },
     );
     mcm.metadata.labels = None;
