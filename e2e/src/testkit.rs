@@ -96,6 +96,7 @@ impl HubProcess {
             dashboard_address: o.dashboard,
             dashboard_cert: None,
             dashboard_key: None,
+            dashboard_audience: kmm_hub::dashboard::auth::DEFAULT_AUDIENCE.into(),
             resync: o.resync,
             concurrency: 2,
             write_concurrency: 16,
@@ -117,6 +118,20 @@ impl HubProcess {
     pub async fn stop(self) {
         self.token.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+    }
+
+    /// Wait (at most `timeout`) for the hub to end by itself; its result, or an error when
+    /// it still runs (it is then stopped).
+    pub async fn wait(self, timeout: Duration) -> anyhow::Result<anyhow::Result<()>> {
+        let mut task = self.task;
+        match tokio::time::timeout(timeout, &mut task).await {
+            Ok(joined) => Ok(joined.unwrap_or_else(|e| Err(anyhow::anyhow!("hub task: {e}")))),
+            Err(_) => {
+                self.token.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+                bail!("the hub still ran after {timeout:?}")
+            }
+        }
     }
 
     /// A sample from the hub's /metrics, e.g. `kmm_hub_objects_written_total{kind="ManifestWork"}`
