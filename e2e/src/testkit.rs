@@ -60,6 +60,8 @@ pub struct HubOptions {
     pub config: Option<PathBuf>,
     pub webhook: Option<(SocketAddr, PathBuf, PathBuf)>,
     pub dashboard: Option<SocketAddr>,
+    /// PEM certificate and key of the dashboard (HTTPS).
+    pub dashboard_tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl HubOptions {
@@ -72,6 +74,7 @@ impl HubOptions {
             config: None,
             webhook: None,
             dashboard: None,
+            dashboard_tls: None,
         }
     }
 }
@@ -94,8 +97,8 @@ impl HubProcess {
             webhook_key: o.webhook.as_ref().map(|w| w.2.clone()),
             config: o.config,
             dashboard_address: o.dashboard,
-            dashboard_cert: None,
-            dashboard_key: None,
+            dashboard_cert: o.dashboard_tls.as_ref().map(|t| t.0.clone()),
+            dashboard_key: o.dashboard_tls.as_ref().map(|t| t.1.clone()),
             dashboard_audience: kmm_hub::dashboard::auth::DEFAULT_AUDIENCE.into(),
             resync: o.resync,
             concurrency: 2,
