@@ -91,7 +91,11 @@ async fn certificates_reload_when_their_files_change_and_a_dead_server_takes_rea
             })?;
             eventually("the hub ready", Duration::from_secs(60), || async {
                 let (code, body) = readyz(&hub_proc).await?;
-                Ok(if code == 200 { Ok(()) } else { Err(format!("{code} {body}")) })
+                Ok(if code == 200 {
+                    Ok(())
+                } else {
+                    Err(format!("{code} {body}"))
+                })
             })
             .await?;
             assert_eq!(served(&ca, webhook_port).await?, webhook_v1);
@@ -100,10 +104,21 @@ async fn certificates_reload_when_their_files_change_and_a_dead_server_takes_rea
             // Renewed certificates: served without a restart.
             let webhook_v2 = write_pair(&webhook_dir, &ca, "kmm-hub-webhook-v2")?;
             let dashboard_v2 = write_pair(&dashboard_dir, &ca, "kmm-hub-dashboard-v2")?;
-            for (what, port, want) in [("webhook", webhook_port, &webhook_v2), ("dashboard", dashboard_port, &dashboard_v2)] {
-                eventually(&format!("the {what}'s renewed certificate served"), Duration::from_secs(30), || async {
-                    Ok(if &served(&ca, port).await? == want { Ok(()) } else { Err("the old certificate".to_string()) })
-                })
+            for (what, port, want) in [
+                ("webhook", webhook_port, &webhook_v2),
+                ("dashboard", dashboard_port, &dashboard_v2),
+            ] {
+                eventually(
+                    &format!("the {what}'s renewed certificate served"),
+                    Duration::from_secs(30),
+                    || async {
+                        Ok(if &served(&ca, port).await? == want {
+                            Ok(())
+                        } else {
+                            Err("the old certificate".to_string())
+                        })
+                    },
+                )
                 .await?;
             }
             hub_proc.stop().await;
@@ -116,14 +131,21 @@ async fn certificates_reload_when_their_files_change_and_a_dead_server_takes_rea
                 dashboard: Some(taken.local_addr()?),
                 ..HubOptions::new(fleet.hub().kubeconfig_path(), HUB_NS)
             })?;
-            eventually("readiness waiting for the dashboard server only", Duration::from_secs(60), || async {
-                let (code, body) = readyz(&hub_proc).await?;
-                Ok(if code == 503 && body.trim() == "not ready; waiting for: dashboard-server" {
-                    Ok(())
-                } else {
-                    Err(format!("{code} {body}"))
-                })
-            })
+            eventually(
+                "readiness waiting for the dashboard server only",
+                Duration::from_secs(60),
+                || async {
+                    let (code, body) = readyz(&hub_proc).await?;
+                    Ok(
+                        if code == 503 && body.trim() == "not ready; waiting for: dashboard-server"
+                        {
+                            Ok(())
+                        } else {
+                            Err(format!("{code} {body}"))
+                        },
+                    )
+                },
+            )
             .await?;
             hub_proc.stop().await;
             drop(taken);

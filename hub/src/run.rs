@@ -176,9 +176,9 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
             audience: args.dashboard_audience.clone(),
         };
         let tls = match (&args.dashboard_cert, &args.dashboard_key) {
-            (Some(c), Some(k)) => Some(
-                crate::tls::reloading("dashboard", c.clone(), k.clone(), token.clone()).await?,
-            ),
+            (Some(c), Some(k)) => {
+                Some(crate::tls::reloading("dashboard", c.clone(), k.clone(), token.clone()).await?)
+            }
             _ => None,
         };
         serve(

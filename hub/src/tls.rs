@@ -39,10 +39,12 @@ impl TlsError {
 }
 
 async fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    tokio::fs::read(path).await.map_err(|source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    tokio::fs::read(path)
+        .await
+        .map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 fn fingerprint(cert: &[u8], key: &[u8]) -> [u8; 32] {

@@ -63,8 +63,13 @@ const FAILURE_CAPACITY: usize = 8192;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// May list MCMs; `clusters`: may list ManagedClusters too (sees the inventory).
-    Allowed { user: String, clusters: bool },
-    Forbidden { user: String },
+    Allowed {
+        user: String,
+        clusters: bool,
+    },
+    Forbidden {
+        user: String,
+    },
     Unauthenticated,
 }
 
@@ -78,7 +83,10 @@ pub struct Viewer {
 
 /// Where decisions come from. Production uses the API server; router tests use a table.
 enum Backend {
-    Kubernetes { client: Client, audience: String },
+    Kubernetes {
+        client: Client,
+        audience: String,
+    },
     #[cfg(test)]
     Table(table::Table),
 }
@@ -231,9 +239,9 @@ fn bearer(req: &Request) -> Result<String, ApiError> {
             "no bearer token: send `Authorization: Bearer <token>`",
         ));
     };
-    let value = value
-        .to_str()
-        .map_err(|_| ApiError::BadRequest("the Authorization header is not visible ASCII".into()))?;
+    let value = value.to_str().map_err(|_| {
+        ApiError::BadRequest("the Authorization header is not visible ASCII".into())
+    })?;
     let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(ApiError::Unauthenticated("only bearer tokens are accepted"));
@@ -326,7 +334,8 @@ pub(super) async fn require_stream_viewer(
         .map_err(|_| ApiError::BadRequest("the query string is malformed".into()))?;
     if q.0.access_token.is_some() {
         return Err(ApiError::BadRequest(
-            "tokens are not accepted in URLs: POST /api/v1/stream/tickets for a stream ticket".into(),
+            "tokens are not accepted in URLs: POST /api/v1/stream/tickets for a stream ticket"
+                .into(),
         ));
     }
     let client = peer(&req);

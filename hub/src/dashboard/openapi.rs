@@ -12,9 +12,7 @@ use schemars::generate::{Contract, SchemaSettings};
 use serde_json::{Value, json};
 
 use super::auth::TICKET_PARAM;
-use super::model::{
-    Change, ClusterList, ErrorBody, EventList, McmDetail, McmList, StreamTicket,
-};
+use super::model::{Change, ClusterList, ErrorBody, EventList, McmDetail, McmList, StreamTicket};
 
 static DOCUMENT: LazyLock<Value> = LazyLock::new(document);
 
@@ -55,8 +53,10 @@ pub fn document() -> Value {
     });
     let inventory_errors = {
         let mut e = auth_errors.clone();
-        e["403"] = err("The token's user may not `list managedclustermodules.hub.kmm.sigs.x-k8s.io`, \
-            or (this endpoint names clusters) may not `list managedclusters.cluster.open-cluster-management.io`.");
+        e["403"] = err(
+            "The token's user may not `list managedclustermodules.hub.kmm.sigs.x-k8s.io`, \
+            or (this endpoint names clusters) may not `list managedclusters.cluster.open-cluster-management.io`.",
+        );
         e
     };
     let with_inventory_errors = |ok: Value| {

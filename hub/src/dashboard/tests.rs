@@ -607,7 +607,11 @@ async fn a_user_without_the_permission_is_403_json() {
     let (status, _, _) = send(&router, get("/api/v1/stream", Some(OUTSIDER))).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, _, _) = send(&router, post("/api/v1/stream/tickets", Some(OUTSIDER))).await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "no ticket for a forbidden user");
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "no ticket for a forbidden user"
+    );
 }
 
 #[tokio::test]
@@ -628,13 +632,18 @@ async fn the_cluster_inventory_needs_list_managedclusters() {
             "{path}"
         );
         assert!(!body.to_string().contains("spoke-1"), "{path}: {body}");
-        assert_eq!(get_json(&router, path, Some(VIEWER)).await.0, StatusCode::OK);
+        assert_eq!(
+            get_json(&router, path, Some(VIEWER)).await.0,
+            StatusCode::OK
+        );
     }
 }
 
 fn from_peer(mut req: Request<Body>, ip: [u8; 4]) -> Request<Body> {
     req.extensions_mut()
-        .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((ip, 40000))));
+        .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+            ip, 40000,
+        ))));
     req
 }
 
@@ -673,7 +682,11 @@ async fn failed_authentication_is_limited_per_client_address() {
     )
     .await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(calls.load(Ordering::SeqCst), reviews, "no review while limited");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        reviews,
+        "no review while limited"
+    );
     // Another client is not affected.
     let (status, _, _) = send(&router, from_peer(get("/api/v1/clusters", Some(VIEWER)), b)).await;
     assert_eq!(status, StatusCode::OK);
@@ -801,10 +814,19 @@ async fn the_stream_announces_changes_with_a_single_use_ticket_and_refuses_token
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
     }
     // A token in the URL is refused even when valid; tickets need a token.
-    let (status, body) =
-        get_json(&router, &format!("/api/v1/stream?access_token={VIEWER}"), None).await;
+    let (status, body) = get_json(
+        &router,
+        &format!("/api/v1/stream?access_token={VIEWER}"),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(body["reason"].as_str().is_some_and(|r| r.contains("tickets")), "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("tickets")),
+        "{body}"
+    );
     let (status, _, _) = send(&router, post("/api/v1/stream/tickets", None)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
@@ -916,16 +938,16 @@ async fn openapi_describes_every_endpoint_and_real_answers_match_it() {
         validate(schema, &answer, code);
     }
     let (_, _, answer) = send(&router, post("/api/v1/stream/tickets", Some(VIEWER))).await;
-    let schema = &doc["paths"]["/api/v1/stream/tickets"]["post"]["responses"]["200"]["content"]
-        ["application/json"]["schema"];
+    let schema = &doc["paths"]["/api/v1/stream/tickets"]["post"]["responses"]["200"]["content"]["application/json"]
+        ["schema"];
     validate(
         schema,
         &serde_json::from_slice(&answer).expect("JSON"),
         "a ticket",
     );
     let (_, answer) = get_json(&router, "/api/v1/clusters", Some(MCM_ONLY)).await;
-    let schema = &doc["paths"]["/api/v1/clusters"]["get"]["responses"]["403"]["content"]
-        ["application/json"]["schema"];
+    let schema = &doc["paths"]["/api/v1/clusters"]["get"]["responses"]["403"]["content"]["application/json"]
+        ["schema"];
     validate(schema, &answer, "403 inventory");
     let change = &doc["paths"]["/api/v1/stream"]["get"]["responses"]["200"]["content"]["text/event-stream"]
         ["x-event-data"];
