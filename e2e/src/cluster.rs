@@ -484,10 +484,22 @@ impl Cluster {
         namespace: &str,
         service_account: &str,
     ) -> anyhow::Result<String> {
+        self.service_account_token_for(namespace, service_account, None)
+            .await
+    }
+
+    /// Like [`Cluster::service_account_token`], for `audience` (what
+    /// `kubectl create token SA --audience AUDIENCE` asks); `None`: the API server's own.
+    pub async fn service_account_token_for(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audience: Option<&str>,
+    ) -> anyhow::Result<String> {
         let sas: Api<ServiceAccount> = Api::namespaced(self.admin.clone(), namespace);
         let request = TokenRequest {
             spec: TokenRequestSpec {
-                audiences: vec![],
+                audiences: audience.map(String::from).into_iter().collect(),
                 expiration_seconds: Some(3600),
                 ..Default::default()
             },

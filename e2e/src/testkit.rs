@@ -60,6 +60,8 @@ pub struct HubOptions {
     pub config: Option<PathBuf>,
     pub webhook: Option<(SocketAddr, PathBuf, PathBuf)>,
     pub dashboard: Option<SocketAddr>,
+    /// PEM certificate and key of the dashboard (HTTPS).
+    pub dashboard_tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl HubOptions {
@@ -72,6 +74,7 @@ impl HubOptions {
             config: None,
             webhook: None,
             dashboard: None,
+            dashboard_tls: None,
         }
     }
 }
@@ -94,8 +97,9 @@ impl HubProcess {
             webhook_key: o.webhook.as_ref().map(|w| w.2.clone()),
             config: o.config,
             dashboard_address: o.dashboard,
-            dashboard_cert: None,
-            dashboard_key: None,
+            dashboard_cert: o.dashboard_tls.as_ref().map(|t| t.0.clone()),
+            dashboard_key: o.dashboard_tls.as_ref().map(|t| t.1.clone()),
+            dashboard_audience: kmm_hub::dashboard::auth::DEFAULT_AUDIENCE.into(),
             resync: o.resync,
             concurrency: 2,
             write_concurrency: 16,
@@ -117,6 +121,20 @@ impl HubProcess {
     pub async fn stop(self) {
         self.token.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+    }
+
+    /// Wait (at most `timeout`) for the hub to end by itself; its result, or an error when
+    /// it still runs (it is then stopped).
+    pub async fn wait(self, timeout: Duration) -> anyhow::Result<anyhow::Result<()>> {
+        let mut task = self.task;
+        match tokio::time::timeout(timeout, &mut task).await {
+            Ok(joined) => Ok(joined.unwrap_or_else(|e| Err(anyhow::anyhow!("hub task: {e}")))),
+            Err(_) => {
+                self.token.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+                bail!("the hub still ran after {timeout:?}")
+            }
+        }
     }
 
     /// A sample from the hub's /metrics, e.g. `kmm_hub_objects_written_total{kind="ManifestWork"}`

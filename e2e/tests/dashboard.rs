@@ -150,28 +150,58 @@ async fn select_spoke(fleet: &Fleet, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A ServiceAccount on the hub bound to a ClusterRole that may read MCMs; its token.
-async fn viewer_token(fleet: &Fleet) -> anyhow::Result<String> {
+const AUDIENCE: &str = kmm_hub::dashboard::auth::DEFAULT_AUDIENCE;
+
+/// A ServiceAccount on the hub bound to a ClusterRole with `rules`; its token for the
+/// dashboard's audience (as `kubectl create token SA --audience kmm-fleet-dashboard`).
+async fn service_account(fleet: &Fleet, name: &str, rules: Value) -> anyhow::Result<String> {
     let hub = fleet.hub().client().await;
     apply(
         Api::<ServiceAccount>::namespaced(hub.clone(), HUB_NS),
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": VIEWER_SA, "namespace": HUB_NS}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": HUB_NS}}),
     )
     .await?;
     apply(
         Api::<ClusterRole>::all(hub.clone()),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "kmm-dashboard-viewer"},
-            "rules": [{"apiGroups": ["hub.kmm.sigs.x-k8s.io"], "resources": ["managedclustermodules"], "verbs": ["get", "list", "watch"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+            "rules": rules}),
     )
     .await?;
     apply(
         Api::<ClusterRoleBinding>::all(hub.clone()),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "kmm-dashboard-viewer"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kmm-dashboard-viewer"},
-            "subjects": [{"kind": "ServiceAccount", "name": VIEWER_SA, "namespace": HUB_NS}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": HUB_NS}]}),
     )
     .await?;
-    fleet.hub().service_account_token(HUB_NS, VIEWER_SA).await
+    fleet
+        .hub()
+        .service_account_token_for(HUB_NS, name, Some(AUDIENCE))
+        .await
+}
+
+/// A viewer that may read MCMs and ManagedClusters: its dashboard token.
+async fn viewer_token(fleet: &Fleet) -> anyhow::Result<String> {
+    service_account(
+        fleet,
+        VIEWER_SA,
+        json!([
+            {"apiGroups": ["hub.kmm.sigs.x-k8s.io"], "resources": ["managedclustermodules"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["cluster.open-cluster-management.io"], "resources": ["managedclusters"], "verbs": ["get", "list", "watch"]},
+        ]),
+    )
+    .await
+}
+
+/// A stream ticket for `token`.
+async fn stream_ticket(base: &str, token: &str) -> anyhow::Result<(u16, Value)> {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/api/v1/stream/tickets"))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, serde_json::from_str(&resp.text().await?)?))
 }
 
 /// What the spoke agent would report once the loader pods run: `nodes` of `nodes` available.
@@ -363,15 +393,37 @@ async fn api_authenticates_with_tokenreview_and_matches_the_manifestworks() -> a
                 (401, Some("unauthenticated")),
                 "{body}"
             );
-            let (status, body) = get(&base, list, Some(fleet.hub().nobody_token())).await?;
+            // Tokens not issued for the dashboard's audience are refused, even the viewer's
+            // own API-server token and a static token the API server accepts.
+            let api_token = fleet.hub().service_account_token(HUB_NS, VIEWER_SA).await?;
+            for (what, token) in [("the viewer's API-server token", api_token.as_str()), ("a static token", fleet.hub().nobody_token())] {
+                let (status, body) = get(&base, list, Some(token)).await?;
+                assert_eq!((status, body["error"].as_str()), (401, Some("unauthenticated")), "{what}: {body}");
+            }
+            // A dashboard token of a user without RBAC: 403.
+            let nobody = service_account(fleet, "dashboard-nobody", json!([])).await?;
+            let (status, body) = get(&base, list, Some(&nobody)).await?;
             assert_eq!(status, 403, "{body}");
             assert_eq!(body["error"], "forbidden");
             assert!(
                 body["reason"]
                     .as_str()
-                    .is_some_and(|r| r.contains("\"nobody\"")),
+                    .is_some_and(|r| r.contains("dashboard-nobody")),
                 "{body}"
             );
+            // One that may read MCMs but not ManagedClusters sees no cluster inventory.
+            let mcm_only = service_account(
+                fleet,
+                "dashboard-mcm-only",
+                json!([{"apiGroups": ["hub.kmm.sigs.x-k8s.io"], "resources": ["managedclustermodules"], "verbs": ["list"]}]),
+            )
+            .await?;
+            assert_eq!(get(&base, list, Some(&mcm_only)).await?.0, 200);
+            for path in ["/api/v1/clusters".to_string(), format!("/api/v1/managedclustermodules/{MCM}"), "/api/v1/events".into()] {
+                let (status, body) = get(&base, &path, Some(&mcm_only)).await?;
+                assert_eq!(status, 403, "{path}: {body}");
+                assert!(body["reason"].as_str().is_some_and(|r| r.contains("managedclusters")), "{body}");
+            }
             let (status, body) = get(&base, list, Some(&viewer)).await?;
             assert_eq!(status, 200, "{body}");
             assert_eq!(body["items"][0]["name"], MCM);
@@ -425,9 +477,12 @@ async fn api_authenticates_with_tokenreview_and_matches_the_manifestworks() -> a
                 "{events}"
             );
 
-            // The stream, with the token as a query parameter as EventSource sends it.
+            // The stream, with a single-use ticket as the page opens it; never a token in a URL.
+            let (status, ticket) = stream_ticket(&base, &viewer).await?;
+            assert_eq!(status, 200, "{ticket}");
+            let ticket = ticket["ticket"].as_str().context("a ticket")?.to_string();
             let mut resp = reqwest::Client::new()
-                .get(format!("{base}/api/v1/stream?access_token={viewer}"))
+                .get(format!("{base}/api/v1/stream?ticket={ticket}"))
                 .send()
                 .await?;
             assert_eq!(resp.status().as_u16(), 200);
@@ -441,14 +496,30 @@ async fn api_authenticates_with_tokenreview_and_matches_the_manifestworks() -> a
                 "{first:?}"
             );
             drop(resp);
-            let nobody_stream = reqwest::Client::new()
-                .get(format!(
-                    "{base}/api/v1/stream?access_token={}",
-                    fleet.hub().nobody_token()
-                ))
-                .send()
-                .await?;
-            assert_eq!(nobody_stream.status().as_u16(), 403);
+            let (status, _) = get(&base, &format!("/api/v1/stream?ticket={ticket}"), None).await?;
+            assert_eq!(status, 401, "a ticket is good once");
+            let (status, _) = get(&base, &format!("/api/v1/stream?access_token={viewer}"), None).await?;
+            assert_eq!(status, 400, "a token in the URL is refused");
+            assert_eq!(stream_ticket(&base, &nobody).await?.0, 403);
+
+            // Guessing is limited per client: after a few failures, 429 with Retry-After,
+            // even for a good token from the same address.
+            let mut limited = None;
+            for i in 0..=kmm_hub::dashboard::auth::FAILURE_LIMIT {
+                let resp = reqwest::Client::new()
+                    .get(format!("{base}{list}"))
+                    .bearer_auth(format!("guess-{i}"))
+                    .send()
+                    .await?;
+                if resp.status().as_u16() == 429 {
+                    limited = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(String::from);
+                    break;
+                }
+                assert_eq!(resp.status().as_u16(), 401);
+            }
+            let retry_after: u64 = limited.context("no 429 after FAILURE_LIMIT failures")?.parse()?;
+            assert!((1..=60).contains(&retry_after));
+            assert_eq!(get(&base, list, Some(&viewer)).await?.0, 429);
 
             hub.stop().await;
             Ok(())

@@ -14,6 +14,7 @@ pub mod render;
 pub mod render_cmd;
 pub mod run;
 pub mod sign;
+pub mod tls;
 pub mod validate_cmd;
 pub mod views;
 pub mod webhook;

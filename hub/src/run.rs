@@ -59,6 +59,13 @@ pub struct RunArgs {
     /// PEM private key of the dashboard.
     #[arg(long, env = "KMM_HUB_DASHBOARD_KEY", requires = "dashboard_cert")]
     pub dashboard_key: Option<PathBuf>,
+    /// The audience dashboard tokens must be issued for (`kubectl create token SA --audience …`).
+    #[arg(
+        long,
+        env = "KMM_HUB_DASHBOARD_AUDIENCE",
+        default_value = crate::dashboard::auth::DEFAULT_AUDIENCE
+    )]
+    pub dashboard_audience: String,
     /// How often every MCM is reconciled even without changes; also the digest cache lifetime.
     #[arg(long, env = "KMM_HUB_RESYNC", default_value = "10m", value_parser = humantime::parse_duration)]
     pub resync: Duration,
@@ -126,26 +133,15 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
             (Some(c), Some(k)) => (c.clone(), k.clone()),
             _ => anyhow::bail!("--webhook-address needs --webhook-cert and --webhook-key"),
         };
-        let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
-            .await
-            .with_context(|| format!("loading webhook certificate {} and key", cert.display()))?;
-        let handle = axum_server::Handle::new();
-        let h = handle.clone();
-        let t = token.clone();
-        tokio::spawn(async move {
-            t.cancelled().await;
-            h.graceful_shutdown(Some(Duration::from_secs(5)));
-        });
-        tokio::spawn(async move {
-            tracing::info!(%addr, "admission webhook listening");
-            if let Err(e) = axum_server::bind_rustls(addr, tls)
-                .handle(handle)
-                .serve(crate::webhook::router().into_make_service())
-                .await
-            {
-                tracing::error!(error = %e, "webhook server failed");
-            }
-        });
+        let tls = crate::tls::reloading("webhook", cert, key, token.clone()).await?;
+        serve(
+            "webhook",
+            addr,
+            Some(tls),
+            crate::webhook::router(),
+            health.gate("webhook-server"),
+            token.clone(),
+        );
     }
 
     let caches = Caches::new();
@@ -189,45 +185,22 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
             views: views.clone(),
             mcms: store.clone(),
             client: client.clone(),
+            audience: args.dashboard_audience.clone(),
         };
         let tls = match (&args.dashboard_cert, &args.dashboard_key) {
-            (Some(c), Some(k)) => Some(
-                axum_server::tls_rustls::RustlsConfig::from_pem_file(c, k)
-                    .await
-                    .with_context(|| {
-                        format!("loading dashboard certificate {} and key", c.display())
-                    })?,
-            ),
+            (Some(c), Some(k)) => {
+                Some(crate::tls::reloading("dashboard", c.clone(), k.clone(), token.clone()).await?)
+            }
             _ => None,
         };
-        let router = crate::dashboard::router(state);
-        let handle = axum_server::Handle::new();
-        let h = handle.clone();
-        let t = token.clone();
-        tokio::spawn(async move {
-            t.cancelled().await;
-            h.graceful_shutdown(Some(Duration::from_secs(5)));
-        });
-        tokio::spawn(async move {
-            tracing::info!(%addr, tls = tls.is_some(), "dashboard listening");
-            let served = match tls {
-                Some(tls) => {
-                    axum_server::bind_rustls(addr, tls)
-                        .handle(handle)
-                        .serve(router.into_make_service())
-                        .await
-                }
-                None => {
-                    axum_server::bind(addr)
-                        .handle(handle)
-                        .serve(router.into_make_service())
-                        .await
-                }
-            };
-            if let Err(e) = served {
-                tracing::error!(error = %e, "dashboard server failed");
-            }
-        });
+        serve(
+            "dashboard",
+            addr,
+            tls,
+            crate::dashboard::router(state),
+            health.gate("dashboard-server"),
+            token.clone(),
+        );
     }
 
     // The dashboard's live stream also announces MCMs appearing and going.
@@ -257,8 +230,23 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         }
     });
 
+    let (mut leadership, lease_task) = if args.leader_elect {
+        let identity =
+            std::env::var("POD_NAME").unwrap_or_else(|_| format!("kmm-hub-{}", std::process::id()));
+        let (l, task) = lease::spawn(
+            client.clone(),
+            lease::LeaseConfig::new(&args.lease_name, &args.operator_namespace, identity),
+            token.clone(),
+        );
+        (l, Some(task))
+    } else {
+        (lease::Leadership::always(), None)
+    };
+    // Everything the reconcilers write goes through a client that refuses writes once the
+    // lease is lost (a reconcile still running then writes nothing more).
+    let writer = leadership.fence(client.clone());
     let ctx = Arc::new(Context {
-        client: client.clone(),
+        client: writer.clone(),
         operator_namespace: args.operator_namespace.clone(),
         write_concurrency: args.write_concurrency,
         caches: caches.clone(),
@@ -266,7 +254,7 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         images: ImagePipeline::new(8),
         metrics: metrics.clone(),
         recorder: Recorder::new(
-            client.clone(),
+            writer.clone(),
             Reporter {
                 controller: "kmm-hub".into(),
                 // events.k8s.io/v1 requires a reporting instance.
@@ -313,18 +301,6 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         caches_gate.set(true);
     });
 
-    let (mut leadership, lease_task) = if args.leader_elect {
-        let identity =
-            std::env::var("POD_NAME").unwrap_or_else(|_| format!("kmm-hub-{}", std::process::id()));
-        let (l, task) = lease::spawn(
-            client.clone(),
-            lease::LeaseConfig::new(&args.lease_name, &args.operator_namespace, identity),
-            token.clone(),
-        );
-        (l, Some(task))
-    } else {
-        (lease::Leadership::always(), None)
-    };
     tokio::select! {
         _ = leadership.wait_for(true) => {}
         _ = token.cancelled() => return finish(admin_task, lease_task).await,
@@ -367,12 +343,14 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     let gauge_caches = caches.clone();
     let gauge_store = store.clone();
     let gauge_metrics = metrics.clone();
+    let reconcile_lost = lost.clone();
     controller
         .reconcile_on(triggers)
         .reconcile_all_on(resync)
         .graceful_shutdown_on(shutdown_on)
         .run(
             move |mcm, ctx: Arc<Context>| {
+                let lost = reconcile_lost.clone();
                 let caches = gauge_caches.clone();
                 let metrics = gauge_metrics.clone();
                 let mcm_store = gauge_store.clone();
@@ -388,7 +366,12 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
                             Duration::from_millis(200),
                         ));
                     }
-                    reconcile(mcm, ctx).await
+                    // On loss an in-flight reconcile is dropped where it stands.
+                    tokio::select! {
+                        biased;
+                        _ = lost.cancelled() => Ok(kube::runtime::controller::Action::await_change()),
+                        r = reconcile(mcm, ctx) => r,
+                    }
                 }
             },
             error_policy,
@@ -406,6 +389,59 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         anyhow::bail!("lost leadership");
     }
     finish(admin_task, lease_task).await
+}
+
+/// Serve `router` on `addr` (TLS when given) in a task until `token` is cancelled. `gate` is
+/// open while the server listens: a server that cannot bind or whose task ends (fails,
+/// panics) takes `/readyz` down with it.
+fn serve(
+    what: &'static str,
+    addr: SocketAddr,
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
+    router: axum::Router,
+    gate: admin::ReadyGate,
+    token: CancellationToken,
+) {
+    /// Closes the gate when the server task ends, however it ends.
+    struct Closed(admin::ReadyGate);
+    impl Drop for Closed {
+        fn drop(&mut self) {
+            self.0.set(false);
+        }
+    }
+    let handle = axum_server::Handle::new();
+    let (h, t) = (handle.clone(), token.clone());
+    tokio::spawn(async move {
+        t.cancelled().await;
+        h.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    let (h, g, with_tls) = (handle.clone(), gate.clone(), tls.is_some());
+    tokio::spawn(async move {
+        if let Some(bound) = h.listening().await {
+            tracing::info!(server = what, addr = %bound, tls = with_tls, "listening");
+            g.set(true);
+        }
+    });
+    tokio::spawn(async move {
+        let _closed = Closed(gate);
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        let served = match tls {
+            Some(tls) => {
+                axum_server::bind_rustls(addr, tls)
+                    .handle(handle)
+                    .serve(service)
+                    .await
+            }
+            None => axum_server::bind(addr).handle(handle).serve(service).await,
+        };
+        match served {
+            Err(e) => tracing::error!(server = what, %addr, error = %e, "server failed; not ready"),
+            Ok(()) if !token.is_cancelled() => {
+                tracing::error!(server = what, %addr, "server stopped; not ready")
+            }
+            Ok(()) => {}
+        }
+    });
 }
 
 async fn finish(

@@ -1,15 +1,25 @@
-//! Who may read the fleet: a bearer token is checked with a TokenReview, and its user with a
-//! SubjectAccessReview for `list managedclustermodules.hub.kmm.sigs.x-k8s.io` — the same
-//! question `kubectl get mcm` asks. Decisions (allowed, forbidden and unauthenticated) are
-//! cached briefly, keyed by the token's SHA-256, so page refreshes do not reach the API server.
+//! Who may read the fleet: a bearer token is checked with a TokenReview **for the dashboard's
+//! own audience** (default `kmm-fleet-dashboard`; the answer must name that audience, so a
+//! token minted for the API server or another service is refused), and its user with
+//! SubjectAccessReviews for `list managedclustermodules.hub.kmm.sigs.x-k8s.io` (every endpoint)
+//! and `list managedclusters.cluster.open-cluster-management.io` (the endpoints that show the
+//! cluster inventory). Decisions are cached briefly, keyed by the token's SHA-256.
+//!
+//! Tokens never travel in URLs: the live stream (EventSource cannot set headers) takes a
+//! single-use ticket from `POST /api/v1/stream/tickets`, bound to the user and valid 60 s.
+//! Failed authentication is limited per client address (429 with `Retry-After`).
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use axum::extract::{Query, Request, State};
+use axum::Json;
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::Response;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
@@ -20,23 +30,46 @@ use sha2::{Digest, Sha256};
 
 use super::AppState;
 use super::error::ApiError;
+use super::model::StreamTicket;
 
-/// The permission a viewer needs.
+/// The permission every viewer needs.
 pub const GROUP: &str = "hub.kmm.sigs.x-k8s.io";
 pub const RESOURCE: &str = "managedclustermodules";
 pub const VERB: &str = "list";
+/// The permission the cluster inventory needs (what `kubectl get managedclusters` asks).
+pub const CLUSTER_GROUP: &str = "cluster.open-cluster-management.io";
+pub const CLUSTER_RESOURCE: &str = "managedclusters";
+
+/// The audience a dashboard token must be issued for, unless configured otherwise.
+pub const DEFAULT_AUDIENCE: &str = "kmm-fleet-dashboard";
 
 /// How long a decision is reused, and how many are kept.
 pub const DECISION_TTL: Duration = Duration::from_secs(30);
 pub const DECISION_CAPACITY: u64 = 1024;
 
-/// The query parameter that carries the token where headers cannot be set (EventSource).
-pub const ACCESS_TOKEN_PARAM: &str = "access_token";
+/// The query parameter of the stream's ticket.
+pub const TICKET_PARAM: &str = "ticket";
+/// How long a stream ticket is valid (it is used once, at once, by the page).
+pub const TICKET_TTL: Duration = Duration::from_secs(60);
+pub const TICKET_CAPACITY: u64 = 4096;
+
+/// Failed authentications allowed per client address within [`FAILURE_WINDOW`]; beyond that
+/// requests are answered 429 until the window ends, without asking the API server.
+pub const FAILURE_LIMIT: u32 = 10;
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses tracked at most (the expired ones are dropped first).
+const FAILURE_CAPACITY: usize = 8192;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Allowed { user: String },
-    Forbidden { user: String },
+    /// May list MCMs; `clusters`: may list ManagedClusters too (sees the inventory).
+    Allowed {
+        user: String,
+        clusters: bool,
+    },
+    Forbidden {
+        user: String,
+    },
     Unauthenticated,
 }
 
@@ -44,27 +77,35 @@ pub enum Decision {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Viewer {
     pub user: String,
+    /// May list ManagedClusters.
+    pub clusters: bool,
 }
 
 /// Where decisions come from. Production uses the API server; router tests use a table.
 enum Backend {
-    Kubernetes(Client),
+    Kubernetes {
+        client: Client,
+        audience: String,
+    },
     #[cfg(test)]
     Table(table::Table),
 }
 
-/// Checks tokens, with a short-lived bounded cache of decisions.
+/// Checks tokens, with a short-lived bounded cache of decisions; issues and redeems stream
+/// tickets; counts failed attempts per client address.
 pub struct Authenticator {
     backend: Backend,
     cache: moka::future::Cache<[u8; 32], Decision>,
+    tickets: moka::future::Cache<String, Viewer>,
+    failures: FailureLimiter,
 }
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let backend = match self.backend {
-            Backend::Kubernetes(_) => "kubernetes",
+        let backend = match &self.backend {
+            Backend::Kubernetes { audience, .. } => format!("kubernetes (audience {audience})"),
             #[cfg(test)]
-            Backend::Table(_) => "table",
+            Backend::Table(_) => "table".into(),
         };
         f.debug_struct("Authenticator")
             .field("backend", &backend)
@@ -73,9 +114,12 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    /// TokenReview and SubjectAccessReview against the hub's API server.
-    pub fn kubernetes(client: Client) -> Self {
-        Self::with_backend(Backend::Kubernetes(client))
+    /// TokenReview (for `audience`) and SubjectAccessReview against the hub's API server.
+    pub fn kubernetes(client: Client, audience: impl Into<String>) -> Self {
+        Self::with_backend(Backend::Kubernetes {
+            client,
+            audience: audience.into(),
+        })
     }
 
     fn with_backend(backend: Backend) -> Self {
@@ -83,7 +127,16 @@ impl Authenticator {
             .max_capacity(DECISION_CAPACITY)
             .time_to_live(DECISION_TTL)
             .build();
-        Self { backend, cache }
+        let tickets = moka::future::Cache::builder()
+            .max_capacity(TICKET_CAPACITY)
+            .time_to_live(TICKET_TTL)
+            .build();
+        Self {
+            backend,
+            cache,
+            tickets,
+            failures: FailureLimiter::default(),
+        }
     }
 
     /// The decision for a token; concurrent checks of one token share one review.
@@ -97,18 +150,30 @@ impl Authenticator {
 
     async fn review(&self, token: &str) -> Result<Decision, kube::Error> {
         match &self.backend {
-            Backend::Kubernetes(client) => review(client, token).await,
+            Backend::Kubernetes { client, audience } => review(client, audience, token).await,
             #[cfg(test)]
             Backend::Table(t) => Ok(t.decide(token)),
         }
     }
+
+    /// A new single-use stream ticket for `viewer`.
+    pub async fn issue_ticket(&self, viewer: Viewer) -> String {
+        let ticket = hex::encode(rand::random::<[u8; 32]>());
+        self.tickets.insert(ticket.clone(), viewer).await;
+        ticket
+    }
+
+    /// The viewer a ticket was issued to; the ticket is spent.
+    async fn redeem_ticket(&self, ticket: &str) -> Option<Viewer> {
+        self.tickets.remove(ticket).await
+    }
 }
 
-async fn review(client: &Client, token: &str) -> Result<Decision, kube::Error> {
+async fn review(client: &Client, audience: &str, token: &str) -> Result<Decision, kube::Error> {
     let tr = TokenReview {
         spec: TokenReviewSpec {
             token: Some(token.to_string()),
-            audiences: None,
+            audiences: Some(vec![audience.to_string()]),
         },
         ..Default::default()
     };
@@ -116,19 +181,44 @@ async fn review(client: &Client, token: &str) -> Result<Decision, kube::Error> {
         .create(&PostParams::default(), &tr)
         .await?;
     let status = tr.status.unwrap_or_default();
-    let Some(user) = status.user.filter(|_| status.authenticated == Some(true)) else {
+    // An audience-unaware authenticator would not name the audience: refuse that too.
+    let for_us = status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|a| a == audience));
+    let Some(user) = status
+        .user
+        .filter(|_| status.authenticated == Some(true) && for_us)
+    else {
         return Ok(Decision::Unauthenticated);
     };
     let name = user.username.clone().unwrap_or_default();
+    if !may_list(client, &user, GROUP, RESOURCE).await? {
+        return Ok(Decision::Forbidden { user: name });
+    }
+    let clusters = may_list(client, &user, CLUSTER_GROUP, CLUSTER_RESOURCE).await?;
+    Ok(Decision::Allowed {
+        user: name,
+        clusters,
+    })
+}
+
+/// A SubjectAccessReview: may `user` list `resource.group` (cluster-wide)?
+async fn may_list(
+    client: &Client,
+    user: &UserInfo,
+    group: &str,
+    resource: &str,
+) -> Result<bool, kube::Error> {
     let sar = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
-            user: user.username,
-            groups: user.groups,
-            uid: user.uid,
-            extra: user.extra,
+            user: user.username.clone(),
+            groups: user.groups.clone(),
+            uid: user.uid.clone(),
+            extra: user.extra.clone(),
             resource_attributes: Some(ResourceAttributes {
-                group: Some(GROUP.into()),
-                resource: Some(RESOURCE.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
                 verb: Some(VERB.into()),
                 ..Default::default()
             }),
@@ -139,44 +229,26 @@ async fn review(client: &Client, token: &str) -> Result<Decision, kube::Error> {
     let sar = Api::<SubjectAccessReview>::all(client.clone())
         .create(&PostParams::default(), &sar)
         .await?;
-    Ok(if sar.status.is_some_and(|s| s.allowed) {
-        Decision::Allowed { user: name }
-    } else {
-        Decision::Forbidden { user: name }
-    })
+    Ok(sar.status.is_some_and(|s| s.allowed))
 }
 
-/// The bearer token of a request: from `Authorization: Bearer …`, or (where `allow_query`)
-/// from the `access_token` query parameter.
-fn bearer(req: &Request, allow_query: bool) -> Result<String, ApiError> {
-    if let Some(value) = req.headers().get(header::AUTHORIZATION) {
-        let value = value.to_str().map_err(|_| {
-            ApiError::BadRequest("the Authorization header is not visible ASCII".into())
-        })?;
-        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(ApiError::Unauthenticated("only bearer tokens are accepted"));
-        }
-        return valid_token(token.trim()).ok_or_else(|| {
-            ApiError::BadRequest("the Authorization header must be `Bearer <token>`".into())
-        });
+/// The bearer token of a request, from `Authorization: Bearer …` only.
+fn bearer(req: &Request) -> Result<String, ApiError> {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return Err(ApiError::Unauthenticated(
+            "no bearer token: send `Authorization: Bearer <token>`",
+        ));
+    };
+    let value = value.to_str().map_err(|_| {
+        ApiError::BadRequest("the Authorization header is not visible ASCII".into())
+    })?;
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(ApiError::Unauthenticated("only bearer tokens are accepted"));
     }
-    if allow_query {
-        #[derive(Deserialize)]
-        struct TokenQuery {
-            access_token: Option<String>,
-        }
-        let q = Query::<TokenQuery>::try_from_uri(req.uri())
-            .map_err(|_| ApiError::BadRequest("the query string is malformed".into()))?;
-        if let Some(token) = q.0.access_token {
-            return valid_token(&token).ok_or_else(|| {
-                ApiError::BadRequest(format!("the {ACCESS_TOKEN_PARAM} parameter is not a token"))
-            });
-        }
-    }
-    Err(ApiError::Unauthenticated(
-        "no bearer token: send `Authorization: Bearer <token>`",
-    ))
+    valid_token(token.trim()).ok_or_else(|| {
+        ApiError::BadRequest("the Authorization header must be `Bearer <token>`".into())
+    })
 }
 
 fn valid_token(token: &str) -> Option<String> {
@@ -184,34 +256,167 @@ fn valid_token(token: &str) -> Option<String> {
         .then(|| token.to_string())
 }
 
-async fn authorize(state: &AppState, token: Result<String, ApiError>) -> Result<Viewer, ApiError> {
-    match state.auth.decide(&token?).await? {
-        Decision::Allowed { user } => Ok(Viewer { user }),
-        Decision::Forbidden { user } => Err(ApiError::Forbidden { user }),
-        Decision::Unauthenticated => Err(ApiError::Unauthenticated("the token was not accepted")),
+/// The client's address (the TCP peer); one shared bucket when unknown (router tests).
+fn peer(req: &Request) -> IpAddr {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// Authenticate a request's bearer token, counting rejected tokens against the client.
+async fn authorize(
+    state: &AppState,
+    client: IpAddr,
+    token: Result<String, ApiError>,
+) -> Result<Viewer, ApiError> {
+    state.auth.failures.check(client)?;
+    let token = token?;
+    match state.auth.decide(&token).await? {
+        Decision::Allowed { user, clusters } => Ok(Viewer { user, clusters }),
+        Decision::Forbidden { user } => Err(ApiError::Forbidden {
+            user,
+            permission: "list managedclustermodules.hub.kmm.sigs.x-k8s.io",
+        }),
+        Decision::Unauthenticated => {
+            state.auth.failures.failed(client);
+            Err(ApiError::Unauthenticated(
+                "the token was not accepted (is it issued for the dashboard's audience?)",
+            ))
+        }
     }
 }
 
-/// Middleware of the JSON API: the token in the Authorization header only.
+/// Middleware of the JSON API: a token (header only) whose user may list MCMs.
 pub(super) async fn require_viewer(
     State(state): State<AppState>,
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let viewer = authorize(&state, bearer(&req, false)).await?;
+    let (client, token) = (peer(&req), bearer(&req));
+    let viewer = authorize(&state, client, token).await?;
     req.extensions_mut().insert(viewer);
     Ok(next.run(req).await)
 }
 
-/// Middleware of the live stream: the header, or `?access_token=` for EventSource.
+/// Middleware of the endpoints that show the cluster inventory: the user must also be
+/// allowed to list ManagedClusters.
+pub(super) async fn require_inventory_viewer(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let (client, token) = (peer(&req), bearer(&req));
+    let viewer = authorize(&state, client, token).await?;
+    if !viewer.clusters {
+        return Err(ApiError::Forbidden {
+            user: viewer.user,
+            permission: "list managedclusters.cluster.open-cluster-management.io",
+        });
+    }
+    req.extensions_mut().insert(viewer);
+    Ok(next.run(req).await)
+}
+
+/// Middleware of the live stream: a ticket (`?ticket=`), or the Authorization header for
+/// clients that can set one. A token in the URL is refused.
 pub(super) async fn require_stream_viewer(
     State(state): State<AppState>,
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let viewer = authorize(&state, bearer(&req, true)).await?;
+    #[derive(Deserialize)]
+    struct StreamQuery {
+        ticket: Option<String>,
+        access_token: Option<String>,
+    }
+    let q = Query::<StreamQuery>::try_from_uri(req.uri())
+        .map_err(|_| ApiError::BadRequest("the query string is malformed".into()))?;
+    if q.0.access_token.is_some() {
+        return Err(ApiError::BadRequest(
+            "tokens are not accepted in URLs: POST /api/v1/stream/tickets for a stream ticket"
+                .into(),
+        ));
+    }
+    let client = peer(&req);
+    let viewer = match q.0.ticket {
+        Some(ticket) => {
+            state.auth.failures.check(client)?;
+            match state.auth.redeem_ticket(&ticket).await {
+                Some(v) => v,
+                None => {
+                    state.auth.failures.failed(client);
+                    return Err(ApiError::Unauthenticated(
+                        "the stream ticket is unknown, spent or expired",
+                    ));
+                }
+            }
+        }
+        None => {
+            let token = bearer(&req);
+            authorize(&state, client, token).await?
+        }
+    };
     req.extensions_mut().insert(viewer);
     Ok(next.run(req).await)
+}
+
+/// `POST /api/v1/stream/tickets`: a single-use ticket for the stream, bound to the caller.
+pub(super) async fn issue_ticket(
+    State(state): State<AppState>,
+    viewer: Option<axum::Extension<Viewer>>,
+) -> Result<Json<StreamTicket>, ApiError> {
+    let axum::Extension(viewer) = viewer.ok_or(ApiError::Unauthenticated("no bearer token"))?;
+    let ticket = state.auth.issue_ticket(viewer).await;
+    Ok(Json(StreamTicket {
+        ticket,
+        expires_in_seconds: TICKET_TTL.as_secs(),
+    }))
+}
+
+/// Failed authentications per client address in fixed windows.
+#[derive(Default)]
+struct FailureLimiter {
+    windows: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl FailureLimiter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (Instant, u32)>> {
+        // A poisoned map of counters is still a valid map.
+        self.windows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// 429 while `client` has used up its failures in the current window.
+    fn check(&self, client: IpAddr) -> Result<(), ApiError> {
+        let windows = self.lock();
+        match windows.get(&client) {
+            Some((start, n)) if *n >= FAILURE_LIMIT && start.elapsed() < FAILURE_WINDOW => {
+                let left = FAILURE_WINDOW.saturating_sub(start.elapsed());
+                Err(ApiError::TooManyFailures {
+                    retry_after_secs: left.as_secs() + u64::from(left.subsec_nanos() > 0),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn failed(&self, client: IpAddr) {
+        let mut windows = self.lock();
+        if windows.len() >= FAILURE_CAPACITY {
+            windows.retain(|_, (start, _)| start.elapsed() < FAILURE_WINDOW);
+        }
+        if windows.len() >= FAILURE_CAPACITY && !windows.contains_key(&client) {
+            // Full of live windows: forget the oldest rather than grow without bound.
+            if let Some(oldest) = windows.iter().min_by_key(|(_, (s, _))| *s).map(|(k, _)| *k) {
+                windows.remove(&oldest);
+            }
+        }
+        let entry = windows.entry(client).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= FAILURE_WINDOW {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
 }
 
 impl Authenticator {

@@ -11,15 +11,21 @@ use super::model::ErrorBody;
 pub enum ApiError {
     #[error("{0}")]
     Unauthenticated(&'static str),
-    #[error("user {user:?} may not list managedclustermodules.hub.kmm.sigs.x-k8s.io")]
-    Forbidden { user: String },
+    #[error("user {user:?} may not {permission}")]
+    Forbidden {
+        user: String,
+        permission: &'static str,
+    },
+    /// Too many failed authentications from this client address.
+    #[error("too many failed authentications from this address; retry in {retry_after_secs} s")]
+    TooManyFailures { retry_after_secs: u64 },
     #[error("{kind} {name:?} not found")]
     NotFound { kind: &'static str, name: String },
     #[error("{0}")]
     BadRequest(String),
     #[error("no such endpoint; see /api/v1/openapi.json")]
     NoSuchPath,
-    #[error("only GET is served")]
+    #[error("method not allowed (the API is read-only: GET, and POST for stream tickets)")]
     MethodNotAllowed,
     /// The API server could not answer a TokenReview or SubjectAccessReview.
     #[error("authentication backend: {0}")]
@@ -31,6 +37,7 @@ impl ApiError {
         match self {
             ApiError::Unauthenticated(_) => "unauthenticated",
             ApiError::Forbidden { .. } => "forbidden",
+            ApiError::TooManyFailures { .. } => "rate_limited",
             ApiError::NotFound { .. } => "not_found",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::NoSuchPath => "not_found",
@@ -43,6 +50,7 @@ impl ApiError {
         match self {
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::TooManyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NoSuchPath => StatusCode::NOT_FOUND,
@@ -76,6 +84,10 @@ impl IntoResponse for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let ApiError::TooManyFailures { retry_after_secs } = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         resp
     }

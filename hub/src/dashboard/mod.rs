@@ -2,7 +2,8 @@
 //! answered from the controller's caches.
 //!
 //! - `api`: the JSON endpoints; `model`: their shapes; `openapi`: the document describing them.
-//! - `auth`: bearer token → TokenReview → SubjectAccessReview, with a short decision cache.
+//! - `auth`: bearer token → TokenReview (dashboard audience) → SubjectAccessReviews, with a
+//!   short decision cache; stream tickets; a limit on failed authentication per client.
 //! - `sse`: the change stream; `page`: the embedded web page.
 //!
 //! See docs/dashboard.md.
@@ -21,7 +22,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::middleware::from_fn_with_state;
-use axum::routing::get;
+use axum::routing::{get, post};
 use kube::Client;
 use kube::runtime::reflector::Store;
 use shared_api::ManagedClusterModule;
@@ -41,6 +42,8 @@ pub struct DashboardState {
     pub mcms: Store<ManagedClusterModule>,
     /// For TokenReview and SubjectAccessReview.
     pub client: Client,
+    /// The audience dashboard tokens must be issued for.
+    pub audience: String,
 }
 
 /// What the handlers share.
@@ -52,7 +55,10 @@ struct AppState {
 
 /// The dashboard, authenticating callers against the hub's API server.
 pub fn router(state: DashboardState) -> Router {
-    let auth = Arc::new(Authenticator::kubernetes(state.client.clone()));
+    let auth = Arc::new(Authenticator::kubernetes(
+        state.client.clone(),
+        state.audience.clone(),
+    ));
     router_with(state, auth)
 }
 
@@ -61,10 +67,17 @@ fn router_with(fleet: DashboardState, auth: Arc<Authenticator>) -> Router {
     let state = AppState { fleet, auth };
     let data = Router::new()
         .route("/managedclustermodules", get(api::list_mcms))
+        .route("/stream/tickets", post(auth::issue_ticket))
+        .route_layer(from_fn_with_state(state.clone(), auth::require_viewer));
+    // What names clusters: the inventory, an MCM's per-cluster rollout, the events.
+    let inventory = Router::new()
         .route("/managedclustermodules/{name}", get(api::get_mcm))
         .route("/clusters", get(api::list_clusters))
         .route("/events", get(api::list_events))
-        .route_layer(from_fn_with_state(state.clone(), auth::require_viewer));
+        .route_layer(from_fn_with_state(
+            state.clone(),
+            auth::require_inventory_viewer,
+        ));
     let stream = Router::new()
         .route("/stream", get(sse::stream))
         .route_layer(from_fn_with_state(
@@ -73,6 +86,7 @@ fn router_with(fleet: DashboardState, auth: Arc<Authenticator>) -> Router {
         ));
     let v1 = Router::new()
         .merge(data)
+        .merge(inventory)
         .merge(stream)
         .route("/openapi.json", get(openapi::serve));
     Router::new()

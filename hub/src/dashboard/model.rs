@@ -219,12 +219,21 @@ pub struct Change {
     pub revision: u64,
 }
 
+/// A stream ticket: pass it as `GET /api/v1/stream?ticket=…` within its lifetime; it is
+/// good for one connection of the user it was issued to.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamTicket {
+    pub ticket: String,
+    pub expires_in_seconds: u64,
+}
+
 /// Every error answer.
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
-    /// A short category: `unauthenticated`, `forbidden`, `not_found`, `bad_request`,
-    /// `method_not_allowed`, `unavailable`.
+    /// A short category: `unauthenticated`, `forbidden`, `rate_limited`, `not_found`,
+    /// `bad_request`, `method_not_allowed`, `unavailable`.
     pub error: String,
     /// For people; never internal details.
     pub reason: String,

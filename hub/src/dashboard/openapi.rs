@@ -11,8 +11,8 @@ use axum::response::IntoResponse;
 use schemars::generate::{Contract, SchemaSettings};
 use serde_json::{Value, json};
 
-use super::auth::ACCESS_TOKEN_PARAM;
-use super::model::{Change, ClusterList, ErrorBody, EventList, McmDetail, McmList};
+use super::auth::TICKET_PARAM;
+use super::model::{Change, ClusterList, ErrorBody, EventList, McmDetail, McmList, StreamTicket};
 
 static DOCUMENT: LazyLock<Value> = LazyLock::new(document);
 
@@ -38,6 +38,7 @@ pub fn document() -> Value {
     let cluster_list = generator.subschema_for::<ClusterList>();
     let event_list = generator.subschema_for::<EventList>();
     let change = generator.subschema_for::<Change>();
+    let ticket = generator.subschema_for::<StreamTicket>();
     let error = generator.subschema_for::<ErrorBody>();
     let schemas = generator.take_definitions(true);
 
@@ -45,10 +46,26 @@ pub fn document() -> Value {
     let err = |description: &str| json!({"description": description, "content": {"application/json": {"schema": error}}});
     let auth_errors = json!({
         "400": err("Malformed request (e.g. an Authorization header that is not `Bearer <token>`)."),
-        "401": err("No token, or the token was not accepted by the hub's API server."),
+        "401": err("No token, or the token was not accepted by the hub's API server for the dashboard's audience."),
         "403": err("The token's user may not `list managedclustermodules.hub.kmm.sigs.x-k8s.io`."),
+        "429": err("Too many failed authentications from this client address; see `Retry-After`."),
         "503": err("The hub's API server could not check the token."),
     });
+    let inventory_errors = {
+        let mut e = auth_errors.clone();
+        e["403"] = err(
+            "The token's user may not `list managedclustermodules.hub.kmm.sigs.x-k8s.io`, \
+            or (this endpoint names clusters) may not `list managedclusters.cluster.open-cluster-management.io`.",
+        );
+        e
+    };
+    let with_inventory_errors = |ok: Value| {
+        let mut responses = inventory_errors.clone();
+        if let (Some(r), Some(ok)) = (responses.as_object_mut(), ok.as_object()) {
+            r.extend(ok.clone());
+        }
+        responses
+    };
     let with_auth_errors = |ok: Value| {
         let mut responses = auth_errors.clone();
         if let (Some(r), Some(ok)) = (responses.as_object_mut(), ok.as_object()) {
@@ -64,8 +81,10 @@ pub fn document() -> Value {
             "version": "v1",
             "description": "Read-only fleet state of the kmm-fleet hub: ManagedClusterModules, their rollout per cluster \
                 and kernel, ManagedClusters, recent events, and a live change stream. Answered from the hub's caches. \
-                Every endpoint except this document needs a bearer token whose user may list \
-                managedclustermodules.hub.kmm.sigs.x-k8s.io.",
+                Every endpoint except this document needs a bearer token issued for the dashboard's audience \
+                (`kubectl create token <sa> --audience kmm-fleet-dashboard` by default) whose user may list \
+                managedclustermodules.hub.kmm.sigs.x-k8s.io; the endpoints that name clusters also need \
+                `list managedclusters.cluster.open-cluster-management.io`.",
         },
         "security": [{"bearer": []}],
         "paths": {
@@ -78,7 +97,7 @@ pub fn document() -> Value {
                 "operationId": "getManagedClusterModule",
                 "summary": "One MCM: per cluster its kernels, images and digests, ManifestWork conditions and feedback, and the image plan.",
                 "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string", "maxLength": 253}}],
-                "responses": with_auth_errors(json!({
+                "responses": with_inventory_errors(json!({
                     "200": json_ok("The MCM's rollout.", &mcm_detail),
                     "404": err("No such ManagedClusterModule."),
                 })),
@@ -86,7 +105,7 @@ pub fn document() -> Value {
             "/api/v1/clusters": {"get": {
                 "operationId": "listClusters",
                 "summary": "Every ManagedCluster with its labels, kernels and the MCMs that select it.",
-                "responses": with_auth_errors(json!({"200": json_ok("The clusters, by name.", &cluster_list)})),
+                "responses": with_inventory_errors(json!({"200": json_ok("The clusters, by name.", &cluster_list)})),
             }},
             "/api/v1/events": {"get": {
                 "operationId": "listEvents",
@@ -95,18 +114,24 @@ pub fn document() -> Value {
                     {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0}},
                     {"name": "name", "in": "query", "required": false, "description": "Only events about this object.", "schema": {"type": "string"}},
                 ],
-                "responses": with_auth_errors(json!({"200": json_ok("The events.", &event_list)})),
+                "responses": with_inventory_errors(json!({"200": json_ok("The events.", &event_list)})),
             }},
             "/api/v1/stream": {"get": {
                 "operationId": "stream",
                 "summary": "Server-sent events: one `change` event now and after changes (at most one a second), \
                     `data` being a Change object; keep-alive comments every 15 s; the stream ends after 10 minutes \
-                    and EventSource reconnects. Accepts the token also as the `access_token` query parameter.",
-                "security": [{"bearer": []}, {"accessToken": []}],
+                    and EventSource reconnects. Authenticated by the Authorization header or by a stream ticket \
+                    (`?ticket=`, from POST /api/v1/stream/tickets); a token in the URL is refused (400).",
+                "security": [{"bearer": []}, {"streamTicket": []}],
                 "responses": with_auth_errors(json!({"200": {
                     "description": "An event stream; each event's `data` is a Change.",
                     "content": {"text/event-stream": {"schema": {"type": "string"}, "x-event-data": change}},
                 }})),
+            }},
+            "/api/v1/stream/tickets": {"post": {
+                "operationId": "createStreamTicket",
+                "summary": "A single-use ticket for GET /api/v1/stream, bound to the caller, valid 60 s.",
+                "responses": with_auth_errors(json!({"200": json_ok("The ticket.", &ticket)})),
             }},
             "/api/v1/openapi.json": {"get": {
                 "operationId": "openapi",
@@ -118,9 +143,10 @@ pub fn document() -> Value {
         "components": {
             "schemas": schemas,
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "description": "A Kubernetes token of the hub cluster."},
-                "accessToken": {"type": "apiKey", "in": "query", "name": ACCESS_TOKEN_PARAM,
-                    "description": "The same token, for EventSource (stream only)."},
+                "bearer": {"type": "http", "scheme": "bearer",
+                    "description": "A Kubernetes token of the hub cluster, issued for the dashboard's audience."},
+                "streamTicket": {"type": "apiKey", "in": "query", "name": TICKET_PARAM,
+                    "description": "A single-use stream ticket (stream only; EventSource cannot send headers)."},
             },
         },
     })

@@ -28,6 +28,8 @@ use crate::views::{ClusterView, KernelView, McmView, Views};
 
 const VIEWER: &str = "viewer-token";
 const OUTSIDER: &str = "outsider-token";
+/// May list MCMs but not ManagedClusters.
+const MCM_ONLY: &str = "mcm-only-token";
 const K1: &str = "5.14.0-284.36.1.el9_2.x86_64";
 const K2: &str = "6.1.0-13-amd64";
 const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
@@ -244,6 +246,7 @@ fn fixture() -> Fixture {
         views,
         mcms: writer.as_reader(),
         client: unreachable_client(),
+        audience: super::auth::DEFAULT_AUDIENCE.into(),
     };
     Fixture { state }
 }
@@ -255,6 +258,14 @@ impl Fixture {
                 VIEWER,
                 Decision::Allowed {
                     user: "system:serviceaccount:ops:viewer".into(),
+                    clusters: true,
+                },
+            ),
+            (
+                MCM_ONLY,
+                Decision::Allowed {
+                    user: "mcm-reader".into(),
+                    clusters: false,
                 },
             ),
             (
@@ -593,12 +604,92 @@ async fn a_user_without_the_permission_is_403_json() {
             "user \"outsider\" may not list managedclustermodules.hub.kmm.sigs.x-k8s.io"
         );
     }
+    let (status, _, _) = send(&router, get("/api/v1/stream", Some(OUTSIDER))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = send(&router, post("/api/v1/stream/tickets", Some(OUTSIDER))).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "no ticket for a forbidden user"
+    );
+}
+
+#[tokio::test]
+async fn the_cluster_inventory_needs_list_managedclusters() {
+    let (router, _) = fixture().router();
+    let (status, body) = get_json(&router, "/api/v1/managedclustermodules", Some(MCM_ONLY)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for path in [
+        "/api/v1/clusters",
+        "/api/v1/managedclustermodules/kmm-ci-a",
+        "/api/v1/events",
+    ] {
+        let (status, body) = get_json(&router, path, Some(MCM_ONLY)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+        assert_eq!(
+            body["reason"],
+            "user \"mcm-reader\" may not list managedclusters.cluster.open-cluster-management.io",
+            "{path}"
+        );
+        assert!(!body.to_string().contains("spoke-1"), "{path}: {body}");
+        assert_eq!(
+            get_json(&router, path, Some(VIEWER)).await.0,
+            StatusCode::OK
+        );
+    }
+}
+
+fn from_peer(mut req: Request<Body>, ip: [u8; 4]) -> Request<Body> {
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+            ip, 40000,
+        ))));
+    req
+}
+
+#[tokio::test]
+async fn failed_authentication_is_limited_per_client_address() {
+    let (router, calls) = fixture().router();
+    let (a, b) = ([192, 0, 2, 1], [192, 0, 2, 2]);
+    for i in 0..super::auth::FAILURE_LIMIT {
+        let (status, _, _) = send(
+            &router,
+            from_peer(get("/api/v1/clusters", Some(&format!("guess-{i}"))), a),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    let reviews = calls.load(Ordering::SeqCst);
+    // The next attempt from that address is refused without asking the API server, even
+    // with a good token, and says when to come back.
+    for token in ["guess-again", VIEWER] {
+        let (status, headers, body) =
+            send(&router, from_peer(get("/api/v1/clusters", Some(token)), a)).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{token}");
+        let retry: u64 = headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .expect("Retry-After in seconds");
+        assert!((1..=60).contains(&retry), "{retry}");
+        let body: Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(body["error"], "rate_limited");
+    }
+    // Spent tickets count as failures too.
     let (status, _, _) = send(
         &router,
-        get(&format!("/api/v1/stream?access_token={OUTSIDER}"), None),
+        from_peer(get("/api/v1/stream?ticket=forged", None), a),
     )
     .await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        reviews,
+        "no review while limited"
+    );
+    // Another client is not affected.
+    let (status, _, _) = send(&router, from_peer(get("/api/v1/clusters", Some(VIEWER)), b)).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -667,14 +758,31 @@ async fn next_event(body: &mut Body) -> (String, Value) {
     }
 }
 
+fn post(path: &str, token: Option<&str>) -> Request<Body> {
+    let mut b = Request::post(path);
+    if let Some(t) = token {
+        b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    b.body(Body::empty()).expect("request")
+}
+
+async fn ticket(router: &Router, token: &str) -> String {
+    let (status, _, body) = send(router, post("/api/v1/stream/tickets", Some(token))).await;
+    assert_eq!(status, StatusCode::OK);
+    let body: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(body["expiresInSeconds"], 60);
+    body["ticket"].as_str().expect("a ticket").to_string()
+}
+
 #[tokio::test]
-async fn the_stream_announces_changes_and_takes_the_token_as_a_query_parameter() {
+async fn the_stream_announces_changes_with_a_single_use_ticket_and_refuses_tokens_in_urls() {
     let f = fixture();
     let (router, _) = f.router();
     let first = *f.state.caches.changes.borrow();
+    let t = ticket(&router, VIEWER).await;
     let resp = router
         .clone()
-        .oneshot(get(&format!("/api/v1/stream?access_token={VIEWER}"), None))
+        .oneshot(get(&format!("/api/v1/stream?ticket={t}"), None))
         .await
         .expect("response");
     assert_eq!(resp.status(), StatusCode::OK);
@@ -696,6 +804,31 @@ async fn the_stream_announces_changes_and_takes_the_token_as_a_query_parameter()
     let (name, data) = next_event(&mut body).await;
     assert_eq!(name, "change");
     assert_eq!(data, json!({"revision": first + 1}));
+
+    // A ticket is good once; an unknown one not at all.
+    for path in [
+        format!("/api/v1/stream?ticket={t}"),
+        "/api/v1/stream?ticket=0123".to_string(),
+    ] {
+        let (status, body) = get_json(&router, &path, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}: {body}");
+    }
+    // A token in the URL is refused even when valid; tickets need a token.
+    let (status, body) = get_json(
+        &router,
+        &format!("/api/v1/stream?access_token={VIEWER}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("tickets")),
+        "{body}"
+    );
+    let (status, _, _) = send(&router, post("/api/v1/stream/tickets", None)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     // The Authorization header works too.
     let resp = router
@@ -739,7 +872,8 @@ async fn openapi_describes_every_endpoint_and_real_answers_match_it() {
             "/api/v1/managedclustermodules",
             "/api/v1/managedclustermodules/{name}",
             "/api/v1/openapi.json",
-            "/api/v1/stream"
+            "/api/v1/stream",
+            "/api/v1/stream/tickets"
         ]
     );
     let mut strict_doc = doc.clone();
@@ -803,6 +937,18 @@ async fn openapi_describes_every_endpoint_and_real_answers_match_it() {
             ["schema"];
         validate(schema, &answer, code);
     }
+    let (_, _, answer) = send(&router, post("/api/v1/stream/tickets", Some(VIEWER))).await;
+    let schema = &doc["paths"]["/api/v1/stream/tickets"]["post"]["responses"]["200"]["content"]["application/json"]
+        ["schema"];
+    validate(
+        schema,
+        &serde_json::from_slice(&answer).expect("JSON"),
+        "a ticket",
+    );
+    let (_, answer) = get_json(&router, "/api/v1/clusters", Some(MCM_ONLY)).await;
+    let schema = &doc["paths"]["/api/v1/clusters"]["get"]["responses"]["403"]["content"]["application/json"]
+        ["schema"];
+    validate(schema, &answer, "403 inventory");
     let change = &doc["paths"]["/api/v1/stream"]["get"]["responses"]["200"]["content"]["text/event-stream"]
         ["x-event-data"];
     validate(change, &json!({"revision": 7}), "a change event");

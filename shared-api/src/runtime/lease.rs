@@ -24,6 +24,12 @@ pub enum LeaseError {
         name: String,
         source: kube::Error,
     },
+    #[error("lease {namespace}/{name}: no answer within {after:?}")]
+    Deadline {
+        namespace: String,
+        name: String,
+        after: Duration,
+    },
 }
 
 impl LeaseError {
@@ -34,6 +40,7 @@ impl LeaseError {
                 ..
             } if s.code == 403 => "forbidden",
             LeaseError::Api { .. } => "api",
+            LeaseError::Deadline { .. } => "deadline",
         }
     }
 }
@@ -97,6 +104,80 @@ impl Leadership {
         let _ = self.rx.changed().await;
         *self.rx.borrow_and_update()
     }
+
+    /// `client`, refusing every write (anything but GET, HEAD and OPTIONS) while this process
+    /// does not lead. Reads pass. The refusal is a [`NotLeading`] error from the client.
+    pub fn fence(&self, client: Client) -> Client {
+        let namespace = client.default_namespace().to_string();
+        Client::new(
+            Fence {
+                inner: client,
+                leadership: self.clone(),
+            },
+            namespace,
+        )
+    }
+}
+
+/// A write refused by a [`Leadership::fence`]d client: this process does not lead.
+#[derive(Debug, thiserror::Error)]
+#[error("not the leader: {method} {path} refused")]
+pub struct NotLeading {
+    pub method: http::Method,
+    pub path: String,
+}
+
+/// True when `e` is a write a fenced client refused.
+pub fn is_not_leading(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Service(b) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(b.as_ref());
+            while let Some(err) = source {
+                if err.is::<NotLeading>() {
+                    return true;
+                }
+                source = err.source();
+            }
+            false
+        }
+        _ => false,
+    }
+}
+
+#[derive(Clone)]
+struct Fence {
+    inner: Client,
+    leadership: Leadership,
+}
+
+impl tower::Service<http::Request<kube::client::Body>> for Fence {
+    type Response = http::Response<kube::client::Body>;
+    type Error = tower::BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        let read = matches!(
+            *req.method(),
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+        );
+        if !read && !self.leadership.is_leader() {
+            let refused = NotLeading {
+                method: req.method().clone(),
+                path: req.uri().path().to_string(),
+            };
+            tracing::debug!(error = %refused, "fenced client");
+            return Box::pin(async move { Err(tower::BoxError::from(refused)) });
+        }
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.send(req).await.map_err(tower::BoxError::from) })
+    }
 }
 
 /// Start electing in the background. The task ends (releasing the lease if held) when
@@ -136,7 +217,18 @@ impl Elector {
     async fn run(mut self, token: CancellationToken) {
         let mut last_renew: Option<Instant> = None;
         loop {
-            match self.try_acquire_or_renew().await {
+            // A leader must renew by its last renewal + renew_deadline; a candidate gives one
+            // round no longer than renew_deadline.
+            let deadline = match last_renew {
+                Some(t) if *self.tx.borrow() => t + self.cfg.renew_deadline,
+                _ => Instant::now() + self.cfg.renew_deadline,
+            };
+            let round = tokio::time::timeout_at(deadline, self.try_acquire_or_renew());
+            let result = tokio::select! {
+                _ = token.cancelled() => break,
+                r = round => r.unwrap_or_else(|_| Err(self.deadline_err(self.cfg.renew_deadline))),
+            };
+            match result {
                 Ok(true) => {
                     last_renew = Some(Instant::now());
                     self.set_leader(true);
@@ -147,7 +239,7 @@ impl Elector {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, category = e.category(), "lease update failed");
-                    if last_renew.is_none_or(|t| t.elapsed() > self.cfg.renew_deadline) {
+                    if last_renew.is_none_or(|t| t.elapsed() >= self.cfg.renew_deadline) {
                         self.set_leader(false);
                     }
                 }
@@ -159,7 +251,11 @@ impl Elector {
         }
         if *self.tx.borrow() {
             self.set_leader(false);
-            if let Err(e) = self.release().await {
+            let release = tokio::time::timeout(self.cfg.renew_deadline, self.release());
+            let released = release
+                .await
+                .unwrap_or_else(|_| Err(self.deadline_err(self.cfg.renew_deadline)));
+            if let Err(e) = released {
                 tracing::warn!(error = %e, "cannot release the lease; a successor waits for it to expire");
             }
         }
@@ -179,6 +275,14 @@ impl Elector {
             namespace: self.cfg.namespace.clone(),
             name: self.cfg.name.clone(),
             source,
+        }
+    }
+
+    fn deadline_err(&self, after: Duration) -> LeaseError {
+        LeaseError::Deadline {
+            namespace: self.cfg.namespace.clone(),
+            name: self.cfg.name.clone(),
+            after,
         }
     }
 

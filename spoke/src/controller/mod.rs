@@ -166,8 +166,9 @@ impl Agent {
             nodes,
             claims,
         };
+        // The reconcilers write through a client that refuses writes while not leading.
         let ctx = Arc::new(Context {
-            client: client.clone(),
+            client: leadership.fence(client.clone()),
             settings: cfg.settings.clone(),
             stores: stores.clone(),
             kubernetes_minor,
@@ -390,7 +391,18 @@ async fn worker<K, F, Fut>(
             .controllers
             .set_queue_depth(controller, queue.len());
         let started = Instant::now();
-        let result = reconcile(key.clone()).await;
+        // Losing the lease drops the reconcile where it stands (its client is fenced too);
+        // the key is taken up again when leadership returns.
+        let result = tokio::select! {
+            biased;
+            _ = leadership.wait_for(false) => {
+                tracing::info!(controller, key = ?key, "lost the lease: reconcile abandoned");
+                queue.add(key.clone());
+                queue.done(&key);
+                continue;
+            }
+            r = reconcile(key.clone()) => r,
+        };
         match result {
             Ok(action) => {
                 ctx.metrics

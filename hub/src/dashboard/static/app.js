@@ -79,13 +79,25 @@ class HttpError extends Error {
   }
 }
 
-async function api(path) {
-  const resp = await fetch("api/v1/" + path, { headers: { Authorization: "Bearer " + state.token }, cache: "no-store" });
+async function api(path, method) {
+  const resp = await fetch("api/v1/" + path, { method: method || "GET", headers: { Authorization: "Bearer " + state.token }, cache: "no-store" });
   let body = null;
   try { body = await resp.json(); } catch (_) { /* not JSON */ }
   if (!resp.ok) throw new HttpError(resp.status, body);
   return body;
 }
+
+// What names clusters needs `list managedclusters` too: without it, null (the view says so).
+async function inventory(path) {
+  try {
+    return await api(path);
+  } catch (e) {
+    if (e instanceof HttpError && e.status === 403) return null;
+    throw e;
+  }
+}
+
+const NO_INVENTORY = "Hidden: your user may not list managedclusters.cluster.open-cluster-management.io.";
 
 // ---- sign-in ---------------------------------------------------------------------------
 
@@ -123,9 +135,21 @@ function setLive(on) {
   $("live").className = "live " + (on ? "on" : "off");
 }
 
-function startStream() {
+// The stream is opened with a single-use ticket (EventSource cannot send the token in a
+// header, and a token never goes into a URL); every (re)connection gets a new one.
+async function startStream() {
   stopStream();
-  const es = new EventSource("api/v1/stream?access_token=" + encodeURIComponent(state.token));
+  let ticket;
+  try {
+    ticket = (await api("stream/tickets", "POST")).ticket;
+  } catch (e) {
+    setLive(false);
+    if (e instanceof HttpError && (e.status === 401 || e.status === 403)) return signOut(e.message);
+    if (state.token) setTimeout(startStream, 5000);
+    return;
+  }
+  if (!state.token) return;
+  const es = new EventSource("api/v1/stream?ticket=" + encodeURIComponent(ticket));
   es.addEventListener("open", () => setLive(true));
   es.addEventListener("change", (e) => {
     let revision = null;
@@ -137,9 +161,11 @@ function startStream() {
   });
   es.addEventListener("error", () => {
     setLive(false);
-    // EventSource retries by itself unless the server refused; then check why (token expired?).
-    if (es.readyState === EventSource.CLOSED) {
-      stopStream();
+    // A ticket is good for one connection: instead of EventSource's own retry with the spent
+    // ticket, check the token (expired?) and reconnect with a new ticket.
+    es.close();
+    if (state.stream === es) {
+      state.stream = null;
       refresh().then(() => { if (state.token) setTimeout(startStream, 2000); });
     }
   });
@@ -186,7 +212,7 @@ async function refresh() {
 }
 
 async function overview() {
-  const [mcms, clusters, events] = await Promise.all([api("managedclustermodules"), api("clusters"), api("events?limit=15")]);
+  const [mcms, clusters, events] = await Promise.all([api("managedclustermodules"), inventory("clusters"), inventory("events?limit=15")]);
   $("crumbs").replaceChildren();
   const mcmRows = mcms.items.map((m) => {
     const ready = condition(m.conditions, "Ready");
@@ -200,7 +226,7 @@ async function overview() {
       el("td", {}, ready ? badge(ready.status === "True" ? "Ready" : ready.reason, ready.status === "True" ? "ready" : "notready") : badge("Unknown")),
       el("td", { text: `${m.images.ready}/${m.images.total} ready` + (m.images.failed ? `, ${m.images.failed} failed` : "") + (m.images.missing ? `, ${m.images.missing} missing` : "") }));
   });
-  const clusterRows = clusters.items.map((c) => el("tr", { "data-cluster": c.name },
+  const clusterRows = (clusters ? clusters.items : []).map((c) => el("tr", { "data-cluster": c.name },
     el("td", { text: c.name }),
     el("td", { class: "labels", text: Object.entries(c.labels).map(([k, v]) => `${k}=${v}`).join(", ") }),
     el("td", { text: c.kernelClaim ? c.kernels.join(", ") : "(no kernel claim yet)" }),
@@ -209,8 +235,9 @@ async function overview() {
     el("h1", { text: "ManagedClusterModules" }),
     mcms.items.length ? table(["Name", "Rollout", "Available", "Applied", "Degraded", "Ready", "Images"], mcmRows, { id: "mcms" }) : el("p", { class: "muted", text: "None." }),
     el("h1", { text: "Clusters" }),
-    clusters.items.length ? table(["Name", "Labels", "Kernels", "Selected by"], clusterRows, { id: "clusters" }) : el("p", { class: "muted", text: "None." }),
-    eventsBlock(events.items));
+    !clusters ? el("p", { class: "muted", id: "no-inventory", text: NO_INVENTORY })
+      : clusters.items.length ? table(["Name", "Labels", "Kernels", "Selected by"], clusterRows, { id: "clusters" }) : el("p", { class: "muted", text: "None." }),
+    events ? eventsBlock(events.items) : null);
 }
 
 function eventsBlock(items) {
@@ -231,6 +258,10 @@ async function mcmView(name) {
     if (e instanceof HttpError && e.status === 404) {
       $("crumbs").replaceChildren(" / ", name);
       return el("p", { class: "error", text: `ManagedClusterModule ${name} does not exist (any more).` });
+    }
+    if (e instanceof HttpError && e.status === 403) {
+      $("crumbs").replaceChildren(" / ", name);
+      return el("p", { class: "muted", id: "no-inventory", text: "The per-cluster rollout is " + NO_INVENTORY.charAt(0).toLowerCase() + NO_INVENTORY.slice(1) });
     }
     throw e;
   }
