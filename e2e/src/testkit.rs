@@ -60,6 +60,10 @@ pub struct HubOptions {
     pub config: Option<PathBuf>,
     pub webhook: Option<(SocketAddr, PathBuf, PathBuf)>,
     pub dashboard: Option<SocketAddr>,
+    /// `--work-executor` (default: the shipped one).
+    pub work_executor: String,
+    /// `--release-after`.
+    pub release_after: Duration,
 }
 
 impl HubOptions {
@@ -72,6 +76,8 @@ impl HubOptions {
             config: None,
             webhook: None,
             dashboard: None,
+            work_executor: kmm_hub::render::DEFAULT_WORK_EXECUTOR.into(),
+            release_after: Duration::from_secs(600),
         }
     }
 }
@@ -103,6 +109,8 @@ impl HubProcess {
             lease_name: "kmm-hub.sigs.x-k8s.io".into(),
             log_format: "text".into(),
             log_filter: "info".into(),
+            work_executor: o.work_executor,
+            release_after: o.release_after,
         };
         let token = CancellationToken::new();
         let t = token.clone();

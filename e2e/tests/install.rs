@@ -231,6 +231,14 @@ const CLAIM_NAMES: &[&str] = &[
     "kernel-versions.kmm.node.kubernetes.io.9",
 ];
 
+/// The user name of the hub's default work executor, as OCM's webhook asks about it.
+fn executor_user() -> String {
+    let (ns, name) = kmm_hub::render::DEFAULT_WORK_EXECUTOR
+        .split_once('/')
+        .unwrap_or_default();
+    format!("system:serviceaccount:{ns}:{name}")
+}
+
 /// Every role of the install, with exactly what it grants. docs/install.md names the code
 /// behind each line.
 fn expected_roles() -> BTreeMap<&'static str, BTreeSet<String>> {
@@ -260,6 +268,12 @@ fn expected_roles() -> BTreeMap<&'static str, BTreeSet<String>> {
                     "manifestworks",
                     &["list", "watch", "create", "patch", "delete"],
                     &[],
+                ),
+                grants(
+                    "work.open-cluster-management.io",
+                    "manifestworks",
+                    &["execute-as"],
+                    &[&executor_user()],
                 ),
                 grants("authentication.k8s.io", "tokenreviews", &["create"], &[]),
                 grants(
@@ -330,9 +344,16 @@ fn expected_roles() -> BTreeMap<&'static str, BTreeSet<String>> {
             vec![grants(
                 kmm,
                 "modules",
-                &[
-                    "create", "delete", "get", "list", "patch", "update", "watch",
-                ],
+                &["create", "delete", "get", "list", "patch", "watch"],
+                &[],
+            )],
+        ),
+        (
+            "ClusterRole/kmm-work-executor",
+            vec![grants(
+                kmm,
+                "modules",
+                &["create", "get", "update", "patch", "delete"],
                 &[],
             )],
         ),
@@ -474,7 +495,7 @@ fn rbac_grants_exactly_what_the_binaries_use_and_no_wildcards() -> anyhow::Resul
             problems.push(format!("{key}: not in manifests/"));
         }
         // The spoke's roles also travel inside the Policy.
-        if (key.contains("spoke") || key.contains("module-manager"))
+        if (key.contains("spoke") || key.contains("module-manager") || key.contains("executor"))
             && !files.iter().any(|f| f.contains("(Policy)"))
         {
             problems.push(format!("{key}: not in the Policy"));
@@ -497,6 +518,7 @@ fn rbac_grants_exactly_what_the_binaries_use_and_no_wildcards() -> anyhow::Resul
         "ClusterRole/kmm-hub",
         "Role/kmm-hub-events",
         "ClusterRole/kmm-module-manager",
+        "ClusterRole/kmm-work-executor",
     ] {
         ensure!(secrets(key).is_empty(), "{key} reaches secrets");
     }
