@@ -1648,7 +1648,28 @@ async fn spoke_agent_works(
             "yes create modules.kmm.sigs.x-k8s.io -n kmm-labs",
             "yes delete modules.kmm.sigs.x-k8s.io m -n kmm-labs",
             "no patch modules.kmm.sigs.x-k8s.io/status m -n kmm-labs",
+            "no update modules.kmm.sigs.x-k8s.io m -n kmm-labs",
             "no create daemonsets.apps -n kmm-labs",
+            "no get secrets any -n kmm-labs",
+        ],
+    )
+    .await?;
+    // The executor of the hub's works: exactly what the work agent checks for a Module the
+    // work owns, and nothing a Module does not need.
+    check_access(
+        admin,
+        (SPOKE_NS, "kmm-work-executor"),
+        &[
+            "yes create modules.kmm.sigs.x-k8s.io m -n kmm-labs",
+            "yes get modules.kmm.sigs.x-k8s.io m -n kmm-labs",
+            "yes update modules.kmm.sigs.x-k8s.io m -n kmm-labs",
+            "yes patch modules.kmm.sigs.x-k8s.io m -n kmm-labs",
+            "yes delete modules.kmm.sigs.x-k8s.io m -n kmm-labs",
+            "no patch modules.kmm.sigs.x-k8s.io/status m -n kmm-labs",
+            "no create clusterrolebindings.rbac.authorization.k8s.io x",
+            "no create daemonsets.apps -n kmm-labs",
+            "no create namespaces x",
+            "no create serviceaccounts -n kmm-labs",
             "no get secrets any -n kmm-labs",
         ],
     )
@@ -1931,6 +1952,12 @@ async fn hub_works(
             "no delete managedclustermodules.hub.kmm.sigs.x-k8s.io x",
             "no delete managedclusters.cluster.open-cluster-management.io spoke-1",
             "yes create manifestworks.work.open-cluster-management.io -n spoke-1",
+            &format!(
+                "yes execute-as manifestworks.work.open-cluster-management.io {} -n spoke-1",
+                executor_user()
+            ),
+            "no execute-as manifestworks.work.open-cluster-management.io system:serviceaccount:open-cluster-management-agent:klusterlet-work-sa -n spoke-1",
+            "no execute-as manifestworks.work.open-cluster-management.io system:serviceaccount:kube-system:default -n spoke-1",
             "no create modules.kmm.sigs.x-k8s.io -n kmm-labs",
         ],
     )

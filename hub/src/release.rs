@@ -4,9 +4,8 @@
 //!   recorded, and it records a manifest in the same pass that first reports the work's
 //!   `Applied` condition. A work deleted before that pass leaves its Module behind on the
 //!   spoke. So a work is deleted only once its status shows the pass done: `Applied` reported,
-//!   and, when the Module was applied, `Available` and the Module's status fed back too (the
-//!   agent read the Module back after recording it). Bounded by the release deadline (a
-//!   Module whose status nobody writes is deleted at the deadline).
+//!   and, when the Module was applied, `Available` reported too (the agent read the Module
+//!   back after the pass). Bounded by the release deadline.
 //! - **Release**: a deleted work keeps OCM's finalizer until the work agent has removed what
 //!   it applied, and the MCM keeps its finalizer until its works are gone. On a spoke that is
 //!   offline or detached (ManagedCluster `ManagedClusterConditionAvailable` not `True`, or no
@@ -58,13 +57,17 @@ pub enum Step {
 }
 
 /// Whether the work's status shows the agent's pass that records applied manifests (see the
-/// module documentation): `Applied` reported, and when it is `True`, `Available` reported and
-/// the Module's status fed back (the work agent's view of the spoke has caught up with the
-/// Module and the spoke agent's work on it).
+/// module documentation): `Applied` reported, and when it is `True`, `Available` reported
+/// (the status controller read the Module back). The Module's status feedback is not waited
+/// for: it needs the spoke agent, and a Module nobody serves must still go at once.
 pub fn recorded(w: &WorkEntry) -> bool {
+    // The work agent adds its finalizer before it applies anything: without it, nothing
+    // was applied (and nothing will be: the deletion goes through at once).
+    if !w.finalizers.iter().any(|f| f == WORK_FINALIZER) {
+        return true;
+    }
     let reported = |t: &str| w.conditions.iter().any(|c| c.type_ == t);
-    reported(work_conditions::APPLIED)
-        && (!w.applied || (reported(work_conditions::AVAILABLE) && !w.feedback.is_empty()))
+    reported(work_conditions::APPLIED) && (!w.applied || reported(work_conditions::AVAILABLE))
 }
 
 /// The step for one work. `waited`: since the deletion was wanted; `releasable`: the MCM is
@@ -309,6 +312,7 @@ mod tests {
             cluster: "c".into(),
             applied: conds.iter().any(|(t, s)| *t == "Applied" && *s == "True"),
             conditions: conds.iter().map(|(t, s)| cond(t, s)).collect(),
+            finalizers: vec![WORK_FINALIZER.into()],
             ..Default::default()
         }
     }
@@ -319,13 +323,14 @@ mod tests {
     fn a_work_is_deleted_only_once_the_agent_recorded_the_module() {
         let s = |w: &WorkEntry| step(w, true, Duration::ZERO, D, true, false);
         assert_eq!(s(&work(&[])), Step::Hold, "no status yet");
+        let mut untouched = work(&[]);
+        untouched.finalizers.clear();
+        assert_eq!(s(&untouched), Step::Delete, "the work agent never took it up");
         assert_eq!(s(&work(&[("Applied", "True")])), Step::Hold);
-        let mut available = work(&[("Applied", "True"), ("Available", "True")]);
-        assert_eq!(s(&available), Step::Hold, "no feedback from the Module yet");
-        available
-            .feedback
-            .insert("moduleLoader.desiredNumber".into(), 2);
-        assert_eq!(s(&available), Step::Delete);
+        assert_eq!(
+            s(&work(&[("Applied", "True"), ("Available", "Unknown")])),
+            Step::Delete
+        );
         // Refused by the agent (e.g. the executor may not): nothing applied to record.
         assert_eq!(s(&work(&[("Applied", "False")])), Step::Delete);
         // The hold is bounded.
