@@ -431,6 +431,7 @@ impl OcmAgent {
         let client = spoke.client().await;
         ensure_namespace(&client, AGENT_NAMESPACE, BTreeMap::new()).await?;
         ensure_namespace(&client, spoke.name(), BTreeMap::new()).await?;
+        install_work_executor(&client).await?;
         let bootstrap = dir.join("bootstrap-hub.kubeconfig");
         crate::cluster::write_private(&bootstrap, bootstrap_kubeconfig)?;
         let kubeconfig = spoke.kubeconfig_path().display().to_string();
@@ -523,6 +524,49 @@ impl OcmAgent {
             p.stop().await;
         }
     }
+}
+
+/// manifests/spoke/work-executor.yaml: the ServiceAccount the hub's ManifestWorks are executed
+/// as, and its rights. Part of the spoke agent's install (the Policy); every spoke of the test
+/// world has it, as every spoke of a fleet has the agent.
+pub const WORK_EXECUTOR_YAML: &str = include_str!("../../manifests/spoke/work-executor.yaml");
+
+/// Applies [`WORK_EXECUTOR_YAML`] (and its namespace) to a spoke.
+pub async fn install_work_executor(client: &kube::Client) -> anyhow::Result<()> {
+    let mut namespaces = std::collections::BTreeSet::new();
+    for doc in serde_yaml::Deserializer::from_str(WORK_EXECUTOR_YAML) {
+        let v = <serde_json::Value as serde::Deserialize>::deserialize(doc)
+            .context("parsing work-executor.yaml")?;
+        let name = v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        match v["kind"].as_str().unwrap_or_default() {
+            "ServiceAccount" => {
+                let sa: ServiceAccount = serde_json::from_value(v)?;
+                let ns = sa.metadata.namespace.clone().unwrap_or_default();
+                if namespaces.insert(ns.clone()) {
+                    ensure_namespace(client, &ns, BTreeMap::new()).await?;
+                }
+                apply(
+                    &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+                    &name,
+                    &sa,
+                )
+                .await?;
+            }
+            "ClusterRole" => {
+                let r: ClusterRole = serde_json::from_value(v)?;
+                apply(&Api::<ClusterRole>::all(client.clone()), &name, &r).await?;
+            }
+            "ClusterRoleBinding" => {
+                let b: ClusterRoleBinding = serde_json::from_value(v)?;
+                apply(&Api::<ClusterRoleBinding>::all(client.clone()), &name, &b).await?;
+            }
+            other => bail!("work-executor.yaml: unexpected {other} {name}"),
+        }
+    }
+    Ok(())
 }
 
 /// Accepts `cluster` as `clusteradm accept` does, then waits until the hub shows it joined

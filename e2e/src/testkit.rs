@@ -62,6 +62,10 @@ pub struct HubOptions {
     pub dashboard: Option<SocketAddr>,
     /// PEM certificate and key of the dashboard (HTTPS).
     pub dashboard_tls: Option<(PathBuf, PathBuf)>,
+    /// `--work-executor` (default: the shipped one).
+    pub work_executor: String,
+    /// `--release-after`.
+    pub release_after: Duration,
 }
 
 impl HubOptions {
@@ -75,6 +79,8 @@ impl HubOptions {
             webhook: None,
             dashboard: None,
             dashboard_tls: None,
+            work_executor: kmm_hub::render::DEFAULT_WORK_EXECUTOR.into(),
+            release_after: Duration::from_secs(600),
         }
     }
 }
@@ -107,6 +113,8 @@ impl HubProcess {
             lease_name: "kmm-hub.sigs.x-k8s.io".into(),
             log_format: "text".into(),
             log_filter: "info".into(),
+            work_executor: o.work_executor,
+            release_after: o.release_after,
         };
         let token = CancellationToken::new();
         let t = token.clone();

@@ -219,6 +219,14 @@ fn grants(group: &str, resource: &str, verbs: &[&str], names: &[&str]) -> Vec<St
     out
 }
 
+/// The user name of the hub's default work executor, as OCM's webhook asks about it.
+fn executor_user() -> String {
+    let (ns, name) = kmm_hub::render::DEFAULT_WORK_EXECUTOR
+        .split_once('/')
+        .unwrap_or_default();
+    format!("system:serviceaccount:{ns}:{name}")
+}
+
 /// What a Role or ClusterRole grants, in the notation of [`grants`]; wildcards and anything
 /// but resource rules are errors.
 fn role_grants(role: &Value) -> anyhow::Result<BTreeSet<String>> {
@@ -361,7 +369,9 @@ fn rbac_has_no_wildcards_and_binds_only_service_accounts() -> anyhow::Result<()>
     }
     for (key, files) in &seen {
         // The spoke's roles also travel inside the Policy.
-        if key.contains("spoke") && !files.iter().any(|f| f.contains("(Policy)")) {
+        if (key.contains("spoke") || key.contains("module-manager") || key.contains("executor"))
+            && !files.iter().any(|f| f.contains("(Policy)"))
+        {
             problems.push(format!("{key}: not in the Policy"));
         }
     }
@@ -1691,7 +1701,28 @@ async fn spoke_agent_works(
             "yes create modules.kmm.sigs.x-k8s.io -n kmm-labs",
             "yes delete modules.kmm.sigs.x-k8s.io m -n kmm-labs",
             "no patch modules.kmm.sigs.x-k8s.io/status m -n kmm-labs",
+            "no update modules.kmm.sigs.x-k8s.io m -n kmm-labs",
             "no create daemonsets.apps -n kmm-labs",
+            "no get secrets any -n kmm-labs",
+        ],
+    )
+    .await?;
+    // The executor of the hub's works: exactly what the work agent checks for a Module the
+    // work owns, and nothing a Module does not need.
+    check_access(
+        admin,
+        (SPOKE_NS, "kmm-work-executor"),
+        &[
+            "yes create modules.kmm.sigs.x-k8s.io m -n kmm-labs",
+            "yes get modules.kmm.sigs.x-k8s.io m -n kmm-labs",
+            "yes update modules.kmm.sigs.x-k8s.io m -n kmm-labs",
+            "yes patch modules.kmm.sigs.x-k8s.io m -n kmm-labs",
+            "yes delete modules.kmm.sigs.x-k8s.io m -n kmm-labs",
+            "no patch modules.kmm.sigs.x-k8s.io/status m -n kmm-labs",
+            "no create clusterrolebindings.rbac.authorization.k8s.io x",
+            "no create daemonsets.apps -n kmm-labs",
+            "no create namespaces x",
+            "no create serviceaccounts -n kmm-labs",
             "no get secrets any -n kmm-labs",
         ],
     )
@@ -1827,6 +1858,12 @@ async fn the_hub_runs_under_its_own_rbac() -> anyhow::Result<()> {
                     ),
                     // kube-runtime's Recorder patches an event that repeats into a series.
                     ("Role/kmm-hub-events", "events.k8s.io events patch"),
+                    // OCM's work webhook asks (SubjectAccessReview) whether the hub may
+                    // execute-as the works' executor; the hub itself makes no such request.
+                    (
+                        "ClusterRole/kmm-hub",
+                        "work.open-cluster-management.io manifestworks execute-as",
+                    ),
                 ],
             )
         })
@@ -2024,6 +2061,12 @@ async fn hub_works(
             "no delete managedclustermodules.hub.kmm.sigs.x-k8s.io x",
             "no delete managedclusters.cluster.open-cluster-management.io spoke-1",
             "yes create manifestworks.work.open-cluster-management.io -n spoke-1",
+            &format!(
+                "yes execute-as manifestworks.work.open-cluster-management.io {} -n spoke-1",
+                executor_user()
+            ),
+            "no execute-as manifestworks.work.open-cluster-management.io system:serviceaccount:open-cluster-management-agent:klusterlet-work-sa -n spoke-1",
+            "no execute-as manifestworks.work.open-cluster-management.io system:serviceaccount:kube-system:default -n spoke-1",
             "no create modules.kmm.sigs.x-k8s.io -n kmm-labs",
         ],
     )

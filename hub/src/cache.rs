@@ -38,6 +38,9 @@ pub struct WorkEntry {
     pub feedback: BTreeMap<String, i64>,
     pub conditions: Vec<Condition>,
     pub deleting: bool,
+    /// The work's finalizers (OCM's work agent holds one until it cleaned up).
+    #[serde(skip)]
+    pub finalizers: Vec<String>,
 }
 
 impl WorkEntry {
@@ -59,6 +62,7 @@ impl WorkEntry {
             feedback,
             conditions: status.conditions,
             deleting: w.metadata.deletion_timestamp.is_some(),
+            finalizers: w.finalizers().to_vec(),
         })
     }
 

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod plan;
 pub mod reconcile;
 pub mod registry;
+pub mod release;
 pub mod render;
 pub mod render_cmd;
 pub mod run;

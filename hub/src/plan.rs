@@ -15,6 +15,8 @@ pub struct ClusterFacts {
     pub labels: BTreeMap<String, String>,
     /// Kernels from the `kernel-versions` claim(s); `None` when the cluster published none.
     pub kernels: Option<Vec<String>>,
+    /// OCM reports the cluster available (`ManagedClusterConditionAvailable` True).
+    pub available: bool,
 }
 
 impl ClusterFacts {
@@ -23,6 +25,7 @@ impl ClusterFacts {
             name: c.metadata.name.clone().unwrap_or_default(),
             labels: c.metadata.labels.clone().unwrap_or_default(),
             kernels: c.status.as_ref().and_then(|s| s.kernel_versions()),
+            available: c.status.as_ref().is_some_and(|s| s.available()),
         }
     }
 }
@@ -208,6 +211,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             kernels: kernels.map(|ks| ks.iter().map(|k| k.to_string()).collect()),
+            available: true,
         }
     }
 

@@ -30,7 +30,7 @@ use crate::images::{ImageOutcome, ImagePipeline};
 use crate::metrics::{CategoryLabel, KindLabel, Metrics, OutcomeLabel};
 use crate::plan::{ClusterPlan, plan};
 use crate::registry::{DockerConfig, Resolver};
-use crate::render::{ReadyMapping, RenderError, pin, render_manifestwork};
+use crate::render::{ReadyMapping, RenderError, pin, render_manifestwork_as};
 use crate::views::{ClusterView, KernelView, McmView, Views};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,15 @@ pub enum Error {
     Writes(usize, String),
     #[error("images not ready: {0}")]
     ImagesPending(String),
+    #[error(
+        "waiting for {works} ManifestWork(s) to be deleted ({held} held until their Module is recorded)"
+    )]
+    DeletionHeld {
+        works: usize,
+        held: usize,
+        /// When to look again (the release deadline, at most 30 s away).
+        retry: Duration,
+    },
 }
 
 impl Error {
@@ -52,6 +61,7 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
             Error::Writes(..) => "manifestwork_write",
             Error::ImagesPending(_) => "images_pending",
+            Error::DeletionHeld { .. } => "deletion_held",
         }
     }
 }
@@ -71,6 +81,10 @@ pub struct Context {
     pub views: Arc<Views>,
     pub resync: Duration,
     pub config: crate::config::HubConfig,
+    /// The spoke ServiceAccount works are applied as (`--work-executor`).
+    pub work_executor: Option<shared_api::ocm::ManifestWorkExecutor>,
+    /// Held and released work deletions (`--release-after`).
+    pub release: crate::release::Releaser,
     /// The Secrets of the hub namespace (a reflector's store; see `cache::watch_secrets`).
     pub secrets: kube::runtime::reflector::Store<Secret>,
 }
@@ -127,8 +141,12 @@ pub fn error_policy(mcm: Arc<ManagedClusterModule>, error: &Error, ctx: Arc<Cont
         .errors
         .get_or_create(&CategoryLabel::new(error.category()))
         .inc();
-    // Jittered, so that MCMs failing together do not retry together.
-    let delay = crate::registry::jittered(ctx.backoff.next(&name));
+    let delay = match error {
+        // Waiting on works is no failure: look again when their deadline passes.
+        Error::DeletionHeld { retry, .. } => *retry,
+        // Jittered, so that MCMs failing together do not retry together.
+        _ => crate::registry::jittered(ctx.backoff.next(&name)),
+    };
     tracing::info!(mcm = %name, error = %error, retry_in = ?delay, "reconcile will be retried");
     Action::requeue(delay)
 }
@@ -235,7 +253,13 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
     let mut cluster_outcomes = Vec::with_capacity(plan.clusters.len());
     let mut writes: Vec<ManifestWork> = Vec::new();
     for cp in &plan.clusters {
-        let mut outcome = decide_cluster(mcm, cp, &outcomes, existing.get(&cp.cluster));
+        let mut outcome = decide_cluster(
+            mcm,
+            cp,
+            &outcomes,
+            existing.get(&cp.cluster),
+            ctx.work_executor.as_ref(),
+        );
         if let Some(w) = outcome.desired.take() {
             match existing.get(&cp.cluster) {
                 // Being deleted: writing to it is pointless; its removal triggers a new reconcile.
@@ -271,6 +295,8 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
             .filter(|o| o.delete && existing.contains_key(&o.view.name))
             .map(|o| o.view.name.clone()),
     );
+    // A work whose Module the work agent has not recorded yet would leave it behind.
+    let deletions = crate::release::deletable_now(ctx, &name, &existing, deletions);
     let removed = deletions.len();
     let delete_errors = delete_works(ctx, &name, &deletions).await;
 
@@ -508,6 +534,7 @@ fn decide_cluster(
     cp: &ClusterPlan,
     outcomes: &BTreeMap<String, ImageOutcome>,
     existing: Option<&WorkEntry>,
+    executor: Option<&shared_api::ocm::ManifestWorkExecutor>,
 ) -> ClusterOutcome {
     let shipped: BTreeMap<&str, &ReadyMapping> = existing
         .map(|e| e.shipped.iter().map(|m| (m.kernel.as_str(), m)).collect())
@@ -563,7 +590,7 @@ fn decide_cluster(
         reason: "ImagesPending".into(),
         message: format!("waiting for image(s): {}", pending.join(", ")),
     });
-    match render_manifestwork(mcm, &cp.cluster, &ready) {
+    match render_manifestwork_as(mcm, &cp.cluster, &ready, executor) {
         Ok(w) => {
             view.problem = problem.clone();
             ClusterOutcome {
@@ -668,7 +695,8 @@ pub fn forget_mcm(ctx: &Context, name: &str) {
     ctx.caches.bump();
 }
 
-/// On deletion: delete every work of this MCM, and hold the finalizer until they are gone.
+/// On deletion: delete every work of this MCM, and hold the finalizer until they are gone
+/// (or released: see `crate::release`).
 async fn cleanup(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Error> {
     let name = mcm.name_any();
     let works = ctx.caches.works_of(&name);
@@ -676,16 +704,8 @@ async fn cleanup(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Er
         forget_mcm(ctx, &name);
         return Ok(Action::await_change());
     }
-    let pending: Vec<String> = works
-        .values()
-        .filter(|w| !w.deleting)
-        .map(|w| w.cluster.clone())
-        .collect();
-    let errors = delete_works(ctx, &name, &pending).await;
-    if let Some(first) = errors.first() {
-        return Err(Error::Writes(errors.len(), first.clone()));
-    }
     // Not done until the watch sees them gone (the work agent removes its finalizer first).
+    crate::release::cleanup_works(ctx, mcm, &works).await?;
     Err(Error::Finalizer(format!(
         "waiting for {} ManifestWork(s) to be deleted",
         works.len()

@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 use shared_api::labels::MCM_OWNER_LABEL;
 use shared_api::module::{KernelMapping, ModuleSpec, TlsOptions};
 use shared_api::ocm::{
-    FeedbackRule, JsonPath, Manifest, ManifestConfigOption, ManifestWork, ManifestWorkSpec,
-    ManifestsTemplate, ResourceIdentifier, UpdateStrategy,
+    FeedbackRule, JsonPath, Manifest, ManifestConfigOption, ManifestWork, ManifestWorkExecutor,
+    ManifestWorkSpec, ManifestsTemplate, ResourceIdentifier, UpdateStrategy,
 };
 use shared_api::{ManagedClusterModule, Module};
 
@@ -32,6 +32,29 @@ pub fn ocm_manifest_size(json_len: usize) -> usize {
     }
     json_len + 1 + varint
 }
+/// The spoke ServiceAccount works are applied as, unless `--work-executor` says otherwise:
+/// installed with the spoke agent (manifests/spoke/work-executor.yaml), allowed to manage
+/// Modules and nothing else.
+pub const DEFAULT_WORK_EXECUTOR: &str = "kmm-spoke/kmm-work-executor";
+
+/// Parse `namespace/name` of the executor ServiceAccount; an empty text means none (the
+/// work agent's own identity, which OCM installs with far wider rights).
+pub fn parse_executor(text: &str) -> Result<Option<ManifestWorkExecutor>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let bad = |why: String| {
+        format!(
+            "work executor {text:?}: want <namespace>/<serviceaccount> (or empty for none): {why}"
+        )
+    };
+    let (ns, name) = text.split_once('/').ok_or_else(|| bad("no '/'".into()))?;
+    shared_api::names::dns_label(ns).map_err(|e| bad(format!("namespace: {e}")))?;
+    shared_api::names::dns_subdomain(name).map_err(|e| bad(format!("name: {e}")))?;
+    Ok(Some(ManifestWorkExecutor::service_account(ns, name)))
+}
+
 /// Annotation holding a hash of what we rendered, so an unchanged work is never rewritten.
 pub const SPEC_HASH_ANNOTATION: &str = "kmm.node.kubernetes.io/spec-hash";
 
@@ -119,11 +142,24 @@ pub fn spoke_module_spec(spec: &ModuleSpec, mappings: &[ReadyMapping]) -> Module
     spec
 }
 
-/// Render the ManifestWork for one cluster, or say why none can be shipped.
+/// Render the ManifestWork for one cluster, executed as [`DEFAULT_WORK_EXECUTOR`], or say
+/// why none can be shipped.
 pub fn render_manifestwork(
     mcm: &ManagedClusterModule,
     cluster: &str,
     mappings: &[ReadyMapping],
+) -> Result<ManifestWork, RenderError> {
+    let executor = parse_executor(DEFAULT_WORK_EXECUTOR).ok().flatten();
+    render_manifestwork_as(mcm, cluster, mappings, executor.as_ref())
+}
+
+/// Render the ManifestWork for one cluster with that executor (`None`: the work agent's own
+/// identity), or say why none can be shipped.
+pub fn render_manifestwork_as(
+    mcm: &ManagedClusterModule,
+    cluster: &str,
+    mappings: &[ReadyMapping],
+    executor: Option<&ManifestWorkExecutor>,
 ) -> Result<ManifestWork, RenderError> {
     let name = mcm.name_any();
     let spoke_ns = &mcm.spec.spoke_namespace;
@@ -188,6 +224,7 @@ pub fn render_manifestwork(
                 type_: "ServerSideApply".into(),
             }),
         }],
+        executor: executor.cloned(),
     };
     let hash = spec_hash(&spec);
     let owner = mcm.controller_owner_ref(&()).map(|mut o: OwnerReference| {
@@ -471,6 +508,35 @@ moduleSpec:
         );
         let c = render_manifestwork(&m, "c", &[other]).unwrap();
         assert_ne!(a.annotations(), c.annotations());
+    }
+
+    #[test]
+    fn works_carry_the_executor_and_it_is_hashed() {
+        let m = mcm(
+            "spokeNamespace: ns\nselector: {}\nmoduleSpec:\n  selector: {}\n  moduleLoader:\n    container:\n      modprobe: {moduleName: m}\n      kernelMappings: [{regexp: '.*', containerImage: 'r/x:1'}]\n",
+        );
+        let w = render_manifestwork(&m, "c", &[ready("k", "r/x:1")]).unwrap();
+        let json = serde_json::to_value(&w.spec).unwrap();
+        assert_eq!(
+            json["executor"],
+            json!({"subject": {"type": "ServiceAccount",
+                "serviceAccount": {"namespace": "kmm-spoke", "name": "kmm-work-executor"}}})
+        );
+        let none = render_manifestwork_as(&m, "c", &[ready("k", "r/x:1")], None).unwrap();
+        assert!(none.spec.executor.is_none());
+        assert_ne!(
+            w.annotations(),
+            none.annotations(),
+            "an executor change rewrites works"
+        );
+        assert_eq!(parse_executor(" ").unwrap(), None);
+        assert_eq!(
+            parse_executor("a/b").unwrap(),
+            Some(ManifestWorkExecutor::service_account("a", "b"))
+        );
+        for bad in ["a", "/b", "a/", "a/b/c", "A/b"] {
+            assert!(parse_executor(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

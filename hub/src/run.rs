@@ -85,6 +85,16 @@ pub struct RunArgs {
         default_value = "kmm-hub.sigs.x-k8s.io"
     )]
     pub lease_name: String,
+    /// The spoke ServiceAccount (`namespace/name`) ManifestWorks are executed as; the work
+    /// agent applies a manifest only if that account may manage it. Empty: the work agent's
+    /// own identity (not recommended: OCM gives it far wider rights).
+    #[arg(long, env = "KMM_HUB_WORK_EXECUTOR", default_value = crate::render::DEFAULT_WORK_EXECUTOR)]
+    pub work_executor: String,
+    /// How long the deletion of a ManagedClusterModule waits for the work agents of
+    /// unavailable clusters before the hub releases their ManifestWorks (and how long a work's
+    /// deletion is held for its Module to be recorded).
+    #[arg(long, env = "KMM_HUB_RELEASE_AFTER", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub release_after: Duration,
     /// Log format: `text` or `json`.
     #[arg(long, env = "KMM_HUB_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -112,6 +122,8 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         Some(path) => crate::config::HubConfig::load(path).map_err(anyhow::Error::msg)?,
         None => crate::config::HubConfig::default(),
     };
+    let work_executor =
+        crate::render::parse_executor(&args.work_executor).map_err(anyhow::Error::msg)?;
     let client = client_from(args.kubeconfig.as_ref()).await?;
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
@@ -268,6 +280,8 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         views: views.clone(),
         resync: args.resync,
         config,
+        work_executor,
+        release: crate::release::Releaser::new(args.release_after),
         secrets,
     });
 

@@ -113,6 +113,46 @@ pub struct ManifestWorkSpec {
     pub delete_option: Option<DeleteOption>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub manifest_configs: Vec<ManifestConfigOption>,
+    /// Who the work agent applies the manifests as: it checks, by SubjectAccessReviews on the
+    /// spoke, that this subject may create, get, update, patch and delete every manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<ManifestWorkExecutor>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ManifestWorkExecutor {
+    pub subject: ManifestWorkExecutorSubject,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestWorkExecutorSubject {
+    /// `ServiceAccount` (the only type OCM supports).
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<ManifestWorkSubjectServiceAccount>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ManifestWorkSubjectServiceAccount {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ManifestWorkExecutor {
+    /// The service account `namespace/name` on the spoke.
+    pub fn service_account(namespace: &str, name: &str) -> Self {
+        Self {
+            subject: ManifestWorkExecutorSubject {
+                type_: "ServiceAccount".into(),
+                service_account: Some(ManifestWorkSubjectServiceAccount {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                }),
+            },
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -254,6 +294,11 @@ pub struct FieldValue {
     pub json_raw: Option<String>,
 }
 
+/// OCM's finalizer on ManifestWorks: the work agent removes it once it deleted what it applied.
+pub const WORK_FINALIZER: &str = "cluster.open-cluster-management.io/manifest-work-cleanup";
+/// The ManagedCluster condition OCM keeps `True` while the cluster's agent renews its lease.
+pub const MANAGED_CLUSTER_AVAILABLE: &str = "ManagedClusterConditionAvailable";
+
 /// ManifestWork condition types (OCM).
 pub mod work_conditions {
     pub const APPLIED: &str = "Applied";
@@ -288,6 +333,13 @@ impl ManifestWorkStatus {
 }
 
 impl ManagedClusterStatus {
+    /// Whether OCM reports the cluster available (its agent renews its lease).
+    pub fn available(&self) -> bool {
+        self.conditions
+            .iter()
+            .any(|c| c.type_ == MANAGED_CLUSTER_AVAILABLE && c.status == "True")
+    }
+
     /// The kernels a spoke published, from the claim and its numbered overflow claims
     /// (`<claim>`, `<claim>.1`, `<claim>.2`, …), distinct and sorted. `None` without any claim.
     pub fn kernel_versions(&self) -> Option<Vec<String>> {

@@ -126,6 +126,7 @@ fn fixture() -> Fixture {
                     name: name.into(),
                     labels: labels(&[("name", name), ("env", env)]),
                     kernels: kernels.map(|ks| ks.into_iter().map(String::from).collect()),
+                    available: true,
                 },
             );
         }

@@ -1,0 +1,369 @@
+//! Deleting ManifestWorks safely and without hanging.
+//!
+//! - **Hold**: OCM's work agent deletes, when a work goes, only what its AppliedManifestWork
+//!   recorded, and it records a manifest in the same pass that first reports the work's
+//!   `Applied` condition. A work deleted before that pass leaves its Module behind on the
+//!   spoke. So a work is deleted only once its status shows the pass done: `Applied` reported,
+//!   and, when the Module was applied, `Available` reported too (the agent read the Module
+//!   back after the pass). Bounded by the release deadline.
+//! - **Release**: a deleted work keeps OCM's finalizer until the work agent has removed what
+//!   it applied, and the MCM keeps its finalizer until its works are gone. On a spoke that is
+//!   offline or detached (ManagedCluster `ManagedClusterConditionAvailable` not `True`, or no
+//!   ManagedCluster any more) that never happens: after the deadline (`--release-after`), or
+//!   at once with the force-release annotation on the MCM, the hub removes OCM's finalizer
+//!   from the works of the MCM being deleted, and says so in an event.
+//!
+//! A released work's Module stays on the spoke until its work agent comes back, finds the
+//! AppliedManifestWork without a ManifestWork and evicts it (and the Module it owns) after
+//! its `--appliedmanifestwork-eviction-grace-period` (OCM default 60 min).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use shared_api::ManagedClusterModule;
+use shared_api::ocm::{ManifestWork, WORK_FINALIZER, work_conditions};
+
+use crate::cache::WorkEntry;
+use crate::metrics::KindLabel;
+use crate::reconcile::{Context, Error, event};
+
+/// On a ManagedClusterModule being deleted, `"true"` releases all its works at once, whatever
+/// their cluster's state (docs/install.md, "Uninstalling").
+pub const FORCE_RELEASE_ANNOTATION: &str = "hub.kmm.sigs.x-k8s.io/force-release";
+
+/// The default of `--release-after`.
+pub const DEFAULT_RELEASE_AFTER: Duration = Duration::from_secs(600);
+
+/// Longest wait between two looks at a held deletion.
+const RECHECK: Duration = Duration::from_secs(30);
+
+/// What to do now with one work that should go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Delete it: the work agent recorded what it applied (or the hold is over).
+    Delete,
+    /// Not yet: the work agent has not reported the pass that records the Module.
+    Hold,
+    /// Being deleted: the work agent removes the Module, then OCM's finalizer.
+    Wait,
+    /// Delete it (if not done) and remove OCM's finalizer: nobody on the spoke will.
+    Release,
+}
+
+/// Whether the work's status shows the agent's pass that records applied manifests (see the
+/// module documentation): `Applied` reported, and when it is `True`, `Available` reported
+/// (the status controller read the Module back). The Module's status feedback is not waited
+/// for: it needs the spoke agent, and a Module nobody serves must still go at once.
+pub fn recorded(w: &WorkEntry) -> bool {
+    // The work agent adds its finalizer before it applies anything: without it, nothing
+    // was applied (and nothing will be: the deletion goes through at once).
+    if !w.finalizers.iter().any(|f| f == WORK_FINALIZER) {
+        return true;
+    }
+    let reported = |t: &str| w.conditions.iter().any(|c| c.type_ == t);
+    reported(work_conditions::APPLIED) && (!w.applied || reported(work_conditions::AVAILABLE))
+}
+
+/// The step for one work. `waited`: since the deletion was wanted; `releasable`: the MCM is
+/// being deleted (works of clusters merely deselected are never released).
+pub fn step(
+    w: &WorkEntry,
+    cluster_available: bool,
+    waited: Duration,
+    deadline: Duration,
+    releasable: bool,
+    force: bool,
+) -> Step {
+    let overdue = waited >= deadline;
+    if releasable && (force || (!cluster_available && overdue)) {
+        return Step::Release;
+    }
+    if w.deleting {
+        Step::Wait
+    } else if recorded(w) || overdue {
+        Step::Delete
+    } else {
+        Step::Hold
+    }
+}
+
+/// The release deadline and when each held deletion of a selected-away cluster was first
+/// wanted (an MCM being deleted counts from its deletion timestamp instead).
+#[derive(Debug)]
+pub struct Releaser {
+    pub deadline: Duration,
+    first_wanted: Mutex<BTreeMap<(String, String), Instant>>,
+}
+
+impl Releaser {
+    pub fn new(deadline: Duration) -> Self {
+        Self {
+            deadline,
+            first_wanted: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// How long the deletion of `mcm`'s work on `cluster` has been wanted, starting now if new.
+    fn waited(&self, mcm: &str, cluster: &str) -> Duration {
+        let mut m = self.first_wanted.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry((mcm.to_string(), cluster.to_string()))
+            .or_insert_with(Instant::now)
+            .elapsed()
+    }
+
+    /// Forget the clocks of `mcm` except for `keep`'s clusters.
+    fn prune(&self, mcm: &str, keep: &BTreeSet<&str>) {
+        let mut m = self.first_wanted.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|(n, c), _| n != mcm || keep.contains(c.as_str()));
+    }
+}
+
+impl Default for Releaser {
+    fn default() -> Self {
+        Self::new(DEFAULT_RELEASE_AFTER)
+    }
+}
+
+fn cluster_available(ctx: &Context, cluster: &str) -> bool {
+    ctx.caches
+        .clusters
+        .read()
+        .map(|c| c.get(cluster).is_some_and(|f| f.available))
+        .unwrap_or(false)
+}
+
+/// Of the works `wanted` (by cluster) to go while the MCM lives on, the clusters whose work
+/// may be deleted now; the others are held until their status shows the Module recorded.
+pub fn deletable_now(
+    ctx: &Context,
+    mcm: &str,
+    existing: &BTreeMap<String, WorkEntry>,
+    wanted: Vec<String>,
+) -> Vec<String> {
+    let r = &ctx.release;
+    let mut held = BTreeSet::new();
+    let mut now = Vec::new();
+    for cluster in wanted {
+        let Some(w) = existing.get(&cluster) else {
+            continue;
+        };
+        let waited = r.waited(mcm, &cluster);
+        match step(w, true, waited, r.deadline, false, false) {
+            Step::Delete => now.push(cluster),
+            Step::Hold => {
+                tracing::info!(mcm, %cluster, "holding the ManifestWork's deletion until the work agent reports the Module recorded");
+                held.insert(cluster.as_str().to_owned());
+            }
+            Step::Wait | Step::Release => {}
+        }
+    }
+    let keep: BTreeSet<&str> = held.iter().map(String::as_str).collect();
+    r.prune(mcm, &keep);
+    now
+}
+
+/// The MCM is being deleted: delete, hold or release each of its works. Always an error
+/// while works remain (the finalizer stays); the error says when to look again.
+pub async fn cleanup_works(
+    ctx: &Context,
+    mcm: &ManagedClusterModule,
+    works: &BTreeMap<String, WorkEntry>,
+) -> Result<(), Error> {
+    let name = mcm.name_any();
+    let deadline = ctx.release.deadline;
+    let force = mcm
+        .annotations()
+        .get(FORCE_RELEASE_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    let waited = mcm
+        .meta()
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| {
+            let secs = Timestamp::now().as_second() - t.0.as_second();
+            Duration::from_secs(secs.max(0) as u64)
+        })
+        .unwrap_or_default();
+    let mut errors = Vec::new();
+    let mut released = Vec::new();
+    let mut held = 0;
+    for w in works.values() {
+        let available = cluster_available(ctx, &w.cluster);
+        match step(w, available, waited, deadline, true, force) {
+            Step::Delete => {
+                if let Err(e) = delete(ctx, &w.cluster, &name).await {
+                    errors.push(e);
+                }
+            }
+            Step::Hold => held += 1,
+            Step::Wait => {}
+            Step::Release => match release(ctx, w, &name).await {
+                Ok(()) => released.push(w.cluster.clone()),
+                Err(e) => errors.push(e),
+            },
+        }
+    }
+    if !released.is_empty() {
+        let why = if force {
+            format!("the {FORCE_RELEASE_ANNOTATION} annotation")
+        } else {
+            format!(
+                "their cluster(s) unavailable {} after the deletion",
+                humantime::format_duration(deadline)
+            )
+        };
+        let msg = format!(
+            "released the ManifestWork(s) of {} cluster(s) without the work agent's clean-up ({why}): {}; a Module left there is removed when that cluster's work agent returns and evicts the orphaned AppliedManifestWork",
+            released.len(),
+            released.join(", ")
+        );
+        tracing::warn!(mcm = %name, "{msg}");
+        event(ctx, mcm, EventType::Warning, "ManifestWorksReleased", &msg).await;
+    }
+    if let Some(first) = errors.first() {
+        return Err(Error::Writes(errors.len(), first.clone()));
+    }
+    // Look again when the deadline passes (status changes of the works come as events).
+    let retry = deadline
+        .saturating_sub(waited)
+        .clamp(Duration::from_secs(1), RECHECK);
+    Err(Error::DeletionHeld {
+        works: works.len(),
+        held,
+        retry,
+    })
+}
+
+async fn delete(ctx: &Context, cluster: &str, name: &str) -> Result<(), String> {
+    let api: Api<ManifestWork> = Api::namespaced(ctx.client.clone(), cluster);
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => {
+            ctx.metrics
+                .objects_deleted
+                .get_or_create(&KindLabel {
+                    kind: "ManifestWork",
+                })
+                .inc();
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            ctx.caches.remove_work(cluster, name);
+            Ok(())
+        }
+        Err(e) => Err(format!("{cluster}/{name}: {e}")),
+    }
+}
+
+/// Delete the work if not done, then take OCM's finalizer off it (a JSON patch that tests
+/// the finalizer is still where we saw it).
+async fn release(ctx: &Context, w: &WorkEntry, name: &str) -> Result<(), String> {
+    if !w.deleting {
+        delete(ctx, &w.cluster, name).await?;
+    }
+    let Some(i) = w.finalizers.iter().position(|f| f == WORK_FINALIZER) else {
+        return Ok(());
+    };
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": WORK_FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+    ]))
+    .map_err(|e| format!("{}/{name}: {e}", w.cluster))?;
+    let api: Api<ManifestWork> = Api::namespaced(ctx.client.clone(), &w.cluster);
+    match api
+        .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            ctx.caches.remove_work(&w.cluster, name);
+            Ok(())
+        }
+        Err(e) => Err(format!("releasing {}/{name}: {e}", w.cluster)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+    fn cond(t: &str, status: &str) -> Condition {
+        Condition {
+            type_: t.into(),
+            status: status.into(),
+            reason: "R".into(),
+            message: String::new(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::now(),
+            ),
+            observed_generation: None,
+        }
+    }
+
+    fn work(conds: &[(&str, &str)]) -> WorkEntry {
+        WorkEntry {
+            mcm: "m".into(),
+            cluster: "c".into(),
+            applied: conds.iter().any(|(t, s)| *t == "Applied" && *s == "True"),
+            conditions: conds.iter().map(|(t, s)| cond(t, s)).collect(),
+            finalizers: vec![WORK_FINALIZER.into()],
+            ..Default::default()
+        }
+    }
+
+    const D: Duration = Duration::from_secs(600);
+
+    #[test]
+    fn a_work_is_deleted_only_once_the_agent_recorded_the_module() {
+        let s = |w: &WorkEntry| step(w, true, Duration::ZERO, D, true, false);
+        assert_eq!(s(&work(&[])), Step::Hold, "no status yet");
+        let mut untouched = work(&[]);
+        untouched.finalizers.clear();
+        assert_eq!(s(&untouched), Step::Delete, "the work agent never took it up");
+        assert_eq!(s(&work(&[("Applied", "True")])), Step::Hold);
+        assert_eq!(
+            s(&work(&[("Applied", "True"), ("Available", "Unknown")])),
+            Step::Delete
+        );
+        // Refused by the agent (e.g. the executor may not): nothing applied to record.
+        assert_eq!(s(&work(&[("Applied", "False")])), Step::Delete);
+        // The hold is bounded.
+        assert_eq!(step(&work(&[]), true, D, D, true, false), Step::Delete);
+    }
+
+    #[test]
+    fn only_works_of_a_deleted_mcm_on_an_unavailable_cluster_are_released() {
+        let mut w = work(&[("Applied", "True"), ("Available", "True")]);
+        w.deleting = true;
+        assert_eq!(step(&w, true, D * 2, D, true, false), Step::Wait);
+        assert_eq!(step(&w, false, D / 2, D, true, false), Step::Wait);
+        assert_eq!(step(&w, false, D, D, true, false), Step::Release);
+        assert_eq!(
+            step(&w, false, D, D, false, false),
+            Step::Wait,
+            "deselected"
+        );
+        // Forced: at once, available or not, deleted yet or not.
+        assert_eq!(step(&w, true, Duration::ZERO, D, true, true), Step::Release);
+        assert_eq!(
+            step(&work(&[]), true, Duration::ZERO, D, true, true),
+            Step::Release
+        );
+        // Not yet deleted on an unavailable cluster: deleted, then released at the deadline.
+        let mut fresh = work(&[("Applied", "True"), ("Available", "True")]);
+        fresh
+            .feedback
+            .insert("moduleLoader.desiredNumber".into(), 1);
+        assert_eq!(
+            step(&fresh, false, Duration::ZERO, D, true, false),
+            Step::Delete
+        );
+        assert_eq!(step(&fresh, false, D, D, true, false), Step::Release);
+    }
+}
