@@ -32,7 +32,7 @@ pub struct RunArgs {
     /// Kubeconfig of the hub cluster; in a pod, the in-cluster configuration is used.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Namespace of the hub: pull secrets, build Jobs, signing secrets, the lease.
+    /// Namespace of the hub: pull secrets, signing secrets, Dockerfiles, the lease.
     #[arg(long, env = "OPERATOR_NAMESPACE", default_value = "kmm-hub")]
     pub operator_namespace: String,
     /// Address of /livez, /readyz and /metrics.
@@ -104,7 +104,9 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     let config = match &args.config {
         Some(path) => crate::config::HubConfig::load(path).map_err(anyhow::Error::msg)?,
         None => crate::config::HubConfig::default(),
-    };
+    }
+    .resolve(&args.operator_namespace)
+    .map_err(anyhow::Error::msg)?;
     let client = client_from(args.kubeconfig.as_ref()).await?;
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
@@ -136,11 +138,15 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
             t.cancelled().await;
             h.graceful_shutdown(Some(Duration::from_secs(5)));
         });
+        let webhook_router = crate::webhook::router(Arc::new(crate::webhook::WebhookState {
+            reviewer: crate::webhook::SarReviewer::new(client.clone()),
+            namespace: args.operator_namespace.clone(),
+        }));
         tokio::spawn(async move {
             tracing::info!(%addr, "admission webhook listening");
             if let Err(e) = axum_server::bind_rustls(addr, tls)
                 .handle(handle)
-                .serve(crate::webhook::router().into_make_service())
+                .serve(webhook_router.into_make_service())
                 .await
             {
                 tracing::error!(error = %e, "webhook server failed");
@@ -165,7 +171,7 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     tokio::spawn(watch_works(client.clone(), caches.clone(), tx.clone()));
     tokio::spawn(watch_jobs(
         client.clone(),
-        args.operator_namespace.clone(),
+        config.build_namespace.clone(),
         caches.clone(),
         tx.clone(),
     ));
