@@ -1205,7 +1205,7 @@ async fn build_pod_passes_pod_security(hub: &Client) -> anyhow::Result<()> {
         other => bail!("a root kaniko pod in {HUB_NS}: want PodSecurity to refuse, got {other:?}"),
     }
     let mut privileged = pod(BUILD_NS);
-    privileged["spec"]["containers"][0]["securityContext"]["privileged"] = json!(true);
+    privileged["spec"]["containers"][0]["securityContext"] = json!({"privileged": true});
     match pods(BUILD_NS)
         .create(&dry, &serde_json::from_value(privileged)?)
         .await
