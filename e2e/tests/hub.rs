@@ -801,9 +801,10 @@ async fn one_build_per_image_then_signing_and_key_rotation() -> anyhow::Result<(
             assert_eq!(kmm_e2e::kmod::vermagic_kernel(ko)?.as_deref(), Some(ka));
             // Finished Jobs are cleaned up (jobGcDelay 0).
             eventually("build Jobs cleaned up", Duration::from_secs(30), || async {
-                let jobs = Api::<k8s_openapi::api::batch::v1::Job>::namespaced(hub.clone(), BUILD_NS)
-                    .list(&Default::default())
-                    .await?;
+                let jobs =
+                    Api::<k8s_openapi::api::batch::v1::Job>::namespaced(hub.clone(), BUILD_NS)
+                        .list(&Default::default())
+                        .await?;
                 Ok(if jobs.items.is_empty() {
                     Ok(())
                 } else {
@@ -1043,7 +1044,10 @@ async fn put_object(hub: &Client, doc: serde_json::Value) -> anyhow::Result<()> 
 /// An MCM that pulls with the registry secret and signs with `sb-key`/`sb-cert`.
 fn signing_mcm(fleet: &Fleet, name: &str) -> anyhow::Result<ManagedClusterModule> {
     let mut m = serde_json::to_value(mcm(fleet, name, json!({}))?)?;
-    let unsigned = format!("{}/kmm/unsigned:${{KERNEL_FULL_VERSION}}", fleet.registry().host());
+    let unsigned = format!(
+        "{}/kmm/unsigned:${{KERNEL_FULL_VERSION}}",
+        fleet.registry().host()
+    );
     m["spec"]["moduleSpec"]["moduleLoader"]["container"]["sign"] = json!({
         "keySecret": {"name": "sb-key"}, "certSecret": {"name": "sb-cert"}, "unsignedImage": unsigned,
         "filesToSign": ["/opt/lib/modules/${KERNEL_FULL_VERSION}/kmm_ci_a.ko"]});
@@ -1195,7 +1199,10 @@ async fn lose_pushed_images(hub: Client, host: String, repo: String, tag: String
             .await;
         if let Ok(r) = head
             && r.status().is_success()
-            && let Some(digest) = r.headers().get("Docker-Content-Digest").and_then(|d| d.to_str().ok())
+            && let Some(digest) = r
+                .headers()
+                .get("Docker-Content-Digest")
+                .and_then(|d| d.to_str().ok())
         {
             let _ = http
                 .delete(format!("http://{host}/v2/{repo}/manifests/{digest}"))
@@ -1228,15 +1235,19 @@ async fn a_build_whose_image_goes_missing_is_a_failed_attempt_with_backoff() -> 
             o.config = Some(hub_config(fleet)?);
             let hub_proc = HubProcess::start(o)?;
             apply_mcm(&hub, &build_mcm(fleet, "lost", "build-module-labs", false)?).await?;
-            let reason = eventually("the lost image as a failed attempt", Duration::from_secs(120), || async {
-                let s = mcm_status(&hub, "lost").await?.status.unwrap_or_default();
-                Ok(match s.images.first() {
-                    Some(i) if i.state == shared_api::mcm::ImageState::Failed => {
-                        Ok(i.reason.clone().unwrap_or_default())
-                    }
-                    other => Err(format!("{other:?}")),
-                })
-            })
+            let reason = eventually(
+                "the lost image as a failed attempt",
+                Duration::from_secs(120),
+                || async {
+                    let s = mcm_status(&hub, "lost").await?.status.unwrap_or_default();
+                    Ok(match s.images.first() {
+                        Some(i) if i.state == shared_api::mcm::ImageState::Failed => {
+                            Ok(i.reason.clone().unwrap_or_default())
+                        }
+                        other => Err(format!("{other:?}")),
+                    })
+                },
+            )
             .await?;
             assert!(
                 reason.contains("succeeded but") && reason.contains("next attempt in"),
@@ -1246,7 +1257,9 @@ async fn a_build_whose_image_goes_missing_is_a_failed_attempt_with_backoff() -> 
             // deleted Job's event would start the next build at once.
             tokio::time::sleep(Duration::from_secs(10)).await;
             assert_eq!(
-                hub_proc.metric("kmm_hub_builds_total{outcome=\"created\"}").await?,
+                hub_proc
+                    .metric("kmm_hub_builds_total{outcome=\"created\"}")
+                    .await?,
                 1.0,
                 "no rebuild before the backoff"
             );

@@ -476,15 +476,27 @@ mod tests {
             Some(&["NET_RAW".to_string()][..])
         );
         assert_eq!(
-            spec.security_context.unwrap().seccomp_profile.unwrap().type_,
+            spec.security_context
+                .unwrap()
+                .seccomp_profile
+                .unwrap()
+                .type_,
             "RuntimeDefault"
         );
         assert_eq!(spec.automount_service_account_token, Some(false));
         assert_eq!(spec.enable_service_links, Some(false));
-        assert!(spec.tolerations.is_none(), "no spoke tolerations on hub builds");
+        assert!(
+            spec.tolerations.is_none(),
+            "no spoke tolerations on hub builds"
+        );
         let mut without = inputs(&b, "FROM x");
         without.registry_secret = false;
-        let spec = render_build_job(&without).spec.unwrap().template.spec.unwrap();
+        let spec = render_build_job(&without)
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
         assert!(spec.image_pull_secrets.is_none());
     }
 

@@ -363,7 +363,10 @@ impl ImagePipeline {
                 let reason = if j.failed {
                     self.failure_reason(ctx, &j).await
                 } else {
-                    format!("the build succeeded but {} is not in the registry", need.image)
+                    format!(
+                        "the build succeeded but {} is not in the registry",
+                        need.image
+                    )
                 };
                 if self.first_time(&j.uid, "failed") {
                     ctx.metrics

@@ -90,7 +90,9 @@ impl AccessReviewer for SarReviewer {
         )
         .await
         {
-            Ok(Ok(r)) => Ok(r.status.is_some_and(|s| s.allowed && !s.denied.unwrap_or(false))),
+            Ok(Ok(r)) => Ok(r
+                .status
+                .is_some_and(|s| s.allowed && !s.denied.unwrap_or(false))),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(
                 "no answer within {}s",
@@ -196,9 +198,11 @@ async fn access_violations<R: AccessReviewer>(
     }
     let ns = state.namespace.as_str();
     let who = user.username.as_deref().unwrap_or("");
-    let answers = futures::future::join_all(by_object.iter().map(|((kind, name), _)| {
-        state.reviewer.may_get(user, *kind, ns, name)
-    }))
+    let answers = futures::future::join_all(
+        by_object
+            .iter()
+            .map(|((kind, name), _)| state.reviewer.may_get(user, *kind, ns, name)),
+    )
     .await;
     let mut out = Vec::new();
     for (((kind, name), paths), answer) in by_object.iter().zip(answers) {
@@ -455,9 +459,16 @@ mod tests {
         new["metadata"]["finalizers"] = serde_json::json!(["kmm.node.kubernetes.io/hub-finalizer"]);
         new["metadata"]["labels"] = serde_json::json!({"team": "a"});
         let st = state(vec![]);
-        let (_, r) = post_to(st.clone(), review_json("UPDATE", new.clone(), Some(old.clone()))).await;
+        let (_, r) = post_to(
+            st.clone(),
+            review_json("UPDATE", new.clone(), Some(old.clone())),
+        )
+        .await;
         assert_eq!(r["response"]["allowed"], true, "{r}");
-        assert!(st.reviewer.asked.lock().unwrap().is_empty(), "no review for metadata");
+        assert!(
+            st.reviewer.asked.lock().unwrap().is_empty(),
+            "no review for metadata"
+        );
 
         // Being deleted: even a spec difference (e.g. a defaulted field) passes.
         let mut deleting = new.clone();
