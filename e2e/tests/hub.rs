@@ -18,6 +18,8 @@ use shared_api::ocm::{ClusterClaim, KERNEL_VERSIONS_CLAIM, ManifestWork};
 use shared_api::{ManagedCluster, ManagedClusterModule, Module};
 
 const HUB_NS: &str = "kmm-hub";
+/// Where the hub runs build Jobs (the default `<operator namespace>-builds`).
+const BUILD_NS: &str = "kmm-hub-builds";
 const SPOKE_NS: &str = "kmm-labs";
 const PULL_SECRET: &str = "registry-pull";
 
@@ -31,6 +33,7 @@ fn start_hub(fleet: &Fleet, resync: Duration) -> HubProcess {
 async fn prepare(fleet: &Fleet, kernels: &[&[&str]]) -> anyhow::Result<()> {
     let hub = fleet.hub().client().await;
     ensure_namespace(&hub, HUB_NS).await?;
+    ensure_namespace(&hub, BUILD_NS).await?;
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(hub.clone(), HUB_NS);
     secrets
         .patch(
@@ -798,9 +801,10 @@ async fn one_build_per_image_then_signing_and_key_rotation() -> anyhow::Result<(
             assert_eq!(kmm_e2e::kmod::vermagic_kernel(ko)?.as_deref(), Some(ka));
             // Finished Jobs are cleaned up (jobGcDelay 0).
             eventually("build Jobs cleaned up", Duration::from_secs(30), || async {
-                let jobs = Api::<k8s_openapi::api::batch::v1::Job>::namespaced(hub.clone(), HUB_NS)
-                    .list(&Default::default())
-                    .await?;
+                let jobs =
+                    Api::<k8s_openapi::api::batch::v1::Job>::namespaced(hub.clone(), BUILD_NS)
+                        .list(&Default::default())
+                        .await?;
                 Ok(if jobs.items.is_empty() {
                     Ok(())
                 } else {
@@ -1190,6 +1194,123 @@ async fn rotated_pull_secret_moved_signed_tag_and_empty_claim() -> anyhow::Resul
                 let m = mcm_status(&hub, "signed").await?;
                 Ok(match condition(&m, "TagMoved") {
                     Some((s, reason, msg)) if s == "True" => Ok((reason, msg)),
+// ---- admission: who may name which Secret -------------------------------------------------
+
+/// The hub with its webhook on loopback; returns the process and the webhook configuration
+/// (from manifests/hub/webhook.yaml, pointed at it) to register when the test wants.
+async fn hub_with_webhook(
+    fleet: &Fleet,
+) -> anyhow::Result<(
+    HubProcess,
+    k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration,
+)> {
+    let ca = kmm_e2e::pki::Ca::new("webhook-ca")?;
+    let serving = ca.serving_cert("kmm-hub-webhook", &["127.0.0.1", "localhost"])?;
+    let dir = fleet.dir().join("webhook");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("tls.crt"), &serving.cert_pem)?;
+    std::fs::write(dir.join("tls.key"), &serving.key_pem)?;
+    let port = kmm_e2e::process::free_port()?;
+    let mut o = HubOptions::new(fleet.hub().kubeconfig_path(), HUB_NS);
+    o.leader_elect = false;
+    o.resync = Duration::from_secs(2);
+    o.webhook = Some((
+        format!("127.0.0.1:{port}").parse()?,
+        dir.join("tls.crt"),
+        dir.join("tls.key"),
+    ));
+    let hub_proc = HubProcess::start(o)?;
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/hub/webhook.yaml"
+    ))?;
+    let mut vwc: serde_json::Value = serde_yaml::from_str(&manifest)?;
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ca.cert_pem());
+    vwc["webhooks"][0]["clientConfig"] = json!({"url": format!("https://127.0.0.1:{port}{}", kmm_hub::webhook::MCM_PATH), "caBundle": b64});
+    Ok((hub_proc, serde_json::from_value(vwc)?))
+}
+
+/// A client for the hub cluster that acts as `user` in `groups` (impersonation by the admin).
+async fn acting_as(fleet: &Fleet, user: &str, groups: &[&str]) -> anyhow::Result<Client> {
+    let kc = kube::config::Kubeconfig::read_from(fleet.hub().kubeconfig_path())?;
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    config.auth_info.impersonate = Some(user.to_string());
+    config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+    Ok(Client::try_from(config)?)
+}
+
+async fn put_object(hub: &Client, doc: serde_json::Value) -> anyhow::Result<()> {
+    kmm_e2e::sandbox::install::apply(hub, &doc).await
+}
+
+/// An MCM that pulls with the registry secret and signs with `sb-key`/`sb-cert`.
+fn signing_mcm(fleet: &Fleet, name: &str) -> anyhow::Result<ManagedClusterModule> {
+    let mut m = serde_json::to_value(mcm(fleet, name, json!({}))?)?;
+    let unsigned = format!(
+        "{}/kmm/unsigned:${{KERNEL_FULL_VERSION}}",
+        fleet.registry().host()
+    );
+    m["spec"]["moduleSpec"]["moduleLoader"]["container"]["sign"] = json!({
+        "keySecret": {"name": "sb-key"}, "certSecret": {"name": "sb-cert"}, "unsignedImage": unsigned,
+        "filesToSign": ["/opt/lib/modules/${KERNEL_FULL_VERSION}/kmm_ci_a.ko"]});
+    Ok(serde_json::from_value(m)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_admits_only_authors_who_may_read_every_referenced_secret() -> anyhow::Result<()> {
+    Fleet::builder()
+        .spokes(0)
+        .run(async |fleet: &mut Fleet| {
+            prepare(fleet, &[]).await?;
+            let hub = fleet.hub().client().await;
+            put_secret(&hub, "sb-key", "key", b"not a real key").await?;
+            put_secret(&hub, "sb-cert", "cert", b"not a real cert").await?;
+            // Both may write MCMs; both may read the pull secret and the certificate; only
+            // the group `signers` may read the Secure Boot key.
+            put_object(&hub, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": {"name": "mcm-author"},
+                "rules": [{"apiGroups": ["hub.kmm.sigs.x-k8s.io"], "resources": ["managedclustermodules"],
+                    "verbs": ["get", "list", "create", "update", "patch", "delete"]}]})).await?;
+            put_object(&hub, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": "mcm-author"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "mcm-author"},
+                "subjects": [{"kind": "Group", "name": "module-authors", "apiGroup": "rbac.authorization.k8s.io"}]})).await?;
+            put_object(&hub, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": {"name": "read-public", "namespace": HUB_NS},
+                "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+                    "resourceNames": [PULL_SECRET, "sb-cert"]}]})).await?;
+            put_object(&hub, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": "read-public", "namespace": HUB_NS},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-public"},
+                "subjects": [{"kind": "Group", "name": "module-authors", "apiGroup": "rbac.authorization.k8s.io"}]})).await?;
+            put_object(&hub, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": {"name": "read-key", "namespace": HUB_NS},
+                "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": ["sb-key"]}]})).await?;
+            put_object(&hub, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": "read-key", "namespace": HUB_NS},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-key"},
+                "subjects": [{"kind": "Group", "name": "signers", "apiGroup": "rbac.authorization.k8s.io"}]})).await?;
+            let alice = acting_as(fleet, "alice", &["module-authors"]).await?;
+            let bob = acting_as(fleet, "bob", &["module-authors", "signers"]).await?;
+
+            // Written before the webhook exists, and invalid by its rules: it must still be
+            // deletable once the webhook is there (finalizers are metadata).
+            let mut legacy = serde_json::to_value(mcm(fleet, "legacy", json!({}))?)?;
+            legacy["spec"]["moduleSpec"]["moduleLoader"]["container"]["kernelMappings"][0]["regexp"] = json!("^5\\.14(.*$");
+            legacy["metadata"]["finalizers"] = json!(["test.kmm-fleet.io/hold"]);
+            Api::<ManagedClusterModule>::all(hub.clone())
+                .create(&PostParams::default(), &serde_json::from_value(legacy)?)
+                .await?;
+
+            let (hub_proc, vwc) = hub_with_webhook(fleet).await?;
+            Api::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>::all(hub.clone())
+                .create(&PostParams::default(), &vwc)
+                .await?;
+
+            let as_alice: Api<ManagedClusterModule> = Api::all(alice.clone());
+            let err = eventually("the webhook to answer alice", Duration::from_secs(30), || async {
+                Ok(match as_alice.create(&PostParams::default(), &signing_mcm(fleet, "signed")?).await {
+                    Err(kube::Error::Api(e)) if e.message.contains("denied the request") => Ok(e.message),
                     other => Err(format!("{other:?}")),
                 })
             })
@@ -1248,6 +1369,157 @@ async fn rotated_pull_secret_moved_signed_tag_and_empty_claim() -> anyhow::Resul
                     .await?;
             assert_eq!(now, repinned, "the tag points to what is shipped");
             assert_ne!(now, moved, "the pushed-over content is not shipped");
+            assert!(
+                err.contains(&format!(
+                    "spec.moduleSpec.moduleLoader.container.sign.keySecret.name: \
+                     user \"alice\" may not get secrets \"sb-key\" in namespace \"{HUB_NS}\""
+                )),
+                "{err}"
+            );
+            assert!(
+                !err.contains("sb-cert") && !err.contains(PULL_SECRET) && !err.contains("required"),
+                "only what alice lacks: {err}"
+            );
+
+            // Bob, through his group, may read all three: admitted.
+            let as_bob: Api<ManagedClusterModule> = Api::all(bob.clone());
+            as_bob.create(&PostParams::default(), &signing_mcm(fleet, "signed")?).await?;
+
+            // Alice may relabel bob's MCM (metadata only), not aim the key elsewhere.
+            let pp = PatchParams::default();
+            as_alice
+                .patch("signed", &pp, &Patch::Merge(json!({"metadata": {"labels": {"team": "kernel"}}})))
+                .await
+                .context("a metadata-only update by alice")?;
+            let denied = as_alice
+                .patch("signed", &pp, &Patch::Merge(json!({"spec": {"selector": {"env": "prod"}}})))
+                .await;
+            assert!(
+                matches!(&denied, Err(kube::Error::Api(e)) if e.message.contains("may not get secrets \"sb-key\"")),
+                "{denied:?}"
+            );
+
+            // The invalid MCM written before the webhook: labels, then deletion through its
+            // finalizers (ours and the hub's) go through.
+            let mcms: Api<ManagedClusterModule> = Api::all(hub.clone());
+            mcms.patch("legacy", &pp, &Patch::Merge(json!({"metadata": {"labels": {"old": "yes"}}})))
+                .await
+                .context("a label on an MCM the rules now reject")?;
+            mcms.delete("legacy", &DeleteParams::default()).await?;
+            mcms.patch(
+                "legacy",
+                &pp,
+                &Patch::Json::<()>(serde_json::from_value(json!([
+                    {"op": "remove", "path": "/metadata/finalizers/0"}
+                ]))?),
+            )
+            .await
+            .context("releasing a finalizer of an MCM being deleted")?;
+            eventually("the legacy MCM gone", Duration::from_secs(60), || async {
+                Ok(match mcms.get_opt("legacy").await? {
+                    None => Ok(()),
+                    Some(m) => Err(format!("finalizers {:?}", m.finalizers())),
+                })
+            })
+            .await?;
+            hub_proc.stop().await;
+            Ok(())
+        })
+        .await
+}
+
+/// A registry that loses what builds push: whenever a build pod in the build namespace
+/// succeeds (kaniko has pushed), delete `repo:tag` from the (unauthenticated) test registry —
+/// before the Job controller marks the Job complete and the hub looks.
+async fn lose_pushed_images(hub: Client, host: String, repo: String, tag: String) {
+    use futures::StreamExt as _;
+    use kube::runtime::watcher;
+    let http = reqwest::Client::new();
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(hub, BUILD_NS);
+    let mut events = std::pin::pin!(watcher::watcher(pods, watcher::Config::default()));
+    while let Some(ev) = events.next().await {
+        let succeeded = match ev {
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                p.status.and_then(|s| s.phase).as_deref() == Some("Succeeded")
+            }
+            _ => false,
+        };
+        if !succeeded {
+            continue;
+        }
+        let head = http
+            .head(format!("http://{host}/v2/{repo}/manifests/{tag}"))
+            .header("Accept", accept)
+            .send()
+            .await;
+        if let Ok(r) = head
+            && r.status().is_success()
+            && let Some(digest) = r
+                .headers()
+                .get("Docker-Content-Digest")
+                .and_then(|d| d.to_str().ok())
+        {
+            let _ = http
+                .delete(format!("http://{host}/v2/{repo}/manifests/{digest}"))
+                .send()
+                .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_whose_image_goes_missing_is_a_failed_attempt_with_backoff() -> anyhow::Result<()> {
+    Fleet::builder()
+        .spokes(1)
+        .nodes_with(|_, spoke| vec![worker_node(&format!("{spoke}-w1"), "6.1.0-13-amd64")])
+        .run(async |fleet: &mut Fleet| {
+            let kernel = "6.1.0-13-amd64";
+            prepare(fleet, &[&[kernel]]).await?;
+            let hub = fleet.hub().client().await;
+            put_dockerfile(&hub, "build-module-labs", LAB_DOCKERFILE).await?;
+            let deleter = tokio::spawn(lose_pushed_images(
+                hub.clone(),
+                fleet.registry().host(),
+                "kmm-labs".into(),
+                format!("kmm-kmod-{kernel}-v1.0"),
+            ));
+            // Only Job changes trigger reconciles here (a resync could look at the image in
+            // the moment between its push and its deletion).
+            let mut o = HubOptions::new(fleet.hub().kubeconfig_path(), HUB_NS);
+            o.resync = Duration::from_secs(600);
+            o.config = Some(hub_config(fleet)?);
+            let hub_proc = HubProcess::start(o)?;
+            apply_mcm(&hub, &build_mcm(fleet, "lost", "build-module-labs", false)?).await?;
+            let reason = eventually(
+                "the lost image as a failed attempt",
+                Duration::from_secs(120),
+                || async {
+                    let s = mcm_status(&hub, "lost").await?.status.unwrap_or_default();
+                    Ok(match s.images.first() {
+                        Some(i) if i.state == shared_api::mcm::ImageState::Failed => {
+                            Ok(i.reason.clone().unwrap_or_default())
+                        }
+                        other => Err(format!("{other:?}")),
+                    })
+                },
+            )
+            .await?;
+            assert!(
+                reason.contains("succeeded but") && reason.contains("next attempt in"),
+                "{reason}"
+            );
+            // The next build waits for the backoff (30 s after the first); without it the
+            // deleted Job's event would start the next build at once.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert_eq!(
+                hub_proc
+                    .metric("kmm_hub_builds_total{outcome=\"created\"}")
+                    .await?,
+                1.0,
+                "no rebuild before the backoff"
+            );
+            deleter.abort();
             hub_proc.stop().await;
             Ok(())
         })

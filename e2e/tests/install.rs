@@ -56,6 +56,7 @@ use shared_api::{ManagedCluster, ManagedClusterModule, Module};
 
 const HUB_NS: &str = "kmm-hub";
 const HUB_SA: &str = "kmm-hub";
+const BUILD_NS: &str = "kmm-hub-builds";
 const SPOKE_NS: &str = "kmm-spoke";
 const SPOKE_SA: &str = "kmm-spoke";
 const POLICY_NS: &str = "kmm-policies";
@@ -394,12 +395,14 @@ fn rbac_has_no_wildcards_and_binds_only_service_accounts() -> anyhow::Result<()>
     }
     // Namespaced roles sit where their binary needs them.
     let hub = kustomize("hub")?;
+    let builds = kustomize("hub-builds")?;
     let spoke = kustomize("spoke")?;
     // The hub's events are kube-runtime's Recorder's, which puts those about cluster-scoped
     // objects (MCMs) in `default`; the spoke names its events' namespace.
     for (docs, name, ns) in [
         (&hub, "kmm-hub", HUB_NS),
         (&hub, "kmm-hub-events", "default"),
+        (&builds, "kmm-hub-builds", BUILD_NS),
         (&spoke, "kmm-spoke", SPOKE_NS),
         (&spoke, "kmm-spoke-events", SPOKE_EVENTS_NS),
     ] {
@@ -1078,6 +1081,7 @@ async fn dry_run_all(client: &Client, docs: &[Value], what: &str) -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_manifest_applies_with_server_side_dry_run() -> anyhow::Result<()> {
     let hub_docs = kustomize("hub")?;
+    let build_docs = kustomize("hub-builds")?;
     let spoke_docs = kustomize("spoke")?;
     let policy_docs = kustomize("policy")?;
     let _one = ONE_FLEET_AT_A_TIME.lock().await;
@@ -1087,6 +1091,7 @@ async fn every_manifest_applies_with_server_side_dry_run() -> anyhow::Result<()>
             let hub = fleet.hub().client().await;
             let spoke = fleet.spoke(1).client().await;
             dry_run_all(&hub, &hub_docs, "manifests/hub on the hub").await?;
+            dry_run_all(&hub, &build_docs, "manifests/hub-builds on the hub").await?;
             dry_run_all(&spoke, &spoke_docs, "manifests/spoke on a spoke").await?;
             // The hub has OCM's and the policy framework's released CRDs.
             dry_run_all(&hub, &policy_docs, "manifests/policy on the hub").await?;
@@ -1136,6 +1141,7 @@ async fn every_manifest_applies_with_server_side_dry_run() -> anyhow::Result<()>
                     }
                 }
             }
+            build_pod_passes_pod_security(&hub).await?;
 
             // Dry runs wrote nothing, and they do validate: a bad manifest is refused.
             let deployments: Api<DynamicObject> = Api::namespaced_with(
@@ -1160,6 +1166,80 @@ async fn every_manifest_applies_with_server_side_dry_run() -> anyhow::Result<()>
             Ok(())
         })
         .await
+}
+
+/// The hub's rendered kaniko build pod, with the shipped configuration, is admitted by the
+/// build namespace's Pod Security level (`baseline`); the hub's namespace (`restricted`)
+/// refuses it, and the build namespace refuses a privileged variant.
+async fn build_pod_passes_pod_security(hub: &Client) -> anyhow::Result<()> {
+    let docs = kustomize("hub")?;
+    let config = kmm_hub::config::HubConfig::parse(s(
+        find(&docs, "ConfigMap", "kmm-hub-config")?,
+        "/data/config.yaml",
+    ))
+    .and_then(|c| c.resolve(HUB_NS))
+    .map_err(anyhow::Error::msg)?;
+    ensure!(
+        config.build_namespace == BUILD_NS,
+        "the shipped buildNamespace is {:?}, manifests/hub-builds makes {BUILD_NS}",
+        config.build_namespace
+    );
+    let build: shared_api::module::Build = serde_json::from_value(json!({
+        "dockerfileConfigMap": {"name": "df"}, "secrets": [{"name": "git"}]}))?;
+    let job = kmm_hub::build::render_build_job(&kmm_hub::build::BuildInputs {
+        mcm: "m",
+        namespace: BUILD_NS,
+        image: "registry.example.com/m:6.1",
+        kernel: "6.1",
+        mod_name: "m",
+        mod_namespace: "ns",
+        build: &build,
+        dockerfile: "FROM x",
+        registry_tls: Default::default(),
+        registry_secret: true,
+        kaniko_image: &config.kaniko_image,
+        dtk_image: None,
+        attempt: 1,
+        resources: &config.build_resources,
+        deadline: config.build_deadline,
+    });
+    let template = job.spec.context("no Job spec")?.template;
+    let pod = |ns: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "kaniko-pss", "namespace": ns},
+            "spec": serde_json::to_value(&template.spec).unwrap_or_default()})
+    };
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let pods = |ns: &str| -> Api<DynamicObject> {
+        Api::namespaced_with(
+            hub.clone(),
+            ns,
+            &kube::discovery::ApiResource::erase::<k8s_openapi::api::core::v1::Pod>(&()),
+        )
+    };
+    pods(BUILD_NS)
+        .create(&dry, &serde_json::from_value(pod(BUILD_NS))?)
+        .await
+        .context("the kaniko build pod in the build namespace (Pod Security)")?;
+    match pods(HUB_NS)
+        .create(&dry, &serde_json::from_value(pod(HUB_NS))?)
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.message.contains("violates PodSecurity") => {}
+        other => bail!("a root kaniko pod in {HUB_NS}: want PodSecurity to refuse, got {other:?}"),
+    }
+    let mut privileged = pod(BUILD_NS);
+    privileged["spec"]["containers"][0]["securityContext"] = json!({"privileged": true});
+    match pods(BUILD_NS)
+        .create(&dry, &serde_json::from_value(privileged)?)
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.message.contains("violates PodSecurity") => Ok(()),
+        other => bail!("a privileged pod in {BUILD_NS}: want PodSecurity to refuse, got {other:?}"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1772,7 +1852,8 @@ async fn mcm_status(hub: &Client, name: &str) -> anyhow::Result<ManagedClusterMo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hub_runs_under_its_own_rbac() -> anyhow::Result<()> {
-    let docs = kustomize("hub")?;
+    let mut docs = kustomize("hub")?;
+    docs.extend(kustomize("hub-builds")?);
     let _one = ONE_FLEET_AT_A_TIME.lock().await;
     Fleet::builder()
         .spokes(1)
@@ -2051,8 +2132,12 @@ async fn hub_works(
             "no get secrets x -n spoke-1",
             "no watch secrets",
             "no get configmaps x -n default",
-            "yes create jobs.batch -n kmm-hub",
+            "yes create jobs.batch -n kmm-hub-builds",
+            "no create jobs.batch -n kmm-hub",
             "no create jobs.batch -n default",
+            "yes patch secrets x -n kmm-hub-builds",
+            "no get secrets x -n kmm-hub-builds",
+            "no create pods -n kmm-hub-builds",
             "no create pods -n kmm-hub",
             "yes create events.events.k8s.io -n default",
             "no create events.events.k8s.io -n kmm-hub",

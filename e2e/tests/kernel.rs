@@ -828,6 +828,7 @@ async fn hub_built_and_hub_signed_labs_load_on_real_kernels() -> anyhow::Result<
     use kmm_e2e::testkit::{HubOptions, HubProcess, ensure_namespace};
     use shared_api::ManagedClusterModule;
     const HUB_NS: &str = "kmm-hub";
+    const BUILD_NS: &str = "kmm-hub-builds";
     let _one = ONE_AT_A_TIME.lock().await;
     let tmp = tempfile::tempdir()?;
     let (ours, ours_der) = signing_pair(tmp.path(), "kmm-fleet hub signing key");
@@ -838,6 +839,7 @@ async fn hub_built_and_hub_signed_labs_load_on_real_kernels() -> anyhow::Result<
     with_real_spoke(nodes, async |fleet, _client, vms| {
         let hub = fleet.hub().client().await;
         ensure_namespace(&hub, HUB_NS).await?;
+        ensure_namespace(&hub, BUILD_NS).await?;
         let pp = PatchParams::apply(MANAGER).force();
         Api::<Secret>::namespaced(hub.clone(), HUB_NS)
             .patch(

@@ -27,7 +27,7 @@ use k8s_openapi::api::events::v1::Event;
 use kmm_e2e::labs::{self, KERNEL_A, KERNEL_B, LAB_NAMESPACE};
 use kmm_e2e::oci::{KmodImage, SignWith, push_kmod_image};
 use kmm_e2e::sandbox::converge::{self, Observation, condition};
-use kmm_e2e::sandbox::install::HUB_NAMESPACE;
+use kmm_e2e::sandbox::install::{BUILD_NAMESPACE, HUB_NAMESPACE};
 use kmm_e2e::sandbox::progress::Progress;
 use kmm_e2e::sandbox::{Sandbox, SandboxOptions, apply_mcm};
 use kmm_e2e::testkit::eventually;
@@ -606,7 +606,7 @@ async fn builds_and_signing(sb: &Sandbox) -> anyhow::Result<()> {
     let hub = sb.hub_client().await;
     // kmm-ci-a: kernels A, B and the real nodes' Debian kernel; labs-signed-module: kernel A
     // only (its mapping is x86_64).
-    let jobs = Api::<Job>::namespaced(hub.clone(), HUB_NAMESPACE)
+    let jobs = Api::<Job>::namespaced(hub.clone(), BUILD_NAMESPACE)
         .list(&ListParams::default())
         .await?
         .items;
@@ -1455,7 +1455,7 @@ async fn faults() -> anyhow::Result<()> {
 }
 
 async fn build_jobs(hub: &Client) -> anyhow::Result<Vec<Job>> {
-    Ok(Api::<Job>::namespaced(hub.clone(), HUB_NAMESPACE)
+    Ok(Api::<Job>::namespaced(hub.clone(), BUILD_NAMESPACE)
         .list(&ListParams::default())
         .await?
         .items)

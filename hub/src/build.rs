@@ -1,12 +1,23 @@
-//! In-cluster builds: one kaniko Job per distinct missing image, in the operator namespace.
-//! Rendering is pure (`render_build_job`); the pipeline in `images.rs` decides when.
+//! In-cluster builds: one kaniko Job per distinct missing image, in the build namespace
+//! (never the hub's own, which holds the signing keys). A build pod mounts only per-Job
+//! copies of what it needs ([`dockerfile_copy`], [`registry_copy`], [`secret_copy`]), which
+//! `buildns.rs` writes next to the Job. Rendering is pure (`render_build_job`); the
+//! pipeline in `images.rs` decides when.
+//!
+//! kaniko unpacks base images and runs `RUN` steps as root inside its container, so build
+//! pods cannot be `runAsNonRoot`; they get what can be taken away instead: no privilege
+//! escalation, `RuntimeDefault` seccomp, no `NET_RAW`, no service account token, no service
+//! links, requests and limits, a deadline, and none of the Module's (spoke) tolerations.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, KeyToPath, LocalObjectReference as CoreRef, PodSpec,
-    PodTemplateSpec, SecretVolumeSource, Toleration, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, KeyToPath, LocalObjectReference as CoreRef,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use kube::api::ObjectMeta;
 use regex::Regex;
@@ -95,11 +106,29 @@ pub struct BuildInputs<'a> {
     pub build: &'a Build,
     pub dockerfile: &'a str,
     pub registry_tls: TlsOptions,
-    pub pull_secret: Option<&'a str>,
-    pub tolerations: &'a [Toleration],
+    /// Whether the MCM has an `imageRepoSecret` (copied as [`registry_copy`]).
+    pub registry_secret: bool,
     pub kaniko_image: &'a str,
     pub dtk_image: Option<&'a str>,
     pub attempt: u32,
+    pub resources: &'a ResourceRequirements,
+    /// `activeDeadlineSeconds` of the Job.
+    pub deadline: Duration,
+}
+
+/// The copy of the Dockerfile ConfigMap a build Job mounts (key `dockerfile`).
+pub fn dockerfile_copy(job: &str) -> String {
+    format!("{job}-dockerfile")
+}
+
+/// The copy of the `imageRepoSecret` a build Job pushes and pulls with.
+pub fn registry_copy(job: &str) -> String {
+    format!("{job}-registry")
+}
+
+/// The copy of `build.secrets[i]` a build Job mounts at `/run/secrets/<original name>`.
+pub fn secret_copy(job: &str, i: usize) -> String {
+    format!("{job}-secret-{i}")
 }
 
 /// The Job name: `<mcm>-build-<hash of the image>` (≤ 63 characters by validation).
@@ -154,12 +183,9 @@ pub fn render_build_job(inputs: &BuildInputs<'_>) -> Job {
     }
     args.extend(args_map.iter().map(|(k, v)| format!("--build-arg={k}={v}")));
 
-    let cm = inputs
-        .build
-        .dockerfile_config_map
-        .as_ref()
-        .map(|c| c.name.clone())
-        .unwrap_or_default();
+    let job = job_name(inputs.mcm, inputs.image);
+    let cm = dockerfile_copy(&job);
+    let pull_secret = inputs.registry_secret.then(|| registry_copy(&job));
     let mut volumes = vec![Volume {
         name: "dockerfile".into(),
         config_map: Some(ConfigMapVolumeSource {
@@ -179,11 +205,11 @@ pub fn render_build_job(inputs: &BuildInputs<'_>) -> Job {
         read_only: Some(true),
         ..Default::default()
     }];
-    if let Some(secret) = inputs.pull_secret {
+    if let Some(secret) = &pull_secret {
         volumes.push(Volume {
             name: "docker-config".into(),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.to_string()),
+                secret_name: Some(secret.clone()),
                 items: Some(vec![KeyToPath {
                     key: ".dockerconfigjson".into(),
                     path: "config.json".into(),
@@ -205,7 +231,7 @@ pub fn render_build_job(inputs: &BuildInputs<'_>) -> Job {
         volumes.push(Volume {
             name: name.clone(),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(s.name.clone()),
+                secret_name: Some(secret_copy(&job, i)),
                 ..Default::default()
             }),
             ..Default::default()
@@ -245,7 +271,7 @@ pub fn render_build_job(inputs: &BuildInputs<'_>) -> Job {
     ]);
     Job {
         metadata: ObjectMeta {
-            name: Some(job_name(inputs.mcm, inputs.image)),
+            name: Some(job.clone()),
             namespace: Some(inputs.namespace.to_string()),
             labels: Some(labels.clone()),
             annotations: Some(BTreeMap::from([
@@ -258,6 +284,7 @@ pub fn render_build_job(inputs: &BuildInputs<'_>) -> Job {
         spec: Some(JobSpec {
             // Retries are ours, with a capped backoff; the Job runs once.
             backoff_limit: Some(0),
+            active_deadline_seconds: Some(inputs.deadline.as_secs().max(1) as i64),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
@@ -270,19 +297,34 @@ pub fn render_build_job(inputs: &BuildInputs<'_>) -> Job {
                         image: Some(kaniko),
                         args: Some(args),
                         volume_mounts: Some(mounts),
+                        resources: Some(inputs.resources.clone()),
+                        security_context: Some(SecurityContext {
+                            // kaniko needs root (see the module comment); nothing more.
+                            allow_privilege_escalation: Some(false),
+                            privileged: Some(false),
+                            capabilities: Some(Capabilities {
+                                drop: Some(vec!["NET_RAW".into()]),
+                                add: None,
+                            }),
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     }],
                     volumes: Some(volumes),
                     node_selector: (!inputs.build.selector.is_empty())
                         .then(|| inputs.build.selector.clone()),
-                    tolerations: (!inputs.tolerations.is_empty())
-                        .then(|| inputs.tolerations.to_vec()),
+                    // The Module's tolerations are for spoke nodes: not copied to hub builds.
+                    tolerations: None,
                     automount_service_account_token: Some(false),
-                    image_pull_secrets: inputs.pull_secret.map(|s| {
-                        vec![CoreRef {
-                            name: s.to_string(),
-                        }]
+                    enable_service_links: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            localhost_profile: None,
+                        }),
+                        ..Default::default()
                     }),
+                    image_pull_secrets: pull_secret.map(|name| vec![CoreRef { name }]),
                     ..Default::default()
                 }),
             },
@@ -316,6 +358,11 @@ mod tests {
         }
     }
 
+    fn res() -> &'static ResourceRequirements {
+        static R: std::sync::OnceLock<ResourceRequirements> = std::sync::OnceLock::new();
+        R.get_or_init(crate::config::default_build_resources)
+    }
+
     fn inputs<'a>(b: &'a Build, dockerfile: &'a str) -> BuildInputs<'a> {
         BuildInputs {
             mcm: "kmm-ci-a",
@@ -327,11 +374,12 @@ mod tests {
             build: b,
             dockerfile,
             registry_tls: TlsOptions::default(),
-            pull_secret: Some("pull"),
-            tolerations: &[],
+            registry_secret: true,
             kaniko_image: "registry.local:5000/kaniko/executor:v1",
             dtk_image: Some("registry.local/dtk:5.14"),
             attempt: 1,
+            resources: res(),
+            deadline: Duration::from_secs(1800),
         }
     }
 
@@ -383,8 +431,73 @@ mod tests {
             mounts,
             vec!["/workspace", "/kaniko/.docker", "/run/secrets/git-token"]
         );
-        assert_eq!(spec.node_selector.unwrap().len(), 1);
+        assert_eq!(spec.node_selector.as_ref().unwrap().len(), 1);
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    }
+
+    #[test]
+    fn build_pods_mount_only_their_copies_and_are_contained() {
+        let b = build();
+        let job = render_build_job(&inputs(&b, "FROM x"));
+        let name = job.metadata.name.clone().unwrap();
+        let job_spec = job.spec.unwrap();
+        assert_eq!(job_spec.active_deadline_seconds, Some(1800));
+        let spec = job_spec.template.spec.unwrap();
+        // Volumes name the per-Job copies only, never the MCM's own Secrets/ConfigMaps.
+        let sources: Vec<String> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| {
+                v.secret
+                    .as_ref()
+                    .and_then(|s| s.secret_name.clone())
+                    .or_else(|| v.config_map.as_ref().map(|c| c.name.clone()))
+            })
+            .collect();
+        assert_eq!(
+            sources,
+            vec![
+                dockerfile_copy(&name),
+                registry_copy(&name),
+                secret_copy(&name, 0)
+            ]
+        );
+        assert_eq!(
+            spec.image_pull_secrets.unwrap()[0].name,
+            registry_copy(&name)
+        );
+        let c = &spec.containers[0];
+        assert_eq!(c.resources.as_ref(), Some(res()));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["NET_RAW".to_string()][..])
+        );
+        assert_eq!(
+            spec.security_context
+                .unwrap()
+                .seccomp_profile
+                .unwrap()
+                .type_,
+            "RuntimeDefault"
+        );
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.enable_service_links, Some(false));
+        assert!(
+            spec.tolerations.is_none(),
+            "no spoke tolerations on hub builds"
+        );
+        let mut without = inputs(&b, "FROM x");
+        without.registry_secret = false;
+        let spec = render_build_job(&without)
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert!(spec.image_pull_secrets.is_none());
     }
 
     #[test]

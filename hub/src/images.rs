@@ -377,6 +377,7 @@ impl ImagePipeline {
         };
         let kernel = need.build_kernel();
         let ns = &ctx.operator_namespace;
+        let build_ns = &ctx.config.build_namespace;
         // The Dockerfile, from the operator namespace.
         let cm_name = build
             .dockerfile_config_map
@@ -429,7 +430,7 @@ impl ImagePipeline {
             .unwrap_or(1);
         let inputs = BuildInputs {
             mcm: &mcm.name_any(),
-            namespace: ns,
+            namespace: build_ns,
             image: &need.image,
             kernel,
             mod_name: &mcm.name_any(),
@@ -437,16 +438,12 @@ impl ImagePipeline {
             build,
             dockerfile: &dockerfile,
             registry_tls: need.registry_tls,
-            pull_secret: mcm
-                .spec
-                .module_spec
-                .image_repo_secret
-                .as_ref()
-                .map(|s| s.name.as_str()),
-            tolerations: &mcm.spec.module_spec.tolerations,
+            registry_secret: mcm.spec.module_spec.image_repo_secret.is_some(),
             kaniko_image: &ctx.config.kaniko_image,
             dtk_image: dtk.as_deref(),
             attempt,
+            resources: &ctx.config.build_resources,
+            deadline: ctx.config.build_deadline,
         };
         let desired = render_build_job(&inputs);
         let hash = desired
@@ -455,7 +452,26 @@ impl ImagePipeline {
             .cloned()
             .unwrap_or_default();
         match existing {
-            None => self.create_job(ctx, mcm, need, desired).await,
+            None => {
+                // Every original first: a missing one stops the build before a Job exists.
+                let staged = crate::buildns::read(
+                    &ctx.client,
+                    ns,
+                    &mcm.name_any(),
+                    &dockerfile,
+                    mcm.spec
+                        .module_spec
+                        .image_repo_secret
+                        .as_ref()
+                        .map(|s| s.name.as_str()),
+                    &build.secrets,
+                )
+                .await;
+                match staged {
+                    Ok(inputs) => self.create_job(ctx, mcm, need, desired, &inputs).await,
+                    Err(e) => ImageOutcome::failed(format!("build not started: {e}")),
+                }
+            }
             Some(j) if j.deleting => ImageOutcome::building(format!("replacing build Job {job}")),
             Some(j) if j.build_hash != hash && !j.active => {
                 // A changed Dockerfile or argument: start over now, not after the backoff.
@@ -463,11 +479,20 @@ impl ImagePipeline {
                 ImageOutcome::building(format!("build inputs changed; restarting build Job {job}"))
             }
             Some(j) if j.active => ImageOutcome::building(format!(
-                "build Job {ns}/{job} is running (attempt {})",
+                "build Job {build_ns}/{job} is running (attempt {})",
                 j.attempt
             )),
-            Some(j) if j.failed => {
-                let reason = self.failure_reason(ctx, &j).await;
+            Some(j) => {
+                // Failed, or succeeded while the image is still not in the registry (pushed
+                // elsewhere, or lost): a failed attempt either way, retried after the backoff.
+                let reason = if j.failed {
+                    self.failure_reason(ctx, &j).await
+                } else {
+                    format!(
+                        "the build succeeded but {} is not in the registry",
+                        need.image
+                    )
+                };
                 if self.first_time(&j.uid, "failed") {
                     ctx.metrics
                         .builds
@@ -494,16 +519,8 @@ impl ImagePipeline {
                     ));
                 }
                 ImageOutcome::failed(format!(
-                    "build Job {ns}/{job} failed: {reason}; next attempt in {}s",
+                    "build Job {build_ns}/{job} failed: {reason}; next attempt in {}s",
                     (wait - since).as_secs()
-                ))
-            }
-            Some(j) => {
-                // Succeeded, yet the image is not in the registry (e.g. an ephemeral registry lost it).
-                delete_job(ctx, job).await;
-                ImageOutcome::building(format!(
-                    "build Job {} succeeded but {} is not in the registry; rebuilding",
-                    j.name, need.image
                 ))
             }
         }
@@ -515,8 +532,9 @@ impl ImagePipeline {
         mcm: &ManagedClusterModule,
         need: &ImageNeed,
         job: Job,
+        inputs: &crate::buildns::Inputs,
     ) -> ImageOutcome {
-        let ns = &ctx.operator_namespace;
+        let ns = &ctx.config.build_namespace;
         let name = job.name_any();
         match Api::<Job>::namespaced(ctx.client.clone(), ns)
             .create(&PostParams::default(), &job)
@@ -524,6 +542,14 @@ impl ImagePipeline {
         {
             Ok(created) => {
                 ctx.caches.put_job(&created);
+                // The pod waits for its volumes: the copies follow the Job they belong to.
+                let staged = crate::buildns::write(&ctx.client, &created, inputs).await;
+                if let Err(e) = staged {
+                    delete_job(ctx, &name).await;
+                    return ImageOutcome::failed(format!(
+                        "cannot prepare build Job {ns}/{name}: {e}"
+                    ));
+                }
                 ctx.metrics
                     .builds
                     .get_or_create(&OutcomeLabel { outcome: "created" })
@@ -553,7 +579,7 @@ impl ImagePipeline {
         {
             return r;
         }
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.operator_namespace);
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.config.build_namespace);
         let reason = match pods
             .list(&ListParams::default().labels(&format!("job-name={}", job.name)))
             .await
@@ -676,7 +702,7 @@ impl ImagePipeline {
 }
 
 async fn delete_job(ctx: &Context, name: &str) {
-    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.operator_namespace);
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.config.build_namespace);
     let dp = DeleteParams {
         propagation_policy: Some(PropagationPolicy::Background),
         ..Default::default()

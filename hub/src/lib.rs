@@ -2,6 +2,7 @@
 //! digest-pinned ManifestWorks for every selected cluster.
 
 pub mod build;
+pub mod buildns;
 pub mod cache;
 pub mod config;
 pub mod dashboard;

@@ -32,7 +32,7 @@ pub struct RunArgs {
     /// Kubeconfig of the hub cluster; in a pod, the in-cluster configuration is used.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Namespace of the hub: pull secrets, build Jobs, signing secrets, the lease.
+    /// Namespace of the hub: pull secrets, signing secrets, Dockerfiles, the lease.
     #[arg(long, env = "OPERATOR_NAMESPACE", default_value = "kmm-hub")]
     pub operator_namespace: String,
     /// Address of /livez, /readyz and /metrics.
@@ -121,7 +121,9 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     let config = match &args.config {
         Some(path) => crate::config::HubConfig::load(path).map_err(anyhow::Error::msg)?,
         None => crate::config::HubConfig::default(),
-    };
+    }
+    .resolve(&args.operator_namespace)
+    .map_err(anyhow::Error::msg)?;
     let work_executor =
         crate::render::parse_executor(&args.work_executor).map_err(anyhow::Error::msg)?;
     let client = client_from(args.kubeconfig.as_ref()).await?;
@@ -146,11 +148,15 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
             _ => anyhow::bail!("--webhook-address needs --webhook-cert and --webhook-key"),
         };
         let tls = crate::tls::reloading("webhook", cert, key, token.clone()).await?;
+        let webhook_router = crate::webhook::router(Arc::new(crate::webhook::WebhookState {
+            reviewer: crate::webhook::SarReviewer::new(client.clone()),
+            namespace: args.operator_namespace.clone(),
+        }));
         serve(
             "webhook",
             addr,
             Some(tls),
-            crate::webhook::router(),
+            webhook_router,
             health.gate("webhook-server"),
             token.clone(),
         );
@@ -173,7 +179,7 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     tokio::spawn(watch_works(client.clone(), caches.clone(), tx.clone()));
     tokio::spawn(watch_jobs(
         client.clone(),
-        args.operator_namespace.clone(),
+        config.build_namespace.clone(),
         caches.clone(),
         tx.clone(),
     ));

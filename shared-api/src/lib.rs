@@ -11,6 +11,7 @@ pub mod names;
 pub mod ocm;
 pub mod parse;
 pub mod reference;
+pub mod refs;
 #[cfg(feature = "runtime")]
 pub mod runtime;
 mod schema;

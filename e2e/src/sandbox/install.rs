@@ -21,6 +21,11 @@ pub const HUB_NAMESPACE_YAML: &str = include_str!("../../../manifests/hub/namesp
 pub const HUB_RBAC_YAML: &str = include_str!("../../../manifests/hub/rbac.yaml");
 pub const HUB_CONFIG_YAML: &str = include_str!("../../../manifests/hub/config.yaml");
 pub const HUB_WEBHOOK_YAML: &str = include_str!("../../../manifests/hub/webhook.yaml");
+/// manifests/hub-builds: the build namespace and the hub's Role there.
+pub const HUB_BUILDS_YAMLS: [&str; 2] = [
+    include_str!("../../../manifests/hub-builds/namespace.yaml"),
+    include_str!("../../../manifests/hub-builds/rbac.yaml"),
+];
 pub const SPOKE_NAMESPACE_YAML: &str = include_str!("../../../manifests/spoke/namespace.yaml");
 pub const SPOKE_RBAC_YAML: &str = include_str!("../../../manifests/spoke/rbac.yaml");
 pub const SPOKE_WORK_AGENT_RBAC_YAML: &str =
@@ -37,6 +42,8 @@ pub const POLICY_NAME: &str = "install-kmm-spoke";
 /// The hub's namespace and ServiceAccount (manifests/hub).
 pub const HUB_NAMESPACE: &str = "kmm-hub";
 pub const HUB_SERVICE_ACCOUNT: &str = "kmm-hub";
+/// Where the hub's build Jobs run (manifests/hub-builds, `buildNamespace`).
+pub const BUILD_NAMESPACE: &str = "kmm-hub-builds";
 /// The spoke agent's namespace and ServiceAccount (manifests/spoke).
 pub const SPOKE_NAMESPACE: &str = "kmm-spoke";
 pub const SPOKE_SERVICE_ACCOUNT: &str = "kmm-spoke";
@@ -104,10 +111,13 @@ pub async fn apply_yaml(client: &Client, yaml: &str) -> anyhow::Result<usize> {
     Ok(docs.len())
 }
 
-/// The hub's namespace and RBAC, and the dashboard viewer.
+/// The hub's namespace and RBAC, its build namespace, and the dashboard viewer.
 pub async fn install_hub_rbac(hub: &Client) -> anyhow::Result<usize> {
     let mut n = apply_yaml(hub, HUB_NAMESPACE_YAML).await?;
     n += apply_yaml(hub, HUB_RBAC_YAML).await?;
+    for yaml in HUB_BUILDS_YAMLS {
+        n += apply_yaml(hub, yaml).await?;
+    }
     for doc in viewer_rbac() {
         apply(hub, &doc).await?;
         n += 1;

@@ -501,7 +501,8 @@ impl Kubelet {
             "podIP": self.pod_ip,
             "podIPs": [{"ip": self.pod_ip}],
             "startTime": self.start_time,
-            "qosClass": "BestEffort",
+            // No qosClass: the API server sets it at creation from the requests and limits
+            // and it is immutable (a hard-coded BestEffort broke pods with resources).
             "initContainerStatuses": self.init.iter().map(|c| c.to_json(&self.uid)).collect::<Vec<_>>(),
             "containerStatuses": self.main.iter().map(|c| c.to_json(&self.uid)).collect::<Vec<_>>(),
         }})

@@ -1,0 +1,135 @@
+//! What a build Job may see: per-Job copies, in the build namespace, of the Dockerfile, the
+//! MCM's registry credentials and its `build.secrets` — read by the hub in its own namespace
+//! and owned by the Job, so Kubernetes deletes them with it. Signing keys are never copied:
+//! a build pod cannot mount a Secret of another namespace, and the build namespace holds
+//! nothing but these copies.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use shared_api::labels::MCM_OWNER_LABEL;
+use shared_api::module::LocalObjectReference;
+
+use crate::build::{dockerfile_copy, registry_copy, secret_copy};
+
+const MANAGER: &str = "kmm-hub";
+
+/// The originals a build needs, read from the hub's namespace before its Job is created
+/// (a missing one stops the build before anything is written).
+pub struct Inputs {
+    mcm: String,
+    dockerfile: String,
+    /// The registry secret first, then the build secrets, each with its original.
+    secrets: Vec<(Copy, Secret)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Copy {
+    Registry,
+    Build(usize),
+}
+
+/// Read the originals. Errors name objects, never their content.
+pub async fn read(
+    client: &Client,
+    from: &str,
+    mcm: &str,
+    dockerfile: &str,
+    registry_secret: Option<&str>,
+    build_secrets: &[LocalObjectReference],
+) -> Result<Inputs, String> {
+    let mut wanted: Vec<(Copy, &str, &str)> = Vec::new();
+    if let Some(s) = registry_secret {
+        wanted.push((Copy::Registry, s, "spec.moduleSpec.imageRepoSecret"));
+    }
+    for (i, s) in build_secrets.iter().enumerate() {
+        wanted.push((Copy::Build(i), s.name.as_str(), "build.secrets"));
+    }
+    let originals: Api<Secret> = Api::namespaced(client.clone(), from);
+    let mut secrets = Vec::new();
+    for (copy, name, field) in wanted {
+        match originals.get_opt(name).await {
+            Ok(Some(o)) => secrets.push((copy, o)),
+            Ok(None) => return Err(format!("secret {from}/{name} ({field}) does not exist")),
+            Err(e) => return Err(format!("cannot read secret {from}/{name} ({field}): {e}")),
+        }
+    }
+    Ok(Inputs {
+        mcm: mcm.to_string(),
+        dockerfile: dockerfile.to_string(),
+        secrets,
+    })
+}
+
+fn meta(job: &Job, mcm: &str, name: String) -> Result<ObjectMeta, String> {
+    let uid = job
+        .uid()
+        .ok_or_else(|| format!("build Job {} has no uid", job.name_any()))?;
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: job.namespace(),
+        labels: Some(BTreeMap::from([
+            (MCM_OWNER_LABEL.to_string(), mcm.to_string()),
+            (
+                "app.kubernetes.io/component".to_string(),
+                "build-input".to_string(),
+            ),
+        ])),
+        owner_references: Some(vec![OwnerReference {
+            api_version: "batch/v1".into(),
+            kind: "Job".into(),
+            name: job.name_any(),
+            uid,
+            controller: Some(true),
+            block_owner_deletion: None,
+        }]),
+        ..Default::default()
+    })
+}
+
+/// Write every copy the created Job mounts, owned by it.
+pub async fn write(client: &Client, job: &Job, inputs: &Inputs) -> Result<(), String> {
+    let ns = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let pp = PatchParams::apply(MANAGER).force();
+    let cm_name = dockerfile_copy(&name);
+    let cm = ConfigMap {
+        metadata: meta(job, &inputs.mcm, cm_name.clone())?,
+        data: Some(BTreeMap::from([(
+            "dockerfile".to_string(),
+            inputs.dockerfile.clone(),
+        )])),
+        ..Default::default()
+    };
+    Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .patch(&cm_name, &pp, &Patch::Apply(&cm))
+        .await
+        .map_err(|e| format!("cannot write ConfigMap {ns}/{cm_name}: {e}"))?;
+    let copies: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    for (copy, original) in &inputs.secrets {
+        let copy_name = match copy {
+            Copy::Registry => registry_copy(&name),
+            Copy::Build(i) => secret_copy(&name, *i),
+        };
+        let s = Secret {
+            metadata: meta(job, &inputs.mcm, copy_name.clone())?,
+            type_: original.type_.clone(),
+            data: original.data.clone(),
+            ..Default::default()
+        };
+        copies
+            .patch(&copy_name, &pp, &Patch::Apply(&s))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot write secret {ns}/{copy_name} (copy of {}): {e}",
+                    original.name_any()
+                )
+            })?;
+    }
+    Ok(())
+}
