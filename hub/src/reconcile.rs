@@ -70,6 +70,8 @@ pub struct Context {
     pub views: Arc<Views>,
     pub resync: Duration,
     pub config: crate::config::HubConfig,
+    /// Image signing and verification: limits, work directory, CPU permits.
+    pub signing: crate::sign::SignRuntime,
 }
 
 impl std::fmt::Debug for Context {
@@ -429,6 +431,8 @@ fn degraded_reason(
 ) -> &'static str {
     if creds.is_err() {
         "PullSecretError"
+    } else if let Some(reason) = crate::sign::status_reason_of(failed) {
+        reason
     } else if !failed.is_empty() {
         "ImagesFailed"
     } else if !write_errors.is_empty() {

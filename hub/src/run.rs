@@ -84,6 +84,9 @@ pub struct RunArgs {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info,kube_runtime=warn")]
     pub log_filter: String,
+    /// Image signing: work directory, concurrency and size limits.
+    #[command(flatten)]
+    pub sign: crate::sign::SignArgs,
 }
 
 pub async fn client_from(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
@@ -106,6 +109,9 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         None => crate::config::HubConfig::default(),
     };
     let client = client_from(args.kubeconfig.as_ref()).await?;
+    let signing = args.sign.runtime();
+    signing.clean_work_dir();
+    tracing::info!(?signing, "image signing");
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let registry = Arc::new(registry);
@@ -268,6 +274,7 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         views: views.clone(),
         resync: args.resync,
         config,
+        signing,
     });
 
     // Ready only with synced caches (and the lease, below).
