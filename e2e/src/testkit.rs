@@ -60,6 +60,8 @@ pub struct HubOptions {
     pub config: Option<PathBuf>,
     pub webhook: Option<(SocketAddr, PathBuf, PathBuf)>,
     pub dashboard: Option<SocketAddr>,
+    /// Image signing flags (work directory, limits).
+    pub sign: kmm_hub::sign::SignArgs,
 }
 
 impl HubOptions {
@@ -72,6 +74,7 @@ impl HubOptions {
             config: None,
             webhook: None,
             dashboard: None,
+            sign: kmm_hub::sign::SignArgs::default(),
         }
     }
 }
@@ -103,6 +106,7 @@ impl HubProcess {
             lease_name: "kmm-hub.sigs.x-k8s.io".into(),
             log_format: "text".into(),
             log_filter: "info".into(),
+            sign: o.sign,
         };
         let token = CancellationToken::new();
         let t = token.clone();

@@ -41,8 +41,8 @@ impl Default for SignLimits {
             max_layers: 128,
             max_layer_bytes: 4 * GI,
             max_unpacked_bytes: 16 * GI,
-            max_entries: 1_000_000,
-            max_signed_bytes: 256 * MI,
+            max_entries: 500_000,
+            max_signed_bytes: 64 * MI,
             max_metadata_bytes: 4 * MI,
         }
     }
@@ -191,11 +191,27 @@ pub struct SignArgs {
     #[arg(long, env = "KMM_HUB_SIGN_MAX_UNPACKED_BYTES", default_value = "16Gi", value_parser = parse_size)]
     pub sign_max_unpacked_bytes: u64,
     /// Most tar entries over all layers of an image.
-    #[arg(long, env = "KMM_HUB_SIGN_MAX_ENTRIES", default_value_t = 1_000_000)]
+    #[arg(long, env = "KMM_HUB_SIGN_MAX_ENTRIES", default_value_t = 500_000)]
     pub sign_max_entries: u64,
     /// Most bytes of files matched by filesToSign (held in memory while signing/verifying).
-    #[arg(long, env = "KMM_HUB_SIGN_MAX_SIGNED_BYTES", default_value = "256Mi", value_parser = parse_size)]
+    #[arg(long, env = "KMM_HUB_SIGN_MAX_SIGNED_BYTES", default_value = "64Mi", value_parser = parse_size)]
     pub sign_max_signed_bytes: u64,
+}
+
+impl Default for SignArgs {
+    /// The flags' defaults (for a hub started in process).
+    fn default() -> Self {
+        let l = SignLimits::default();
+        SignArgs {
+            work_dir: None,
+            sign_concurrency: 2,
+            sign_max_layers: l.max_layers,
+            sign_max_layer_bytes: l.max_layer_bytes,
+            sign_max_unpacked_bytes: l.max_unpacked_bytes,
+            sign_max_entries: l.max_entries,
+            sign_max_signed_bytes: l.max_signed_bytes,
+        }
+    }
 }
 
 impl SignArgs {
@@ -328,6 +344,21 @@ mod tests {
         assert_eq!(format_size(2 * GI), "2 GiB");
         assert_eq!(format_size(1536), "1.5 KiB");
         assert_eq!(format_size(12), "12 B");
+    }
+
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            sign: SignArgs,
+        }
+        let parsed = Cli::parse_from(["x"]).sign;
+        assert_eq!(parsed.limits(), SignLimits::default());
+        assert_eq!(SignArgs::default().limits(), SignLimits::default());
+        let set = Cli::parse_from(["x", "--sign-max-layer-bytes", "1Gi"]).sign;
+        assert_eq!(set.limits().max_layer_bytes, GI);
     }
 
     #[test]
