@@ -181,6 +181,12 @@ fi
 # into $CACHE/vm/<kernel>/root, with depmod's indexes.
 KVER=$(dpkg-query -W -f='${Depends}' linux-headers-amd64 | sed -n 's/.*linux-headers-\([0-9][^ ,]*-amd64\).*/\1/p')
 [ -n "$KVER" ] || fail "cannot tell the kernel version of linux-headers-amd64" "dpkg -s linux-headers-amd64"
+# The kernel's scripts/sign-file (from linux-kbuild-<major.minor>, a dependency of the headers):
+# hub/tests/sign_file.rs compares our signatures with it and fails without it.
+SIGN_FILE="/usr/lib/linux-kbuild-$(printf '%s' "$KVER" | cut -d. -f1,2)/scripts/sign-file"
+[ -x "$SIGN_FILE" ] || fail "the kernel's sign-file is missing ($SIGN_FILE)" \
+  "apt-get install --reinstall linux-headers-$KVER linux-kbuild-$(printf '%s' "$KVER" | cut -d. -f1,2)"
+echo "==> the kernel's sign-file: $SIGN_FILE"
 vm_dir="$CACHE/vm/$KVER"
 if [ ! -f "$vm_dir/.complete-1" ]; then
   step "unpacking Debian's kernel $KVER, shim and GRUB for the real-kernel nodes into $vm_dir"

@@ -66,6 +66,8 @@ pub struct HubOptions {
     pub work_executor: String,
     /// `--release-after`.
     pub release_after: Duration,
+    /// Image signing flags (work directory, limits).
+    pub sign: kmm_hub::sign::SignArgs,
 }
 
 impl HubOptions {
@@ -81,6 +83,7 @@ impl HubOptions {
             dashboard_tls: None,
             work_executor: kmm_hub::render::DEFAULT_WORK_EXECUTOR.into(),
             release_after: Duration::from_secs(600),
+            sign: kmm_hub::sign::SignArgs::default(),
         }
     }
 }
@@ -115,6 +118,7 @@ impl HubProcess {
             log_filter: "info".into(),
             work_executor: o.work_executor,
             release_after: o.release_after,
+            sign: o.sign,
         };
         let token = CancellationToken::new();
         let t = token.clone();

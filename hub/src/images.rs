@@ -638,7 +638,17 @@ impl ImagePipeline {
             }
         };
         if !digest.is_empty() && is_signed_with(annotations, signer.cert()) {
-            return ImageOutcome::ready(digest.to_string());
+            // The annotation is a claim: ship the digest only if its modules verify.
+            return crate::sign::gate::verified_outcome(
+                ctx,
+                mcm,
+                need,
+                creds,
+                digest,
+                &sign.files_to_sign,
+                signer.cert(),
+            )
+            .await;
         }
         let source = if from_build || sign.unsigned_image.is_none() {
             need.image.clone()
@@ -664,7 +674,7 @@ impl ImagePipeline {
             signer: &signer,
             hash: HashAlgorithm::Sha256,
         };
-        match sign_image(&client, &req).await {
+        match sign_image(&client, &req, &ctx.signing).await {
             Ok(signed) => {
                 ctx.resolver.invalidate([need.image.as_str()]);
                 ctx.resolver.store(&need.image, &signed.digest);
@@ -690,7 +700,8 @@ impl ImagePipeline {
                     .get_or_create(&OutcomeLabel { outcome: "failed" })
                     .inc();
                 let msg = format!(
-                    "Signing {} for kernel {} failed: {e}",
+                    "{}Signing {} for kernel {} failed: {e}",
+                    e.status_reason().map(|r| format!("{r}: ")).unwrap_or_default(),
                     need.image,
                     need.build_kernel()
                 );

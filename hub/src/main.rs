@@ -29,6 +29,10 @@ enum Command {
     },
     /// Sign a kernel module like the kernel's scripts/sign-file (replaces an existing signature).
     SignFile(kmm_hub::sign::cli::SignFileArgs),
+    /// Sign the modules of an image and push it, as the hub does for a `sign` section.
+    SignImage(Box<kmm_hub::sign::cli::SignImageArgs>),
+    /// Check that an image's modules carry valid signatures by a certificate.
+    VerifyImage(Box<kmm_hub::sign::cli::VerifyImageArgs>),
     /// Run the hub controller (MCM reconciler, webhook, admin port).
     Run(Box<kmm_hub::run::RunArgs>),
     /// Print, as YAML, the ManifestWorks the controller would write (no cluster needed).
@@ -44,6 +48,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime `kmm-hub run` uses: two async workers (blocking work has its own threads).
+fn hub_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -78,11 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 args.log_format.parse().map_err(anyhow::Error::msg)?,
                 &args.log_filter,
             )?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
+            hub_runtime()?.block_on(async move {
                 let token = shared_api::runtime::shutdown::install();
                 kmm_hub::run::run(*args, token).await
             })?;
@@ -101,6 +109,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::SignFile(args) => {
             args.run()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SignImage(args) => {
+            shared_api::runtime::telemetry::init_tracing("text".parse().map_err(anyhow::Error::msg)?, "warn")?;
+            let signed = hub_runtime()?.block_on(args.run())?;
+            println!("{}", signed.digest);
+            for f in &signed.signed_files {
+                eprintln!("signed {f}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::VerifyImage(args) => {
+            shared_api::runtime::telemetry::init_tracing("text".parse().map_err(anyhow::Error::msg)?, "warn")?;
+            let (digest, files) = hub_runtime()?.block_on(args.run())?;
+            println!("{digest}");
+            for f in &files {
+                eprintln!("verified {f}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { files } => {

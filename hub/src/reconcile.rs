@@ -81,6 +81,8 @@ pub struct Context {
     pub views: Arc<Views>,
     pub resync: Duration,
     pub config: crate::config::HubConfig,
+    /// Image signing and verification: limits, work directory, CPU permits.
+    pub signing: crate::sign::SignRuntime,
     /// The spoke ServiceAccount works are applied as (`--work-executor`).
     pub work_executor: Option<shared_api::ocm::ManifestWorkExecutor>,
     /// Held and released work deletions (`--release-after`).
@@ -495,6 +497,8 @@ fn degraded_reason(
 ) -> &'static str {
     if creds.is_err() {
         "PullSecretError"
+    } else if let Some(reason) = crate::sign::status_reason_of(failed) {
+        reason
     } else if !failed.is_empty() {
         "ImagesFailed"
     } else if !write_errors.is_empty() {

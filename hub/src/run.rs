@@ -101,6 +101,9 @@ pub struct RunArgs {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info,kube_runtime=warn")]
     pub log_filter: String,
+    /// Image signing: work directory, concurrency and size limits.
+    #[command(flatten)]
+    pub sign: crate::sign::SignArgs,
 }
 
 pub async fn client_from(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
@@ -127,6 +130,9 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     let work_executor =
         crate::render::parse_executor(&args.work_executor).map_err(anyhow::Error::msg)?;
     let client = client_from(args.kubeconfig.as_ref()).await?;
+    let signing = args.sign.runtime();
+    signing.clean_work_dir();
+    tracing::info!(?signing, "image signing");
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let registry = Arc::new(registry);
@@ -286,6 +292,7 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         views: views.clone(),
         resync: args.resync,
         config,
+        signing,
         work_executor,
         release: crate::release::Releaser::new(args.release_after),
         secrets,

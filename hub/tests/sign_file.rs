@@ -2,8 +2,9 @@
 //! `openssl cms -verify`, on a module compiled here from source.
 //!
 //! Needs the kernel headers (`linux-headers-<ver>-amd64`), `linux-kbuild-<ver>` (for
-//! `sign-file`), `openssl` and `kmod`; the tests are skipped with a message only when the headers
-//! are absent.
+//! `sign-file`), `gcc`, `make`, `openssl` and `kmod`, as `e2e/provision/provision.sh` installs
+//! them. A test that needs the module or `sign-file` FAILS when they are missing (it never
+//! skips); the key-handling tests need only `openssl`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -41,8 +42,10 @@ fn run(cmd: &mut Command) -> Result<Output> {
 }
 
 /// `/usr/src/linux-headers-<ver>-amd64` (the directory with the module build Makefile).
+/// `KMM_FLEET_KERNEL_SRC` replaces `/usr/src` (to check that a machine without headers fails).
 fn headers_dir() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/src")
+    let src = std::env::var_os("KMM_FLEET_KERNEL_SRC").unwrap_or_else(|| "/usr/src".into());
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(src)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -116,15 +119,22 @@ fn make_pair(dir: &Path, name: &str, newkey: &[&str], cn: &str) -> Result<()> {
     Ok(())
 }
 
-fn build_fixture() -> Result<Option<Fixture>> {
-    let Some(headers) = headers_dir() else {
-        eprintln!(
-            "SKIPPED: no kernel headers under /usr/src (install linux-headers-amd64 and linux-kbuild)"
-        );
-        return Ok(None);
-    };
-    let sign_file = sign_file_tool(&headers)
-        .with_context(|| format!("no linux-kbuild sign-file for {}", headers.display()))?;
+/// What to install when the kernel side is missing.
+const INSTALL_HINT: &str = "install linux-headers-amd64 (it pulls linux-kbuild-<ver>, which has \
+     scripts/sign-file), gcc and make: run e2e/provision/provision.sh";
+
+/// The full fixture: keys plus a module compiled against the installed kernel headers and the
+/// kernel's sign-file. Missing headers or sign-file are an error, not a skip.
+fn build_fixture() -> Result<Fixture> {
+    let headers = headers_dir().with_context(|| {
+        format!("no kernel headers (linux-headers-<ver>-amd64 under /usr/src): {INSTALL_HINT}")
+    })?;
+    let sign_file = sign_file_tool(&headers).with_context(|| {
+        format!(
+            "no scripts/sign-file of linux-kbuild for {}: {INSTALL_HINT}",
+            headers.display()
+        )
+    })?;
     let dir = tempfile::tempdir()?;
     let root = dir.path().to_path_buf();
     let src = root.join("src");
@@ -138,48 +148,76 @@ fn build_fixture() -> Result<Option<Fixture>> {
          module_init(hello_init);\nmodule_exit(hello_exit);\n",
     )?;
     std::fs::write(src.join("Makefile"), "obj-m := hello.o\n")?;
+    let module = src.join("hello.ko");
     run(Command::new("make")
         .arg("-C")
         .arg(&headers)
         .arg(format!("M={}", src.display()))
-        .arg("modules"))?;
-    let module = src.join("hello.ko");
+        .arg("modules"))
+    .with_context(|| format!("compiling a test module ({INSTALL_HINT})"))?;
     ensure!(module.is_file(), "make produced no hello.ko");
+    make_keys(&root)?;
+    Ok(Fixture {
+        _dir: dir,
+        root,
+        module,
+        sign_file,
+    })
+}
+
+/// The keys-only fixture: every key pair, and a stand-in module file (the key tests fail before
+/// a module is read). Its `sign_file` is empty: tests using it must not run the kernel tool.
+fn build_keys_fixture() -> Result<Fixture> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().to_path_buf();
+    make_keys(&root)?;
+    let module = root.join("stand-in.ko");
+    std::fs::write(&module, b"\x7fELF stand-in module")?;
+    Ok(Fixture {
+        _dir: dir,
+        root,
+        module,
+        sign_file: PathBuf::new(),
+    })
+}
+
+/// Key pairs of every supported kind, plus unsupported ones.
+fn make_keys(root: &Path) -> Result<()> {
 
     make_pair(
-        &root,
+        root,
         "rsa2048",
         &["-newkey", "rsa:2048"],
         "kmm rsa2048 signer",
     )?;
     make_pair(
-        &root,
+        root,
         "rsa4096",
         &["-newkey", "rsa:4096"],
         "kmm rsa4096 signer",
     )?;
     // Below ring's 2048-bit floor: exercises the portable RSA path.
     make_pair(
-        &root,
+        root,
         "rsa1024",
         &["-newkey", "rsa:1024"],
         "kmm rsa1024 signer",
     )?;
     make_pair(
-        &root,
+        root,
         "p256",
         &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
         "kmm p256 signer",
     )?;
     make_pair(
-        &root,
+        root,
         "p384",
         &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384"],
         "kmm p384 signer",
     )?;
     openssl(
         &["genpkey", "-algorithm", "ed25519", "-out", "ed25519.key"],
-        &root,
+        root,
     )?;
     openssl(
         &[
@@ -194,22 +232,28 @@ fn build_fixture() -> Result<Option<Fixture>> {
             "-out",
             "encrypted.key",
         ],
-        &root,
-    )?;
-    Ok(Some(Fixture {
-        _dir: dir,
         root,
-        module,
-        sign_file,
-    }))
+    )?;
+    Ok(())
 }
 
-static FIXTURE: OnceLock<Result<Option<Fixture>, String>> = OnceLock::new();
+static FIXTURE: OnceLock<Result<Fixture, String>> = OnceLock::new();
+static KEYS: OnceLock<Result<Fixture, String>> = OnceLock::new();
 
-fn fixture() -> Result<Option<&'static Fixture>> {
+/// Keys, a module and the kernel's sign-file; an error (failing the test) when the kernel side
+/// is not installed.
+fn fixture() -> Result<&'static Fixture> {
     match FIXTURE.get_or_init(|| build_fixture().map_err(|e| format!("{e:#}"))) {
-        Ok(f) => Ok(f.as_ref()),
+        Ok(f) => Ok(f),
         Err(e) => bail!("fixture: {e}"),
+    }
+}
+
+/// Keys only (openssl); no kernel headers needed.
+fn keys_fixture() -> Result<&'static Fixture> {
+    match KEYS.get_or_init(|| build_keys_fixture().map_err(|e| format!("{e:#}"))) {
+        Ok(f) => Ok(f),
+        Err(e) => bail!("key fixture: {e}"),
     }
 }
 
@@ -267,7 +311,7 @@ fn appended_cms(signed: &[u8]) -> Result<Vec<u8>> {
 
 #[test]
 fn rsa_signatures_are_byte_identical_to_sign_file() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let mut compared = 0;
     for hash in ["sha256", "sha384", "sha512"] {
         for cert in ["rsa2048.pem", "rsa2048.der"] {
@@ -350,7 +394,7 @@ fn rsa_signatures_are_byte_identical_to_sign_file() -> Result<()> {
 
 #[test]
 fn detached_and_in_place_modes_match_sign_file() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     // -d: only <module>.p7s is written, the module stays as it was.
     let kernel_mod = scratch(f, "detached-kernel");
     let our_mod = scratch(f, "detached-ours");
@@ -404,7 +448,7 @@ fn cms_without_signature(der: &[u8]) -> Result<Vec<u8>> {
 
 #[test]
 fn ecdsa_signatures_match_in_structure_and_verify_with_openssl() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     for (curve, hashes) in [
         ("p256", ["sha256", "sha384"]),
         ("p384", ["sha384", "sha512"]),
@@ -488,7 +532,7 @@ fn modinfo_field(module: &Path, field: &str) -> Result<String> {
 
 #[test]
 fn modinfo_shows_our_signer_and_hash() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     for (key, cert, cn, hash) in [
         ("rsa2048.key", "rsa2048.pem", "kmm rsa2048 signer", "sha256"),
         ("rsa4096.key", "rsa4096.pem", "kmm rsa4096 signer", "sha512"),
@@ -527,7 +571,7 @@ fn modinfo_shows_our_signer_and_hash() -> Result<()> {
 
 #[test]
 fn resigning_equals_signing_the_unsigned_module() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let fresh = our_sign(
         f,
         "sha256",
@@ -596,7 +640,7 @@ fn assert_no_key_material(text: &str, key_pem: &str) {
 
 #[test]
 fn mismatched_key_and_certificate_fail_clearly() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = keys_fixture()?;
     let out = Command::new(KMM_HUB)
         .args(["sign-file", "sha256"])
         .arg(f.path("rsa2048.key"))
@@ -639,7 +683,7 @@ fn mismatched_key_and_certificate_fail_clearly() -> Result<()> {
 
 #[test]
 fn keys_never_appear_in_debug_or_errors() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = keys_fixture()?;
     for name in ["rsa2048", "p256"] {
         let key_pem = std::fs::read_to_string(f.path(&format!("{name}.key")))?;
         let signer = Signer::from_pem_or_der(
@@ -710,7 +754,7 @@ fn keys_never_appear_in_debug_or_errors() -> Result<()> {
 
 #[test]
 fn library_and_cli_agree() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let signer = Signer::from_pem_or_der(
         &std::fs::read(f.path("rsa2048.trad.key"))?,
         &std::fs::read(f.path("rsa2048.der"))?,
@@ -732,5 +776,43 @@ fn library_and_cli_agree() -> Result<()> {
         kmm_hub::sign::cms::parse_signature(&cms)?.signature_algorithm,
         "rsaEncryption"
     );
+    Ok(())
+}
+
+/// The hub's verifier (what gates shipping a signed image) accepts what the kernel's sign-file
+/// writes, for RSA and ECDSA, and rejects a module signed by another certificate or altered.
+#[test]
+fn kernel_sign_file_output_passes_our_verifier() -> Result<()> {
+    let f = fixture()?;
+    let cert = |name: &str| -> Result<kmm_hub::sign::SigningCert> {
+        Ok(kmm_hub::sign::SigningCert::from_pem_or_der(&std::fs::read(
+            f.path(name),
+        )?)?)
+    };
+    for (key, pem, hash) in [
+        ("rsa2048.key", "rsa2048.pem", "sha256"),
+        ("rsa4096.key", "rsa4096.pem", "sha512"),
+        ("p256.key", "p256.pem", "sha256"),
+        ("p384.key", "p384.pem", "sha384"),
+    ] {
+        let signed = kernel_sign(f, hash, key, pem, &f.module, &format!("verify-{key}"))?;
+        kmm_hub::sign::verify::verify_module(&signed, &cert(pem)?)
+            .map_err(|e| anyhow::anyhow!("{key} {hash}: {e}"))?;
+        let other = if pem.starts_with("rsa2048") {
+            "rsa4096.pem"
+        } else {
+            "rsa2048.pem"
+        };
+        assert!(
+            kmm_hub::sign::verify::verify_module(&signed, &cert(other)?).is_err(),
+            "{key}: verified against {other}"
+        );
+        let mut altered = signed.clone();
+        altered[200] ^= 1;
+        assert!(
+            kmm_hub::sign::verify::verify_module(&altered, &cert(pem)?).is_err(),
+            "{key}: an altered module verified"
+        );
+    }
     Ok(())
 }

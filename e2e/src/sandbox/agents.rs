@@ -189,6 +189,11 @@ impl Agent {
         env.remove("KMM_HUB_DASHBOARD_CERT");
         env.remove("KMM_HUB_DASHBOARD_KEY");
         env.insert("KMM_HUB_LOG_FORMAT".into(), "text".into());
+        // The pod's emptyDir: a directory beside the log.
+        env.insert(
+            "KMM_HUB_WORK_DIR".into(),
+            log.with_file_name("kmm-hub-work").display().to_string(),
+        );
         env.insert(
             "KMM_HUB_RESYNC".into(),
             format!("{}s", resync.as_secs().max(1)),

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use oci_client::secrets::RegistryAuth;
+
 use super::{HashAlgorithm, SignError, Signer, module_sig};
 
 /// Sign a kernel module: `sign-file [-dp] <hash> <key> <x509> <module> [<dest>]`.
@@ -74,5 +76,148 @@ impl SignFileArgs {
                     .map_err(|e| SignError::io(self.module.display(), e))
             }
         }
+    }
+}
+
+/// Registry access for the image commands: plain HTTP for loopback registries (as the hub
+/// does), HTTPS otherwise; credentials from a Docker config file.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RegistryArgs {
+    /// A Docker config JSON (`{"auths": {...}}`) with the registries' credentials.
+    #[arg(long)]
+    pub auth_file: Option<PathBuf>,
+    /// Use plain HTTP for every registry (loopback registries always use it).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl RegistryArgs {
+    fn auth(&self, reference: &oci_client::Reference) -> Result<RegistryAuth, SignError> {
+        let Some(path) = &self.auth_file else {
+            return Ok(RegistryAuth::Anonymous);
+        };
+        let config = crate::registry::DockerConfig::parse(&read(path)?)
+            .map_err(|e| SignError::io(path.display(), std::io::Error::other(e)))?;
+        Ok(config.auth_for(reference.resolve_registry()))
+    }
+
+    fn client(&self, reference: &oci_client::Reference) -> oci_client::Client {
+        crate::registry::install_crypto_provider();
+        let registry = reference.resolve_registry();
+        let plain = self.insecure || crate::registry::is_loopback_registry(registry);
+        oci_client::Client::new(oci_client::client::ClientConfig {
+            protocol: if plain {
+                oci_client::client::ClientProtocol::Http
+            } else {
+                oci_client::client::ClientProtocol::Https
+            },
+            ..Default::default()
+        })
+    }
+}
+
+fn reference(image: &str) -> Result<oci_client::Reference, SignError> {
+    image.parse().map_err(|e| SignError::Image {
+        image: image.to_string(),
+        reason: format!("not an image reference: {e}"),
+    })
+}
+
+/// `kmm-hub sign-image`: what the hub does for a `sign` section, from the command line —
+/// pull `--source`, sign the files `--file` patterns match, push to `--dest`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SignImageArgs {
+    /// The unsigned image.
+    #[arg(long)]
+    pub source: String,
+    /// Where the signed image goes (may equal --source).
+    #[arg(long)]
+    pub dest: String,
+    /// A filesToSign pattern (repeat for several).
+    #[arg(long = "file", required = true)]
+    pub files: Vec<String>,
+    /// Private key file (as for sign-file).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Certificate file.
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Digest algorithm.
+    #[arg(long, default_value = "sha256")]
+    pub hash: String,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub sign: super::limits::SignArgs,
+}
+
+impl SignImageArgs {
+    /// Sign and push; prints the pushed digest.
+    pub async fn run(&self) -> Result<super::image::SignedImage, SignError> {
+        let hash: HashAlgorithm = self.hash.parse()?;
+        let signer = Signer::from_pem_or_der(&read(&self.key)?, &read(&self.cert)?)?;
+        let (source, dest) = (reference(&self.source)?, reference(&self.dest)?);
+        let rt = self.sign.runtime();
+        let req = super::image::ImageSignRequest {
+            source: &source,
+            source_auth: &self.registry.auth(&source)?,
+            destination: &dest,
+            destination_auth: &self.registry.auth(&dest)?,
+            files_to_sign: &self.files,
+            signer: &signer,
+            hash,
+        };
+        super::image::sign_image(&self.registry.client(&source), &req, &rt).await
+    }
+}
+
+/// `kmm-hub verify-image`: the hub's check before it ships a signed image — every file the
+/// `--file` patterns match must carry a valid module signature by `--cert`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VerifyImageArgs {
+    /// The image (a tag or `@sha256:` digest).
+    #[arg(long)]
+    pub image: String,
+    /// A filesToSign pattern (repeat for several).
+    #[arg(long = "file", required = true)]
+    pub files: Vec<String>,
+    /// The certificate the modules must be signed with.
+    #[arg(long)]
+    pub cert: PathBuf,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub sign: super::limits::SignArgs,
+}
+
+impl VerifyImageArgs {
+    /// Verify; returns the digest and the verified files.
+    pub async fn run(&self) -> Result<(String, Vec<String>), SignError> {
+        let cert = super::SigningCert::from_pem_or_der(&read(&self.cert)?)?;
+        let image = reference(&self.image)?;
+        let auth = self.registry.auth(&image)?;
+        let client = self.registry.client(&image);
+        let digest = match image.digest() {
+            Some(d) => d.to_string(),
+            None => client
+                .fetch_manifest_digest(&image, &auth)
+                .await
+                .map_err(|error| SignError::Registry {
+                    image: image.whole(),
+                    error,
+                })?,
+        };
+        let rt = self.sign.runtime();
+        let files = super::verify::verify_image(
+            &client,
+            &rt,
+            &image,
+            &digest,
+            &auth,
+            &self.files,
+            &cert,
+        )
+        .await?;
+        Ok((digest, files))
     }
 }

@@ -5,6 +5,11 @@
 
 use thiserror::Error;
 
+/// Condition/event reason: an image's modules do not verify against the MCM's certificate.
+pub const SIGNATURE_INVALID: &str = "SignatureInvalid";
+/// Condition/event reason: an image is larger than a signing limit allows.
+pub const SIGN_LIMIT_EXCEEDED: &str = "SignLimitExceeded";
+
 /// Everything that can go wrong while loading signing material, signing a module or signing an
 /// image.
 #[derive(Debug, Error)]
@@ -52,6 +57,25 @@ pub enum SignError {
     #[error("CMS encoding: {0}")]
     Encoding(String),
 
+    /// The image is larger than a configured limit allows (see `sign::limits`).
+    #[error("image {image}: {detail} the limit {flag} = {max_shown} ({what})",
+        flag = .limit.flag(), max_shown = .limit.show(*.max), what = .limit.what())]
+    Limit {
+        image: String,
+        limit: super::limits::Limit,
+        max: u64,
+        detail: String,
+    },
+
+    /// A module of an image that claims to be signed does not carry a valid signature by the
+    /// expected certificate.
+    #[error("image {image}: {file}: {reason}")]
+    SignatureInvalid {
+        image: String,
+        file: String,
+        reason: String,
+    },
+
     /// Reading or writing a file failed.
     #[error("{path}: {error}")]
     Io { path: String, error: std::io::Error },
@@ -70,6 +94,8 @@ impl SignError {
             SignError::Registry { .. } => "registry",
             SignError::Encoding(_) => "encoding",
             SignError::Io { .. } => "io",
+            SignError::Limit { .. } => "limit",
+            SignError::SignatureInvalid { .. } => "signature",
         }
     }
 
@@ -81,6 +107,16 @@ impl SignError {
                 reason,
             },
             other => other,
+        }
+    }
+
+    /// The CamelCase reason for status conditions and events, for the errors that have their
+    /// own: `SignLimitExceeded`, `SignatureInvalid`.
+    pub fn status_reason(&self) -> Option<&'static str> {
+        match self {
+            SignError::Limit { .. } => Some(SIGN_LIMIT_EXCEEDED),
+            SignError::SignatureInvalid { .. } => Some(SIGNATURE_INVALID),
+            _ => None,
         }
     }
 

@@ -8,9 +8,16 @@
 //! Signing is deterministic: the same image, key, certificate and patterns give the same digest.
 //! Re-signing an image this module produced (for example after a certificate rotation) replaces
 //! its signing layer instead of stacking another one.
+//!
+//! Memory stays bounded whatever the image size: layers are streamed to files in a temporary
+//! directory under the hub's work directory (and streamed back when they must be uploaded), the
+//! unpacking, hashing and signing run on a blocking thread while holding one of the
+//! [`SignRuntime`]'s permits, and the [`SignLimits`](super::limits::SignLimits) cap layer sizes,
+//! unpacked sizes, entry counts and the bytes of matched files.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 use oci_client::manifest::{
     IMAGE_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE,
@@ -21,8 +28,12 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 use sha2::{Digest, Sha256};
 use shared_api::labels::{SIGNED_BY_ANNOTATION, SIGNED_FILES_ANNOTATION};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-pub use super::layers::{FilePatterns, MergedTree, SigningLayer, build_signing_layer};
+pub use super::layers::{
+    FilePatterns, LayerSource, MergedTree, SigningLayer, Unpack, build_signing_layer,
+};
+use super::limits::{Limit, SignRuntime};
 use super::{HashAlgorithm, SignError, Signer, SigningCert};
 
 /// `created_by` of the history entry for the signing layer; also how a previous signing layer
@@ -135,10 +146,11 @@ pub fn plan_signed_image(
     image: &str,
     manifest: &OciImageManifest,
     config: &[u8],
-    layers: &[&[u8]],
+    layers: &[&dyn LayerSource],
     patterns: &FilePatterns,
     signer: &Signer,
     hash: HashAlgorithm,
+    unpack: &Unpack,
 ) -> Result<SignedImagePlan, SignError> {
     let bad = |reason: String| SignError::Image {
         image: image.to_string(),
@@ -166,7 +178,7 @@ pub fn plan_signed_image(
         );
     }
 
-    let layer = build_signing_layer(&layers[..kept_layers], patterns, signer, hash)?;
+    let layer = build_signing_layer(&layers[..kept_layers], patterns, signer, hash, unpack)?;
     let cert_sha256 = signer.cert().sha256_hex();
 
     let diff_ids = config
@@ -250,6 +262,170 @@ fn registry_error(
     }
 }
 
+/// Chunks of this size are read from layer files and sent per upload request.
+const UPLOAD_CHUNK: usize = 4 * 1024 * 1024;
+
+/// A pulled image: manifest and config in memory, layers in files.
+pub(crate) struct Fetched {
+    pub manifest: OciImageManifest,
+    pub digest: String,
+    pub config: Vec<u8>,
+    pub layers: Vec<PathBuf>,
+}
+
+/// Stream one blob into `out`, failing once more than `max` bytes arrive (a descriptor's size
+/// is checked before the download; this guards against a registry sending more). oci-client
+/// checks the digest at the end of the stream.
+async fn download(
+    client: &Client,
+    image: &Reference,
+    descriptor: &OciDescriptor,
+    out: &mut (impl AsyncWrite + Unpin),
+    rt: &SignRuntime,
+    limit: Limit,
+    what: &str,
+) -> Result<(), SignError> {
+    use futures::StreamExt;
+    let mut stream = client
+        .pull_blob_stream(image, descriptor)
+        .await
+        .map_err(registry_error(image))?;
+    let mut written = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| SignError::Registry {
+            image: image.whole(),
+            error: e.into(),
+        })?;
+        written += chunk.len() as u64;
+        rt.limits.check(limit, written, &image.whole(), what)?;
+        out.write_all(&chunk)
+            .await
+            .map_err(|e| SignError::io(what, e))?;
+    }
+    out.flush().await.map_err(|e| SignError::io(what, e))
+}
+
+/// Pull `image`'s manifest and config, and stream its layers to files under `dir`, within the
+/// runtime's limits.
+pub(crate) async fn fetch_image(
+    client: &Client,
+    rt: &SignRuntime,
+    image: &Reference,
+    auth: &RegistryAuth,
+    dir: &Path,
+) -> Result<Fetched, SignError> {
+    let name = image.whole();
+    client
+        .auth(image, auth, RegistryOperation::Pull)
+        .await
+        .map_err(registry_error(image))?;
+    let (manifest, digest) = client
+        .pull_image_manifest(image, auth)
+        .await
+        .map_err(registry_error(image))?;
+    let limits = &rt.limits;
+    limits.check(
+        Limit::Layers,
+        manifest.layers.len() as u64,
+        &name,
+        "manifest",
+    )?;
+    let size = |d: &OciDescriptor| u64::try_from(d.size).unwrap_or(u64::MAX);
+    limits.check(
+        Limit::MetadataBytes,
+        size(&manifest.config),
+        &name,
+        "config",
+    )?;
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        limits.check(
+            Limit::LayerBytes,
+            size(layer),
+            &name,
+            format!("layer {i} ({})", layer.digest),
+        )?;
+    }
+    let mut config = Vec::new();
+    download(
+        client,
+        image,
+        &manifest.config,
+        &mut config,
+        rt,
+        Limit::MetadataBytes,
+        "config",
+    )
+    .await?;
+    let mut layers = Vec::with_capacity(manifest.layers.len());
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        let path = dir.join(format!("layer-{i}"));
+        let what = format!("layer {i}");
+        let file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| SignError::io(path.display(), e))?;
+        let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+        download(client, image, layer, &mut out, rt, Limit::LayerBytes, &what).await?;
+        layers.push(path);
+    }
+    tracing::debug!(image = %name, layers = layers.len(), %digest, "pulled to disk");
+    Ok(Fetched {
+        manifest,
+        digest,
+        config,
+        layers,
+    })
+}
+
+/// Upload a layer file in chunks (never the whole blob in memory).
+async fn upload_file(
+    client: &Client,
+    dst: &Reference,
+    path: &Path,
+    digest: &str,
+    size: u64,
+) -> Result<(), SignError> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| SignError::io(path.display(), e))?;
+    let chunks = futures::stream::try_unfold(file, |mut file| async move {
+        let mut buf = vec![0u8; UPLOAD_CHUNK];
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = file.read(&mut buf[filled..]).await?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            return Ok(None);
+        }
+        buf.truncate(filled);
+        Ok(Some((bytes::Bytes::from(buf), file)))
+    });
+    client
+        .push_blob_stream(dst, chunks, digest, Some(size))
+        .await
+        .map_err(registry_error(dst))?;
+    Ok(())
+}
+
+/// Run CPU-bound work (gunzip, tar, hashing, signing, verifying) on a blocking thread while
+/// holding one of the runtime's permits.
+pub(crate) async fn blocking<T: Send + 'static>(
+    rt: &SignRuntime,
+    image: &str,
+    work: impl FnOnce() -> Result<T, SignError> + Send + 'static,
+) -> Result<T, SignError> {
+    let _permit = rt.permit().await;
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| SignError::Image {
+            image: image.to_string(),
+            reason: format!("the signing task failed: {e}"),
+        })?
+}
+
 /// Pull `source`, sign the matching files, push to `destination`; returns the pushed digest.
 ///
 /// The client must have a rustls crypto provider installed (see `oci-client`'s
@@ -258,42 +434,37 @@ fn registry_error(
 pub async fn sign_image(
     client: &Client,
     req: &ImageSignRequest<'_>,
+    rt: &SignRuntime,
 ) -> Result<SignedImage, SignError> {
     let patterns = FilePatterns::new(req.files_to_sign)?;
     let src = req.source;
     let dst = req.destination;
+    let dir = rt.temp_dir()?;
 
-    client
-        .auth(src, req.source_auth, RegistryOperation::Pull)
-        .await
-        .map_err(registry_error(src))?;
-    let (manifest, source_digest) = client
-        .pull_image_manifest(src, req.source_auth)
-        .await
-        .map_err(registry_error(src))?;
-    let mut config = Vec::new();
-    client
-        .pull_blob(src, &manifest.config, &mut config)
-        .await
-        .map_err(registry_error(src))?;
-    let blobs = futures::future::try_join_all(manifest.layers.iter().map(|layer| async move {
-        let mut blob = Vec::new();
-        client.pull_blob(src, layer, &mut blob).await.map(|()| blob)
-    }))
-    .await
-    .map_err(registry_error(src))?;
-    tracing::debug!(layers = blobs.len(), %source_digest, "pulled");
-
-    let blob_refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
-    let plan = plan_signed_image(
-        &src.whole(),
-        &manifest,
-        &config,
-        &blob_refs,
-        &patterns,
-        req.signer,
-        req.hash,
-    )?;
+    let fetched = fetch_image(client, rt, src, req.source_auth, dir.path()).await?;
+    let source_digest = fetched.digest.clone();
+    let unpack = Unpack {
+        image: src.whole(),
+        limits: rt.limits,
+    };
+    let (manifest, config, layers) = (fetched.manifest, fetched.config, fetched.layers);
+    let (signer, hash) = (req.signer.clone(), req.hash);
+    let (manifest, layers, plan) = blocking(rt, &unpack.image.clone(), move || {
+        let sources: Vec<&dyn LayerSource> =
+            layers.iter().map(|p| p as &dyn LayerSource).collect();
+        let plan = plan_signed_image(
+            &unpack.image,
+            &manifest,
+            &config,
+            &sources,
+            &patterns,
+            &signer,
+            hash,
+            &unpack,
+        )?;
+        Ok((manifest, layers, plan))
+    })
+    .await?;
 
     // Destination credentials for both the existence checks (pull) and the uploads (push).
     for op in [RegistryOperation::Pull, RegistryOperation::Push] {
@@ -302,15 +473,33 @@ pub async fn sign_image(
             .await
             .map_err(registry_error(dst))?;
     }
-    let uploads = plan.manifest.layers[..plan.kept_layers]
-        .iter()
-        .zip(&blobs)
-        .map(|(d, b)| (d.digest.as_str(), b.as_slice()))
-        .chain([
-            (plan.layer.digest.as_str(), plan.layer.blob.as_slice()),
-            (plan.manifest.config.digest.as_str(), plan.config.as_slice()),
-        ]);
-    for (digest, data) in uploads {
+    let same_registry = src.resolve_registry() == dst.resolve_registry();
+    for (descriptor, path) in manifest.layers[..plan.kept_layers].iter().zip(&layers) {
+        let digest = descriptor.digest.as_str();
+        if client
+            .blob_exists(dst, digest)
+            .await
+            .map_err(registry_error(dst))?
+        {
+            continue;
+        }
+        if same_registry && src.repository() != dst.repository() {
+            // Cross-repository mount: no bytes move. A registry that declines starts an upload
+            // session instead (an error here); the blob is then uploaded below.
+            if client.mount_blob(dst, src, digest).await.is_ok()
+                && client.blob_exists(dst, digest).await.unwrap_or(false)
+            {
+                continue;
+            }
+        }
+        let size = u64::try_from(descriptor.size).unwrap_or(0);
+        upload_file(client, dst, path, digest, size).await?;
+    }
+    drop(dir);
+    for (digest, data) in [
+        (plan.layer.digest.as_str(), &plan.layer.blob),
+        (plan.manifest.config.digest.as_str(), &plan.config),
+    ] {
         if client
             .blob_exists(dst, digest)
             .await
@@ -319,7 +508,7 @@ pub async fn sign_image(
             continue;
         }
         client
-            .push_blob(dst, data.to_vec(), digest)
+            .push_blob(dst, data.clone(), digest)
             .await
             .map_err(registry_error(dst))?;
     }
@@ -329,12 +518,14 @@ pub async fn sign_image(
         .await
         .map_err(registry_error(dst))?;
     tracing::info!(digest = %plan.digest, files = plan.layer.files.len(), "pushed signed image");
+    let cert_sha256 = req.signer.cert().sha256_hex();
+    rt.mark_verified(&plan.digest, &cert_sha256);
 
     Ok(SignedImage {
         digest: plan.digest,
         source_digest,
         signed_files: plan.layer.files,
-        cert_sha256: req.signer.cert().sha256_hex(),
+        cert_sha256,
     })
 }
 
@@ -405,6 +596,7 @@ mod tests {
             &patterns(),
             &signer,
             HashAlgorithm::Sha256,
+            &Unpack::default(),
         )
         .expect("plan");
 
@@ -475,11 +667,12 @@ mod tests {
             &p,
             &first,
             HashAlgorithm::Sha256,
+            &Unpack::default(),
         )
         .expect("first");
 
         // The signed image as a registry would return it.
-        let layers: Vec<&[u8]> = vec![&mods, &signed.layer.blob];
+        let layers: Vec<&dyn LayerSource> = vec![&mods, &signed.layer.blob];
         let resigned = plan_signed_image(
             "r/x",
             &signed.manifest,
@@ -488,6 +681,7 @@ mod tests {
             &p,
             &second,
             HashAlgorithm::Sha256,
+            &Unpack::default(),
         )
         .expect("resign");
         assert_eq!(resigned.kept_layers, 1);
@@ -503,6 +697,7 @@ mod tests {
             &p,
             &second,
             HashAlgorithm::Sha256,
+            &Unpack::default(),
         )
         .expect("direct");
         assert_eq!(resigned.layer.digest, direct.layer.digest);
@@ -526,6 +721,7 @@ mod tests {
             &p,
             &signer,
             HashAlgorithm::Sha256,
+            &Unpack::default(),
         )
         .expect_err("err");
         assert_eq!(err.category(), "image");
@@ -537,6 +733,7 @@ mod tests {
             &p,
             &signer,
             HashAlgorithm::Sha256,
+            &Unpack::default(),
         )
         .expect_err("err");
         assert!(err.to_string().contains("config"), "{err}");
@@ -548,6 +745,7 @@ mod tests {
             &p,
             &signer,
             HashAlgorithm::Sha256,
+            &Unpack::default(),
         )
         .expect_err("err");
         assert!(err.to_string().contains("diff_ids"), "{err}");

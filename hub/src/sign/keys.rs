@@ -151,8 +151,11 @@ impl fmt::Debug for SigningCert {
 }
 
 /// A private key with its certificate, checked to belong together. This is what signs.
+/// Cloning shares the key (it is held once, behind an `Arc`), so a signing task can take its
+/// own handle onto a blocking thread.
+#[derive(Clone)]
 pub struct Signer {
-    key: PrivateKey,
+    key: std::sync::Arc<PrivateKey>,
     cert: SigningCert,
 }
 
@@ -162,7 +165,10 @@ impl Signer {
         let cert = SigningCert::from_pem_or_der(cert)?;
         let key = parse_private_key(key)?;
         check_pair(&key, &cert)?;
-        Ok(Signer { key, cert })
+        Ok(Signer {
+            key: std::sync::Arc::new(key),
+            cert,
+        })
     }
 
     /// The certificate.

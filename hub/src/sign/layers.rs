@@ -2,12 +2,16 @@
 //! tree (honouring whiteouts), match `filesToSign` patterns against it, sign the matches and
 //! write the one extra layer that holds them.
 //!
-//! Only the contents of files that a pattern matches are kept in memory; everything else is
-//! tracked by metadata alone.
+//! Layers are read as streams (from the files the registry side downloaded them to). Only the
+//! contents of files that a pattern matches are kept in memory; everything else is tracked by
+//! metadata alone. The image's [`SignLimits`] bound the uncompressed size of every layer, the
+//! number of tar entries and the bytes of matched files.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::path::{Component, Path};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
 use flate2::Compression;
 use flate2::read::GzDecoder;
@@ -15,7 +19,81 @@ use flate2::write::GzEncoder;
 use glob::{MatchOptions, Pattern};
 use sha2::{Digest, Sha256};
 
+use super::limits::{Limit, SignLimits};
 use super::{HashAlgorithm, SignError, Signer, module_sig};
+
+/// A layer blob (gzip or plain tar) that can be read from the start: a file the blob was
+/// streamed to, or bytes in memory.
+pub trait LayerSource: Sync {
+    fn open(&self) -> std::io::Result<Box<dyn Read + '_>>;
+}
+
+impl LayerSource for [u8] {
+    fn open(&self) -> std::io::Result<Box<dyn Read + '_>> {
+        Ok(Box::new(self))
+    }
+}
+
+impl LayerSource for Vec<u8> {
+    fn open(&self) -> std::io::Result<Box<dyn Read + '_>> {
+        Ok(Box::new(self.as_slice()))
+    }
+}
+
+impl LayerSource for Path {
+    fn open(&self) -> std::io::Result<Box<dyn Read + '_>> {
+        Ok(Box::new(std::fs::File::open(self)?))
+    }
+}
+
+impl LayerSource for PathBuf {
+    fn open(&self) -> std::io::Result<Box<dyn Read + '_>> {
+        self.as_path().open()
+    }
+}
+
+/// Which image is being unpacked (for errors) and the limits that apply.
+#[derive(Debug, Clone)]
+pub struct Unpack {
+    pub image: String,
+    pub limits: SignLimits,
+}
+
+impl Default for Unpack {
+    fn default() -> Self {
+        Unpack {
+            image: "image".into(),
+            limits: SignLimits::default(),
+        }
+    }
+}
+
+/// Running totals of one pass over the layers.
+struct Budget<'a> {
+    unpack: &'a Unpack,
+    entries: u64,
+    retained: u64,
+}
+
+/// Counts the bytes read through it; past `max` it fails and records the count in `hit`.
+struct Counted<R> {
+    inner: R,
+    read: u64,
+    max: u64,
+    hit: Rc<Cell<Option<u64>>>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.read > self.max {
+            self.hit.set(Some(self.read));
+            return Err(std::io::Error::other("layer exceeds the unpacked size limit"));
+        }
+        Ok(n)
+    }
+}
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
@@ -179,12 +257,16 @@ fn base_of(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-/// A layer blob as a tar reader: gzip is detected by its magic bytes, zstd is refused.
-fn layer_reader(blob: &[u8]) -> Result<Box<dyn Read + '_>, String> {
-    match blob {
-        [0x1f, 0x8b, ..] => Ok(Box::new(GzDecoder::new(blob))),
+/// A layer blob as a tar stream: gzip is detected by its magic bytes, zstd is refused.
+fn layer_reader<'a>(raw: Box<dyn Read + 'a>) -> Result<Box<dyn Read + 'a>, String> {
+    let mut raw = BufReader::with_capacity(64 * 1024, raw);
+    let head = raw
+        .fill_buf()
+        .map_err(|e| format!("reading the layer: {e}"))?;
+    match head {
+        [0x1f, 0x8b, ..] => Ok(Box::new(GzDecoder::new(raw))),
         [0x28, 0xb5, 0x2f, 0xfd, ..] => Err("zstd-compressed layers are not supported".into()),
-        _ => Ok(Box::new(blob)),
+        _ => Ok(Box::new(raw)),
     }
 }
 
@@ -201,17 +283,23 @@ impl MergedTree {
     /// contents; `link_targets` collects hard-link targets whose contents a retained link needed
     /// but that were not retained themselves.
     fn apply_layers(
-        blobs: &[&[u8]],
+        blobs: &[&dyn LayerSource],
         retain: &dyn Fn(&str) -> bool,
         link_targets: &mut BTreeSet<String>,
+        unpack: &Unpack,
     ) -> Result<Self, SignError> {
         let mut tree = MergedTree::default();
+        let mut budget = Budget {
+            unpack,
+            entries: 0,
+            retained: 0,
+        };
         for (index, blob) in blobs.iter().enumerate() {
             let bad = |reason: String| SignError::Image {
-                image: format!("layer {index}"),
+                image: format!("{} layer {index}", unpack.image),
                 reason,
             };
-            let changes = read_layer(blob, retain).map_err(bad)?;
+            let changes = read_layer(*blob, index, retain, &mut budget)?;
             // Whiteouts hide lower layers only, so they go first whatever their tar order.
             for change in &changes {
                 match change {
@@ -242,19 +330,49 @@ impl MergedTree {
     }
 
     /// Merge layer blobs (bottom first), keeping the contents of files `patterns` match.
-    pub fn from_layers(blobs: &[&[u8]], patterns: &FilePatterns) -> Result<Self, SignError> {
+    pub fn from_layers(
+        blobs: &[&dyn LayerSource],
+        patterns: &FilePatterns,
+        unpack: &Unpack,
+    ) -> Result<Self, SignError> {
         let mut targets = BTreeSet::new();
-        let tree = Self::apply_layers(blobs, &|p| patterns.matches(p), &mut targets)?;
+        let tree = Self::apply_layers(blobs, &|p| patterns.matches(p), &mut targets, unpack)?;
         if targets.is_empty() {
             return Ok(tree);
         }
         // A matched hard link whose target was not retained: merge again keeping the targets.
+        drop(tree);
         let mut again = BTreeSet::new();
         Self::apply_layers(
             blobs,
             &|p| patterns.matches(p) || targets.contains(p),
             &mut again,
+            unpack,
         )
+    }
+
+    /// The regular files `patterns` match, with their contents, in path order. Each pattern
+    /// must match at least one file.
+    pub fn matched_files(&self, patterns: &FilePatterns) -> Result<Vec<(&str, &[u8])>, SignError> {
+        let matched: Vec<&str> = self.files().filter(|p| patterns.matches(p)).collect();
+        if let Some(pattern) = patterns.first_unmatched(&matched) {
+            return Err(SignError::NoMatch {
+                pattern: pattern.to_string(),
+            });
+        }
+        matched
+            .into_iter()
+            .map(|file| match self.nodes.get(file) {
+                Some(Node {
+                    kind: Kind::File(Some(data)),
+                    ..
+                }) => Ok((file, data.as_slice())),
+                _ => Err(SignError::Image {
+                    image: "layers".into(),
+                    reason: format!("contents of {file} were not retained"),
+                }),
+            })
+            .collect()
     }
 
     fn remove_subtree(&mut self, path: &str, including_self: bool) {
@@ -290,15 +408,56 @@ impl MergedTree {
     }
 }
 
-fn read_layer(blob: &[u8], retain: &dyn Fn(&str) -> bool) -> Result<Vec<Change>, String> {
-    let mut archive = tar::Archive::new(layer_reader(blob)?);
+fn read_layer(
+    blob: &dyn LayerSource,
+    index: usize,
+    retain: &dyn Fn(&str) -> bool,
+    budget: &mut Budget<'_>,
+) -> Result<Vec<Change>, SignError> {
+    let unpack = budget.unpack;
+    let image = unpack.image.as_str();
+    let layer = format!("layer {index}");
+    let bad = |reason: String| SignError::Image {
+        image: format!("{image} {layer}"),
+        reason,
+    };
+    let hit = Rc::new(Cell::new(None));
+    // A read error after the unpacked-size limit tripped is that limit, not a broken tar.
+    let over = |hit: &Rc<Cell<Option<u64>>>, e: String| match hit.get() {
+        Some(read) => unpack
+            .limits
+            .check(Limit::UnpackedBytes, read, image, &layer)
+            .err()
+            .unwrap_or_else(|| bad(e)),
+        None => bad(e),
+    };
+    let raw = blob
+        .open()
+        .map_err(|e| bad(format!("opening the layer: {e}")))?;
+    let counted = Counted {
+        inner: layer_reader(raw).map_err(bad)?,
+        read: 0,
+        max: unpack.limits.max_unpacked_bytes,
+        hit: hit.clone(),
+    };
+    let mut archive = tar::Archive::new(counted);
     let mut changes = Vec::new();
-    let entries = archive.entries().map_err(|e| format!("not a tar: {e}"))?;
+    let entries = match archive.entries() {
+        Ok(e) => e,
+        Err(e) => return Err(over(&hit, format!("not a tar: {e}"))),
+    };
     for entry in entries {
-        let mut entry = entry.map_err(|e| format!("bad tar entry: {e}"))?;
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => return Err(over(&hit, format!("bad tar entry: {e}"))),
+        };
+        budget.entries += 1;
+        unpack
+            .limits
+            .check(Limit::Entries, budget.entries, image, &layer)?;
         let raw_path = entry
             .path()
-            .map_err(|e| format!("bad tar path: {e}"))?
+            .map_err(|e| bad(format!("bad tar path: {e}")))?
             .into_owned();
         let Some(path) = normalise(&raw_path) else {
             continue;
@@ -323,10 +482,15 @@ fn read_layer(blob: &[u8], retain: &dyn Fn(&str) -> bool) -> Result<Vec<Change>,
         let kind = match header.entry_type() {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 if retain(&path) {
-                    let mut data = Vec::new();
-                    entry
-                        .read_to_end(&mut data)
-                        .map_err(|e| format!("reading {path}: {e}"))?;
+                    let size = header.size().unwrap_or(0);
+                    budget.retained = budget.retained.saturating_add(size);
+                    unpack
+                        .limits
+                        .check(Limit::SignedBytes, budget.retained, image, &path)?;
+                    let mut data = Vec::with_capacity(size as usize);
+                    if let Err(e) = entry.read_to_end(&mut data) {
+                        return Err(over(&hit, format!("reading {path}: {e}")));
+                    }
                     Kind::File(Some(data))
                 } else {
                     Kind::File(None)
@@ -336,9 +500,9 @@ fn read_layer(blob: &[u8], retain: &dyn Fn(&str) -> bool) -> Result<Vec<Change>,
             tar::EntryType::Link => {
                 let target = entry
                     .link_name()
-                    .map_err(|e| format!("bad link name of {path}: {e}"))?
+                    .map_err(|e| bad(format!("bad link name of {path}: {e}")))?
                     .and_then(|t| normalise(&t))
-                    .ok_or_else(|| format!("hard link {path} without a target"))?;
+                    .ok_or_else(|| bad(format!("hard link {path} without a target")))?;
                 changes.push(Change::HardLink(path, target));
                 continue;
             }
@@ -382,18 +546,15 @@ fn sha256_id(data: &[u8]) -> String {
 /// is stripped first) and build the layer holding the signed copies. Each pattern must match
 /// at least one file.
 pub fn build_signing_layer(
-    blobs: &[&[u8]],
+    blobs: &[&dyn LayerSource],
     patterns: &FilePatterns,
     signer: &Signer,
     hash: HashAlgorithm,
+    unpack: &Unpack,
 ) -> Result<SigningLayer, SignError> {
-    let tree = MergedTree::from_layers(blobs, patterns)?;
-    let matched: Vec<&str> = tree.files().filter(|p| patterns.matches(p)).collect();
-    if let Some(pattern) = patterns.first_unmatched(&matched) {
-        return Err(SignError::NoMatch {
-            pattern: pattern.to_string(),
-        });
-    }
+    let tree = MergedTree::from_layers(blobs, patterns, unpack)?;
+    let matched_files = tree.matched_files(patterns)?;
+    let matched: Vec<&str> = matched_files.iter().map(|(p, _)| *p).collect();
 
     let mut dirs = BTreeSet::new();
     for file in &matched {
@@ -418,17 +579,12 @@ pub fn build_signing_layer(
             .append_data(&mut header, format!("{}/", &dir[1..]), std::io::empty())
             .map_err(io)?;
     }
-    for file in &matched {
-        let Some(Node {
-            meta,
-            kind: Kind::File(Some(data)),
-        }) = tree.nodes.get(*file)
-        else {
-            return Err(SignError::Image {
-                image: "layers".into(),
-                reason: format!("contents of {file} were not retained"),
-            });
-        };
+    for (file, data) in &matched_files {
+        let meta = tree
+            .nodes
+            .get(*file)
+            .map(|n| n.meta.clone())
+            .unwrap_or_else(Meta::default_dir);
         let signed = module_sig::sign_module(data, signer, hash).map_err(|e| e.in_file(file))?;
         let mut header = meta.header(tar::EntryType::Regular, signed.len() as u64);
         builder
@@ -603,7 +759,7 @@ pub(crate) mod tests {
             false,
         );
         let p = patterns(&["/opt/**/*.ko"]);
-        let tree = MergedTree::from_layers(&[&base, &upper], &p).expect("merge");
+        let tree = MergedTree::from_layers(&[&base, &upper], &p, &Unpack::default()).expect("merge");
         let files: Vec<&str> = tree.files().collect();
         assert_eq!(
             files,
@@ -626,7 +782,7 @@ pub(crate) mod tests {
 
         // A file replacing a directory hides what was below it.
         let replace = tar_of(&[E::File("opt/lib", b"file now", 0o644)], false);
-        let tree = MergedTree::from_layers(&[&base, &upper, &replace], &p).expect("merge");
+        let tree = MergedTree::from_layers(&[&base, &upper, &replace], &p, &Unpack::default()).expect("merge");
         assert_eq!(
             tree.files().collect::<Vec<_>>(),
             ["/opt/lib", "/opt/old/new.ko"]
@@ -643,7 +799,7 @@ pub(crate) mod tests {
             false,
         );
         let p = patterns(&["/opt/lib/modules/*.ko"]);
-        let tree = MergedTree::from_layers(&[&layer], &p).expect("merge");
+        let tree = MergedTree::from_layers(&[&layer], &p, &Unpack::default()).expect("merge");
         let node = tree.nodes.get("/opt/lib/modules/m.ko").expect("link");
         assert!(matches!(&node.kind, Kind::File(Some(d)) if d == b"REAL"));
     }
@@ -664,7 +820,7 @@ pub(crate) mod tests {
         );
         let p = patterns(&["/opt/lib/*.ko"]);
         let layer =
-            build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256).expect("layer");
+            build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256, &Unpack::default()).expect("layer");
         assert_eq!(layer.files, ["/opt/lib/a.ko", "/opt/lib/b.ko"]);
         let entries = read_signing_layer(&layer.blob);
         assert_eq!(
@@ -688,11 +844,11 @@ pub(crate) mod tests {
 
         // Deterministic, and a signed input is re-signed from its unsigned contents.
         let again =
-            build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256).expect("layer");
+            build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256, &Unpack::default()).expect("layer");
         assert_eq!(again.digest, layer.digest);
         let signed_on_top = tar_of(&[E::File("opt/lib/a.ko", data, 0o640)], false);
         let resigned =
-            build_signing_layer(&[&base, &signed_on_top], &p, &signer, HashAlgorithm::Sha256)
+            build_signing_layer(&[&base, &signed_on_top], &p, &signer, HashAlgorithm::Sha256, &Unpack::default())
                 .expect("layer");
         assert_eq!(read_signing_layer(&resigned.blob)["opt/lib/a.ko"].2, *data);
     }
@@ -713,22 +869,103 @@ pub(crate) mod tests {
         );
         let p = patterns(&["/opt/lib/*.ko", "/opt/extra/*.ko"]);
         let err =
-            build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256).expect_err("error");
+            build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256, &Unpack::default()).expect_err("error");
         assert_eq!(err.category(), "pattern");
         assert!(err.to_string().contains("/opt/extra/*.ko"), "{err}");
         // A symlink alone does not count as a match.
         let p = patterns(&["/opt/lib/s.ko"]);
-        assert!(build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256).is_err());
+        assert!(build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256, &Unpack::default()).is_err());
+    }
+
+    #[test]
+    fn limits_stop_bombs_entry_floods_and_oversized_modules() {
+        use crate::sign::limits::SignLimits;
+        let p = patterns(&["/opt/*.ko"]);
+        let unpack = |limits: SignLimits| Unpack {
+            image: "reg/bomb:1".into(),
+            limits,
+        };
+        // 64 MiB of zeros gzip to ~64 KiB: the unpacked size trips, not the download size.
+        let zeros = vec![0u8; 64 << 20];
+        let bomb = tar_of(
+            &[
+                E::File("filler", &zeros, 0o644),
+                E::File("opt/a.ko", b"a", 0o644),
+            ],
+            true,
+        );
+        assert!(bomb.len() < 1 << 20);
+        let err = MergedTree::from_layers(
+            &[&bomb],
+            &p,
+            &unpack(SignLimits {
+                max_unpacked_bytes: 16 << 20,
+                ..SignLimits::default()
+            }),
+        )
+        .expect_err("bomb");
+        assert_eq!(err.category(), "limit");
+        assert_eq!(err.status_reason(), Some("SignLimitExceeded"));
+        let text = err.to_string();
+        assert!(
+            text.contains("--sign-max-unpacked-bytes")
+                && text.contains("16 MiB")
+                && text.contains("reg/bomb:1")
+                && text.contains("layer 0"),
+            "{text}"
+        );
+        // Within the limit it unpacks.
+        assert!(MergedTree::from_layers(&[&bomb], &p, &unpack(SignLimits::default())).is_ok());
+
+        // Entries are counted over all layers.
+        let many: Vec<String> = (0..50).map(|i| format!("etc/f{i}")).collect();
+        let entries: Vec<E<'_>> = many.iter().map(|n| E::File(n, b"x", 0o644)).collect();
+        let flood = tar_of(&entries, false);
+        let err = MergedTree::from_layers(
+            &[&flood, &flood],
+            &p,
+            &unpack(SignLimits {
+                max_entries: 80,
+                ..SignLimits::default()
+            }),
+        )
+        .expect_err("flood");
+        assert!(err.to_string().contains("--sign-max-entries"), "{err}");
+        assert!(err.to_string().contains("layer 1"), "{err}");
+
+        // Matched files are held in memory: their total is capped before they are read.
+        let module = vec![7u8; 3000];
+        let mods = tar_of(
+            &[
+                E::File("opt/a.ko", &module, 0o644),
+                E::File("opt/b.ko", &module, 0o644),
+            ],
+            false,
+        );
+        let err = MergedTree::from_layers(
+            &[&mods],
+            &p,
+            &unpack(SignLimits {
+                max_signed_bytes: 5000,
+                ..SignLimits::default()
+            }),
+        )
+        .expect_err("too big");
+        assert!(
+            err.to_string().contains("--sign-max-signed-bytes")
+                && err.to_string().contains("/opt/b.ko"),
+            "{err}"
+        );
     }
 
     #[test]
     fn zstd_and_garbage_layers_are_image_errors() {
         let p = patterns(&["/x"]);
-        let zstd = [0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0];
-        let err = MergedTree::from_layers(&[&zstd], &p).expect_err("error");
+        let zstd = vec![0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0];
+        let err = MergedTree::from_layers(&[&zstd], &p, &Unpack::default()).expect_err("error");
         assert_eq!(err.category(), "image");
         assert!(err.to_string().contains("zstd"));
         let garbage = vec![7u8; 1024];
-        assert!(MergedTree::from_layers(&[&garbage], &p).is_err());
+        assert!(MergedTree::from_layers(&[&garbage], &p, &Unpack::default()).is_err());
     }
 }

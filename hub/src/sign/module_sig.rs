@@ -31,11 +31,16 @@ fn malformed(reason: impl Into<String>) -> SignError {
 }
 
 /// One appended signature, taken apart.
-struct Trailer<'a> {
+pub(crate) struct Trailer<'a> {
     /// Everything before the signature.
-    unsigned: &'a [u8],
-    cms: &'a [u8],
-    id_type: u8,
+    pub(crate) unsigned: &'a [u8],
+    pub(crate) cms: &'a [u8],
+    pub(crate) id_type: u8,
+}
+
+/// The outermost appended signature, if any (what the kernel checks).
+pub(crate) fn split_signature(module: &[u8]) -> Result<Option<Trailer<'_>>, SignError> {
+    split_one(module)
 }
 
 /// The outermost appended signature, if any.
