@@ -176,6 +176,8 @@ pub async fn cleanup_works(
     works: &BTreeMap<String, WorkEntry>,
 ) -> Result<(), Error> {
     let name = mcm.name_any();
+    // Deleting the MCM counts from its deletion timestamp: no clocks of its own any more.
+    ctx.release.prune(&name, &BTreeSet::new());
     let deadline = ctx.release.deadline;
     let force = mcm
         .annotations()
