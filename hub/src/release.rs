@@ -327,7 +327,11 @@ mod tests {
         assert_eq!(s(&work(&[])), Step::Hold, "no status yet");
         let mut untouched = work(&[]);
         untouched.finalizers.clear();
-        assert_eq!(s(&untouched), Step::Delete, "the work agent never took it up");
+        assert_eq!(
+            s(&untouched),
+            Step::Delete,
+            "the work agent never took it up"
+        );
         assert_eq!(s(&work(&[("Applied", "True")])), Step::Hold);
         assert_eq!(
             s(&work(&[("Applied", "True"), ("Available", "Unknown")])),
