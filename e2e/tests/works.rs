@@ -95,10 +95,10 @@ async fn apply_mcm(fleet: &Fleet, name: &str) -> anyhow::Result<()> {
 
 async fn works(hub: &Client, mcm: &str) -> anyhow::Result<BTreeMap<String, ManifestWork>> {
     let list = Api::<ManifestWork>::all(hub.clone())
-        .list(&ListParams::default().labels(&format!(
-            "{}={mcm}",
-            shared_api::labels::MCM_OWNER_LABEL
-        )))
+        .list(
+            &ListParams::default()
+                .labels(&format!("{}={mcm}", shared_api::labels::MCM_OWNER_LABEL)),
+        )
         .await?;
     Ok(list
         .items
@@ -110,16 +110,12 @@ async fn works(hub: &Client, mcm: &str) -> anyhow::Result<BTreeMap<String, Manif
 /// Waits for the Module `name` on spoke `n` (delivered by the work agent).
 async fn module_on(fleet: &Fleet, n: usize, name: &str) -> anyhow::Result<()> {
     let modules: Api<Module> = Api::namespaced(fleet.spoke(n).client().await, SPOKE_NS);
-    eventually(
-        &format!("Module {name} on spoke-{n}"),
-        DEADLINE,
-        || async {
-            Ok(match modules.get_opt(name).await? {
-                Some(_) => Ok(()),
-                None => Err("not yet".to_string()),
-            })
-        },
-    )
+    eventually(&format!("Module {name} on spoke-{n}"), DEADLINE, || async {
+        Ok(match modules.get_opt(name).await? {
+            Some(_) => Ok(()),
+            None => Err("not yet".to_string()),
+        })
+    })
     .await
 }
 
@@ -260,21 +256,25 @@ async fn released_event(hub: &Client, mcm: &str) -> anyhow::Result<String> {
 
 async fn mcm_gone(hub: &Client, name: &str) -> anyhow::Result<()> {
     let api: Api<ManagedClusterModule> = Api::all(hub.clone());
-    eventually(&format!("MCM {name} and its works gone"), DEADLINE, || async {
-        let m = api.get_opt(name).await?;
-        let w = works(hub, name).await?;
-        Ok(if m.is_none() && w.is_empty() {
-            Ok(())
-        } else {
-            Err(format!(
-                "MCM finalizers {:?}, works {:?}",
-                m.map(|m| m.finalizers().to_vec()),
-                w.iter()
-                    .map(|(c, w)| format!("{c}: {:?}", w.finalizers()))
-                    .collect::<Vec<_>>()
-            ))
-        })
-    })
+    eventually(
+        &format!("MCM {name} and its works gone"),
+        DEADLINE,
+        || async {
+            let m = api.get_opt(name).await?;
+            let w = works(hub, name).await?;
+            Ok(if m.is_none() && w.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "MCM finalizers {:?}, works {:?}",
+                    m.map(|m| m.finalizers().to_vec()),
+                    w.iter()
+                        .map(|(c, w)| format!("{c}: {:?}", w.finalizers()))
+                        .collect::<Vec<_>>()
+                ))
+            })
+        },
+    )
     .await
 }
 
@@ -313,11 +313,18 @@ async fn deleting_an_mcm_releases_the_works_of_an_unavailable_cluster() -> anyho
                     Ok(if ws.len() == 1 && stuck && m1.is_none() {
                         Ok(())
                     } else {
-                        Err(format!("works {:?}, Module on spoke-1 {}", ws.keys(), m1.is_some()))
+                        Err(format!(
+                            "works {:?}, Module on spoke-1 {}",
+                            ws.keys(),
+                            m1.is_some()
+                        ))
                     })
                 })
                 .await?;
-                ensure!(mcms.get_opt("forced").await?.is_some(), "the MCM went with a work left");
+                ensure!(
+                    mcms.get_opt("forced").await?.is_some(),
+                    "the MCM went with a work left"
+                );
                 // ...until the force-release annotation.
                 mcms.patch(
                     "forced",
@@ -349,7 +356,10 @@ async fn deleting_an_mcm_releases_the_works_of_an_unavailable_cluster() -> anyho
                 // when it returns, after OCM's grace period).
                 let spoke2: Api<Module> = Api::namespaced(fleet.spoke(2).client().await, SPOKE_NS);
                 for name in ["forced", "late"] {
-                    ensure!(spoke2.get_opt(name).await?.is_some(), "Module {name} on spoke-2");
+                    ensure!(
+                        spoke2.get_opt(name).await?.is_some(),
+                        "Module {name} on spoke-2"
+                    );
                 }
                 Ok(())
             }

@@ -176,6 +176,8 @@ pub async fn cleanup_works(
     works: &BTreeMap<String, WorkEntry>,
 ) -> Result<(), Error> {
     let name = mcm.name_any();
+    // Deleting the MCM counts from its deletion timestamp: no clocks of its own any more.
+    ctx.release.prune(&name, &BTreeSet::new());
     let deadline = ctx.release.deadline;
     let force = mcm
         .annotations()
@@ -325,7 +327,11 @@ mod tests {
         assert_eq!(s(&work(&[])), Step::Hold, "no status yet");
         let mut untouched = work(&[]);
         untouched.finalizers.clear();
-        assert_eq!(s(&untouched), Step::Delete, "the work agent never took it up");
+        assert_eq!(
+            s(&untouched),
+            Step::Delete,
+            "the work agent never took it up"
+        );
         assert_eq!(s(&work(&[("Applied", "True")])), Step::Hold);
         assert_eq!(
             s(&work(&[("Applied", "True"), ("Available", "Unknown")])),
