@@ -1689,7 +1689,8 @@ async fn signing_an_image_larger_than_memory_keeps_peak_rss_bounded() -> anyhow:
 }
 
 /// "Signed" is not taken from the annotation: an image that claims the MCM's certificate but
-/// whose module is unsigned is not shipped (Degraded, reason SignatureInvalid); once the tag
+/// whose module is unsigned (someone with push rights overwrote `containerImage`) is not
+/// shipped, nor re-signed by the hub (Degraded, reason SignatureInvalid); once the tag
 /// holds modules really signed with that certificate (by the kernel's sign-file, not by the
 /// hub), the hub verifies and ships that digest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1722,6 +1723,7 @@ async fn a_signed_annotation_without_valid_signatures_is_not_shipped() -> anyhow
             let mapping = json!([{"regexp": "^.*$",
                 "containerImage": format!("{host}/kmm/forged:${{KERNEL_FULL_VERSION}}"),
                 "sign": {"keySecret": {"name": "vkey"}, "certSecret": {"name": "vcert"},
+                    "unsignedImage": format!("{host}/kmm/unsigned:${{KERNEL_FULL_VERSION}}"),
                     "filesToSign": ["/opt/lib/modules/*/kmm_ci_a.ko"]}}]);
             let mut value = serde_json::to_value(&m)?;
             value["spec"]["moduleSpec"]["moduleLoader"]["container"]["kernelMappings"] = mapping;
