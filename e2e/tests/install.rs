@@ -301,7 +301,7 @@ fn expected_roles() -> BTreeMap<&'static str, BTreeSet<String>> {
                     &["list", "watch", "create", "patch", "delete"],
                     &[],
                 ),
-                grants("", "pods", &["list", "watch"], &[]),
+                grants("", "pods", &["list", "watch", "patch", "delete"], &[]),
                 grants("", "nodes", &["list", "watch", "patch"], &[]),
                 grants(ocm, "clusterclaims", &["list", "watch"], &[]),
                 grants(

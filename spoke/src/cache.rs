@@ -173,7 +173,8 @@ fn strip_container_status(c: ContainerStatus) -> ContainerStatus {
             message: t.message,
             ..Default::default()
         }),
-        running: None,
+        // Kept as a marker: a deleted loader pod is released only once nothing runs.
+        running: s.running.map(|_| Default::default()),
     };
     ContainerStatus {
         name: c.name,

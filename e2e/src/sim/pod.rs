@@ -459,6 +459,40 @@ impl Kubelet {
         }
     }
 
+    /// The pod's QoS class by the kubelet's rule (the API server refuses a change of it).
+    fn qos_class(&self) -> &'static str {
+        let Some(spec) = self.pod().and_then(|p| p.spec.clone()) else {
+            return "BestEffort";
+        };
+        let all: Vec<_> = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .map(|c| c.resources.clone().unwrap_or_default())
+            .collect();
+        let any = all.iter().any(|r| {
+            r.requests.as_ref().is_some_and(|m| !m.is_empty())
+                || r.limits.as_ref().is_some_and(|m| !m.is_empty())
+        });
+        if !any {
+            return "BestEffort";
+        }
+        let guaranteed = spec.containers.iter().all(|c| {
+            let r = c.resources.clone().unwrap_or_default();
+            let limits = r.limits.unwrap_or_default();
+            let requests = r.requests.unwrap_or_default();
+            ["cpu", "memory"].iter().all(|k| {
+                limits.contains_key(*k)
+                    && requests.get(*k).is_none_or(|q| Some(q) == limits.get(*k))
+            })
+        });
+        if guaranteed {
+            "Guaranteed"
+        } else {
+            "Burstable"
+        }
+    }
+
     fn status_json(&mut self) -> Value {
         let ready = !self.main.is_empty() && self.main.iter().all(|c| c.ready);
         self.set_condition("PodScheduled", true);
@@ -501,7 +535,7 @@ impl Kubelet {
             "podIP": self.pod_ip,
             "podIPs": [{"ip": self.pod_ip}],
             "startTime": self.start_time,
-            "qosClass": "BestEffort",
+            "qosClass": self.qos_class(),
             "initContainerStatuses": self.init.iter().map(|c| c.to_json(&self.uid)).collect::<Vec<_>>(),
             "containerStatuses": self.main.iter().map(|c| c.to_json(&self.uid)).collect::<Vec<_>>(),
         }})
@@ -928,17 +962,37 @@ impl Kubelet {
             Interrupt::Deleted => {}
         }
         self.stop_in_vm().await;
+        // The containers' real exit statuses (a loader says whether its module is gone).
+        while let Ok(ev) = self.events_rx.try_recv() {
+            self.apply_vm_event(ev).await;
+        }
         if let Some((env, loaded, files)) = self.loaded.take() {
             let kernel = self.kernel.clone();
-            let log = tokio::task::spawn_blocking(move || {
+            let (log, still) = tokio::task::spawn_blocking(move || {
                 let mut k = kernel.lock().unwrap_or_else(|e| e.into_inner());
-                loader::stop(&env, &files, &loaded.firmware_copied, &mut k)
+                let log = loader::stop(&env, &files, &loaded.firmware_copied, &mut k);
+                (log, loader::still_loaded(&env, &k))
             })
             .await
             .unwrap_or_default();
             self.ctx.annotations_dirty.notify_one();
-            for l in log {
+            for l in &log {
                 self.log(format!("preStop: {l}"));
+            }
+            // As the loader script does on SIGTERM: exit 3 while the kernel has the module.
+            if let Some(m) = still {
+                let why = log.last().cloned().unwrap_or_default();
+                if let Some(c) = self
+                    .main
+                    .iter_mut()
+                    .find(|c| c.name == loader::LOADER_CONTAINER)
+                {
+                    c.terminate(
+                        3,
+                        "Error",
+                        Some(format!("unload failed: {m} is still loaded: {why}")),
+                    );
+                }
             }
         }
         for c in self.main.iter_mut() {
