@@ -127,9 +127,7 @@ fn pod_was_ready(pod: &Pod) -> bool {
 /// preStop unload failed; the loader exits [`super::loader::UNLOAD_FAILED_EXIT`]): the
 /// termination message, which carries the kernel's words.
 pub fn loader_unload_failed(pod: &Pod) -> Option<String> {
-    if pod.metadata.deletion_timestamp.is_none() {
-        return None;
-    }
+    pod.metadata.deletion_timestamp.as_ref()?;
     pod.status
         .as_ref()?
         .container_statuses
