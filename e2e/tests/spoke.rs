@@ -1137,3 +1137,231 @@ async fn leader_lease_is_exclusive_and_released_on_shutdown() -> anyhow::Result<
         })
         .await
 }
+
+/// Issue 15, points 9 and 11. The device plugin holds its driver (the test keeps `kmm_ci_a`
+/// "in use" on the node while a plugin pod of the Module is there, as a real plugin holding
+/// the device would). Relabelling the node directly from 1.0 to 2.0 stops the plugin before
+/// the 1.0 loader unloads — no "in use" failure — and ends with 2.0 loaded and its plugin
+/// back. Then, with the driver held for good, deleting the Module stops the plugin first and
+/// the loader's unload fails: the node keeps its ready label (the kernel still has the
+/// module), the Module reports `UnloadFailed`, and a Warning `ModuleUnloadFailed` names the
+/// node; deletion waits until someone releases the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_stops_before_the_unload_and_a_failed_unload_keeps_the_node_labelled()
+-> anyhow::Result<()> {
+    let _one = ONE_FLEET_AT_A_TIME.lock().await;
+    Fleet::builder()
+        .spoke_nodes(1, vec![worker_node("worker-0", K1)])
+        .run(async |fleet: &mut Fleet| {
+            let client = fleet.spoke(1).client().await;
+            prepare_namespace(fleet, &client).await?;
+            let v1 = push_kmod(
+                fleet,
+                &format!("labs/kmm-kmod:{K1}-v1.0"),
+                &[K1],
+                &["kmm-ci-a"],
+            )
+            .await?;
+            let v2 = push_kmod(
+                fleet,
+                &format!("labs/kmm-kmod:{K1}-v2.0"),
+                &[K1],
+                &["kmm-ci-a"],
+            )
+            .await?;
+            let plugin = format!(
+                "{}/labs/simple-device-plugin:latest",
+                fleet.registry().host()
+            );
+            push_files(
+                &fleet.registry().access(),
+                &plugin,
+                &BTreeMap::from([("/usr/bin/plugin".to_string(), b"#!/bin/sh\n".to_vec())]),
+                &BTreeMap::new(),
+            )
+            .await?;
+            let agent = RunningAgent::start(client.clone());
+            let versioned = |image: &str, v: &str| -> anyhow::Result<Module> {
+                let mut m = lab_module(image);
+                m.spec.module_loader.as_mut().unwrap().container.version = Some(v.into());
+                m.spec.device_plugin = Some(serde_json::from_value(json!({
+                    "serviceAccountName": "labsv2sa",
+                    "container": { "image": plugin }
+                }))?);
+                Ok(m)
+            };
+            let pods_api = Api::<Pod>::namespaced(client.clone(), NS);
+            // The plugin holds the driver while any of its pods is on the node.
+            let sim = fleet.node_sim(SPOKE).kernels();
+            let holding = CancellationToken::new();
+            let holder = {
+                let (pods_api, sim, stop) = (pods_api.clone(), sim.clone(), holding.clone());
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        if let Ok(l) = pods_api
+                            .list(
+                                &ListParams::default()
+                                    .labels(&format!("{ROLE_LABEL}={ROLE_DEVICE_PLUGIN}")),
+                            )
+                            .await
+                        {
+                            sim.hold_module("worker-0", "kmm_ci_a", !l.items.is_empty());
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                })
+            };
+            let version_label = version_module_label(NS, "kmm-ci-a");
+            let labels = async || -> anyhow::Result<BTreeMap<String, String>> {
+                Ok(node(&client, "worker-0").await?.labels().clone())
+            };
+            label_node(&client, "worker-0", &version_label, Some("1.0")).await?;
+            apply_module(&client, &versioned(&v1, "1.0")?).await?;
+            let dp_ready = device_plugin_ready_label(NS, "kmm-ci-a");
+            let version_ready = module_version_ready_label(NS, "kmm-ci-a");
+            eventually("1.0 loaded with its plugin", async || {
+                let l = labels().await?;
+                Ok(
+                    if l.get(&version_ready).map(String::as_str) == Some("1.0")
+                        && l.contains_key(&dp_ready)
+                    {
+                        Ok(())
+                    } else {
+                        Err(format!("{l:?}"))
+                    },
+                )
+            })
+            .await?;
+
+            // Directly from 1.0 to 2.0.
+            apply_module(&client, &versioned(&v2, "2.0")?).await?;
+            label_node(&client, "worker-0", &version_label, Some("2.0")).await?;
+            eventually("2.0 loaded with its plugin", async || {
+                let l = labels().await?;
+                let pods = pods_api
+                    .list(&ListParams::default().labels(&format!("{ROLE_LABEL}={ROLE_LOADER}")))
+                    .await?
+                    .items;
+                let images: Vec<String> = pods
+                    .iter()
+                    .filter_map(|p| p.spec.as_ref()?.containers[0].image.clone())
+                    .collect();
+                Ok(
+                    if l.get(&version_ready).map(String::as_str) == Some("2.0")
+                        && l.contains_key(&dp_ready)
+                        && images == [v2.clone()]
+                        && loaded(fleet, "worker-0") == ["kmm_ci_a"]
+                    {
+                        Ok(())
+                    } else {
+                        Err(format!("labels {l:?}, loader images {images:?}"))
+                    },
+                )
+            })
+            .await?;
+            let in_use: Vec<String> = fleet
+                .node_sim(SPOKE)
+                .logs()
+                .into_iter()
+                .filter(|l| l.contains("is in use"))
+                .collect();
+            assert!(
+                in_use.is_empty(),
+                "the 1.0 loader unloaded while its plugin held the driver: {in_use:?}"
+            );
+            let unloaded = node_events(&client, "ModuleUnloaded").await?;
+            assert!(
+                !unloaded.is_empty(),
+                "the upgrade unloaded 1.0 (ModuleUnloaded on the node)"
+            );
+
+            // The driver stays held: deleting the Module cannot unload it.
+            holding.cancel();
+            let _ = holder.await;
+            sim.hold_module("worker-0", "kmm_ci_a", true);
+            Api::<Module>::namespaced(client.clone(), NS)
+                .delete("kmm-ci-a", &DeleteParams::default())
+                .await?;
+            let ready = module_ready_label(NS, "kmm-ci-a");
+            let degraded = eventually("UnloadFailed on the Module", async || {
+                let m = Api::<Module>::namespaced(client.clone(), NS)
+                    .get("kmm-ci-a")
+                    .await?;
+                let c = m.status.unwrap_or_default().conditions;
+                Ok(
+                    match c
+                        .iter()
+                        .find(|c| c.type_ == "Degraded" && c.reason == "UnloadFailed")
+                    {
+                        Some(c) => Ok(c.message.clone()),
+                        None => Err(format!("{c:?}")),
+                    },
+                )
+            })
+            .await?;
+            assert!(
+                degraded.contains("worker-0") && degraded.contains("is in use"),
+                "{degraded}"
+            );
+            let l = labels().await?;
+            assert!(
+                l.contains_key(&ready),
+                "the kernel still has the module: {l:?}"
+            );
+            assert!(!l.contains_key(&dp_ready), "the plugin went first: {l:?}");
+            assert_eq!(loaded(fleet, "worker-0"), ["kmm_ci_a"]);
+            let warn = eventually("ModuleUnloadFailed event", async || {
+                let ev = node_events(&client, "ModuleUnloadFailed").await?;
+                Ok(ev.into_iter().next().ok_or_else(|| "none yet".to_string()))
+            })
+            .await?;
+            assert_eq!(warn.type_.as_deref(), Some("Warning"));
+            assert_eq!(
+                warn.regarding.as_ref().and_then(|r| r.name.as_deref()),
+                Some("worker-0")
+            );
+            assert!(
+                warn.note
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("is in use"),
+                "{warn:?}"
+            );
+
+            // The way out (docs/spoke.md): unload by hand, then release the pod.
+            sim.hold_module("worker-0", "kmm_ci_a", false);
+            for p in pods_api
+                .list(&ListParams::default().labels(&format!("{ROLE_LABEL}={ROLE_LOADER}")))
+                .await?
+                .items
+            {
+                pods_api
+                    .patch(
+                        &p.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await?;
+            }
+            eventually("the Module gone and its labels with it", async || {
+                let gone = Api::<Module>::namespaced(client.clone(), NS)
+                    .get_opt("kmm-ci-a")
+                    .await?
+                    .is_none();
+                let l = labels().await?;
+                let left: Vec<&String> = l
+                    .keys()
+                    .filter(|k| is_module_node_label(k, NS, "kmm-ci-a"))
+                    .collect();
+                Ok(if gone && left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("gone {gone}, labels {left:?}"))
+                })
+            })
+            .await?;
+            agent.stop().await;
+            Ok(())
+        })
+        .await
+}

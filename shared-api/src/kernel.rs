@@ -47,49 +47,72 @@ pub const KNOWN_VARIABLES: [&str; 8] = [
 /// The values substituted into a Module's templated fields for one kernel.
 /// `MOD_NAMESPACE` is the namespace the Module lives in; on the hub that is the
 /// spoke namespace (DESIGN decision 5).
+///
+/// The kernel is kept raw (only a trailing `+` trimmed): it names the module directory
+/// (`/lib/modules/<kernel>`), so build arguments and file paths need it as `uname -r` says
+/// it. Image references cannot hold every character a kernel may have (`6.6.31+rpt-rpi-v8`),
+/// so [`Variables::substitute_image`] uses the normalised form ([`normalize_kernel`]).
 #[derive(Debug, Clone)]
 pub struct Variables {
     kernel: String,
     xyz: Option<[String; 3]>,
+    image_kernel: String,
+    image_xyz: Option<[String; 3]>,
     mod_name: String,
     mod_namespace: String,
 }
 
+fn xyz_of(kernel: &str) -> Option<[String; 3]> {
+    let parts: Vec<&str> = kernel.split(['.', ',', '-']).collect();
+    (parts.len() >= 3).then(|| {
+        [
+            parts[0].to_string(),
+            parts[1].to_string(),
+            parts[2].to_string(),
+        ]
+    })
+}
+
+/// A kernel as matched, shipped and passed to builds: trimmed, trailing `+` removed.
+pub fn raw_kernel(kernel: &str) -> &str {
+    kernel.trim().trim_end_matches('+')
+}
+
 impl Variables {
     pub fn new(kernel: &str, mod_name: &str, mod_namespace: &str) -> Self {
-        let kernel = normalize_kernel(kernel);
-        let parts: Vec<&str> = kernel.split(['.', ',', '-']).collect();
-        let xyz = (parts.len() >= 3).then(|| {
-            [
-                parts[0].to_string(),
-                parts[1].to_string(),
-                parts[2].to_string(),
-            ]
-        });
+        let raw = raw_kernel(kernel).to_string();
+        let image_kernel = normalize_kernel(kernel);
         Self {
-            kernel,
-            xyz,
+            xyz: xyz_of(&raw),
+            image_xyz: xyz_of(&image_kernel),
+            kernel: raw,
+            image_kernel,
             mod_name: mod_name.to_string(),
             mod_namespace: mod_namespace.to_string(),
         }
     }
 
+    /// The raw kernel (trailing `+` trimmed).
     pub fn kernel(&self) -> &str {
         &self.kernel
     }
 
-    fn get(&self, var: &str) -> Result<String, SubstError> {
+    fn get(&self, var: &str, image: bool) -> Result<String, SubstError> {
+        let (kernel, xyz) = if image {
+            (&self.image_kernel, &self.image_xyz)
+        } else {
+            (&self.kernel, &self.xyz)
+        };
         let part = |i: usize| {
-            self.xyz
-                .as_ref()
+            xyz.as_ref()
                 .map(|p| p[i].clone())
                 .ok_or_else(|| SubstError::MalformedKernel {
-                    kernel: self.kernel.clone(),
+                    kernel: kernel.clone(),
                     var: var.to_string(),
                 })
         };
         match var {
-            "KERNEL_FULL_VERSION" | "KERNEL_VERSION" => Ok(self.kernel.clone()),
+            "KERNEL_FULL_VERSION" | "KERNEL_VERSION" => Ok(kernel.clone()),
             "KERNEL_XYZ" => Ok(format!("{}.{}.{}", part(0)?, part(1)?, part(2)?)),
             "KERNEL_X" => part(0),
             "KERNEL_Y" => part(1),
@@ -100,10 +123,17 @@ impl Variables {
         }
     }
 
-    /// Shell-style `$VAR` / `${VAR}` substitution; `$$` is a literal `$`.
-    /// Unknown variables are an error rather than silently empty.
+    /// Shell-style `$VAR` / `${VAR}` substitution with the raw kernel (paths, build
+    /// inputs); `$$` is a literal `$`. Unknown variables are an error rather than silently
+    /// empty.
     pub fn substitute(&self, input: &str) -> Result<String, SubstError> {
-        substitute_with(input, |v| self.get(v))
+        substitute_with(input, |v| self.get(v, false))
+    }
+
+    /// [`Variables::substitute`] for image references: the kernel in its normalised form
+    /// (characters outside `[A-Za-z0-9._-]` as `_`), valid in a tag.
+    pub fn substitute_image(&self, input: &str) -> Result<String, SubstError> {
+        substitute_with(input, |v| self.get(v, true))
     }
 }
 
@@ -156,7 +186,8 @@ fn substitute_with(
 /// with the container defaults, variables substituted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedMapping {
-    /// The kernel as matched (trailing `+` trimmed).
+    /// The raw kernel as matched (trailing `+` trimmed): what the hub ships as a literal
+    /// mapping and passes to builds.
     pub kernel: String,
     /// Index of the mapping in `kernelMappings`.
     pub mapping_index: usize,
@@ -196,7 +227,7 @@ impl<'a> KernelMapper<'a> {
 
     /// The index of the first mapping matching the kernel.
     pub fn find(&self, kernel: &str) -> Option<usize> {
-        let kernel = kernel.trim().trim_end_matches('+');
+        let kernel = raw_kernel(kernel);
         self.container
             .kernel_mappings
             .iter()
@@ -227,6 +258,10 @@ impl<'a> KernelMapper<'a> {
             vars.substitute(s)
                 .map_err(|source| MappingError::Substitution { field: f, source })
         };
+        let subst_image = |f: String, s: &str| {
+            vars.substitute_image(s)
+                .map_err(|source| MappingError::Substitution { field: f, source })
+        };
 
         let image_template = if m.container_image.is_empty() {
             c.container_image
@@ -236,14 +271,14 @@ impl<'a> KernelMapper<'a> {
         } else {
             m.container_image.as_str()
         };
-        let container_image = subst(field("containerImage"), image_template)?;
+        let container_image = subst_image(field("containerImage"), image_template)?;
 
         let build = merge_build(c.build.as_ref(), m.build.as_ref());
         let sign = match merge_sign(c.sign.as_ref(), m.sign.as_ref()) {
             None => None,
             Some(mut s) => {
                 if let Some(u) = &s.unsigned_image {
-                    s.unsigned_image = Some(subst(field("sign.unsignedImage"), u)?);
+                    s.unsigned_image = Some(subst_image(field("sign.unsignedImage"), u)?);
                 }
                 s.files_to_sign = s
                     .files_to_sign
@@ -476,6 +511,38 @@ mod tests {
             (r.kernel.as_str(), r.container_image.as_str()),
             ("6.6.0-rc1", "r/x:6.6.0-rc1")
         );
+    }
+
+    #[test]
+    fn a_raspberry_pi_kernel_is_matched_and_built_raw_and_tagged_normalised() {
+        let k = "6.6.31+rpt-rpi-v8";
+        for c in [
+            container(vec![mapping_lit(k, "r/x:${KERNEL_FULL_VERSION}")]),
+            container(vec![mapping_re(
+                r"^6\.6\.31\+rpt-rpi-v8$",
+                "r/x:${KERNEL_FULL_VERSION}",
+            )]),
+        ] {
+            let mut c = c;
+            c.kernel_mappings[0].sign = Some(Sign {
+                unsigned_image: Some("r/u:${KERNEL_FULL_VERSION}".into()),
+                files_to_sign: vec!["/opt/lib/modules/${KERNEL_FULL_VERSION}/m.ko".into()],
+                ..Default::default()
+            });
+            let r = KernelMapper::new(&c)
+                .unwrap()
+                .resolve(k, "m", "ns")
+                .unwrap()
+                .expect("the raw kernel matches");
+            assert_eq!(r.kernel, k, "shipped raw");
+            assert_eq!(r.container_image, "r/x:6.6.31_rpt-rpi-v8");
+            let s = r.sign.unwrap();
+            assert_eq!(s.unsigned_image.as_deref(), Some("r/u:6.6.31_rpt-rpi-v8"));
+            assert_eq!(s.files_to_sign, vec![format!("/opt/lib/modules/{k}/m.ko")]);
+        }
+        let args = build_args_for(&Build::default(), &Variables::new(k, "m", "ns"));
+        assert_eq!(args["KERNEL_FULL_VERSION"], k);
+        assert_eq!(args["KERNEL_VERSION"], k);
     }
 
     #[test]

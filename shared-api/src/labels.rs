@@ -35,6 +35,11 @@ pub const SIGNED_FILES_ANNOTATION: &str = "io.kmm-fleet.signed-files";
 
 pub const MCM_FINALIZER: &str = "hub.kmm.sigs.x-k8s.io/manifestwork-cleanup";
 pub const MODULE_FINALIZER: &str = "kmm.node.kubernetes.io/module-finalizer";
+/// On loader pods: kept until the spoke agent has read whether the stopped loader left its
+/// module in the kernel (the node's labels follow that).
+pub const LOADER_POD_FINALIZER: &str = "kmm.node.kubernetes.io/node-labeler";
+/// Prefix of the agent's internal ordered-upgrade labels (as upstream).
+pub const BETA_PREFIX: &str = "beta.kmm.node.kubernetes.io";
 
 pub const HUB_MANIFESTWORK_MANAGER: &str = "kmm-hub/manifestwork";
 pub const HUB_STATUS_MANAGER: &str = "kmm-hub/status";
@@ -59,6 +64,19 @@ pub fn version_module_label(namespace: &str, name: &str) -> String {
     format!("{PREFIX}/version-module.{namespace}.{name}")
 }
 
+/// `beta.kmm.node.kubernetes.io/version-worker-pod.<ns>.<name>=<version>`: set by the agent
+/// on the nodes where the Module's loader should run (empty value for an unversioned Module);
+/// loader DaemonSets select on it.
+pub fn worker_version_label(namespace: &str, name: &str) -> String {
+    format!("{BETA_PREFIX}/version-worker-pod.{namespace}.{name}")
+}
+
+/// `beta.kmm.node.kubernetes.io/version-schedule-pod.<ns>.<name>=<version>`: set by the
+/// agent where the device plugin may run; removed (and the plugin gone) before a loader stops.
+pub fn schedule_version_label(namespace: &str, name: &str) -> String {
+    format!("{BETA_PREFIX}/version-schedule-pod.{namespace}.{name}")
+}
+
 /// `kmm.node.kubernetes.io/<ns>.<name>.device-plugin-ready`.
 pub fn device_plugin_ready_label(namespace: &str, name: &str) -> String {
     format!("{PREFIX}/{namespace}.{name}.device-plugin-ready")
@@ -74,6 +92,8 @@ pub fn is_module_node_label(key: &str, namespace: &str, name: &str) -> bool {
     key == module_ready_label(namespace, name)
         || key == module_version_ready_label(namespace, name)
         || key == device_plugin_ready_label(namespace, name)
+        || key == worker_version_label(namespace, name)
+        || key == schedule_version_label(namespace, name)
 }
 
 /// A kernel version as a label value: the trailing `+` trimmed, characters outside

@@ -508,13 +508,23 @@ fn modprobe_rules(r: &mut Report, p: &str, c: &ModuleLoaderContainerSpec) {
             format!("{dir:?} must be an absolute path"),
         );
     }
-    if let Some(fw) = &m.firmware_path
-        && !fw.starts_with('/')
-    {
-        r.push(
-            format!("{p}.firmwarePath"),
-            format!("{fw:?} must be an absolute path in the image"),
-        );
+    if let Some(fw) = &m.firmware_path {
+        if !fw.starts_with('/') {
+            r.push(
+                format!("{p}.firmwarePath"),
+                format!("{fw:?} must be an absolute path in the image"),
+            );
+        } else if fw.trim_end_matches('/').is_empty() {
+            r.push(
+                format!("{p}.firmwarePath"),
+                format!("{fw:?} is the image's root: name the firmware directory"),
+            );
+        } else if fw.split('/').any(|c| c == "..") {
+            r.push(
+                format!("{p}.firmwarePath"),
+                format!("{fw:?} must not contain '..'"),
+            );
+        }
     }
     if let Some(order) = &m.modules_loading_order {
         let op = format!("{p}.modulesLoadingOrder");
@@ -617,7 +627,7 @@ fn image_template_rule(
         if name.is_empty() { "module" } else { name },
         namespace,
     );
-    match vars.substitute(template) {
+    match vars.substitute_image(template) {
         Err(e) => r.push(path, e.to_string()),
         Ok(image) => {
             if let Err(e) = names::image_reference(&image) {

@@ -273,6 +273,19 @@ fn modprobe_rules() {
         "spec.moduleLoader.container.modprobe.rawArgs.unload",
         "required when moduleName is not set",
     );
+    for (fw, why) in [
+        ("/", "the image's root"),
+        ("//", "the image's root"),
+        ("/firmware/../etc", "must not contain '..'"),
+        ("/..", "must not contain '..'"),
+        ("firmware", "absolute path"),
+    ] {
+        rejects(
+            mp(json!({"moduleName": "a", "firmwarePath": fw})),
+            "spec.moduleLoader.container.modprobe.firmwarePath",
+            why,
+        );
+    }
     rejects(
         mp(json!({"modulesLoadingOrder": ["kmm-ci-a"]})),
         "spec.moduleLoader.container.modprobe.modulesLoadingOrder",

@@ -26,7 +26,7 @@ use shared_api::runtime::admin::ReadyGate;
 use shared_api::runtime::shutdown::CancellationToken;
 use shared_api::{ClusterClaim, Module};
 
-use crate::render::SPEC_HASH_ANNOTATION;
+use crate::render::{SPEC_HASH_ANNOTATION, TEMPLATE_HASH_ANNOTATION};
 
 /// Run one informer until `token` is cancelled. `before` sees each (stripped) event with
 /// the store in its previous state and returns triggers; `after` receives them once the
@@ -124,7 +124,13 @@ pub fn strip_node(n: &mut Node) {
 /// Pods: labels, node, deletion, phase, Ready condition and container states.
 pub fn strip_pod(p: &mut Pod) {
     strip_meta(&mut p.metadata);
-    p.metadata.annotations = None;
+    // Only the loader's template hash (the agent replaces outdated loader pods).
+    p.metadata.annotations = p
+        .metadata
+        .annotations
+        .take()
+        .and_then(|mut a| a.remove_entry(TEMPLATE_HASH_ANNOTATION))
+        .map(|(k, v)| BTreeMap::from([(k, v)]));
     p.metadata.owner_references = None;
     let node_name = p.spec.as_ref().and_then(|s| s.node_name.clone());
     p.spec = Some(PodSpec {
@@ -167,7 +173,8 @@ fn strip_container_status(c: ContainerStatus) -> ContainerStatus {
             message: t.message,
             ..Default::default()
         }),
-        running: None,
+        // Kept as a marker: a deleted loader pod is released only once nothing runs.
+        running: s.running.map(|_| Default::default()),
     };
     ContainerStatus {
         name: c.name,
@@ -189,6 +196,18 @@ pub fn strip_daemonset(d: &mut DaemonSet) {
         .annotations
         .as_ref()
         .and_then(|a| a.get(SPEC_HASH_ANNOTATION).cloned());
-    d.metadata.annotations = hash.map(|h| BTreeMap::from([(SPEC_HASH_ANNOTATION.to_string(), h)]));
+    let template = d
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TEMPLATE_HASH_ANNOTATION).cloned());
+    let mut kept = BTreeMap::new();
+    if let Some(h) = hash {
+        kept.insert(SPEC_HASH_ANNOTATION.to_string(), h);
+    }
+    if let Some(h) = template {
+        kept.insert(TEMPLATE_HASH_ANNOTATION.to_string(), h);
+    }
+    d.metadata.annotations = (!kept.is_empty()).then_some(kept);
     d.spec = None;
 }

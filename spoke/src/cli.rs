@@ -44,6 +44,13 @@ pub struct RenderFlags {
         default_value = "system-node-critical"
     )]
     pub device_plugin_priority_class: String,
+    /// Priority class of loader pods; empty for none.
+    #[arg(
+        long,
+        env = "KMM_SPOKE_LOADER_PRIORITY_CLASS",
+        default_value = "system-node-critical"
+    )]
+    pub loader_priority_class: String,
 }
 
 impl RenderFlags {
@@ -52,6 +59,8 @@ impl RenderFlags {
             firmware_host_path: self.firmware_host_path.clone(),
             loader_service_account: self.loader_service_account.clone(),
             device_plugin_priority_class: Some(self.device_plugin_priority_class.clone())
+                .filter(|p| !p.is_empty()),
+            loader_priority_class: Some(self.loader_priority_class.clone())
                 .filter(|p| !p.is_empty()),
         }
     }

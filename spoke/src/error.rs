@@ -16,6 +16,12 @@ pub enum ReconcileError {
     },
     #[error("writing labels of node {node}: {source}")]
     NodeLabels { node: String, source: kube::Error },
+    #[error("replacing or releasing loader pod {namespace}/{name}: {source}")]
+    Pod {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
     #[error("writing the status of Module {namespace}/{name}: {source}")]
     Status {
         namespace: String,
@@ -44,6 +50,7 @@ impl ReconcileError {
             ReconcileError::ApplyDaemonSet { .. } => "apply-daemonset",
             ReconcileError::DeleteDaemonSet { .. } => "delete-daemonset",
             ReconcileError::NodeLabels { .. } => "node-labels",
+            ReconcileError::Pod { .. } => "pod",
             ReconcileError::Status { .. } => "status",
             ReconcileError::Finalizer { .. } => "finalizer",
             ReconcileError::Claim { .. } => "cluster-claim",

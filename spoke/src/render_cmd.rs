@@ -7,11 +7,13 @@ use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use serde::Deserialize;
 use shared_api::Module;
-use shared_api::labels::{KERNEL_LABEL, kernel_label_value};
+use shared_api::labels::{
+    KERNEL_LABEL, kernel_label_value, version_module_label, worker_version_label,
+};
 use shared_api::parse::{Object, parse_documents};
 use shared_api::validate::{Context, validate_module};
 
-use crate::render::nodes::{node_kernel, node_schedulable_for, selector_matches};
+use crate::render::nodes::{node_kernel, node_schedulable_for, selector_matches, targeted_nodes};
 use crate::render::{RenderSettings, plan_module};
 
 /// What went wrong, as lines for the user; the command exits non-zero.
@@ -120,6 +122,35 @@ pub fn render(
             .entry(node.name_any())
             .or_default()
             .insert(KERNEL_LABEL.into(), kernel);
+    }
+    // And, with nothing loaded yet, the worker label on every targeted node (the user's
+    // version for a versioned Module); the loaders select on it.
+    if module.spec.module_loader.is_some() {
+        let (ns, name) = crate::render::module_key(&module);
+        let targeted: Vec<String> = targeted_nodes(&module, nodes.iter())
+            .iter()
+            .map(|n| n.name_any())
+            .collect();
+        for node in &mut nodes {
+            if !targeted.contains(&node.name_any()) {
+                continue;
+            }
+            let worker = match crate::render::module_version(&module) {
+                None => Some(String::new()),
+                Some(_) => node
+                    .labels()
+                    .get(&version_module_label(&ns, &name))
+                    .cloned(),
+            };
+            if let Some(w) = worker {
+                let key = worker_version_label(&ns, &name);
+                node.labels_mut().insert(key.clone(), w.clone());
+                node_labels
+                    .entry(node.name_any())
+                    .or_default()
+                    .insert(key, w);
+            }
+        }
     }
     let plan = plan_module(&module, nodes.iter(), settings);
     if !plan.failed_kernels.is_empty() {

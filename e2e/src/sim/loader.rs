@@ -28,6 +28,8 @@ pub struct NodeKernel {
     pub loaded: Vec<String>,
     /// Files in the node's firmware directories.
     pub firmware: BTreeSet<String>,
+    /// Modules in use (a process holds their device): they refuse to unload.
+    pub in_use: BTreeSet<String>,
 }
 
 impl NodeKernel {
@@ -169,6 +171,13 @@ pub fn start(
     }
 }
 
+/// The module the loader script checks when stopped (`KMM_MODULE_NAME`), when the kernel
+/// still has it.
+pub fn still_loaded(env: &LoaderEnv, node: &NodeKernel) -> Option<String> {
+    (!env.module_name.is_empty() && node.is_loaded(&env.module_name))
+        .then(|| env.module_name.replace('-', "_"))
+}
+
 /// The loader's preStop: unload in stop order and remove the firmware the start copied.
 pub fn stop(
     env: &LoaderEnv,
@@ -238,6 +247,9 @@ pub fn modprobe(
     if remove {
         for name in &names {
             let kname = name.replace('-', "_");
+            if node.is_loaded(name) && node.in_use.contains(&kname) {
+                return Err(format!("modprobe: FATAL: Module {kname} is in use."));
+            }
             if node.is_loaded(name) {
                 node.loaded.retain(|l| !kmod::same_module(l, name));
                 log.push(format!("modprobe -r: rmmod {kname}"));

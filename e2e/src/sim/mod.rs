@@ -15,7 +15,7 @@ pub mod policy;
 pub(crate) mod vmrun;
 
 pub use node::{
-    FIRMWARE_ANNOTATION, LOADED_MODULES_ANNOTATION, NodeSim, REAL_KERNEL_ANNOTATION,
+    FIRMWARE_ANNOTATION, Kernels, LOADED_MODULES_ANNOTATION, NodeSim, REAL_KERNEL_ANNOTATION,
     SECURE_BOOT_ANNOTATION, read_loaded_modules,
 };
 

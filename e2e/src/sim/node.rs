@@ -202,6 +202,37 @@ impl NodeSim {
             .unwrap_or_default()
     }
 
+    /// A handle to hold modules in use from other tasks.
+    pub fn kernels(&self) -> Kernels {
+        Kernels {
+            ctx: self.ctx.clone(),
+        }
+    }
+}
+
+/// Shared access to the simulated kernels of one cluster's nodes.
+#[derive(Clone)]
+pub struct Kernels {
+    ctx: Arc<Ctx>,
+}
+
+impl Kernels {
+    /// Hold (or release) a loaded module of a node, as a process using its device would:
+    /// `modprobe -r` of a held module fails with "Module … is in use".
+    pub fn hold_module(&self, node: &str, module: &str, held: bool) {
+        if let Some((k, _, _)) = self.ctx.node_kernel(node) {
+            let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
+            let name = module.replace('-', "_");
+            if held {
+                k.in_use.insert(name);
+            } else {
+                k.in_use.remove(&name);
+            }
+        }
+    }
+}
+
+impl NodeSim {
     /// Files in a node's simulated firmware directories.
     pub fn firmware(&self, node: &str) -> Vec<String> {
         self.ctx
@@ -283,6 +314,7 @@ impl NodeSim {
             None
         };
         let kernel = NodeKernel {
+            in_use: Default::default(),
             kernel: node.kernel.clone(),
             secure_boot: node.secure_boot,
             enrolled_certs: node.enrolled_certs.clone(),

@@ -929,17 +929,37 @@ impl Kubelet {
             Interrupt::Deleted => {}
         }
         self.stop_in_vm().await;
+        // The containers' real exit statuses (a loader says whether its module is gone).
+        while let Ok(ev) = self.events_rx.try_recv() {
+            self.apply_vm_event(ev).await;
+        }
         if let Some((env, loaded, files)) = self.loaded.take() {
             let kernel = self.kernel.clone();
-            let log = tokio::task::spawn_blocking(move || {
+            let (log, still) = tokio::task::spawn_blocking(move || {
                 let mut k = kernel.lock().unwrap_or_else(|e| e.into_inner());
-                loader::stop(&env, &files, &loaded.firmware_copied, &mut k)
+                let log = loader::stop(&env, &files, &loaded.firmware_copied, &mut k);
+                (log, loader::still_loaded(&env, &k))
             })
             .await
             .unwrap_or_default();
             self.ctx.annotations_dirty.notify_one();
-            for l in log {
+            for l in &log {
                 self.log(format!("preStop: {l}"));
+            }
+            // As the loader script does on SIGTERM: exit 3 while the kernel has the module.
+            if let Some(m) = still {
+                let why = log.last().cloned().unwrap_or_default();
+                if let Some(c) = self
+                    .main
+                    .iter_mut()
+                    .find(|c| c.name == loader::LOADER_CONTAINER)
+                {
+                    c.terminate(
+                        3,
+                        "Error",
+                        Some(format!("unload failed: {m} is still loaded: {why}")),
+                    );
+                }
             }
         }
         for c in self.main.iter_mut() {

@@ -21,6 +21,8 @@ use crate::metrics::Metrics;
 pub const REPORTING_CONTROLLER: &str = "kmm-spoke";
 pub const MODULE_LOADED: &str = "ModuleLoaded";
 pub const MODULE_UNLOADED: &str = "ModuleUnloaded";
+/// Warning: a loader stopped with its module still in the kernel.
+pub const MODULE_UNLOAD_FAILED: &str = "ModuleUnloadFailed";
 /// Events about cluster-scoped objects (with `eventTime` set) must live here: the API
 /// server rejects them elsewhere ("involvedObject.namespace does not match event.namespace").
 pub const EVENT_NAMESPACE: &str = "kube-system";
@@ -33,6 +35,8 @@ pub struct NodeEvent {
     pub module_namespace: String,
     pub module_name: String,
     pub module_uid: Option<String>,
+    /// What went wrong (for [`MODULE_UNLOAD_FAILED`]).
+    pub detail: String,
 }
 
 impl NodeEvent {
@@ -40,6 +44,11 @@ impl NodeEvent {
         let (ns, name) = (&self.module_namespace, &self.module_name);
         if self.reason == MODULE_LOADED {
             format!("Module {ns}/{name} loaded into the kernel")
+        } else if self.reason == MODULE_UNLOAD_FAILED {
+            format!(
+                "Module {ns}/{name} could not be unloaded; it stays in the kernel: {}",
+                self.detail
+            )
         } else {
             format!("Module {ns}/{name} unloaded from the kernel")
         }
@@ -68,6 +77,7 @@ pub fn ready_transitions(old: &Node, new: &Node, modules: &Store<Module>) -> Vec
             module_namespace: ns,
             module_name: name,
             module_uid: module.uid(),
+            detail: String::new(),
         });
     }
     out
@@ -135,7 +145,11 @@ pub fn render_event(ev: &NodeEvent, identity: &str, now: Timestamp) -> Event {
         }),
         reason: Some(ev.reason.into()),
         note: Some(ev.message()),
-        type_: Some("Normal".into()),
+        type_: Some(if ev.reason == MODULE_UNLOAD_FAILED {
+            "Warning".into()
+        } else {
+            "Normal".into()
+        }),
         event_time: Some(MicroTime(now)),
         reporting_controller: Some(REPORTING_CONTROLLER.into()),
         reporting_instance: Some(identity.chars().take(128).collect()),

@@ -83,6 +83,10 @@ pub struct Context {
     pub kubernetes_minor: Option<u32>,
     pub resync: Duration,
     pub metrics: Metrics,
+    /// Node events (unload failures; loads and unloads come from label transitions).
+    pub events: EventSink,
+    /// Loader pods whose failed unload was already announced (by pod uid).
+    pub unload_failures_reported: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The spoke agent. Build with [`Agent::new`] (registers metrics and readiness gates), then
@@ -167,6 +171,12 @@ impl Agent {
             claims,
         };
         // The reconcilers write through a client that refuses writes while not leading.
+        let sink = events::spawn_writer(
+            client.clone(),
+            cfg.identity.clone(),
+            leadership.clone(),
+            metrics.clone(),
+        );
         let ctx = Arc::new(Context {
             client: leadership.fence(client.clone()),
             settings: cfg.settings.clone(),
@@ -174,6 +184,8 @@ impl Agent {
             kubernetes_minor,
             resync: cfg.resync,
             metrics: metrics.clone(),
+            events: sink.clone(),
+            unload_failures_reported: Default::default(),
         });
         // One task waits on the stores (a store's readiness wakes only one waiter) and
         // publishes "synced" to everyone else.
@@ -189,12 +201,6 @@ impl Agent {
         }
         let module_queue = Arc::new(WorkQueue::<ModuleKey>::new());
         let facts_queue = Arc::new(WorkQueue::<()>::new());
-        let sink = events::spawn_writer(
-            client.clone(),
-            cfg.identity.clone(),
-            leadership.clone(),
-            metrics.clone(),
-        );
 
         let mut tasks = Vec::new();
         let role_selector = watcher::Config::default().labels(ROLE_LABEL);

@@ -14,19 +14,27 @@ use serde_json::json;
 use shared_api::Module;
 use shared_api::conditions::{DEGRADED, PROGRESSING, READY, VALID, set_condition};
 use shared_api::labels::{
-    MODULE_FINALIZER, MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_LABEL,
-    ROLE_LOADER, SPOKE_DAEMONSET_MANAGER, SPOKE_STATUS_MANAGER, TARGET_KERNEL_LABEL,
-    deprecated_ready_label, is_module_node_label, kernel_label_value, module_ready_label,
-    version_module_label,
+    LOADER_POD_FINALIZER, MODULE_FINALIZER, MODULE_NAME_LABEL, MODULE_VERSION_LABEL,
+    ROLE_DEVICE_PLUGIN, ROLE_LABEL, ROLE_LOADER, SPOKE_DAEMONSET_MANAGER, SPOKE_STATUS_MANAGER,
+    TARGET_KERNEL_LABEL, deprecated_ready_label, is_module_node_label, kernel_label_value,
+    module_ready_label, schedule_version_label, version_module_label, worker_version_label,
 };
 use shared_api::module::{DaemonSetStatus, ModuleStatus};
 use shared_api::runtime::queue::Action;
 use shared_api::validate::{self, validate_module};
 
+use super::events::{MODULE_UNLOAD_FAILED, NodeEvent};
 use super::{Context, ModuleKey};
 use crate::error::ReconcileError;
-use crate::render::nodes::{node_kernel, node_labels, pod_node, pod_ready, targeted_nodes};
-use crate::render::{ModulePlan, module_version, plan_module, spec_hash};
+use crate::render::loader::loader_daemonset_name;
+use crate::render::nodes::{
+    loader_unload_failed, node_kernel, node_labels, pod_node, pod_ready, pod_stopped,
+    targeted_nodes,
+};
+use crate::render::{ModulePlan, TEMPLATE_HASH_ANNOTATION, module_version, plan_module, spec_hash};
+
+/// Condition reason while a stopped loader left its module in the kernel.
+const UNLOAD_FAILED: &str = "UnloadFailed";
 
 /// The field manager of one Module's node labels: several Modules co-own labels on a node,
 /// and dropping a Module's labels is an apply of none under its manager.
@@ -71,7 +79,7 @@ pub async fn reconcile(key: &ModuleKey, ctx: &Context) -> Result<Action, Reconci
         None
     };
 
-    sync_node_labels(namespace, name, false, ctx).await?;
+    sync_node_labels(namespace, name, Some(&module), false, ctx).await?;
     let status = compute_status(&module, &violations, plan.as_ref(), &nodes, ctx);
     write_status(&module, status, ctx).await?;
     Ok(Action::Requeue(ctx.resync))
@@ -200,11 +208,16 @@ async fn delete_daemonset(ds: &DaemonSet, ctx: &Context) -> Result<(), Reconcile
     }
 }
 
-/// Bring this Module's labels on every node in line with its pods (`drop_all`: none).
-/// Also removes the deprecated `<name>.ready` label where seen.
+/// Bring this Module's labels on every node in line with its pods and the kernel
+/// (`drop_all`: none): the ready labels from the loader pods (a stopped loader whose unload
+/// failed keeps them), the device-plugin label, and the agent's worker and schedule labels
+/// that sequence loaders and device plugins ([`worker_and_schedule`]). Also releases stopped
+/// loader pods, replaces outdated ones one node at a time, and removes the deprecated
+/// `<name>.ready` label where seen.
 pub async fn sync_node_labels(
     namespace: &str,
     name: &str,
+    module: Option<&Module>,
     drop_all: bool,
     ctx: &Context,
 ) -> Result<(), ReconcileError> {
@@ -212,6 +225,19 @@ pub async fn sync_node_labels(
         p.namespace().as_deref() == Some(namespace)
             && p.labels().get(MODULE_NAME_LABEL).map(String::as_str) == Some(name)
     });
+    release_stopped_loaders(module, &pods, ctx).await?;
+    let sequenced = module.filter(|m| m.spec.module_loader.is_some());
+    let replacing = sequenced.map(|m| loader_replacement(m, &pods, ctx));
+    if let Some(r) = &replacing {
+        // Outdated loader pods that are not ready hold nothing: replaced at once.
+        for p in &r.idle {
+            delete_pod(p, ctx).await?;
+        }
+    }
+    let replace_on = replacing
+        .as_ref()
+        .and_then(|r| r.next.as_ref())
+        .and_then(|p| pod_node(p).map(str::to_string));
     let deprecated = deprecated_ready_label(name);
     // Never remove a key that is some other Module's current ready label.
     let deprecated_is_live = ctx.stores.modules.state().iter().any(|m| {
@@ -219,11 +245,26 @@ pub async fn sync_node_labels(
     });
     for node in ctx.stores.nodes.state() {
         let node_name = node.name_any();
-        let desired = if drop_all {
+        let mut desired = if drop_all {
             BTreeMap::new()
         } else {
             node_labels(namespace, name, &node_name, pods.iter().map(Arc::as_ref))
         };
+        if let Some(m) = sequenced.filter(|_| !drop_all) {
+            let on_node: Vec<&Pod> = pods
+                .iter()
+                .map(Arc::as_ref)
+                .filter(|p| pod_node(p) == Some(node_name.as_str()))
+                .collect();
+            let replacing_here = replace_on.as_deref() == Some(node_name.as_str());
+            let (w, sched) = worker_and_schedule(m, &node, &desired, &on_node, replacing_here);
+            if let Some(w) = w {
+                desired.insert(worker_version_label(namespace, name), w);
+            }
+            if let Some(sched) = sched {
+                desired.insert(schedule_version_label(namespace, name), sched);
+            }
+        }
         let current: BTreeMap<String, String> = node
             .labels()
             .iter()
@@ -237,7 +278,277 @@ pub async fn sync_node_labels(
             remove_labels(&node_name, std::slice::from_ref(&deprecated), ctx).await?;
         }
     }
+    // The chosen node's loader goes once its device plugin is gone (its schedule label is
+    // off the node and no plugin pod is left there).
+    if let (Some(m), Some(pod)) = (sequenced, replacing.and_then(|r| r.next)) {
+        let node = pod_node(&pod).unwrap_or_default();
+        let skey = schedule_version_label(namespace, name);
+        let schedule_off = ctx
+            .stores
+            .nodes
+            .get(&ObjectRef::new(node))
+            .is_none_or(|n| !n.labels().contains_key(&skey));
+        let plugin_left = pods.iter().any(|p| {
+            pod_node(p) == Some(node)
+                && p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_DEVICE_PLUGIN)
+        });
+        if m.spec.device_plugin.is_none() || (schedule_off && !plugin_left) {
+            tracing::info!(module = %format!("{namespace}/{name}"), node, pod = %pod.name_any(), "replacing an outdated loader pod");
+            delete_pod(&pod, ctx).await?;
+        }
+    }
     Ok(())
+}
+
+/// The worker label (`version-worker-pod`, the loader DaemonSets' nodeSelector) and schedule
+/// label (`version-schedule-pod`, the device plugin's) this node should carry now — upstream's
+/// ordered-upgrade state table, applied to every Module with a loader: the device plugin
+/// leaves first (schedule label off), the loader only once no plugin pod is left on the node
+/// (worker label off: its pod stops and unloads), the next loader only once the kernel no
+/// longer has the module (ready label gone), the plugin again once the worker label is the
+/// one wanted.
+fn worker_and_schedule(
+    module: &Module,
+    node: &Node,
+    desired: &BTreeMap<String, String>,
+    pods_on_node: &[&Pod],
+    replacing_here: bool,
+) -> (Option<String>, Option<String>) {
+    let (ns, name) = (module.namespace().unwrap_or_default(), module.name_any());
+    let target = (module.metadata.deletion_timestamp.is_none()
+        && !targeted_nodes(module, std::iter::once(node)).is_empty())
+    .then(|| match module_version(module) {
+        None => Some(String::new()),
+        Some(_) => node
+            .labels()
+            .get(&version_module_label(&ns, &name))
+            .cloned(),
+    })
+    .flatten();
+    let has_plugin = module.spec.device_plugin.is_some();
+    let loaded = desired.contains_key(&module_ready_label(&ns, &name));
+    let plugin_on_node = pods_on_node
+        .iter()
+        .any(|p| p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_DEVICE_PLUGIN));
+    let mut w = node
+        .labels()
+        .get(&worker_version_label(&ns, &name))
+        .cloned();
+    let mut s = node
+        .labels()
+        .get(&schedule_version_label(&ns, &name))
+        .cloned();
+    if s.is_some() && (!has_plugin || target.is_none() || w != target || s != w || replacing_here) {
+        s = None;
+    }
+    if w.is_some() && w != target && s.is_none() && !plugin_on_node {
+        w = None;
+    }
+    if w.is_none() && target.is_some() && !loaded {
+        w = target.clone();
+    }
+    if has_plugin && w.is_some() && w == target && s.is_none() && !replacing_here {
+        s = w.clone();
+    }
+    (w, s)
+}
+
+/// Loader pods to replace because their DaemonSet's template changed (`OnDelete`).
+struct Replacement {
+    /// Outdated pods that are not ready: they hold nothing, replaced at once.
+    idle: Vec<Arc<Pod>>,
+    /// The one Ready outdated pod to replace now: only while every other loader pod of the
+    /// Module is Ready and none is stopping, so at most one node unloads at a time.
+    next: Option<Arc<Pod>>,
+}
+
+fn loader_replacement(module: &Module, pods: &[Arc<Pod>], ctx: &Context) -> Replacement {
+    let (ns, name) = (module.namespace().unwrap_or_default(), module.name_any());
+    let loaders: Vec<&Arc<Pod>> = pods
+        .iter()
+        .filter(|p| p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_LOADER))
+        .collect();
+    let outdated = |p: &Pod| -> bool {
+        let l = p.labels();
+        let Some(kernel) = l.get(TARGET_KERNEL_LABEL) else {
+            return false;
+        };
+        let ds_name = loader_daemonset_name(
+            &name,
+            kernel,
+            l.get(MODULE_VERSION_LABEL).map(String::as_str),
+        );
+        let want = ctx
+            .stores
+            .daemonsets
+            .get(&ObjectRef::new(&ds_name).within(&ns))
+            .and_then(|d| d.annotations().get(TEMPLATE_HASH_ANNOTATION).cloned());
+        let have = p.annotations().get(TEMPLATE_HASH_ANNOTATION);
+        want.is_some_and(|w| have != Some(&w))
+    };
+    let live = |p: &&&Arc<Pod>| p.metadata.deletion_timestamp.is_none();
+    let idle: Vec<Arc<Pod>> = loaders
+        .iter()
+        .filter(live)
+        .filter(|p| !pod_ready(p) && outdated(p))
+        .map(|p| (*p).clone())
+        .collect();
+    let busy = loaders
+        .iter()
+        .any(|p| p.metadata.deletion_timestamp.is_some() || (!pod_ready(p) && !outdated(p)));
+    let skey = schedule_version_label(&ns, &name);
+    let mut candidates: Vec<&Arc<Pod>> = loaders
+        .iter()
+        .filter(live)
+        .filter(|p| pod_ready(p) && outdated(p))
+        .copied()
+        .collect();
+    candidates.sort_by_key(|p| pod_node(p).unwrap_or_default().to_string());
+    // One already under way (its node's schedule label taken off) goes on first.
+    let started = candidates.iter().find(|p| {
+        module.spec.device_plugin.is_some()
+            && pod_node(p)
+                .and_then(|n| ctx.stores.nodes.get(&ObjectRef::new(n)))
+                .is_some_and(|n| !n.labels().contains_key(&skey))
+    });
+    let next = match started {
+        Some(p) => Some((*p).clone()),
+        None if !busy => candidates.first().map(|p| (*p).clone()),
+        None => None,
+    };
+    Replacement { idle, next }
+}
+
+/// Stopped loader pods: released (finalizer removed) when the kernel no longer has their
+/// module or their node is gone; kept, with a Warning event, when their unload failed.
+async fn release_stopped_loaders(
+    module: Option<&Module>,
+    pods: &[Arc<Pod>],
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    for pod in pods {
+        if pod.labels().get(ROLE_LABEL).map(String::as_str) != Some(ROLE_LOADER)
+            || pod.metadata.deletion_timestamp.is_none()
+            || !pod.finalizers().iter().any(|f| f == LOADER_POD_FINALIZER)
+        {
+            continue;
+        }
+        let node_gone = pod_node(pod)
+            .is_none_or(|n| ctx.stores.nodes.get(&ObjectRef::<Node>::new(n)).is_none());
+        if let Some(why) = loader_unload_failed(pod).filter(|_| !node_gone) {
+            let first = pod.uid().is_some_and(|uid| {
+                ctx.unload_failures_reported
+                    .lock()
+                    .map(|mut s| s.insert(uid))
+                    .unwrap_or(false)
+            });
+            if first {
+                let node = pod_node(pod).unwrap_or_default().to_string();
+                tracing::warn!(pod = %pod.name_any(), node, reason = %why, "loader stopped with its module still loaded");
+                ctx.events.send(NodeEvent {
+                    node_uid: ctx
+                        .stores
+                        .nodes
+                        .get(&ObjectRef::<Node>::new(&node))
+                        .and_then(|n| n.uid()),
+                    node,
+                    reason: MODULE_UNLOAD_FAILED,
+                    module_namespace: pod.namespace().unwrap_or_default(),
+                    module_name: pod
+                        .labels()
+                        .get(MODULE_NAME_LABEL)
+                        .cloned()
+                        .unwrap_or_default(),
+                    module_uid: module.and_then(|m| m.uid()),
+                    detail: why,
+                });
+            }
+            continue;
+        }
+        if pod_stopped(pod) || node_gone {
+            release_pod(pod, ctx).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn release_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError> {
+    let Some(index) = pod
+        .finalizers()
+        .iter()
+        .position(|f| f == LOADER_POD_FINALIZER)
+    else {
+        return Ok(());
+    };
+    let ns = pod.namespace().unwrap_or_default();
+    let name = pod.name_any();
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        { "op": "test", "path": format!("/metadata/finalizers/{index}"), "value": LOADER_POD_FINALIZER },
+        { "op": "remove", "path": format!("/metadata/finalizers/{index}") }
+    ]))
+    .map_err(|source| ReconcileError::Encode {
+        what: "pod finalizer patch",
+        source,
+    })?;
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    match api
+        .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+    {
+        Ok(_) => {
+            ctx.metrics.write("pod-finalizer");
+            tracing::debug!(pod = %format!("{ns}/{name}"), "released a stopped loader pod");
+            Ok(())
+        }
+        // Gone, or changed meanwhile: the next event brings us back.
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 422 || s.code == 409 => Ok(()),
+        Err(source) => Err(ReconcileError::Pod {
+            namespace: ns,
+            name,
+            source,
+        }),
+    }
+}
+
+async fn delete_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError> {
+    let ns = pod.namespace().unwrap_or_default();
+    let name = pod.name_any();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let dp = DeleteParams {
+        preconditions: pod.uid().map(|uid| kube::api::Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(&name, &dp).await {
+        Ok(_) => {
+            ctx.metrics.write("pod-delete");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(source) => Err(ReconcileError::Pod {
+            namespace: ns,
+            name,
+            source,
+        }),
+    }
+}
+
+/// `node: message` of every stopped loader pod of the Module whose unload failed.
+fn unload_failures(namespace: &str, name: &str, ctx: &Context) -> Vec<String> {
+    ctx.stores
+        .pods
+        .state_filter(|p| {
+            p.namespace().as_deref() == Some(namespace)
+                && p.labels().get(MODULE_NAME_LABEL).map(String::as_str) == Some(name)
+        })
+        .iter()
+        .filter_map(|p| {
+            loader_unload_failed(p)
+                .map(|why| format!("{}: {why}", pod_node(p).unwrap_or("<unscheduled>")))
+        })
+        .collect()
 }
 
 async fn apply_node_labels(
@@ -379,6 +690,35 @@ async fn finalize(
         return Ok(Action::AwaitChange);
     }
     if !cleanup(key, ctx, Some(module)).await? {
+        let failures = unload_failures(&key.0, &key.1, ctx);
+        if !failures.is_empty() {
+            let mut status = module.status.clone().unwrap_or_default();
+            let msg = format!(
+                "deletion waits: the module is still loaded on {}",
+                failures.join("; ")
+            );
+            let generation = module.metadata.generation;
+            let now = Timestamp::now();
+            set_condition(
+                &mut status.conditions,
+                DEGRADED,
+                true,
+                UNLOAD_FAILED,
+                &msg,
+                generation,
+                now,
+            );
+            set_condition(
+                &mut status.conditions,
+                READY,
+                false,
+                UNLOAD_FAILED,
+                &msg,
+                generation,
+                now,
+            );
+            write_status(module, status, ctx).await?;
+        }
         // Pod and DaemonSet events bring us back; the requeue is a safety net.
         return Ok(Action::Requeue(
             std::time::Duration::from_secs(30).min(ctx.resync),
@@ -420,8 +760,9 @@ async fn cleanup(
         }
     }
     let pods_left = pods.len();
-    // Labels follow the pods while they terminate; once they are gone none may remain.
-    sync_node_labels(namespace, name, pods_left == 0, ctx).await?;
+    // Labels follow the pods while they terminate (a loader whose unload failed keeps them:
+    // the module is still in the kernel); once they are gone none may remain.
+    sync_node_labels(namespace, name, module, pods_left == 0, ctx).await?;
     Ok(daemonsets.is_empty() && pods_left == 0)
 }
 
@@ -597,8 +938,16 @@ fn compute_status(
             "spec.dra: kmm-spoke does not run DRA drivers; nothing was created for it".into(),
         );
     }
+    let unloads = unload_failures(&namespace, &name, ctx);
+    problems.extend(
+        unloads
+            .iter()
+            .map(|f| format!("module still loaded after its loader stopped on {f}")),
+    );
     problems.extend(failing_pods(&namespace, &name, ctx));
-    let reason = if !plan.failed_kernels.is_empty() {
+    let reason = if !unloads.is_empty() {
+        UNLOAD_FAILED
+    } else if !plan.failed_kernels.is_empty() {
         "MappingFailed"
     } else if module.spec.dra.is_some() {
         "DRANotSupported"
@@ -636,6 +985,7 @@ fn failing_pods(namespace: &str, name: &str, ctx: &Context) -> Vec<String> {
         if pod.namespace().as_deref() != Some(namespace)
             || pod.labels().get(MODULE_NAME_LABEL).map(String::as_str) != Some(name)
             || pod_ready(&pod)
+            || loader_unload_failed(&pod).is_some()
         {
             continue;
         }
@@ -741,6 +1091,101 @@ mod tests {
             ..Default::default()
         });
         Arc::new(d)
+    }
+
+    fn versioned_module() -> Module {
+        let mut m: Module = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kmm.sigs.x-k8s.io/v1beta1", "kind": "Module",
+            "metadata": {"name": "m", "namespace": "ns"},
+            "spec": {
+                "selector": {"w": ""},
+                "moduleLoader": {"container": {
+                    "version": "2.0",
+                    "modprobe": {"moduleName": "m"},
+                    "kernelMappings": [{"regexp": ".*", "containerImage": "r/m:1"}]}},
+                "devicePlugin": {"container": {"image": "r/dp:1"}}
+            }
+        }))
+        .unwrap();
+        m.metadata.uid = Some("u".into());
+        m
+    }
+
+    fn node_with(labels: &[(&str, &str)]) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some("n".into());
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        n
+    }
+
+    fn plugin_pod() -> Pod {
+        let mut p = Pod::default();
+        p.metadata.labels = Some(BTreeMap::from([(
+            ROLE_LABEL.to_string(),
+            ROLE_DEVICE_PLUGIN.to_string(),
+        )]));
+        p
+    }
+
+    /// A node relabelled directly from 1.0 to 2.0 while 1.0 is loaded and its plugin runs:
+    /// plugin off first, then the 1.0 loader, then 2.0 once the kernel is free, then the
+    /// plugin again — never two steps at once.
+    #[test]
+    fn a_direct_relabel_is_sequenced_plugin_loader_loader_plugin() {
+        let m = versioned_module();
+        let (user, w, s) = (
+            version_module_label("ns", "m"),
+            worker_version_label("ns", "m"),
+            schedule_version_label("ns", "m"),
+        );
+        let ready = BTreeMap::from([(module_ready_label("ns", "m"), String::new())]);
+        let none = BTreeMap::new();
+        let plugin = plugin_pod();
+        // 1.0 loaded, plugin running; the user relabels to 2.0.
+        let n = node_with(&[("w", ""), (&user, "2.0"), (&w, "1.0"), (&s, "1.0")]);
+        assert_eq!(
+            worker_and_schedule(&m, &n, &ready, &[&plugin], false),
+            (Some("1.0".into()), None),
+            "the plugin goes first; the loader stays while a plugin pod is there"
+        );
+        let n = node_with(&[("w", ""), (&user, "2.0"), (&w, "1.0")]);
+        assert_eq!(
+            worker_and_schedule(&m, &n, &ready, &[&plugin], false),
+            (Some("1.0".into()), None)
+        );
+        // The plugin pod is gone: the 1.0 loader goes (its pod unloads).
+        assert_eq!(
+            worker_and_schedule(&m, &n, &ready, &[], false),
+            (None, None),
+            "no new loader while the kernel still has the module"
+        );
+        let n = node_with(&[("w", ""), (&user, "2.0")]);
+        assert_eq!(
+            worker_and_schedule(&m, &n, &ready, &[], false),
+            (None, None)
+        );
+        // Unloaded: 2.0 may load, and its plugin may follow once it is ready.
+        assert_eq!(
+            worker_and_schedule(&m, &n, &none, &[], false),
+            (Some("2.0".into()), Some("2.0".into()))
+        );
+        // Deselected: the plugin first again.
+        let n = node_with(&[(&user, "2.0"), (&w, "2.0"), (&s, "2.0")]);
+        assert_eq!(
+            worker_and_schedule(&m, &n, &ready, &[&plugin], false),
+            (Some("2.0".into()), None)
+        );
+        // Replacing the loader on this node: the plugin leaves, the loader label stays.
+        let n = node_with(&[("w", ""), (&user, "2.0"), (&w, "2.0"), (&s, "2.0")]);
+        assert_eq!(
+            worker_and_schedule(&m, &n, &ready, &[&plugin], true),
+            (Some("2.0".into()), None)
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
 use shared_api::Module;
 use shared_api::labels::{
     MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_LABEL, module_ready_label,
-    module_version_ready_label, short_hash,
+    module_version_ready_label, schedule_version_label, short_hash,
 };
 use shared_api::module::DevicePluginContainerSpec;
 
@@ -56,7 +56,15 @@ pub fn render_device_plugin_daemonset(
     let labels = device_plugin_labels(&name, version);
 
     let node_selector = if module.spec.module_loader.is_some() {
-        let mut s = BTreeMap::from([(module_ready_label(&namespace, &name), String::new())]);
+        // The agent's schedule label: taken off a node (and the plugin gone) before its
+        // loader stops, so the driver is never in use when it is unloaded.
+        let mut s = BTreeMap::from([
+            (module_ready_label(&namespace, &name), String::new()),
+            (
+                schedule_version_label(&namespace, &name),
+                version.unwrap_or_default().to_string(),
+            ),
+        ]);
         if let Some(v) = version {
             s.insert(module_version_ready_label(&namespace, &name), v.to_string());
         }

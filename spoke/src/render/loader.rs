@@ -3,27 +3,33 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EnvVar, ExecAction, HostPathVolumeSource, Lifecycle, LifecycleHandler,
-    LocalObjectReference, PodSpec, Probe, SecurityContext, Volume, VolumeMount,
+    LocalObjectReference, PodSpec, Probe, ResourceRequirements, SELinuxOptions, SecurityContext,
+    Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use shared_api::Module;
 use shared_api::kernel::ResolvedMapping;
 use shared_api::labels::{
-    KERNEL_LABEL, MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_LABEL, ROLE_LOADER,
-    TARGET_KERNEL_LABEL, short_hash, version_module_label,
+    KERNEL_LABEL, LOADER_POD_FINALIZER, MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_LABEL,
+    ROLE_LOADER, TARGET_KERNEL_LABEL, short_hash, worker_version_label,
 };
 use shared_api::module::ModuleLoaderSpec;
 
 use super::{
-    LOADER_SCRIPT, RenderSettings, bounded_name, module_daemonset, module_key, module_version,
+    LOADER_SCRIPT, RenderSettings, TEMPLATE_HASH_ANNOTATION, bounded_name, module_daemonset,
+    module_key, module_version,
 };
 
 /// The container name the node simulator (and people) look for.
 pub const LOADER_CONTAINER: &str = "module-loader";
-/// The file whose presence makes the loader container ready.
+/// The file the loader writes once it loaded (the module version it expects).
 pub const READY_FILE: &str = "/tmp/kmm-loaded";
+/// The loader container's exit status when stopped with its module still in the kernel
+/// (the preStop unload failed).
+pub const UNLOAD_FAILED_EXIT: i32 = 3;
 
 /// One kernel a Module loads for: the kernel in label form and its resolved mapping.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,11 +81,16 @@ pub fn render_loader_daemonset(
     let loader = module.spec.module_loader.clone().unwrap_or_default();
     let labels = loader_labels(&name, &target.kernel_label, version);
 
-    let mut node_selector = module.spec.selector.clone();
-    node_selector.insert(KERNEL_LABEL.to_string(), target.kernel_label.clone());
-    if let Some(v) = version {
-        node_selector.insert(version_module_label(&namespace, &name), v.to_string());
-    }
+    // Not `spec.selector` itself: the agent's worker label follows it, and leaves a node
+    // only once no device-plugin pod of the Module runs there (the kernel refuses to unload
+    // a module in use), so deselection and upgrades unload in order.
+    let node_selector = BTreeMap::from([
+        (KERNEL_LABEL.to_string(), target.kernel_label.clone()),
+        (
+            worker_version_label(&namespace, &name),
+            version.unwrap_or_default().to_string(),
+        ),
+    ]);
 
     let firmware = loader
         .container
@@ -87,10 +98,12 @@ pub fn render_loader_daemonset(
         .firmware_path
         .clone()
         .filter(|p| !p.is_empty());
-    let mut volumes = vec![host_path_volume("lib-modules", "/lib/modules", None)];
+    // Only the running kernel's own module tree, read-only (in-tree removals need it).
+    let host_modules = format!("/lib/modules/{}", target.mapping.kernel);
+    let mut volumes = vec![host_path_volume("lib-modules", &host_modules, None)];
     let mut mounts = vec![VolumeMount {
         name: "lib-modules".into(),
-        mount_path: "/lib/modules".into(),
+        mount_path: host_modules.clone(),
         read_only: Some(true),
         ..Default::default()
     }];
@@ -117,7 +130,15 @@ pub fn render_loader_daemonset(
             .filter(|p| !p.is_empty()),
         command: Some(vec!["/bin/sh".into(), "-c".into()]),
         args: Some(vec![LOADER_SCRIPT.into()]),
-        env: Some(loader_env(&loader, &target.mapping, settings)),
+        env: Some({
+            let mut env = loader_env(&loader, &target.mapping, settings);
+            env.push(EnvVar {
+                name: "KMM_MODULE_KEY".into(),
+                value: Some(format!("{namespace}.{name}")),
+                value_from: None,
+            });
+            env
+        }),
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 exec: Some(ExecAction {
@@ -133,11 +154,29 @@ pub fn render_loader_daemonset(
             }),
             ..Default::default()
         }),
+        // Ready while the kernel has the module (in the image's version when it has one).
         readiness_probe: Some(Probe {
             exec: Some(ExecAction {
-                command: Some(vec!["cat".into(), READY_FILE.into()]),
+                command: Some(vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    LOADER_SCRIPT.into(),
+                    "loader".into(),
+                    "check".into(),
+                ]),
             }),
             period_seconds: Some(5),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("10m".into())),
+                ("memory".to_string(), Quantity("64Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity("128Mi".into()),
+            )])),
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
@@ -146,8 +185,14 @@ pub fn render_loader_daemonset(
                 add: Some(vec!["SYS_MODULE".into()]),
                 drop: None,
             }),
-            // Writing the host's firmware directory (and the firmware search path) needs it.
+            se_linux_options: Some(SELinuxOptions {
+                type_: Some("spc_t".into()),
+                ..Default::default()
+            }),
+            // Writing the host's firmware directory (and the firmware search path) needs it;
+            // the API server refuses `allowPrivilegeEscalation: false` next to privileged.
             privileged: firmware.is_some().then_some(true),
+            allow_privilege_escalation: firmware.is_none().then_some(false),
             ..Default::default()
         }),
         volume_mounts: Some(mounts),
@@ -171,17 +216,43 @@ pub fn render_loader_daemonset(
         ),
         // The loader never talks to the API.
         automount_service_account_token: Some(false),
+        // Evicting a loader unloads its driver: only the node's own critical pods go first.
+        priority_class_name: settings.loader_priority_class.clone(),
         containers: vec![container],
         volumes: Some(volumes),
         ..Default::default()
     };
 
-    module_daemonset(
+    let mut ds = module_daemonset(
         module,
         loader_daemonset_name(&name, &target.kernel_label, version),
         labels,
         pod_spec,
-    )
+    );
+    if let Some(spec) = ds.spec.as_mut() {
+        // The agent replaces loader pods itself, one node at a time (docs/spoke.md).
+        spec.update_strategy = Some(DaemonSetUpdateStrategy {
+            type_: Some("OnDelete".into()),
+            rolling_update: None,
+        });
+        // The agent releases a stopped loader pod once it read what the kernel has.
+        let template_hash = short_hash(
+            &serde_json::to_string(&spec.template.spec).unwrap_or_default(),
+            16,
+        );
+        if let Some(meta) = spec.template.metadata.as_mut() {
+            meta.finalizers = Some(vec![LOADER_POD_FINALIZER.to_string()]);
+            meta.annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(TEMPLATE_HASH_ANNOTATION.into(), template_hash.clone());
+        }
+        ds.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(TEMPLATE_HASH_ANNOTATION.into(), template_hash);
+    }
+    super::stamp_hash(&mut ds);
+    ds
 }
 
 fn host_path_volume(name: &str, path: &str, type_: Option<&str>) -> Volume {

@@ -26,6 +26,10 @@ pub use plan::{ModulePlan, plan_module};
 /// Annotation on our DaemonSets: hash of the rendered object, so an unchanged render is
 /// recognised in the cache without comparing defaulted specs.
 pub const SPEC_HASH_ANNOTATION: &str = "kmm.node.kubernetes.io/spec-hash";
+/// Annotation on loader DaemonSets and their pod template (so on their pods): hash of the pod
+/// template. A pod whose hash differs from its DaemonSet's is outdated; with `OnDelete` the
+/// agent replaces it, one node at a time.
+pub const TEMPLATE_HASH_ANNOTATION: &str = "kmm.node.kubernetes.io/template-hash";
 /// The default firmware directory on the host.
 pub const DEFAULT_FIRMWARE_HOST_PATH: &str = "/var/lib/firmware";
 /// The default service account of loader pods.
@@ -42,6 +46,8 @@ pub struct RenderSettings {
     pub loader_service_account: String,
     /// Whether device-plugin pods get `priorityClassName: system-node-critical`.
     pub device_plugin_priority_class: Option<String>,
+    /// Priority class of loader pods (evicting one unloads its driver).
+    pub loader_priority_class: Option<String>,
 }
 
 impl Default for RenderSettings {
@@ -50,6 +56,7 @@ impl Default for RenderSettings {
             firmware_host_path: DEFAULT_FIRMWARE_HOST_PATH.to_string(),
             loader_service_account: DEFAULT_LOADER_SERVICE_ACCOUNT.to_string(),
             device_plugin_priority_class: Some("system-node-critical".to_string()),
+            loader_priority_class: Some("system-node-critical".to_string()),
         }
     }
 }

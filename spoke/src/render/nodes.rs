@@ -123,10 +123,53 @@ fn pod_was_ready(pod: &Pod) -> bool {
             .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
+/// A deleted loader pod whose container stopped with its module still in the kernel (the
+/// preStop unload failed; the loader exits [`super::loader::UNLOAD_FAILED_EXIT`]): the
+/// termination message, which carries the kernel's words.
+pub fn loader_unload_failed(pod: &Pod) -> Option<String> {
+    pod.metadata.deletion_timestamp.as_ref()?;
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_deref()?
+        .iter()
+        .filter(|c| c.name == super::loader::LOADER_CONTAINER)
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
+        .find(|t| t.exit_code == super::loader::UNLOAD_FAILED_EXIT)
+        .map(|t| {
+            t.message
+                .clone()
+                .or(t.reason.clone())
+                .unwrap_or_default()
+                .trim_end()
+                .to_string()
+        })
+}
+
+/// A deleted pod none of whose containers runs any more (or that never started one).
+pub fn pod_stopped(pod: &Pod) -> bool {
+    if pod.metadata.deletion_timestamp.is_none() {
+        return false;
+    }
+    let Some(status) = pod.status.as_ref() else {
+        return true;
+    };
+    matches!(
+        status.phase.as_deref(),
+        Some("Succeeded" | "Failed" | "Pending")
+    ) || status
+        .container_statuses
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .all(|c| c.state.as_ref().is_none_or(|s| s.running.is_none()))
+}
+
 /// The labels the agent keeps on `node` for the Module `namespace/name`, given the pods of
 /// that Module: `<ns>.<name>.ready=""` (+ `.version.ready=<version>` for a versioned loader)
-/// while a Ready loader pod runs there — until it is gone, since the module stays loaded
-/// while the pod terminates and its preStop hook unloads it — and
+/// while a Ready loader pod runs there — until it stopped, since the module stays loaded
+/// while the pod terminates and its preStop hook unloads it, and for as long as a stopped
+/// loader pod says its unload failed (the module is still in the kernel) — and
 /// `<ns>.<name>.device-plugin-ready=""` while a Ready, not terminating, device-plugin pod
 /// runs there.
 pub fn node_labels<'a>(
@@ -141,7 +184,7 @@ pub fn node_labels<'a>(
         if pod.metadata.namespace.as_deref() != Some(namespace)
             || pod.labels().get(MODULE_NAME_LABEL).map(String::as_str) != Some(name)
             || pod_node(pod) != Some(node)
-            || !pod_was_ready(pod)
+            || !(pod_was_ready(pod) || loader_unload_failed(pod).is_some())
         {
             continue;
         }

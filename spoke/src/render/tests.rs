@@ -113,13 +113,22 @@ fn prebuilt_image_loads_on_workers_only() {
     );
 
     let spec = pod_spec(ds);
+    // The agent's worker label stands for `spec.selector` (it leaves a node only once the
+    // device plugin is gone from it).
     assert_eq!(
         spec.node_selector.clone().unwrap(),
         BTreeMap::from([
-            ("node-role.kubernetes.io/worker".to_string(), String::new()),
-            (KERNEL_LABEL.to_string(), K1.to_string())
+            (KERNEL_LABEL.to_string(), K1.to_string()),
+            (worker_version_label("labsv2", "kmm-ci-a"), String::new()),
         ])
     );
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-node-critical"),
+        "evicting a loader unloads its driver"
+    );
+    let strategy = ds.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("OnDelete"));
     assert_eq!(spec.service_account_name.as_deref(), Some("labsv2sa"));
     assert_eq!(
         spec.image_pull_secrets.as_ref().unwrap()[0].name,
@@ -174,9 +183,27 @@ fn prebuilt_image_loads_on_workers_only() {
         .command
         .clone()
         .unwrap();
-    assert_eq!(probe, vec!["cat", "/tmp/kmm-loaded"]);
+    assert_eq!(
+        probe,
+        vec!["/bin/sh", "-c", LOADER_SCRIPT, "loader", "check"]
+    );
     let sc = c.security_context.as_ref().unwrap();
     assert_eq!(sc.run_as_user, Some(0));
+    assert_eq!(
+        sc.se_linux_options.as_ref().unwrap().type_.as_deref(),
+        Some("spc_t")
+    );
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    let res = c.resources.as_ref().unwrap();
+    let requests = res.requests.as_ref().unwrap();
+    assert!(
+        requests.contains_key("cpu") && requests.contains_key("memory"),
+        "not BestEffort: {requests:?}"
+    );
+    assert_eq!(
+        tmpl_meta.finalizers.clone().unwrap(),
+        vec![LOADER_POD_FINALIZER.to_string()]
+    );
     assert_eq!(
         sc.capabilities.as_ref().unwrap().add.clone().unwrap(),
         vec!["SYS_MODULE"]
@@ -186,16 +213,19 @@ fn prebuilt_image_loads_on_workers_only() {
         env(c),
         BTreeMap::from([
             ("KMM_MODULE_NAME".into(), "kmm-ci-a".into()),
-            ("KMM_DIR_NAME".into(), "/opt".into())
+            ("KMM_DIR_NAME".into(), "/opt".into()),
+            ("KMM_MODULE_KEY".into(), "labsv2.kmm-ci-a".into()),
         ])
     );
+    // Only the kernel's own module tree, read-only.
     let vols = spec.volumes.as_ref().unwrap();
     assert_eq!(vols.len(), 1);
-    assert_eq!(vols[0].host_path.as_ref().unwrap().path, "/lib/modules");
+    let own = format!("/lib/modules/{K1}");
+    assert_eq!(vols[0].host_path.as_ref().unwrap().path, own);
     let mount = &c.volume_mounts.as_ref().unwrap()[0];
     assert_eq!(
         (mount.mount_path.as_str(), mount.read_only),
-        ("/lib/modules", Some(true))
+        (own.as_str(), Some(true))
     );
 }
 
@@ -219,7 +249,10 @@ fn device_plugin_runs_where_the_module_is_ready() {
     let spec = pod_spec(dp);
     assert_eq!(
         spec.node_selector.clone().unwrap(),
-        BTreeMap::from([(module_ready_label("labsv2", "kmm-ci-a"), String::new())])
+        BTreeMap::from([
+            (module_ready_label("labsv2", "kmm-ci-a"), String::new()),
+            (schedule_version_label("labsv2", "kmm-ci-a"), String::new()),
+        ])
     );
     assert_eq!(
         spec.priority_class_name.as_deref(),
@@ -270,13 +303,15 @@ fn device_plugin_runs_where_the_module_is_ready() {
 }
 
 #[test]
-fn versioned_module_selects_on_the_users_version_label() {
+fn versioned_module_selects_on_the_agents_worker_label() {
     let m = fixture("build_with_version.yaml");
     let plan = plan_module(&m, [worker("w0", K1)].iter(), &RenderSettings::default());
     let ds = &plan.loaders[0];
     assert_eq!(ds.labels()[MODULE_VERSION_LABEL], "0.9");
     let sel = pod_spec(ds).node_selector.clone().unwrap();
-    assert_eq!(sel[&version_module_label("labsv2", "kmm-ci-a")], "0.9");
+    // The agent copies the user's version-module label into it, in order (docs/spoke.md).
+    assert_eq!(sel[&worker_version_label("labsv2", "kmm-ci-a")], "0.9");
+    assert!(!sel.contains_key(&version_module_label("labsv2", "kmm-ci-a")));
     assert_eq!(sel[KERNEL_LABEL], K1);
     assert_eq!(
         loader_container(ds).image.as_deref(),
@@ -297,11 +332,12 @@ fn versioned_module_selects_on_the_users_version_label() {
     );
     let dp = plan10.device_plugin.unwrap();
     assert_eq!(dp.name_any(), "kmm-ci-a-device-plugin-1.0");
+    let dp_sel = pod_spec(&dp).node_selector.clone().unwrap();
     assert_eq!(
-        pod_spec(&dp).node_selector.clone().unwrap()
-            [&module_version_ready_label("labsv2", "kmm-ci-a")],
+        dp_sel[&module_version_ready_label("labsv2", "kmm-ci-a")],
         "1.0"
     );
+    assert_eq!(dp_sel[&schedule_version_label("labsv2", "kmm-ci-a")], "1.0");
 }
 
 #[test]
