@@ -450,8 +450,7 @@ pub async fn sign_image(
     let (manifest, config, layers) = (fetched.manifest, fetched.config, fetched.layers);
     let (signer, hash) = (req.signer.clone(), req.hash);
     let (manifest, layers, plan) = blocking(rt, &unpack.image.clone(), move || {
-        let sources: Vec<&dyn LayerSource> =
-            layers.iter().map(|p| p as &dyn LayerSource).collect();
+        let sources: Vec<&dyn LayerSource> = layers.iter().map(|p| p as &dyn LayerSource).collect();
         let plan = plan_signed_image(
             &unpack.image,
             &manifest,

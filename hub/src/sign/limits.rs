@@ -373,6 +373,9 @@ mod tests {
             .expect_err("over");
         assert_eq!(err.category(), "limit");
         let text = err.to_string();
-        assert!(text.contains("--sign-max-entries") && text.contains("r/x"), "{text}");
+        assert!(
+            text.contains("--sign-max-entries") && text.contains("r/x"),
+            "{text}"
+        );
     }
 }

@@ -108,7 +108,14 @@ pub fn verify_module(module: &[u8], cert: &SigningCert) -> Result<(), String> {
         .map_err(|e| format!("certificate public key: {e}"))?;
     let alg = signer_info.signature_algorithm.oid;
     let bad = || "the signature does not verify with the certificate's public key".to_string();
-    if [RSA_ENCRYPTION, SHA256_WITH_RSA, SHA384_WITH_RSA, SHA512_WITH_RSA].contains(&alg) {
+    if [
+        RSA_ENCRYPTION,
+        SHA256_WITH_RSA,
+        SHA384_WITH_RSA,
+        SHA512_WITH_RSA,
+    ]
+    .contains(&alg)
+    {
         {
             let key = rsa::RsaPublicKey::from_public_key_der(&spki)
                 .map_err(|_| "RSA signature, but the certificate holds no RSA key".to_string())?;
@@ -184,8 +191,7 @@ pub async fn verify_image(
     let cert = cert.clone();
     let layers = fetched.layers;
     let files = blocking(rt, &unpack.image.clone(), move || {
-        let sources: Vec<&dyn LayerSource> =
-            layers.iter().map(|p| p as &dyn LayerSource).collect();
+        let sources: Vec<&dyn LayerSource> = layers.iter().map(|p| p as &dyn LayerSource).collect();
         verify_layers(&sources, &patterns, &cert, &unpack)
     })
     .await?;
@@ -273,8 +279,8 @@ mod tests {
             ],
             true,
         );
-        let files = verify_layers(&[&signed], &p, signer.cert(), &Unpack::default())
-            .expect("verifies");
+        let files =
+            verify_layers(&[&signed], &p, signer.cert(), &Unpack::default()).expect("verifies");
         assert_eq!(files, ["/opt/a.ko", "/opt/b.ko"]);
 
         // A later layer replacing one module with an unsigned one.
