@@ -775,19 +775,81 @@ async fn kernel_claims(sb: &Sandbox) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Node labels follow the kernel: on every node of every spoke, a Module's ready label is there
+/// exactly when the node's kernel (simulated, or the real one in a VM) has the module loaded,
+/// and every labelled node has its `ModuleLoaded` event naming the Module.
 async fn events_and_labels(sb: &Sandbox) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let mut problems = Vec::new();
+    let mut checked = 0;
     for (cluster, client) in sb.spoke_clients().await {
         let events =
-            Api::<Event>::namespaced(client, kmm_spoke::controller::events::EVENT_NAMESPACE)
+            Api::<Event>::namespaced(client.clone(), kmm_spoke::controller::events::EVENT_NAMESPACE)
                 .list(&ListParams::default())
                 .await?
                 .items;
-        let loaded: Vec<&Event> = events
-            .iter()
-            .filter(|e| e.reason.as_deref() == Some(kmm_spoke::controller::events::MODULE_LOADED))
-            .collect();
-        ensure!(!loaded.is_empty(), "{cluster}: no ModuleLoaded events");
+        let modules = Api::<shared_api::Module>::all(client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items;
+        let nodes = Api::<Node>::all(client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items;
+        let sim = sb.fleet().node_sim(&cluster);
+        let vms: BTreeMap<String, _> = sim.vms().into_iter().collect();
+        for node in &nodes {
+            let name = node.name_any();
+            let loaded: Vec<String> = match vms.get(&name) {
+                Some(vm) => vm.modules().await?,
+                None => sim.loaded_modules(&name),
+            };
+            let labels = node.labels();
+            for m in &modules {
+                let Some(module_name) = m
+                    .spec
+                    .module_loader
+                    .as_ref()
+                    .and_then(|l| l.container.modprobe.module_name.clone())
+                else {
+                    continue;
+                };
+                let ns = m.namespace().unwrap_or_default();
+                let kernel_name = module_name.replace('-', "_");
+                let in_kernel = loaded.iter().any(|l| *l == kernel_name);
+                let label = shared_api::labels::module_ready_label(&ns, &m.name_any());
+                let labelled = labels.contains_key(&label);
+                checked += 1;
+                if in_kernel != labelled {
+                    problems.push(format!(
+                        "{cluster}/{name}: {ns}/{}: kernel has {kernel_name}: {in_kernel}, \
+                         label {label}: {labelled} (loaded: {loaded:?})",
+                        m.name_any()
+                    ));
+                }
+                if labelled {
+                    let announced = events.iter().any(|e| {
+                        e.reason.as_deref() == Some(kmm_spoke::controller::events::MODULE_LOADED)
+                            && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                                == Some(name.as_str())
+                            && e
+                                .note
+                                .as_deref()
+                                .unwrap_or_default()
+                                .contains(&format!("Module {ns}/{} ", m.name_any()))
+                    });
+                    if !announced {
+                        problems.push(format!(
+                            "{cluster}/{name}: no ModuleLoaded event for {ns}/{}",
+                            m.name_any()
+                        ));
+                    }
+                }
+            }
+        }
     }
+    ensure!(checked > 0, "no Module on any node to check");
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
     Ok(())
 }
 
