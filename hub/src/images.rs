@@ -551,7 +551,9 @@ impl ImagePipeline {
                     .inc();
                 let msg = format!(
                     "{}Signing {} for kernel {} failed: {e}",
-                    e.status_reason().map(|r| format!("{r}: ")).unwrap_or_default(),
+                    e.status_reason()
+                        .map(|r| format!("{r}: "))
+                        .unwrap_or_default(),
                     need.image,
                     need.build_kernel()
                 );

@@ -112,7 +112,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::SignImage(args) => {
-            shared_api::runtime::telemetry::init_tracing("text".parse().map_err(anyhow::Error::msg)?, "warn")?;
+            shared_api::runtime::telemetry::init_tracing(
+                "text".parse().map_err(anyhow::Error::msg)?,
+                "warn",
+            )?;
             let signed = hub_runtime()?.block_on(args.run())?;
             println!("{}", signed.digest);
             for f in &signed.signed_files {
@@ -121,7 +124,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::VerifyImage(args) => {
-            shared_api::runtime::telemetry::init_tracing("text".parse().map_err(anyhow::Error::msg)?, "warn")?;
+            shared_api::runtime::telemetry::init_tracing(
+                "text".parse().map_err(anyhow::Error::msg)?,
+                "warn",
+            )?;
             let (digest, files) = hub_runtime()?.block_on(args.run())?;
             println!("{digest}");
             for f in &files {

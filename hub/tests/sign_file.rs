@@ -183,7 +183,6 @@ fn build_keys_fixture() -> Result<Fixture> {
 
 /// Key pairs of every supported kind, plus unsupported ones.
 fn make_keys(root: &Path) -> Result<()> {
-
     make_pair(
         root,
         "rsa2048",
@@ -785,9 +784,9 @@ fn library_and_cli_agree() -> Result<()> {
 fn kernel_sign_file_output_passes_our_verifier() -> Result<()> {
     let f = fixture()?;
     let cert = |name: &str| -> Result<kmm_hub::sign::SigningCert> {
-        Ok(kmm_hub::sign::SigningCert::from_pem_or_der(&std::fs::read(
-            f.path(name),
-        )?)?)
+        Ok(kmm_hub::sign::SigningCert::from_pem_or_der(
+            &std::fs::read(f.path(name))?,
+        )?)
     };
     for (key, pem, hash) in [
         ("rsa2048.key", "rsa2048.pem", "sha256"),

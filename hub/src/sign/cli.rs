@@ -208,16 +208,9 @@ impl VerifyImageArgs {
                 })?,
         };
         let rt = self.sign.runtime();
-        let files = super::verify::verify_image(
-            &client,
-            &rt,
-            &image,
-            &digest,
-            &auth,
-            &self.files,
-            &cert,
-        )
-        .await?;
+        let files =
+            super::verify::verify_image(&client, &rt, &image, &digest, &auth, &self.files, &cert)
+                .await?;
         Ok((digest, files))
     }
 }

@@ -60,10 +60,7 @@ pub async fn verified_outcome(
                     outcome: "verify-failed",
                 })
                 .inc();
-            let msg = format!(
-                "{}@{digest} is not shipped: {e}",
-                need.image
-            );
+            let msg = format!("{}@{digest} is not shipped: {e}", need.image);
             tracing::warn!(image = %need.image, digest, reason, error = %e, "signed image rejected");
             event(ctx, mcm, EventType::Warning, reason, &msg).await;
             ImageOutcome::failed(format!("{reason}: {msg}"))

@@ -89,7 +89,9 @@ impl<R: Read> Read for Counted<R> {
         self.read += n as u64;
         if self.read > self.max {
             self.hit.set(Some(self.read));
-            return Err(std::io::Error::other("layer exceeds the unpacked size limit"));
+            return Err(std::io::Error::other(
+                "layer exceeds the unpacked size limit",
+            ));
         }
         Ok(n)
     }
@@ -759,7 +761,8 @@ pub(crate) mod tests {
             false,
         );
         let p = patterns(&["/opt/**/*.ko"]);
-        let tree = MergedTree::from_layers(&[&base, &upper], &p, &Unpack::default()).expect("merge");
+        let tree =
+            MergedTree::from_layers(&[&base, &upper], &p, &Unpack::default()).expect("merge");
         let files: Vec<&str> = tree.files().collect();
         assert_eq!(
             files,
@@ -782,7 +785,8 @@ pub(crate) mod tests {
 
         // A file replacing a directory hides what was below it.
         let replace = tar_of(&[E::File("opt/lib", b"file now", 0o644)], false);
-        let tree = MergedTree::from_layers(&[&base, &upper, &replace], &p, &Unpack::default()).expect("merge");
+        let tree = MergedTree::from_layers(&[&base, &upper, &replace], &p, &Unpack::default())
+            .expect("merge");
         assert_eq!(
             tree.files().collect::<Vec<_>>(),
             ["/opt/lib", "/opt/old/new.ko"]
@@ -819,8 +823,14 @@ pub(crate) mod tests {
             true,
         );
         let p = patterns(&["/opt/lib/*.ko"]);
-        let layer =
-            build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256, &Unpack::default()).expect("layer");
+        let layer = build_signing_layer(
+            &[&base],
+            &p,
+            &signer,
+            HashAlgorithm::Sha256,
+            &Unpack::default(),
+        )
+        .expect("layer");
         assert_eq!(layer.files, ["/opt/lib/a.ko", "/opt/lib/b.ko"]);
         let entries = read_signing_layer(&layer.blob);
         assert_eq!(
@@ -843,13 +853,24 @@ pub(crate) mod tests {
         assert_eq!(layer.digest, sha256_id(&layer.blob));
 
         // Deterministic, and a signed input is re-signed from its unsigned contents.
-        let again =
-            build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256, &Unpack::default()).expect("layer");
+        let again = build_signing_layer(
+            &[&base],
+            &p,
+            &signer,
+            HashAlgorithm::Sha256,
+            &Unpack::default(),
+        )
+        .expect("layer");
         assert_eq!(again.digest, layer.digest);
         let signed_on_top = tar_of(&[E::File("opt/lib/a.ko", data, 0o640)], false);
-        let resigned =
-            build_signing_layer(&[&base, &signed_on_top], &p, &signer, HashAlgorithm::Sha256, &Unpack::default())
-                .expect("layer");
+        let resigned = build_signing_layer(
+            &[&base, &signed_on_top],
+            &p,
+            &signer,
+            HashAlgorithm::Sha256,
+            &Unpack::default(),
+        )
+        .expect("layer");
         assert_eq!(read_signing_layer(&resigned.blob)["opt/lib/a.ko"].2, *data);
     }
 
@@ -868,13 +889,28 @@ pub(crate) mod tests {
             false,
         );
         let p = patterns(&["/opt/lib/*.ko", "/opt/extra/*.ko"]);
-        let err =
-            build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256, &Unpack::default()).expect_err("error");
+        let err = build_signing_layer(
+            &[&base],
+            &p,
+            &signer,
+            HashAlgorithm::Sha256,
+            &Unpack::default(),
+        )
+        .expect_err("error");
         assert_eq!(err.category(), "pattern");
         assert!(err.to_string().contains("/opt/extra/*.ko"), "{err}");
         // A symlink alone does not count as a match.
         let p = patterns(&["/opt/lib/s.ko"]);
-        assert!(build_signing_layer(&[&base], &p, &signer, HashAlgorithm::Sha256, &Unpack::default()).is_err());
+        assert!(
+            build_signing_layer(
+                &[&base],
+                &p,
+                &signer,
+                HashAlgorithm::Sha256,
+                &Unpack::default()
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -108,7 +108,14 @@ pub fn verify_module(module: &[u8], cert: &SigningCert) -> Result<(), String> {
         .map_err(|e| format!("certificate public key: {e}"))?;
     let alg = signer_info.signature_algorithm.oid;
     let bad = || "the signature does not verify with the certificate's public key".to_string();
-    if [RSA_ENCRYPTION, SHA256_WITH_RSA, SHA384_WITH_RSA, SHA512_WITH_RSA].contains(&alg) {
+    if [
+        RSA_ENCRYPTION,
+        SHA256_WITH_RSA,
+        SHA384_WITH_RSA,
+        SHA512_WITH_RSA,
+    ]
+    .contains(&alg)
+    {
         {
             let key = rsa::RsaPublicKey::from_public_key_der(&spki)
                 .map_err(|_| "RSA signature, but the certificate holds no RSA key".to_string())?;
@@ -184,8 +191,7 @@ pub async fn verify_image(
     let cert = cert.clone();
     let layers = fetched.layers;
     let files = blocking(rt, &unpack.image.clone(), move || {
-        let sources: Vec<&dyn LayerSource> =
-            layers.iter().map(|p| p as &dyn LayerSource).collect();
+        let sources: Vec<&dyn LayerSource> = layers.iter().map(|p| p as &dyn LayerSource).collect();
         verify_layers(&sources, &patterns, &cert, &unpack)
     })
     .await?;
@@ -194,8 +200,8 @@ pub async fn verify_image(
 }
 
 /// The hub's gate before shipping a signed image: `Ok` when `digest` of `image` was produced by
-/// this process or its modules verify against `cert` (remembered per digest and certificate,
-/// so an image is pulled once per hub process). The error's
+/// this process or its modules verify against `cert` (remembered per digest, certificate and
+/// patterns, both ways: an image is pulled once per hub process, a rejected digest too). The error's
 /// [`status_reason`](SignError::status_reason) is `SignatureInvalid` when a module does not
 /// verify.
 pub async fn ensure_verified(
@@ -207,13 +213,35 @@ pub async fn ensure_verified(
     files_to_sign: &[String],
     cert: &SigningCert,
 ) -> Result<(), SignError> {
-    let fingerprint = cert.sha256_hex();
-    if rt.is_verified(digest, &fingerprint) {
+    let key = SignRuntime::verification_key(cert, files_to_sign);
+    if rt.is_verified(digest, &key) {
         return Ok(());
     }
-    let files = verify_image(client, rt, image, digest, auth, files_to_sign, cert).await?;
+    if let Some((image, file, reason)) = rt.rejection(digest, &key) {
+        return Err(SignError::SignatureInvalid {
+            image,
+            file,
+            reason,
+        });
+    }
+    let files = match verify_image(client, rt, image, digest, auth, files_to_sign, cert).await {
+        Ok(files) => files,
+        Err(SignError::SignatureInvalid {
+            image,
+            file,
+            reason,
+        }) => {
+            rt.mark_rejected(digest, &key, (image.clone(), file.clone(), reason.clone()));
+            return Err(SignError::SignatureInvalid {
+                image,
+                file,
+                reason,
+            });
+        }
+        Err(e) => return Err(e),
+    };
     tracing::info!(image = %image.whole(), digest, files = files.len(), "module signatures verified");
-    rt.mark_verified(digest, &fingerprint);
+    rt.mark_verified(digest, &key);
     Ok(())
 }
 
@@ -273,8 +301,8 @@ mod tests {
             ],
             true,
         );
-        let files = verify_layers(&[&signed], &p, signer.cert(), &Unpack::default())
-            .expect("verifies");
+        let files =
+            verify_layers(&[&signed], &p, signer.cert(), &Unpack::default()).expect("verifies");
         assert_eq!(files, ["/opt/a.ko", "/opt/b.ko"]);
 
         // A later layer replacing one module with an unsigned one.
