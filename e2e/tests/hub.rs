@@ -1617,17 +1617,26 @@ async fn signing_an_image_larger_than_memory_keeps_peak_rss_bounded() -> anyhow:
     std::fs::create_dir_all(&keys)?;
     let (_, _, der) = openssl_keypair(&keys, "big-signer")?;
     let work = dir.path().join("work");
+    // KMM_FLEET_SIGN_IMAGE_BIN measures another implementation taking the same arguments
+    // (how the figure for the in-memory signer before streaming was taken).
+    let (program, subcommand) = match std::env::var_os("KMM_FLEET_SIGN_IMAGE_BIN") {
+        Some(p) => (std::path::PathBuf::from(p), vec![]),
+        None => (hub_bin.clone(), vec!["sign-image".to_string()]),
+    };
     let (digest, peak) = run_measured(
-        &hub_bin,
+        &program,
         &[
-            "sign-image".into(),
-            format!("--source={source}"),
-            format!("--dest={dest}"),
-            "--file=/opt/lib/modules/*/*.ko".into(),
-            format!("--key={}", keys.join("big-signer.key").display()),
-            format!("--cert={}", keys.join("big-signer.crt").display()),
-            format!("--work-dir={}", work.display()),
-        ],
+            subcommand,
+            vec![
+                format!("--source={source}"),
+                format!("--dest={dest}"),
+                "--file=/opt/lib/modules/*/*.ko".into(),
+                format!("--key={}", keys.join("big-signer.key").display()),
+                format!("--cert={}", keys.join("big-signer.crt").display()),
+                format!("--work-dir={}", work.display()),
+            ],
+        ]
+        .concat(),
     )?;
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     eprintln!(
@@ -1709,7 +1718,8 @@ async fn signing_an_image_larger_than_memory_keeps_peak_rss_bounded() -> anyhow:
 /// whose module is unsigned (someone with push rights overwrote `containerImage`) is not
 /// shipped, nor re-signed by the hub (Degraded, reason SignatureInvalid); once the tag
 /// holds modules really signed with that certificate (by the kernel's sign-file, not by the
-/// hub), the hub verifies and ships that digest.
+/// hub), the hub verifies and ships that digest. An image over a signing limit is reported
+/// with the limit (reason SignLimitExceeded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_annotation_without_valid_signatures_is_not_shipped() -> anyhow::Result<()> {
     Fleet::builder()
@@ -1735,6 +1745,8 @@ async fn a_signed_annotation_without_valid_signatures_is_not_shipped() -> anyhow
 
             let mut o = HubOptions::new(fleet.hub().kubeconfig_path(), HUB_NS);
             o.resync = Duration::from_secs(4);
+            // Small enough for the image of the second MCM below, large for the others.
+            o.sign.sign_max_entries = 40;
             let _hub_proc = HubProcess::start(o)?;
             let mut m = mcm(fleet, "forged", json!({}))?;
             let mapping = json!([{"regexp": "^.*$",
@@ -1800,6 +1812,47 @@ async fn a_signed_annotation_without_valid_signatures_is_not_shipped() -> anyhow
                 condition(&s, "Degraded").map(|c| c.0),
                 Some("False".to_string())
             );
+
+            // An image over a signing limit: the MCM says which limit, and nothing ships.
+            let mut big = KmodImage::new(&[kernel], &["kmm_ci_a"]);
+            big.firmware = (0..60)
+                .map(|i| (format!("/firmware/f{i}.bin"), vec![i as u8; 16]))
+                .collect();
+            push_kmod_image(
+                &fleet.registry().access(),
+                &format!("{host}/kmm/many-src:{kernel}"),
+                &big,
+            )
+            .await?;
+            let mut value = serde_json::to_value(mcm(fleet, "many", json!({}))?)?;
+            value["spec"]["moduleSpec"]["moduleLoader"]["container"]["kernelMappings"] = json!([{
+                "regexp": "^.*$",
+                "containerImage": format!("{host}/kmm/many:${{KERNEL_FULL_VERSION}}"),
+                "sign": {"keySecret": {"name": "vkey"}, "certSecret": {"name": "vcert"},
+                    "unsignedImage": format!("{host}/kmm/many-src:${{KERNEL_FULL_VERSION}}"),
+                    "filesToSign": ["/opt/lib/modules/*/kmm_ci_a.ko"]}}]);
+            apply_mcm(&hub, &serde_json::from_value(value)?).await?;
+            let (_, _, message) = eventually(
+                "Degraded with reason SignLimitExceeded",
+                Duration::from_secs(90),
+                || async {
+                    let s = mcm_status(&hub, "many").await?;
+                    Ok(match condition(&s, "Degraded") {
+                        Some((st, reason, msg))
+                            if st == "True" && reason == "SignLimitExceeded" =>
+                        {
+                            Ok((st, reason, msg))
+                        }
+                        other => Err(format!("{other:?}")),
+                    })
+                },
+            )
+            .await?;
+            assert!(
+                message.contains("--sign-max-entries = 40") && message.contains("many-src"),
+                "{message}"
+            );
+            assert!(works(&hub, "many").await?.is_empty());
             Ok(())
         })
         .await

@@ -143,7 +143,6 @@ fn previous_signing_layer(manifest: &OciImageManifest, config: &serde_json::Valu
 /// Sign the files of a pulled image and describe the image to push. `layers` are the source
 /// layer blobs in manifest order; `image` names the source in errors.
 pub fn plan_signed_image(
-    image: &str,
     manifest: &OciImageManifest,
     config: &[u8],
     layers: &[&dyn LayerSource],
@@ -152,6 +151,7 @@ pub fn plan_signed_image(
     hash: HashAlgorithm,
     unpack: &Unpack,
 ) -> Result<SignedImagePlan, SignError> {
+    let image = unpack.image.as_str();
     let bad = |reason: String| SignError::Image {
         image: image.to_string(),
         reason,
@@ -452,14 +452,7 @@ pub async fn sign_image(
     let (manifest, layers, plan) = blocking(rt, &unpack.image.clone(), move || {
         let sources: Vec<&dyn LayerSource> = layers.iter().map(|p| p as &dyn LayerSource).collect();
         let plan = plan_signed_image(
-            &unpack.image,
-            &manifest,
-            &config,
-            &sources,
-            &patterns,
-            &signer,
-            hash,
-            &unpack,
+            &manifest, &config, &sources, &patterns, &signer, hash, &unpack,
         )?;
         Ok((manifest, layers, plan))
     })
@@ -518,7 +511,10 @@ pub async fn sign_image(
         .map_err(registry_error(dst))?;
     tracing::info!(digest = %plan.digest, files = plan.layer.files.len(), "pushed signed image");
     let cert_sha256 = req.signer.cert().sha256_hex();
-    rt.mark_verified(&plan.digest, &cert_sha256);
+    rt.mark_verified(
+        &plan.digest,
+        &SignRuntime::verification_key(req.signer.cert(), req.files_to_sign),
+    );
 
     Ok(SignedImage {
         digest: plan.digest,
@@ -588,7 +584,6 @@ mod tests {
         );
         let (manifest, config) = docker_source(&[&base, &mods]);
         let plan = plan_signed_image(
-            "reg/x:1",
             &manifest,
             &config,
             &[&base, &mods],
@@ -659,7 +654,6 @@ mod tests {
         let (manifest, config) = docker_source(&[&mods]);
         let p = patterns();
         let signed = plan_signed_image(
-            "r/x",
             &manifest,
             &config,
             &[&mods],
@@ -673,7 +667,6 @@ mod tests {
         // The signed image as a registry would return it.
         let layers: Vec<&dyn LayerSource> = vec![&mods, &signed.layer.blob];
         let resigned = plan_signed_image(
-            "r/x",
             &signed.manifest,
             &signed.config,
             &layers,
@@ -689,7 +682,6 @@ mod tests {
         // Same result as signing the unsigned image with the new certificate (the source had
         // docker media types, the signed one OCI; everything we write is OCI).
         let direct = plan_signed_image(
-            "r/x",
             &manifest,
             &config,
             &[&mods],
@@ -713,7 +705,6 @@ mod tests {
         let (manifest, config) = docker_source(&[&mods]);
         let p = patterns();
         let err = plan_signed_image(
-            "r/x",
             &manifest,
             &config,
             &[],
@@ -725,7 +716,6 @@ mod tests {
         .expect_err("err");
         assert_eq!(err.category(), "image");
         let err = plan_signed_image(
-            "r/x",
             &manifest,
             b"{",
             &[&mods],
@@ -737,7 +727,6 @@ mod tests {
         .expect_err("err");
         assert!(err.to_string().contains("config"), "{err}");
         let err = plan_signed_image(
-            "r/x",
             &manifest,
             b"{}",
             &[&mods],

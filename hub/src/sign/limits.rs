@@ -3,7 +3,7 @@
 //! and signed at once. One [`SignRuntime`] per hub process; the `kmm-hub run` flags
 //! ([`SignArgs`]) set it up.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -135,7 +135,7 @@ impl SignLimits {
 pub fn format_size(bytes: u64) -> String {
     for (unit, size) in [("GiB", GI), ("MiB", MI), ("KiB", KI)] {
         if bytes >= size {
-            return if bytes % size == 0 {
+            return if bytes.is_multiple_of(size) {
                 format!("{} {unit}", bytes / size)
             } else {
                 format!("{:.1} {unit}", bytes as f64 / size as f64)
@@ -243,7 +243,13 @@ pub struct SignRuntime {
     pub work_dir: PathBuf,
     permits: Arc<Semaphore>,
     verified: Arc<Mutex<HashSet<(String, String)>>>,
+    /// (digest, certificate) whose modules did not verify, with the reason: a digest never
+    /// changes, so it is not pulled again at every retry.
+    rejected: Arc<Mutex<HashMap<(String, String), Rejection>>>,
 }
+
+/// Image, file and reason of a failed verification.
+pub type Rejection = (String, String, String);
 
 /// Remembered (digest, certificate) pairs before the set is cleared (it only saves pulls).
 const VERIFIED_CAPACITY: usize = 4096;
@@ -274,6 +280,7 @@ impl SignRuntime {
             work_dir,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             verified: Arc::default(),
+            rejected: Arc::default(),
         }
     }
 
@@ -302,28 +309,52 @@ impl SignRuntime {
             return;
         };
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(WORK_PREFIX) {
-                if let Err(error) = std::fs::remove_dir_all(e.path()) {
-                    tracing::warn!(path = %e.path().display(), %error, "cannot remove a stale signing directory");
-                }
+            if e.file_name().to_string_lossy().starts_with(WORK_PREFIX)
+                && let Err(error) = std::fs::remove_dir_all(e.path())
+            {
+                tracing::warn!(path = %e.path().display(), %error, "cannot remove a stale signing directory");
             }
         }
     }
 
-    /// Whether `digest` was produced or verified with the certificate `cert_sha256`.
-    pub fn is_verified(&self, digest: &str, cert_sha256: &str) -> bool {
-        self.verified
+    /// Why `digest` failed verification for `key`, if it did.
+    pub fn rejection(&self, digest: &str, key: &str) -> Option<Rejection> {
+        self.rejected
             .lock()
-            .is_ok_and(|v| v.contains(&(digest.to_string(), cert_sha256.to_string())))
+            .ok()
+            .and_then(|r| r.get(&(digest.to_string(), key.to_string())).cloned())
     }
 
-    /// Remember that `digest` carries valid signatures by `cert_sha256`.
-    pub fn mark_verified(&self, digest: &str, cert_sha256: &str) {
+    /// Remember that `digest`'s modules do not verify for `key`.
+    pub fn mark_rejected(&self, digest: &str, key: &str, why: Rejection) {
+        if let Ok(mut r) = self.rejected.lock() {
+            if r.len() >= VERIFIED_CAPACITY {
+                r.clear();
+            }
+            r.insert((digest.to_string(), key.to_string()), why);
+        }
+    }
+
+    /// What a verification result depends on besides the digest: the certificate and the
+    /// `filesToSign` patterns.
+    pub fn verification_key(cert: &super::SigningCert, files_to_sign: &[String]) -> String {
+        format!("{}|{}", cert.sha256_hex(), files_to_sign.join("\n"))
+    }
+
+    /// Whether `digest` was produced or verified for `key` ([`Self::verification_key`]).
+    pub fn is_verified(&self, digest: &str, key: &str) -> bool {
+        self.verified
+            .lock()
+            .is_ok_and(|v| v.contains(&(digest.to_string(), key.to_string())))
+    }
+
+    /// Remember that `digest` carries valid signatures for `key`.
+    pub fn mark_verified(&self, digest: &str, key: &str) {
         if let Ok(mut v) = self.verified.lock() {
             if v.len() >= VERIFIED_CAPACITY {
                 v.clear();
             }
-            v.insert((digest.to_string(), cert_sha256.to_string()));
+            v.insert((digest.to_string(), key.to_string()));
         }
     }
 }

@@ -200,8 +200,8 @@ pub async fn verify_image(
 }
 
 /// The hub's gate before shipping a signed image: `Ok` when `digest` of `image` was produced by
-/// this process or its modules verify against `cert` (remembered per digest and certificate,
-/// so an image is pulled once per hub process). The error's
+/// this process or its modules verify against `cert` (remembered per digest, certificate and
+/// patterns, both ways: an image is pulled once per hub process, a rejected digest too). The error's
 /// [`status_reason`](SignError::status_reason) is `SignatureInvalid` when a module does not
 /// verify.
 pub async fn ensure_verified(
@@ -213,13 +213,35 @@ pub async fn ensure_verified(
     files_to_sign: &[String],
     cert: &SigningCert,
 ) -> Result<(), SignError> {
-    let fingerprint = cert.sha256_hex();
-    if rt.is_verified(digest, &fingerprint) {
+    let key = SignRuntime::verification_key(cert, files_to_sign);
+    if rt.is_verified(digest, &key) {
         return Ok(());
     }
-    let files = verify_image(client, rt, image, digest, auth, files_to_sign, cert).await?;
+    if let Some((image, file, reason)) = rt.rejection(digest, &key) {
+        return Err(SignError::SignatureInvalid {
+            image,
+            file,
+            reason,
+        });
+    }
+    let files = match verify_image(client, rt, image, digest, auth, files_to_sign, cert).await {
+        Ok(files) => files,
+        Err(SignError::SignatureInvalid {
+            image,
+            file,
+            reason,
+        }) => {
+            rt.mark_rejected(digest, &key, (image.clone(), file.clone(), reason.clone()));
+            return Err(SignError::SignatureInvalid {
+                image,
+                file,
+                reason,
+            });
+        }
+        Err(e) => return Err(e),
+    };
     tracing::info!(image = %image.whole(), digest, files = files.len(), "module signatures verified");
-    rt.mark_verified(digest, &fingerprint);
+    rt.mark_verified(digest, &key);
     Ok(())
 }
 
