@@ -783,11 +783,13 @@ async fn events_and_labels(sb: &Sandbox) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     let mut checked = 0;
     for (cluster, client) in sb.spoke_clients().await {
-        let events =
-            Api::<Event>::namespaced(client.clone(), kmm_spoke::controller::events::EVENT_NAMESPACE)
-                .list(&ListParams::default())
-                .await?
-                .items;
+        let events = Api::<Event>::namespaced(
+            client.clone(),
+            kmm_spoke::controller::events::EVENT_NAMESPACE,
+        )
+        .list(&ListParams::default())
+        .await?
+        .items;
         let modules = Api::<shared_api::Module>::all(client.clone())
             .list(&ListParams::default())
             .await?
@@ -832,8 +834,7 @@ async fn events_and_labels(sb: &Sandbox) -> anyhow::Result<()> {
                         e.reason.as_deref() == Some(kmm_spoke::controller::events::MODULE_LOADED)
                             && e.regarding.as_ref().and_then(|r| r.name.as_deref())
                                 == Some(name.as_str())
-                            && e
-                                .note
+                            && e.note
                                 .as_deref()
                                 .unwrap_or_default()
                                 .contains(&format!("Module {ns}/{} ", m.name_any()))
