@@ -33,9 +33,10 @@ enum Copy {
     Build(usize),
 }
 
-/// Read the originals. Errors name objects, never their content.
-pub async fn read(
-    client: &Client,
+/// Read the originals (through `lookup`: the hub's watch-fed cache of its namespace `from`).
+/// Errors name objects, never their content.
+pub fn read(
+    lookup: impl Fn(&str) -> Option<std::sync::Arc<Secret>>,
     from: &str,
     mcm: &str,
     dockerfile: &str,
@@ -49,13 +50,11 @@ pub async fn read(
     for (i, s) in build_secrets.iter().enumerate() {
         wanted.push((Copy::Build(i), s.name.as_str(), "build.secrets"));
     }
-    let originals: Api<Secret> = Api::namespaced(client.clone(), from);
     let mut secrets = Vec::new();
     for (copy, name, field) in wanted {
-        match originals.get_opt(name).await {
-            Ok(Some(o)) => secrets.push((copy, o)),
-            Ok(None) => return Err(format!("secret {from}/{name} ({field}) does not exist")),
-            Err(e) => return Err(format!("cannot read secret {from}/{name} ({field}): {e}")),
+        match lookup(name) {
+            Some(o) => secrets.push((copy, (*o).clone())),
+            None => return Err(format!("secret {from}/{name} ({field}) does not exist")),
         }
     }
     Ok(Inputs {

@@ -455,7 +455,7 @@ impl ImagePipeline {
             None => {
                 // Every original first: a missing one stops the build before a Job exists.
                 let staged = crate::buildns::read(
-                    &ctx.client,
+                    |name| ctx.secret(name),
                     ns,
                     &mcm.name_any(),
                     &dockerfile,
@@ -466,7 +466,7 @@ impl ImagePipeline {
                         .map(|s| s.name.as_str()),
                     &build.secrets,
                 )
-                .await;
+                ;
                 match staged {
                     Ok(inputs) => self.create_job(ctx, mcm, need, desired, &inputs).await,
                     Err(e) => ImageOutcome::failed(format!("build not started: {e}")),
