@@ -1923,7 +1923,16 @@ async fn the_hub_runs_under_its_own_rbac() -> anyhow::Result<()> {
             o.dashboard = Some(dashboard);
             o.resync = Duration::from_secs(5);
             let hub_proc = HubProcess::start(o)?;
-            let outcome = hub_works(fleet, &admin, &hub_proc, &token, dashboard).await;
+            // The dashboard takes only tokens issued for its audience.
+            let dashboard_token = fleet
+                .hub()
+                .service_account_token_for(
+                    HUB_NS,
+                    HUB_SA,
+                    Some(kmm_hub::dashboard::auth::DEFAULT_AUDIENCE),
+                )
+                .await?;
+            let outcome = hub_works(fleet, &admin, &hub_proc, &dashboard_token, dashboard).await;
             hub_proc.stop().await;
             outcome?;
             rbac_matches_what_the_binary_asked(
@@ -2089,7 +2098,8 @@ async fn hub_works(
     })
     .await?;
 
-    // The dashboard reviews tokens: the hub's own account may list MCMs, nobody may not.
+    // The dashboard reviews tokens: the hub's own account (with a token for the dashboard's
+    // audience) may list MCMs; nobody's token does not even authenticate.
     let addr = dashboard.to_string();
     let path = "/api/v1/managedclustermodules";
     eventually("the dashboard answers", DEADLINE, || async {
@@ -2100,7 +2110,8 @@ async fn hub_works(
     })
     .await?;
     let nobody = http_get_bearer(&addr, path, fleet.hub().nobody_token()).await?;
-    ensure!(nobody == 403, "nobody gets {nobody} from the dashboard");
+    // A static token is not issued for the dashboard's audience: unauthenticated.
+    ensure!(nobody == 401, "nobody gets {nobody} from the dashboard");
 
     // Deleting the MCM: its work deleted, then the finalizer released.
     Api::<ManagedClusterModule>::all(admin.clone())

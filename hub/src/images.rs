@@ -465,8 +465,7 @@ impl ImagePipeline {
                         .as_ref()
                         .map(|s| s.name.as_str()),
                     &build.secrets,
-                )
-                ;
+                );
                 match staged {
                     Ok(inputs) => self.create_job(ctx, mcm, need, desired, &inputs).await,
                     Err(e) => ImageOutcome::failed(format!("build not started: {e}")),
