@@ -1520,6 +1520,9 @@ async fn the_policy_installs_a_working_spoke_agent() -> anyhow::Result<()> {
                         "ClusterRole/kmm-spoke",
                         "kmm.sigs.x-k8s.io modules/finalizers update",
                     ),
+                    // Replaces an outdated loader pod (a re-pinned image, a new agent
+                    // script), one node at a time; this run changes neither.
+                    ("ClusterRole/kmm-spoke", "core pods delete"),
                     // Claims beyond the first are deleted when a cluster's kernels shrink
                     // to fewer claims.
                     (
