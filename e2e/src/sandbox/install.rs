@@ -200,7 +200,10 @@ fn viewer_rbac() -> Vec<Value> {
             "metadata": {"name": VIEWER_SERVICE_ACCOUNT, "namespace": HUB_NAMESPACE}}),
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": "kmm-dashboard-viewer"},
-            "rules": [{"apiGroups": ["hub.kmm.sigs.x-k8s.io"], "resources": ["managedclustermodules"], "verbs": ["get", "list", "watch"]}]}),
+            // The dashboard shows MCMs to whoever may list them, and clusters to whoever may
+            // list ManagedClusters too.
+            "rules": [{"apiGroups": ["hub.kmm.sigs.x-k8s.io"], "resources": ["managedclustermodules"], "verbs": ["get", "list", "watch"]},
+                      {"apiGroups": ["cluster.open-cluster-management.io"], "resources": ["managedclusters"], "verbs": ["list"]}]}),
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
             "metadata": {"name": "kmm-dashboard-viewer"},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kmm-dashboard-viewer"},

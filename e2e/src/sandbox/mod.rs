@@ -545,9 +545,15 @@ async fn install_and_run(
         install::token_kubeconfig(s, &token, &path)?;
         spoke_kubeconfigs.push(path);
     }
+    // `kubectl create token kmm-dashboard-viewer --audience kmm-fleet-dashboard`: the
+    // dashboard takes only tokens issued for its audience.
     let dashboard_token = fleet
         .hub()
-        .service_account_token(HUB_NAMESPACE, install::VIEWER_SERVICE_ACCOUNT)
+        .service_account_token_for(
+            HUB_NAMESPACE,
+            install::VIEWER_SERVICE_ACCOUNT,
+            Some(kmm_hub::dashboard::auth::DEFAULT_AUDIENCE),
+        )
         .await?;
     install::write_private(
         &dir.join("dashboard-token"),
