@@ -818,7 +818,7 @@ async fn events_and_labels(sb: &Sandbox) -> anyhow::Result<()> {
                 };
                 let ns = m.namespace().unwrap_or_default();
                 let kernel_name = module_name.replace('-', "_");
-                let in_kernel = loaded.iter().any(|l| *l == kernel_name);
+                let in_kernel = loaded.contains(&kernel_name);
                 let label = shared_api::labels::module_ready_label(&ns, &m.name_any());
                 let labelled = labels.contains_key(&label);
                 // Another Module may load the same kernel module on this node: then the

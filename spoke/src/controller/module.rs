@@ -771,7 +771,12 @@ async fn cleanup(
 /// the agent writes a DaemonSet only for a kernel some selected node runs, and a fresh
 /// DaemonSet's `desiredNumberScheduled` of 0 would otherwise read as "nothing to do" and make
 /// the Module look available before anything loaded.
-fn sum_status(daemonsets: &[&Arc<DaemonSet>]) -> (i32, i32) {
+///
+/// A loader DaemonSet always counts at least one desired pod (`at_least_one`), observed or
+/// not: its pods run only on nodes the agent has labelled for it (the ordered-upgrade worker
+/// label), so before that label is set the DaemonSet desires nothing although a selected node
+/// runs its kernel.
+fn sum_status(daemonsets: &[&Arc<DaemonSet>], at_least_one: bool) -> (i32, i32) {
     daemonsets.iter().fold((0, 0), |(d, a), ds| {
         let st = ds.status.as_ref();
         let observed = st.is_some_and(|s| {
@@ -779,7 +784,11 @@ fn sum_status(daemonsets: &[&Arc<DaemonSet>]) -> (i32, i32) {
         });
         let desired = st.map_or(0, |s| s.desired_number_scheduled);
         (
-            d + if observed { desired } else { desired.max(1) },
+            d + if observed && !at_least_one {
+                desired
+            } else {
+                desired.max(1)
+            },
             a + st.and_then(|s| s.number_available).unwrap_or(0),
         )
     })
@@ -816,7 +825,7 @@ fn compute_status(
     let targeted = targeted_nodes(module, nodes.iter().map(Arc::as_ref)).len() as i32;
 
     status.module_loader = module.spec.module_loader.as_ref().map(|_| {
-        let (desired, available) = sum_status(&loaders);
+        let (desired, available) = sum_status(&loaders, true);
         DaemonSetStatus {
             nodes_matching_selector_number: targeted,
             desired_number: desired,
@@ -824,7 +833,7 @@ fn compute_status(
         }
     });
     status.device_plugin = module.spec.device_plugin.as_ref().map(|_| {
-        let (desired, available) = sum_status(&plugins);
+        let (desired, available) = sum_status(&plugins, false);
         DaemonSetStatus {
             nodes_matching_selector_number: targeted,
             desired_number: desired,
@@ -904,7 +913,7 @@ fn compute_status(
         .map(|d| **d)
         .filter(|d| role(d, ROLE_LOADER))
         .collect();
-    let (_, available) = sum_status(&current_loaders);
+    let (_, available) = sum_status(&current_loaders, false);
     let mut info =
         format!("module loaded on {available} of {expected} nodes ({targeted} selected)");
     if !plan.unmapped_kernels.is_empty() {
@@ -1191,13 +1200,15 @@ mod tests {
     #[test]
     fn an_unobserved_daemonset_is_never_read_as_nothing_to_do() {
         // Fresh: no status yet.
-        assert_eq!(sum_status(&[&ds(1, None)]), (1, 0));
+        assert_eq!(sum_status(&[&ds(1, None)], false), (1, 0));
         // A status of the previous generation.
-        assert_eq!(sum_status(&[&ds(2, Some((1, 0, 0)))]), (1, 0));
-        // Observed: the controller's word counts, zero included.
-        assert_eq!(sum_status(&[&ds(2, Some((2, 0, 0)))]), (0, 0));
+        assert_eq!(sum_status(&[&ds(2, Some((1, 0, 0)))], false), (1, 0));
+        // Observed: the controller's word counts, zero included...
+        assert_eq!(sum_status(&[&ds(2, Some((2, 0, 0)))], false), (0, 0));
+        // ...but not for loaders: one whose node is not yet labelled still has a node to load.
+        assert_eq!(sum_status(&[&ds(2, Some((2, 0, 0)))], true), (1, 0));
         assert_eq!(
-            sum_status(&[&ds(1, Some((1, 3, 2))), &ds(1, Some((1, 1, 1)))]),
+            sum_status(&[&ds(1, Some((1, 3, 2))), &ds(1, Some((1, 1, 1)))], true),
             (4, 3)
         );
     }
