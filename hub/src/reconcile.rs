@@ -666,29 +666,32 @@ async fn apply_works(ctx: &Context, works: Vec<ManifestWork>) -> Vec<String> {
 
 async fn delete_works(ctx: &Context, name: &str, clusters: &[String]) -> Vec<String> {
     let results: Vec<Result<(), String>> = futures::stream::iter(clusters.iter().cloned())
-        .map(|cluster| async move {
-            let api: Api<ManifestWork> = Api::namespaced(ctx.client.clone(), &cluster);
-            match api.delete(name, &DeleteParams::default()).await {
-                Ok(_) => {
-                    ctx.metrics
-                        .objects_deleted
-                        .get_or_create(&KindLabel {
-                            kind: "ManifestWork",
-                        })
-                        .inc();
-                    Ok(())
-                }
-                Err(kube::Error::Api(s)) if s.code == 404 => {
-                    ctx.caches.remove_work(&cluster, name);
-                    Ok(())
-                }
-                Err(e) => Err(format!("{cluster}/{name}: {e}")),
-            }
-        })
+        .map(|cluster| async move { delete_work(ctx, &cluster, name).await })
         .buffer_unordered(ctx.write_concurrency.max(1))
         .collect()
         .await;
     results.into_iter().filter_map(Result::err).collect()
+}
+
+/// Delete one ManifestWork; one already gone leaves the cache too.
+pub(crate) async fn delete_work(ctx: &Context, cluster: &str, name: &str) -> Result<(), String> {
+    let api: Api<ManifestWork> = Api::namespaced(ctx.client.clone(), cluster);
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => {
+            ctx.metrics
+                .objects_deleted
+                .get_or_create(&KindLabel {
+                    kind: "ManifestWork",
+                })
+                .inc();
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            ctx.caches.remove_work(cluster, name);
+            Ok(())
+        }
+        Err(e) => Err(format!("{cluster}/{name}: {e}")),
+    }
 }
 
 /// Drop everything kept in memory for an MCM (views, image pipeline memory, backoff).

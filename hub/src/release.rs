@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -30,7 +30,6 @@ use shared_api::ManagedClusterModule;
 use shared_api::ocm::{ManifestWork, WORK_FINALIZER, work_conditions};
 
 use crate::cache::WorkEntry;
-use crate::metrics::KindLabel;
 use crate::reconcile::{Context, Error, event};
 
 /// On a ManagedClusterModule being deleted, `"true"` releases all its works at once, whatever
@@ -199,7 +198,7 @@ pub async fn cleanup_works(
         let available = cluster_available(ctx, &w.cluster);
         match step(w, available, waited, deadline, true, force) {
             Step::Delete => {
-                if let Err(e) = delete(ctx, &w.cluster, &name).await {
+                if let Err(e) = crate::reconcile::delete_work(ctx, &w.cluster, &name).await {
                     errors.push(e);
                 }
             }
@@ -242,31 +241,11 @@ pub async fn cleanup_works(
     })
 }
 
-async fn delete(ctx: &Context, cluster: &str, name: &str) -> Result<(), String> {
-    let api: Api<ManifestWork> = Api::namespaced(ctx.client.clone(), cluster);
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => {
-            ctx.metrics
-                .objects_deleted
-                .get_or_create(&KindLabel {
-                    kind: "ManifestWork",
-                })
-                .inc();
-            Ok(())
-        }
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            ctx.caches.remove_work(cluster, name);
-            Ok(())
-        }
-        Err(e) => Err(format!("{cluster}/{name}: {e}")),
-    }
-}
-
 /// Delete the work if not done, then take OCM's finalizer off it (a JSON patch that tests
 /// the finalizer is still where we saw it).
 async fn release(ctx: &Context, w: &WorkEntry, name: &str) -> Result<(), String> {
     if !w.deleting {
-        delete(ctx, &w.cluster, name).await?;
+        crate::reconcile::delete_work(ctx, &w.cluster, name).await?;
     }
     let Some(i) = w.finalizers.iter().position(|f| f == WORK_FINALIZER) else {
         return Ok(());
