@@ -1191,26 +1191,9 @@ async fn plugin_stops_before_the_unload_and_a_failed_unload_keeps_the_node_label
                 Ok(m)
             };
             let pods_api = Api::<Pod>::namespaced(client.clone(), NS);
-            // The plugin holds the driver while any of its pods is on the node.
+            // The plugin holds the driver while its containers run on the node.
             let sim = fleet.node_sim(SPOKE).kernels();
-            let holding = CancellationToken::new();
-            let holder = {
-                let (pods_api, sim, stop) = (pods_api.clone(), sim.clone(), holding.clone());
-                tokio::spawn(async move {
-                    while !stop.is_cancelled() {
-                        if let Ok(l) = pods_api
-                            .list(
-                                &ListParams::default()
-                                    .labels(&format!("{ROLE_LABEL}={ROLE_DEVICE_PLUGIN}")),
-                            )
-                            .await
-                        {
-                            sim.hold_module("worker-0", "kmm_ci_a", !l.items.is_empty());
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                })
-            };
+            sim.hold_while_running(ROLE_LABEL, ROLE_DEVICE_PLUGIN, "kmm_ci_a");
             let version_label = version_module_label(NS, "kmm-ci-a");
             let labels = async || -> anyhow::Result<BTreeMap<String, String>> {
                 Ok(node(&client, "worker-0").await?.labels().clone())
@@ -1276,8 +1259,7 @@ async fn plugin_stops_before_the_unload_and_a_failed_unload_keeps_the_node_label
             );
 
             // The driver stays held: deleting the Module cannot unload it.
-            holding.cancel();
-            let _ = holder.await;
+            sim.clear_hold_rules();
             sim.hold_module("worker-0", "kmm_ci_a", true);
             Api::<Module>::namespaced(client.clone(), NS)
                 .delete("kmm-ci-a", &DeleteParams::default())

@@ -30,9 +30,16 @@ pub struct NodeKernel {
     pub firmware: BTreeSet<String>,
     /// Modules in use (a process holds their device): they refuse to unload.
     pub in_use: BTreeSet<String>,
+    /// Modules held by running pods (pod uid → module), as a device plugin's process holds
+    /// its driver's device from its start until its containers stop.
+    pub pod_holds: BTreeMap<String, String>,
 }
 
 impl NodeKernel {
+    fn is_in_use(&self, kname: &str) -> bool {
+        self.in_use.contains(kname) || self.pod_holds.values().any(|m| m == kname)
+    }
+
     fn is_loaded(&self, name: &str) -> bool {
         self.loaded.iter().any(|m| kmod::same_module(m, name))
     }
@@ -247,7 +254,7 @@ pub fn modprobe(
     if remove {
         for name in &names {
             let kname = name.replace('-', "_");
-            if node.is_loaded(name) && node.in_use.contains(&kname) {
+            if node.is_loaded(name) && node.is_in_use(&kname) {
                 return Err(format!("modprobe: FATAL: Module {kname} is in use."));
             }
             if node.is_loaded(name) {

@@ -54,6 +54,8 @@ pub(crate) struct Ctx {
     logs: Mutex<VecDeque<String>>,
     pub annotations_dirty: Notify,
     next_ip: AtomicU32,
+    /// Pods carrying label `.0`=`.1` hold module `.2` on their node while they run.
+    pub hold_rules: Mutex<Vec<(String, String, String)>>,
 }
 
 impl Ctx {
@@ -171,6 +173,7 @@ impl NodeSim {
             logs: Mutex::new(VecDeque::new()),
             annotations_dirty: Notify::new(),
             next_ip: AtomicU32::new(0),
+            hold_rules: Mutex::new(Vec::new()),
         });
         ctx.log(format!(
             "node simulator starting with {} node(s); registry {}",
@@ -229,6 +232,26 @@ impl Kernels {
                 k.in_use.remove(&name);
             }
         }
+    }
+
+    /// From now on, every pod labelled `key`=`value` holds `module` on its node from the start
+    /// of its containers until they stop (a device plugin holding its driver's device).
+    pub fn hold_while_running(&self, key: &str, value: &str, module: &str) {
+        self.ctx
+            .hold_rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((key.into(), value.into(), module.replace('-', "_")));
+    }
+
+    /// Forget the rules of [`Kernels::hold_while_running`]; pods already holding keep holding
+    /// until their containers stop.
+    pub fn clear_hold_rules(&self) {
+        self.ctx
+            .hold_rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 
@@ -315,6 +338,7 @@ impl NodeSim {
         };
         let kernel = NodeKernel {
             in_use: Default::default(),
+            pod_holds: Default::default(),
             kernel: node.kernel.clone(),
             secure_boot: node.secure_boot,
             enrolled_certs: node.enrolled_certs.clone(),

@@ -746,6 +746,7 @@ impl Kubelet {
                 if self.restart_policy == "Always" {
                     self.main[i].ready = true;
                     self.log(format!("{}: running", c.name));
+                    self.take_holds();
                 } else {
                     self.main[i].terminate(0, "Completed", None);
                     self.log(format!("{}: ran to completion", c.name));
@@ -918,10 +919,45 @@ impl Kubelet {
         self.ctx.annotations_dirty.notify_one();
     }
 
+    /// Hold the modules the simulator's hold rules give this pod (it has just started).
+    fn take_holds(&self) {
+        let Some(pod) = self.pod() else { return };
+        let rules = self
+            .ctx
+            .hold_rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (key, value, module) in rules {
+            if pod.labels().get(&key) == Some(&value) {
+                self.kernel
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pod_holds
+                    .insert(self.uid.clone(), module.clone());
+                self.log(format!("holds module {module}"));
+            }
+        }
+    }
+
+    /// Release what [`Kubelet::take_holds`] held: the pod's containers have stopped.
+    fn release_holds(&self) {
+        let released = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pod_holds
+            .remove(&self.uid);
+        if let Some(m) = released {
+            self.log(format!("released module {m}"));
+        }
+    }
+
     /// Deleted (graceful): preStop, containers stopped, then the final delete.
     async fn finish(&mut self, i: Interrupt) {
         match i {
             Interrupt::Gone => {
+                self.release_holds();
                 self.log("gone");
                 return;
             }
@@ -969,6 +1005,7 @@ impl Kubelet {
                 State::Terminated { .. } => {}
             }
         }
+        self.release_holds();
         if self.phase == "Pending" || self.phase == "Running" {
             self.update_phase();
         }
