@@ -10,7 +10,7 @@ use kmm_e2e::fleet::{Fleet, spoke_name, worker_node};
 use kmm_e2e::labs::LAB_DOCKERFILE;
 use kmm_e2e::oci::{KmodImage, push_kmod_image};
 use kmm_e2e::testkit::{HubOptions, HubProcess, ensure_namespace, eventually};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use sha2::Digest as _;
@@ -1531,6 +1531,100 @@ async fn a_build_whose_image_goes_missing_is_a_failed_attempt_with_backoff() -> 
             );
             deleter.abort();
             hub_proc.stop().await;
+            Ok(())
+        })
+        .await
+}
+
+/// A hub stopped between creating a build Job and writing its inputs (the Dockerfile and
+/// pull-secret copies the Job mounts) writes them when it is back: the pod does not wait for
+/// its volumes forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_job_left_without_its_inputs_gets_them_from_the_next_hub() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
+    Fleet::builder()
+        .spokes(1)
+        .nodes_with(|_, spoke| vec![worker_node(&format!("{spoke}-w1"), "6.1.0-13-amd64")])
+        .run(async |fleet: &mut Fleet| {
+            let kernel = "6.1.0-13-amd64";
+            prepare(fleet, &[&[kernel]]).await?;
+            let hub = fleet.hub().client().await;
+            put_dockerfile(&hub, "build-module-labs", LAB_DOCKERFILE).await?;
+            // The build node takes no pod until the inputs are gone.
+            let nodes = Api::<Node>::all(hub.clone());
+            let build_nodes: Vec<String> = nodes
+                .list(&Default::default())
+                .await?
+                .items
+                .iter()
+                .map(|n| n.name_any())
+                .collect();
+            let cordon = async |on: bool| -> anyhow::Result<()> {
+                for n in &build_nodes {
+                    nodes
+                        .patch(
+                            n,
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({"spec": {"unschedulable": on}})),
+                        )
+                        .await?;
+                }
+                Ok(())
+            };
+            cordon(true).await?;
+            let hub_options = || -> anyhow::Result<HubOptions> {
+                let mut o = HubOptions::new(fleet.hub().kubeconfig_path(), HUB_NS);
+                o.config = Some(hub_config(fleet)?);
+                Ok(o)
+            };
+            let first = HubProcess::start(hub_options()?)?;
+            apply_mcm(
+                &hub,
+                &build_mcm(fleet, "restaged", "build-module-labs", false)?,
+            )
+            .await?;
+            let inputs = ListParams::default().labels("app.kubernetes.io/component=build-input");
+            let (cms, secrets) = (
+                Api::<ConfigMap>::namespaced(hub.clone(), BUILD_NS),
+                Api::<Secret>::namespaced(hub.clone(), BUILD_NS),
+            );
+            eventually(
+                "the build Job and its inputs",
+                Duration::from_secs(120),
+                || async {
+                    let (c, s) = (
+                        cms.list(&inputs).await?.items.len(),
+                        secrets.list(&inputs).await?.items.len(),
+                    );
+                    Ok(if c == 1 && s == 1 {
+                        Ok(())
+                    } else {
+                        Err(format!("{c} ConfigMap(s), {s} Secret(s)"))
+                    })
+                },
+            )
+            .await?;
+            first.stop().await;
+            // As if the hub had stopped right after creating the Job.
+            cms.delete_collection(&DeleteParams::default(), &inputs)
+                .await?;
+            secrets
+                .delete_collection(&DeleteParams::default(), &inputs)
+                .await?;
+            cordon(false).await?;
+            let second = HubProcess::start(hub_options()?)?;
+            eventually("the image built", Duration::from_secs(120), || async {
+                let s = mcm_status(&hub, "restaged")
+                    .await?
+                    .status
+                    .unwrap_or_default();
+                Ok(match s.images.first() {
+                    Some(i) if i.state == shared_api::mcm::ImageState::Ready => Ok(()),
+                    other => Err(format!("{other:?}")),
+                })
+            })
+            .await?;
+            second.stop().await;
             Ok(())
         })
         .await

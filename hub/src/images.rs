@@ -146,6 +146,12 @@ impl ImagePipeline {
             .unwrap_or(false)
     }
 
+    fn unmark(&self, uid: &str, what: &str) {
+        if let Ok(mut a) = self.announced.lock() {
+            a.remove(&format!("{uid}/{what}"));
+        }
+    }
+
     /// Resolve every distinct image of the plan once, building and signing where needed.
     pub async fn resolve(
         &self,
@@ -451,21 +457,24 @@ impl ImagePipeline {
             .get(shared_api::labels::BUILD_HASH_ANNOTATION)
             .cloned()
             .unwrap_or_default();
+        let stage = || {
+            crate::buildns::read(
+                |name| ctx.secret(name),
+                ns,
+                &mcm.name_any(),
+                &dockerfile,
+                mcm.spec
+                    .module_spec
+                    .image_repo_secret
+                    .as_ref()
+                    .map(|s| s.name.as_str()),
+                &build.secrets,
+            )
+        };
         match existing {
             None => {
                 // Every original first: a missing one stops the build before a Job exists.
-                let staged = crate::buildns::read(
-                    |name| ctx.secret(name),
-                    ns,
-                    &mcm.name_any(),
-                    &dockerfile,
-                    mcm.spec
-                        .module_spec
-                        .image_repo_secret
-                        .as_ref()
-                        .map(|s| s.name.as_str()),
-                    &build.secrets,
-                );
+                let staged = stage();
                 match staged {
                     Ok(inputs) => self.create_job(ctx, mcm, need, desired, &inputs).await,
                     Err(e) => ImageOutcome::failed(format!("build not started: {e}")),
@@ -477,10 +486,36 @@ impl ImagePipeline {
                 delete_job(ctx, job).await;
                 ImageOutcome::building(format!("build inputs changed; restarting build Job {job}"))
             }
-            Some(j) if j.active => ImageOutcome::building(format!(
-                "build Job {build_ns}/{job} is running (attempt {})",
-                j.attempt
-            )),
+            Some(j) if j.active => {
+                // A hub stopped between creating a Job and writing its inputs leaves the pod
+                // waiting for volumes nobody writes: write them again, once per Job and process
+                // (the same inputs: the build hash matches).
+                if self.first_time(&j.uid, "staged") {
+                    let owner = Job {
+                        metadata: kube::api::ObjectMeta {
+                            name: Some(j.name.clone()),
+                            namespace: Some(build_ns.to_string()),
+                            uid: Some(j.uid.clone()),
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    };
+                    let written = match stage() {
+                        Ok(inputs) => crate::buildns::write(&ctx.client, &owner, &inputs).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = written {
+                        self.unmark(&j.uid, "staged");
+                        return ImageOutcome::failed(format!(
+                            "cannot prepare build Job {build_ns}/{job}: {e}"
+                        ));
+                    }
+                }
+                ImageOutcome::building(format!(
+                    "build Job {build_ns}/{job} is running (attempt {})",
+                    j.attempt
+                ))
+            }
             Some(j) => {
                 // Failed, or succeeded while the image is still not in the registry (pushed
                 // elsewhere, or lost): a failed attempt either way, retried after the backoff.
@@ -542,6 +577,9 @@ impl ImagePipeline {
             Ok(created) => {
                 ctx.caches.put_job(&created);
                 // The pod waits for its volumes: the copies follow the Job they belong to.
+                if let Some(uid) = created.uid() {
+                    self.first_time(&uid, "staged");
+                }
                 let staged = crate::buildns::write(&ctx.client, &created, inputs).await;
                 if let Err(e) = staged {
                     delete_job(ctx, &name).await;

@@ -45,7 +45,9 @@ pub async fn locate_binaries(
     let hub_bin = hub.unwrap_or_else(|| profile_dir.join("kmm-hub"));
     let spoke_bin = spoke.unwrap_or_else(|| profile_dir.join("kmm-spoke"));
     let under_cargo = is_test || std::env::var_os("CARGO").is_some();
-    if under_cargo || !hub_bin.is_file() || !spoke_bin.is_file() {
+    // scripts/test builds them right before the tests (same command as below).
+    let prebuilt = std::env::var_os("KMM_E2E_BINARIES_BUILT").is_some();
+    if (under_cargo && !prebuilt) || !hub_bin.is_file() || !spoke_bin.is_file() {
         let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
             Some("debug") => "dev".to_string(),
             Some(p) => p.to_string(),
