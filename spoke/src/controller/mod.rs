@@ -2,7 +2,14 @@
 
 pub mod events;
 pub mod facts;
+pub mod labels;
 pub mod module;
+pub mod orphans;
+pub mod sequence;
+pub mod status;
+#[cfg(test)]
+mod testkit;
+pub mod writes;
 
 use std::future::Future;
 use std::sync::Arc;

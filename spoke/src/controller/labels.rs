@@ -1,0 +1,281 @@
+//! The labels one Module wants on each node, and the label writes that follow: pure, from the
+//! cached nodes and the Module's pods.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
+use shared_api::Module;
+use shared_api::labels::{
+    deprecated_ready_label, is_module_node_label, module_ready_label, schedule_version_label,
+    worker_version_label,
+};
+
+use super::sequence::worker_and_schedule;
+use crate::render::nodes::{node_labels, pod_node};
+
+/// One Module's view for its node labels.
+#[derive(Debug, Clone, Copy)]
+pub struct LabelScope<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    /// The Module when it has a loader: its worker and schedule labels are sequenced
+    /// ([`worker_and_schedule`]). `None` for a Module without a loader or one already gone.
+    pub sequenced: Option<&'a Module>,
+    /// The Module's pods (loaders and device plugins) on every node.
+    pub pods: &'a [Arc<Pod>],
+    /// The node whose outdated loader pod is being replaced now, if any.
+    pub replace_on: Option<&'a str>,
+    /// Drop every label of the Module (cleanup once its pods are gone).
+    pub drop_all: bool,
+}
+
+/// Every label of the Module that `node` should carry: the ready and device-plugin labels
+/// from the pods ([`node_labels`]) and, for a sequenced Module, the worker and schedule labels.
+pub fn desired_node_labels(scope: &LabelScope<'_>, node: &Node) -> BTreeMap<String, String> {
+    let (namespace, name) = (scope.namespace, scope.name);
+    if scope.drop_all {
+        return BTreeMap::new();
+    }
+    let node_name = node.name_any();
+    let mut desired = node_labels(
+        namespace,
+        name,
+        &node_name,
+        scope.pods.iter().map(Arc::as_ref),
+    );
+    if let Some(m) = scope.sequenced {
+        let on_node: Vec<&Pod> = scope
+            .pods
+            .iter()
+            .map(Arc::as_ref)
+            .filter(|p| pod_node(p) == Some(node_name.as_str()))
+            .collect();
+        let replacing_here = scope.replace_on == Some(node_name.as_str());
+        let (w, sched) = worker_and_schedule(m, node, &desired, &on_node, replacing_here);
+        if let Some(w) = w {
+            desired.insert(worker_version_label(namespace, name), w);
+        }
+        if let Some(sched) = sched {
+            desired.insert(schedule_version_label(namespace, name), sched);
+        }
+    }
+    desired
+}
+
+/// The Module's labels `node` carries now.
+pub fn current_node_labels(node: &Node, namespace: &str, name: &str) -> BTreeMap<String, String> {
+    node.labels()
+        .iter()
+        .filter(|(k, _)| is_module_node_label(k, namespace, name))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Whether the deprecated `<name>.ready` key is some cached Module's current ready label
+/// (then it is never removed).
+pub fn deprecated_label_is_live(name: &str, modules: &[Arc<Module>]) -> bool {
+    let deprecated = deprecated_ready_label(name);
+    modules.iter().any(|m| {
+        module_ready_label(&m.namespace().unwrap_or_default(), &m.name_any()) == deprecated
+    })
+}
+
+/// The label writes for one node.
+#[derive(Debug, Clone)]
+pub struct NodeLabelWrite<'a> {
+    pub node: &'a Node,
+    /// The Module's complete set of labels for the node, to apply under its field manager
+    /// (an empty set drops them all); `None` when the node already carries exactly these or
+    /// is being deleted.
+    pub apply: Option<BTreeMap<String, String>>,
+    /// Remove the deprecated `<name>.ready` label.
+    pub remove_deprecated: bool,
+}
+
+/// What to write on each of `nodes` for the Module, in `nodes`' order; nodes with nothing to
+/// write are left out. `modules` are all cached Modules (for the deprecated label).
+pub fn node_label_writes<'n>(
+    scope: &LabelScope<'_>,
+    nodes: &'n [Arc<Node>],
+    modules: &[Arc<Module>],
+) -> Vec<NodeLabelWrite<'n>> {
+    let deprecated = deprecated_ready_label(scope.name);
+    let deprecated_is_live = deprecated_label_is_live(scope.name, modules);
+    nodes
+        .iter()
+        .map(|node| {
+            let desired = desired_node_labels(scope, node);
+            let current = current_node_labels(node, scope.namespace, scope.name);
+            NodeLabelWrite {
+                node: node.as_ref(),
+                apply: (desired != current && node.metadata.deletion_timestamp.is_none())
+                    .then_some(desired),
+                remove_deprecated: !deprecated_is_live && node.labels().contains_key(&deprecated),
+            }
+        })
+        .filter(|w| w.apply.is_some() || w.remove_deprecated)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::testkit::*;
+    use shared_api::labels::device_plugin_ready_label;
+
+    fn scope<'a>(m: Option<&'a Module>, pods: &'a [Arc<Pod>]) -> LabelScope<'a> {
+        LabelScope {
+            namespace: NS,
+            name: NAME,
+            sequenced: m,
+            pods,
+            replace_on: None,
+            drop_all: false,
+        }
+    }
+
+    fn labels(pairs: &[(String, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect()
+    }
+
+    /// `(node, labels applied, deprecated removed)` of one write.
+    type Write = (String, Option<BTreeMap<String, String>>, bool);
+
+    fn writes(scope: &LabelScope<'_>, nodes: Vec<Node>, modules: &[Arc<Module>]) -> Vec<Write> {
+        node_label_writes(scope, &cached(nodes), modules)
+            .into_iter()
+            .map(|w| (w.node.name_any(), w.apply, w.remove_deprecated))
+            .collect()
+    }
+
+    #[test]
+    fn labels_follow_the_pods_and_the_sequence() {
+        let m = module();
+        let (ready, dp, w, s) = (
+            module_ready_label(NS, NAME),
+            device_plugin_ready_label(NS, NAME),
+            worker_version_label(NS, NAME),
+            schedule_version_label(NS, NAME),
+        );
+        let pods = cached([
+            loader_pod("n1").ready(),
+            plugin_pod("n1").ready(),
+            loader_pod("n2").ready(),
+            plugin_pod("n2").ready(),
+        ]);
+        let all = labels(&[
+            (ready.clone(), ""),
+            (dp.clone(), ""),
+            (w.clone(), ""),
+            (s.clone(), ""),
+        ]);
+        let nodes = vec![
+            node("n1").worker("").schedule(""),
+            node("n2").worker("").schedule("").loaded().label(&dp, ""),
+            node("n3"),
+            node("n4").worker("").deleting(),
+            node("n5").deselected(),
+        ];
+        assert_eq!(
+            writes(&scope(Some(&m), &pods), nodes.clone(), &[]),
+            vec![
+                ("n1".into(), Some(all), false),
+                // n2 carries them all already; n4 is going; n5 is not selected.
+                (
+                    "n3".into(),
+                    Some(labels(&[(w.clone(), ""), (s.clone(), "")])),
+                    false
+                ),
+            ]
+        );
+        // A Module without a loader is not sequenced: pod labels only.
+        assert_eq!(
+            writes(&scope(None, &pods), vec![node("n1")], &[]),
+            vec![(
+                "n1".into(),
+                Some(labels(&[(ready.clone(), ""), (dp.clone(), "")])),
+                false
+            )]
+        );
+        // Cleanup once the pods are gone: every node carrying a label gets none.
+        let mut sc = scope(Some(&m), &pods);
+        sc.drop_all = true;
+        assert_eq!(
+            writes(&sc, nodes, &[]),
+            vec![
+                ("n1".into(), Some(BTreeMap::new()), false),
+                ("n2".into(), Some(BTreeMap::new()), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_loaded_node_being_deselected_loses_the_schedule_label_first() {
+        let m = module();
+        let (ready, w) = (module_ready_label(NS, NAME), worker_version_label(NS, NAME));
+        let pods = cached([loader_pod("n1").ready(), plugin_pod("n1").ready()]);
+        let n1 = || node("n1").deselected().worker("").schedule("").loaded();
+        assert_eq!(
+            writes(&scope(Some(&m), &pods), vec![n1()], &[]),
+            vec![(
+                "n1".into(),
+                Some(labels(&[
+                    (ready.clone(), ""),
+                    (w.clone(), ""),
+                    (device_plugin_ready_label(NS, NAME), "")
+                ])),
+                false
+            )],
+            "schedule label off, the worker label stays while the plugin pod runs"
+        );
+        // The plugin pod is gone: the worker label goes, the ready label follows the pod.
+        let pods = cached([loader_pod("n1").ready()]);
+        let n1 = n1().unlabel(&schedule_version_label(NS, NAME));
+        assert_eq!(
+            writes(&scope(Some(&m), &pods), vec![n1], &[]),
+            vec![("n1".into(), Some(labels(&[(ready, "")])), false)]
+        );
+    }
+
+    #[test]
+    fn replacing_takes_the_schedule_label_off_that_node_only() {
+        let m = module();
+        let pods = cached([loader_pod("n1").ready(), loader_pod("n2").ready()]);
+        let mut sc = scope(Some(&m), &pods);
+        sc.replace_on = Some("n2");
+        let loaded = |n: &str| node(n).worker("").schedule("").loaded();
+        assert_eq!(
+            writes(&sc, vec![loaded("n1"), loaded("n2")], &[]),
+            vec![(
+                "n2".into(),
+                Some(labels(&[
+                    (module_ready_label(NS, NAME), ""),
+                    (worker_version_label(NS, NAME), "")
+                ])),
+                false
+            )]
+        );
+    }
+
+    #[test]
+    fn the_deprecated_label_goes_unless_another_module_owns_the_key() {
+        let old = deprecated_ready_label(NAME);
+        let n = node("n1").deselected().label(&old, "");
+        assert_eq!(
+            writes(&scope(None, &[]), vec![n.clone()], &cached([module()])),
+            vec![("n1".into(), None, true)]
+        );
+        // A Module named `ns.m` elsewhere: its deprecated key is `ns/m`'s ready label.
+        assert!(deprecated_label_is_live("ns.m", &cached([module()])));
+        assert!(!deprecated_label_is_live(NAME, &cached([module()])));
+        let mut sc = scope(None, &[]);
+        sc.name = "ns.m";
+        let n = node("n1").deselected().loaded();
+        assert_eq!(writes(&sc, vec![n], &cached([module()])), vec![]);
+    }
+}
