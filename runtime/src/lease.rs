@@ -13,6 +13,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
+
+use crate::ErrorCategory;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -32,8 +34,8 @@ pub enum LeaseError {
     },
 }
 
-impl LeaseError {
-    pub fn category(&self) -> &'static str {
+impl crate::ErrorCategory for LeaseError {
+    fn category(&self) -> &'static str {
         match self {
             LeaseError::Api {
                 source: kube::Error::Api(s),
@@ -401,6 +403,90 @@ impl Elector {
             }
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
             Err(e) => Err(self.err(e)),
+        }
+    }
+}
+
+/// A campaign for the lease as the binaries run it: leadership, a readiness gate that follows
+/// it, and a token cancelled once a lease that was held is lost. Losing the lease ends the
+/// process's reconciling for good (the binaries then exit non-zero so that the pod restarts
+/// and campaigns afresh, as controller-runtime does): nothing it had in flight may write on.
+#[derive(Debug, Clone)]
+pub struct Campaign {
+    pub leadership: Leadership,
+    lost: CancellationToken,
+}
+
+impl Campaign {
+    /// Leadership always held (election off): never lost.
+    pub fn always() -> Self {
+        Self {
+            leadership: Leadership::always(),
+            lost: CancellationToken::new(),
+        }
+    }
+
+    /// Campaign with `cfg` (or lead at once when `None`) until `token` is cancelled. `gate`,
+    /// when given, is open exactly while this process leads. Returns the elector's task, if
+    /// any, to be drained on shutdown (it releases the lease).
+    pub fn start(
+        client: Client,
+        cfg: Option<LeaseConfig>,
+        gate: Option<crate::admin::ReadyGate>,
+        token: CancellationToken,
+    ) -> (Self, Option<tokio::task::JoinHandle<()>>) {
+        let (leadership, task) = match cfg {
+            Some(cfg) => {
+                let (l, t) = spawn(client, cfg, token.clone());
+                (l, Some(t))
+            }
+            None => (Leadership::always(), None),
+        };
+        let campaign = Self {
+            leadership: leadership.clone(),
+            lost: CancellationToken::new(),
+        };
+        let (mut l, lost) = (leadership, campaign.lost.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = l.wait_for(true) => {}
+                _ = token.cancelled() => return,
+            }
+            if let Some(g) = &gate {
+                g.set(true);
+            }
+            tokio::select! {
+                _ = l.wait_for(false) => {
+                    if !token.is_cancelled() {
+                        tracing::warn!("lost the lease: stopping");
+                        lost.cancel();
+                    }
+                }
+                _ = token.cancelled() => {}
+            }
+            if let Some(g) = &gate {
+                g.set(false);
+            }
+        });
+        (campaign, task)
+    }
+
+    /// Whether a lease once held has been lost.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// Completes when a lease once held is lost.
+    pub async fn lost(&self) {
+        self.lost.cancelled().await
+    }
+
+    /// Wait until this process leads; `false` when `stop` completes first.
+    pub async fn wait_to_lead(&self, stop: &CancellationToken) -> bool {
+        let mut l = self.leadership.clone();
+        tokio::select! {
+            _ = l.wait_for(true) => true,
+            _ = stop.cancelled() => false,
         }
     }
 }
