@@ -76,6 +76,7 @@ impl RenderFlags {
     mut_arg("lease_name", |a| a.env("KMM_SPOKE_LEASE_NAME").default_value("kmm-spoke")),
     mut_arg("resync", |a| a
         .long("resync-period")
+        .value_name("RESYNC_PERIOD")
         .env("KMM_SPOKE_RESYNC_PERIOD")
         .help("Full resync period (e.g. 600, 600s, 10m, 1h)")),
 )]
