@@ -14,13 +14,13 @@ use kmm_e2e::fleet::Fleet;
 use kmm_e2e::oci::{KmodImage, SignWith, push_kmod_image};
 use kmm_e2e::sim::SimNode;
 use kmm_e2e::vm::{Vm, VmSpec};
+use kmm_runtime::admin::Health;
+use kmm_runtime::shutdown::CancellationToken;
 use kmm_spoke::{Agent, AgentConfig};
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shared_api::Module;
-use shared_api::runtime::admin::Health;
-use shared_api::runtime::shutdown::CancellationToken;
 
 const NS: &str = "labsv2";
 const SPOKE: &str = "spoke-1";

@@ -6,6 +6,8 @@
 //! - A hub that loses its lease while a reconcile is in flight (stuck on a registry that never
 //!   answers) drops that reconcile and writes nothing more: the MCM, its events and works are
 //!   as they were when the lease was taken over.
+//! - A spoke agent whose lease is taken over stops, as the hub does (its binary then exits
+//!   non-zero and the pod restarts and campaigns again).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -16,13 +18,13 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use kmm_e2e::fleet::{Fleet, worker_node};
 use kmm_e2e::testkit::{HubOptions, HubProcess, ensure_namespace};
+use kmm_runtime::lease::{self, LeaseConfig, is_not_leading};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
 use serde_json::json;
 use shared_api::ManagedClusterModule;
 use shared_api::ocm::{ClusterClaim, KERNEL_VERSIONS_CLAIM, ManifestWork};
-use shared_api::runtime::lease::{self, LeaseConfig, is_not_leading};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -309,6 +311,67 @@ async fn a_hub_that_loses_its_lease_drops_the_reconcile_in_flight_and_writes_not
                 before, after,
                 "the old leader wrote after losing the lease"
             );
+            Ok(())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoke_that_loses_its_lease_stops() -> anyhow::Result<()> {
+    use kmm_spoke::error::AgentError;
+    use kmm_spoke::{Agent, AgentConfig};
+    Fleet::builder()
+        .simulators(false)
+        .run(async |fleet: &mut Fleet| {
+            let client = fleet.spoke(1).client().await;
+            let mut lease_cfg = quick("spoke-a");
+            lease_cfg.namespace = "default".into();
+            let cfg = AgentConfig {
+                leader_election: Some(lease_cfg),
+                cluster_claims: false,
+                identity: "spoke-a".into(),
+                ..Default::default()
+            };
+            let health = kmm_runtime::admin::Health::new();
+            let mut registry = prometheus_client::registry::Registry::default();
+            let agent = Agent::new(client.clone(), cfg, &mut registry, &health);
+            let token = CancellationToken::new();
+            let run = tokio::spawn(agent.run(token.clone()));
+
+            let leases = Api::<Lease>::namespaced(client.clone(), "default");
+            let holder = async || -> anyhow::Result<Option<String>> {
+                Ok(leases
+                    .get_opt("lease-test")
+                    .await?
+                    .and_then(|l| l.spec)
+                    .and_then(|s| s.holder_identity))
+            };
+            within("the agent to lead", async {
+                while holder().await?.as_deref() != Some("spoke-a") {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                anyhow::Ok(())
+            })
+            .await??;
+            // Another replica takes the lease over.
+            leases
+                .patch(
+                    "lease-test",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"holderIdentity": "spoke-b"}})),
+                )
+                .await?;
+            match within("the agent to stop", run).await?? {
+                Err(AgentError::LostLease) => {}
+                other => bail!("the agent should stop with LostLease: {other:?}"),
+            }
+            assert!(
+                health.waiting_for().iter().any(|g| g == "lease"),
+                "readiness drops the lease: {:?}",
+                health.waiting_for()
+            );
+            assert_eq!(holder().await?.as_deref(), Some("spoke-b"));
+            token.cancel();
             Ok(())
         })
         .await

@@ -15,6 +15,8 @@ use k8s_openapi::api::events::v1::Event;
 use kmm_e2e::fleet::{Fleet, worker_node};
 use kmm_e2e::oci::{KmodImage, push_files, push_kmod_image};
 use kmm_e2e::sim::SimNode;
+use kmm_runtime::admin::Health;
+use kmm_runtime::shutdown::CancellationToken;
 use kmm_spoke::{Agent, AgentConfig};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -22,8 +24,6 @@ use serde_json::json;
 use shared_api::conditions::{READY, VALID, condition_status};
 use shared_api::labels::*;
 use shared_api::ocm::KERNEL_VERSIONS_CLAIM;
-use shared_api::runtime::admin::Health;
-use shared_api::runtime::shutdown::CancellationToken;
 use shared_api::{ClusterClaim, ManagedCluster, Module};
 
 const K1: &str = "5.14.0-284.36.1.el9_2.x86_64";
@@ -1092,7 +1092,7 @@ async fn idle_rss_with_3_modules_on_50_nodes() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_lease_is_exclusive_and_released_on_shutdown() -> anyhow::Result<()> {
-    use shared_api::runtime::lease::{self, LeaseConfig};
+    use kmm_runtime::lease::{self, LeaseConfig};
     let _one = ONE_FLEET_AT_A_TIME.lock().await;
     Fleet::builder()
         .simulators(false)

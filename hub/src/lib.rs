@@ -4,6 +4,7 @@
 pub mod build;
 pub mod buildns;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod dashboard;
 pub mod images;
@@ -16,7 +17,6 @@ pub mod render;
 pub mod render_cmd;
 pub mod run;
 pub mod sign;
-pub mod tls;
 pub mod validate_cmd;
 pub mod views;
 pub mod webhook;

@@ -1,43 +1,7 @@
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-
-/// kmm-fleet hub: ManagedClusterModule -> builds, signing, digest-pinned ManifestWorks.
-#[derive(Parser, Debug)]
-#[command(name = "kmm-hub", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Print the CRDs as YAML, or write one file per CRD into a directory.
-    Crd {
-        /// Write `<group>_<plural>.yaml` files here instead of printing.
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Also write the generated CRD reference page to this file.
-        #[arg(long)]
-        reference: Option<PathBuf>,
-    },
-    /// Validate Module and ManagedClusterModule YAML files (multi-document allowed).
-    Validate {
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-    },
-    /// Sign a kernel module like the kernel's scripts/sign-file (replaces an existing signature).
-    SignFile(kmm_hub::sign::cli::SignFileArgs),
-    /// Sign the modules of an image and push it, as the hub does for a `sign` section.
-    SignImage(Box<kmm_hub::sign::cli::SignImageArgs>),
-    /// Check that an image's modules carry valid signatures by a certificate.
-    VerifyImage(Box<kmm_hub::sign::cli::VerifyImageArgs>),
-    /// Run the hub controller (MCM reconciler, webhook, admin port).
-    Run(Box<kmm_hub::run::RunArgs>),
-    /// Print, as YAML, the ManifestWorks the controller would write (no cluster needed).
-    Render(kmm_hub::render_cmd::RenderArgs),
-}
+use clap::Parser;
+use kmm_hub::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -86,12 +50,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
-            shared_api::runtime::telemetry::init_tracing(
-                args.log_format.parse().map_err(anyhow::Error::msg)?,
-                &args.log_filter,
-            )?;
+            kmm_runtime::telemetry::init_tracing(args.common.log_format, &args.common.log_filter)?;
             hub_runtime()?.block_on(async move {
-                let token = shared_api::runtime::shutdown::install();
+                let token = kmm_runtime::shutdown::install();
                 kmm_hub::run::run(*args, token).await
             })?;
             Ok(ExitCode::SUCCESS)
@@ -112,10 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::SignImage(args) => {
-            shared_api::runtime::telemetry::init_tracing(
-                "text".parse().map_err(anyhow::Error::msg)?,
-                "warn",
-            )?;
+            kmm_runtime::telemetry::init_tracing(kmm_runtime::telemetry::LogFormat::Plain, "warn")?;
             let signed = hub_runtime()?.block_on(args.run())?;
             println!("{}", signed.digest);
             for f in &signed.signed_files {
@@ -124,10 +82,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::VerifyImage(args) => {
-            shared_api::runtime::telemetry::init_tracing(
-                "text".parse().map_err(anyhow::Error::msg)?,
-                "warn",
-            )?;
+            kmm_runtime::telemetry::init_tracing(kmm_runtime::telemetry::LogFormat::Plain, "warn")?;
             let (digest, files) = hub_runtime()?.block_on(args.run())?;
             println!("{digest}");
             for f in &files {

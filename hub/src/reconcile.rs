@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
+use kmm_runtime::backoff::KeyedBackoff;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
@@ -22,7 +23,6 @@ use shared_api::mcm::{
     TAG_MOVED,
 };
 use shared_api::ocm::ManifestWork;
-use shared_api::runtime::backoff::KeyedBackoff;
 use shared_api::validate::validate_mcm;
 
 use crate::cache::{Caches, RecentEvent, WorkEntry};

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
+use kmm_runtime::backoff::KeyedBackoff;
+use kmm_runtime::tls::TlsFiles;
+use kmm_runtime::{Runtime, admin, lease};
 use kube::api::Api;
 use kube::runtime::Controller;
 use kube::runtime::controller::Config as ControllerConfig;
@@ -16,8 +19,6 @@ use kube::runtime::watcher;
 use kube::{Client, Config};
 use prometheus_client::registry::Registry;
 use shared_api::ManagedClusterModule;
-use shared_api::runtime::backoff::KeyedBackoff;
-use shared_api::runtime::{admin, lease, shutdown};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Caches, watch_clusters, watch_jobs, watch_secrets, watch_works};
@@ -27,17 +28,36 @@ use crate::reconcile::{Context, error_policy, reconcile};
 use crate::registry::Resolver;
 use crate::views::Views;
 
+/// The default address of /livez, /readyz and /metrics.
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:8081";
+
 #[derive(clap::Args, Debug, Clone)]
+#[command(
+    mut_arg("log_format", |a| a.env("KMM_HUB_LOG_FORMAT").default_value("text")),
+    mut_arg("log_filter", |a| a.env("RUST_LOG").default_value("info,kube_runtime=warn")),
+    mut_arg("admin_address", |a| a.env("KMM_HUB_ADMIN_ADDRESS").default_value(DEFAULT_ADMIN_ADDRESS)),
+    mut_arg("leader_elect", |a| a
+        .env("KMM_HUB_LEADER_ELECT")
+        .default_value("true")
+        .help("Elect a leader with a Lease (turn off only for a single replica in development)")),
+    mut_arg("lease_name", |a| a
+        .env("KMM_HUB_LEASE_NAME")
+        .default_value("kmm-hub.sigs.x-k8s.io")
+        .help("Name of the Lease in the operator namespace")),
+    mut_arg("resync", |a| a
+        .env("KMM_HUB_RESYNC")
+        .help("How often every MCM is reconciled even without changes; also the digest cache lifetime")),
+)]
 pub struct RunArgs {
+    /// Log format and filter, admin address, leader election, resync period.
+    #[command(flatten)]
+    pub common: kmm_runtime::cli::CommonArgs,
     /// Kubeconfig of the hub cluster; in a pod, the in-cluster configuration is used.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// Namespace of the hub: pull secrets, signing secrets, Dockerfiles, the lease.
     #[arg(long, env = "OPERATOR_NAMESPACE", default_value = "kmm-hub")]
     pub operator_namespace: String,
-    /// Address of /livez, /readyz and /metrics.
-    #[arg(long, env = "KMM_HUB_ADMIN_ADDRESS", default_value = "127.0.0.1:8081")]
-    pub admin_address: SocketAddr,
     /// Address of the admission webhook (TLS); off when not set.
     #[arg(long, env = "KMM_HUB_WEBHOOK_ADDRESS")]
     pub webhook_address: Option<SocketAddr>,
@@ -66,25 +86,12 @@ pub struct RunArgs {
         default_value = crate::dashboard::auth::DEFAULT_AUDIENCE
     )]
     pub dashboard_audience: String,
-    /// How often every MCM is reconciled even without changes; also the digest cache lifetime.
-    #[arg(long, env = "KMM_HUB_RESYNC", default_value = "10m", value_parser = humantime::parse_duration)]
-    pub resync: Duration,
     /// ManagedClusterModules reconciled at once.
     #[arg(long, env = "KMM_HUB_CONCURRENCY", default_value_t = 4)]
     pub concurrency: u16,
     /// ManifestWork writes in flight within one reconcile.
     #[arg(long, env = "KMM_HUB_WRITE_CONCURRENCY", default_value_t = 32)]
     pub write_concurrency: usize,
-    /// Elect a leader with a Lease (turn off only for a single replica in development).
-    #[arg(long, env = "KMM_HUB_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
-    pub leader_elect: bool,
-    /// Name of the Lease in the operator namespace.
-    #[arg(
-        long,
-        env = "KMM_HUB_LEASE_NAME",
-        default_value = "kmm-hub.sigs.x-k8s.io"
-    )]
-    pub lease_name: String,
     /// The spoke ServiceAccount (`namespace/name`) ManifestWorks are executed as; the work
     /// agent applies a manifest only if that account may manage it. Empty: the work agent's
     /// own identity (not recommended: OCM gives it far wider rights).
@@ -93,17 +100,19 @@ pub struct RunArgs {
     /// How long the deletion of a ManagedClusterModule waits for the work agents of
     /// unavailable clusters before the hub releases their ManifestWorks (and how long a work's
     /// deletion is held for its Module to be recorded).
-    #[arg(long, env = "KMM_HUB_RELEASE_AFTER", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KMM_HUB_RELEASE_AFTER", default_value = "10m", value_parser = kmm_runtime::cli::parse_duration)]
     pub release_after: Duration,
-    /// Log format: `text` or `json`.
-    #[arg(long, env = "KMM_HUB_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
-    /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, env = "RUST_LOG", default_value = "info,kube_runtime=warn")]
-    pub log_filter: String,
     /// Image signing: work directory, concurrency and size limits.
     #[command(flatten)]
     pub sign: crate::sign::SignArgs,
+}
+
+impl RunArgs {
+    pub fn admin_address(&self) -> SocketAddr {
+        self.common
+            .admin_address
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8081)))
+    }
 }
 
 pub async fn client_from(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
@@ -135,37 +144,40 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     tracing::info!(?signing, "image signing");
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let registry = Arc::new(registry);
+    let identity =
+        std::env::var("POD_NAME").unwrap_or_else(|_| format!("kmm-hub-{}", std::process::id()));
+    // Ready only with synced caches and the lease held (and every server listening).
     let health = admin::Health::new();
-    let caches_gate = health.gate("caches");
-    let lease_gate = health.gate("lease");
-
-    let admin_token = token.clone();
-    let admin_task = tokio::spawn(admin::serve(
-        args.admin_address,
-        admin::router(health.clone(), registry.clone()),
-        async move { admin_token.cancelled().await },
-        |_| {},
-    ));
+    // Registered before anything can open its gate, so that /readyz never runs ahead of it.
+    health.gate("caches");
+    let rt = Runtime::builder(args.admin_address())
+        .health(health)
+        .shutdown_on(token.clone())
+        .leader_election(
+            client.clone(),
+            args.common.leader_elect.then(|| {
+                lease::LeaseConfig::new(
+                    &args.common.lease_name,
+                    &args.operator_namespace,
+                    identity.clone(),
+                )
+            }),
+        )
+        .build(Arc::new(registry));
 
     if let Some(addr) = args.webhook_address {
-        let (cert, key) = match (&args.webhook_cert, &args.webhook_key) {
-            (Some(c), Some(k)) => (c.clone(), k.clone()),
+        let tls = match (&args.webhook_cert, &args.webhook_key) {
+            (Some(cert), Some(key)) => TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
             _ => anyhow::bail!("--webhook-address needs --webhook-cert and --webhook-key"),
         };
-        let tls = crate::tls::reloading("webhook", cert, key, token.clone()).await?;
         let webhook_router = crate::webhook::router(Arc::new(crate::webhook::WebhookState {
             reviewer: crate::webhook::SarReviewer::new(client.clone()),
             namespace: args.operator_namespace.clone(),
         }));
-        serve(
-            "webhook",
-            addr,
-            Some(tls),
-            webhook_router,
-            health.gate("webhook-server"),
-            token.clone(),
-        );
+        rt.serve("webhook", addr, Some(tls), webhook_router).await?;
     }
 
     let caches = Caches::new();
@@ -190,7 +202,7 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         tx.clone(),
     ));
 
-    let resolver = Resolver::new(args.resync, metrics.clone());
+    let resolver = Resolver::new(args.common.resync, metrics.clone());
     let (secrets, secrets_writer) = kube::runtime::reflector::store();
     tokio::spawn(watch_secrets(
         client.clone(),
@@ -212,63 +224,40 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
             audience: args.dashboard_audience.clone(),
         };
         let tls = match (&args.dashboard_cert, &args.dashboard_key) {
-            (Some(c), Some(k)) => {
-                Some(crate::tls::reloading("dashboard", c.clone(), k.clone(), token.clone()).await?)
-            }
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
             _ => None,
         };
-        serve(
-            "dashboard",
-            addr,
-            tls,
-            crate::dashboard::router(state),
-            health.gate("dashboard-server"),
-            token.clone(),
-        );
+        rt.serve("dashboard", addr, tls, crate::dashboard::router(state))
+            .await?;
     }
 
     // The dashboard's live stream also announces MCMs appearing and going.
-    let (fp_store, fp_caches, fp_token) = (store.clone(), caches.clone(), token.clone());
-    tokio::spawn(async move {
-        let mut last = Vec::new();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = fp_token.cancelled() => return,
-            }
-            let mut now: Vec<(String, String)> = fp_store
-                .state()
-                .iter()
-                .map(|m| {
-                    (
-                        m.metadata.name.clone().unwrap_or_default(),
-                        m.metadata.resource_version.clone().unwrap_or_default(),
-                    )
-                })
-                .collect();
-            now.sort();
-            if now != last {
-                fp_caches.bump();
-                last = now;
-            }
+    let (fp_store, fp_caches) = (store.clone(), caches.clone());
+    let mut last = Vec::new();
+    rt.every(Duration::from_secs(1), move || {
+        let mut now: Vec<(String, String)> = fp_store
+            .state()
+            .iter()
+            .map(|m| {
+                (
+                    m.metadata.name.clone().unwrap_or_default(),
+                    m.metadata.resource_version.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        now.sort();
+        if now != last {
+            fp_caches.bump();
+            last = now;
         }
     });
 
-    let (mut leadership, lease_task) = if args.leader_elect {
-        let identity =
-            std::env::var("POD_NAME").unwrap_or_else(|_| format!("kmm-hub-{}", std::process::id()));
-        let (l, task) = lease::spawn(
-            client.clone(),
-            lease::LeaseConfig::new(&args.lease_name, &args.operator_namespace, identity),
-            token.clone(),
-        );
-        (l, Some(task))
-    } else {
-        (lease::Leadership::always(), None)
-    };
     // Everything the reconcilers write goes through a client that refuses writes once the
     // lease is lost (a reconcile still running then writes nothing more).
-    let writer = leadership.fence(client.clone());
+    let writer = rt.leadership().fence(client.clone());
     let ctx = Arc::new(Context {
         client: writer.clone(),
         operator_namespace: args.operator_namespace.clone(),
@@ -282,15 +271,12 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
             Reporter {
                 controller: "kmm-hub".into(),
                 // events.k8s.io/v1 requires a reporting instance.
-                instance: Some(
-                    std::env::var("POD_NAME")
-                        .unwrap_or_else(|_| format!("kmm-hub-{}", std::process::id())),
-                ),
+                instance: Some(identity.clone()),
             },
         ),
         backoff: KeyedBackoff::new(Duration::from_secs(1), Duration::from_secs(300)),
         views: views.clone(),
-        resync: args.resync,
+        resync: args.common.resync,
         config,
         signing,
         work_executor,
@@ -299,70 +285,37 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     });
 
     // What is kept per MCM goes with the MCM, also when it vanishes without our finalizer.
-    let (gc_store, gc_ctx, gc_token) = (store.clone(), ctx.clone(), token.clone());
-    tokio::spawn(async move {
-        let mut known: std::collections::BTreeSet<String> = Default::default();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                _ = gc_token.cancelled() => return,
-            }
-            let now: std::collections::BTreeSet<String> = gc_store
-                .state()
-                .iter()
-                .map(|m| m.metadata.name.clone().unwrap_or_default())
-                .collect();
-            for gone in known.difference(&now) {
-                crate::reconcile::forget_mcm(&gc_ctx, gone);
-            }
-            known = now;
+    let (gc_store, gc_ctx) = (store.clone(), ctx.clone());
+    let mut known: std::collections::BTreeSet<String> = Default::default();
+    rt.every(Duration::from_secs(5), move || {
+        let now: std::collections::BTreeSet<String> = gc_store
+            .state()
+            .iter()
+            .map(|m| m.metadata.name.clone().unwrap_or_default())
+            .collect();
+        for gone in known.difference(&now) {
+            crate::reconcile::forget_mcm(&gc_ctx, gone);
         }
+        known = now;
     });
 
-    // Ready only with synced caches (and the lease, below).
     let sync_caches = caches.clone();
-    tokio::spawn(async move {
+    rt.ready_when("caches", async move {
         while !sync_caches.synced() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        caches_gate.set(true);
     });
 
-    tokio::select! {
-        _ = leadership.wait_for(true) => {}
-        _ = token.cancelled() => return finish(admin_task, lease_task).await,
+    if !rt.wait_to_lead().await {
+        return Ok(rt.finish().await?);
     }
-    lease_gate.set(true);
     tracing::info!("leading: reconciling ManagedClusterModules");
 
-    // Lost leadership means another replica may act: stop reconciling (and exit, to restart clean).
-    let lost = CancellationToken::new();
-    let lost_tx = lost.clone();
-    let stop = token.clone();
-    let gate = lease_gate.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = leadership.wait_for(false) => {
-                tracing::warn!("lost the lease: stopping");
-                gate.set(false);
-                lost_tx.cancel();
-            }
-            _ = stop.cancelled() => {}
-        }
-    });
-
     let triggers = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let shutdown_on = {
-        let token = token.clone();
-        let lost = lost.clone();
-        async move {
-            tokio::select! {
-                _ = token.cancelled() => {}
-                _ = lost.cancelled() => {}
-            }
-        }
-    };
-    let resync_every = args.resync;
+    // Lost leadership means another replica may act: stop reconciling and exit (non-zero, so
+    // that the pod restarts and campaigns afresh).
+    let shutdown_on = rt.stopping();
+    let resync_every = args.common.resync;
     let resync = futures::stream::unfold((), move |()| async move {
         tokio::time::sleep(resync_every).await;
         Some(((), ()))
@@ -370,7 +323,7 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     let gauge_caches = caches.clone();
     let gauge_store = store.clone();
     let gauge_metrics = metrics.clone();
-    let reconcile_lost = lost.clone();
+    let reconcile_lost = rt.campaign().clone();
     controller
         .reconcile_on(triggers)
         .reconcile_all_on(resync)
@@ -396,7 +349,7 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
                     // On loss an in-flight reconcile is dropped where it stands.
                     tokio::select! {
                         biased;
-                        _ = lost.cancelled() => Ok(kube::runtime::controller::Action::await_change()),
+                        _ = lost.lost() => Ok(kube::runtime::controller::Action::await_change()),
                         r = reconcile(mcm, ctx) => r,
                     }
                 }
@@ -410,77 +363,6 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
             }
         })
         .await;
-    if lost.is_cancelled() && !token.is_cancelled() {
-        token.cancel();
-        finish(admin_task, lease_task).await?;
-        anyhow::bail!("lost leadership");
-    }
-    finish(admin_task, lease_task).await
-}
-
-/// Serve `router` on `addr` (TLS when given) in a task until `token` is cancelled. `gate` is
-/// open while the server listens: a server that cannot bind or whose task ends (fails,
-/// panics) takes `/readyz` down with it.
-fn serve(
-    what: &'static str,
-    addr: SocketAddr,
-    tls: Option<axum_server::tls_rustls::RustlsConfig>,
-    router: axum::Router,
-    gate: admin::ReadyGate,
-    token: CancellationToken,
-) {
-    /// Closes the gate when the server task ends, however it ends.
-    struct Closed(admin::ReadyGate);
-    impl Drop for Closed {
-        fn drop(&mut self) {
-            self.0.set(false);
-        }
-    }
-    let handle = axum_server::Handle::new();
-    let (h, t) = (handle.clone(), token.clone());
-    tokio::spawn(async move {
-        t.cancelled().await;
-        h.graceful_shutdown(Some(Duration::from_secs(5)));
-    });
-    let (h, g, with_tls) = (handle.clone(), gate.clone(), tls.is_some());
-    tokio::spawn(async move {
-        if let Some(bound) = h.listening().await {
-            tracing::info!(server = what, addr = %bound, tls = with_tls, "listening");
-            g.set(true);
-        }
-    });
-    tokio::spawn(async move {
-        let _closed = Closed(gate);
-        let service = router.into_make_service_with_connect_info::<SocketAddr>();
-        let served = match tls {
-            Some(tls) => {
-                axum_server::bind_rustls(addr, tls)
-                    .handle(handle)
-                    .serve(service)
-                    .await
-            }
-            None => axum_server::bind(addr).handle(handle).serve(service).await,
-        };
-        match served {
-            Err(e) => tracing::error!(server = what, %addr, error = %e, "server failed; not ready"),
-            Ok(()) if !token.is_cancelled() => {
-                tracing::error!(server = what, %addr, "server stopped; not ready")
-            }
-            Ok(()) => {}
-        }
-    });
-}
-
-async fn finish(
-    admin_task: tokio::task::JoinHandle<Result<(), admin::AdminError>>,
-    lease_task: Option<tokio::task::JoinHandle<()>>,
-) -> anyhow::Result<()> {
-    if let Some(t) = lease_task {
-        let _ = shutdown::drain(t, Duration::from_secs(5)).await;
-    }
-    match admin_task.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.into()),
-        Err(e) => Err(anyhow::anyhow!("admin server task: {e}")),
-    }
+    // `Err(lost leadership)` when the lease was lost.
+    Ok(rt.finish().await?)
 }

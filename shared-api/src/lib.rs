@@ -12,8 +12,6 @@ pub mod ocm;
 pub mod parse;
 pub mod reference;
 pub mod refs;
-#[cfg(feature = "runtime")]
-pub mod runtime;
 mod schema;
 pub mod validate;
 

@@ -16,14 +16,14 @@ use k8s_openapi::api::core::v1::{
     NodeSpec, NodeStatus, NodeSystemInfo, Pod, PodCondition, PodSpec, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kmm_runtime::admin::ReadyGate;
+use kmm_runtime::shutdown::CancellationToken;
 use kube::Resource;
 use kube::api::Api;
 use kube::runtime::reflector::Store;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
-use shared_api::runtime::admin::ReadyGate;
-use shared_api::runtime::shutdown::CancellationToken;
 use shared_api::{ClusterClaim, Module};
 
 use crate::render::{SPEC_HASH_ANNOTATION, TEMPLATE_HASH_ANNOTATION};

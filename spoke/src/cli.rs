@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -67,19 +66,27 @@ impl RenderFlags {
 }
 
 #[derive(Args, Debug)]
+#[command(
+    mut_arg("log_format", |a| a.env("KMM_SPOKE_LOG_FORMAT")),
+    mut_arg("log_filter", |a| a.env("KMM_SPOKE_LOG_FILTER").default_value("info,kube=warn")),
+    mut_arg("admin_address", |a| a.env("KMM_SPOKE_ADMIN_ADDRESS").help(
+        "Address of /livez, /readyz and /metrics [default: 0.0.0.0:8081 in a pod, 127.0.0.1:8081 elsewhere]"
+    )),
+    mut_arg("leader_elect", |a| a.env("KMM_SPOKE_LEADER_ELECT")),
+    mut_arg("lease_name", |a| a.env("KMM_SPOKE_LEASE_NAME").default_value("kmm-spoke")),
+    mut_arg("resync", |a| a
+        .long("resync-period")
+        .value_name("RESYNC_PERIOD")
+        .env("KMM_SPOKE_RESYNC_PERIOD")
+        .help("Full resync period (e.g. 600, 600s, 10m, 1h)")),
+)]
 pub struct RunArgs {
+    /// Log format and filter, admin address, leader election, resync period.
+    #[command(flatten)]
+    pub common: kmm_runtime::cli::CommonArgs,
     /// Kubeconfig file; without it the in-cluster configuration (or the default kubeconfig) is used.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Address of /livez, /readyz and /metrics [default: 0.0.0.0:8081 in a pod, 127.0.0.1:8081 elsewhere].
-    #[arg(long, env = "KMM_SPOKE_ADMIN_ADDRESS")]
-    pub admin_address: Option<SocketAddr>,
-    /// Elect a leader among replicas on a coordination.k8s.io Lease.
-    #[arg(long, env = "KMM_SPOKE_LEADER_ELECT", default_value_t = false, action = clap::ArgAction::Set)]
-    pub leader_elect: bool,
-    /// Name of the leader-election Lease.
-    #[arg(long, env = "KMM_SPOKE_LEASE_NAME", default_value = "kmm-spoke")]
-    pub lease_name: String,
     /// Namespace of the leader-election Lease.
     #[arg(
         long,
@@ -90,28 +97,19 @@ pub struct RunArgs {
     /// Identity for the lease and events [default: $POD_NAME, else the host name].
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
-    /// Full resync period (e.g. 600, 600s, 10m, 1h).
-    #[arg(long, env = "KMM_SPOKE_RESYNC_PERIOD", default_value = "10m", value_parser = parse_duration)]
-    pub resync_period: Duration,
     /// Publish the kernel-versions ClusterClaim(s) (needs the OCM ClusterClaim CRD).
     #[arg(long, env = "KMM_SPOKE_CLUSTER_CLAIMS", default_value_t = true, action = clap::ArgAction::Set)]
     pub cluster_claims: bool,
     /// Concurrent Module reconciles.
     #[arg(long, env = "KMM_SPOKE_WORKERS", default_value_t = 2)]
     pub workers: usize,
-    /// Log format: plain or json.
-    #[arg(long, env = "KMM_SPOKE_LOG_FORMAT", default_value = "plain")]
-    pub log_format: shared_api::runtime::telemetry::LogFormat,
-    /// Log filter (RUST_LOG syntax; RUST_LOG itself wins).
-    #[arg(long, env = "KMM_SPOKE_LOG_FILTER", default_value = "info,kube=warn")]
-    pub log_filter: String,
     #[command(flatten)]
     pub render: RenderFlags,
 }
 
 impl RunArgs {
     pub fn admin_address(&self) -> SocketAddr {
-        self.admin_address.unwrap_or_else(|| {
+        self.common.admin_address.unwrap_or_else(|| {
             let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
             let ip = if in_pod { [0, 0, 0, 0] } else { [127, 0, 0, 1] };
             SocketAddr::from((ip, 8081))
@@ -148,31 +146,13 @@ pub struct RenderArgs {
     pub render: RenderFlags,
 }
 
-/// `600`, `600s`, `10m`, `1h`, `500ms`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 600, 600s, 10m, 1h)"))?;
-    let d = match unit {
-        "" | "s" => Duration::from_secs(n),
-        "ms" => Duration::from_millis(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        other => return Err(format!("unknown unit {other:?} in {s:?} (ms, s, m, h)")),
-    };
-    if d.is_zero() {
-        return Err("must be more than zero".into());
-    }
-    Ok(d)
-}
+pub use kmm_runtime::cli::parse_duration;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn durations() {
@@ -200,8 +180,22 @@ mod tests {
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
-        assert!(run.leader_elect);
-        assert_eq!(run.resync_period, Duration::from_secs(30));
+        assert!(run.common.leader_elect);
+        assert_eq!(run.common.resync, Duration::from_secs(30));
         assert_eq!(run.render.firmware_host_path, "/var/lib/firmware");
+        let Command::Run(run) = Cli::try_parse_from(["kmm-spoke", "run"]).unwrap().command else {
+            panic!("not run")
+        };
+        assert!(
+            !run.common.leader_elect,
+            "the spoke runs one replica by default"
+        );
+        assert_eq!(run.common.lease_name, "kmm-spoke");
+        assert_eq!(run.common.resync, Duration::from_secs(600));
+        assert_eq!(run.common.log_filter, "info,kube=warn");
+        assert_eq!(
+            run.common.log_format,
+            kmm_runtime::telemetry::LogFormat::Plain
+        );
     }
 }

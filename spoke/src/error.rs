@@ -1,4 +1,7 @@
-//! The agent's errors. Each has a short static category used as a metric label and in logs.
+//! The agent's errors. Each has a short static category ([`ErrorCategory`]) used as a metric
+//! label and in logs.
+
+use kmm_runtime::ErrorCategory;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -43,9 +46,9 @@ pub enum ReconcileError {
     },
 }
 
-impl ReconcileError {
+impl ErrorCategory for ReconcileError {
     /// A short, bounded label for metrics and events.
-    pub fn category(&self) -> &'static str {
+    fn category(&self) -> &'static str {
         match self {
             ReconcileError::ApplyDaemonSet { .. } => "apply-daemonset",
             ReconcileError::DeleteDaemonSet { .. } => "delete-daemonset",
@@ -65,14 +68,19 @@ pub enum AgentError {
     #[error("cannot read the API server version: {0}")]
     ServerVersion(kube::Error),
     #[error(transparent)]
-    Admin(#[from] shared_api::runtime::admin::AdminError),
+    Admin(#[from] kmm_runtime::admin::AdminError),
+    /// The lease was lost: another replica may lead now, so this one stops (and exits
+    /// non-zero, to restart and campaign afresh).
+    #[error("lost leadership: another replica may lead now")]
+    LostLease,
 }
 
-impl AgentError {
-    pub fn category(&self) -> &'static str {
+impl ErrorCategory for AgentError {
+    fn category(&self) -> &'static str {
         match self {
             AgentError::ServerVersion(_) => "server-version",
             AgentError::Admin(e) => e.category(),
+            AgentError::LostLease => "lost-lease",
         }
     }
 }

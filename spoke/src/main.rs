@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
+use kmm_runtime::lease::LeaseConfig;
+use kmm_runtime::{Runtime, admin, telemetry};
 use kmm_spoke::cli::{Cli, Command, RenderArgs, RunArgs};
 use kmm_spoke::{Agent, AgentConfig};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use prometheus_client::registry::Registry;
-use shared_api::runtime::lease::LeaseConfig;
-use shared_api::runtime::{admin, shutdown, telemetry};
 
 /// The agent runs on every node: with glibc, give freed memory back instead of keeping a
 /// padded heap top and per-thread arenas (22.4 MiB idle with glibc's defaults against
@@ -37,7 +37,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Render(args) => render(args),
         Command::Run(args) => {
-            if let Err(e) = telemetry::init_tracing(args.log_format, &args.log_filter) {
+            if let Err(e) = telemetry::init_tracing(args.common.log_format, &args.common.log_filter)
+            {
                 eprintln!("kmm-spoke: {e}");
                 return ExitCode::FAILURE;
             }
@@ -113,41 +114,40 @@ async fn client(args: &RunArgs) -> anyhow::Result<Client> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let token = shutdown::install();
     let client = client(&args).await?;
     let identity = args.identity();
     let cfg = AgentConfig {
         settings: args.render.settings(),
-        resync: args.resync_period,
-        leader_election: args.leader_elect.then(|| {
-            LeaseConfig::new(
-                args.lease_name.clone(),
-                args.lease_namespace.clone(),
-                identity.clone(),
-            )
-        }),
+        resync: args.common.resync,
+        // The process campaigns (below); the agent follows.
+        leader_election: None,
         cluster_claims: args.cluster_claims,
-        identity,
+        identity: identity.clone(),
         workers: args.workers,
     };
+    let lease = args.common.leader_elect.then(|| {
+        LeaseConfig::new(
+            args.common.lease_name.clone(),
+            args.lease_namespace.clone(),
+            identity,
+        )
+    });
     let mut registry = Registry::default();
     let health = admin::Health::new();
-    let agent = Agent::new(client, cfg, &mut registry, &health);
-    let router = admin::router(health.clone(), Arc::new(registry));
-    let addr = args.admin_address();
-    let t = token.clone();
-    let admin_task = tokio::spawn(admin::serve(
-        addr,
-        router,
-        async move { t.cancelled().await },
-        |_| {},
-    ));
-    let result = agent.run(token.clone()).await;
-    token.cancel();
-    match admin_task.await {
-        Ok(Err(e)) => return Err(e).context("admin server"),
-        Err(e) => tracing::warn!(error = %e, "admin server task ended abnormally"),
-        Ok(Ok(())) => {}
+    let agent = Agent::new(client.clone(), cfg, &mut registry, &health);
+    let rt = Runtime::builder(args.admin_address())
+        .health(health)
+        .leader_election(client, lease)
+        .build(Arc::new(registry));
+    let result = agent
+        .with_campaign(rt.campaign().clone())
+        .run(rt.shutdown_token())
+        .await;
+    let finished = rt.finish().await;
+    result.context("agent")?;
+    match finished {
+        // The agent reported the lost lease already.
+        Err(kmm_runtime::RuntimeError::LostLease) | Ok(()) => Ok(()),
+        Err(e) => Err(e).context("admin server"),
     }
-    result.context("agent")
 }

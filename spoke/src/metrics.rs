@@ -1,12 +1,12 @@
 //! The agent's metrics, registered once in the registry made by `main`. Labels are bounded:
 //! controller names, write kinds, event reasons and error categories, never object names.
 
+use kmm_runtime::metrics::ControllerMetrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use shared_api::runtime::telemetry::ControllerMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabel {

@@ -379,16 +379,19 @@ mod tests {
 
     #[test]
     fn flag_defaults_are_the_library_defaults() {
+        use crate::cli::{Cli, Command};
         use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            sign: SignArgs,
-        }
-        let parsed = Cli::parse_from(["x"]).sign;
+        let sign = |args: &[&str]| {
+            let argv = ["kmm-hub", "run"].iter().chain(args);
+            match Cli::parse_from(argv).command {
+                Command::Run(run) => run.sign,
+                other => panic!("not run: {other:?}"),
+            }
+        };
+        let parsed = sign(&[]);
         assert_eq!(parsed.limits(), SignLimits::default());
         assert_eq!(SignArgs::default().limits(), SignLimits::default());
-        let set = Cli::parse_from(["x", "--sign-max-layer-bytes", "1Gi"]).sign;
+        let set = sign(&["--sign-max-layer-bytes", "1Gi"]);
         assert_eq!(set.limits().max_layer_bytes, GI);
     }
 

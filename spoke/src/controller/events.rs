@@ -2,17 +2,18 @@
 //! Module's ready label appears on or disappears from a node, as seen in the Node watch.
 
 use std::collections::BTreeMap;
+use tracing::Instrument;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
+use kmm_runtime::lease::Leadership;
 use kube::api::{Api, PostParams};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use shared_api::Module;
 use shared_api::labels::{MODULE_ANNOTATION, module_ready_label};
-use shared_api::runtime::lease::Leadership;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
@@ -111,7 +112,16 @@ pub fn spawn_writer(
                 continue;
             }
             let event = render_event(&ev, &identity, Timestamp::now());
-            match api.create(&PostParams::default(), &event).await {
+            let span = tracing::info_span!(
+                "node_event",
+                node = %ev.node,
+                module = %format!("{}/{}", ev.module_namespace, ev.module_name),
+            );
+            match api
+                .create(&PostParams::default(), &event)
+                .instrument(span)
+                .await
+            {
                 Ok(_) => {
                     metrics.write("event");
                     metrics.event(ev.reason);

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::Node;
+use kmm_runtime::queue::Action;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -12,12 +13,12 @@ use shared_api::labels::{
     KERNEL_LABEL, SPOKE_CLAIM_MANAGER, SPOKE_NODE_MANAGER, kernel_label_value,
 };
 use shared_api::ocm::claim_part_index;
-use shared_api::runtime::queue::Action;
 
 use super::Context;
 use crate::error::ReconcileError;
 use crate::render::nodes::{distinct_kernels, kernel_claims, node_kernel};
 
+#[tracing::instrument(name = "reconcile_kernel_facts", skip_all)]
 pub async fn reconcile(ctx: &Context) -> Result<Action, ReconcileError> {
     let nodes = ctx.stores.nodes.state();
     tracing::debug!(nodes = nodes.len(), "reconciling kernel facts");
@@ -89,6 +90,7 @@ pub async fn reconcile(ctx: &Context) -> Result<Action, ReconcileError> {
     Ok(Action::Requeue(ctx.resync))
 }
 
+#[tracing::instrument(skip_all, fields(node = %node.name_any(), kernel = value))]
 async fn label_kernel(node: &Node, value: &str, ctx: &Context) -> Result<(), ReconcileError> {
     let name = node.name_any();
     let mut meta = json!({ "name": name, "labels": { KERNEL_LABEL: value } });

@@ -17,17 +17,19 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use kmm_runtime::ErrorCategory;
+use kmm_runtime::admin::{Health, ReadyGate};
+use kmm_runtime::backoff::KeyedBackoff;
+use kmm_runtime::lease::{Campaign, Leadership, LeaseConfig};
+use kmm_runtime::queue::{Action, WorkQueue};
+use kmm_runtime::runtime::LEASE_GATE;
+use kmm_runtime::shutdown::{self, CancellationToken};
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use shared_api::labels::{KERNEL_LABEL, MODULE_NAME_LABEL, ROLE_LABEL};
-use shared_api::runtime::admin::{Health, ReadyGate};
-use shared_api::runtime::backoff::KeyedBackoff;
-use shared_api::runtime::lease::{self, Leadership, LeaseConfig};
-use shared_api::runtime::queue::{Action, WorkQueue};
-use shared_api::runtime::shutdown::CancellationToken;
 use shared_api::{ClusterClaim, Module};
 
 use crate::cache::{self, run_informer};
@@ -49,7 +51,8 @@ pub struct AgentConfig {
     pub settings: RenderSettings,
     /// Every Module and the kernel facts are reconciled at least this often.
     pub resync: Duration,
-    /// Leader election; `None` runs as leader from the start.
+    /// Leader election; `None` runs as leader from the start. Ignored when the agent is given
+    /// the campaign of its process ([`Agent::with_campaign`]).
     pub leader_election: Option<LeaseConfig>,
     /// Publish the kernel ClusterClaim(s) (needs the OCM ClusterClaim CRD).
     pub cluster_claims: bool,
@@ -97,12 +100,13 @@ pub struct Context {
 }
 
 /// The spoke agent. Build with [`Agent::new`] (registers metrics and readiness gates), then
-/// [`Agent::run`] until the token is cancelled.
+/// [`Agent::run`] until the token is cancelled or the lease is lost.
 pub struct Agent {
     client: Client,
     cfg: AgentConfig,
     metrics: Metrics,
     health: Health,
+    campaign: Option<Campaign>,
 }
 
 impl Agent {
@@ -113,21 +117,36 @@ impl Agent {
             cfg,
             metrics,
             health: health.clone(),
+            campaign: None,
         }
+    }
+
+    /// Follow the lease campaign of the process (see `kmm_runtime::Runtime`) instead of
+    /// campaigning with `AgentConfig::leader_election`.
+    pub fn with_campaign(mut self, campaign: Campaign) -> Self {
+        self.campaign = Some(campaign);
+        self
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
-    /// Run until `token` is cancelled; in-flight reconciles finish first.
+    /// Run until `token` is cancelled; in-flight reconciles finish first. A lost lease stops
+    /// the agent at once (in-flight reconciles are dropped where they stand; their client is
+    /// fenced too) with [`AgentError::LostLease`]: another replica may lead now, and the
+    /// process exits to restart and campaign afresh.
     pub async fn run(self, token: CancellationToken) -> Result<(), AgentError> {
         let Agent {
             client,
             cfg,
             metrics,
             health,
+            campaign,
         } = self;
+        // Everything the agent starts stops with it, also when it stops for a lost lease.
+        let outer = token;
+        let token = outer.child_token();
         let info = client
             .apiserver_version()
             .await
@@ -149,16 +168,19 @@ impl Agent {
             gate("cache/nodes"),
         );
         let gc = cfg.cluster_claims.then(|| gate("cache/clusterclaims"));
-        let leadership = match &cfg.leader_election {
-            Some(lease_cfg) => {
-                let lease_gate = gate("leader-lease");
-                let (leadership, _task) =
-                    lease::spawn(client.clone(), lease_cfg.clone(), token.clone());
-                follow_leadership(leadership.clone(), lease_gate);
-                leadership
+        let (campaign, lease_task) = match campaign {
+            Some(c) => (c, None),
+            None => {
+                let lease_gate = cfg.leader_election.as_ref().map(|_| gate(LEASE_GATE));
+                Campaign::start(
+                    client.clone(),
+                    cfg.leader_election.clone(),
+                    lease_gate,
+                    token.clone(),
+                )
             }
-            None => Leadership::always(),
         };
+        let leadership = campaign.leadership.clone();
 
         let (modules, w_modules) = reflector::store::<Module>();
         let (daemonsets, w_ds) = reflector::store::<DaemonSet>();
@@ -302,6 +324,8 @@ impl Agent {
                 q,
                 l,
                 st,
+                campaign.clone(),
+                token.clone(),
                 ctx.clone(),
                 move |key: ModuleKey| {
                     let ctx = ctx.clone();
@@ -321,6 +345,8 @@ impl Agent {
                 q,
                 l,
                 st,
+                campaign.clone(),
+                token.clone(),
                 ctx.clone(),
                 move |_: ()| {
                     let ctx = ctx.clone();
@@ -329,8 +355,12 @@ impl Agent {
             )));
         }
 
-        token.cancelled().await;
-        tracing::info!("draining");
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = campaign.lost() => {}
+        }
+        let lost = campaign.is_lost() && !outer.is_cancelled();
+        tracing::info!(lost_lease = lost, "draining");
         module_queue.close();
         facts_queue.close();
         for w in workers {
@@ -339,6 +369,13 @@ impl Agent {
         for t in tasks {
             t.abort();
         }
+        token.cancel();
+        if let Some(t) = lease_task {
+            let _ = shutdown::drain(t, Duration::from_secs(5)).await;
+        }
+        if lost {
+            return Err(AgentError::LostLease);
+        }
         Ok(())
     }
 }
@@ -346,16 +383,6 @@ impl Agent {
 fn parse_minor(minor: &str) -> Option<u32> {
     let digits: String = minor.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
-}
-
-fn follow_leadership(mut leadership: Leadership, gate: ReadyGate) {
-    tokio::spawn(async move {
-        gate.set(leadership.is_leader());
-        loop {
-            let leader = leadership.changed().await;
-            gate.set(leader);
-        }
-    });
 }
 
 /// Wait for every store. Only one task may wait on a store at a time: a store's readiness
@@ -380,12 +407,16 @@ fn enqueue_all(modules: &Store<Module>, queue: &WorkQueue<ModuleKey>) {
     }
 }
 
-/// Take keys while leading, reconcile, requeue per the result or the key's backoff.
+/// Take keys once leading, reconcile, requeue per the result or the key's backoff; stop when
+/// the queue closes or the lease is lost.
+#[allow(clippy::too_many_arguments)]
 async fn worker<K, F, Fut>(
     controller: &'static str,
     queue: Arc<WorkQueue<K>>,
     mut leadership: Leadership,
     mut synced: tokio::sync::watch::Receiver<bool>,
+    campaign: Campaign,
+    stop: CancellationToken,
     ctx: Arc<Context>,
     reconcile: F,
 ) where
@@ -394,25 +425,29 @@ async fn worker<K, F, Fut>(
     Fut: Future<Output = Result<Action, ReconcileError>>,
 {
     let backoff = KeyedBackoff::<K>::default();
-    let _ = synced.wait_for(|s| *s).await;
+    tokio::select! {
+        _ = async {
+            let _ = synced.wait_for(|s| *s).await;
+            leadership.wait_for(true).await;
+        } => {}
+        _ = stop.cancelled() => return,
+    }
     tracing::debug!(controller, "worker started");
     loop {
-        leadership.wait_for(true).await;
         let Some(key) = queue.next().await else { break };
         tracing::debug!(controller, key = ?key, "reconciling");
         ctx.metrics
             .controllers
             .set_queue_depth(controller, queue.len());
         let started = Instant::now();
-        // Losing the lease drops the reconcile where it stands (its client is fenced too);
-        // the key is taken up again when leadership returns.
+        // Losing the lease drops the reconcile where it stands (its client is fenced too) and
+        // stops the agent.
         let result = tokio::select! {
             biased;
-            _ = leadership.wait_for(false) => {
+            _ = campaign.lost() => {
                 tracing::info!(controller, key = ?key, "lost the lease: reconcile abandoned");
-                queue.add(key.clone());
                 queue.done(&key);
-                continue;
+                break;
             }
             r = reconcile(key.clone()) => r,
         };

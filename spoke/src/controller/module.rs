@@ -7,6 +7,7 @@ use std::sync::Arc;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
+use kmm_runtime::queue::Action;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -18,7 +19,6 @@ use shared_api::labels::{
     deprecated_ready_label,
 };
 use shared_api::module::ModuleStatus;
-use shared_api::runtime::queue::Action;
 use shared_api::validate::{self, validate_module};
 
 use super::events::{MODULE_UNLOAD_FAILED, NodeEvent};
@@ -40,6 +40,7 @@ pub fn node_label_manager(namespace: &str, name: &str) -> String {
     format!("kmm-spoke/{namespace}.{name}")
 }
 
+#[tracing::instrument(name = "reconcile_module", skip_all, fields(module = %format!("{}/{}", key.0, key.1)))]
 pub async fn reconcile(key: &ModuleKey, ctx: &Context) -> Result<Action, ReconcileError> {
     let (namespace, name) = key;
     let Some(module) = ctx

@@ -1,7 +1,8 @@
-//! Tracing initialisation and the per-controller reconcile metrics.
+//! The shared controller metrics: reconciles, failures by error category, durations and
+//! queue depth, one set per process, labelled by controller.
 //!
-//! Metric labels are bounded: the controller name (a constant) and an outcome or error
-//! category (a `&'static str` from the error's `category()`), never object names.
+//! Metric labels are bounded: the controller name (a constant) and an error category (a
+//! `&'static str` from [`ErrorCategory::category`]), never object names or messages.
 
 use std::time::Duration;
 
@@ -11,65 +12,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::FmtSpan;
 
-#[derive(Debug, thiserror::Error)]
-pub enum TelemetryError {
-    #[error("invalid log filter {filter:?}: {reason}")]
-    Filter { filter: String, reason: String },
-    #[error("a tracing subscriber is already installed")]
-    AlreadyInstalled,
-}
-
-impl TelemetryError {
-    pub fn category(&self) -> &'static str {
-        match self {
-            TelemetryError::Filter { .. } => "filter",
-            TelemetryError::AlreadyInstalled => "already-installed",
-        }
-    }
-}
-
-/// How logs are written to stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    #[default]
-    Plain,
-    Json,
-}
-
-impl std::str::FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "plain" | "text" => Ok(LogFormat::Plain),
-            "json" => Ok(LogFormat::Json),
-            other => Err(format!("unknown log format {other:?} (plain or json)")),
-        }
-    }
-}
-
-/// Install the global tracing subscriber. `filter` uses `RUST_LOG` syntax; the `RUST_LOG`
-/// environment variable, when set, wins.
-pub fn init_tracing(format: LogFormat, filter: &str) -> Result<(), TelemetryError> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.is_empty() => env,
-        _ => filter.to_string(),
-    };
-    let env_filter = EnvFilter::try_new(&filter).map_err(|e| TelemetryError::Filter {
-        filter: filter.clone(),
-        reason: e.to_string(),
-    })?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(env_filter)
-        .with_writer(std::io::stderr);
-    let result = match format {
-        LogFormat::Plain => builder.with_span_events(FmtSpan::NONE).try_init(),
-        LogFormat::Json => builder.json().with_current_span(true).try_init(),
-    };
-    result.map_err(|_| TelemetryError::AlreadyInstalled)
-}
+use crate::ErrorCategory;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabel {
@@ -151,6 +95,17 @@ impl ControllerMetrics {
         }
     }
 
+    /// Record one reconcile of `controller` that took `took` and ended in `result`.
+    pub fn observe_result<T, E: ErrorCategory>(
+        &self,
+        controller: &'static str,
+        took: Duration,
+        result: &Result<T, E>,
+    ) {
+        let failure = result.as_ref().err().map(|e| e.category());
+        self.observe(controller, took, failure);
+    }
+
     pub fn set_queue_depth(&self, controller: &'static str, depth: usize) {
         self.queue_depth
             .get_or_create(&ControllerLabel { controller })
@@ -170,5 +125,28 @@ impl ControllerMetrics {
         self.reconciles
             .get_or_create(&ControllerLabel { controller })
             .get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Refused;
+
+    impl ErrorCategory for Refused {
+        fn category(&self) -> &'static str {
+            "refused"
+        }
+    }
+
+    #[test]
+    fn failures_are_counted_by_category() {
+        let m = ControllerMetrics::unregistered();
+        m.observe_result::<(), Refused>("module", Duration::from_millis(3), &Ok(()));
+        m.observe_result::<(), Refused>("module", Duration::from_millis(3), &Err(Refused));
+        assert_eq!(m.reconciles("module"), 2);
+        assert_eq!(m.failures("module", "refused"), 1);
+        assert_eq!(m.reconciles("kernel-facts"), 0);
     }
 }

@@ -1,16 +1,19 @@
-//! Serving certificates that follow their files: the webhook's and the dashboard's certificate
+//! TLS servers with readiness and certificates that follow their files: a served certificate
 //! and key are read again when their content changes (a renewed cert-manager Secret, a
 //! rotated mounted volume), without a restart. The files are polled: reading two small files
 //! every [`POLL`] costs nothing, and it sees every way a file can change (rewrite, rename, the
 //! kubelet's symlink swap of a Secret volume), which mtime- or inotify-based watching can miss.
 //! A pair that does not load (half-written, mismatched) is logged and the last good one stays.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum_server::tls_rustls::RustlsConfig;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+
+use crate::admin::ReadyGate;
 
 /// How often the files are compared with what is served.
 pub const POLL: Duration = Duration::from_secs(2);
@@ -29,8 +32,8 @@ pub enum TlsError {
     },
 }
 
-impl TlsError {
-    pub fn category(&self) -> &'static str {
+impl crate::ErrorCategory for TlsError {
+    fn category(&self) -> &'static str {
         match self {
             TlsError::Read { .. } => "read",
             TlsError::Load { .. } => "load",
@@ -106,4 +109,67 @@ pub async fn reloading(
         }
     });
     Ok(config)
+}
+
+/// A PEM certificate (chain) and its private key, served and reloaded on change.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// How long a server drains open connections after shutdown begins.
+pub const DRAIN: Duration = Duration::from_secs(5);
+
+/// Serve `router` on `addr` (TLS when given) in a task until `token` is cancelled. `gate` is
+/// open while the server listens: a server that cannot bind or whose task ends (fails,
+/// panics) takes `/readyz` down with it.
+pub fn serve(
+    what: &'static str,
+    addr: SocketAddr,
+    tls: Option<RustlsConfig>,
+    router: axum::Router,
+    gate: ReadyGate,
+    token: CancellationToken,
+) {
+    /// Closes the gate when the server task ends, however it ends.
+    struct Closed(ReadyGate);
+    impl Drop for Closed {
+        fn drop(&mut self) {
+            self.0.set(false);
+        }
+    }
+    let handle = axum_server::Handle::new();
+    let (h, t) = (handle.clone(), token.clone());
+    tokio::spawn(async move {
+        t.cancelled().await;
+        h.graceful_shutdown(Some(DRAIN));
+    });
+    let (h, g, with_tls) = (handle.clone(), gate.clone(), tls.is_some());
+    tokio::spawn(async move {
+        if let Some(bound) = h.listening().await {
+            tracing::info!(server = what, addr = %bound, tls = with_tls, "listening");
+            g.set(true);
+        }
+    });
+    tokio::spawn(async move {
+        let _closed = Closed(gate);
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        let served = match tls {
+            Some(tls) => {
+                axum_server::bind_rustls(addr, tls)
+                    .handle(handle)
+                    .serve(service)
+                    .await
+            }
+            None => axum_server::bind(addr).handle(handle).serve(service).await,
+        };
+        match served {
+            Err(e) => tracing::error!(server = what, %addr, error = %e, "server failed; not ready"),
+            Ok(()) if !token.is_cancelled() => {
+                tracing::error!(server = what, %addr, "server stopped; not ready")
+            }
+            Ok(()) => {}
+        }
+    });
 }

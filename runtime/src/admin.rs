@@ -31,8 +31,8 @@ pub enum AdminError {
     Serve(std::io::Error),
 }
 
-impl AdminError {
-    pub fn category(&self) -> &'static str {
+impl crate::ErrorCategory for AdminError {
+    fn category(&self) -> &'static str {
         match self {
             AdminError::Bind { .. } => "bind",
             AdminError::Serve(_) => "serve",

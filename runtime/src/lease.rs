@@ -13,6 +13,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
+
+use crate::ErrorCategory;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -32,8 +34,8 @@ pub enum LeaseError {
     },
 }
 
-impl LeaseError {
-    pub fn category(&self) -> &'static str {
+impl crate::ErrorCategory for LeaseError {
+    fn category(&self) -> &'static str {
         match self {
             LeaseError::Api {
                 source: kube::Error::Api(s),
@@ -402,5 +404,149 @@ impl Elector {
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
             Err(e) => Err(self.err(e)),
         }
+    }
+}
+
+/// A campaign for the lease as the binaries run it: leadership, a readiness gate that follows
+/// it, and a token cancelled once a lease that was held is lost. Losing the lease ends the
+/// process's reconciling for good (the binaries then exit non-zero so that the pod restarts
+/// and campaigns afresh, as controller-runtime does): nothing it had in flight may write on.
+#[derive(Debug, Clone)]
+pub struct Campaign {
+    pub leadership: Leadership,
+    lost: CancellationToken,
+}
+
+impl Campaign {
+    /// Leadership always held (election off): never lost.
+    pub fn always() -> Self {
+        Self {
+            leadership: Leadership::always(),
+            lost: CancellationToken::new(),
+        }
+    }
+
+    /// Campaign with `cfg` (or lead at once when `None`) until `token` is cancelled. `gate`,
+    /// when given, is open exactly while this process leads. Returns the elector's task, if
+    /// any, to be drained on shutdown (it releases the lease).
+    pub fn start(
+        client: Client,
+        cfg: Option<LeaseConfig>,
+        gate: Option<crate::admin::ReadyGate>,
+        token: CancellationToken,
+    ) -> (Self, Option<tokio::task::JoinHandle<()>>) {
+        let (leadership, task) = match cfg {
+            Some(cfg) => {
+                let (l, t) = spawn(client, cfg, token.clone());
+                (l, Some(t))
+            }
+            None => (Leadership::always(), None),
+        };
+        (Self::follow(leadership, gate, token), task)
+    }
+
+    /// Follow `leadership`: open `gate` while leading, and mark the campaign lost when a
+    /// lease once held goes (unless `token`, shutdown, was cancelled first).
+    fn follow(
+        leadership: Leadership,
+        gate: Option<crate::admin::ReadyGate>,
+        token: CancellationToken,
+    ) -> Self {
+        let campaign = Self {
+            leadership: leadership.clone(),
+            lost: CancellationToken::new(),
+        };
+        let (mut l, lost) = (leadership, campaign.lost.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = l.wait_for(true) => {}
+                _ = token.cancelled() => return,
+            }
+            if let Some(g) = &gate {
+                g.set(true);
+            }
+            tokio::select! {
+                _ = l.wait_for(false) => {
+                    if !token.is_cancelled() {
+                        tracing::warn!("lost the lease: stopping");
+                        lost.cancel();
+                    }
+                }
+                _ = token.cancelled() => {}
+            }
+            if let Some(g) = &gate {
+                g.set(false);
+            }
+        });
+        campaign
+    }
+
+    /// Whether a lease once held has been lost.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// Completes when a lease once held is lost.
+    pub async fn lost(&self) {
+        self.lost.cancelled().await
+    }
+
+    /// Wait until this process leads; `false` when `stop` completes first.
+    pub async fn wait_to_lead(&self, stop: &CancellationToken) -> bool {
+        let mut l = self.leadership.clone();
+        tokio::select! {
+            _ = l.wait_for(true) => true,
+            _ = stop.cancelled() => false,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::admin::Health;
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_campaign_opens_its_gate_while_leading_and_is_lost_once_the_lease_goes() {
+        let (tx, rx) = watch::channel(false);
+        let health = Health::new();
+        let token = CancellationToken::new();
+        let c = Campaign::follow(Leadership { rx }, Some(health.gate("lease")), token.clone());
+        settle().await;
+        assert!(!health.is_ready() && !c.is_lost(), "not leading yet");
+        tx.send_replace(true);
+        assert!(c.wait_to_lead(&token).await);
+        settle().await;
+        assert!(health.is_ready(), "leading: the gate is open");
+        tx.send_replace(false);
+        tokio::time::timeout(Duration::from_secs(5), c.lost())
+            .await
+            .unwrap();
+        assert!(c.is_lost());
+        settle().await;
+        assert!(!health.is_ready(), "lost: the gate is closed");
+        tx.send_replace(true);
+        settle().await;
+        assert!(c.is_lost(), "a lost campaign stays lost");
+    }
+
+    #[tokio::test]
+    async fn stepping_down_for_shutdown_is_not_a_loss() {
+        let (tx, rx) = watch::channel(true);
+        let token = CancellationToken::new();
+        let c = Campaign::follow(Leadership { rx }, None, token.clone());
+        settle().await;
+        token.cancel();
+        settle().await;
+        tx.send_replace(false);
+        settle().await;
+        assert!(!c.is_lost(), "stepping down for shutdown is not a loss");
     }
 }
