@@ -29,7 +29,7 @@ pub enum ApiError {
     MethodNotAllowed,
     /// The API server could not answer a TokenReview or SubjectAccessReview.
     #[error("authentication backend: {0}")]
-    AuthBackend(String),
+    AuthBackend(#[source] std::sync::Arc<kube::Error>),
 }
 
 impl ApiError {

@@ -23,8 +23,8 @@ use tower::ServiceExt;
 use super::auth::{Authenticator, Decision, table::Calls};
 use super::{DashboardState, router, router_with};
 use crate::cache::{Caches, RecentEvent, WorkEntry};
-use crate::plan::ClusterFacts;
-use crate::views::{ClusterView, KernelView, McmView, Views};
+use crate::decide::plan::ClusterFacts;
+use crate::last_decisions::{ClusterView, KernelView, McmView, Views};
 
 const VIEWER: &str = "viewer-token";
 const OUTSIDER: &str = "outsider-token";
