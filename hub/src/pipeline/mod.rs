@@ -344,3 +344,27 @@ impl ImagePipeline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_keyed_by_job_uid_goes_with_the_jobs_and_the_mcm() {
+        let p = ImagePipeline::new(1);
+        assert!(p.first_time("uid-1", "failed"));
+        assert!(!p.first_time("uid-1", "failed"), "announced once");
+        assert!(p.first_time("uid-2", "succeeded"));
+        if let Ok(mut f) = p.failures.lock() {
+            f.insert("uid-1".into(), "exit code 1".into());
+        }
+        if let Ok(mut a) = p.attempts.lock() {
+            a.insert("m-build-x".into(), ("m".into(), 2));
+        }
+        assert_eq!(p.sizes(), [2, 1, 1, 0, 0]);
+        p.prune_jobs(&["uid-2".to_string()].into());
+        assert_eq!(p.sizes(), [1, 0, 1, 0, 0], "uid-1's Job is gone");
+        p.forget("m");
+        assert_eq!(p.sizes(), [1, 0, 0, 0, 0]);
+    }
+}

@@ -29,6 +29,7 @@ use oci_client::{Client, Reference, RegistryOperation};
 use sha2::{Digest, Sha256};
 use shared_api::labels::{SIGNED_BY_ANNOTATION, SIGNED_FILES_ANNOTATION};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::Instrument;
 
 pub use super::layers::{
     FilePatterns, LayerSource, MergedTree, SigningLayer, Unpack, build_signing_layer,
@@ -458,58 +459,63 @@ pub async fn sign_image(
     })
     .await?;
 
-    // Destination credentials for both the existence checks (pull) and the uploads (push).
-    for op in [RegistryOperation::Pull, RegistryOperation::Push] {
-        client
-            .auth(dst, req.destination_auth, op)
-            .await
-            .map_err(registry_error(dst))?;
-    }
-    let same_registry = src.resolve_registry() == dst.resolve_registry();
-    for (descriptor, path) in manifest.layers[..plan.kept_layers].iter().zip(&layers) {
-        let digest = descriptor.digest.as_str();
-        if client
-            .blob_exists(dst, digest)
-            .await
-            .map_err(registry_error(dst))?
-        {
-            continue;
+    let push = async {
+        // Destination credentials for both the existence checks (pull) and the uploads (push).
+        for op in [RegistryOperation::Pull, RegistryOperation::Push] {
+            client
+                .auth(dst, req.destination_auth, op)
+                .await
+                .map_err(registry_error(dst))?;
         }
-        if same_registry && src.repository() != dst.repository() {
-            // Cross-repository mount: no bytes move. A registry that declines starts an upload
-            // session instead (an error here); the blob is then uploaded below.
-            if client.mount_blob(dst, src, digest).await.is_ok()
-                && client.blob_exists(dst, digest).await.unwrap_or(false)
+        let same_registry = src.resolve_registry() == dst.resolve_registry();
+        for (descriptor, path) in manifest.layers[..plan.kept_layers].iter().zip(&layers) {
+            let digest = descriptor.digest.as_str();
+            if client
+                .blob_exists(dst, digest)
+                .await
+                .map_err(registry_error(dst))?
             {
                 continue;
             }
+            if same_registry && src.repository() != dst.repository() {
+                // Cross-repository mount: no bytes move. A registry that declines starts an upload
+                // session instead (an error here); the blob is then uploaded below.
+                if client.mount_blob(dst, src, digest).await.is_ok()
+                    && client.blob_exists(dst, digest).await.unwrap_or(false)
+                {
+                    continue;
+                }
+            }
+            let size = u64::try_from(descriptor.size).unwrap_or(0);
+            upload_file(client, dst, path, digest, size).await?;
         }
-        let size = u64::try_from(descriptor.size).unwrap_or(0);
-        upload_file(client, dst, path, digest, size).await?;
-    }
-    drop(dir);
-    for (digest, data) in [
-        (plan.layer.digest.as_str(), &plan.layer.blob),
-        (plan.manifest.config.digest.as_str(), &plan.config),
-    ] {
-        if client
-            .blob_exists(dst, digest)
-            .await
-            .map_err(registry_error(dst))?
-        {
-            continue;
+        drop(dir);
+        for (digest, data) in [
+            (plan.layer.digest.as_str(), &plan.layer.blob),
+            (plan.manifest.config.digest.as_str(), &plan.config),
+        ] {
+            if client
+                .blob_exists(dst, digest)
+                .await
+                .map_err(registry_error(dst))?
+            {
+                continue;
+            }
+            client
+                .push_blob(dst, data.clone(), digest)
+                .await
+                .map_err(registry_error(dst))?;
         }
+        let content_type = http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE);
         client
-            .push_blob(dst, data.clone(), digest)
+            .push_manifest_raw(dst, plan.manifest_bytes.clone(), content_type)
             .await
             .map_err(registry_error(dst))?;
-    }
-    let content_type = http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE);
-    client
-        .push_manifest_raw(dst, plan.manifest_bytes.clone(), content_type)
-        .await
-        .map_err(registry_error(dst))?;
-    tracing::info!(digest = %plan.digest, files = plan.layer.files.len(), "pushed signed image");
+        tracing::info!(digest = %plan.digest, files = plan.layer.files.len(), "pushed signed image");
+        Ok::<(), SignError>(())
+    };
+    push.instrument(tracing::info_span!("push", destination = %dst.whole()))
+        .await?;
     let cert_sha256 = req.signer.cert().sha256_hex();
     rt.mark_verified(
         &plan.digest,
