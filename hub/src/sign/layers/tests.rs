@@ -1,3 +1,4 @@
+use super::signing_layer::sha256_id;
 use super::*;
 use crate::sign::signature_info;
 
