@@ -107,7 +107,6 @@ pub fn docker_config(
 type KeyPair = (String, String);
 
 /// The Secrets and ConfigMaps one reconcile's images need, read once.
-#[derive(Debug)]
 pub struct McmInputs {
     namespace: String,
     /// The Secrets the MCM names (pull secret, build secrets), as the store had them.
@@ -116,6 +115,18 @@ pub struct McmInputs {
     signers: BTreeMap<KeyPair, Result<Arc<Signer>, InputError>>,
     /// Dockerfiles by ConfigMap name, read on first need.
     dockerfiles: BTreeMap<String, OnceCell<Result<String, InputError>>>,
+}
+
+/// Names only: never the content of a Secret or a key.
+impl std::fmt::Debug for McmInputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("McmInputs")
+            .field("namespace", &self.namespace)
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .field("signers", &self.signers.keys().collect::<Vec<_>>())
+            .field("dockerfiles", &self.dockerfiles.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 fn key_pair(sign: &Sign) -> KeyPair {
@@ -330,5 +341,24 @@ moduleSpec:
         let e = inputs.signer(&sign).unwrap_err();
         assert_eq!(e.to_string(), "signing secret hub/key does not exist");
         assert_eq!(e.category(), "signing_secret");
+    }
+
+    #[test]
+    fn debug_shows_names_never_content() {
+        let m = mcm(SIGNED);
+        let p = plan(&m, &[cluster("a", &[], Some(&["5.1"]))]).unwrap();
+        let secret = b"{\"auths\":{\"r\":{\"auth\":\"c2VjcmV0OnB3\"}}}";
+        let inputs = McmInputs::read(
+            &m,
+            &p,
+            "hub",
+            store(&[("pull", ".dockerconfigjson", &secret[..])]),
+        );
+        let shown = format!("{inputs:?}");
+        assert!(shown.contains("pull"), "{shown}");
+        assert!(
+            !shown.contains("c2VjcmV0") && !shown.contains("auths"),
+            "{shown}"
+        );
     }
 }
