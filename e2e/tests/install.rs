@@ -1186,23 +1186,24 @@ async fn build_pod_passes_pod_security(hub: &Client) -> anyhow::Result<()> {
     );
     let build: shared_api::module::Build = serde_json::from_value(json!({
         "dockerfileConfigMap": {"name": "df"}, "secrets": [{"name": "git"}]}))?;
-    let job = kmm_hub::build::render_build_job(&kmm_hub::build::BuildInputs {
-        mcm: "m",
-        namespace: BUILD_NS,
-        image: "registry.example.com/m:6.1",
-        kernel: "6.1",
-        mod_name: "m",
-        mod_namespace: "ns",
-        build: &build,
-        dockerfile: "FROM x",
-        registry_tls: Default::default(),
-        registry_secret: true,
-        kaniko_image: &config.kaniko_image,
-        dtk_image: None,
-        attempt: 1,
-        resources: &config.build_resources,
-        deadline: config.build_deadline,
-    });
+    let job =
+        kmm_hub::render::build_job::render_build_job(&kmm_hub::render::build_job::BuildInputs {
+            mcm: "m",
+            namespace: BUILD_NS,
+            image: "registry.example.com/m:6.1",
+            kernel: "6.1",
+            mod_name: "m",
+            mod_namespace: "ns",
+            build: &build,
+            dockerfile: "FROM x",
+            registry_tls: Default::default(),
+            registry_secret: true,
+            kaniko_image: &config.kaniko_image,
+            dtk_image: None,
+            attempt: 1,
+            resources: &config.build_resources,
+            deadline: config.build_deadline,
+        });
     let template = job.spec.context("no Job spec")?.template;
     let pod = |ns: &str| {
         json!({"apiVersion": "v1", "kind": "Pod",

@@ -1769,7 +1769,7 @@ async fn spoke_apiserver_restarted(sb: &mut Sandbox) -> anyhow::Result<()> {
     // OCM's work agent deletes on work deletion only what its AppliedManifestWork has recorded,
     // which lags behind the Module (more so after the restart): deleted at once, the MCM's work
     // must be held by the hub until the work agent reports the Module recorded
-    // (kmm_hub::release), or the Module stays behind.
+    // (kmm_hub::reconcile::release), or the Module stays behind.
     delete_mcm(&hub, NAME).await?;
     eventually("kmm_scn_restart unloaded", DEADLINE, || async {
         let d = diff(&before, &running_state(sb).await?);

@@ -330,7 +330,7 @@ async fn deleting_an_mcm_releases_the_works_of_an_unavailable_cluster() -> anyho
                     "forced",
                     &PatchParams::default(),
                     &Patch::Merge(json!({"metadata": {"annotations": {
-                        kmm_hub::release::FORCE_RELEASE_ANNOTATION: "true"}}})),
+                        kmm_hub::reconcile::release::FORCE_RELEASE_ANNOTATION: "true"}}})),
                 )
                 .await?;
                 mcm_gone(&hub, "forced").await?;

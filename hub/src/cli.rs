@@ -38,7 +38,7 @@ pub enum Command {
     /// Run the hub controller (MCM reconciler, webhook, admin port).
     Run(Box<crate::run::RunArgs>),
     /// Print, as YAML, the ManifestWorks the controller would write (no cluster needed).
-    Render(crate::render_cmd::RenderArgs),
+    Render(crate::commands::render::RenderArgs),
 }
 
 #[cfg(test)]

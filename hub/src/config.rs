@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::Deserialize;
 
-use crate::build::{DEFAULT_KANIKO_IMAGE, DtkEntry, DtkTable};
+use crate::render::build_job::{DEFAULT_KANIKO_IMAGE, DtkEntry, DtkTable};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

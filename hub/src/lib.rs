@@ -1,22 +1,26 @@
 //! kmm-hub: reconciles ManagedClusterModules into builds, signed images and
 //! digest-pinned ManifestWorks for every selected cluster.
+//!
+//! - [`decide`]: pure decisions (plan, per-cluster work, status, build-Job steps), unit-tested.
+//! - [`render`]: pure renderers (ManifestWork, build Job).
+//! - [`pipeline`]: the image pipeline's I/O (registry, builds, signing); returns what happened.
+//! - [`reconcile`]: the MCM reconciler: reads caches, calls the above, writes, publishes.
+//! - [`cache`], [`registry`], [`sign`], [`webhook`], [`dashboard`]: watches, the registry
+//!   client, native signing, admission, the dashboard API.
+//! - [`commands`]: the offline `render` and `validate` subcommands.
 
-pub mod build;
-pub mod buildns;
 pub mod cache;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod dashboard;
-pub mod images;
+pub mod decide;
+pub mod last_decisions;
 pub mod metrics;
-pub mod plan;
+pub mod pipeline;
 pub mod reconcile;
 pub mod registry;
-pub mod release;
 pub mod render;
-pub mod render_cmd;
 pub mod run;
 pub mod sign;
-pub mod validate_cmd;
-pub mod views;
 pub mod webhook;

@@ -61,7 +61,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let ok = rt.block_on(kmm_hub::render_cmd::run(args, &mut std::io::stdout()))?;
+            let ok = rt.block_on(kmm_hub::commands::render::run(args, &mut std::io::stdout()))?;
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {
@@ -91,7 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { files } => {
-            let problems = kmm_hub::validate_cmd::run(&files, &mut std::io::stdout())?;
+            let problems = kmm_hub::commands::validate::run(&files, &mut std::io::stdout())?;
             Ok(if problems == 0 {
                 ExitCode::SUCCESS
             } else {

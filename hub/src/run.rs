@@ -22,11 +22,11 @@ use shared_api::ManagedClusterModule;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Caches, watch_clusters, watch_jobs, watch_secrets, watch_works};
-use crate::images::ImagePipeline;
+use crate::last_decisions::Views;
 use crate::metrics::Metrics;
+use crate::pipeline::ImagePipeline;
 use crate::reconcile::{Context, error_policy, reconcile};
 use crate::registry::Resolver;
-use crate::views::Views;
 
 /// The default address of /livez, /readyz and /metrics.
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:8081";
@@ -280,7 +280,7 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         config,
         signing,
         work_executor,
-        release: crate::release::Releaser::new(args.release_after),
+        release: crate::reconcile::release::Releaser::new(args.release_after),
         secrets,
     });
 

@@ -6,6 +6,7 @@
 //! them. A test that needs the module or `sign-file` FAILS when they are missing (it never
 //! skips); the key-handling tests need only `openssl`.
 
+use kmm_runtime::ErrorCategory as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;

@@ -27,8 +27,8 @@ pub enum RenderError {
     Kernels(Vec<String>),
 }
 
-impl RenderError {
-    pub fn category(&self) -> &'static str {
+impl kmm_runtime::ErrorCategory for RenderError {
+    fn category(&self) -> &'static str {
         match self {
             RenderError::Input(_) => "input",
             RenderError::Invalid(_) => "invalid",

@@ -20,8 +20,8 @@ use super::model::{
     WorkStatus,
 };
 use crate::cache::{RECENT_EVENTS, WorkEntry};
-use crate::plan::{ClusterFacts, selects};
-use crate::views::McmView;
+use crate::decide::plan::{ClusterFacts, selects};
+use crate::last_decisions::McmView;
 
 pub async fn list_mcms(State(state): State<AppState>) -> Json<McmList> {
     let clusters = state.fleet.caches.cluster_facts();

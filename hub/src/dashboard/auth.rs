@@ -145,7 +145,7 @@ impl Authenticator {
         self.cache
             .try_get_with(key, self.review(token))
             .await
-            .map_err(|e| ApiError::AuthBackend(e.to_string()))
+            .map_err(ApiError::AuthBackend)
     }
 
     async fn review(&self, token: &str) -> Result<Decision, kube::Error> {

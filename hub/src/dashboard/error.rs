@@ -4,6 +4,7 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use kmm_runtime::ErrorCategory as _;
 
 use super::model::ErrorBody;
 
@@ -29,23 +30,10 @@ pub enum ApiError {
     MethodNotAllowed,
     /// The API server could not answer a TokenReview or SubjectAccessReview.
     #[error("authentication backend: {0}")]
-    AuthBackend(String),
+    AuthBackend(#[source] std::sync::Arc<kube::Error>),
 }
 
 impl ApiError {
-    pub fn category(&self) -> &'static str {
-        match self {
-            ApiError::Unauthenticated(_) => "unauthenticated",
-            ApiError::Forbidden { .. } => "forbidden",
-            ApiError::TooManyFailures { .. } => "rate_limited",
-            ApiError::NotFound { .. } => "not_found",
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::NoSuchPath => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::AuthBackend(_) => "unavailable",
-        }
-    }
-
     fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
@@ -66,6 +54,21 @@ impl ApiError {
                 "the hub cannot check the token right now; try again later".into()
             }
             other => other.to_string(),
+        }
+    }
+}
+
+impl kmm_runtime::ErrorCategory for ApiError {
+    fn category(&self) -> &'static str {
+        match self {
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::Forbidden { .. } => "forbidden",
+            ApiError::TooManyFailures { .. } => "rate_limited",
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::NoSuchPath => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::AuthBackend(_) => "unavailable",
         }
     }
 }

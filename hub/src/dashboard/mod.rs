@@ -31,7 +31,7 @@ pub use auth::Authenticator;
 pub use error::ApiError;
 
 use crate::cache::Caches;
-use crate::views::Views;
+use crate::last_decisions::Views;
 
 /// What the dashboard reads: the controller's caches, never the API server per request
 /// (only TokenReview/SubjectAccessReview to authenticate callers).

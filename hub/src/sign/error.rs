@@ -82,23 +82,6 @@ pub enum SignError {
 }
 
 impl SignError {
-    /// A short, bounded category for metrics labels and event reasons.
-    pub fn category(&self) -> &'static str {
-        match self {
-            SignError::Key(_) | SignError::KeyCertMismatch(_) => "key",
-            SignError::Certificate(_) => "certificate",
-            SignError::Hash(_) => "hash",
-            SignError::Module { .. } => "module",
-            SignError::Pattern { .. } | SignError::NoMatch { .. } => "pattern",
-            SignError::Image { .. } => "image",
-            SignError::Registry { .. } => "registry",
-            SignError::Encoding(_) => "encoding",
-            SignError::Io { .. } => "io",
-            SignError::Limit { .. } => "limit",
-            SignError::SignatureInvalid { .. } => "signature",
-        }
-    }
-
     /// Name the file a module error is about.
     pub fn in_file(self, path: impl std::fmt::Display) -> Self {
         match self {
@@ -124,6 +107,25 @@ impl SignError {
         SignError::Io {
             path: path.to_string(),
             error,
+        }
+    }
+}
+
+impl kmm_runtime::ErrorCategory for SignError {
+    /// A short, bounded category for metrics labels and event reasons.
+    fn category(&self) -> &'static str {
+        match self {
+            SignError::Key(_) | SignError::KeyCertMismatch(_) => "key",
+            SignError::Certificate(_) => "certificate",
+            SignError::Hash(_) => "hash",
+            SignError::Module { .. } => "module",
+            SignError::Pattern { .. } | SignError::NoMatch { .. } => "pattern",
+            SignError::Image { .. } => "image",
+            SignError::Registry { .. } => "registry",
+            SignError::Encoding(_) => "encoding",
+            SignError::Io { .. } => "io",
+            SignError::Limit { .. } => "limit",
+            SignError::SignatureInvalid { .. } => "signature",
         }
     }
 }

@@ -82,6 +82,7 @@ impl FromStr for HashAlgorithm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kmm_runtime::ErrorCategory as _;
 
     #[test]
     fn parses_names_and_rejects_others() {

@@ -362,6 +362,7 @@ impl SignRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kmm_runtime::ErrorCategory as _;
 
     #[test]
     fn sizes_parse_and_print() {

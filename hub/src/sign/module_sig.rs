@@ -130,6 +130,7 @@ pub fn sign_module(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kmm_runtime::ErrorCategory as _;
 
     #[test]
     fn unsigned_module_is_left_alone() -> Result<(), SignError> {

@@ -14,9 +14,46 @@ use kube::{Client, ResourceExt};
 use shared_api::labels::MCM_OWNER_LABEL;
 use shared_api::module::LocalObjectReference;
 
-use crate::build::{dockerfile_copy, registry_copy, secret_copy};
+use crate::render::build_job::{dockerfile_copy, registry_copy, secret_copy};
 
 const MANAGER: &str = "kmm-hub";
+
+/// Why a build's input copies could not be made. Messages name objects, never content.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("secret {namespace}/{name} ({field}) does not exist")]
+    Missing {
+        namespace: String,
+        name: String,
+        field: &'static str,
+    },
+    #[error("build Job {0} has no uid")]
+    NoUid(String),
+    #[error("cannot write ConfigMap {namespace}/{name}: {source}")]
+    WriteConfigMap {
+        namespace: String,
+        name: String,
+        source: Box<kube::Error>,
+    },
+    #[error("cannot write secret {namespace}/{name} (copy of {original}): {source}")]
+    WriteSecret {
+        namespace: String,
+        name: String,
+        original: String,
+        source: Box<kube::Error>,
+    },
+}
+
+impl kmm_runtime::ErrorCategory for CopyError {
+    /// A short static category for metrics and logs.
+    fn category(&self) -> &'static str {
+        match self {
+            CopyError::Missing { .. } => "build_input_missing",
+            CopyError::NoUid(_) => "build_job_invalid",
+            CopyError::WriteConfigMap { .. } | CopyError::WriteSecret { .. } => "kube_api",
+        }
+    }
+}
 
 /// The originals a build needs, read from the hub's namespace before its Job is created
 /// (a missing one stops the build before anything is written).
@@ -42,7 +79,7 @@ pub fn read(
     dockerfile: &str,
     registry_secret: Option<&str>,
     build_secrets: &[LocalObjectReference],
-) -> Result<Inputs, String> {
+) -> Result<Inputs, CopyError> {
     let mut wanted: Vec<(Copy, &str, &str)> = Vec::new();
     if let Some(s) = registry_secret {
         wanted.push((Copy::Registry, s, "spec.moduleSpec.imageRepoSecret"));
@@ -54,7 +91,13 @@ pub fn read(
     for (copy, name, field) in wanted {
         match lookup(name) {
             Some(o) => secrets.push((copy, (*o).clone())),
-            None => return Err(format!("secret {from}/{name} ({field}) does not exist")),
+            None => {
+                return Err(CopyError::Missing {
+                    namespace: from.to_string(),
+                    name: name.to_string(),
+                    field,
+                });
+            }
         }
     }
     Ok(Inputs {
@@ -64,10 +107,8 @@ pub fn read(
     })
 }
 
-fn meta(job: &Job, mcm: &str, name: String) -> Result<ObjectMeta, String> {
-    let uid = job
-        .uid()
-        .ok_or_else(|| format!("build Job {} has no uid", job.name_any()))?;
+fn meta(job: &Job, mcm: &str, name: String) -> Result<ObjectMeta, CopyError> {
+    let uid = job.uid().ok_or_else(|| CopyError::NoUid(job.name_any()))?;
     Ok(ObjectMeta {
         name: Some(name),
         namespace: job.namespace(),
@@ -91,7 +132,7 @@ fn meta(job: &Job, mcm: &str, name: String) -> Result<ObjectMeta, String> {
 }
 
 /// Write every copy the created Job mounts, owned by it.
-pub async fn write(client: &Client, job: &Job, inputs: &Inputs) -> Result<(), String> {
+pub async fn write(client: &Client, job: &Job, inputs: &Inputs) -> Result<(), CopyError> {
     let ns = job.namespace().unwrap_or_default();
     let name = job.name_any();
     let pp = PatchParams::apply(MANAGER).force();
@@ -107,7 +148,11 @@ pub async fn write(client: &Client, job: &Job, inputs: &Inputs) -> Result<(), St
     Api::<ConfigMap>::namespaced(client.clone(), &ns)
         .patch(&cm_name, &pp, &Patch::Apply(&cm))
         .await
-        .map_err(|e| format!("cannot write ConfigMap {ns}/{cm_name}: {e}"))?;
+        .map_err(|e| CopyError::WriteConfigMap {
+            namespace: ns.clone(),
+            name: cm_name.clone(),
+            source: Box::new(e),
+        })?;
     let copies: Api<Secret> = Api::namespaced(client.clone(), &ns);
     for (copy, original) in &inputs.secrets {
         let copy_name = match copy {
@@ -123,11 +168,11 @@ pub async fn write(client: &Client, job: &Job, inputs: &Inputs) -> Result<(), St
         copies
             .patch(&copy_name, &pp, &Patch::Apply(&s))
             .await
-            .map_err(|e| {
-                format!(
-                    "cannot write secret {ns}/{copy_name} (copy of {}): {e}",
-                    original.name_any()
-                )
+            .map_err(|e| CopyError::WriteSecret {
+                namespace: ns.clone(),
+                name: copy_name.clone(),
+                original: original.name_any(),
+                source: Box::new(e),
             })?;
     }
     Ok(())

@@ -8,27 +8,7 @@ use shared_api::kernel::{KernelMapper, MappingError};
 use shared_api::mcm::ClusterProblem;
 use shared_api::module::{Build, Sign, TlsOptions};
 
-/// What the hub knows about one ManagedCluster.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ClusterFacts {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    /// Kernels from the `kernel-versions` claim(s); `None` when the cluster published none.
-    pub kernels: Option<Vec<String>>,
-    /// OCM reports the cluster available (`ManagedClusterConditionAvailable` True).
-    pub available: bool,
-}
-
-impl ClusterFacts {
-    pub fn from_cluster(c: &shared_api::ManagedCluster) -> Self {
-        Self {
-            name: c.metadata.name.clone().unwrap_or_default(),
-            labels: c.metadata.labels.clone().unwrap_or_default(),
-            kernels: c.status.as_ref().and_then(|s| s.kernel_versions()),
-            available: c.status.as_ref().is_some_and(|s| s.available()),
-        }
-    }
-}
+pub use super::facts::ClusterFacts;
 
 /// Equality label selector; an empty selector selects everything.
 pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -194,7 +174,7 @@ fn problem(cluster: &str, reason: &str, message: String) -> ClusterProblem {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use shared_api::mcm::ManagedClusterModuleSpec;
 
@@ -203,7 +183,11 @@ mod tests {
         ManagedClusterModule::new("mod-example", spec)
     }
 
-    fn cluster(name: &str, labels: &[(&str, &str)], kernels: Option<&[&str]>) -> ClusterFacts {
+    pub(crate) fn cluster(
+        name: &str,
+        labels: &[(&str, &str)],
+        kernels: Option<&[&str]>,
+    ) -> ClusterFacts {
         ClusterFacts {
             name: name.into(),
             labels: labels
@@ -215,7 +199,7 @@ mod tests {
         }
     }
 
-    const SPEC: &str = r#"
+    pub(crate) const SPEC: &str = r#"
 spokeNamespace: spoke-ns
 selector: {wants: "yes"}
 moduleSpec:

@@ -11,10 +11,12 @@ use shared_api::ManagedCluster;
 use shared_api::parse::{Object, parse_documents};
 use shared_api::validate::validate_mcm;
 
+use crate::decide::cluster::decide_cluster;
+use crate::decide::image::ImageOutcome;
+use crate::decide::plan::{ClusterFacts, plan};
 use crate::metrics::Metrics;
-use crate::plan::{ClusterFacts, plan};
 use crate::registry::{DockerConfig, Resolver};
-use crate::render::{ReadyMapping, pin, render_manifestwork};
+use crate::render::{DEFAULT_WORK_EXECUTOR, parse_executor};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RenderArgs {
@@ -102,6 +104,22 @@ pub async fn run(args: RenderArgs, out: &mut impl Write) -> anyhow::Result<bool>
         }
     }
 
+    // The same per-cluster decision as the reconciler, with nothing shipped yet: a known
+    // digest (or a reference the user pinned by digest) is a ready image.
+    let outcomes: BTreeMap<String, ImageOutcome> = p
+        .images
+        .keys()
+        .map(|image| {
+            let digest =
+                crate::registry::pinned_digest(image).or(digests.get(image).map(String::as_str));
+            let outcome = match digest {
+                Some(d) => ImageOutcome::ready(d.to_string()),
+                None => ImageOutcome::missing(format!("no digest for image {image}")),
+            };
+            (image.clone(), outcome)
+        })
+        .collect();
+    let executor = parse_executor(DEFAULT_WORK_EXECUTOR).ok().flatten();
     let mut all = true;
     for cp in &p.clusters {
         if let Some(problem) = &cp.problem {
@@ -112,33 +130,21 @@ pub async fn run(args: RenderArgs, out: &mut impl Write) -> anyhow::Result<bool>
             all = false;
             continue;
         }
-        let mut ready = Vec::new();
-        for t in &cp.targets {
-            // A reference the user pinned by digest passes through as it is.
-            let digest = crate::registry::pinned_digest(&t.image)
-                .or(digests.get(&t.image).map(String::as_str));
-            match digest {
-                Some(d) => ready.push(ReadyMapping {
-                    kernel: t.kernel.clone(),
-                    pinned_image: pin(&t.image, d),
-                    registry_tls: t.registry_tls,
-                    in_tree_modules_to_remove: t.in_tree_modules_to_remove.clone(),
-                }),
-                None => {
-                    eprintln!(
-                        "cluster {}: kernel {}: no digest for image {}",
-                        cp.cluster, t.kernel, t.image
-                    );
-                    all = false;
-                }
-            }
+        let d = decide_cluster(&mcm, cp, &outcomes, &[], executor.as_ref());
+        for k in d.view.kernels.iter().filter(|k| k.pinned.is_none()) {
+            eprintln!(
+                "cluster {}: kernel {}: no digest for image {}",
+                cp.cluster, k.kernel, k.image
+            );
+            all = false;
         }
-        match render_manifestwork(&mcm, &cp.cluster, &ready) {
-            Ok(w) => write!(out, "---\n{}", serde_yaml::to_string(&w)?)?,
-            Err(e) => {
+        match (d.desired, d.render_error) {
+            (Some(w), _) => write!(out, "---\n{}", serde_yaml::to_string(&w)?)?,
+            (None, Some(e)) => {
                 eprintln!("cluster {}: {}: {e}", cp.cluster, e.reason());
                 all = false;
             }
+            (None, None) => all = false,
         }
     }
     Ok(all)

@@ -1,0 +1,239 @@
+//! One cluster's ManifestWork: for each kernel, the freshly pinned image when known, the
+//! shipped one when the registry could not answer (never erase a working digest), otherwise
+//! pending; then the rendered work, or why there is none. Used by the reconciler and by
+//! `kmm-hub render`.
+
+use std::collections::BTreeMap;
+
+use shared_api::ManagedClusterModule;
+use shared_api::mcm::{ClusterProblem, ImageState};
+use shared_api::ocm::{ManifestWork, ManifestWorkExecutor};
+
+use super::image::ImageOutcome;
+use super::plan::ClusterPlan;
+use crate::last_decisions::{ClusterView, KernelView};
+use crate::render::{ReadyMapping, RenderError, pin, render_manifestwork_as};
+
+/// What one reconcile decided about one cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterDecision {
+    pub view: ClusterView,
+    /// The work to ship (written only when it differs from the cached one).
+    pub desired: Option<ManifestWork>,
+    /// Why the cluster has no work, or not all of its kernels.
+    pub problem: Option<ClusterProblem>,
+    /// Delete an existing work (nothing of the cluster matches any more).
+    pub delete: bool,
+    /// Rendering was tried and refused (the problem says the same for status).
+    pub render_error: Option<RenderError>,
+}
+
+/// Decide one cluster of the plan. `outcomes`: the image pipeline's, by image; `shipped`: the
+/// mappings the cluster's current work carries.
+pub fn decide_cluster(
+    mcm: &ManagedClusterModule,
+    cp: &ClusterPlan,
+    outcomes: &BTreeMap<String, ImageOutcome>,
+    shipped: &[ReadyMapping],
+    executor: Option<&ManifestWorkExecutor>,
+) -> ClusterDecision {
+    let shipped: BTreeMap<&str, &ReadyMapping> =
+        shipped.iter().map(|m| (m.kernel.as_str(), m)).collect();
+    let mut ready = Vec::new();
+    let mut kernels = Vec::new();
+    let mut pending = Vec::new();
+    for t in &cp.targets {
+        let outcome = outcomes.get(&t.image);
+        let fresh = outcome
+            .and_then(|o| o.digest.as_deref())
+            .filter(|_| outcome.is_some_and(|o| o.state == ImageState::Ready));
+        let chosen = match (fresh, shipped.get(t.kernel.as_str())) {
+            (Some(d), _) => Some(ReadyMapping {
+                kernel: t.kernel.clone(),
+                pinned_image: pin(&t.image, d),
+                registry_tls: t.registry_tls,
+                in_tree_modules_to_remove: t.in_tree_modules_to_remove.clone(),
+            }),
+            (None, Some(old)) => Some((*old).clone()),
+            (None, None) => None,
+        };
+        kernels.push(KernelView {
+            kernel: t.kernel.clone(),
+            image: t.image.clone(),
+            pinned: chosen.as_ref().map(|c| c.pinned_image.clone()),
+            state: outcome.map_or(ImageState::Pending, |o| o.state),
+            reason: outcome.and_then(|o| o.reason.clone()),
+        });
+        match chosen {
+            Some(c) => ready.push(c),
+            None => pending.push(t.image.clone()),
+        }
+    }
+    let view = ClusterView {
+        name: cp.cluster.clone(),
+        kernels,
+        unmapped_kernels: cp.unmapped_kernels.clone(),
+        problem: None,
+    };
+    let decision = |view, desired, problem: Option<ClusterProblem>, delete, render_error| {
+        let mut view: ClusterView = view;
+        view.problem = problem.clone();
+        ClusterDecision {
+            view,
+            desired,
+            problem,
+            delete,
+            render_error,
+        }
+    };
+    if let Some(p) = &cp.problem {
+        // No kernel matches any more: the work goes. Other problems keep what was shipped.
+        let delete = p.reason == "NoMatchingKernel";
+        return decision(view, None, Some(p.clone()), delete, None);
+    }
+    let problem = (!pending.is_empty()).then(|| ClusterProblem {
+        name: cp.cluster.clone(),
+        reason: "ImagesPending".into(),
+        message: format!("waiting for image(s): {}", pending.join(", ")),
+    });
+    match render_manifestwork_as(mcm, &cp.cluster, &ready, executor) {
+        Ok(w) => decision(view, Some(w), problem, false, None),
+        Err(e) => {
+            let p = match (&e, problem) {
+                (RenderError::NoReadyMapping, Some(p)) => p,
+                _ => ClusterProblem {
+                    name: cp.cluster.clone(),
+                    reason: e.reason().into(),
+                    message: e.to_string(),
+                },
+            };
+            decision(view, None, Some(p), false, Some(e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::plan::tests::{SPEC, cluster, mcm};
+    use crate::decide::plan::{ClusterPlan, plan};
+    use crate::render::shipped_mappings;
+
+    const OLD: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const NEW: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+    const IMAGE_1: &str = "reg/x/spoke-ns:5.14.0-1";
+    const IMAGE_3: &str = "reg/x/spoke-ns:5.14.0-3";
+
+    fn cluster_plan(kernels: Option<&[&str]>) -> ClusterPlan {
+        let p = plan(&mcm(SPEC), &[cluster("c1", &[("wants", "yes")], kernels)]).unwrap();
+        p.clusters.into_iter().next().unwrap()
+    }
+
+    fn outcomes(list: &[(&str, ImageOutcome)]) -> BTreeMap<String, ImageOutcome> {
+        list.iter()
+            .map(|(i, o)| (i.to_string(), o.clone()))
+            .collect()
+    }
+
+    fn shipped(kernel: &str, image: &str, digest: &str) -> ReadyMapping {
+        ReadyMapping {
+            kernel: kernel.into(),
+            pinned_image: pin(image, digest),
+            registry_tls: Default::default(),
+            in_tree_modules_to_remove: vec![],
+        }
+    }
+
+    fn decide(
+        cp: &ClusterPlan,
+        o: &BTreeMap<String, ImageOutcome>,
+        s: &[ReadyMapping],
+    ) -> ClusterDecision {
+        decide_cluster(&mcm(SPEC), cp, o, s, None)
+    }
+
+    fn pinned_in(d: &ClusterDecision) -> Vec<String> {
+        shipped_mappings(d.desired.as_ref().expect("a work"))
+            .into_iter()
+            .map(|m| m.pinned_image)
+            .collect()
+    }
+
+    #[test]
+    fn a_ready_image_is_pinned_by_its_fresh_digest() {
+        let cp = cluster_plan(Some(&["5.14.0-1"]));
+        let d = decide(
+            &cp,
+            &outcomes(&[(IMAGE_1, ImageOutcome::ready(NEW.into()))]),
+            &[shipped("5.14.0-1", IMAGE_1, OLD)],
+        );
+        assert_eq!(pinned_in(&d), vec![pin(IMAGE_1, NEW)]);
+        assert!(d.problem.is_none() && !d.delete);
+    }
+
+    #[test]
+    fn registry_down_keeps_the_shipped_digest() {
+        let cp = cluster_plan(Some(&["5.14.0-1"]));
+        let down = ImageOutcome::failed("the registry cannot be reached".into());
+        let d = decide(
+            &cp,
+            &outcomes(&[(IMAGE_1, down)]),
+            &[shipped("5.14.0-1", IMAGE_1, OLD)],
+        );
+        assert_eq!(pinned_in(&d), vec![pin(IMAGE_1, OLD)]);
+        assert!(d.problem.is_none(), "nothing is waiting: {:?}", d.problem);
+        let k = &d.view.kernels[0];
+        assert_eq!(
+            k.state,
+            ImageState::Failed,
+            "the view still tells the truth"
+        );
+        assert_eq!(k.pinned, Some(pin(IMAGE_1, OLD)));
+    }
+
+    #[test]
+    fn a_pending_kernel_waits_while_ready_kernels_ship() {
+        let cp = cluster_plan(Some(&["5.14.0-1", "5.14.0-3"]));
+        let d = decide(
+            &cp,
+            &outcomes(&[
+                (IMAGE_1, ImageOutcome::ready(NEW.into())),
+                (IMAGE_3, ImageOutcome::building("build Job running".into())),
+            ]),
+            &[],
+        );
+        assert_eq!(pinned_in(&d), vec![pin(IMAGE_1, NEW)]);
+        let p = d.problem.unwrap();
+        assert_eq!(p.reason, "ImagesPending");
+        assert_eq!(p.message, format!("waiting for image(s): {IMAGE_3}"));
+        assert_eq!(d.view.problem.as_ref(), Some(&p));
+    }
+
+    #[test]
+    fn nothing_ready_ships_no_work_and_keeps_the_existing_one() {
+        let cp = cluster_plan(Some(&["5.14.0-1"]));
+        let d = decide(&cp, &outcomes(&[]), &[]);
+        assert!(d.desired.is_none());
+        assert!(!d.delete, "a work already there stays");
+        assert_eq!(d.problem.unwrap().reason, "ImagesPending");
+        assert_eq!(d.render_error, Some(RenderError::NoReadyMapping));
+    }
+
+    #[test]
+    fn no_matching_kernel_deletes_the_work() {
+        let cp = cluster_plan(Some(&["6.1.0"]));
+        let d = decide(&cp, &outcomes(&[]), &[shipped("5.14.0-1", IMAGE_1, OLD)]);
+        assert!(d.delete);
+        assert!(d.desired.is_none());
+        assert_eq!(d.problem.unwrap().reason, "NoMatchingKernel");
+    }
+
+    #[test]
+    fn no_kernel_claim_keeps_the_work() {
+        let cp = cluster_plan(None);
+        let d = decide(&cp, &outcomes(&[]), &[shipped("5.14.0-1", IMAGE_1, OLD)]);
+        assert!(!d.delete, "the cluster keeps what it was shipped");
+        assert!(d.desired.is_none(), "and nothing is rewritten");
+        assert_eq!(d.problem.unwrap().reason, "NoKernelClaim");
+    }
+}

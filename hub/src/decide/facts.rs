@@ -1,0 +1,177 @@
+//! What the hub keeps of the objects it watches: compact, pure projections of
+//! ManagedClusters, its ManifestWorks and its build Jobs (the watch caches hold these).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::ResourceExt;
+use serde::Serialize;
+use shared_api::labels::MCM_OWNER_LABEL;
+use shared_api::ocm::{ManifestWork, work_conditions};
+
+use crate::render::{ReadyMapping, SPEC_HASH_ANNOTATION, shipped_mappings};
+
+/// What the hub knows about one ManagedCluster.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterFacts {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Kernels from the `kernel-versions` claim(s); `None` when the cluster published none.
+    pub kernels: Option<Vec<String>>,
+    /// OCM reports the cluster available (`ManagedClusterConditionAvailable` True).
+    pub available: bool,
+}
+
+impl ClusterFacts {
+    pub fn from_cluster(c: &shared_api::ManagedCluster) -> Self {
+        Self {
+            name: c.metadata.name.clone().unwrap_or_default(),
+            labels: c.metadata.labels.clone().unwrap_or_default(),
+            kernels: c.status.as_ref().and_then(|s| s.kernel_versions()),
+            available: c.status.as_ref().is_some_and(|s| s.available()),
+        }
+    }
+}
+
+/// What the hub keeps of one of its ManifestWorks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkEntry {
+    pub mcm: String,
+    pub cluster: String,
+    pub spec_hash: Option<String>,
+    #[serde(skip)]
+    pub shipped: Vec<ReadyMapping>,
+    pub applied: bool,
+    pub available: bool,
+    pub degraded: bool,
+    pub feedback: BTreeMap<String, i64>,
+    pub conditions: Vec<Condition>,
+    pub deleting: bool,
+    /// The work's finalizers (OCM's work agent holds one until it cleaned up).
+    #[serde(skip)]
+    pub finalizers: Vec<String>,
+}
+
+impl WorkEntry {
+    pub fn from_work(w: &ManifestWork) -> Option<Self> {
+        let mcm = w.labels().get(MCM_OWNER_LABEL)?.clone();
+        let status = w.status.clone().unwrap_or_default();
+        let feedback: BTreeMap<String, i64> = crate::render::FEEDBACK_FIELDS
+            .iter()
+            .filter_map(|f| status.feedback_integer(f).map(|v| ((*f).to_string(), v)))
+            .collect();
+        Some(Self {
+            mcm,
+            cluster: w.namespace().unwrap_or_default(),
+            spec_hash: w.annotations().get(SPEC_HASH_ANNOTATION).cloned(),
+            shipped: shipped_mappings(w),
+            applied: status.condition_true(work_conditions::APPLIED),
+            available: status.condition_true(work_conditions::AVAILABLE),
+            degraded: status.condition_true(work_conditions::DEGRADED),
+            feedback,
+            conditions: status.conditions,
+            deleting: w.metadata.deletion_timestamp.is_some(),
+            finalizers: w.finalizers().to_vec(),
+        })
+    }
+
+    /// Every desired loader and device-plugin pod available on the spoke.
+    pub fn module_available(&self) -> bool {
+        let f = |k: &str| self.feedback.get(k).copied();
+        let part = |prefix: &str| match (
+            f(&format!("{prefix}.desiredNumber")),
+            f(&format!("{prefix}.availableNumber")),
+        ) {
+            (Some(d), Some(a)) => a >= d,
+            (None, None) => true,
+            _ => false,
+        };
+        let reported = self.feedback.contains_key("moduleLoader.desiredNumber")
+            || self.feedback.contains_key("devicePlugin.desiredNumber");
+        self.available && reported && part("moduleLoader") && part("devicePlugin")
+    }
+}
+
+/// What the hub keeps of one of its build Jobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobEntry {
+    pub name: String,
+    pub uid: String,
+    pub mcm: String,
+    pub image: String,
+    pub build_hash: String,
+    pub attempt: u32,
+    pub active: bool,
+    pub succeeded: bool,
+    pub failed: bool,
+    /// When the Job finished (success or failure).
+    pub finished_at: Option<k8s_openapi::jiff::Timestamp>,
+    pub deleting: bool,
+}
+
+impl JobEntry {
+    pub fn from_job(j: &k8s_openapi::api::batch::v1::Job) -> Option<Self> {
+        use shared_api::labels::{BUILD_HASH_ANNOTATION, BUILD_IMAGE_ANNOTATION};
+        let mcm = j.labels().get(MCM_OWNER_LABEL)?.clone();
+        let a = j.annotations();
+        let status = j.status.clone().unwrap_or_default();
+        let cond = |t: &str| {
+            status
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == t && c.status == "True")
+        };
+        let failed = cond("Failed").is_some()
+            || status.failed.unwrap_or(0) > 0 && status.active.unwrap_or(0) == 0;
+        let succeeded = cond("Complete").is_some() || status.succeeded.unwrap_or(0) > 0;
+        let finished_at =
+            status.completion_time.as_ref().map(|t| t.0).or_else(|| {
+                cond("Failed").and_then(|c| c.last_transition_time.as_ref().map(|t| t.0))
+            });
+        Some(Self {
+            name: j.name_any(),
+            uid: j.uid().unwrap_or_default(),
+            mcm,
+            image: a.get(BUILD_IMAGE_ANNOTATION).cloned().unwrap_or_default(),
+            build_hash: a.get(BUILD_HASH_ANNOTATION).cloned().unwrap_or_default(),
+            attempt: a
+                .get(crate::render::build_job::ATTEMPT_ANNOTATION)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+            active: !failed && !succeeded,
+            succeeded,
+            failed,
+            finished_at,
+            deleting: j.metadata.deletion_timestamp.is_some(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn available_needs_feedback_showing_every_pod_available() {
+        let mut w = WorkEntry {
+            mcm: "m".into(),
+            cluster: "c1".into(),
+            applied: true,
+            ..Default::default()
+        };
+        w.available = true;
+        assert!(!w.module_available(), "no feedback yet");
+        w.feedback.insert("moduleLoader.desiredNumber".into(), 3);
+        w.feedback.insert("moduleLoader.availableNumber".into(), 2);
+        assert!(!w.module_available());
+        w.feedback.insert("moduleLoader.availableNumber".into(), 3);
+        assert!(w.module_available());
+        w.feedback.insert("devicePlugin.desiredNumber".into(), 3);
+        assert!(
+            !w.module_available(),
+            "device plugin reported desired but not available"
+        );
+    }
+}

@@ -1,0 +1,324 @@
+//! The ManagedClusterModule reconciler: plan → image pipeline → one ManifestWork per
+//! selected cluster (applied only when changed) → garbage collection → status.
+//! It reads caches, asks `decide` what to do, writes, and publishes events; the decisions
+//! themselves are pure and tested in `decide`.
+
+pub mod error;
+pub mod events;
+pub mod release;
+pub mod writes;
+
+use kmm_runtime::ErrorCategory as _;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kmm_runtime::backoff::KeyedBackoff;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Client, ResourceExt};
+use shared_api::ManagedClusterModule;
+use shared_api::labels::MCM_FINALIZER;
+use shared_api::mcm::ClusterProblem;
+use shared_api::ocm::ManifestWork;
+use shared_api::validate::validate_mcm;
+use tracing::Instrument;
+
+pub use error::{Error, WorkWriteError};
+pub use events::event;
+pub use writes::delete_work;
+
+use crate::cache::Caches;
+use crate::decide::cluster::decide_cluster;
+use crate::decide::plan::plan;
+use crate::decide::status::{Findings, Next, invalid_spec_status, mcm_status, plan_error_status};
+use crate::last_decisions::{McmView, Views};
+use crate::metrics::{CategoryLabel, Metrics, OutcomeLabel};
+use crate::pipeline::{Deps, ImageOutcome, ImagePipeline, McmInputs, Report, inputs};
+use crate::registry::Resolver;
+use writes::{apply_works, delete_works, write_status};
+
+/// Everything a reconcile needs; shared by all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub operator_namespace: String,
+    /// Parallel ManifestWork writes within one reconcile.
+    pub write_concurrency: usize,
+    pub caches: Arc<Caches>,
+    pub resolver: Resolver,
+    pub images: ImagePipeline,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    pub backoff: KeyedBackoff<String>,
+    pub views: Arc<Views>,
+    pub resync: Duration,
+    pub config: crate::config::HubConfig,
+    /// Image signing and verification: limits, work directory, CPU permits.
+    pub signing: crate::sign::SignRuntime,
+    /// The spoke ServiceAccount works are applied as (`--work-executor`).
+    pub work_executor: Option<shared_api::ocm::ManifestWorkExecutor>,
+    /// Held and released work deletions (`--release-after`).
+    pub release: release::Releaser,
+    /// The Secrets of the hub namespace (a reflector's store; see `cache::watch_secrets`).
+    pub secrets: kube::runtime::reflector::Store<Secret>,
+}
+
+impl Context {
+    /// A Secret of the hub namespace, from the store (never an API call).
+    pub fn secret(&self, name: &str) -> Option<Arc<Secret>> {
+        self.secrets
+            .get(&kube::runtime::reflector::ObjectRef::new(name).within(&self.operator_namespace))
+    }
+
+    /// What the image pipeline may use.
+    fn pipeline_deps(&self) -> Deps<'_> {
+        Deps {
+            client: &self.client,
+            resolver: &self.resolver,
+            caches: &self.caches,
+            metrics: &self.metrics,
+            config: &self.config,
+            signing: &self.signing,
+            operator_namespace: &self.operator_namespace,
+        }
+    }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("operator_namespace", &self.operator_namespace)
+            .finish()
+    }
+}
+
+pub async fn reconcile(mcm: Arc<ManagedClusterModule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = tracing::info_span!("reconcile", mcm = %mcm.name_any());
+    reconcile_in_span(mcm, ctx).instrument(span).await
+}
+
+async fn reconcile_in_span(
+    mcm: Arc<ManagedClusterModule>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    let api: Api<ManagedClusterModule> = Api::all(ctx.client.clone());
+    let name = mcm.name_any();
+    let result = finalizer(&api, MCM_FINALIZER, mcm, |event| async {
+        match event {
+            Finalizer::Apply(mcm) => apply(&mcm, &ctx).await,
+            Finalizer::Cleanup(mcm) => cleanup(&mcm, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(Box::new(other)),
+    });
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .reconciles
+        .get_or_create(&OutcomeLabel { outcome })
+        .inc();
+    if result.is_ok() {
+        ctx.backoff.reset(&name);
+    }
+    result
+}
+
+pub fn error_policy(mcm: Arc<ManagedClusterModule>, error: &Error, ctx: Arc<Context>) -> Action {
+    let name = mcm.name_any();
+    ctx.metrics
+        .errors
+        .get_or_create(&CategoryLabel::new(error.category()))
+        .inc();
+    let delay = match error {
+        // Waiting on works is no failure: look again when their deadline passes.
+        Error::DeletionHeld { retry, .. } => *retry,
+        // Jittered, so that MCMs failing together do not retry together.
+        _ => crate::registry::jittered(ctx.backoff.next(&name)),
+    };
+    tracing::info!(mcm = %name, error = %error, retry_in = ?delay, "reconcile will be retried");
+    Action::requeue(delay)
+}
+
+async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Error> {
+    let name = mcm.name_any();
+    let now = Timestamp::now();
+
+    // Invalid input: report every violation, change nothing that already runs.
+    let violations = validate_mcm(mcm);
+    if !violations.is_empty() {
+        let msg = violations
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let status = invalid_spec_status(mcm, &msg, &ctx.caches.works_of(&name), now);
+        if write_status(ctx, mcm, status).await? {
+            event(ctx, mcm, EventType::Warning, "InvalidSpec", &msg).await;
+        }
+        return Ok(Action::requeue(ctx.resync));
+    }
+
+    let clusters = ctx.caches.cluster_facts();
+    let plan = match plan(mcm, clusters.iter()) {
+        Ok(p) => p,
+        Err(e) => {
+            write_status(ctx, mcm, plan_error_status(mcm, &e.to_string(), now)).await?;
+            return Ok(Action::requeue(ctx.resync));
+        }
+    };
+
+    // What the images need from the hub's namespace, read once; then the images.
+    let secret = |n: &str| ctx.secret(n);
+    let creds = inputs::docker_config(mcm, &ctx.operator_namespace, secret);
+    let report = match &creds {
+        Ok(creds) => {
+            let inputs = McmInputs::read(mcm, &plan, &ctx.operator_namespace, secret);
+            ctx.images
+                .resolve(ctx.pipeline_deps(), mcm, &plan, &inputs, creds)
+                .await
+        }
+        Err(reason) => Report {
+            outcomes: plan
+                .images
+                .keys()
+                .map(|i| (i.clone(), ImageOutcome::failed(reason.to_string())))
+                .collect(),
+            events: Vec::new(),
+        },
+    };
+    events::publish(ctx, mcm, &report.events).await;
+    let outcomes = report.outcomes;
+
+    // Decide cluster by cluster and keep only the works to write: an unchanged work is
+    // dropped at once and a changed one moved, so a fleet's worth of rendered works is never
+    // held (or copied) at the same time.
+    let existing = ctx.caches.works_of(&name);
+    let selected: BTreeSet<&str> = plan.clusters.iter().map(|c| c.cluster.as_str()).collect();
+    let mut decisions = Vec::with_capacity(plan.clusters.len());
+    let mut writes: Vec<ManifestWork> = Vec::new();
+    for cp in &plan.clusters {
+        let _cluster = tracing::debug_span!("cluster", cluster = %cp.cluster).entered();
+        let work = existing.get(&cp.cluster);
+        let shipped = work.map_or(&[][..], |e| e.shipped.as_slice());
+        let mut decision = decide_cluster(mcm, cp, &outcomes, shipped, ctx.work_executor.as_ref());
+        if let Some(w) = decision.desired.take() {
+            match work {
+                // Being deleted: writing to it is pointless; its removal triggers a new reconcile.
+                Some(e) if e.deleting => {}
+                Some(e)
+                    if e.spec_hash.as_deref()
+                        == w.annotations()
+                            .get(crate::render::SPEC_HASH_ANNOTATION)
+                            .map(String::as_str) =>
+                {
+                    ctx.metrics.writes_skipped.inc();
+                }
+                _ => writes.push(w),
+            }
+        }
+        decisions.push(decision);
+    }
+    let created = writes
+        .iter()
+        .filter(|w| !existing.contains_key(&w.namespace().unwrap_or_default()))
+        .count();
+    let write_errors = apply_works(ctx, writes).await;
+
+    // Garbage: works of clusters no longer selected, or where nothing matches any more.
+    let mut deletions: Vec<String> = existing
+        .keys()
+        .filter(|c| !selected.contains(c.as_str()))
+        .cloned()
+        .collect();
+    deletions.extend(
+        decisions
+            .iter()
+            .filter(|d| d.delete && existing.contains_key(&d.view.name))
+            .map(|d| d.view.name.clone()),
+    );
+    // A work whose Module the work agent has not recorded yet would leave it behind.
+    let deletions = release::deletable_now(ctx, &name, &existing, deletions);
+    let removed = deletions.len();
+    let delete_errors = delete_works(ctx, &name, &deletions).await;
+
+    // Status.
+    let works = ctx.caches.works_of(&name);
+    let problems: Vec<ClusterProblem> =
+        decisions.iter().filter_map(|d| d.problem.clone()).collect();
+    let write_error_texts: Vec<String> = write_errors.iter().map(ToString::to_string).collect();
+    let pull_secret_error = creds.as_ref().err().map(ToString::to_string);
+    let findings = Findings {
+        plan: &plan,
+        outcomes: &outcomes,
+        works: &works,
+        selected: &selected,
+        problems: &problems,
+        pull_secret_error: pull_secret_error.as_deref(),
+        write_errors: &write_error_texts,
+    };
+    let decided = mcm_status(mcm, findings, now);
+
+    let view_changed = ctx.views.put(McmView {
+        name: name.clone(),
+        clusters: decisions.into_iter().map(|d| d.view).collect(),
+        images: decided.status.images.clone(),
+        last_error: decided.degraded_reasons.first().cloned(),
+    });
+    if view_changed {
+        ctx.caches.bump();
+    }
+    write_status(ctx, mcm, decided.status).await?;
+    if created > 0 {
+        let msg = format!("{created} cluster(s) received the module");
+        event(ctx, mcm, EventType::Normal, "ManifestWorksCreated", &msg).await;
+    }
+    if removed > 0 {
+        let msg = format!("{removed} cluster(s) no longer selected or matched");
+        event(ctx, mcm, EventType::Normal, "ManifestWorksDeleted", &msg).await;
+    }
+
+    let failed_writes = write_errors.into_iter().chain(delete_errors).collect();
+    if let Some(e) = Error::writes(failed_writes) {
+        return Err(e);
+    }
+    match decided.next {
+        // Missing or unreachable images: retry with the per-MCM capped backoff.
+        Next::RetryImages(images) => Err(Error::ImagesPending(images)),
+        // Being built or signed: look again soon.
+        Next::WaitForImages => Ok(Action::requeue(Duration::from_secs(5))),
+        Next::Resync => Ok(Action::requeue(ctx.resync)),
+    }
+}
+
+/// Drop everything kept in memory for an MCM (views, image pipeline memory, backoff).
+pub fn forget_mcm(ctx: &Context, name: &str) {
+    ctx.views.remove(name);
+    ctx.images.forget(name);
+    ctx.backoff.reset(&name.to_string());
+    ctx.caches.bump();
+}
+
+/// On deletion: delete every work of this MCM, and hold the finalizer until they are gone
+/// (or released: see [`release`]).
+async fn cleanup(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Error> {
+    let name = mcm.name_any();
+    let works = ctx.caches.works_of(&name);
+    if works.is_empty() {
+        forget_mcm(ctx, &name);
+        return Ok(Action::await_change());
+    }
+    // Not done until the watch sees them gone (the work agent removes its finalizer first).
+    release::cleanup_works(ctx, mcm, &works).await?;
+    Err(Error::WorksRemaining(works.len()))
+}

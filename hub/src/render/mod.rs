@@ -1,0 +1,9 @@
+//! Pure renderers: what the hub writes, from what it knows. No I/O.
+//!
+//! - [`manifestwork`]: one cluster's ManifestWork (the trimmed, digest-pinned Module).
+//! - [`build_job`]: the kaniko Job of one image build.
+
+pub mod build_job;
+pub mod manifestwork;
+
+pub use manifestwork::*;
