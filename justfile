@@ -20,13 +20,16 @@ test *ARGS:
 unit:
     cargo nextest run --workspace --lib --bins
 
-# Regenerate the CRDs in manifests/crds from the types.
+# Regenerate what is generated: the CRDs in manifests/crds from the types, and the spoke
+# Policy in manifests/policy/policy.yaml from manifests/spoke.
 generate:
     cargo run -q -p kmm-hub -- crd --dir manifests/crds --reference docs/crd-reference.md
+    cargo run -q -p kmm-e2e --bin kmm-fleet -- generate-policy
 
-# Fail when the committed CRDs differ from the generator's output.
+# Fail when the committed CRDs or Policy differ from the generators' output.
 check-generated:
     cargo test -q -p shared-api --test generated
+    cargo nextest run -p kmm-e2e --test install policy_yaml
 
 # Validate Module / ManagedClusterModule YAML offline.
 validate +FILES:

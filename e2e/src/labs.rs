@@ -3,8 +3,9 @@
 //! fleet, with what each should leave on the nodes. Used by `kmm-sandbox`, the scenario
 //! suite and `docs/user-guide.md`.
 //!
-//! Each lab keeps the seed's Module spec, with two changes: images live in the local
-//! registry (`myrepo.xyz/…` and `quay.io/…` become `<registry>/…`), and every lab has its own
+//! Each lab is the seed's Module (`shared_api::fixtures`, which loads the seeds' YAML files),
+//! with two changes: images live in the local registry (`myrepo.xyz/…` and `quay.io/…` become
+//! `<registry>/…`), and every lab has its own
 //! name so that all of them run side by side (the seeds apply them one at a time, all named
 //! `kmm-ci-a`). The unsigned in-cluster build also selects `sandbox.kmm-fleet.io/secure-boot:
 //! "false"`: a Secure Boot node refuses unsigned modules, exactly as a real kernel does.
@@ -13,6 +14,9 @@ use std::collections::BTreeMap;
 
 use regex::Regex;
 use serde_json::Value;
+
+use shared_api::Module;
+use shared_api::fixtures::Lab as Seed;
 
 use crate::sim::SimNode;
 
@@ -91,14 +95,12 @@ pub struct Lab {
     pub signs: bool,
 }
 
-fn mcm(name: &str, module_spec: &str, registry: &str) -> Value {
-    let spec: Value = serde_yaml::from_str(&module_spec.replace("@REGISTRY@", registry))
-        .unwrap_or_else(|e| panic!("lab {name}: invalid YAML: {e}"));
+fn mcm(name: &str, module: &Module) -> Value {
     serde_json::json!({
         "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1",
         "kind": "ManagedClusterModule",
         "metadata": {"name": name},
-        "spec": {"spokeNamespace": LAB_NAMESPACE, "selector": {}, "moduleSpec": spec},
+        "spec": {"spokeNamespace": LAB_NAMESPACE, "selector": {}, "moduleSpec": module.spec},
     })
 }
 
@@ -184,195 +186,82 @@ pub async fn push_device_plugin_image(
     Ok(crate::oci::push_image(access, reference, &[base, top], &config, &BTreeMap::new()).await?)
 }
 
+/// A lab's Module spec from the seed fixture, with its images in the local registry
+/// (`myrepo.xyz/…` and `quay.io/…` become `<registry>/…`; the prebuilt `kmm-labs` images of the
+/// "existing image" labs live under `vendor/`).
+fn seed_spec(seed: Seed, registry: &str, prebuilt: bool) -> Module {
+    Module::lab(seed).with_images(|image| {
+        let path = image
+            .strip_prefix("myrepo.xyz/")
+            .or_else(|| image.strip_prefix("quay.io/"))
+            .unwrap_or(image);
+        if prebuilt && path.starts_with("kmm-labs:") {
+            format!("{registry}/vendor/{path}")
+        } else {
+            format!("{registry}/{path}")
+        }
+    })
+}
+
 /// Every lab, for a registry at `registry` (`host:port`).
 pub fn labs(registry: &str) -> Vec<Lab> {
+    let lab = |name: &'static str, title: &'static str, module: Module| Lab {
+        name,
+        title,
+        mcm: mcm(name, &module),
+        modules: vec!["kmm_ci_a"],
+        removes: vec![],
+        device_plugin: false,
+        builds: false,
+        signs: false,
+    };
     vec![
         Lab {
-            name: "kmm-ci-a",
-            title: "Building In-Cluster Modules from Sources",
-            mcm: mcm(
-                "kmm-ci-a",
-                r#"
-moduleLoader:
-  serviceAccountName: labsv2sa
-  container:
-    modprobe:
-      moduleName: kmm-ci-a
-    kernelMappings:
-      - regexp: '^.*'
-        containerImage: @REGISTRY@/kmm-labs:kmm-kmod-${KERNEL_FULL_VERSION}-v1.0
-        build:
-          dockerfileConfigMap:
-            name: build-module-labs
-imageRepoSecret:
-  name: myrepo-pull-secret
-selector:
-  node-role.kubernetes.io/worker: ""
-  sandbox.kmm-fleet.io/secure-boot: "false"
-"#,
-                registry,
-            ),
-            modules: vec!["kmm_ci_a"],
-            removes: vec![],
-            device_plugin: false,
             builds: true,
-            signs: false,
+            ..lab(
+                "kmm-ci-a",
+                "Building In-Cluster Modules from Sources",
+                seed_spec(Seed::InClusterBuild, registry, false)
+                    .with_node_label(SECURE_BOOT_LABEL, "false"),
+            )
         },
         Lab {
-            name: "labs-signed-module",
-            title: "Building and Signing In-Cluster Modules from Sources",
-            mcm: mcm(
-                "labs-signed-module",
-                r#"
-moduleLoader:
-  serviceAccountName: labsv2sa
-  container:
-    modprobe:
-      moduleName: kmm_ci_a
-    kernelMappings:
-      - regexp: '^.*\.x86_64$'
-        containerImage: @REGISTRY@/kmm-labs:signed-module-1.0
-        build:
-          dockerfileConfigMap:
-            name: labs-dockerfile
-        sign:
-          keySecret:
-            name: mykey
-          certSecret:
-            name: mycert
-          filesToSign:
-            - /opt/lib/modules/$KERNEL_FULL_VERSION/kmm_ci_a.ko
-imageRepoSecret:
-  name: myrepo-pull-secret
-selector:
-  node-role.kubernetes.io/worker: ""
-"#,
-                registry,
-            ),
-            modules: vec!["kmm_ci_a"],
-            removes: vec![],
-            device_plugin: false,
             builds: true,
             signs: true,
+            ..lab(
+                "labs-signed-module",
+                "Building and Signing In-Cluster Modules from Sources",
+                seed_spec(Seed::BuildAndSign, registry, false),
+            )
         },
+        lab(
+            "kmm-ci-a-load",
+            "Load Module from an existing image",
+            seed_spec(Seed::Load, registry, true),
+        ),
         Lab {
-            name: "kmm-ci-a-load",
-            title: "Load Module from an existing image",
-            mcm: mcm(
-                "kmm-ci-a-load",
-                r#"
-moduleLoader:
-  serviceAccountName: labsv2sa
-  container:
-    modprobe:
-      moduleName: kmm-ci-a
-    kernelMappings:
-      - regexp: '^.*'
-        containerImage: @REGISTRY@/vendor/kmm-labs:kmm-kmod-5.14.0-284.36.1.el9_2.x86_64-v1.0
-imageRepoSecret:
-  name: myrepo-pull-secret
-selector:
-  node-role.kubernetes.io/worker: ""
-"#,
-                registry,
-            ),
-            modules: vec!["kmm_ci_a"],
-            removes: vec![],
-            device_plugin: false,
-            builds: false,
-            signs: false,
-        },
-        Lab {
-            name: "kmm-ci-a-in-tree",
-            title: "Replacing In-Tree Modules",
-            mcm: mcm(
-                "kmm-ci-a-in-tree",
-                r#"
-moduleLoader:
-  serviceAccountName: labsv2sa
-  container:
-    modprobe:
-      moduleName: kmm-ci-a
-    kernelMappings:
-      - regexp: '^.*'
-        containerImage: @REGISTRY@/ebelarte/kmm-labs:kmm-kmod-5.14.0-284.36.1.el9_2.x86_64-v1.0
-    inTreeModuleToRemove: joydev
-imageRepoSecret:
-  name: myrepo-pull-secret
-selector:
-  node-role.kubernetes.io/worker: ""
-"#,
-                registry,
-            ),
-            modules: vec!["kmm_ci_a"],
             removes: vec!["joydev"],
-            device_plugin: false,
-            builds: false,
-            signs: false,
+            ..lab(
+                "kmm-ci-a-in-tree",
+                "Replacing In-Tree Modules",
+                seed_spec(Seed::RemoveInTree, registry, true),
+            )
         },
         Lab {
-            name: "kmm-ci-a-device-plugin",
-            title: "Device Plugins",
-            mcm: mcm(
-                "kmm-ci-a-device-plugin",
-                r#"
-devicePlugin:
-  serviceAccountName: labsv2sa
-  container:
-    image: @REGISTRY@/simple-device-plugin:latest
-    imagePullPolicy: Always
-    args:
-    - "-config=config-labs.yaml"
-moduleLoader:
-  serviceAccountName: labsv2sa
-  container:
-    modprobe:
-      moduleName: kmm-ci-a
-    kernelMappings:
-      - regexp: '^.*'
-        containerImage: @REGISTRY@/vendor/kmm-labs:kmm-kmod-5.14.0-284.36.1.el9_2.x86_64-v1.0
-imageRepoSecret:
-  name: myrepo-pull-secret
-selector:
-  node-role.kubernetes.io/worker: ""
-"#,
-                registry,
-            ),
-            modules: vec!["kmm_ci_a"],
-            removes: vec![],
             device_plugin: true,
-            builds: false,
-            signs: false,
+            ..lab(
+                "kmm-ci-a-device-plugin",
+                "Device Plugins",
+                seed_spec(Seed::DevicePlugin, registry, true),
+            )
         },
         Lab {
-            name: "kmm-ci-a-softdep",
-            title: "Loading soft dependencies",
-            mcm: mcm(
-                "kmm-ci-a-softdep",
-                r#"
-moduleLoader:
-  serviceAccountName: labsv2sa
-  container:
-    modprobe:
-      moduleName: kmm-ci-a
-      modulesLoadingOrder:
-        - kmm-ci-a
-        - kmm-ci-b
-    kernelMappings:
-      - regexp: '^.*\.x86_64$'
-        containerImage: @REGISTRY@/myrepo/kmmo-lab:kmm-kmod-${KERNEL_FULL_VERSION}
-imageRepoSecret:
-  name: myrepo-pull-secret
-selector:
-  node-role.kubernetes.io/worker: ""
-"#,
-                registry,
-            ),
             modules: vec!["kmm_ci_b", "kmm_ci_a"],
-            removes: vec![],
-            device_plugin: false,
-            builds: false,
-            signs: false,
+            ..lab(
+                "kmm-ci-a-softdep",
+                "Loading soft dependencies",
+                seed_spec(Seed::LoadDependencies, registry, true),
+            )
         },
     ]
 }

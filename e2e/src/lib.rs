@@ -8,6 +8,7 @@ pub mod fleet;
 pub mod kbuild;
 pub mod kmod;
 pub mod labs;
+pub mod manifests;
 pub mod oci;
 pub mod ocm;
 pub mod pki;

@@ -1,23 +1,42 @@
 //! Helpers shared by the integration tests, the sandbox and the benchmarks: polling with a
-//! deadline, namespaces, and the hub run in-process with its admin port scraped.
+//! deadline, namespaces, the labs' namespace on a spoke, node labels, reading an MCM and its
+//! works, and the hub run in-process with its admin port scraped.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-use k8s_openapi::api::core::v1::Namespace;
-use kube::Client;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Node, Secret, ServiceAccount};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt as _};
+use serde_json::json;
+use shared_api::labels::MCM_OWNER_LABEL;
+use shared_api::ocm::KERNEL_VERSIONS_CLAIM;
+use shared_api::{ClusterClaim, ManagedClusterModule, ManifestWork};
 use tokio_util::sync::CancellationToken;
+
+use crate::labs::{LAB_NAMESPACE, LAB_SERVICE_ACCOUNT, PULL_SECRET};
+use crate::registry::Registry;
 
 /// Poll `check` until it yields `Ok(Ok(v))`; on timeout fail with the last thing it saw
 /// (`Ok(Err(seen))` or an error), so a failing test says what it was looking at.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Result<T, String>>>,
-{
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    check: impl AsyncFnMut() -> anyhow::Result<Result<T, String>>,
+) -> anyhow::Result<T> {
+    eventually_every(what, timeout, Duration::from_millis(250), check).await
+}
+
+/// [`eventually`], polling every `every` (checks that cost something, e.g. in a VM).
+pub async fn eventually_every<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: impl AsyncFnMut() -> anyhow::Result<Result<T, String>>,
+) -> anyhow::Result<T> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let last = match check().await {
@@ -28,7 +47,7 @@ where
         if tokio::time::Instant::now() > deadline {
             bail!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -41,6 +60,115 @@ pub async fn ensure_namespace(client: &Client, name: &str) -> anyhow::Result<()>
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The labs' namespace on a spoke as the seeds expect it: the namespace, the labs'
+/// ServiceAccount and their pull secret for `registry`, applied server-side by `manager`.
+pub async fn prepare_lab_namespace(
+    client: &Client,
+    registry: &Registry,
+    manager: &str,
+) -> anyhow::Result<()> {
+    let pp = PatchParams::apply(manager).force();
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(LAB_NAMESPACE.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .patch(LAB_NAMESPACE, &pp, &Patch::Apply(&ns))
+        .await?;
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(LAB_SERVICE_ACCOUNT.into()),
+            namespace: Some(LAB_NAMESPACE.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), LAB_NAMESPACE)
+        .patch(LAB_SERVICE_ACCOUNT, &pp, &Patch::Apply(&sa))
+        .await?;
+    let secret = registry.dockerconfigjson_secret(PULL_SECRET, LAB_NAMESPACE);
+    Api::<Secret>::namespaced(client.clone(), LAB_NAMESPACE)
+        .patch(PULL_SECRET, &pp, &Patch::Apply(&secret))
+        .await?;
+    Ok(())
+}
+
+/// The registry's dockerconfigjson Secret `name` in namespace `ns` (server-side apply).
+pub async fn put_pull_secret(
+    client: &Client,
+    registry: &Registry,
+    name: &str,
+    ns: &str,
+) -> anyhow::Result<()> {
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(registry.dockerconfigjson_secret(name, ns)),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The spoke's kernel ClusterClaim listing `kernels`, as its agent would publish it.
+pub async fn set_kernel_claim(spoke: &Client, kernels: &[&str]) -> anyhow::Result<()> {
+    let claim = json!({"apiVersion": "cluster.open-cluster-management.io/v1alpha1", "kind": "ClusterClaim",
+        "metadata": {"name": KERNEL_VERSIONS_CLAIM}, "spec": {"value": kernels.join("\n")}});
+    Api::<ClusterClaim>::all(spoke.clone())
+        .patch(
+            KERNEL_VERSIONS_CLAIM,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(claim),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Set (`Some`) or remove (`None`) one label of a node.
+pub async fn label_node(
+    client: &Client,
+    name: &str,
+    key: &str,
+    value: Option<&str>,
+) -> anyhow::Result<()> {
+    Api::<Node>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { key: value } } })),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The works of an MCM, by cluster namespace.
+pub async fn works(hub: &Client, mcm: &str) -> anyhow::Result<BTreeMap<String, ManifestWork>> {
+    let list = Api::<ManifestWork>::all(hub.clone())
+        .list(&ListParams::default().labels(&format!("{MCM_OWNER_LABEL}={mcm}")))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .map(|w| (w.namespace().unwrap_or_default(), w))
+        .collect())
+}
+
+/// An MCM as the hub has it now (status included).
+pub async fn mcm_status(hub: &Client, name: &str) -> anyhow::Result<ManagedClusterModule> {
+    Ok(Api::<ManagedClusterModule>::all(hub.clone())
+        .get(name)
+        .await?)
+}
+
+/// The kernel release of the real-kernel nodes (Debian's, in VMs), when provisioning has
+/// unpacked it.
+pub fn real_kernel() -> Option<String> {
+    crate::vm::KernelDist::locate(&crate::provision::cache_dir()).map(|d| d.release)
 }
 
 /// The hub running in this process.

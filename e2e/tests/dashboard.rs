@@ -12,16 +12,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kmm_e2e::fleet::{Fleet, spoke_name, worker_node};
 use kmm_e2e::oci::{KmodImage, push_kmod_image};
 use kmm_e2e::process::free_port;
-use kmm_e2e::testkit::{HubOptions, HubProcess, eventually};
+use kmm_e2e::testkit::{HubOptions, HubProcess, eventually, put_pull_secret, set_kernel_claim};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
-use shared_api::ocm::{ClusterClaim, KERNEL_VERSIONS_CLAIM, ManifestWork, work_conditions};
+use shared_api::ocm::{ManifestWork, work_conditions};
 use shared_api::{ManagedCluster, ManagedClusterModule, Module};
 
 const HUB_NS: &str = "kmm-hub";
@@ -75,17 +75,7 @@ async fn prepare(fleet: &Fleet) -> anyhow::Result<()> {
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": HUB_NS}}),
     )
     .await?;
-    Api::<Secret>::namespaced(hub.clone(), HUB_NS)
-        .patch(
-            PULL_SECRET,
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(
-                fleet
-                    .registry()
-                    .dockerconfigjson_secret(PULL_SECRET, HUB_NS),
-            ),
-        )
-        .await?;
+    put_pull_secret(&hub, fleet.registry(), PULL_SECRET, HUB_NS).await?;
     for spoke in fleet.spokes() {
         let client = spoke.client().await;
         apply(
@@ -93,12 +83,7 @@ async fn prepare(fleet: &Fleet) -> anyhow::Result<()> {
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SPOKE_NS}}),
         )
         .await?;
-        apply(
-            Api::<ClusterClaim>::all(client.clone()),
-            json!({"apiVersion": "cluster.open-cluster-management.io/v1alpha1", "kind": "ClusterClaim",
-                "metadata": {"name": KERNEL_VERSIONS_CLAIM}, "spec": {"value": KERNEL}}),
-        )
-        .await?;
+        set_kernel_claim(&client, &[KERNEL]).await?;
     }
     let image = image(fleet);
     push_kmod_image(

@@ -5,22 +5,24 @@
 //! One fleet (or VM pair) per test, one test at a time: each VM takes a core while it boots.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/spoke_agent.rs"]
+mod spoke_agent;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
-use k8s_openapi::api::core::v1::{Namespace, Node, Secret, ServiceAccount};
+use anyhow::{Context as _, ensure};
+use k8s_openapi::api::core::v1::{Node, Secret};
 use kmm_e2e::fleet::Fleet;
 use kmm_e2e::oci::{KmodImage, SignWith, push_kmod_image};
 use kmm_e2e::sim::SimNode;
 use kmm_e2e::vm::{Vm, VmSpec};
-use kmm_runtime::admin::Health;
-use kmm_runtime::shutdown::CancellationToken;
-use kmm_spoke::{Agent, AgentConfig};
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shared_api::Module;
+
+use spoke_agent::RunningAgent;
 
 const NS: &str = "labsv2";
 const SPOKE: &str = "spoke-1";
@@ -39,22 +41,12 @@ fn init_tracing() {
         .try_init();
 }
 
-/// Poll `f` until it returns `Ok(Ok(_))`, or fail after [`DEADLINE`] with the last observation.
+/// Poll `f` every half second until it returns `Ok(Ok(_))`, or fail after [`DEADLINE`].
 async fn eventually<T>(
     what: &str,
-    mut f: impl AsyncFnMut() -> anyhow::Result<Result<T, String>>,
+    f: impl AsyncFnMut() -> anyhow::Result<Result<T, String>>,
 ) -> anyhow::Result<T> {
-    let start = Instant::now();
-    let mut last = String::from("never checked");
-    while start.elapsed() < DEADLINE {
-        match f().await {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(seen)) => last = seen,
-            Err(e) => last = format!("error: {e:#}"),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    bail!("{what}: not reached within {DEADLINE:?}; last seen: {last}")
+    kmm_e2e::testkit::eventually_every(what, DEADLINE, Duration::from_millis(500), f).await
 }
 
 /// A key and self-signed certificate made with openssl, as a fleet admin makes one.
@@ -197,37 +189,6 @@ async fn secure_boot_vm_loads_only_what_its_mok_list_trusts() -> anyhow::Result<
     Ok(())
 }
 
-/// The spoke agent, in this process, against the spoke.
-struct RunningAgent {
-    token: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RunningAgent {
-    fn start(client: Client) -> Self {
-        let cfg = AgentConfig {
-            resync: Duration::from_secs(60),
-            identity: "kmm-spoke-e2e".into(),
-            ..Default::default()
-        };
-        let mut registry = prometheus_client::registry::Registry::default();
-        let agent = Agent::new(client, cfg, &mut registry, &Health::new());
-        let token = CancellationToken::new();
-        let t = token.clone();
-        let task = tokio::spawn(async move {
-            if let Err(e) = agent.run(t).await {
-                eprintln!("kmm-spoke agent failed: {e}");
-            }
-        });
-        Self { token, task }
-    }
-
-    async fn stop(self) {
-        self.token.cancel();
-        let _ = self.task.await;
-    }
-}
-
 fn worker_labels(secure_boot: bool) -> BTreeMap<String, String> {
     BTreeMap::from([
         (kmm_e2e::labs::WORKER_LABEL.to_string(), String::new()),
@@ -238,37 +199,9 @@ fn worker_labels(secure_boot: bool) -> BTreeMap<String, String> {
     ])
 }
 
-/// Namespace, service account and pull secret of the labs on the spoke.
+/// Namespace, the labs' service account and the pull secret.
 async fn prepare_namespace(fleet: &Fleet, client: &Client) -> anyhow::Result<()> {
-    let pp = PatchParams::apply(MANAGER).force();
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(NS.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .patch(NS, &pp, &Patch::Apply(&ns))
-        .await?;
-    let sa = ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some(kmm_e2e::labs::LAB_SERVICE_ACCOUNT.into()),
-            namespace: Some(NS.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), NS)
-        .patch(kmm_e2e::labs::LAB_SERVICE_ACCOUNT, &pp, &Patch::Apply(&sa))
-        .await?;
-    let secret = fleet
-        .registry()
-        .dockerconfigjson_secret(kmm_e2e::labs::PULL_SECRET, NS);
-    Api::<Secret>::namespaced(client.clone(), NS)
-        .patch(kmm_e2e::labs::PULL_SECRET, &pp, &Patch::Apply(&secret))
-        .await?;
-    Ok(())
+    kmm_e2e::testkit::prepare_lab_namespace(client, fleet.registry(), MANAGER).await
 }
 
 /// A Module named `name` with `spec` (a ModuleSpec as JSON), applied server-side.
@@ -378,8 +311,7 @@ async fn with_real_spoke(
 }
 
 fn real_kernel() -> String {
-    kmm_e2e::vm::KernelDist::locate(&kmm_e2e::provision::cache_dir())
-        .map(|d| d.release)
+    kmm_e2e::testkit::real_kernel()
         .expect("the real-kernel nodes' kernel (provisioning unpacks it)")
 }
 

@@ -5,7 +5,6 @@
 //! - deleting an MCM does not hang on an unavailable spoke: its works are released after
 //!   `--release-after`, or at once with the force-release annotation, with an event.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
@@ -13,13 +12,14 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kmm_e2e::fleet::{Fleet, spoke_name, worker_node};
 use kmm_e2e::oci::{KmodImage, push_kmod_image};
-use kmm_e2e::testkit::{HubOptions, HubProcess, ensure_namespace, eventually};
+use kmm_e2e::testkit::{
+    HubOptions, HubProcess, ensure_namespace, eventually, put_pull_secret, set_kernel_claim, works,
+};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shared_api::ocm::{
-    ClusterClaim, KERNEL_VERSIONS_CLAIM, MANAGED_CLUSTER_AVAILABLE, ManifestWork,
-    ManifestWorkExecutor, WORK_FINALIZER,
+    MANAGED_CLUSTER_AVAILABLE, ManifestWork, ManifestWorkExecutor, WORK_FINALIZER,
 };
 use shared_api::{ManagedCluster, ManagedClusterModule, Module};
 
@@ -41,30 +41,11 @@ fn start_hub(fleet: &Fleet, release_after: Duration) -> HubProcess {
 async fn prepare(fleet: &Fleet) -> anyhow::Result<()> {
     let hub = fleet.hub().client().await;
     ensure_namespace(&hub, HUB_NS).await?;
-    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(hub.clone(), HUB_NS)
-        .patch(
-            PULL_SECRET,
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(
-                fleet
-                    .registry()
-                    .dockerconfigjson_secret(PULL_SECRET, HUB_NS),
-            ),
-        )
-        .await?;
+    put_pull_secret(&hub, fleet.registry(), PULL_SECRET, HUB_NS).await?;
     for spoke in fleet.spokes() {
         let c = spoke.client().await;
         ensure_namespace(&c, SPOKE_NS).await?;
-        let claim = json!({"apiVersion": "cluster.open-cluster-management.io/v1alpha1",
-            "kind": "ClusterClaim", "metadata": {"name": KERNEL_VERSIONS_CLAIM},
-            "spec": {"value": KERNEL}});
-        Api::<ClusterClaim>::all(c)
-            .patch(
-                KERNEL_VERSIONS_CLAIM,
-                &PatchParams::apply("test").force(),
-                &Patch::Apply(claim),
-            )
-            .await?;
+        set_kernel_claim(&c, &[KERNEL]).await?;
     }
     push_kmod_image(
         &fleet.registry().access(),
@@ -91,20 +72,6 @@ async fn apply_mcm(fleet: &Fleet, name: &str) -> anyhow::Result<()> {
         .patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&m))
         .await?;
     Ok(())
-}
-
-async fn works(hub: &Client, mcm: &str) -> anyhow::Result<BTreeMap<String, ManifestWork>> {
-    let list = Api::<ManifestWork>::all(hub.clone())
-        .list(
-            &ListParams::default()
-                .labels(&format!("{}={mcm}", shared_api::labels::MCM_OWNER_LABEL)),
-        )
-        .await?;
-    Ok(list
-        .items
-        .into_iter()
-        .map(|w| (w.namespace().unwrap_or_default(), w))
-        .collect())
 }
 
 /// Waits for the Module `name` on spoke `n` (delivered by the work agent).

@@ -22,6 +22,9 @@ pub const MODULE_VERSION_LABEL: &str = "kmm.node.kubernetes.io/module-version";
 pub const RESOURCE_TYPE_LABEL: &str = "kmm.node.kubernetes.io/resource-type";
 /// On build Jobs: the image they produce, hashed (label values cannot hold references).
 pub const IMAGE_HASH_LABEL: &str = "kmm.node.kubernetes.io/image-hash";
+/// Hash of a rendered object's spec (the hub's ManifestWorks, the spoke's DaemonSets): an
+/// object is rewritten only when the hash of what would be written differs.
+pub const SPEC_HASH_ANNOTATION: &str = "kmm.node.kubernetes.io/spec-hash";
 /// Annotation on build Jobs: hash of everything that defines the build.
 pub const BUILD_HASH_ANNOTATION: &str = "kmm.node.kubernetes.io/last-hash";
 /// Annotation on build Jobs: the image reference they push.

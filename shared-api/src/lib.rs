@@ -3,6 +3,8 @@
 //! Types and pure functions only: no client calls.
 
 pub mod conditions;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod kernel;
 pub mod labels;
 pub mod mcm;

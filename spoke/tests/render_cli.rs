@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+use shared_api::fixtures::Lab;
+
 fn fixture(name: &str) -> String {
     format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -22,7 +24,7 @@ fn render(module: &str, nodes: &str) -> (bool, String, String) {
 
 #[test]
 fn renders_the_device_plugin_lab() {
-    let (ok, stdout, stderr) = render(&fixture("device_plugin.yaml"), &fixture("nodes.yaml"));
+    let (ok, stdout, stderr) = render(&Lab::DevicePlugin.path(), &fixture("nodes.yaml"));
     assert!(ok, "{stderr}");
     let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&stdout)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
@@ -71,7 +73,7 @@ fn renders_the_device_plugin_lab() {
 fn reports_every_violation_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
-    let text = std::fs::read_to_string(fixture("load_dependencies.yaml"))
+    let text = std::fs::read_to_string(Lab::LoadDependencies.path())
         .unwrap()
         .replace(
             "- kmm-ci-a\n          - kmm-ci-b",

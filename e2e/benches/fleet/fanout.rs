@@ -189,7 +189,7 @@ async fn measure(world: &HubWorld, n: usize, cfg: &Config<'_>) -> anyhow::Result
     let ours = render(sample, MCM)?;
     let hash = |w: &ManifestWork| {
         w.annotations()
-            .get(kmm_hub::render::SPEC_HASH_ANNOTATION)
+            .get(shared_api::labels::SPEC_HASH_ANNOTATION)
             .cloned()
     };
     let identical_bodies = hash(hub_work) == hash(&ours) && hub_work.spec == ours.spec;
@@ -330,7 +330,7 @@ async fn steady_state(world: &HubWorld, hub: &HubBin, n: usize) -> anyhow::Resul
         .get(MCM)
         .await?
         .annotations()
-        .get(kmm_hub::render::SPEC_HASH_ANNOTATION)
+        .get(shared_api::labels::SPEC_HASH_ANNOTATION)
         .cloned();
     let mut stream = watcher::watcher(
         works.clone(),
@@ -361,7 +361,7 @@ async fn steady_state(world: &HubWorld, hub: &HubBin, n: usize) -> anyhow::Resul
             if let Event::Apply(w) = ev {
                 let h = w
                     .annotations()
-                    .get(kmm_hub::render::SPEC_HASH_ANNOTATION)
+                    .get(shared_api::labels::SPEC_HASH_ANNOTATION)
                     .cloned();
                 if h != before_hash {
                     let images = serde_json::to_string(&w.spec.workload)?;

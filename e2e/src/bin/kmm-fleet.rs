@@ -5,6 +5,7 @@
 //! kmm-fleet up --spokes 2 --nodes 3 --dir /tmp/kmm-fleet   # runs until Ctrl-C or `down`
 //! kmm-fleet down --dir /tmp/kmm-fleet
 //! kmm-fleet provision                                      # only install/build what is needed
+//! kmm-fleet generate-policy                                # manifests/policy/policy.yaml
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -59,6 +60,8 @@ enum Command {
     },
     /// Install Debian packages and build kube-apiserver/kube-controller-manager if needed.
     Provision,
+    /// Write manifests/policy/policy.yaml from `kubectl kustomize manifests/spoke`.
+    GeneratePolicy,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,6 +77,11 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::GeneratePolicy => {
+            let path = kmm_e2e::manifests::write_policy()?;
+            println!("wrote {}", path.display());
+            Ok(())
+        }
         Command::Provision => {
             let b = kmm_e2e::provision::ensure_provisioned()?;
             for (name, path) in [

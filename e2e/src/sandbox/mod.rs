@@ -2,7 +2,7 @@
 //! node, kmm-fleet installed from manifests/ (RBAC, webhook, configuration), the real
 //! `kmm-hub` and `kmm-spoke` binaries running under their ServiceAccounts, and the KMM labs
 //! applied as ManagedClusterModules. `kmm-sandbox` shows it to people; the scenario suite
-//! (`e2e/tests/scenarios.rs`) drives the same thing through faults and bad input.
+//! (`e2e/tests/scenarios/`) drives the same thing through faults and bad input.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+mod context;
 pub mod dockerfile;
 pub mod images;
 pub mod kaniko;

@@ -1,8 +1,7 @@
 //! The node simulator: Node objects kept Ready, a scheduler for pods that target its
 //! nodes, and one kubelet task per bound pod (see [`super::pod`]).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,15 +14,14 @@ use kube::runtime::reflector;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::SimNode;
+use super::context::{Ctx, NodeEntry};
 use super::loader::NodeKernel;
-use super::vmrun::{VmSlot, VmState};
+use super::vmrun::VmSlot;
 
-/// What a kubelet task needs of its node.
-pub(crate) type NodeHandles = (Arc<Mutex<NodeKernel>>, watch::Receiver<u64>, Option<VmSlot>);
 use crate::oci::RegistryAccess;
 use crate::vm::{Vm, VmSpec};
 
@@ -35,100 +33,6 @@ pub const FIRMWARE_ANNOTATION: &str = "sim.kmm-fleet.io/firmware";
 pub const SECURE_BOOT_ANNOTATION: &str = "sim.kmm-fleet.io/secure-boot";
 /// Node annotation: `true` on nodes whose kernel is real (a VM), not simulated.
 pub const REAL_KERNEL_ANNOTATION: &str = "sim.kmm-fleet.io/real-kernel";
-const MAX_LOG_LINES: usize = 20_000;
-
-pub(crate) struct NodeEntry {
-    pub spec: SimNode,
-    pub boot_id: String,
-    pub kernel: Arc<Mutex<NodeKernel>>,
-    pub reboot: watch::Sender<u64>,
-    /// Real-kernel nodes: the VM (being booted, booted, or failed) and its directory.
-    pub vm: Option<(watch::Sender<VmState>, Arc<tempfile::TempDir>)>,
-}
-
-/// State shared by the simulator's tasks.
-pub(crate) struct Ctx {
-    pub cluster: String,
-    pub client: Client,
-    pub nodes: Mutex<BTreeMap<String, NodeEntry>>,
-    logs: Mutex<VecDeque<String>>,
-    pub annotations_dirty: Notify,
-    next_ip: AtomicU32,
-    /// Pods carrying label `.0`=`.1` hold module `.2` on their node while they run.
-    pub hold_rules: Mutex<Vec<(String, String, String)>>,
-}
-
-impl Ctx {
-    pub fn log(&self, line: impl Into<String>) {
-        let line = line.into();
-        tracing::info!(cluster = %self.cluster, "{line}");
-        let stamped = format!(
-            "{} [{}] {line}",
-            chrono::Utc::now().format("%H:%M:%S%.3f"),
-            self.cluster
-        );
-        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        if logs.len() >= MAX_LOG_LINES {
-            logs.pop_front();
-        }
-        logs.push_back(stamped);
-    }
-
-    pub fn logs(&self) -> Vec<String> {
-        self.logs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
-    }
-
-    pub fn pod_ip(&self) -> String {
-        let n = self.next_ip.fetch_add(1, Ordering::Relaxed) + 2;
-        format!("127.244.{}.{}", (n / 250) % 250, n % 250 + 1)
-    }
-
-    pub fn node_kernel(&self, node: &str) -> Option<NodeHandles> {
-        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        nodes.get(node).map(|n| {
-            (
-                n.kernel.clone(),
-                n.reboot.subscribe(),
-                n.vm.as_ref().map(|(tx, _)| tx.subscribe()),
-            )
-        })
-    }
-
-    /// The VMs of this simulator's real-kernel nodes that have booted.
-    pub fn vms(&self) -> Vec<(String, Arc<Vm>)> {
-        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        nodes
-            .iter()
-            .filter_map(|(name, n)| {
-                let (tx, _) = n.vm.as_ref()?;
-                let vm = tx.borrow().as_ref()?.as_ref().ok()?.clone();
-                Some((name.clone(), vm))
-            })
-            .collect()
-    }
-
-    fn has_node(&self, node: &str) -> bool {
-        self.nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(node)
-    }
-
-    fn node_names(&self) -> Vec<String> {
-        self.nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect()
-    }
-}
-
 /// Simulates the nodes (and their kubelets) of one cluster.
 pub struct NodeSim {
     ctx: Arc<Ctx>,
@@ -166,15 +70,7 @@ impl NodeSim {
         registry: RegistryAccess,
         nodes: Vec<SimNode>,
     ) -> anyhow::Result<NodeSim> {
-        let ctx = Arc::new(Ctx {
-            cluster: cluster.to_string(),
-            client: client.clone(),
-            nodes: Mutex::new(BTreeMap::new()),
-            logs: Mutex::new(VecDeque::new()),
-            annotations_dirty: Notify::new(),
-            next_ip: AtomicU32::new(0),
-            hold_rules: Mutex::new(Vec::new()),
-        });
+        let ctx = Arc::new(Ctx::new(cluster, client.clone()));
         ctx.log(format!(
             "node simulator starting with {} node(s); registry {}",
             nodes.len(),

@@ -12,10 +12,10 @@ use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use super::context::Ctx;
 use super::images::{self, Pulled};
 use super::kaniko;
 use super::loader::{self, Loaded, LoaderEnv, NodeKernel};
-use super::node::Ctx;
 use super::vmrun::{self, VmContainer, VmSlot};
 
 /// First delay before retrying a failed pull or restarting a failed container; doubles

@@ -56,7 +56,7 @@ pub fn parse_executor(text: &str) -> Result<Option<ManifestWorkExecutor>, String
 }
 
 /// Annotation holding a hash of what we rendered, so an unchanged work is never rewritten.
-pub const SPEC_HASH_ANNOTATION: &str = "kmm.node.kubernetes.io/spec-hash";
+pub use shared_api::labels::SPEC_HASH_ANNOTATION;
 
 /// Feedback names reported by the spoke Module, as upstream names them.
 pub const FEEDBACK_FIELDS: [&str; 9] = [

@@ -25,7 +25,7 @@ pub use plan::{ModulePlan, plan_module};
 
 /// Annotation on our DaemonSets: hash of the rendered object, so an unchanged render is
 /// recognised in the cache without comparing defaulted specs.
-pub const SPEC_HASH_ANNOTATION: &str = "kmm.node.kubernetes.io/spec-hash";
+pub use shared_api::labels::SPEC_HASH_ANNOTATION;
 /// Annotation on loader DaemonSets and their pod template (so on their pods): hash of the pod
 /// template. A pod whose hash differs from its DaemonSet's is outdated; with `OnDelete` the
 /// agent replaces it, one node at a time.

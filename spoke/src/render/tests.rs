@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{Container, Node, Pod, Toleration};
 use kube::ResourceExt;
 use serde_json::json;
 use shared_api::Module;
+use shared_api::fixtures::Lab;
 use shared_api::labels::*;
 use shared_api::validate::{Context, validate_module};
 
@@ -17,15 +18,9 @@ use super::*;
 const K1: &str = "5.14.0-284.36.1.el9_2.x86_64";
 const K2: &str = "5.15.0-1.el9.x86_64";
 
-fn fixture(name: &str) -> Module {
-    let text = std::fs::read_to_string(format!(
-        "{}/tests/fixtures/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    let (mut m, warnings) = crate::render_cmd::read_module(&text).unwrap();
-    assert!(warnings.is_empty(), "{warnings:?}");
-    m.metadata.uid = Some("uid-1".into());
+/// A lab of the seeds, as the spoke receives it (no build or sign sections), with a UID.
+fn fixture(lab: Lab) -> Module {
+    let m = Module::lab(lab).as_shipped().with_uid("uid-1");
     assert_eq!(
         validate_module(
             &m,
@@ -34,7 +29,7 @@ fn fixture(name: &str) -> Module {
             }
         ),
         vec![],
-        "{name} must be valid"
+        "{lab:?} must be valid"
     );
     m
 }
@@ -79,7 +74,7 @@ fn pod_spec(ds: &DaemonSet) -> &k8s_openapi::api::core::v1::PodSpec {
 
 #[test]
 fn prebuilt_image_loads_on_workers_only() {
-    let m = fixture("load.yaml");
+    let m = fixture(Lab::Load);
     let nodes = [
         worker("w0", K1),
         worker("w1", K1),
@@ -231,7 +226,7 @@ fn prebuilt_image_loads_on_workers_only() {
 
 #[test]
 fn in_tree_removal_reaches_the_loader() {
-    let m = fixture("remove_in-tree.yaml");
+    let m = fixture(Lab::RemoveInTree);
     let plan = plan_module(&m, [worker("w0", K1)].iter(), &RenderSettings::default());
     let e = env(loader_container(&plan.loaders[0]));
     assert_eq!(e["KMM_IN_TREE_REMOVE"], "joydev");
@@ -240,7 +235,7 @@ fn in_tree_removal_reaches_the_loader() {
 
 #[test]
 fn device_plugin_runs_where_the_module_is_ready() {
-    let m = fixture("device_plugin.yaml");
+    let m = fixture(Lab::DevicePlugin);
     let plan = plan_module(&m, [worker("w0", K1)].iter(), &RenderSettings::default());
     let dp = plan.device_plugin.as_ref().unwrap();
     assert_eq!(dp.name_any(), "kmm-ci-a-device-plugin");
@@ -304,7 +299,7 @@ fn device_plugin_runs_where_the_module_is_ready() {
 
 #[test]
 fn versioned_module_selects_on_the_agents_worker_label() {
-    let m = fixture("build_with_version.yaml");
+    let m = fixture(Lab::BuildWithVersion);
     let plan = plan_module(&m, [worker("w0", K1)].iter(), &RenderSettings::default());
     let ds = &plan.loaders[0];
     assert_eq!(ds.labels()[MODULE_VERSION_LABEL], "0.9");
@@ -323,7 +318,7 @@ fn versioned_module_selects_on_the_agents_worker_label() {
     c.version = Some("1.0".into());
     c.kernel_mappings[0].container_image =
         "myrepo.xyz/kmm-labs:kmm-kmod-${KERNEL_FULL_VERSION}-v1.0".into();
-    v10.spec.device_plugin = fixture("device_plugin.yaml").spec.device_plugin;
+    v10.spec.device_plugin = fixture(Lab::DevicePlugin).spec.device_plugin;
     let plan10 = plan_module(&v10, [worker("w0", K1)].iter(), &RenderSettings::default());
     assert_ne!(
         plan10.loaders[0].name_any(),
@@ -342,7 +337,7 @@ fn versioned_module_selects_on_the_agents_worker_label() {
 
 #[test]
 fn soft_dependencies_become_the_loading_order() {
-    let m = fixture("load_dependencies.yaml");
+    let m = fixture(Lab::LoadDependencies);
     let plan = plan_module(&m, [worker("w0", K1)].iter(), &RenderSettings::default());
     let e = env(loader_container(&plan.loaders[0]));
     assert_eq!(e["KMM_LOADING_ORDER"], "kmm-ci-a\nkmm-ci-b");
@@ -354,7 +349,7 @@ fn soft_dependencies_become_the_loading_order() {
 
 #[test]
 fn two_kernels_two_daemonsets_and_an_unmapped_kernel_none() {
-    let m = fixture("load_dependencies.yaml"); // maps only ^.*\.x86_64$
+    let m = fixture(Lab::LoadDependencies); // maps only ^.*\.x86_64$
     let nodes = [
         worker("w0", K1),
         worker("w1", K2),
@@ -378,7 +373,7 @@ fn two_kernels_two_daemonsets_and_an_unmapped_kernel_none() {
 
 #[test]
 fn taints_need_tolerations() {
-    let mut m = fixture("load.yaml");
+    let mut m = fixture(Lab::Load);
     let mut tainted = worker("t", K2);
     tainted.spec = Some(
         serde_json::from_value(
@@ -414,7 +409,7 @@ fn taints_need_tolerations() {
 
 #[test]
 fn firmware_makes_the_loader_privileged_with_the_host_directory() {
-    let mut m = fixture("load.yaml");
+    let mut m = fixture(Lab::Load);
     m.spec
         .module_loader
         .as_mut()
@@ -461,7 +456,7 @@ fn firmware_makes_the_loader_privileged_with_the_host_directory() {
 
 #[test]
 fn raw_args_replace_the_module_name() {
-    let mut m = fixture("load.yaml");
+    let mut m = fixture(Lab::Load);
     let mp = &mut m.spec.module_loader.as_mut().unwrap().container.modprobe;
     mp.module_name = None;
     mp.raw_args = Some(shared_api::module::ModprobeArgs {
@@ -484,7 +479,7 @@ fn raw_args_replace_the_module_name() {
 
 #[test]
 fn hash_follows_content_and_names_stay_short() {
-    let m = fixture("load.yaml");
+    let m = fixture(Lab::Load);
     let a = plan_module(&m, [worker("w0", K1)].iter(), &RenderSettings::default())
         .loaders
         .remove(0);
