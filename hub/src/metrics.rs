@@ -1,11 +1,11 @@
 //! The hub's Prometheus metrics: one registry made in `main` and passed down;
 //! labels are bounded (outcomes and static error categories, never names).
 
+use kmm_runtime::metrics::ControllerMetrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,9 +32,9 @@ pub struct OutcomeLabel {
 /// Cheap to clone: every metric is reference-counted inside.
 #[derive(Clone, Debug)]
 pub struct Metrics {
-    pub reconciles: Family<OutcomeLabel, Counter>,
-    pub reconcile_duration: Histogram,
-    pub errors: Family<CategoryLabel, Counter>,
+    /// Reconciles, failures by category and durations, as the spoke counts them
+    /// (`kmm_hub_reconcile_total{controller="mcm"}`, …).
+    pub controller: ControllerMetrics,
     pub objects_written: Family<KindLabel, Counter>,
     pub objects_deleted: Family<KindLabel, Counter>,
     pub writes_skipped: Counter,
@@ -50,9 +50,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            reconciles: Family::default(),
-            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
-            errors: Family::default(),
+            controller: ControllerMetrics::unregistered(),
             objects_written: Family::default(),
             objects_deleted: Family::default(),
             writes_skipped: Counter::default(),
@@ -70,19 +68,11 @@ impl Default for Metrics {
 impl Metrics {
     /// Create the metrics and register them under `kmm_hub_`.
     pub fn register(registry: &mut Registry) -> Self {
-        let m = Self::default();
+        let m = Self {
+            controller: ControllerMetrics::register(registry, "kmm_hub"),
+            ..Self::default()
+        };
         let r = registry.sub_registry_with_prefix("kmm_hub");
-        r.register(
-            "reconciles",
-            "ManagedClusterModule reconciles by outcome",
-            m.reconciles.clone(),
-        );
-        r.register(
-            "reconcile_duration_seconds",
-            "Duration of ManagedClusterModule reconciles",
-            m.reconcile_duration.clone(),
-        );
-        r.register("errors", "Errors by category", m.errors.clone());
         r.register(
             "objects_written",
             "Objects created or updated, by kind",

@@ -263,7 +263,7 @@ fn cpu_now(world: &HubWorld, hub: &HubBin) -> (f64, f64, f64) {
 /// Wait until the hub has not reconciled for a second.
 async fn settle(hub: &HubBin) -> anyhow::Result<()> {
     let total = |m: &Samples| {
-        m.family("kmm_hub_reconciles_total")
+        m.family("kmm_hub_reconcile_total")
             .values()
             .copied()
             .sum::<f64>()
@@ -435,8 +435,8 @@ async fn restart_and_resync(
     tokio::time::sleep(Duration::from_millis(12_500)).await;
     let m1 = hub.metrics().await?;
     let resyncs = m1.ok_reconciles() - m0.ok_reconciles();
-    let sum = |m: &Samples| m.get("kmm_hub_reconcile_duration_seconds_sum");
-    let count = |m: &Samples| m.get("kmm_hub_reconcile_duration_seconds_count");
+    let sum = |m: &Samples| m.get("kmm_hub_reconcile_duration_seconds_sum{controller=\"mcm\"}");
+    let count = |m: &Samples| m.get("kmm_hub_reconcile_duration_seconds_count{controller=\"mcm\"}");
     let mean_ms = if count(&m1) > count(&m0) {
         (sum(&m1) - sum(&m0)) / (count(&m1) - count(&m0)) * 1e3
     } else {

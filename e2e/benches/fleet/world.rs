@@ -418,7 +418,7 @@ impl Samples {
     }
 
     pub fn ok_reconciles(&self) -> f64 {
-        self.get("kmm_hub_reconciles_total{outcome=\"ok\"}")
+        self.get("kmm_hub_reconcile_total{controller=\"mcm\"}")
     }
 
     pub fn registry_lookups(&self) -> f64 {

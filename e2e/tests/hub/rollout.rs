@@ -118,12 +118,12 @@ async fn rollout_over_three_spokes_relabel_and_delete() -> anyhow::Result<()> {
             let before = hub_proc.works_written().await?;
             let mcm_rv = mcm_status(&hub, "kmm-ci-a").await?.resource_version();
             let resyncs = hub_proc
-                .metric("kmm_hub_reconciles_total{outcome=\"ok\"}")
+                .metric("kmm_hub_reconcile_total{controller=\"mcm\"}")
                 .await?;
             tokio::time::sleep(Duration::from_secs(8)).await; // more than two resync periods
             assert!(
                 hub_proc
-                    .metric("kmm_hub_reconciles_total{outcome=\"ok\"}")
+                    .metric("kmm_hub_reconcile_total{controller=\"mcm\"}")
                     .await?
                     >= resyncs + 2.0,
                 "resyncs happened"

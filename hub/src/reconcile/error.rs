@@ -1,5 +1,5 @@
 //! The reconciler's errors: typed, keeping their sources, each with a short static category
-//! (metrics label `category` of `kmm_hub_errors_total`).
+//! (metrics label `category` of `kmm_hub_reconcile_errors_total`).
 
 use std::time::Duration;
 

@@ -8,7 +8,6 @@ pub mod events;
 pub mod release;
 pub mod writes;
 
-use kmm_runtime::ErrorCategory as _;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,10 +36,13 @@ use crate::decide::cluster::decide_cluster;
 use crate::decide::plan::plan;
 use crate::decide::status::{Findings, Next, invalid_spec_status, mcm_status, plan_error_status};
 use crate::last_decisions::{McmView, Views};
-use crate::metrics::{CategoryLabel, Metrics, OutcomeLabel};
+use crate::metrics::Metrics;
 use crate::pipeline::{Deps, ImageOutcome, ImagePipeline, McmInputs, Report, inputs};
 use crate::registry::Resolver;
 use writes::{apply_works, delete_works, write_status};
+
+/// The controller label of the MCM reconciler in the shared controller metrics.
+pub const MCM_CONTROLLER: &str = "mcm";
 
 /// Everything a reconcile needs; shared by all reconciles.
 pub struct Context {
@@ -121,13 +123,8 @@ async fn reconcile_in_span(
         other => Error::Finalizer(Box::new(other)),
     });
     ctx.metrics
-        .reconcile_duration
-        .observe(started.elapsed().as_secs_f64());
-    let outcome = if result.is_ok() { "ok" } else { "error" };
-    ctx.metrics
-        .reconciles
-        .get_or_create(&OutcomeLabel { outcome })
-        .inc();
+        .controller
+        .observe_result(MCM_CONTROLLER, started.elapsed(), &result);
     if result.is_ok() {
         ctx.backoff.reset(&name);
     }
@@ -136,10 +133,6 @@ async fn reconcile_in_span(
 
 pub fn error_policy(mcm: Arc<ManagedClusterModule>, error: &Error, ctx: Arc<Context>) -> Action {
     let name = mcm.name_any();
-    ctx.metrics
-        .errors
-        .get_or_create(&CategoryLabel::new(error.category()))
-        .inc();
     let delay = match error {
         // Waiting on works is no failure: look again when their deadline passes.
         Error::DeletionHeld { retry, .. } => *retry,
