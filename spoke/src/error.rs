@@ -98,3 +98,23 @@ impl ErrorCategory for AgentError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_for_pods_to_unload_is_a_state_not_a_failure() {
+        let waiting = ReconcileError::StillUnloading {
+            namespace: "ns".into(),
+            name: "m".into(),
+        };
+        assert!(waiting.is_waiting());
+        assert_eq!(waiting.category(), "waiting");
+        let failed = ReconcileError::Claim {
+            name: "c".into(),
+            source: kube::Error::LinesCodecMaxLineLengthExceeded,
+        };
+        assert!(!failed.is_waiting());
+    }
+}

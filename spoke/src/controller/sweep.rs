@@ -31,3 +31,59 @@ pub fn absent_owners(stores: &Stores) -> BTreeSet<ModuleKey> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::reflector;
+    use kube::runtime::watcher::Event;
+
+    use super::*;
+    use crate::controller::testkit::{NAME, NS, loader_ds, loader_pod, module, plugin_pod};
+
+    fn stores(
+        modules: Vec<Module>,
+        daemonsets: Vec<k8s_openapi::api::apps::v1::DaemonSet>,
+        pods: Vec<k8s_openapi::api::core::v1::Pod>,
+    ) -> Stores {
+        fn fill<K>(objects: Vec<K>) -> reflector::Store<K>
+        where
+            K: kube::Resource<DynamicType = ()> + Clone + 'static,
+        {
+            let (store, mut writer) = reflector::store();
+            for o in objects {
+                writer.apply_watcher_event(&Event::Apply(o));
+            }
+            store
+        }
+        Stores {
+            modules: fill(modules),
+            daemonsets: fill(daemonsets),
+            pods: fill(pods),
+            nodes: fill(Vec::new()),
+            claims: None,
+        }
+    }
+
+    #[test]
+    fn leftovers_of_a_module_gone_from_the_cache_are_swept() {
+        let s = stores(Vec::new(), vec![loader_ds("6.1.0", None)], Vec::new());
+        assert_eq!(
+            absent_owners(&s),
+            BTreeSet::from([(NS.to_string(), NAME.to_string())])
+        );
+        // Pods alone name it too (their DaemonSet already gone).
+        let s = stores(Vec::new(), Vec::new(), vec![loader_pod("n1")]);
+        assert_eq!(absent_owners(&s).len(), 1);
+    }
+
+    #[test]
+    fn a_module_in_the_cache_is_the_controllers() {
+        let s = stores(
+            vec![module()],
+            vec![loader_ds("6.1.0", None)],
+            vec![loader_pod("n1"), plugin_pod("n1")],
+        );
+        assert!(absent_owners(&s).is_empty());
+        assert!(absent_owners(&stores(Vec::new(), Vec::new(), Vec::new())).is_empty());
+    }
+}
