@@ -156,7 +156,7 @@ async fn apply(module: &Module, ctx: &Context) -> Result<Action, ReconcileError>
 }
 
 /// What is left of a Module that is gone from the cache without our finalizer (removed by
-/// hand, or deleted while no agent ran): its DaemonSets, pods' labels. kube's `Controller`
+/// hand, or deleted while no agent ran): its DaemonSets and node labels. kube's `Controller`
 /// reconciles only objects in its store, so these keys come through the orphan sweep
 /// ([`super::sweep`]). A Module present again is the `Controller`'s.
 #[tracing::instrument(name = "sweep_module", skip_all, fields(module = %format!("{}/{}", key.0, key.1)))]
