@@ -35,8 +35,13 @@ pub enum ReconcileError {
     Finalizer {
         namespace: String,
         name: String,
-        source: kube::Error,
+        source: Box<kube::runtime::finalizer::Error<ReconcileError>>,
     },
+    /// Deletion waits for the Module's pods to go (loaders unload in their preStop): a state,
+    /// not a failure. It keeps the finalizer, and the reconcile comes back on pod events or
+    /// after [`crate::controller::module::UNLOAD_RECHECK`].
+    #[error("deletion of Module {namespace}/{name} waits for its pods to go")]
+    StillUnloading { namespace: String, name: String },
     #[error("ClusterClaim {name}: {source}")]
     Claim { name: String, source: kube::Error },
     #[error("cannot encode {what}: {source}")]
@@ -56,9 +61,18 @@ impl ErrorCategory for ReconcileError {
             ReconcileError::Pod { .. } => "pod",
             ReconcileError::Status { .. } => "status",
             ReconcileError::Finalizer { .. } => "finalizer",
+            ReconcileError::StillUnloading { .. } => "waiting",
             ReconcileError::Claim { .. } => "cluster-claim",
             ReconcileError::Encode { .. } => "encode",
         }
+    }
+}
+
+impl ReconcileError {
+    /// A state the reconcile waits in rather than a failure: not counted as one in the
+    /// metrics, and retried after its own delay instead of the growing backoff.
+    pub fn is_waiting(&self) -> bool {
+        matches!(self, ReconcileError::StillUnloading { .. })
     }
 }
 
@@ -82,5 +96,25 @@ impl ErrorCategory for AgentError {
             AgentError::Admin(e) => e.category(),
             AgentError::LostLease => "lost-lease",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_for_pods_to_unload_is_a_state_not_a_failure() {
+        let waiting = ReconcileError::StillUnloading {
+            namespace: "ns".into(),
+            name: "m".into(),
+        };
+        assert!(waiting.is_waiting());
+        assert_eq!(waiting.category(), "waiting");
+        let failed = ReconcileError::Claim {
+            name: "c".into(),
+            source: kube::Error::LinesCodecMaxLineLengthExceeded,
+        };
+        assert!(!failed.is_waiting());
     }
 }

@@ -1,4 +1,5 @@
-//! The agent: caches, the Module and kernel-facts reconcilers, node events, leader election.
+//! The agent: caches, the Module reconciler on kube's `Controller`, the kernel-facts loop,
+//! the orphan sweep, node events, leader election.
 
 pub mod events;
 pub mod facts;
@@ -7,42 +8,46 @@ pub mod module;
 pub mod orphans;
 pub mod sequence;
 pub mod status;
+pub mod sweep;
 #[cfg(test)]
 mod testkit;
+pub mod triggers;
+mod worker;
 pub mod writes;
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kmm_runtime::ErrorCategory;
-use kmm_runtime::admin::{Health, ReadyGate};
 use kmm_runtime::backoff::KeyedBackoff;
-use kmm_runtime::lease::{Campaign, Leadership, LeaseConfig};
-use kmm_runtime::queue::{Action, WorkQueue};
+use kmm_runtime::lease::{Campaign, LeaseConfig};
 use kmm_runtime::runtime::LEASE_GATE;
 use kmm_runtime::shutdown::{self, CancellationToken};
 use kube::api::Api;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
-use shared_api::labels::{KERNEL_LABEL, MODULE_NAME_LABEL, ROLE_LABEL};
+use shared_api::labels::ROLE_LABEL;
 use shared_api::{ClusterClaim, Module};
 
 use crate::cache::{self, run_informer};
-use crate::error::{AgentError, ReconcileError};
+use crate::error::AgentError;
 use crate::metrics::Metrics;
 use crate::render::RenderSettings;
-use crate::render::nodes::node_kernel;
-use events::{EventSink, NodeEvent, ready_transitions};
+use events::EventSink;
+use kmm_runtime::admin::Health;
+use triggers::{Triggers, informer_modules, informer_nodes, informer_owned, owner_ref};
+use worker::worker;
 
 /// `(namespace, name)` of a Module.
 pub type ModuleKey = (String, String);
 
-const MODULE_CONTROLLER: &str = "module";
+/// The metric label of the Module reconciles.
+pub const MODULE_CONTROLLER: &str = "module";
 const FACTS_CONTROLLER: &str = "kernel-facts";
 
 /// How the agent runs.
@@ -97,6 +102,8 @@ pub struct Context {
     pub events: EventSink,
     /// Loader pods whose failed unload was already announced (by pod uid).
     pub unload_failures_reported: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Failures in a row per Module: the `Controller`'s retry delays.
+    pub module_backoff: KeyedBackoff<ModuleKey>,
 }
 
 /// The spoke agent. Build with [`Agent::new`] (registers metrics and readiness gates), then
@@ -215,6 +222,7 @@ impl Agent {
             metrics: metrics.clone(),
             events: sink.clone(),
             unload_failures_reported: Default::default(),
+            module_backoff: KeyedBackoff::default(),
         });
         // One task waits on the stores (a store's readiness wakes only one waiter) and
         // publishes "synced" to everyone else.
@@ -228,15 +236,24 @@ impl Agent {
                 std::future::pending::<()>().await;
             });
         }
-        let module_queue = Arc::new(WorkQueue::<ModuleKey>::new());
-        let facts_queue = Arc::new(WorkQueue::<()>::new());
+        // Synced and leading: when the loops may start.
+        let ready = {
+            let (mut synced, mut leadership) = (synced.clone(), leadership.clone());
+            async move {
+                let _ = synced.wait_for(|s| *s).await;
+                leadership.wait_for(true).await;
+            }
+            .boxed()
+            .shared()
+        };
+        let (triggers, streams) = Triggers::new();
 
         let mut tasks = Vec::new();
         let role_selector = watcher::Config::default().labels(ROLE_LABEL);
         tasks.push(tokio::spawn(informer_modules(
             Api::all(client.clone()),
             w_modules,
-            module_queue.clone(),
+            triggers.clone(),
             metrics.clone(),
             gm,
             token.clone(),
@@ -247,8 +264,8 @@ impl Agent {
             role_selector.clone(),
             w_ds,
             cache::strip_daemonset,
-            module_queue.clone(),
-            stores.modules.clone(),
+            triggers::send_daemonset,
+            triggers.clone(),
             gd,
             token.clone(),
         )));
@@ -258,23 +275,22 @@ impl Agent {
             role_selector,
             w_pods,
             cache::strip_pod,
-            module_queue.clone(),
-            stores.modules.clone(),
+            triggers::send_pod,
+            triggers.clone(),
             gp,
             token.clone(),
         )));
         tasks.push(tokio::spawn(informer_nodes(
             Api::all(client.clone()),
             w_nodes,
-            module_queue.clone(),
-            facts_queue.clone(),
+            triggers.clone(),
             stores.modules.clone(),
             sink,
             gn,
             token.clone(),
         )));
         if let (Some(w), Some(g)) = (w_claims, gc) {
-            let q = facts_queue.clone();
+            let q = triggers.facts.clone();
             tasks.push(tokio::spawn(run_informer(
                 "clusterclaims",
                 Api::<ClusterClaim>::all(client.clone()),
@@ -288,81 +304,110 @@ impl Agent {
             )));
         }
 
-        // Reconcile everything whenever leadership is (re)gained.
-        {
-            let (mut l, mq, fq, st) = (
-                leadership.clone(),
-                module_queue.clone(),
-                facts_queue.clone(),
-                stores.clone(),
-            );
-            let (t, mut synced) = (token.clone(), synced.clone());
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    l.wait_for(true).await;
-                    let _ = synced.wait_for(|s| *s).await;
-                    enqueue_all(&st.modules, &mq);
-                    fq.add(());
-                    tokio::select! {
-                        _ = t.cancelled() => break,
-                        _ = l.wait_for(false) => {}
-                    }
-                }
-            }));
-        }
-
+        // The loops that are not per object: the kernel facts, and the sweep of what Modules
+        // gone without our finalizer left (looked for at the start and every resync too).
         let mut workers = Vec::new();
-        for _ in 0..cfg.workers.max(1) {
-            let (ctx, q, l, st) = (
-                ctx.clone(),
-                module_queue.clone(),
-                leadership.clone(),
-                synced.clone(),
-            );
-            workers.push(tokio::spawn(worker(
-                MODULE_CONTROLLER,
-                q,
-                l,
-                st,
-                campaign.clone(),
-                token.clone(),
-                ctx.clone(),
-                move |key: ModuleKey| {
-                    let ctx = ctx.clone();
-                    async move { module::reconcile(&key, &ctx).await }
-                },
-            )));
-        }
         {
-            let (ctx, q, l, st) = (
-                ctx.clone(),
-                facts_queue.clone(),
-                leadership.clone(),
-                synced.clone(),
-            );
+            let c = ctx.clone();
             workers.push(tokio::spawn(worker(
                 FACTS_CONTROLLER,
-                q,
-                l,
-                st,
+                triggers.facts.clone(),
+                ready.clone(),
                 campaign.clone(),
                 token.clone(),
                 ctx.clone(),
                 move |_: ()| {
-                    let ctx = ctx.clone();
+                    let ctx = c.clone();
                     async move { facts::reconcile(&ctx).await }
                 },
             )));
+            let c = ctx.clone();
+            workers.push(tokio::spawn(worker(
+                sweep::SWEEP_CONTROLLER,
+                triggers.orphans.clone(),
+                ready.clone(),
+                campaign.clone(),
+                token.clone(),
+                ctx.clone(),
+                move |key: ModuleKey| {
+                    let ctx = c.clone();
+                    async move { module::cleanup_absent(&key, &ctx).await }
+                },
+            )));
+            let (t, st, every, ready) =
+                (triggers.clone(), stores.clone(), cfg.resync, ready.clone());
+            tasks.push(tokio::spawn(async move {
+                ready.await;
+                t.facts.add(());
+                loop {
+                    for key in sweep::absent_owners(&st) {
+                        t.orphans.add(key);
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            }));
         }
 
-        tokio::select! {
-            _ = token.cancelled() => {}
-            _ = campaign.lost() => {}
+        // The Module reconciler, once synced and leading. A lost lease stops it at once:
+        // in-flight reconciles are dropped where they stand (their client is fenced too).
+        let stopping = {
+            let (t, c) = (token.clone(), campaign.clone());
+            async move {
+                tokio::select! {
+                    _ = t.cancelled() => {}
+                    _ = c.lost() => {}
+                }
+            }
+            .boxed()
+            .shared()
+        };
+        let started = tokio::select! {
+            _ = ready => true,
+            _ = stopping.clone() => false,
+        };
+        if started {
+            let controller =
+                Controller::for_stream(streams.modules.map(Ok), stores.modules.clone())
+                    .watches_stream(streams.daemonsets.map(Ok), owner_ref)
+                    .watches_stream(streams.pods.map(Ok), owner_ref)
+                    .reconcile_all_on(streams.all)
+                    .with_config(
+                        controller::Config::default()
+                            .concurrency(u16::try_from(cfg.workers.max(1)).unwrap_or(u16::MAX)),
+                    )
+                    .graceful_shutdown_on(stopping);
+            triggers.open();
+            let lost = campaign.clone();
+            controller
+                .run(
+                    move |m, ctx| {
+                        let lost = lost.clone();
+                        let key = module_key(&m);
+                        async move {
+                            tokio::select! {
+                                biased;
+                                _ = lost.lost() => {
+                                    tracing::info!(controller = MODULE_CONTROLLER, module = %format!("{}/{}", key.0, key.1), "lost the lease: reconcile abandoned");
+                                    Ok(controller::Action::await_change())
+                                }
+                                r = module::reconcile(m, ctx) => r,
+                            }
+                        }
+                    },
+                    module::error_policy,
+                    ctx.clone(),
+                )
+                .for_each(|r| async move {
+                    if let Err(e) = r {
+                        tracing::debug!(controller = MODULE_CONTROLLER, error = %e, "controller event");
+                    }
+                })
+                .await;
         }
         let lost = campaign.is_lost() && !outer.is_cancelled();
         tracing::info!(lost_lease = lost, "draining");
-        module_queue.close();
-        facts_queue.close();
+        triggers.orphans.close();
+        triggers.facts.close();
         for w in workers {
             let _ = w.await;
         }
@@ -397,257 +442,7 @@ async fn wait_synced(stores: &Stores) {
     }
 }
 
-fn module_key(m: &Module) -> ModuleKey {
+/// The key of a Module: `(namespace, name)`.
+pub fn module_key(m: &Module) -> ModuleKey {
     (m.namespace().unwrap_or_default(), m.name_any())
-}
-
-fn enqueue_all(modules: &Store<Module>, queue: &WorkQueue<ModuleKey>) {
-    for m in modules.state() {
-        queue.add(module_key(&m));
-    }
-}
-
-/// Take keys once leading, reconcile, requeue per the result or the key's backoff; stop when
-/// the queue closes or the lease is lost.
-#[allow(clippy::too_many_arguments)]
-async fn worker<K, F, Fut>(
-    controller: &'static str,
-    queue: Arc<WorkQueue<K>>,
-    mut leadership: Leadership,
-    mut synced: tokio::sync::watch::Receiver<bool>,
-    campaign: Campaign,
-    stop: CancellationToken,
-    ctx: Arc<Context>,
-    reconcile: F,
-) where
-    K: std::hash::Hash + Eq + Clone + std::fmt::Debug + Send + Sync + 'static,
-    F: Fn(K) -> Fut,
-    Fut: Future<Output = Result<Action, ReconcileError>>,
-{
-    let backoff = KeyedBackoff::<K>::default();
-    tokio::select! {
-        _ = async {
-            let _ = synced.wait_for(|s| *s).await;
-            leadership.wait_for(true).await;
-        } => {}
-        _ = stop.cancelled() => return,
-    }
-    tracing::debug!(controller, "worker started");
-    loop {
-        let Some(key) = queue.next().await else { break };
-        tracing::debug!(controller, key = ?key, "reconciling");
-        ctx.metrics
-            .controllers
-            .set_queue_depth(controller, queue.len());
-        let started = Instant::now();
-        // Losing the lease drops the reconcile where it stands (its client is fenced too) and
-        // stops the agent.
-        let result = tokio::select! {
-            biased;
-            _ = campaign.lost() => {
-                tracing::info!(controller, key = ?key, "lost the lease: reconcile abandoned");
-                queue.done(&key);
-                break;
-            }
-            r = reconcile(key.clone()) => r,
-        };
-        match result {
-            Ok(action) => {
-                ctx.metrics
-                    .controllers
-                    .observe(controller, started.elapsed(), None);
-                backoff.reset(&key);
-                if let Action::Requeue(after) = action {
-                    queue.add_after(key.clone(), after);
-                }
-            }
-            Err(e) => {
-                ctx.metrics
-                    .controllers
-                    .observe(controller, started.elapsed(), Some(e.category()));
-                let delay = backoff.next(&key);
-                tracing::warn!(controller, key = ?key, error = %e, category = e.category(), retry_in = ?delay, "reconcile failed");
-                queue.add_after(key.clone(), delay);
-            }
-        }
-        queue.done(&key);
-    }
-}
-
-async fn informer_modules(
-    api: Api<Module>,
-    writer: reflector::store::Writer<Module>,
-    queue: Arc<WorkQueue<ModuleKey>>,
-    metrics: Metrics,
-    gate: ReadyGate,
-    token: CancellationToken,
-) {
-    let reader = writer.as_reader();
-    let q = queue.clone();
-    run_informer(
-        "modules",
-        api,
-        watcher::Config::default(),
-        writer,
-        cache::strip_module,
-        // (keys, and whether every Module of the new list is due too)
-        |store: &Store<Module>, ev: &watcher::Event<Module>| match ev {
-            watcher::Event::Apply(m) | watcher::Event::Delete(m) => (vec![module_key(m)], false),
-            // After a (re)list: the Modules that vanished meanwhile need their cleanup (the
-            // store still holds the old list here), and those that appeared or changed
-            // meanwhile (an API server restart, an expired watch) their reconcile: the new
-            // list is in the store only after this event, so `after` enqueues it.
-            watcher::Event::InitDone => {
-                (store.state().iter().map(|m| module_key(m)).collect(), true)
-            }
-            _ => (Vec::new(), false),
-        },
-        move |(keys, relisted): (Vec<ModuleKey>, bool)| {
-            for k in keys {
-                q.add(k);
-            }
-            if relisted {
-                enqueue_all(&reader, &q);
-            }
-            metrics.modules.set(reader.len() as i64);
-        },
-        gate,
-        token,
-    )
-    .await;
-    let _ = queue;
-}
-
-/// DaemonSets and pods: map each object to its Module by owner label.
-#[allow(clippy::too_many_arguments)]
-async fn informer_owned<K>(
-    kind: &'static str,
-    api: Api<K>,
-    config: watcher::Config,
-    writer: reflector::store::Writer<K>,
-    strip: fn(&mut K),
-    queue: Arc<WorkQueue<ModuleKey>>,
-    modules: Store<Module>,
-    gate: ReadyGate,
-    token: CancellationToken,
-) where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    run_informer(
-        kind,
-        api,
-        config,
-        writer,
-        strip,
-        |_store: &Store<K>, ev: &watcher::Event<K>| match ev {
-            watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
-                owner_key(o).into_iter().collect::<Vec<_>>()
-            }
-            watcher::Event::InitDone => vec![("".into(), "".into())],
-            _ => Vec::new(),
-        },
-        move |keys: Vec<ModuleKey>| {
-            for k in keys {
-                if k.0.is_empty() {
-                    enqueue_all(&modules, &queue);
-                } else {
-                    queue.add(k);
-                }
-            }
-        },
-        gate,
-        token,
-    )
-    .await;
-}
-
-fn owner_key<K: kube::Resource>(o: &K) -> Option<ModuleKey> {
-    let name = o.meta().labels.as_ref()?.get(MODULE_NAME_LABEL)?.clone();
-    Some((o.meta().namespace.clone().unwrap_or_default(), name))
-}
-
-#[derive(Default)]
-struct NodeTriggers {
-    all_modules: bool,
-    facts: bool,
-    events: Vec<NodeEvent>,
-}
-
-/// What of a node matters to the reconcilers: labels, taints, kernel, deletion.
-fn node_changed(old: &Node, new: &Node) -> bool {
-    old.metadata.labels != new.metadata.labels
-        || old.spec.as_ref().map(|s| &s.taints) != new.spec.as_ref().map(|s| &s.taints)
-        || node_kernel(old) != node_kernel(new)
-        || old.metadata.deletion_timestamp.is_some() != new.metadata.deletion_timestamp.is_some()
-        || old.metadata.uid != new.metadata.uid
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn informer_nodes(
-    api: Api<Node>,
-    writer: reflector::store::Writer<Node>,
-    module_queue: Arc<WorkQueue<ModuleKey>>,
-    facts_queue: Arc<WorkQueue<()>>,
-    modules: Store<Module>,
-    sink: EventSink,
-    gate: ReadyGate,
-    token: CancellationToken,
-) {
-    let modules_for_events = modules.clone();
-    run_informer(
-        "nodes",
-        api,
-        watcher::Config::default(),
-        writer,
-        cache::strip_node,
-        move |store: &Store<Node>, ev: &watcher::Event<Node>| {
-            let mut t = NodeTriggers::default();
-            match ev {
-                watcher::Event::Apply(new) | watcher::Event::InitApply(new) => match store
-                    .get(&ObjectRef::from_obj(new))
-                {
-                    None => {
-                        t.all_modules = true;
-                        t.facts = true;
-                    }
-                    Some(old) => {
-                        if node_changed(&old, new) {
-                            t.all_modules = true;
-                            // Someone may have removed our kernel label.
-                            t.facts = node_kernel(&old) != node_kernel(new)
-                                || old.labels().get(KERNEL_LABEL) != new.labels().get(KERNEL_LABEL)
-                                || old.metadata.uid != new.metadata.uid;
-                            t.events = ready_transitions(&old, new, &modules_for_events);
-                        }
-                    }
-                },
-                watcher::Event::Delete(_) | watcher::Event::InitDone => {
-                    t.all_modules = true;
-                    t.facts = true;
-                }
-                watcher::Event::Init => {}
-            }
-            t
-        },
-        move |t: NodeTriggers| {
-            for e in t.events {
-                sink.send(e);
-            }
-            if t.all_modules {
-                enqueue_all(&modules, &module_queue);
-            }
-            if t.facts {
-                facts_queue.add(());
-            }
-        },
-        gate,
-        token,
-    )
-    .await;
 }

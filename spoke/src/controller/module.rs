@@ -3,12 +3,16 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
-use kmm_runtime::queue::Action;
+use kmm_runtime::ErrorCategory;
+use kmm_runtime::queue::Action as QueueAction;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -20,6 +24,7 @@ use shared_api::labels::{
 };
 use shared_api::module::ModuleStatus;
 use shared_api::validate::{self, validate_module};
+use tracing::Instrument;
 
 use super::events::{MODULE_UNLOAD_FAILED, NodeEvent};
 use super::labels::{LabelScope, node_label_writes};
@@ -29,7 +34,7 @@ use super::status::{self, UNLOAD_FAILED};
 use super::writes::{
     apply_daemonsets, apply_node_labels, delete_daemonset, delete_pod, release_pod, remove_labels,
 };
-use super::{Context, ModuleKey};
+use super::{Context, MODULE_CONTROLLER, ModuleKey, module_key};
 use crate::error::ReconcileError;
 use crate::render::nodes::pod_node;
 use crate::render::{ModulePlan, plan_module};
@@ -40,37 +45,103 @@ pub fn node_label_manager(namespace: &str, name: &str) -> String {
     format!("kmm-spoke/{namespace}.{name}")
 }
 
-#[tracing::instrument(name = "reconcile_module", skip_all, fields(module = %format!("{}/{}", key.0, key.1)))]
-pub async fn reconcile(key: &ModuleKey, ctx: &Context) -> Result<Action, ReconcileError> {
-    let (namespace, name) = key;
-    let Some(module) = ctx
-        .stores
-        .modules
-        .get(&ObjectRef::<Module>::new(name).within(namespace))
-    else {
-        // Gone without our finalizer (or removed by hand): drop what is left of it.
-        cleanup(key, ctx, None).await?;
-        return Ok(Action::AwaitChange);
-    };
-    if module.metadata.deletion_timestamp.is_some() {
-        return finalize(&module, key, ctx).await;
-    }
-    if !module.finalizers().iter().any(|f| f == MODULE_FINALIZER) {
-        add_finalizer(&module, ctx).await?;
-    }
+/// How often a deletion that waits for loader pods to unload looks again, at most (pod and
+/// DaemonSet events bring it back sooner).
+pub const UNLOAD_RECHECK: Duration = Duration::from_secs(30);
 
+/// The Module reconciler, run by kube's `Controller`: [`finalizer()`] around [`apply`] and
+/// [`finalize`], with the reconcile metrics and the per-Module backoff cleared on success.
+pub async fn reconcile(module: Arc<Module>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let started = Instant::now();
+    let key = module_key(&module);
+    let span = tracing::info_span!("reconcile_module", module = %format!("{}/{}", key.0, key.1));
+    let result = with_finalizer(module, &key, &ctx).instrument(span).await;
+    // Waiting for pods to unload is a state: a reconcile like any other, not a failure.
+    let failure = result
+        .as_ref()
+        .err()
+        .filter(|e| !e.is_waiting())
+        .map(ErrorCategory::category);
+    ctx.metrics
+        .controllers
+        .observe(MODULE_CONTROLLER, started.elapsed(), failure);
+    if failure.is_none() {
+        ctx.module_backoff.reset(&key);
+    }
+    result
+}
+
+/// What follows a failed reconcile: the same delay again while deletion waits for loader
+/// pods, else the Module's capped backoff (about 1 s doubling to 5 min).
+pub fn error_policy(module: Arc<Module>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    if error.is_waiting() {
+        return Action::requeue(UNLOAD_RECHECK.min(ctx.resync));
+    }
+    let key = module_key(&module);
+    let delay = ctx.module_backoff.next(&key);
+    tracing::warn!(controller = MODULE_CONTROLLER, module = %format!("{}/{}", key.0, key.1), error = %error, category = error.category(), retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn with_finalizer(
+    module: Arc<Module>,
+    key: &ModuleKey,
+    ctx: &Context,
+) -> Result<Action, ReconcileError> {
+    let (namespace, name) = key;
+    let api: Api<Module> = Api::namespaced(ctx.client.clone(), namespace);
+    let held = module.finalizers().iter().any(|f| f == MODULE_FINALIZER);
+    let deleting = module.metadata.deletion_timestamp.is_some();
+    let result = finalizer(&api, MODULE_FINALIZER, module, |event| async {
+        match event {
+            FinalizerEvent::Apply(m) => apply(&m, ctx).await,
+            FinalizerEvent::Cleanup(m) => finalize(&m, ctx).await,
+        }
+    })
+    .await;
+    match result {
+        Ok(action) => {
+            // Added before the first apply, or removed after the clean-up.
+            if held == deleting {
+                ctx.metrics.write("finalizer");
+            }
+            if held && deleting {
+                tracing::info!(module = %format!("{namespace}/{name}"), "Module cleaned up");
+            }
+            Ok(action)
+        }
+        Err(FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e)) => Err(e),
+        // Gone meanwhile: there is no finalizer left to hold.
+        Err(FinalizerError::AddFinalizer(kube::Error::Api(s)))
+        | Err(FinalizerError::RemoveFinalizer(kube::Error::Api(s)))
+            if s.code == 404 =>
+        {
+            Ok(Action::await_change())
+        }
+        Err(source) => Err(ReconcileError::Finalizer {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source: Box::new(source),
+        }),
+    }
+}
+
+/// A Module that is not being deleted (and holds the finalizer): render, apply the
+/// DaemonSets, delete orphans, keep the node labels, write status.
+async fn apply(module: &Module, ctx: &Context) -> Result<Action, ReconcileError> {
+    let (namespace, name) = module_key(module);
     let nodes = ctx.stores.nodes.state();
-    let owned = owned_daemonsets(&module, ctx);
+    let owned = owned_daemonsets(module, ctx);
     let violations = validate_module(
-        &module,
+        module,
         validate::Context {
             kubernetes_minor: ctx.kubernetes_minor,
         },
     );
     let plan = if violations.is_empty() {
-        let plan = plan_module(&module, nodes.iter().map(Arc::as_ref), &ctx.settings);
+        let plan = plan_module(module, nodes.iter().map(Arc::as_ref), &ctx.settings);
         apply_daemonsets(&plan, &owned, ctx).await?;
-        delete_orphans(&module, &plan, &owned, ctx).await?;
+        delete_orphans(module, &plan, &owned, ctx).await?;
         Some(plan)
     } else {
         // Bad input never deletes what works: existing DaemonSets are left as they are.
@@ -78,10 +149,28 @@ pub async fn reconcile(key: &ModuleKey, ctx: &Context) -> Result<Action, Reconci
         None
     };
 
-    sync_node_labels(namespace, name, Some(&module), false, ctx).await?;
-    let status = compute_status(&module, &violations, plan.as_ref(), &nodes, ctx);
-    write_status(&module, status, ctx).await?;
-    Ok(Action::Requeue(ctx.resync))
+    sync_node_labels(&namespace, &name, Some(module), false, ctx).await?;
+    let status = compute_status(module, &violations, plan.as_ref(), &nodes, ctx);
+    write_status(module, status, ctx).await?;
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// What is left of a Module that is gone from the cache without our finalizer (removed by
+/// hand, or deleted while no agent ran): its DaemonSets and node labels. kube's `Controller`
+/// reconciles only objects in its store, so these keys come through the orphan sweep
+/// ([`super::sweep`]). A Module present again is the `Controller`'s.
+#[tracing::instrument(name = "sweep_module", skip_all, fields(module = %format!("{}/{}", key.0, key.1)))]
+pub async fn cleanup_absent(key: &ModuleKey, ctx: &Context) -> Result<QueueAction, ReconcileError> {
+    let (namespace, name) = key;
+    if ctx
+        .stores
+        .modules
+        .get(&ObjectRef::<Module>::new(name).within(namespace))
+        .is_none()
+    {
+        cleanup(key, ctx, None).await?;
+    }
+    Ok(QueueAction::AwaitChange)
 }
 
 /// The DaemonSets of this Module in the cache (by owner label; owned by this Module's uid
@@ -246,80 +335,12 @@ fn module_pods(namespace: &str, name: &str, ctx: &Context) -> Vec<Arc<Pod>> {
     })
 }
 
-async fn add_finalizer(module: &Module, ctx: &Context) -> Result<(), ReconcileError> {
-    let ns = module.namespace().unwrap_or_default();
-    let name = module.name_any();
-    let patch = if module.finalizers().is_empty() {
-        json!([
-            { "op": "test", "path": "/metadata/resourceVersion", "value": module.resource_version() },
-            { "op": "add", "path": "/metadata/finalizers", "value": [MODULE_FINALIZER] }
-        ])
-    } else {
-        json!([
-            { "op": "test", "path": "/metadata/resourceVersion", "value": module.resource_version() },
-            { "op": "add", "path": "/metadata/finalizers/-", "value": MODULE_FINALIZER }
-        ])
-    };
-    json_patch_module(&ns, &name, patch, ctx).await
-}
-
-async fn remove_finalizer(module: &Module, ctx: &Context) -> Result<(), ReconcileError> {
-    let ns = module.namespace().unwrap_or_default();
-    let name = module.name_any();
-    let Some(index) = module
-        .finalizers()
-        .iter()
-        .position(|f| f == MODULE_FINALIZER)
-    else {
-        return Ok(());
-    };
-    let patch = json!([
-        { "op": "test", "path": format!("/metadata/finalizers/{index}"), "value": MODULE_FINALIZER },
-        { "op": "remove", "path": format!("/metadata/finalizers/{index}") }
-    ]);
-    json_patch_module(&ns, &name, patch, ctx).await
-}
-
-async fn json_patch_module(
-    ns: &str,
-    name: &str,
-    patch: serde_json::Value,
-    ctx: &Context,
-) -> Result<(), ReconcileError> {
-    let patch: json_patch::Patch =
-        serde_json::from_value(patch).map_err(|source| ReconcileError::Encode {
-            what: "finalizer patch",
-            source,
-        })?;
-    let api: Api<Module> = Api::namespaced(ctx.client.clone(), ns);
-    match api
-        .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
-        .await
-    {
-        Ok(_) => {
-            ctx.metrics.write("finalizer");
-            Ok(())
-        }
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(source) => Err(ReconcileError::Finalizer {
-            namespace: ns.to_string(),
-            name: name.to_string(),
-            source,
-        }),
-    }
-}
-
-/// Deletion: delete the DaemonSets (their pods unload through preStop), wait for the loader
-/// pods to be gone, drop the node labels, then release the finalizer.
-async fn finalize(
-    module: &Module,
-    key: &ModuleKey,
-    ctx: &Context,
-) -> Result<Action, ReconcileError> {
-    if !module.finalizers().iter().any(|f| f == MODULE_FINALIZER) {
-        return Ok(Action::AwaitChange);
-    }
-    if !cleanup(key, ctx, Some(module)).await? {
+/// Deletion (`finalizer()`'s clean-up): delete the DaemonSets (their pods unload through
+/// preStop) and, once the loader pods are gone, drop the node labels; `finalizer()` then
+/// releases the finalizer. Until then [`ReconcileError::StillUnloading`] keeps it.
+async fn finalize(module: &Module, ctx: &Context) -> Result<Action, ReconcileError> {
+    let key = module_key(module);
+    if !cleanup(&key, ctx, Some(module)).await? {
         let failures = unload_failures(&key.0, &key.1, ctx);
         if !failures.is_empty() {
             let mut status = module.status.clone().unwrap_or_default();
@@ -349,14 +370,11 @@ async fn finalize(
             );
             write_status(module, status, ctx).await?;
         }
-        // Pod and DaemonSet events bring us back; the requeue is a safety net.
-        return Ok(Action::Requeue(
-            std::time::Duration::from_secs(30).min(ctx.resync),
-        ));
+        // Keeps the finalizer; pod and DaemonSet events bring us back.
+        let (namespace, name) = key;
+        return Err(ReconcileError::StillUnloading { namespace, name });
     }
-    remove_finalizer(module, ctx).await?;
-    tracing::info!(module = %format!("{}/{}", key.0, key.1), "Module cleaned up");
-    Ok(Action::AwaitChange)
+    Ok(Action::await_change())
 }
 
 /// Delete the Module's DaemonSets and labels; `true` once nothing of it is left.
