@@ -96,18 +96,7 @@ impl ImagePipeline {
         match build_step(existing.as_ref(), &hash, Timestamp::now()) {
             BuildStep::Create => {
                 // Every original first: a missing one stops the build before a Job exists.
-                let staged = build_copies::read(
-                    |name| run.inputs.secret(name),
-                    deps.operator_namespace,
-                    &mcm_name,
-                    &dockerfile,
-                    mcm.spec
-                        .module_spec
-                        .image_repo_secret
-                        .as_ref()
-                        .map(|s| s.name.as_str()),
-                    &build.secrets,
-                );
+                let staged = read_copies(run, &dockerfile, build);
                 match staged {
                     Ok(inputs) => self.create_job(run, need, desired, &inputs).await,
                     Err(e) => ImageOutcome::failed(format!("build not started: {e}")),
@@ -135,18 +124,7 @@ impl ImagePipeline {
                         },
                         ..Default::default()
                     };
-                    let staged = build_copies::read(
-                        |name| run.inputs.secret(name),
-                        deps.operator_namespace,
-                        &mcm_name,
-                        &dockerfile,
-                        mcm.spec
-                            .module_spec
-                            .image_repo_secret
-                            .as_ref()
-                            .map(|s| s.name.as_str()),
-                        &build.secrets,
-                    );
+                    let staged = read_copies(run, &dockerfile, build);
                     let written = match staged {
                         Ok(inputs) => build_copies::write(deps.client, &owner, &inputs)
                             .await
@@ -267,6 +245,28 @@ impl ImagePipeline {
         }
         reason
     }
+}
+
+/// The originals of what a build Job mounts (Dockerfile, pull secret, `build.secrets`), from
+/// the Secrets read once for this reconcile.
+fn read_copies(
+    run: &Run<'_>,
+    dockerfile: &str,
+    build: &shared_api::module::Build,
+) -> Result<build_copies::Inputs, build_copies::CopyError> {
+    build_copies::read(
+        |name| run.inputs.secret(name),
+        run.deps.operator_namespace,
+        &run.mcm.name_any(),
+        dockerfile,
+        run.mcm
+            .spec
+            .module_spec
+            .image_repo_secret
+            .as_ref()
+            .map(|s| s.name.as_str()),
+        &build.secrets,
+    )
 }
 
 impl ImagePipeline {
