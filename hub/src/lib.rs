@@ -9,6 +9,7 @@
 //!   client, native signing, admission, the dashboard API.
 //! - [`commands`]: the offline `render` and `validate` subcommands.
 
+pub mod access;
 pub mod cache;
 pub mod cli;
 pub mod commands;

@@ -17,11 +17,8 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use k8s_openapi::api::authentication::v1::UserInfo;
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
-};
+use k8s_openapi::api::authorization::v1::ResourceAttributes;
 use kube::Client;
-use kube::api::{Api, PostParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use shared_api::ManagedClusterModule;
@@ -83,35 +80,22 @@ impl AccessReviewer for SarReviewer {
         namespace: &str,
         name: &str,
     ) -> Result<bool, ReviewError> {
-        let sar = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: user.username.clone(),
-                groups: user.groups.clone(),
-                uid: user.uid.clone(),
-                extra: user.extra.clone(),
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some(String::new()),
-                    version: Some("v1".into()),
-                    resource: Some(kind.resource().into()),
-                    verb: Some("get".into()),
-                    namespace: Some(namespace.into()),
-                    name: Some(name.into()),
-                    ..Default::default()
-                }),
-                non_resource_attributes: None,
-            },
+        let attributes = ResourceAttributes {
+            group: Some(String::new()),
+            version: Some("v1".into()),
+            resource: Some(kind.resource().into()),
+            verb: Some("get".into()),
+            namespace: Some(namespace.into()),
+            name: Some(name.into()),
             ..Default::default()
         };
-        let api = Api::<SubjectAccessReview>::all(self.client.clone());
         match tokio::time::timeout(
             ACCESS_REVIEW_TIMEOUT,
-            api.create(&PostParams::default(), &sar),
+            crate::access::review(&self.client, user, attributes),
         )
         .await
         {
-            Ok(Ok(r)) => Ok(r
-                .status
-                .is_some_and(|s| s.allowed && !s.denied.unwrap_or(false))),
+            Ok(Ok(allowed)) => Ok(allowed),
             Ok(Err(e)) => Err(ReviewError::Api(e)),
             Err(_) => Err(ReviewError::Timeout(ACCESS_REVIEW_TIMEOUT)),
         }

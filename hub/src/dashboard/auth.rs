@@ -20,9 +20,7 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::Response;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
-};
+use k8s_openapi::api::authorization::v1::ResourceAttributes;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use serde::Deserialize;
@@ -210,26 +208,17 @@ async fn may_list(
     group: &str,
     resource: &str,
 ) -> Result<bool, kube::Error> {
-    let sar = SubjectAccessReview {
-        spec: SubjectAccessReviewSpec {
-            user: user.username.clone(),
-            groups: user.groups.clone(),
-            uid: user.uid.clone(),
-            extra: user.extra.clone(),
-            resource_attributes: Some(ResourceAttributes {
-                group: Some(group.into()),
-                resource: Some(resource.into()),
-                verb: Some(VERB.into()),
-                ..Default::default()
-            }),
-            non_resource_attributes: None,
+    crate::access::review(
+        client,
+        user,
+        ResourceAttributes {
+            group: Some(group.into()),
+            resource: Some(resource.into()),
+            verb: Some(VERB.into()),
+            ..Default::default()
         },
-        ..Default::default()
-    };
-    let sar = Api::<SubjectAccessReview>::all(client.clone())
-        .create(&PostParams::default(), &sar)
-        .await?;
-    Ok(sar.status.is_some_and(|s| s.allowed))
+    )
+    .await
 }
 
 /// The bearer token of a request, from `Authorization: Bearer …` only.

@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::{
 };
 use shared_api::Module;
 use shared_api::labels::{
-    MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_LABEL, module_ready_label,
-    module_version_ready_label, schedule_version_label, short_hash,
+    ROLE_DEVICE_PLUGIN, module_ready_label, module_version_ready_label, schedule_version_label,
+    short_hash,
 };
 use shared_api::module::DevicePluginContainerSpec;
 
@@ -35,14 +35,7 @@ pub fn device_plugin_daemonset_name(module_name: &str, version: Option<&str>) ->
 
 /// The labels of a device-plugin DaemonSet, its selector and its pods.
 pub fn device_plugin_labels(module_name: &str, version: Option<&str>) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::from([
-        (MODULE_NAME_LABEL.to_string(), module_name.to_string()),
-        (ROLE_LABEL.to_string(), ROLE_DEVICE_PLUGIN.to_string()),
-    ]);
-    if let Some(v) = version {
-        labels.insert(MODULE_VERSION_LABEL.to_string(), v.to_string());
-    }
-    labels
+    super::role_labels(module_name, ROLE_DEVICE_PLUGIN, version)
 }
 
 /// The device-plugin DaemonSet of `module`; `None` without `spec.devicePlugin`.

@@ -13,8 +13,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use shared_api::Module;
 use shared_api::kernel::ResolvedMapping;
 use shared_api::labels::{
-    KERNEL_LABEL, LOADER_POD_FINALIZER, MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_LABEL,
-    ROLE_LOADER, TARGET_KERNEL_LABEL, short_hash, worker_version_label,
+    KERNEL_LABEL, LOADER_POD_FINALIZER, ROLE_LOADER, TARGET_KERNEL_LABEL, short_hash,
+    worker_version_label,
 };
 use shared_api::module::ModuleLoaderSpec;
 
@@ -58,14 +58,8 @@ pub fn loader_labels(
     kernel_label: &str,
     version: Option<&str>,
 ) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::from([
-        (MODULE_NAME_LABEL.to_string(), module_name.to_string()),
-        (ROLE_LABEL.to_string(), ROLE_LOADER.to_string()),
-        (TARGET_KERNEL_LABEL.to_string(), kernel_label.to_string()),
-    ]);
-    if let Some(v) = version {
-        labels.insert(MODULE_VERSION_LABEL.to_string(), v.to_string());
-    }
+    let mut labels = super::role_labels(module_name, ROLE_LOADER, version);
+    labels.insert(TARGET_KERNEL_LABEL.to_string(), kernel_label.to_string());
     labels
 }
 

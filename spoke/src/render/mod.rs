@@ -95,6 +95,29 @@ pub fn owner_reference(module: &Module) -> Option<OwnerReference> {
     })
 }
 
+/// The labels every DaemonSet of a Module carries (also its selector and its pods' labels):
+/// the Module name, the role (`loader`, `device-plugin`) and the version when there is one.
+pub fn role_labels(
+    module_name: &str,
+    role: &str,
+    version: Option<&str>,
+) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        (
+            shared_api::labels::MODULE_NAME_LABEL.to_string(),
+            module_name.to_string(),
+        ),
+        (shared_api::labels::ROLE_LABEL.to_string(), role.to_string()),
+    ]);
+    if let Some(v) = version {
+        labels.insert(
+            shared_api::labels::MODULE_VERSION_LABEL.to_string(),
+            v.to_string(),
+        );
+    }
+    labels
+}
+
 /// `<prefix><suffix>` shortened to 63 characters by trimming the prefix (names we derive
 /// from Modules stay valid even for long Module names).
 pub fn bounded_name(prefix: &str, suffix: &str) -> String {
