@@ -35,7 +35,11 @@ check-generated:
 validate +FILES:
     cargo run -q -p kmm-hub -- validate {{FILES}}
 
-# Provision the test world (Debian packages; Kubernetes, etcd, OCM and the policy framework built from their Go modules).
+# Print an OpenShift MachineConfig: Day-1 loading (--image, --module) or the firmware path (docs/day0-day1.md).
+machineconfig +ARGS:
+    cargo run -q -p kmm-hub -- machineconfig {{ARGS}}
+
+# Provision the test world (Debian packages; Kubernetes, etcd, OCM and the policy framework built from their Go modules; OpenShift's MachineConfig CRDs).
 provision:
     bash e2e/provision/provision.sh
 

@@ -9,6 +9,8 @@
 #       registration, work, placement, registration-operator     (open-cluster-management.io/ocm)
 #       work-webhook: OCM's ManifestWork webhook package served on loopback (ocm/cmd/work-webhook)
 #       governance-policy-propagator, config-policy-controller   (open-cluster-management.io/…)
+#   - the MachineConfig and MachineConfigPool CRDs, copied from OpenShift's published API module
+#     (github.com/openshift/api, downloaded only; nothing is built from it);
 # Idempotent: every step checks first and says what it does and how long it took. The
 # binaries are cached outside the checkout, keyed by version: $CACHE/bin/<set>-<version>-<build>.
 set -euo pipefail
@@ -17,6 +19,7 @@ K8S_VERSION="v1.37.2"
 ETCD_VERSION="v3.7.4"
 OCM_VERSION="v1.2.1"
 GOVERNANCE_VERSION="v0.18.0"
+OPENSHIFT_API_VERSION="v0.0.0-20251021124544-a2cb0c5d994d"
 # Bump when the way a set is built changes (flags, stamping): every machine then rebuilds.
 BUILD_ID="kmm3"
 GO_MIN="1.26"
@@ -173,6 +176,29 @@ if [ ! -f "$crd_dir/.complete-2" ]; then
   chmod -R u+w "$crd_dir" "$rbac_dir"
   touch "$crd_dir/.complete-2"
   done_step
+fi
+
+# The MachineConfig and MachineConfigPool CRDs, exactly as OpenShift's API module ships them:
+# the test world checks `kmm-hub machineconfig` output against them (e2e/tests/machineconfig.rs).
+# This version ships one variant of each (no feature-gated -Default/-TechPreview files).
+mc_dir="$CACHE/crds/openshift-api-$OPENSHIFT_API_VERSION"
+if [ ! -f "$mc_dir/.complete-1" ]; then
+  step "collecting the MachineConfig and MachineConfigPool CRDs from github.com/openshift/api $OPENSHIFT_API_VERSION into $mc_dir"
+  need_go
+  rm -rf "$mc_dir" && mkdir -p "$mc_dir"
+  ( cd "$HERE/openshift-api" && GOTOOLCHAIN=local GOFLAGS=-mod=readonly go mod download github.com/openshift/api ) \
+    || fail "go mod download github.com/openshift/api@$OPENSHIFT_API_VERSION" \
+      "cd $HERE/openshift-api && go mod download github.com/openshift/api"
+  os_src="$(go env GOMODCACHE)/github.com/openshift/api@$OPENSHIFT_API_VERSION/machineconfiguration/v1/zz_generated.crd-manifests"
+  for f in 0000_80_machine-config_01_machineconfigs.crd.yaml 0000_80_machine-config_01_machineconfigpools.crd.yaml; do
+    [ -f "$os_src/$f" ] || fail "$f missing from github.com/openshift/api@$OPENSHIFT_API_VERSION ($os_src)"
+    cp "$os_src/$f" "$mc_dir/$f"
+  done
+  chmod -R u+w "$mc_dir"
+  touch "$mc_dir/.complete-1"
+  done_step
+else
+  echo "==> MachineConfig and MachineConfigPool CRDs (openshift/api $OPENSHIFT_API_VERSION) in $mc_dir"
 fi
 
 # Real-kernel nodes (e2e/src/vm.rs): Debian's packaged kernel, the same version as the

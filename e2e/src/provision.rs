@@ -1,6 +1,7 @@
 //! Makes sure the real parts of the test world are on this machine: Debian packages, and the
 //! Go programs built from their published modules (Kubernetes, etcd, Open Cluster Management,
-//! the policy framework) by the wrapper modules in `e2e/provision/`.
+//! the policy framework) by the wrapper modules in `e2e/provision/`, and the MachineConfig and
+//! MachineConfigPool CRDs from OpenShift's published API module.
 //!
 //! The fast path only looks (binaries present, `dpkg-query` says the packages are
 //! installed). Otherwise the embedded `provision/provision.sh` runs, under an exclusive
@@ -43,6 +44,14 @@ const GO_MODULES: &[(&str, &str)] = &[
         "governance/tools.go",
         include_str!("../provision/governance/tools.go"),
     ),
+    (
+        "openshift-api/go.mod",
+        include_str!("../provision/openshift-api/go.mod"),
+    ),
+    (
+        "openshift-api/go.sum",
+        include_str!("../provision/openshift-api/go.sum"),
+    ),
 ];
 
 /// A `NAME="value"` line of the script.
@@ -76,6 +85,11 @@ pub fn governance_version() -> String {
     script_var("GOVERNANCE_VERSION")
 }
 
+/// The pseudo-version of `github.com/openshift/api` whose MachineConfig CRDs the world uses.
+pub fn openshift_api_version() -> String {
+    script_var("OPENSHIFT_API_VERSION")
+}
+
 /// Where the script puts one set of programs: `<cache>/bin/<set>-<version>-<build id>`.
 pub fn bin_dir(set: &str, version: &str) -> PathBuf {
     cache_dir()
@@ -107,6 +121,9 @@ pub struct Binaries {
     /// The released CRDs: `hub/` (OCM hub and policy) and `spoke/` (klusterlet and
     /// configuration policy), copied from the modules.
     pub ocm_crds: PathBuf,
+    /// The MachineConfig and MachineConfigPool CRDs of OpenShift's API module (not installed
+    /// on any cluster by default; `e2e/tests/machineconfig.rs` installs them).
+    pub machineconfig_crds: PathBuf,
     pub docker_registry: PathBuf,
     pub htpasswd: PathBuf,
     pub openssl: PathBuf,
@@ -199,6 +216,9 @@ fn locate() -> Option<Binaries> {
         policy_propagator: gov.join("governance-policy-propagator"),
         config_policy_controller: gov.join("config-policy-controller"),
         ocm_crds: ocm.join("crds"),
+        machineconfig_crds: cache_dir()
+            .join("crds")
+            .join(format!("openshift-api-{}", openshift_api_version())),
         docker_registry: which("docker-registry")?,
         htpasswd: which("htpasswd")?,
         openssl: which("openssl")?,
@@ -227,8 +247,10 @@ fn locate() -> Option<Binaries> {
         &b.config_policy_controller,
         &b.virt_fw_vars,
     ];
-    (programs.iter().all(|p| is_executable(p)) && b.ocm_crds.join(".complete-2").is_file())
-        .then_some(b)
+    (programs.iter().all(|p| is_executable(p))
+        && b.ocm_crds.join(".complete-2").is_file()
+        && b.machineconfig_crds.join(".complete-1").is_file())
+    .then_some(b)
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -415,6 +437,10 @@ mod tests {
         assert!(
             find("governance/go.mod").contains(&format!("propagator {}", governance_version()))
         );
+        let openshift = format!("github.com/openshift/api {}", openshift_api_version());
+        assert!(openshift_api_version().starts_with("v0.0.0-"));
+        assert!(find("openshift-api/go.mod").contains(&openshift));
+        assert!(find("openshift-api/go.sum").contains(&openshift));
         // Every staging module is mapped to the release's v0.X.Y, none left at v0.0.0.
         let staging = format!("v0.{}", k8s_version().trim_start_matches("v1."));
         let kube = find("kube/go.mod");

@@ -39,6 +39,9 @@ pub enum Command {
     Run(Box<crate::run::RunArgs>),
     /// Print, as YAML, the ManifestWorks the controller would write (no cluster needed).
     Render(crate::commands::render::RenderArgs),
+    /// Print the OpenShift MachineConfig that loads a kernel module on Day 1 (before the
+    /// network), or that adds a firmware search path (no cluster needed).
+    Machineconfig(crate::commands::machineconfig::MachineConfigArgs),
 }
 
 #[cfg(test)]

@@ -2,12 +2,12 @@
 //! digest-pinned ManifestWorks for every selected cluster.
 //!
 //! - [`decide`]: pure decisions (plan, per-cluster work, status, build-Job steps), unit-tested.
-//! - [`render`]: pure renderers (ManifestWork, build Job).
+//! - [`render`]: pure renderers (ManifestWork, build Job, MachineConfig).
 //! - [`pipeline`]: the image pipeline's I/O (registry, builds, signing); returns what happened.
 //! - [`reconcile`]: the MCM reconciler: reads caches, calls the above, writes, publishes.
 //! - [`cache`], [`registry`], [`sign`], [`webhook`], [`dashboard`]: watches, the registry
 //!   client, native signing, admission, the dashboard API.
-//! - [`commands`]: the offline `render` and `validate` subcommands.
+//! - [`commands`]: the offline `render`, `validate` and `machineconfig` subcommands.
 
 pub mod access;
 pub mod cache;

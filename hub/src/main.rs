@@ -68,6 +68,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Machineconfig(args) => {
+            kmm_hub::commands::machineconfig::run(&args, &mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::SignFile(args) => {
             args.run()?;
             Ok(ExitCode::SUCCESS)

@@ -2,8 +2,10 @@
 //!
 //! - [`manifestwork`]: one cluster's ManifestWork (the trimmed, digest-pinned Module).
 //! - [`build_job`]: the kaniko Job of one image build.
+//! - [`machineconfig`]: Day-1 loading and the firmware path as MachineConfigs (OpenShift).
 
 pub mod build_job;
+pub mod machineconfig;
 pub mod manifestwork;
 
 pub use manifestwork::*;
