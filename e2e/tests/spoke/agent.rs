@@ -19,7 +19,7 @@ use shared_api::{ClusterClaim, ManagedCluster, Module};
 
 use crate::setup::{
     RunningAgent, apply_module, eventually, lab_module, label_node, loaded, node, node_events,
-    prepare_namespace, push_kmod,
+    prepare_namespace, push_kmod, push_lab_kmod,
 };
 use crate::{K1, K2, NS, ONE_FLEET_AT_A_TIME, SPOKE, deadline};
 
@@ -309,20 +309,8 @@ async fn plugin_stops_before_the_unload_and_a_failed_unload_keeps_the_node_label
         .run(async |fleet: &mut Fleet| {
             let client = fleet.spoke(1).client().await;
             prepare_namespace(fleet, &client).await?;
-            let v1 = push_kmod(
-                fleet,
-                &format!("labs/kmm-kmod:{K1}-v1.0"),
-                &[K1],
-                &["kmm-ci-a"],
-            )
-            .await?;
-            let v2 = push_kmod(
-                fleet,
-                &format!("labs/kmm-kmod:{K1}-v2.0"),
-                &[K1],
-                &["kmm-ci-a"],
-            )
-            .await?;
+            let v1 = push_lab_kmod(fleet, "1.0").await?;
+            let v2 = push_lab_kmod(fleet, "2.0").await?;
             let plugin = format!(
                 "{}/labs/simple-device-plugin:latest",
                 fleet.registry().host()

@@ -15,8 +15,8 @@ use shared_api::labels::*;
 
 use crate::setup::{
     RunningAgent, apply_module, delete_and_wait_clean, eventually, lab_module, loaded,
-    loader_daemonsets, module_from_yaml, node, node_events, prepare_namespace, push_kmod, sim_node,
-    wait_loaded,
+    loader_daemonsets, module_from_yaml, node, node_events, prepare_namespace, push_kmod,
+    push_lab_kmod, sim_node, wait_loaded,
 };
 use crate::{K1, K3, NS, ONE_FLEET_AT_A_TIME, SPOKE};
 
@@ -38,13 +38,7 @@ async fn prebuilt_image_loads_on_workers_only_and_deletion_cleans_up() -> anyhow
         .run(async |fleet: &mut Fleet| {
             let client = fleet.spoke(1).client().await;
             prepare_namespace(fleet, &client).await?;
-            let image = push_kmod(
-                fleet,
-                &format!("labs/kmm-kmod:{K1}-v1.0"),
-                &[K1],
-                &["kmm-ci-a"],
-            )
-            .await?;
+            let image = push_lab_kmod(fleet, "1.0").await?;
             let agent = RunningAgent::start(client.clone());
             apply_module(&client, &lab_module(&image)).await?;
 
@@ -194,13 +188,7 @@ async fn in_tree_joydev_is_removed_before_kmm_ci_a_loads() -> anyhow::Result<()>
             let client = fleet.spoke(1).client().await;
             prepare_namespace(fleet, &client).await?;
             assert_eq!(loaded(fleet, "worker-0"), vec!["joydev"]);
-            let image = push_kmod(
-                fleet,
-                &format!("labs/kmm-kmod:{K1}-v1.0"),
-                &[K1],
-                &["kmm-ci-a"],
-            )
-            .await?;
+            let image = push_lab_kmod(fleet, "1.0").await?;
             let agent = RunningAgent::start(client.clone());
             let mut m = lab_module(&image);
             m.spec

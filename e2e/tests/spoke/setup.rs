@@ -19,7 +19,7 @@ use shared_api::labels::*;
 pub(crate) use kmm_e2e::testkit::label_node;
 
 pub(crate) use crate::spoke_agent::RunningAgent;
-use crate::{NS, SPOKE, TEST_MANAGER, deadline};
+use crate::{K1, NS, SPOKE, TEST_MANAGER, deadline};
 
 /// Poll `f` until it returns `Ok(Ok(_))`, or fail after [`deadline()`] with the last observation.
 pub(crate) async fn eventually<T>(
@@ -67,6 +67,17 @@ pub(crate) async fn push_kmod(
     )
     .await?;
     Ok(reference)
+}
+
+/// The lab's `kmm-ci-a` image for kernel `K1`, tagged `labs/kmm-kmod:<K1>-v<version>`.
+pub(crate) async fn push_lab_kmod(fleet: &Fleet, version: &str) -> anyhow::Result<String> {
+    push_kmod(
+        fleet,
+        &format!("labs/kmm-kmod:{K1}-v{version}"),
+        &[K1],
+        &["kmm-ci-a"],
+    )
+    .await
 }
 
 pub(crate) fn module_from_yaml(yaml: &str) -> Module {

@@ -13,7 +13,7 @@ use shared_api::labels::*;
 
 use crate::setup::{
     RunningAgent, apply_module, delete_and_wait_clean, eventually, lab_module, label_node, loaded,
-    loader_daemonsets, node, prepare_namespace, push_kmod, wait_loaded,
+    loader_daemonsets, node, prepare_namespace, push_kmod, push_lab_kmod, wait_loaded,
 };
 use crate::{K1, K2, K3, NS, ONE_FLEET_AT_A_TIME, SPOKE};
 
@@ -26,20 +26,8 @@ async fn ordered_upgrade_from_0_9_to_1_0() -> anyhow::Result<()> {
         .run(async |fleet: &mut Fleet| {
             let client = fleet.spoke(1).client().await;
             prepare_namespace(fleet, &client).await?;
-            let v09 = push_kmod(
-                fleet,
-                &format!("labs/kmm-kmod:{K1}-v0.9"),
-                &[K1],
-                &["kmm-ci-a"],
-            )
-            .await?;
-            let v10 = push_kmod(
-                fleet,
-                &format!("labs/kmm-kmod:{K1}-v1.0"),
-                &[K1],
-                &["kmm-ci-a"],
-            )
-            .await?;
+            let v09 = push_lab_kmod(fleet, "0.9").await?;
+            let v10 = push_lab_kmod(fleet, "1.0").await?;
             let agent = RunningAgent::start(client.clone());
             let version_label = version_module_label(NS, "kmm-ci-a");
             let version_ready = module_version_ready_label(NS, "kmm-ci-a");
