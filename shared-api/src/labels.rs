@@ -57,6 +57,20 @@ pub fn module_ready_label(namespace: &str, name: &str) -> String {
     format!("{PREFIX}/{namespace}.{name}.ready")
 }
 
+/// Node annotation `kmm.node.kubernetes.io/<ns>.<name>.ready-boot-id`: the boot the ready
+/// label was last confirmed in and the loader container that confirmed it,
+/// `<bootID> <pod uid>/<restartCount>`. After a reboot (another `bootID`) the ready label comes
+/// back only once a loader container that started after it is Ready again.
+pub fn ready_boot_annotation(namespace: &str, name: &str) -> String {
+    format!("{PREFIX}/{namespace}.{name}.ready-boot-id")
+}
+
+/// Whether `key` is a [`ready_boot_annotation`] of some Module.
+pub fn is_ready_boot_annotation(key: &str) -> bool {
+    key.strip_prefix(PREFIX)
+        .is_some_and(|k| k.starts_with('/') && k.ends_with(".ready-boot-id"))
+}
+
 /// `kmm.node.kubernetes.io/<ns>.<name>.version.ready=<version>`.
 pub fn module_version_ready_label(namespace: &str, name: &str) -> String {
     format!("{PREFIX}/{namespace}.{name}.version.ready")

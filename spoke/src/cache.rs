@@ -24,6 +24,7 @@ use kube::runtime::reflector::Store;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
+use shared_api::labels::is_ready_boot_annotation;
 use shared_api::{ClusterClaim, Module};
 
 use crate::render::{SPEC_HASH_ANNOTATION, TEMPLATE_HASH_ANNOTATION};
@@ -94,11 +95,21 @@ pub fn strip_claim(c: &mut ClusterClaim) {
     c.metadata.annotations = None;
 }
 
-/// Nodes: name, uid, labels, taints, deletion, kernel. The rest (images, conditions,
-/// addresses, annotations) is dropped.
+/// Nodes: name, uid, labels, taints, deletion, kernel, boot ID and the agent's own
+/// ready-boot annotations. The rest (images, conditions, addresses, other annotations) is
+/// dropped.
 pub fn strip_node(n: &mut Node) {
     strip_meta(&mut n.metadata);
-    n.metadata.annotations = None;
+    n.metadata.annotations = n
+        .metadata
+        .annotations
+        .take()
+        .map(|a| {
+            a.into_iter()
+                .filter(|(k, _)| is_ready_boot_annotation(k))
+                .collect::<BTreeMap<_, _>>()
+        })
+        .filter(|a| !a.is_empty());
     n.metadata.owner_references = None;
     let spec = n.spec.take().unwrap_or_default();
     n.spec = Some(NodeSpec {
@@ -106,15 +117,16 @@ pub fn strip_node(n: &mut Node) {
         unschedulable: spec.unschedulable,
         ..Default::default()
     });
-    let kernel = n
+    let (kernel, boot_id) = n
         .status
         .as_ref()
         .and_then(|s| s.node_info.as_ref())
-        .map(|i| i.kernel_version.clone())
+        .map(|i| (i.kernel_version.clone(), i.boot_id.clone()))
         .unwrap_or_default();
     n.status = Some(NodeStatus {
         node_info: Some(NodeSystemInfo {
             kernel_version: kernel,
+            boot_id,
             ..Default::default()
         }),
         ..Default::default()

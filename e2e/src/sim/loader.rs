@@ -33,6 +33,9 @@ pub struct NodeKernel {
     /// Modules held by running pods (pod uid → module), as a device plugin's process holds
     /// its driver's device from its start until its containers stop.
     pub pod_holds: BTreeMap<String, String>,
+    /// The node is rebooting: its kubelet is down, so pod statuses stay as last written
+    /// (stale, as on a real node) until it is back and restarts the containers.
+    pub kubelet_down: bool,
 }
 
 impl NodeKernel {

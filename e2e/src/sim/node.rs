@@ -235,6 +235,7 @@ impl NodeSim {
         let kernel = NodeKernel {
             in_use: Default::default(),
             pod_holds: Default::default(),
+            kubelet_down: false,
             kernel: node.kernel.clone(),
             secure_boot: node.secure_boot,
             enrolled_certs: node.enrolled_certs.clone(),
@@ -325,6 +326,79 @@ impl NodeSim {
         Ok(())
     }
 
+    /// Reboot a node into the same kernel; see [`Self::reboot_held`]. Returns once the
+    /// kubelet is back and restarts the containers.
+    pub async fn reboot(&self, node: &str) -> anyhow::Result<()> {
+        self.reboot_held(node).await?.release();
+        Ok(())
+    }
+
+    /// Reboot a node into the same kernel, as a real one goes: the kubelet is down, so pod
+    /// statuses stay as they were (a loader still says Ready); the kernel comes back with its
+    /// boot-time modules only (a real-kernel node's VM is powered off and booted again); the
+    /// node reports a new `bootID`. The kubelet restarts the containers only when the
+    /// returned [`HeldRestart`] is released (or dropped): in between, the node shows what an
+    /// agent sees right after a reboot.
+    pub async fn reboot_held(&self, node: &str) -> anyhow::Result<HeldRestart> {
+        let boot_id = new_boot_id();
+        let (spec, vm) = {
+            let mut nodes = self.ctx.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = nodes
+                .get_mut(node)
+                .with_context(|| format!("no simulated node {node}"))?;
+            entry.boot_id = boot_id.clone();
+            let mut k = entry.kernel.lock().unwrap_or_else(|e| e.into_inner());
+            k.kubelet_down = true;
+            k.loaded = entry
+                .spec
+                .in_tree_modules
+                .iter()
+                .map(|m| m.replace('-', "_"))
+                .collect();
+            k.pod_holds.clear();
+            drop(k);
+            let vm = entry
+                .vm
+                .as_ref()
+                .map(|(tx, dir)| (tx.clone(), tx.send_replace(None), dir.clone()));
+            (entry.spec.clone(), vm)
+        };
+        let held = HeldRestart {
+            ctx: self.ctx.clone(),
+            node: node.to_string(),
+        };
+        self.ctx
+            .log(format!("node {node}: rebooting (boot {boot_id})"));
+        if let Some((tx, old, dir)) = vm {
+            if let Some(Ok(old)) = old {
+                old.shutdown().await;
+            }
+            let vm_spec = VmSpec {
+                name: spec.name.clone(),
+                secure_boot: spec.secure_boot.then(|| spec.enrolled_certs.clone()),
+            };
+            let result = boot_node_vm(&self.ctx, &vm_spec, dir.path(), &spec.in_tree_modules).await;
+            let failed = result.as_ref().err().cloned();
+            tx.send_replace(Some(result));
+            if let Some(e) = failed {
+                anyhow::bail!("node {node}: the VM did not boot again: {e}");
+            }
+        }
+        let api: Api<Node> = Api::all(self.ctx.client.clone());
+        api.patch_status(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(node_status(&spec, &boot_id)),
+        )
+        .await
+        .with_context(|| format!("updating node {node} status"))?;
+        self.ctx.log(format!(
+            "node {node}: up again (boot {boot_id}), kubelet not yet"
+        ));
+        self.ctx.annotations_dirty.notify_one();
+        Ok(held)
+    }
+
     /// Every decision the simulator made, oldest first.
     pub fn logs(&self) -> Vec<String> {
         self.ctx.logs()
@@ -341,6 +415,41 @@ impl NodeSim {
         for (_, vm) in self.ctx.vms() {
             vm.shutdown().await;
         }
+    }
+}
+
+/// A rebooted node whose kubelet has not restarted its containers yet ([`Nodes::reboot_held`]).
+pub struct HeldRestart {
+    ctx: Arc<Ctx>,
+    node: String,
+}
+
+impl HeldRestart {
+    /// The kubelet is back: every container restarts.
+    pub fn release(self) {}
+}
+
+impl Drop for HeldRestart {
+    fn drop(&mut self) {
+        if let Some(entry) = self
+            .ctx
+            .nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&self.node)
+        {
+            entry
+                .kernel
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .kubelet_down = false;
+            entry.reboot.send_modify(|g| *g += 1);
+        }
+        self.ctx.log(format!(
+            "node {}: kubelet back, restarting containers",
+            self.node
+        ));
+        self.ctx.annotations_dirty.notify_one();
     }
 }
 

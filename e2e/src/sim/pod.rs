@@ -316,8 +316,20 @@ impl Kubelet {
         self.ctx.log(format!("pod {}: {}", self.key, line.as_ref()));
     }
 
+    /// The node is rebooting (see [`NodeKernel::kubelet_down`]).
+    fn kubelet_down(&self) -> bool {
+        self.kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .kubelet_down
+    }
+
     /// A container in the VM became ready or ended.
     async fn apply_vm_event(&mut self, ev: vmrun::Event) {
+        if self.kubelet_down() {
+            // The VM went down under a reboot: nobody reports; the restart follows.
+            return;
+        }
         match ev {
             vmrun::Event::Ready { index, generation } => {
                 let Some(cs) = self.main.get_mut(index) else {
@@ -509,6 +521,9 @@ impl Kubelet {
     }
 
     async fn write(&mut self) {
+        if self.kubelet_down() {
+            return;
+        }
         let v = self.status_json();
         if self.written.as_ref() == Some(&v) {
             return;

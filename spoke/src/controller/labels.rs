@@ -8,12 +8,12 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use shared_api::Module;
 use shared_api::labels::{
-    deprecated_ready_label, is_module_node_label, module_ready_label, schedule_version_label,
-    worker_version_label,
+    deprecated_ready_label, is_module_node_label, module_ready_label, module_version_ready_label,
+    ready_boot_annotation, schedule_version_label, worker_version_label,
 };
 
 use super::sequence::worker_and_schedule;
-use crate::render::nodes::{node_labels, pod_node};
+use crate::render::nodes::{loader_holds_module, loader_run, node_boot_id, node_labels, pod_node};
 
 /// One Module's view for its node labels.
 #[derive(Debug, Clone, Copy)]
@@ -31,8 +31,107 @@ pub struct LabelScope<'a> {
     pub drop_all: bool,
 }
 
+/// What a reboot means for one Module's ready label on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootFence {
+    /// The loader pods' Ready may be believed: the node did not reboot since the ready label
+    /// was confirmed, or a loader container started since.
+    pub ready_allowed: bool,
+    /// The node's [`ready_boot_annotation`] value to keep (`None`: none).
+    pub annotation: Option<String>,
+}
+
+/// The reboot fence. The ready label is confirmed in a boot (`bootID`) by one run of a loader
+/// container (`runs`: those on the node that hold the module, [`loader_run`]); that pair is
+/// kept in the node annotation `recorded`. When the node reports another boot, the module is
+/// gone from its kernel, but the pod's Ready may still be the one from before the reboot until
+/// the kubelet restarts the container: the ready label is withheld until a run other than the
+/// recorded one is Ready. A node without a boot ID is not fenced.
+pub fn boot_fence(boot_id: Option<&str>, recorded: Option<&str>, runs: &[String]) -> BootFence {
+    let Some(boot) = boot_id else {
+        return BootFence {
+            ready_allowed: true,
+            annotation: None,
+        };
+    };
+    let keep = || recorded.map(str::to_string);
+    let Some(newest) = runs.iter().max() else {
+        return BootFence {
+            ready_allowed: true,
+            annotation: keep(),
+        };
+    };
+    let confirm = |run: &str| BootFence {
+        ready_allowed: true,
+        annotation: Some(format!("{boot} {run}")),
+    };
+    let Some((recorded_boot, recorded_run)) = recorded.and_then(|r| r.split_once(' ')) else {
+        return confirm(newest);
+    };
+    if recorded_boot == boot {
+        if runs.iter().any(|r| r == recorded_run) {
+            return BootFence {
+                ready_allowed: true,
+                annotation: keep(),
+            };
+        }
+        return confirm(newest);
+    }
+    match runs.iter().filter(|r| *r != recorded_run).max() {
+        Some(fresh) => confirm(fresh),
+        None => BootFence {
+            ready_allowed: false,
+            annotation: keep(),
+        },
+    }
+}
+
+/// [`boot_fence`] for the Module on `node`.
+fn fence_on(scope: &LabelScope<'_>, node: &Node) -> BootFence {
+    let node_name = node.name_any();
+    let runs: Vec<String> = scope
+        .pods
+        .iter()
+        .map(Arc::as_ref)
+        .filter(|p| pod_node(p) == Some(node_name.as_str()) && loader_holds_module(p))
+        .map(loader_run)
+        .collect();
+    let key = ready_boot_annotation(scope.namespace, scope.name);
+    boot_fence(
+        node_boot_id(node),
+        node.annotations().get(&key).map(String::as_str),
+        &runs,
+    )
+}
+
+/// The Module's annotations that `node` should carry: its [`ready_boot_annotation`].
+pub fn desired_node_annotations(scope: &LabelScope<'_>, node: &Node) -> BTreeMap<String, String> {
+    if scope.drop_all {
+        return BTreeMap::new();
+    }
+    let key = ready_boot_annotation(scope.namespace, scope.name);
+    fence_on(scope, node)
+        .annotation
+        .map(|v| BTreeMap::from([(key, v)]))
+        .unwrap_or_default()
+}
+
+/// The Module's annotations `node` carries now.
+pub fn current_node_annotations(
+    node: &Node,
+    namespace: &str,
+    name: &str,
+) -> BTreeMap<String, String> {
+    let key = ready_boot_annotation(namespace, name);
+    node.annotations()
+        .get(&key)
+        .map(|v| BTreeMap::from([(key, v.clone())]))
+        .unwrap_or_default()
+}
+
 /// Every label of the Module that `node` should carry: the ready and device-plugin labels
-/// from the pods ([`node_labels`]) and, for a sequenced Module, the worker and schedule labels.
+/// from the pods ([`node_labels`]; the ready labels withheld after a reboot until a loader
+/// ran again, [`boot_fence`]) and, for a sequenced Module, the worker and schedule labels.
 pub fn desired_node_labels(scope: &LabelScope<'_>, node: &Node) -> BTreeMap<String, String> {
     let (namespace, name) = (scope.namespace, scope.name);
     if scope.drop_all {
@@ -45,6 +144,10 @@ pub fn desired_node_labels(scope: &LabelScope<'_>, node: &Node) -> BTreeMap<Stri
         &node_name,
         scope.pods.iter().map(Arc::as_ref),
     );
+    if !fence_on(scope, node).ready_allowed {
+        desired.remove(&module_ready_label(namespace, name));
+        desired.remove(&module_version_ready_label(namespace, name));
+    }
     if let Some(m) = scope.sequenced {
         let on_node: Vec<&Pod> = scope
             .pods
@@ -90,6 +193,8 @@ pub struct NodeLabelWrite<'a> {
     /// (an empty set drops them all); `None` when the node already carries exactly these or
     /// is being deleted.
     pub apply: Option<BTreeMap<String, String>>,
+    /// The Module's complete set of annotations for the node, applied with `apply`.
+    pub annotations: BTreeMap<String, String>,
     /// Remove the deprecated `<name>.ready` label.
     pub remove_deprecated: bool,
 }
@@ -108,10 +213,13 @@ pub fn node_label_writes<'n>(
         .map(|node| {
             let desired = desired_node_labels(scope, node);
             let current = current_node_labels(node, scope.namespace, scope.name);
+            let annotations = desired_node_annotations(scope, node);
+            let changed = desired != current
+                || annotations != current_node_annotations(node, scope.namespace, scope.name);
             NodeLabelWrite {
                 node: node.as_ref(),
-                apply: (desired != current && node.metadata.deletion_timestamp.is_none())
-                    .then_some(desired),
+                apply: (changed && node.metadata.deletion_timestamp.is_none()).then_some(desired),
+                annotations,
                 remove_deprecated: !deprecated_is_live && node.labels().contains_key(&deprecated),
             }
         })
@@ -277,5 +385,134 @@ mod tests {
         sc.name = "ns.m";
         let n = node("n1").deselected().loaded();
         assert_eq!(writes(&sc, vec![n], &cached([module()])), vec![]);
+    }
+
+    #[test]
+    fn the_boot_fence_withholds_ready_until_a_loader_ran_in_the_new_boot() {
+        let runs = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let fence = |allowed: bool, a: Option<&str>| BootFence {
+            ready_allowed: allowed,
+            annotation: a.map(str::to_string),
+        };
+        // No boot ID reported: no fence.
+        assert_eq!(
+            boot_fence(None, Some("b1 p/0"), &runs(&["p/0"])),
+            fence(true, None)
+        );
+        // Nothing loaded: whatever was recorded stays.
+        assert_eq!(
+            boot_fence(Some("b1"), Some("b0 p/0"), &[]),
+            fence(true, Some("b0 p/0"))
+        );
+        assert_eq!(boot_fence(Some("b1"), None, &[]), fence(true, None));
+        // First sight: confirmed in this boot.
+        assert_eq!(
+            boot_fence(Some("b1"), None, &runs(&["p/0"])),
+            fence(true, Some("b1 p/0"))
+        );
+        // Same boot, same run: nothing to write; a restarted container is recorded.
+        assert_eq!(
+            boot_fence(Some("b1"), Some("b1 p/0"), &runs(&["p/0"])),
+            fence(true, Some("b1 p/0"))
+        );
+        assert_eq!(
+            boot_fence(Some("b1"), Some("b1 p/0"), &runs(&["p/1"])),
+            fence(true, Some("b1 p/1"))
+        );
+        // Rebooted, the pod still says Ready from before: withheld, the record kept.
+        assert_eq!(
+            boot_fence(Some("b2"), Some("b1 p/0"), &runs(&["p/0"])),
+            fence(false, Some("b1 p/0"))
+        );
+        // The kubelet restarted the container (or the pod was replaced): believed again.
+        assert_eq!(
+            boot_fence(Some("b2"), Some("b1 p/0"), &runs(&["p/1"])),
+            fence(true, Some("b2 p/1"))
+        );
+        assert_eq!(
+            boot_fence(Some("b2"), Some("b1 p/0"), &runs(&["p/0", "q/0"])),
+            fence(true, Some("b2 q/0"))
+        );
+        // A record we cannot read is replaced.
+        assert_eq!(
+            boot_fence(Some("b2"), Some("garbage"), &runs(&["p/0"])),
+            fence(true, Some("b2 p/0"))
+        );
+    }
+
+    #[test]
+    fn after_a_reboot_the_ready_label_waits_for_the_loader_to_run_again() {
+        let key = shared_api::labels::ready_boot_annotation(NS, NAME);
+        let booted = |boot: &str, recorded: Option<&str>| {
+            let mut n = node("n1").worker("").loaded();
+            if let Some(i) = n.status.as_mut().and_then(|s| s.node_info.as_mut()) {
+                i.boot_id = boot.into();
+            }
+            if let Some(r) = recorded {
+                n.annotations_mut().insert(key.clone(), r.into());
+            }
+            n
+        };
+        let m = module();
+        let ready_pod = loader_pod("n1").ready();
+        let run0 = loader_run(&ready_pod);
+        let pods = cached([ready_pod.clone()]);
+        let one = |n: Node, pods: &[Arc<Pod>]| {
+            let sc = scope(Some(&m), pods);
+            node_label_writes(&sc, &cached([n]), &[])
+                .into_iter()
+                .map(|w| (w.apply, w.annotations))
+                .collect::<Vec<_>>()
+        };
+        let ready = module_ready_label(NS, NAME);
+        let w = worker_version_label(NS, NAME);
+        let s = schedule_version_label(NS, NAME);
+        // First sight of a loaded node: the boot is recorded along with the labels.
+        let recorded = format!("b1 {run0}");
+        assert_eq!(
+            one(booted("b1", None), &pods),
+            vec![(
+                Some(labels(&[
+                    (ready.clone(), ""),
+                    (w.clone(), ""),
+                    (s.clone(), "")
+                ])),
+                BTreeMap::from([(key.clone(), recorded.clone())])
+            )]
+        );
+        // Rebooted: the stale Ready pod no longer makes the node ready (the device plugin's
+        // nodeSelector needs the ready label); the record stays.
+        assert_eq!(
+            one(booted("b2", Some(&recorded)), &pods),
+            vec![(
+                Some(labels(&[(w.clone(), ""), (s.clone(), "")])),
+                BTreeMap::from([(key.clone(), recorded.clone())])
+            )]
+        );
+        // The kubelet restarted the loader and it is Ready: ready again, in boot b2.
+        let mut restarted = ready_pod.clone();
+        if let Some(c) = restarted
+            .status
+            .as_mut()
+            .and_then(|s| s.container_statuses.as_mut())
+            .and_then(|c| c.first_mut())
+        {
+            c.restart_count = 1;
+        }
+        let run1 = loader_run(&restarted);
+        assert_ne!(run0, run1);
+        let mut n = booted("b2", Some(&recorded));
+        n.labels_mut().remove(&ready);
+        assert_eq!(
+            one(n, &cached([restarted])),
+            vec![(
+                Some(labels(&[
+                    (ready.clone(), ""),
+                    (w.clone(), ""),
+                    (s.clone(), "")
+                ])),
+                BTreeMap::from([(key.clone(), format!("b2 {run1}"))])
+            )]
+        );
     }
 }

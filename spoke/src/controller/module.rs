@@ -253,7 +253,15 @@ pub async fn sync_node_labels(
     let deprecated = deprecated_ready_label(name);
     for write in node_label_writes(&scope, &nodes, &ctx.stores.modules.state()) {
         if let Some(desired) = &write.apply {
-            apply_node_labels(write.node, namespace, name, desired, ctx).await?;
+            apply_node_labels(
+                write.node,
+                namespace,
+                name,
+                desired,
+                &write.annotations,
+                ctx,
+            )
+            .await?;
         }
         if write.remove_deprecated {
             let node_name = write.node.name_any();

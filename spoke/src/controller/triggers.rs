@@ -25,7 +25,7 @@ use super::events::{EventSink, NodeEvent, ready_transitions};
 use super::{ModuleKey, module_key};
 use crate::cache::{self, run_informer};
 use crate::metrics::Metrics;
-use crate::render::nodes::node_kernel;
+use crate::render::nodes::{node_boot_id, node_kernel};
 
 /// Where the informers send what they saw. The `Controller`'s streams stay closed until it
 /// runs (synced and leading): before that nothing is kept, and its first act is to reconcile
@@ -239,11 +239,14 @@ struct NodeTriggers {
     events: Vec<NodeEvent>,
 }
 
-/// What of a node matters to the reconcilers: labels, taints, kernel, deletion.
+/// What of a node matters to the reconcilers: labels, the agent's annotations, taints,
+/// kernel, boot (a reboot unloads every module), deletion.
 fn node_changed(old: &Node, new: &Node) -> bool {
     old.metadata.labels != new.metadata.labels
+        || old.metadata.annotations != new.metadata.annotations
         || old.spec.as_ref().map(|s| &s.taints) != new.spec.as_ref().map(|s| &s.taints)
         || node_kernel(old) != node_kernel(new)
+        || node_boot_id(old) != node_boot_id(new)
         || old.metadata.deletion_timestamp.is_some() != new.metadata.deletion_timestamp.is_some()
         || old.metadata.uid != new.metadata.uid
 }

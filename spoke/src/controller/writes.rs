@@ -142,12 +142,16 @@ pub async fn apply_node_labels(
     namespace: &str,
     name: &str,
     desired: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
     ctx: &Context,
 ) -> Result<(), ReconcileError> {
     let node_name = node.name_any();
     let mut meta = json!({ "name": node_name });
     if !desired.is_empty() {
         meta["labels"] = json!(desired);
+    }
+    if !annotations.is_empty() {
+        meta["annotations"] = json!(annotations);
     }
     // The uid makes a write to a node that was replaced under the same name fail.
     if let Some(uid) = node.uid() {

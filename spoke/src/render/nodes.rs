@@ -32,6 +32,16 @@ pub fn node_kernel(node: &Node) -> Option<&str> {
         .filter(|k| !k.trim().is_empty())
 }
 
+/// The node's boot ID (`status.nodeInfo.bootID`), when it reports one.
+pub fn node_boot_id(node: &Node) -> Option<&str> {
+    node.status
+        .as_ref()?
+        .node_info
+        .as_ref()
+        .map(|i| i.boot_id.as_str())
+        .filter(|b| !b.trim().is_empty())
+}
+
 /// Equality selector: every key present with the same value (an empty selector matches all).
 pub fn selector_matches(
     selector: &BTreeMap<String, String>,
@@ -144,6 +154,30 @@ pub fn loader_unload_failed(pod: &Pod) -> Option<String> {
                 .trim_end()
                 .to_string()
         })
+}
+
+/// A loader pod whose module is in the kernel as far as its status says: Ready, or stopped
+/// after a failed unload.
+pub fn loader_holds_module(pod: &Pod) -> bool {
+    pod.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_LOADER)
+        && (pod_was_ready(pod) || loader_unload_failed(pod).is_some())
+}
+
+/// Which run of a pod's loader container this is: `<pod uid>/<restartCount>`. It changes when
+/// the kubelet restarts the container (after a reboot, too) or the pod is replaced.
+pub fn loader_run(pod: &Pod) -> String {
+    let restarts = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .find(|c| c.name == super::loader::LOADER_CONTAINER)
+        .map_or(0, |c| c.restart_count);
+    format!(
+        "{}/{restarts}",
+        pod.metadata.uid.as_deref().unwrap_or_default()
+    )
 }
 
 /// A deleted pod none of whose containers runs any more (or that never started one).

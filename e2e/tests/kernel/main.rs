@@ -5,7 +5,7 @@
 //! One fleet (or VM pair) per test, one test at a time: each VM takes a core while it boots.
 #![allow(clippy::unwrap_used)]
 
-#[path = "common/spoke_agent.rs"]
+#[path = "../common/spoke_agent.rs"]
 mod spoke_agent;
 
 use std::collections::BTreeMap;
@@ -858,3 +858,5 @@ async fn hub_built_and_hub_signed_labs_load_on_real_kernels() -> anyhow::Result<
     })
     .await
 }
+
+mod reboot;
