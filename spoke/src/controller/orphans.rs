@@ -7,7 +7,8 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use kube::ResourceExt;
 use shared_api::Module;
 use shared_api::labels::{
-    MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_LABEL, ROLE_LOADER, TARGET_KERNEL_LABEL,
+    MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_DRA, ROLE_LABEL, ROLE_LOADER,
+    TARGET_KERNEL_LABEL,
 };
 
 use crate::render::{ModulePlan, module_version};
@@ -53,11 +54,12 @@ pub fn orphans<'a>(
                 return false;
             }
             let older_version = version.is_some() && ds_version.is_some() && ds_version != version;
-            if role == Some(ROLE_DEVICE_PLUGIN)
-                && module.spec.device_plugin.is_some()
-                && older_version
-                && !targets_no_node(ds)
-            {
+            let plugin_wanted = match role {
+                Some(ROLE_DEVICE_PLUGIN) => module.spec.device_plugin.is_some(),
+                Some(ROLE_DRA) => module.spec.dra.is_some(),
+                _ => false,
+            };
+            if plugin_wanted && older_version && !targets_no_node(ds) {
                 return false;
             }
             !(role == Some(ROLE_LOADER) && older_version && !targets_no_node(ds))

@@ -195,7 +195,7 @@ pub fn render_loader_daemonset(
 
     let pod_spec = PodSpec {
         node_selector: Some(node_selector),
-        tolerations: (!module.spec.tolerations.is_empty()).then(|| module.spec.tolerations.clone()),
+        tolerations: Some(super::pod_tolerations(module)),
         image_pull_secrets: module.spec.image_repo_secret.as_ref().map(|s| {
             vec![LocalObjectReference {
                 name: s.name.clone(),
