@@ -81,6 +81,7 @@ mod tests {
         ModulePlan {
             loaders: kernels.iter().map(|k| loader_ds(k, v)).collect(),
             device_plugin: module.spec.device_plugin.as_ref().map(|_| plugin_ds(v)),
+            dra: module.spec.dra.as_ref().map(|_| dra_ds(v)),
             ..Default::default()
         }
     }
@@ -156,6 +157,25 @@ mod tests {
         assert_eq!(
             chosen(&m, &p, vec![loader_ds(K_NEW, Some("1.0")).observed(1, 1)]).len(),
             1
+        );
+    }
+
+    #[test]
+    fn an_older_dra_driver_stays_while_it_targets_a_node_and_goes_with_dra() {
+        let m = module().with_dra().version("2.0");
+        let p = plan(&m, &[K_NEW]);
+        assert!(chosen(&m, &p, vec![dra_ds(Some("2.0")).observed(1, 1)]).is_empty());
+        assert!(chosen(&m, &p, vec![dra_ds(Some("1.0")).observed(1, 1)]).is_empty());
+        assert_eq!(
+            chosen(&m, &p, vec![dra_ds(Some("1.0")).observed(0, 0)]).len(),
+            1
+        );
+        let m = module().version("2.0");
+        let p = plan(&m, &[K_NEW]);
+        assert_eq!(
+            chosen(&m, &p, vec![dra_ds(Some("2.0")).observed(1, 1)]),
+            vec![dra_ds(Some("2.0")).name_any()],
+            "dra removed from the spec: its driver goes"
         );
     }
 
