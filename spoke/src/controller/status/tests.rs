@@ -335,7 +335,7 @@ fn dra_counts_come_from_the_driver_daemonset_and_refused_classes_degrade() {
         dra_ds(None).observed(2, 1),
     ];
     let st = status_of(&m, two_nodes(), owned.clone(), vec![]);
-    let dra = st.dra.clone().unwrap();
+    let dra = st.dra.unwrap();
     assert_eq!(
         (
             dra.nodes_matching_selector_number,
