@@ -234,3 +234,33 @@ fn every_pod_gets_the_builtin_tolerations_after_the_modules() {
     let t = crate::render::pod_tolerations(&m);
     assert_eq!(t.len(), 3);
 }
+
+/// The built-in tolerations do not make running loaders outdated: the loader template hash is
+/// the one of the pod spec with the Module's tolerations only (what earlier agents rendered).
+#[test]
+fn builtin_tolerations_leave_the_loader_template_hash_alone() {
+    let mut m = dra_module(true);
+    let hash_of = |m: &Module| {
+        let plan = plan_module(m, [worker("w0")].iter(), &RenderSettings::default());
+        let ds = plan.loaders[0].clone();
+        let mut spec = ds.spec.unwrap().template.spec.unwrap();
+        let got = ds.metadata.annotations.unwrap()[crate::render::TEMPLATE_HASH_ANNOTATION].clone();
+        assert_eq!(
+            spec.tolerations.as_ref().unwrap().len(),
+            m.spec.tolerations.len() + 3
+        );
+        spec.tolerations = (!m.spec.tolerations.is_empty()).then(|| m.spec.tolerations.clone());
+        let before = short_hash(&serde_json::to_string(&Some(spec)).unwrap(), 16);
+        (got, before)
+    };
+    let (got, before) = hash_of(&m);
+    assert_eq!(got, before, "no tolerations of its own");
+    m.spec.tolerations = vec![Toleration {
+        key: Some("dedicated".into()),
+        operator: Some("Exists".into()),
+        ..Default::default()
+    }];
+    let (got2, before2) = hash_of(&m);
+    assert_eq!(got2, before2);
+    assert_ne!(got, got2, "the Module's own tolerations still count");
+}
