@@ -14,6 +14,10 @@ pub const MODULE_NAME_LABEL: &str = "kmm.node.kubernetes.io/module.name";
 pub const ROLE_LABEL: &str = "kmm.node.kubernetes.io/role";
 pub const ROLE_LOADER: &str = "module-loader";
 pub const ROLE_DEVICE_PLUGIN: &str = "device-plugin";
+/// Role of the DRA driver DaemonSet (upstream `dra`).
+pub const ROLE_DRA: &str = "dra";
+/// Namespace of the Module that owns a cluster-scoped object (DeviceClasses), as upstream.
+pub const MODULE_NAMESPACE_LABEL: &str = "kmm.node.kubernetes.io/module.namespace";
 /// On loader DaemonSets and pods: the kernel (label form) they load for.
 pub const TARGET_KERNEL_LABEL: &str = "kmm.node.kubernetes.io/target-kernel";
 /// On loader DaemonSets and pods of a versioned Module: the version.
@@ -99,6 +103,11 @@ pub fn device_plugin_ready_label(namespace: &str, name: &str) -> String {
     format!("{PREFIX}/{namespace}.{name}.device-plugin-ready")
 }
 
+/// `kmm.node.kubernetes.io/<ns>.<name>.dra-ready`.
+pub fn dra_ready_label(namespace: &str, name: &str) -> String {
+    format!("{PREFIX}/{namespace}.{name}.dra-ready")
+}
+
 /// Deprecated `kmm.node.kubernetes.io/<name>.ready`, removed when seen.
 pub fn deprecated_ready_label(name: &str) -> String {
     format!("{PREFIX}/{name}.ready")
@@ -109,6 +118,7 @@ pub fn is_module_node_label(key: &str, namespace: &str, name: &str) -> bool {
     key == module_ready_label(namespace, name)
         || key == module_version_ready_label(namespace, name)
         || key == device_plugin_ready_label(namespace, name)
+        || key == dra_ready_label(namespace, name)
         || key == worker_version_label(namespace, name)
         || key == schedule_version_label(namespace, name)
 }
@@ -186,6 +196,11 @@ mod tests {
             device_plugin_ready_label("ns", "m"),
             "kmm.node.kubernetes.io/ns.m.device-plugin-ready"
         );
+        assert_eq!(
+            dra_ready_label("ns", "m"),
+            "kmm.node.kubernetes.io/ns.m.dra-ready"
+        );
+        assert!(is_module_node_label(&dra_ready_label("ns", "m"), "ns", "m"));
         assert_eq!(
             module_version_ready_label("ns", "m"),
             "kmm.node.kubernetes.io/ns.m.version.ready"

@@ -168,7 +168,8 @@ pub struct ImageStatus {
 #[serde(rename_all = "camelCase")]
 pub struct ClusterProblem {
     pub name: String,
-    /// A short CamelCase reason, e.g. `NoKernelClaim`, `NoMatchingKernel`, `ImagesPending`.
+    /// A short CamelCase reason, e.g. `NoKernelClaim`, `NoMatchingKernel`, `ImagesPending`,
+    /// `DRANotSupported`.
     pub reason: String,
     pub message: String,
 }

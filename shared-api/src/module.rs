@@ -44,7 +44,8 @@ pub struct ModuleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_plugin: Option<DevicePluginSpec>,
 
-    /// A Dynamic Resource Allocation driver (upstream main). Mutually exclusive with `devicePlugin`.
+    /// A Dynamic Resource Allocation driver DaemonSet and its DeviceClasses (upstream main;
+    /// Kubernetes 1.34+). Mutually exclusive with `devicePlugin`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dra: Option<DraSpec>,
 
@@ -59,7 +60,9 @@ pub struct ModuleSpec {
     /// Node label equality selector; an empty map selects every node.
     pub selector: BTreeMap<String, String>,
 
-    /// Tolerations added to every pod this Module causes.
+    /// Tolerations added to every pod this Module causes on the spoke (loader, device plugin,
+    /// DRA driver), besides the built-in NoSchedule tolerations of the disk-, memory- and
+    /// pid-pressure taints; never to the hub's build Jobs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
 }
@@ -344,8 +347,8 @@ pub struct DevicePluginContainerSpec {
     pub volume_mounts: Vec<VolumeMount>,
 }
 
-/// Dynamic Resource Allocation driver (upstream main). The spoke reports it as
-/// unsupported on servers older than 1.34.
+/// Dynamic Resource Allocation driver (upstream main). The spoke runs it on Kubernetes 1.34
+/// and later and rejects it as invalid on older servers.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DraSpec {

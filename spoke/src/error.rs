@@ -42,6 +42,8 @@ pub enum ReconcileError {
     /// after [`crate::controller::module::UNLOAD_RECHECK`].
     #[error("deletion of Module {namespace}/{name} waits for its pods to go")]
     StillUnloading { namespace: String, name: String },
+    #[error("DeviceClass {name}: {source}")]
+    DeviceClass { name: String, source: kube::Error },
     #[error("ClusterClaim {name}: {source}")]
     Claim { name: String, source: kube::Error },
     #[error("cannot encode {what}: {source}")]
@@ -62,6 +64,7 @@ impl ErrorCategory for ReconcileError {
             ReconcileError::Status { .. } => "status",
             ReconcileError::Finalizer { .. } => "finalizer",
             ReconcileError::StillUnloading { .. } => "waiting",
+            ReconcileError::DeviceClass { .. } => "device-class",
             ReconcileError::Claim { .. } => "cluster-claim",
             ReconcileError::Encode { .. } => "encode",
         }

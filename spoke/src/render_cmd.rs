@@ -165,7 +165,12 @@ pub fn render(
     }
     let mut out = String::new();
     let mut scheduled: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for ds in plan.loaders.iter().chain(plan.device_plugin.as_ref()) {
+    for ds in plan
+        .loaders
+        .iter()
+        .chain(plan.device_plugin.as_ref())
+        .chain(plan.dra.as_ref())
+    {
         let yaml = serde_yaml::to_string(ds)
             .map_err(|e| RenderError::Input(format!("cannot encode YAML: {e}")))?;
         let _ = write!(out, "---\n{yaml}");
@@ -183,10 +188,20 @@ pub fn render(
             .collect();
         scheduled.insert(ds.name_any(), on);
     }
+    for class in &plan.device_classes {
+        let mut body = serde_json::to_value(class)
+            .map_err(|e| RenderError::Input(format!("cannot encode YAML: {e}")))?;
+        body["apiVersion"] = serde_json::json!("resource.k8s.io/v1");
+        body["kind"] = serde_json::json!("DeviceClass");
+        let yaml = serde_yaml::to_string(&body)
+            .map_err(|e| RenderError::Input(format!("cannot encode YAML: {e}")))?;
+        let _ = write!(out, "---\n{yaml}");
+    }
+    warnings.extend(plan.failed_device_classes.values().cloned());
     let summary = serde_json::json!({
         "nodeLabels": node_labels,
         "scheduledOn": scheduled,
-        "note": "module ready labels (<ns>.<name>.ready) follow the loader pods once they run; the device plugin follows them",
+        "note": "module ready labels (<ns>.<name>.ready) follow the loader pods once they run; the device plugin or DRA driver follows them",
     });
     let yaml = serde_yaml::to_string(&summary)
         .map_err(|e| RenderError::Input(format!("cannot encode YAML: {e}")))?;

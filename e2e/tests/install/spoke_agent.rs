@@ -213,6 +213,25 @@ async fn the_policy_installs_a_working_spoke_agent() -> anyhow::Result<()> {
                         "ClusterRole/kmm-spoke",
                         "cluster.open-cluster-management.io clusterclaims delete",
                     ),
+                    // DeviceClasses are only touched for a Module with `dra` (the spoke
+                    // suite's dra tests); this run's Module has none.
+                    (
+                        "ClusterRole/kmm-spoke",
+                        "resource.k8s.io deviceclasses list",
+                    ),
+                    ("ClusterRole/kmm-spoke", "resource.k8s.io deviceclasses get"),
+                    (
+                        "ClusterRole/kmm-spoke",
+                        "resource.k8s.io deviceclasses create",
+                    ),
+                    (
+                        "ClusterRole/kmm-spoke",
+                        "resource.k8s.io deviceclasses patch",
+                    ),
+                    (
+                        "ClusterRole/kmm-spoke",
+                        "resource.k8s.io deviceclasses delete",
+                    ),
                 ],
             )
         })
@@ -450,6 +469,8 @@ async fn spoke_agent_works(
             "no delete nodes n1",
             "no create pods -n kmm-labs",
             "yes patch daemonsets.apps x -n kmm-labs",
+            "yes delete deviceclasses.resource.k8s.io x",
+            "no create resourceslices.resource.k8s.io",
             "no patch deployments.apps x -n kmm-labs",
             "yes update leases.coordination.k8s.io kmm-spoke -n kmm-spoke",
             "no update leases.coordination.k8s.io x -n kube-node-lease",

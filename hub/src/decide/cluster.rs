@@ -236,4 +236,25 @@ mod tests {
         assert!(d.desired.is_none(), "and nothing is rewritten");
         assert_eq!(d.problem.unwrap().reason, "NoKernelClaim");
     }
+
+    /// A cluster too old for `dra` keeps its work and is reported, not written.
+    #[test]
+    fn a_cluster_without_dra_keeps_the_work() {
+        let cp = ClusterPlan {
+            cluster: "c1".into(),
+            problem: Some(ClusterProblem {
+                name: "c1".into(),
+                reason: "DRANotSupported".into(),
+                message: "too old".into(),
+            }),
+            ..Default::default()
+        };
+        let d = decide(
+            &cp,
+            &outcomes(&[(IMAGE_1, ImageOutcome::ready(NEW.into()))]),
+            &[shipped("5.14.0-1", IMAGE_1, OLD)],
+        );
+        assert!(!d.delete && d.desired.is_none());
+        assert_eq!(d.view.problem.unwrap().reason, "DRANotSupported");
+    }
 }

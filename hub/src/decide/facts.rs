@@ -20,6 +20,24 @@ pub struct ClusterFacts {
     pub kernels: Option<Vec<String>>,
     /// OCM reports the cluster available (`ManagedClusterConditionAvailable` True).
     pub available: bool,
+    /// `(major, minor)` of the Kubernetes version OCM reports (`status.version.kubernetes`);
+    /// `None` when not reported or not understood.
+    pub kubernetes: Option<(u32, u32)>,
+}
+
+/// `(major, minor)` of a Kubernetes version as OCM reports it (`v1.33.2`,
+/// `v1.34.0+k3s1`, `v1.34.1-gke.100`, `1.34`); `None` for anything else.
+pub fn parse_kubernetes_version(version: &str) -> Option<(u32, u32)> {
+    let v = version.trim();
+    let v = v.strip_prefix('v').unwrap_or(v);
+    let mut parts = v.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor: String = parts
+        .next()?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    Some((major, minor.parse().ok()?))
 }
 
 impl ClusterFacts {
@@ -29,6 +47,11 @@ impl ClusterFacts {
             labels: c.metadata.labels.clone().unwrap_or_default(),
             kernels: c.status.as_ref().and_then(|s| s.kernel_versions()),
             available: c.status.as_ref().is_some_and(|s| s.available()),
+            kubernetes: c
+                .status
+                .as_ref()
+                .and_then(|s| s.version.as_ref())
+                .and_then(|v| parse_kubernetes_version(&v.kubernetes)),
         }
     }
 }
@@ -76,7 +99,7 @@ impl WorkEntry {
         })
     }
 
-    /// Every desired loader and device-plugin pod available on the spoke.
+    /// Every desired loader, device-plugin and DRA driver pod available on the spoke.
     pub fn module_available(&self) -> bool {
         let f = |k: &str| self.feedback.get(k).copied();
         let part = |prefix: &str| match (
@@ -88,8 +111,9 @@ impl WorkEntry {
             _ => false,
         };
         let reported = self.feedback.contains_key("moduleLoader.desiredNumber")
-            || self.feedback.contains_key("devicePlugin.desiredNumber");
-        self.available && reported && part("moduleLoader") && part("devicePlugin")
+            || self.feedback.contains_key("devicePlugin.desiredNumber")
+            || self.feedback.contains_key("dra.desiredNumber");
+        self.available && reported && part("moduleLoader") && part("devicePlugin") && part("dra")
     }
 }
 
@@ -173,5 +197,35 @@ mod tests {
             !w.module_available(),
             "device plugin reported desired but not available"
         );
+        w.feedback.remove("devicePlugin.desiredNumber");
+        w.feedback.insert("dra.desiredNumber".into(), 3);
+        w.feedback.insert("dra.availableNumber".into(), 1);
+        assert!(!w.module_available(), "a DRA driver still starting");
+        w.feedback.insert("dra.availableNumber".into(), 3);
+        assert!(w.module_available());
+    }
+
+    #[test]
+    fn kubernetes_versions_as_ocm_reports_them() {
+        for (v, want) in [
+            ("v1.33.2", Some((1, 33))),
+            ("v1.34.0+k3s1", Some((1, 34))),
+            ("v1.34.1-gke.1000", Some((1, 34))),
+            ("1.37", Some((1, 37))),
+            (" v1.35.0 ", Some((1, 35))),
+            ("", None),
+            ("v1", None),
+            ("latest", None),
+            ("v1.x.0", None),
+        ] {
+            assert_eq!(parse_kubernetes_version(v), want, "{v:?}");
+        }
+        let mc: shared_api::ManagedCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+            "metadata": {"name": "c1"}, "spec": {},
+            "status": {"version": {"kubernetes": "v1.33.2"}}
+        }))
+        .unwrap();
+        assert_eq!(ClusterFacts::from_cluster(&mc).kubernetes, Some((1, 33)));
     }
 }

@@ -91,6 +91,12 @@ pub fn plan<'a>(
             cluster: facts.name.clone(),
             ..Default::default()
         };
+        if let Some(p) = dra_unsupported(mcm, facts) {
+            // Nothing new for it: the cluster keeps what it was shipped.
+            cp.problem = Some(p);
+            out.clusters.push(cp);
+            continue;
+        }
         let Some(mapper) = &mapper else {
             out.clusters.push(cp);
             continue;
@@ -165,6 +171,26 @@ pub fn plan<'a>(
     Ok(out)
 }
 
+/// The first Kubernetes release that serves `resource.k8s.io/v1` (DRA).
+pub const DRA_MIN_MINOR: u32 = 34;
+
+/// Why an MCM with `dra` is not shipped to a cluster: its reported Kubernetes version is
+/// older than 1.34. A cluster that reports no version is not held back (as upstream's webhook
+/// skips the check when the version is unknown); its agent then refuses the Module itself.
+pub fn dra_unsupported(mcm: &ManagedClusterModule, facts: &ClusterFacts) -> Option<ClusterProblem> {
+    mcm.spec.module_spec.dra.as_ref()?;
+    let (major, minor) = facts.kubernetes?;
+    (major == 1 && minor < DRA_MIN_MINOR).then(|| {
+        problem(
+            &facts.name,
+            "DRANotSupported",
+            format!(
+                "spec.moduleSpec.dra needs Kubernetes 1.{DRA_MIN_MINOR} or later; the cluster runs {major}.{minor}, so it keeps what it was shipped"
+            ),
+        )
+    })
+}
+
 fn problem(cluster: &str, reason: &str, message: String) -> ClusterProblem {
     ClusterProblem {
         name: cluster.to_string(),
@@ -196,6 +222,7 @@ pub(crate) mod tests {
                 .collect(),
             kernels: kernels.map(|ks| ks.iter().map(|k| k.to_string()).collect()),
             available: true,
+            kubernetes: None,
         }
     }
 
@@ -264,6 +291,55 @@ moduleSpec:
         let problem = p.clusters[0].problem.as_ref().unwrap();
         assert_eq!(problem.reason, "NoKernelClaim", "{problem:?}");
         assert!(problem.message.contains("lists no kernel"), "{problem:?}");
+    }
+
+    const DRA_SPEC: &str = r#"
+spokeNamespace: spoke-ns
+selector: {wants: "yes"}
+moduleSpec:
+  selector: {}
+  moduleLoader:
+    container:
+      modprobe: {moduleName: m}
+      kernelMappings:
+        - regexp: '^5\.14.*$'
+          containerImage: reg/x/$MOD_NAMESPACE:${KERNEL_FULL_VERSION}
+  dra:
+    driverName: gpu.example.com
+    container: {image: 'r/dra:1'}
+    deviceClasses: [{name: gpu}]
+"#;
+
+    /// `dra` goes only to clusters that report Kubernetes 1.34 or later, or no version.
+    #[test]
+    fn dra_ships_only_to_clusters_that_serve_it() {
+        let at = |name: &str, v: Option<(u32, u32)>| ClusterFacts {
+            kubernetes: v,
+            ..cluster(name, &[("wants", "yes")], Some(&["5.14.0-1"]))
+        };
+        let cs = [
+            at("old", Some((1, 33))),
+            at("new", Some((1, 34))),
+            at("unknown", None),
+            at("two", Some((2, 0))),
+        ];
+        let p = plan(&mcm(DRA_SPEC), &cs).unwrap();
+        let by: BTreeMap<&str, &ClusterPlan> =
+            p.clusters.iter().map(|c| (c.cluster.as_str(), c)).collect();
+        let old = by["old"].problem.as_ref().unwrap();
+        assert_eq!(old.reason, "DRANotSupported");
+        assert!(
+            old.message.contains("1.34") && old.message.contains("1.33"),
+            "{old:?}"
+        );
+        assert!(by["old"].targets.is_empty(), "nothing new is built for it");
+        for c in ["new", "unknown", "two"] {
+            assert!(by[c].problem.is_none(), "{c}: {:?}", by[c].problem);
+            assert_eq!(by[c].targets.len(), 1);
+        }
+        // Without `dra` the version does not matter.
+        let p = plan(&mcm(SPEC), &[at("old", Some((1, 33)))]).unwrap();
+        assert!(p.clusters[0].problem.is_none());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The agent: caches, the Module reconciler on kube's `Controller`, the kernel-facts loop,
 //! the orphan sweep, node events, leader election.
 
+pub mod device_classes;
 pub mod events;
 pub mod facts;
 pub mod labels;

@@ -19,13 +19,13 @@ use serde_json::json;
 use shared_api::Module;
 use shared_api::conditions::{DEGRADED, READY, set_condition};
 use shared_api::labels::{
-    MODULE_FINALIZER, MODULE_NAME_LABEL, ROLE_DEVICE_PLUGIN, ROLE_LABEL, SPOKE_STATUS_MANAGER,
-    deprecated_ready_label,
+    MODULE_FINALIZER, MODULE_NAME_LABEL, ROLE_LABEL, SPOKE_STATUS_MANAGER, deprecated_ready_label,
 };
 use shared_api::module::ModuleStatus;
 use shared_api::validate::{self, validate_module};
 use tracing::Instrument;
 
+use super::device_classes::{delete_device_classes, sync_device_classes};
 use super::events::{MODULE_UNLOAD_FAILED, NodeEvent};
 use super::labels::{LabelScope, node_label_writes};
 use super::orphans::orphans;
@@ -36,7 +36,7 @@ use super::writes::{
 };
 use super::{Context, MODULE_CONTROLLER, ModuleKey, module_key};
 use crate::error::ReconcileError;
-use crate::render::nodes::pod_node;
+use crate::render::nodes::{is_plugin_role, pod_node};
 use crate::render::{ModulePlan, plan_module};
 
 /// The field manager of one Module's node labels: several Modules co-own labels on a node,
@@ -139,8 +139,9 @@ async fn apply(module: &Module, ctx: &Context) -> Result<Action, ReconcileError>
         },
     );
     let plan = if violations.is_empty() {
-        let plan = plan_module(module, nodes.iter().map(Arc::as_ref), &ctx.settings);
+        let mut plan = plan_module(module, nodes.iter().map(Arc::as_ref), &ctx.settings);
         apply_daemonsets(&plan, &owned, ctx).await?;
+        sync_device_classes(module, &mut plan, ctx).await?;
         delete_orphans(module, &plan, &owned, ctx).await?;
         Some(plan)
     } else {
@@ -403,9 +404,8 @@ async fn cleanup(
         p.namespace().as_deref() == Some(namespace.as_str())
             && p.labels().get(MODULE_NAME_LABEL) == Some(name)
     });
-    let is_plugin = |l: &BTreeMap<String, String>| {
-        l.get(ROLE_LABEL).map(String::as_str) == Some(ROLE_DEVICE_PLUGIN)
-    };
+    let is_plugin =
+        |l: &BTreeMap<String, String>| is_plugin_role(l.get(ROLE_LABEL).map(String::as_str));
     // Device plugins first: a plugin holds its driver's devices, and the kernel refuses to
     // unload a module in use ("Module … is in use"). Loaders go once no plugin pod is left.
     let plugins_left = daemonsets.iter().any(|d| is_plugin(d.labels()))
@@ -414,6 +414,12 @@ async fn cleanup(
         if ds.metadata.deletion_timestamp.is_none() && (is_plugin(ds.labels()) || !plugins_left) {
             delete_daemonset(ds, ctx).await?;
         }
+    }
+    // DeviceClasses are cluster-scoped: no owner reference deletes them with the Module.
+    let had_dra = module
+        .is_none_or(|m| m.spec.dra.is_some() || m.status.as_ref().is_some_and(|s| s.dra.is_some()));
+    if had_dra {
+        delete_device_classes(namespace, name, ctx).await?;
     }
     let pods_left = pods.len();
     // Labels follow the pods while they terminate (a loader whose unload failed keeps them:

@@ -7,7 +7,8 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use kube::ResourceExt;
 use shared_api::Module;
 use shared_api::labels::{
-    MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_LABEL, ROLE_LOADER, TARGET_KERNEL_LABEL,
+    MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_DRA, ROLE_LABEL, ROLE_LOADER,
+    TARGET_KERNEL_LABEL,
 };
 
 use crate::render::{ModulePlan, module_version};
@@ -53,11 +54,12 @@ pub fn orphans<'a>(
                 return false;
             }
             let older_version = version.is_some() && ds_version.is_some() && ds_version != version;
-            if role == Some(ROLE_DEVICE_PLUGIN)
-                && module.spec.device_plugin.is_some()
-                && older_version
-                && !targets_no_node(ds)
-            {
+            let plugin_wanted = match role {
+                Some(ROLE_DEVICE_PLUGIN) => module.spec.device_plugin.is_some(),
+                Some(ROLE_DRA) => module.spec.dra.is_some(),
+                _ => false,
+            };
+            if plugin_wanted && older_version && !targets_no_node(ds) {
                 return false;
             }
             !(role == Some(ROLE_LOADER) && older_version && !targets_no_node(ds))
@@ -79,6 +81,7 @@ mod tests {
         ModulePlan {
             loaders: kernels.iter().map(|k| loader_ds(k, v)).collect(),
             device_plugin: module.spec.device_plugin.as_ref().map(|_| plugin_ds(v)),
+            dra: module.spec.dra.as_ref().map(|_| dra_ds(v)),
             ..Default::default()
         }
     }
@@ -154,6 +157,25 @@ mod tests {
         assert_eq!(
             chosen(&m, &p, vec![loader_ds(K_NEW, Some("1.0")).observed(1, 1)]).len(),
             1
+        );
+    }
+
+    #[test]
+    fn an_older_dra_driver_stays_while_it_targets_a_node_and_goes_with_dra() {
+        let m = module().with_dra().version("2.0");
+        let p = plan(&m, &[K_NEW]);
+        assert!(chosen(&m, &p, vec![dra_ds(Some("2.0")).observed(1, 1)]).is_empty());
+        assert!(chosen(&m, &p, vec![dra_ds(Some("1.0")).observed(1, 1)]).is_empty());
+        assert_eq!(
+            chosen(&m, &p, vec![dra_ds(Some("1.0")).observed(0, 0)]).len(),
+            1
+        );
+        let m = module().version("2.0");
+        let p = plan(&m, &[K_NEW]);
+        assert_eq!(
+            chosen(&m, &p, vec![dra_ds(Some("2.0")).observed(1, 1)]),
+            vec![dra_ds(Some("2.0")).name_any()],
+            "dra removed from the spec: its driver goes"
         );
     }
 

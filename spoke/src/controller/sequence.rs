@@ -11,19 +11,24 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use shared_api::Module;
 use shared_api::labels::{
-    LOADER_POD_FINALIZER, MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_LABEL, ROLE_LOADER,
-    TARGET_KERNEL_LABEL, module_ready_label, schedule_version_label, version_module_label,
-    worker_version_label,
+    LOADER_POD_FINALIZER, MODULE_VERSION_LABEL, ROLE_LABEL, ROLE_LOADER, TARGET_KERNEL_LABEL,
+    module_ready_label, schedule_version_label, version_module_label, worker_version_label,
 };
 
 use crate::render::loader::loader_daemonset_name;
 use crate::render::nodes::{
-    loader_unload_failed, pod_node, pod_ready, pod_stopped, targeted_nodes,
+    has_plugin, is_plugin_role, loader_unload_failed, pod_node, pod_ready, pod_stopped,
+    targeted_nodes,
 };
 use crate::render::{TEMPLATE_HASH_ANNOTATION, module_version};
 
 fn has_role(pod: &Pod, role: &str) -> bool {
     pod.labels().get(ROLE_LABEL).map(String::as_str) == Some(role)
+}
+
+/// A device-plugin or DRA driver pod.
+fn is_plugin_pod(pod: &Pod) -> bool {
+    is_plugin_role(pod.labels().get(ROLE_LABEL).map(String::as_str))
 }
 
 /// The worker label value the node is headed for: on a targeted node of a Module not being
@@ -60,9 +65,9 @@ pub fn worker_and_schedule(
 ) -> (Option<String>, Option<String>) {
     let (ns, name) = (module.namespace().unwrap_or_default(), module.name_any());
     let target = worker_target(module, node);
-    let has_plugin = module.spec.device_plugin.is_some();
+    let has_plugin = has_plugin(module);
     let loaded = desired.contains_key(&module_ready_label(&ns, &name));
-    let plugin_on_node = pods_on_node.iter().any(|p| has_role(p, ROLE_DEVICE_PLUGIN));
+    let plugin_on_node = pods_on_node.iter().any(|p| is_plugin_pod(p));
     let mut w = node
         .labels()
         .get(&worker_version_label(&ns, &name))
@@ -143,7 +148,7 @@ pub fn loader_replacement(
     candidates.sort_by_key(|p| pod_node(p).unwrap_or_default().to_string());
     // One already under way (its node's schedule label taken off) goes on first.
     let started = candidates.iter().find(|p| {
-        module.spec.device_plugin.is_some()
+        has_plugin(module)
             && pod_node(p)
                 .and_then(&node)
                 .is_some_and(|n| !n.labels().contains_key(&skey))
@@ -172,8 +177,8 @@ pub fn replacement_may_go(
     let schedule_off = node.is_none_or(|n| !n.labels().contains_key(&skey));
     let plugin_left = pods
         .iter()
-        .any(|p| pod_node(p) == Some(node_name) && has_role(p, ROLE_DEVICE_PLUGIN));
-    module.spec.device_plugin.is_none() || (schedule_off && !plugin_left)
+        .any(|p| pod_node(p) == Some(node_name) && is_plugin_pod(p));
+    !has_plugin(module) || (schedule_off && !plugin_left)
 }
 
 /// What becomes of a stopped (deleted) loader pod that still carries the agent's finalizer.

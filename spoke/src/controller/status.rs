@@ -12,7 +12,7 @@ use kube::ResourceExt;
 use shared_api::Module;
 use shared_api::conditions::{DEGRADED, PROGRESSING, READY, VALID, set_condition};
 use shared_api::labels::{
-    ROLE_DEVICE_PLUGIN, ROLE_LABEL, ROLE_LOADER, TARGET_KERNEL_LABEL, kernel_label_value,
+    ROLE_DEVICE_PLUGIN, ROLE_DRA, ROLE_LABEL, ROLE_LOADER, TARGET_KERNEL_LABEL, kernel_label_value,
     version_module_label,
 };
 use shared_api::module::{DaemonSetStatus, ModuleStatus};
@@ -85,6 +85,8 @@ pub fn module_status(
         .filter(|d| role(d, ROLE_DEVICE_PLUGIN))
         .copied()
         .collect();
+    let drivers: Vec<&Arc<DaemonSet>> =
+        live.iter().filter(|d| role(d, ROLE_DRA)).copied().collect();
     let targeted = targeted_nodes(module, nodes.iter().map(Arc::as_ref)).len() as i32;
 
     status.module_loader = module.spec.module_loader.as_ref().map(|_| {
@@ -103,7 +105,14 @@ pub fn module_status(
             available_number: available,
         }
     });
-    status.dra = None;
+    status.dra = module.spec.dra.as_ref().map(|_| {
+        let (desired, available) = sum_status(&drivers, false);
+        DaemonSetStatus {
+            nodes_matching_selector_number: targeted,
+            desired_number: desired,
+            available_number: available,
+        }
+    });
     status.observed_generation = generation;
 
     let conds = &mut status.conditions;
@@ -205,11 +214,7 @@ pub fn module_status(
     }
 
     let mut problems: Vec<String> = plan.failed_kernels.values().cloned().collect();
-    if module.spec.dra.is_some() {
-        problems.push(
-            "spec.dra: kmm-spoke does not run DRA drivers; nothing was created for it".into(),
-        );
-    }
+    problems.extend(plan.failed_device_classes.values().cloned());
     let unloads = unload_failures(pods);
     problems.extend(
         unloads
@@ -221,8 +226,8 @@ pub fn module_status(
         UNLOAD_FAILED
     } else if !plan.failed_kernels.is_empty() {
         "MappingFailed"
-    } else if module.spec.dra.is_some() {
-        "DRANotSupported"
+    } else if !plan.failed_device_classes.is_empty() {
+        "DeviceClassFailed"
     } else {
         "PodsFailing"
     };

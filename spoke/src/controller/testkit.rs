@@ -21,6 +21,7 @@ use shared_api::labels::{
 
 use crate::render::TEMPLATE_HASH_ANNOTATION;
 use crate::render::device_plugin::{device_plugin_daemonset_name, device_plugin_labels};
+use crate::render::dra::dra_daemonset_name;
 use crate::render::loader::{LOADER_CONTAINER, loader_daemonset_name, loader_labels};
 
 pub const NS: &str = "ns";
@@ -57,6 +58,8 @@ pub trait ModuleFixture: Sized {
     /// `moduleLoader.container.version`.
     fn version(self, v: &str) -> Self;
     fn without_device_plugin(self) -> Self;
+    /// A DRA driver (`r/dra:1`, driver `gpu.example.com`) in place of the device plugin.
+    fn with_dra(self) -> Self;
     fn deleting(self) -> Self;
     /// Kernel mappings that match nothing.
     fn mapping_nothing(self) -> Self;
@@ -71,6 +74,15 @@ impl ModuleFixture for Module {
     }
     fn without_device_plugin(mut self) -> Self {
         self.spec.device_plugin = None;
+        self
+    }
+    fn with_dra(mut self) -> Self {
+        self.spec.device_plugin = None;
+        self.spec.dra = serde_json::from_value(serde_json::json!({
+            "container": {"image": "r/dra:1"}, "driverName": "gpu.example.com",
+            "deviceClasses": [{"name": "gpu"}]
+        }))
+        .ok();
         self
     }
     fn deleting(mut self) -> Self {
@@ -206,6 +218,16 @@ pub fn plugin_pod(node: &str) -> Pod {
     )
 }
 
+/// A running, not yet Ready, unversioned DRA driver pod of `ns/m` on `node`.
+pub fn dra_pod(node: &str) -> Pod {
+    pod(
+        format!("{NAME}-dra-{node}"),
+        node,
+        crate::render::role_labels(NAME, shared_api::labels::ROLE_DRA, None),
+        "dra",
+    )
+}
+
 pub trait PodFixture: Sized {
     fn ready(self) -> Self;
     fn deleting(self) -> Self;
@@ -311,6 +333,14 @@ pub fn plugin_ds(version: Option<&str>) -> DaemonSet {
     daemonset(
         device_plugin_daemonset_name(NAME, version),
         device_plugin_labels(NAME, version),
+    )
+}
+
+/// The DRA driver DaemonSet of `ns/m` for a version, not yet observed.
+pub fn dra_ds(version: Option<&str>) -> DaemonSet {
+    daemonset(
+        dra_daemonset_name(NAME, version),
+        crate::render::role_labels(NAME, shared_api::labels::ROLE_DRA, version),
     )
 }
 

@@ -22,7 +22,12 @@ pub async fn apply_daemonsets(
     owned: &[Arc<DaemonSet>],
     ctx: &Context,
 ) -> Result<(), ReconcileError> {
-    for desired in plan.loaders.iter().chain(plan.device_plugin.as_ref()) {
+    for desired in plan
+        .loaders
+        .iter()
+        .chain(plan.device_plugin.as_ref())
+        .chain(plan.dra.as_ref())
+    {
         let name = desired.name_any();
         let ns = desired.namespace().unwrap_or_default();
         let current = owned.iter().find(|d| d.name_any() == name);

@@ -44,27 +44,11 @@ pub fn render_device_plugin_daemonset(
     settings: &RenderSettings,
 ) -> Option<DaemonSet> {
     let dp = module.spec.device_plugin.as_ref()?;
-    let (namespace, name) = module_key(module);
+    let (_, name) = module_key(module);
     let version = module_version(module);
     let labels = device_plugin_labels(&name, version);
 
-    let node_selector = if module.spec.module_loader.is_some() {
-        // The agent's schedule label: taken off a node (and the plugin gone) before its
-        // loader stops, so the driver is never in use when it is unloaded.
-        let mut s = BTreeMap::from([
-            (module_ready_label(&namespace, &name), String::new()),
-            (
-                schedule_version_label(&namespace, &name),
-                version.unwrap_or_default().to_string(),
-            ),
-        ]);
-        if let Some(v) = version {
-            s.insert(module_version_ready_label(&namespace, &name), v.to_string());
-        }
-        s
-    } else {
-        module.spec.selector.clone()
-    };
+    let node_selector = plugin_node_selector(module);
 
     let mut plugin = plugin_container("device-plugin", &dp.container);
     plugin.volume_mounts.get_or_insert_with(Vec::new).insert(
@@ -87,7 +71,7 @@ pub fn render_device_plugin_daemonset(
 
     let pod_spec = PodSpec {
         node_selector: Some(node_selector),
-        tolerations: (!module.spec.tolerations.is_empty()).then(|| module.spec.tolerations.clone()),
+        tolerations: Some(super::pod_tolerations(module)),
         image_pull_secrets: module.spec.image_repo_secret.as_ref().map(|s| {
             vec![LocalObjectReference {
                 name: s.name.clone(),
@@ -113,7 +97,31 @@ pub fn render_device_plugin_daemonset(
     ))
 }
 
-fn plugin_container(name: &str, c: &DevicePluginContainerSpec) -> Container {
+/// Where a plugin (device plugin or DRA driver) of `module` runs: with a loader, on the nodes
+/// where the module is ready and the agent's schedule label allows it — taken off a node (and
+/// the plugin gone) before its loader stops, so the driver is never in use when it is
+/// unloaded; without one, on the nodes `spec.selector` selects.
+pub fn plugin_node_selector(module: &Module) -> BTreeMap<String, String> {
+    if module.spec.module_loader.is_none() {
+        return module.spec.selector.clone();
+    }
+    let (namespace, name) = module_key(module);
+    let version = module_version(module);
+    let mut s = BTreeMap::from([
+        (module_ready_label(&namespace, &name), String::new()),
+        (
+            schedule_version_label(&namespace, &name),
+            version.unwrap_or_default().to_string(),
+        ),
+    ]);
+    if let Some(v) = version {
+        s.insert(module_version_ready_label(&namespace, &name), v.to_string());
+    }
+    s
+}
+
+/// A privileged plugin container from the Module's container spec.
+pub fn plugin_container(name: &str, c: &DevicePluginContainerSpec) -> Container {
     let some_vec = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
     Container {
         name: name.into(),

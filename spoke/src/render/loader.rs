@@ -195,7 +195,7 @@ pub fn render_loader_daemonset(
 
     let pod_spec = PodSpec {
         node_selector: Some(node_selector),
-        tolerations: (!module.spec.tolerations.is_empty()).then(|| module.spec.tolerations.clone()),
+        tolerations: Some(super::pod_tolerations(module)),
         image_pull_secrets: module.spec.image_repo_secret.as_ref().map(|s| {
             vec![LocalObjectReference {
                 name: s.name.clone(),
@@ -230,10 +230,7 @@ pub fn render_loader_daemonset(
             rolling_update: None,
         });
         // The agent releases a stopped loader pod once it read what the kernel has.
-        let template_hash = short_hash(
-            &serde_json::to_string(&spec.template.spec).unwrap_or_default(),
-            16,
-        );
+        let template_hash = loader_template_hash(module, spec.template.spec.as_ref());
         if let Some(meta) = spec.template.metadata.as_mut() {
             meta.finalizers = Some(vec![LOADER_POD_FINALIZER.to_string()]);
             meta.annotations
@@ -247,6 +244,19 @@ pub fn render_loader_daemonset(
     }
     super::stamp_hash(&mut ds);
     ds
+}
+
+/// The hash of a loader pod template, over the pod spec with the Module's own tolerations
+/// only: the built-in pressure tolerations ([`super::pod_tolerations`]) change nothing for a
+/// DaemonSet pod (the DaemonSet controller adds them to every one), so adding them to the
+/// render does not make running loaders outdated (no unload and reload on an agent upgrade).
+pub fn loader_template_hash(module: &Module, spec: Option<&PodSpec>) -> String {
+    let mut spec = spec.cloned();
+    if let Some(s) = spec.as_mut() {
+        s.tolerations =
+            (!module.spec.tolerations.is_empty()).then(|| module.spec.tolerations.clone());
+    }
+    short_hash(&serde_json::to_string(&spec).unwrap_or_default(), 16)
 }
 
 fn host_path_volume(name: &str, path: &str, type_: Option<&str>) -> Volume {

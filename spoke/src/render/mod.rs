@@ -3,6 +3,7 @@
 //! `kmm-spoke render` prints it.
 
 pub mod device_plugin;
+pub mod dra;
 pub mod loader;
 pub mod loader_script;
 pub mod nodes;
@@ -11,13 +12,14 @@ pub mod plan;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
-use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use kube::Resource;
 use shared_api::Module;
 use shared_api::labels::{MODULE_ANNOTATION, short_hash};
 
 pub use device_plugin::render_device_plugin_daemonset;
+pub use dra::{render_device_classes, render_dra_daemonset};
 pub use loader::{LoaderTarget, render_loader_daemonset};
 pub use loader_script::LOADER_SCRIPT;
 pub use nodes::{node_kernel, node_labels, node_schedulable_for, targeted_nodes};
@@ -36,6 +38,33 @@ pub const DEFAULT_FIRMWARE_HOST_PATH: &str = "/var/lib/firmware";
 pub const DEFAULT_LOADER_SERVICE_ACCOUNT: &str = "default";
 /// The kubelet's device-plugin socket directory.
 pub const DEVICE_PLUGIN_HOST_PATH: &str = "/var/lib/kubelet/device-plugins";
+
+/// The taints every pod the agent makes tolerates besides the Module's `spec.tolerations`
+/// (upstream's internal tolerations): a node under disk, memory or PID pressure can still
+/// load, unload and serve its driver.
+pub const BUILTIN_TOLERATED_TAINTS: [&str; 3] = [
+    "node.kubernetes.io/disk-pressure",
+    "node.kubernetes.io/memory-pressure",
+    "node.kubernetes.io/pid-pressure",
+];
+
+/// The tolerations of the agent's pods: the Module's, then the built-in ones
+/// ([`BUILTIN_TOLERATED_TAINTS`], `Exists`, `NoSchedule`) the Module does not list already.
+pub fn pod_tolerations(module: &Module) -> Vec<Toleration> {
+    let mut out = module.spec.tolerations.clone();
+    for key in BUILTIN_TOLERATED_TAINTS {
+        let builtin = Toleration {
+            key: Some(key.to_string()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        };
+        if !out.contains(&builtin) {
+            out.push(builtin);
+        }
+    }
+    out
+}
 
 /// Settings of the agent that shape what it renders.
 #[derive(Debug, Clone, PartialEq, Eq)]

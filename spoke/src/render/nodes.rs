@@ -7,8 +7,8 @@ use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
 use kube::ResourceExt;
 use shared_api::Module;
 use shared_api::labels::{
-    MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_LABEL, ROLE_LOADER,
-    device_plugin_ready_label, module_ready_label, module_version_ready_label,
+    MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_DRA, ROLE_LABEL, ROLE_LOADER,
+    device_plugin_ready_label, dra_ready_label, module_ready_label, module_version_ready_label,
 };
 
 /// Taints the DaemonSet controller tolerates on its own (DaemonSet pods get these
@@ -21,6 +21,17 @@ const DAEMONSET_TOLERATED: [(&str, &str); 6] = [
     ("node.kubernetes.io/pid-pressure", "NoSchedule"),
     ("node.kubernetes.io/unschedulable", "NoSchedule"),
 ];
+
+/// Whether a role label value names a plugin (device plugin or DRA driver): a pod that may
+/// hold its driver's devices, so it leaves a node before the loader unloads the module.
+pub fn is_plugin_role(role: Option<&str>) -> bool {
+    matches!(role, Some(ROLE_DEVICE_PLUGIN | ROLE_DRA))
+}
+
+/// Whether the Module runs a plugin (`devicePlugin` or `dra`) next to its loader.
+pub fn has_plugin(module: &Module) -> bool {
+    module.spec.device_plugin.is_some() || module.spec.dra.is_some()
+}
 
 /// The node's kernel (`status.nodeInfo.kernelVersion`), when reported.
 pub fn node_kernel(node: &Node) -> Option<&str> {
@@ -231,6 +242,9 @@ pub fn node_labels<'a>(
             }
             Some(ROLE_DEVICE_PLUGIN) if pod_ready(pod) => {
                 labels.insert(device_plugin_ready_label(namespace, name), String::new());
+            }
+            Some(ROLE_DRA) if pod_ready(pod) => {
+                labels.insert(dra_ready_label(namespace, name), String::new());
             }
             _ => {}
         }

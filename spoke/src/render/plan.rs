@@ -4,14 +4,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::resource::v1::DeviceClass;
 use kube::ResourceExt;
 use shared_api::Module;
 use shared_api::kernel::KernelMapper;
 use shared_api::labels::kernel_label_value;
 
 use super::{
-    LoaderTarget, RenderSettings, module_key, node_kernel, render_device_plugin_daemonset,
-    render_loader_daemonset, targeted_nodes,
+    LoaderTarget, RenderSettings, module_key, node_kernel, render_device_classes,
+    render_device_plugin_daemonset, render_dra_daemonset, render_loader_daemonset, targeted_nodes,
 };
 
 /// The desired objects for one Module and what could not be rendered.
@@ -21,6 +22,13 @@ pub struct ModulePlan {
     pub loaders: Vec<DaemonSet>,
     /// The device-plugin DaemonSet of the current version.
     pub device_plugin: Option<DaemonSet>,
+    /// The DRA driver DaemonSet of the current version.
+    pub dra: Option<DaemonSet>,
+    /// The DeviceClasses of `spec.dra.deviceClasses`.
+    pub device_classes: Vec<DeviceClass>,
+    /// DeviceClasses that could not be rendered or written, with the reason: existing ones
+    /// of that name are kept.
+    pub failed_device_classes: BTreeMap<String, String>,
     /// Names of the targeted nodes (selector and taints).
     pub targeted_nodes: Vec<String>,
     /// Kernels of targeted nodes that no mapping matches (no loader for them).
@@ -36,6 +44,7 @@ impl ModulePlan {
         self.loaders
             .iter()
             .chain(self.device_plugin.as_ref())
+            .chain(self.dra.as_ref())
             .map(|d| d.name_any())
             .collect()
     }
@@ -50,9 +59,13 @@ pub fn plan_module<'a>(
 ) -> ModulePlan {
     let (namespace, name) = module_key(module);
     let targeted = targeted_nodes(module, nodes);
+    let (device_classes, failed_device_classes) = render_device_classes(module);
     let mut plan = ModulePlan {
         targeted_nodes: targeted.iter().map(|n| n.name_any()).collect(),
         device_plugin: render_device_plugin_daemonset(module, settings),
+        dra: render_dra_daemonset(module, settings),
+        device_classes,
+        failed_device_classes,
         ..Default::default()
     };
     let Some(loader) = module.spec.module_loader.as_ref() else {

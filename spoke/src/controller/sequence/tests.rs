@@ -358,3 +358,40 @@ fn stopped_loaders_are_released_unless_their_unload_failed() {
         ]
     );
 }
+
+/// A DRA driver holds its devices like a device plugin: it leaves the node before the loader
+/// unloads, and the loader goes only once no driver pod is left there.
+#[test]
+fn a_dra_driver_leaves_before_the_loader_like_a_plugin() {
+    let m = module().with_dra().version("2.0");
+    let driver = dra_pod("n").ready();
+    let n = node("n").user_version("2.0").worker("1.0").schedule("1.0");
+    assert_eq!(
+        worker_and_schedule(&m, &n, &ready(), &[&driver], false),
+        (Some("1.0".into()), None),
+        "the driver's schedule label goes first; the loader stays while its pod is there"
+    );
+    let n = node("n").user_version("2.0").worker("1.0");
+    assert_eq!(
+        worker_and_schedule(&m, &n, &ready(), &[&driver], false),
+        (Some("1.0".into()), None)
+    );
+    assert_eq!(
+        worker_and_schedule(&m, &n, &ready(), &[], false),
+        (None, None)
+    );
+    // Loaded and wanted: the driver is scheduled again.
+    let n = node("n").user_version("2.0").worker("2.0");
+    assert_eq!(
+        worker_and_schedule(&m, &n, &ready(), &[], false),
+        (Some("2.0".into()), Some("2.0".into()))
+    );
+    let pod = loader_pod("n").ready();
+    assert!(!replacement_may_go(
+        &m,
+        &pod,
+        Some(&node("n")),
+        &cached([dra_pod("n").deleting()])
+    ));
+    assert!(replacement_may_go(&m, &pod, Some(&node("n")), &[]));
+}

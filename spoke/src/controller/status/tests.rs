@@ -326,3 +326,62 @@ fn an_invalid_spec_is_degraded_and_touches_nothing_else() {
     // The counts still describe what runs.
     assert_eq!(st.module_loader.map(|d| d.available_number), Some(2));
 }
+
+#[test]
+fn dra_counts_come_from_the_driver_daemonset_and_refused_classes_degrade() {
+    let m = module().with_dra();
+    let owned = vec![
+        loader_ds(&kernel(), None).observed(2, 2),
+        dra_ds(None).observed(2, 1),
+    ];
+    let st = status_of(&m, two_nodes(), owned.clone(), vec![]);
+    let dra = st.dra.unwrap();
+    assert_eq!(
+        (
+            dra.nodes_matching_selector_number,
+            dra.desired_number,
+            dra.available_number
+        ),
+        (2, 2, 1)
+    );
+    assert!(st.device_plugin.is_none());
+    assert_eq!(
+        condition(&st.conditions, READY).0,
+        "False",
+        "driver pending"
+    );
+    assert_eq!(condition(&st.conditions, DEGRADED).0, "False");
+
+    let owned = vec![
+        loader_ds(&kernel(), None).observed(2, 2),
+        dra_ds(None).observed(2, 2),
+    ];
+    assert_eq!(
+        condition(
+            &status_of(&m, two_nodes(), owned.clone(), vec![]).conditions,
+            READY
+        )
+        .0,
+        "True"
+    );
+    // A class the API server refused is reported, the rest stands.
+    let nodes = cached(two_nodes());
+    let mut plan = plan_module(
+        &m,
+        nodes.iter().map(Arc::as_ref),
+        &RenderSettings::default(),
+    );
+    plan.failed_device_classes
+        .insert("gpu".into(), "DeviceClass gpu: invalid CEL".into());
+    let st = module_status(&m, &[], Some(&plan), &nodes, &cached(owned), &[], NOW);
+    assert_eq!(
+        condition(&st.conditions, DEGRADED),
+        ("True", "DeviceClassFailed", "DeviceClass gpu: invalid CEL")
+    );
+    // Without `dra`, no dra status.
+    assert!(
+        status_of(&module(), two_nodes(), available(), vec![])
+            .dra
+            .is_none()
+    );
+}
