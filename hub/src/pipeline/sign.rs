@@ -90,7 +90,7 @@ pub(super) async fn ensure_signed(
                 need.build_kernel(),
                 &signed.cert_sha256[..16.min(signed.cert_sha256.len())]
             );
-            run.events.push(McmEvent::normal("Signed", msg));
+            run.events.push(McmEvent::normal(crate::reconcile::events::SIGN_SUCCEEDED, msg));
             ImageOutcome::ready(signed.digest)
         }
         Err(e) => {
@@ -107,7 +107,7 @@ pub(super) async fn ensure_signed(
                 need.build_kernel()
             );
             run.events
-                .push(McmEvent::warning("SignFailed", msg.clone()));
+                .push(McmEvent::warning(crate::reconcile::events::SIGN_FAILED, msg.clone()));
             ImageOutcome::failed(msg)
         }
     }
