@@ -111,7 +111,10 @@ async fn prebuilt_image_loads_on_workers_only_and_deletion_cleans_up() -> anyhow
             // As upstream: Normal events carrying the annotation module=<namespace>/<name>.
             assert!(
                 events.iter().all(|e| e.type_.as_deref() == Some("Normal")
-                    && e.metadata.annotations.as_ref().and_then(|a| a.get("module"))
+                    && e.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get("module"))
                         == Some(&"labsv2/kmm-ci-a".to_string())),
                 "{events:#?}"
             );

@@ -199,7 +199,10 @@ impl ImagePipeline {
                 need.build_kernel(),
                 need.image
             );
-            run.events.push(McmEvent::warning(crate::reconcile::events::BUILD_FAILED, msg));
+            run.events.push(McmEvent::warning(
+                crate::reconcile::events::BUILD_FAILED,
+                msg,
+            ));
         }
         reason
     }
@@ -306,7 +309,10 @@ impl ImagePipeline {
                     need.build_kernel(),
                     need.image
                 );
-                run.events.push(McmEvent::normal(crate::reconcile::events::BUILD_CREATED, msg));
+                run.events.push(McmEvent::normal(
+                    crate::reconcile::events::BUILD_CREATED,
+                    msg,
+                ));
                 ImageOutcome::building(format!("build Job {ns}/{name} created"))
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {

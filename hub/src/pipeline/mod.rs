@@ -337,7 +337,10 @@ impl ImagePipeline {
                 need.build_kernel(),
                 need.image
             );
-            run.events.push(McmEvent::normal(crate::reconcile::events::BUILD_SUCCEEDED, msg));
+            run.events.push(McmEvent::normal(
+                crate::reconcile::events::BUILD_SUCCEEDED,
+                msg,
+            ));
         }
         let old_enough = j.finished_at.is_none_or(|t| {
             Timestamp::now().duration_since(t).unsigned_abs() >= deps.config.job_gc_delay

@@ -213,14 +213,22 @@ mod tests {
             assert_eq!(ev.type_.as_deref(), Some("Normal"));
             assert_eq!(ev.note.as_deref(), Some(note));
             assert_eq!(
-                ev.metadata.annotations.unwrap().get("module").map(String::as_str),
+                ev.metadata
+                    .annotations
+                    .unwrap()
+                    .get("module")
+                    .map(String::as_str),
                 Some("ns/m")
             );
             let regarding = ev.regarding.unwrap();
             assert_eq!(regarding.kind.as_deref(), Some("Node"));
             assert_eq!(regarding.name.as_deref(), Some("n1"));
         }
-        let failed = render_event(&node_event(MODULE_UNLOAD_FAILED), "me", Timestamp::UNIX_EPOCH);
+        let failed = render_event(
+            &node_event(MODULE_UNLOAD_FAILED),
+            "me",
+            Timestamp::UNIX_EPOCH,
+        );
         assert_eq!(failed.type_.as_deref(), Some("Warning"));
     }
 }
