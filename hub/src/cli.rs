@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use kmm_runtime::upstream_config::{self, Loaded, Outcome, Overlay, UpstreamConfigError};
+use kmm_runtime::upstream_config::{self, Loaded, Overlay, UpstreamConfigError};
 
 use crate::run::RunArgs;
 
@@ -48,15 +48,12 @@ pub enum Command {
     Machineconfig(crate::commands::machineconfig::MachineConfigArgs),
 }
 
-/// What became of each key of an upstream config file, and the file's path.
-pub type UpstreamReport = (String, Vec<(String, Outcome)>);
-
 /// Apply `--upstream-config` (if any) to the flags of `run` not given explicitly; `matches`
 /// are those of `run`. A missing file changes nothing (upstream without its ConfigMap).
 pub fn apply_upstream_config(
     run: &mut RunArgs,
     matches: Option<&clap::ArgMatches>,
-) -> Result<Option<UpstreamReport>, UpstreamConfigError> {
+) -> Result<Option<upstream_config::Report>, UpstreamConfigError> {
     let Some(path) = run.upstream_config.clone() else {
         return Ok(None);
     };
@@ -140,6 +137,7 @@ pub fn apply_loaded(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use kmm_runtime::upstream_config::Outcome;
 
     #[test]
     fn cli_parses_and_keeps_the_flag_names() {

@@ -169,6 +169,9 @@ fn configmap_payload(v: &serde_yaml::Value) -> Option<&str> {
     v.get("data")?.get(CONFIG_KEY)?.as_str()
 }
 
+/// A file's path and what became of each of its keys.
+pub type Report = (String, Vec<(String, Outcome)>);
+
 /// What became of one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

@@ -131,8 +131,7 @@ impl RunArgs {
     pub fn apply_upstream_config(
         &mut self,
         matches: Option<&clap::ArgMatches>,
-    ) -> Result<Option<(String, Vec<(String, upstream_config::Outcome)>)>, UpstreamConfigError>
-    {
+    ) -> Result<Option<upstream_config::Report>, UpstreamConfigError> {
         let Some(path) = self.upstream_config.clone() else {
             return Ok(None);
         };
