@@ -1,9 +1,13 @@
 //! The command line of `kmm-hub`: one place for the tests and the binary. Every flag of `run`
 //! can also be set through the environment variable named next to it.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use kmm_runtime::upstream_config::{self, Loaded, Overlay, UpstreamConfigError};
+
+use crate::run::RunArgs;
 
 /// kmm-fleet hub: ManagedClusterModule -> builds, signing, digest-pinned ManifestWorks.
 #[derive(Parser, Debug)]
@@ -44,10 +48,96 @@ pub enum Command {
     Machineconfig(crate::commands::machineconfig::MachineConfigArgs),
 }
 
+/// Apply `--upstream-config` (if any) to the flags of `run` not given explicitly; `matches`
+/// are those of `run`. A missing file changes nothing (upstream without its ConfigMap).
+pub fn apply_upstream_config(
+    run: &mut RunArgs,
+    matches: Option<&clap::ArgMatches>,
+) -> Result<Option<upstream_config::Report>, UpstreamConfigError> {
+    let Some(path) = run.upstream_config.clone() else {
+        return Ok(None);
+    };
+    if !path.exists() {
+        return Ok(Some((path.display().to_string(), Vec::new())));
+    }
+    let loaded = Loaded::load(&path)?;
+    let mut o = Overlay::new(&loaded, matches);
+    apply_loaded(run, &loaded, &mut o)?;
+    Ok(Some((loaded.path, o.report)))
+}
+
+/// The hub's mapping of upstream's keys.
+pub fn apply_loaded(
+    run: &mut RunArgs,
+    loaded: &Loaded,
+    o: &mut Overlay<'_>,
+) -> Result<(), UpstreamConfigError> {
+    upstream_config::apply_common(loaded, o, &mut run.common)?;
+    let c = &loaded.config;
+    if let Some(d) = c.job.as_ref().and_then(|j| j.gc_delay.as_deref()) {
+        let d =
+            upstream_config::go_duration(d).map_err(|m| loaded.value_error("job.gcDelay", m))?;
+        o.set(
+            "job.gcDelay",
+            "job_gc_delay",
+            &mut run.job_gc_delay,
+            Some(d),
+        );
+    }
+    let webhook = c.webhook.clone().unwrap_or_default();
+    if let Some(dir) = &webhook.cert_dir {
+        // controller-runtime's file names in its certificate directory.
+        let dir = PathBuf::from(dir);
+        o.set(
+            "webhook.certDir",
+            "webhook_cert",
+            &mut run.webhook_cert,
+            Some(dir.join("tls.crt")),
+        );
+        if run.webhook_cert == Some(dir.join("tls.crt")) {
+            run.webhook_key = Some(dir.join("tls.key"));
+        }
+    }
+    let port = [
+        ("webhookPort", c.webhook_port),
+        ("webhook.port", webhook.port),
+    ];
+    for (key, port) in port {
+        let Some(port) = port else { continue };
+        if run.webhook_cert.is_none() && !o.explicit("webhook_address") {
+            o.ignore(
+                key,
+                "the webhook is off without a certificate (--webhook-cert/--webhook-key or webhook.certDir)",
+            );
+            continue;
+        }
+        o.set(
+            key,
+            "webhook_address",
+            &mut run.webhook_address,
+            Some(SocketAddr::from(([0, 0, 0, 0], port))),
+        );
+    }
+    if webhook.disable_http2.is_some() {
+        o.ignore(
+            "webhook.disableHTTP2",
+            "not configurable: the webhook listener negotiates HTTP/1.1 or HTTP/2",
+        );
+    }
+    if c.worker.is_some() {
+        o.ignore(
+            "worker",
+            "the hub runs no loader pods: set worker.* in the spoke's --upstream-config",
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use kmm_runtime::upstream_config::Outcome;
 
     #[test]
     fn cli_parses_and_keeps_the_flag_names() {
@@ -84,6 +174,60 @@ mod tests {
         assert_eq!(run.admin_address().to_string(), "127.0.0.1:8081");
         assert_eq!(run.common.resync, std::time::Duration::from_secs(600));
         assert_eq!(run.common.log_filter, "info,kube_runtime=warn");
+    }
+
+    fn run_with(args: &[&str], file: &str) -> (RunArgs, Vec<(String, Outcome)>) {
+        use clap::{CommandFactory, FromArgMatches};
+        let m = Cli::command()
+            .try_get_matches_from(["kmm-hub", "run"].iter().chain(args))
+            .unwrap();
+        let Command::Run(mut run) = Cli::from_arg_matches(&m).unwrap().command else {
+            panic!("not run")
+        };
+        let loaded = Loaded::parse("f", file).unwrap();
+        let mut o = Overlay::new(&loaded, m.subcommand_matches("run"));
+        apply_loaded(&mut run, &loaded, &mut o).unwrap();
+        (*run, o.report)
+    }
+
+    #[test]
+    fn upstream_config_maps_onto_the_hub_flags() {
+        let file = "healthProbeBindAddress: :9081\njob: {gcDelay: 1h30m}\n\
+                    leaderElection: {enabled: false, resourceID: kmm-hub.sigs.x-k8s.io}\n\
+                    webhookPort: 9443\nworker: {runAsUser: 0}\nmetrics: {bindAddress: '0'}\n";
+        let (run, report) = run_with(&[], file);
+        assert_eq!(run.admin_address().to_string(), "0.0.0.0:9081");
+        assert_eq!(run.job_gc_delay, Some(std::time::Duration::from_secs(5400)));
+        assert!(!run.common.leader_elect);
+        assert_eq!(run.common.metrics_address, None);
+        // No certificate: the webhook stays off and the port is reported, as is worker.*.
+        assert_eq!(run.webhook_address, None);
+        let ignored: Vec<&str> = report
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Ignored(_)))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(ignored, vec!["webhookPort", "worker"]);
+
+        // webhook.certDir gives the certificate, so the port turns the webhook on.
+        let (run, _) = run_with(&[], "webhook: {port: 9444, certDir: /certs}\n");
+        assert_eq!(run.webhook_address.unwrap().to_string(), "0.0.0.0:9444");
+        assert_eq!(run.webhook_cert.unwrap(), PathBuf::from("/certs/tls.crt"));
+        assert_eq!(run.webhook_key.unwrap(), PathBuf::from("/certs/tls.key"));
+    }
+
+    #[test]
+    fn hub_flags_win_over_the_upstream_config() {
+        let (run, report) = run_with(
+            &["--job-gc-delay", "0s", "--admin-address", "127.0.0.1:7000"],
+            "healthProbeBindAddress: :9081\njob: {gcDelay: 10m}\n",
+        );
+        assert_eq!(run.job_gc_delay, Some(std::time::Duration::ZERO));
+        assert_eq!(run.admin_address().to_string(), "127.0.0.1:7000");
+        assert!(report.contains(&(
+            "job.gcDelay".to_string(),
+            Outcome::Overridden("--job-gc-delay".into())
+        )));
     }
 
     #[test]

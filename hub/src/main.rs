@@ -1,11 +1,15 @@
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use kmm_hub::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match run(cli, matches.subcommand_matches("run")) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kmm-hub: {e:#}");
@@ -22,7 +26,7 @@ fn hub_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli, run_matches: Option<&clap::ArgMatches>) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Crd { dir, reference } => {
             if let Some(path) = reference {
@@ -49,8 +53,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run(args) => {
+        Command::Run(mut args) => {
             kmm_runtime::telemetry::init_tracing(args.common.log_format, &args.common.log_filter)?;
+            // Precedence: a flag (or its variable) > upstream's config file > the default.
+            if let Some((path, report)) =
+                kmm_hub::cli::apply_upstream_config(&mut args, run_matches)?
+            {
+                kmm_runtime::upstream_config::log_report(&path, &report);
+            }
             hub_runtime()?.block_on(async move {
                 let token = kmm_runtime::shutdown::install();
                 kmm_hub::run::run(*args, token).await

@@ -36,6 +36,7 @@ pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:8081";
     mut_arg("log_format", |a| a.env("KMM_HUB_LOG_FORMAT").default_value("text")),
     mut_arg("log_filter", |a| a.env("RUST_LOG").default_value("info,kube_runtime=warn")),
     mut_arg("admin_address", |a| a.env("KMM_HUB_ADMIN_ADDRESS").default_value(DEFAULT_ADMIN_ADDRESS)),
+    mut_arg("metrics_address", |a| a.env("KMM_HUB_METRICS_ADDRESS")),
     mut_arg("leader_elect", |a| a
         .env("KMM_HUB_LEADER_ELECT")
         .default_value("true")
@@ -70,6 +71,15 @@ pub struct RunArgs {
     /// The hub configuration file (Driver Toolkit table, kaniko image, Job clean-up delay).
     #[arg(long, env = "KMM_HUB_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Upstream KMM's `controller_config.yaml` (the `kmm-operator-hub-manager-config`
+    /// ConfigMap, mounted): its keys set the flags not given explicitly. A missing file
+    /// means defaults.
+    #[arg(long, env = "KMM_HUB_UPSTREAM_CONFIG")]
+    pub upstream_config: Option<PathBuf>,
+    /// How long finished build Jobs are kept (e.g. 0s, 10m); wins over `jobGcDelay` of
+    /// --config [default: jobGcDelay, else 0s].
+    #[arg(long, env = "KMM_HUB_JOB_GC_DELAY", value_parser = kmm_runtime::upstream_config::go_duration)]
+    pub job_gc_delay: Option<Duration>,
     /// Address of the dashboard (web page and fleet API); off when not set.
     #[arg(long, env = "KMM_HUB_DASHBOARD_ADDRESS")]
     pub dashboard_address: Option<SocketAddr>,
@@ -136,6 +146,10 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     }
     .resolve(&args.operator_namespace)
     .map_err(anyhow::Error::msg)?;
+    let config = crate::config::HubConfig {
+        job_gc_delay: args.job_gc_delay.unwrap_or(config.job_gc_delay),
+        ..config
+    };
     let work_executor =
         crate::render::parse_executor(&args.work_executor).map_err(anyhow::Error::msg)?;
     let client = client_from(args.kubeconfig.as_ref()).await?;
@@ -150,6 +164,7 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     let health = admin::Health::new();
     // Registered before anything can open its gate, so that /readyz never runs ahead of it.
     health.gate("caches");
+    let registry = Arc::new(registry);
     let rt = Runtime::builder(args.admin_address())
         .health(health)
         .shutdown_on(token.clone())
@@ -163,7 +178,12 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
                 )
             }),
         )
-        .build(Arc::new(registry));
+        .build(registry.clone());
+    if let Some(addr) = args.common.metrics_address {
+        // Upstream's `metrics.bindAddress`: the admin routes on a second listener.
+        let router = admin::router(rt.health().clone(), registry.clone());
+        rt.serve("metrics", addr, None, router).await?;
+    }
 
     if let Some(addr) = args.webhook_address {
         let tls = match (&args.webhook_cert, &args.webhook_key) {

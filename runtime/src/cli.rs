@@ -23,7 +23,7 @@ use clap::Args;
 pub use crate::telemetry::LogFormat;
 
 /// Flags of `run` shared by the hub and the spoke. Argument ids (for `mut_arg`) are the field
-/// names: `log_format`, `log_filter`, `admin_address`, `leader_elect`, `lease_name`, `resync`.
+/// names: `log_format`, `log_filter`, `admin_address`, `metrics_address`, `leader_elect`, `lease_name`, `resync`.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
     /// Log format: `plain` (also `text`) or `json`.
@@ -35,6 +35,10 @@ pub struct CommonArgs {
     /// Address of /livez, /readyz and /metrics.
     #[arg(long)]
     pub admin_address: Option<SocketAddr>,
+    /// A second address serving /metrics (and the probes), e.g. upstream's
+    /// `metrics.bindAddress`; none by default (the admin address serves /metrics).
+    #[arg(long)]
+    pub metrics_address: Option<SocketAddr>,
     /// Elect a leader among replicas on a coordination.k8s.io Lease.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub leader_elect: bool,

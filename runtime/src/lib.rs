@@ -13,6 +13,7 @@
 //! - [`metrics`]: the shared per-controller reconcile metrics.
 //! - [`error`]: [`ErrorCategory`], the short static category every error type names.
 //! - [`cli`]: the run arguments both binaries flatten, one duration parser, one log format.
+//! - [`upstream_config`]: upstream KMM's `controller_config.yaml`, mapped onto those arguments.
 //!
 //! Everything is generic over the resource kind and takes its dependencies (client, registry,
 //! cancellation token) as arguments: no globals.
@@ -28,6 +29,7 @@ pub mod runtime;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod upstream_config;
 
 pub use error::ErrorCategory;
 pub use runtime::{Runtime, RuntimeError};

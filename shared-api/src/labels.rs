@@ -205,6 +205,35 @@ mod tests {
             module_version_ready_label("ns", "m"),
             "kmm.node.kubernetes.io/ns.m.version.ready"
         );
+        // The rest of upstream KMM's keys (internal/constants, internal/utils/kmmlabels.go).
+        assert_eq!(
+            worker_version_label("ns", "m"),
+            "beta.kmm.node.kubernetes.io/version-worker-pod.ns.m"
+        );
+        assert_eq!(
+            schedule_version_label("ns", "m"),
+            "beta.kmm.node.kubernetes.io/version-schedule-pod.ns.m"
+        );
+        assert_eq!(
+            deprecated_ready_label("m"),
+            "kmm.node.kubernetes.io/m.ready"
+        );
+        for (ours, upstream) in [
+            (MODULE_NAME_LABEL, "kmm.node.kubernetes.io/module.name"),
+            (TARGET_KERNEL_LABEL, "kmm.node.kubernetes.io/target-kernel"),
+            (RESOURCE_TYPE_LABEL, "kmm.node.kubernetes.io/resource-type"),
+            (KERNEL_LABEL, "kmm.node.kubernetes.io/kernel-version.full"),
+            (ROLE_LABEL, "kmm.node.kubernetes.io/role"),
+            (
+                MCM_OWNER_LABEL,
+                "kmm.node.kubernetes.io/managedclustermodule.name",
+            ),
+            (MODULE_FINALIZER, "kmm.node.kubernetes.io/module-finalizer"),
+            (LOADER_POD_FINALIZER, "kmm.node.kubernetes.io/node-labeler"),
+            (MODULE_ANNOTATION, "module"),
+        ] {
+            assert_eq!(ours, upstream);
+        }
     }
 
     #[test]

@@ -6,7 +6,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::render::{DEFAULT_FIRMWARE_HOST_PATH, DEFAULT_LOADER_SERVICE_ACCOUNT, RenderSettings};
+use kmm_runtime::upstream_config::{self, Loaded, Overlay, UpstreamConfigError};
+
+use crate::render::{
+    DEFAULT_FIRMWARE_HOST_PATH, DEFAULT_LOADER_SELINUX_TYPE, DEFAULT_LOADER_SERVICE_ACCOUNT,
+    RenderSettings,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,6 +55,12 @@ pub struct RenderFlags {
         default_value = "system-node-critical"
     )]
     pub loader_priority_class: String,
+    /// `runAsUser` of loader containers.
+    #[arg(long, env = "KMM_SPOKE_LOADER_RUN_AS_USER", default_value_t = 0)]
+    pub loader_run_as_user: i64,
+    /// SELinux type of loader containers.
+    #[arg(long, env = "KMM_SPOKE_LOADER_SELINUX_TYPE", default_value = DEFAULT_LOADER_SELINUX_TYPE)]
+    pub loader_selinux_type: String,
 }
 
 impl RenderFlags {
@@ -61,6 +72,8 @@ impl RenderFlags {
                 .filter(|p| !p.is_empty()),
             loader_priority_class: Some(self.loader_priority_class.clone())
                 .filter(|p| !p.is_empty()),
+            loader_run_as_user: self.loader_run_as_user,
+            loader_selinux_type: self.loader_selinux_type.clone(),
         }
     }
 }
@@ -69,6 +82,7 @@ impl RenderFlags {
 #[command(
     mut_arg("log_format", |a| a.env("KMM_SPOKE_LOG_FORMAT")),
     mut_arg("log_filter", |a| a.env("KMM_SPOKE_LOG_FILTER").default_value("info,kube=warn")),
+    mut_arg("metrics_address", |a| a.env("KMM_SPOKE_METRICS_ADDRESS")),
     mut_arg("admin_address", |a| a.env("KMM_SPOKE_ADMIN_ADDRESS").help(
         "Address of /livez, /readyz and /metrics [default: 0.0.0.0:8081 in a pod, 127.0.0.1:8081 elsewhere]"
     )),
@@ -105,9 +119,90 @@ pub struct RunArgs {
     pub workers: usize,
     #[command(flatten)]
     pub render: RenderFlags,
+    /// Upstream KMM's `controller_config.yaml` (the `kmm-operator-manager-config` ConfigMap,
+    /// mounted): its keys set the flags not given explicitly. A missing file means defaults.
+    #[arg(long, visible_alias = "config", env = "KMM_SPOKE_UPSTREAM_CONFIG")]
+    pub upstream_config: Option<PathBuf>,
 }
 
 impl RunArgs {
+    /// Apply `--upstream-config` (if any) to the flags not given explicitly; `matches` are
+    /// those of `run`. Returns what became of each key, for the log.
+    pub fn apply_upstream_config(
+        &mut self,
+        matches: Option<&clap::ArgMatches>,
+    ) -> Result<Option<upstream_config::Report>, UpstreamConfigError> {
+        let Some(path) = self.upstream_config.clone() else {
+            return Ok(None);
+        };
+        if !path.exists() {
+            return Ok(Some((path.display().to_string(), Vec::new())));
+        }
+        let loaded = Loaded::load(&path)?;
+        let mut o = Overlay::new(&loaded, matches);
+        self.apply_loaded(&loaded, &mut o)?;
+        Ok(Some((loaded.path, o.report)))
+    }
+
+    /// The spoke's mapping of upstream's keys.
+    pub fn apply_loaded(
+        &mut self,
+        loaded: &Loaded,
+        o: &mut Overlay<'_>,
+    ) -> Result<(), UpstreamConfigError> {
+        upstream_config::apply_common(loaded, o, &mut self.common)?;
+        let c = &loaded.config;
+        if c.webhook_port.is_some() {
+            o.ignore(
+                "webhookPort",
+                "kmm-spoke has no webhook listener to configure",
+            );
+        }
+        if c.webhook.is_some() {
+            o.ignore("webhook", "kmm-spoke has no webhook listener to configure");
+        }
+        if c.job.as_ref().is_some_and(|j| j.gc_delay.is_some()) {
+            o.ignore(
+                "job.gcDelay",
+                "the spoke runs no build or sign pods (the hub builds)",
+            );
+        }
+        if let Some(w) = &c.worker {
+            if let Some(u) = w.run_as_user {
+                o.set(
+                    "worker.runAsUser",
+                    "loader_run_as_user",
+                    &mut self.render.loader_run_as_user,
+                    u,
+                );
+            }
+            if let Some(t) = &w.se_linux_type {
+                o.set(
+                    "worker.seLinuxType",
+                    "loader_selinux_type",
+                    &mut self.render.loader_selinux_type,
+                    t.clone(),
+                );
+            }
+            // The loader copies firmware there and points the kernel's firmware_class
+            // search path at it: both of upstream's keys mean that directory.
+            for (key, value) in [
+                ("worker.firmwareHostPath", &w.firmware_host_path),
+                ("worker.setFirmwareClassPath", &w.set_firmware_class_path),
+            ] {
+                if let Some(p) = value {
+                    o.set(
+                        key,
+                        "firmware_host_path",
+                        &mut self.render.firmware_host_path,
+                        p.clone(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn admin_address(&self) -> SocketAddr {
         self.common.admin_address.unwrap_or_else(|| {
             let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
@@ -162,6 +257,54 @@ mod tests {
         assert!(parse_duration("0").is_err());
         assert!(parse_duration("5d").is_err());
         assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn upstream_config_maps_onto_the_spoke_flags() {
+        use clap::{CommandFactory, FromArgMatches};
+        use kmm_runtime::upstream_config::Outcome;
+        let m = Cli::command()
+            .try_get_matches_from([
+                "kmm-spoke",
+                "run",
+                "--config",
+                "/x.yaml",
+                "--loader-selinux-type",
+                "flag_t",
+            ])
+            .unwrap();
+        let Command::Run(mut run) = Cli::from_arg_matches(&m).unwrap().command else {
+            panic!("not run")
+        };
+        assert_eq!(run.upstream_config, Some(PathBuf::from("/x.yaml")));
+        let loaded = Loaded::parse(
+            "f",
+            "worker: {runAsUser: 1000, seLinuxType: file_t, setFirmwareClassPath: /lib/firmware}\n\
+             job: {gcDelay: 1m}\nwebhookPort: 9443\nleaderElection: {enabled: true, resourceID: s}\n\
+             metrics: {bindAddress: '127.0.0.1:9090'}\nbogus: {x: 1}\n",
+        )
+        .unwrap();
+        let mut o = Overlay::new(&loaded, m.subcommand_matches("run"));
+        run.apply_loaded(&loaded, &mut o).unwrap();
+        let s = run.render.settings();
+        assert_eq!(s.loader_run_as_user, 1000);
+        assert_eq!(s.loader_selinux_type, "flag_t", "the flag wins");
+        assert_eq!(s.firmware_host_path, "/lib/firmware");
+        assert!(run.common.leader_elect);
+        assert_eq!(run.common.lease_name, "s");
+        assert_eq!(
+            run.common.metrics_address,
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
+        assert_eq!(o.not_applied(), vec!["bogus", "webhookPort", "job.gcDelay"]);
+        assert!(o.report.contains(&(
+            "worker.seLinuxType".to_string(),
+            Outcome::Overridden("--loader-selinux-type".into())
+        )));
+        // A missing file: nothing applied, no error (upstream without its ConfigMap).
+        run.upstream_config = Some(PathBuf::from("/nonexistent/controller_config.yaml"));
+        let (_, report) = run.apply_upstream_config(None).unwrap().unwrap();
+        assert!(report.is_empty());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use kmm_runtime::lease::LeaseConfig;
 use kmm_runtime::{Runtime, admin, telemetry};
 use kmm_spoke::cli::{Cli, Command, RenderArgs, RunArgs};
@@ -33,14 +33,29 @@ fn frugal_malloc() {
 fn frugal_malloc() {}
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Render(args) => render(args),
-        Command::Run(args) => {
+        Command::Run(mut args) => {
             if let Err(e) = telemetry::init_tracing(args.common.log_format, &args.common.log_filter)
             {
                 eprintln!("kmm-spoke: {e}");
                 return ExitCode::FAILURE;
+            }
+            // Precedence: a flag (or its variable) > upstream's config file > the default.
+            match args.apply_upstream_config(matches.subcommand_matches("run")) {
+                Ok(Some((path, report))) => {
+                    kmm_runtime::upstream_config::log_report(&path, &report)
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "kmm-spoke: cannot use --upstream-config");
+                    return ExitCode::FAILURE;
+                }
             }
             frugal_malloc();
             // A single-threaded runtime: the agent is I/O-bound and should stay small.
@@ -135,10 +150,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let health = admin::Health::new();
     let agent = Agent::new(client.clone(), cfg, &mut registry, &health);
+    let registry = Arc::new(registry);
     let rt = Runtime::builder(args.admin_address())
         .health(health)
         .leader_election(client, lease)
-        .build(Arc::new(registry));
+        .build(registry.clone());
+    if let Some(addr) = args.common.metrics_address {
+        // Upstream's `metrics.bindAddress`: the admin routes on a second listener.
+        rt.serve(
+            "metrics",
+            addr,
+            None,
+            admin::router(rt.health().clone(), registry),
+        )
+        .await
+        .context("metrics listener")?;
+    }
     let result = agent
         .with_campaign(rt.campaign().clone())
         .run(rt.shutdown_token())

@@ -347,7 +347,7 @@ async fn a_failed_build_is_reported_and_retried_with_backoff() -> anyhow::Result
                 let list = events.list(&Default::default()).await?;
                 Ok(
                     if list.items.iter().any(|e| {
-                        e.reason.as_deref() == Some("BuildFailed")
+                        e.reason.as_deref() == Some(kmm_hub::reconcile::events::BUILD_FAILED)
                             && e.note.as_deref().unwrap_or("").contains("exit")
                     }) {
                         Ok(())

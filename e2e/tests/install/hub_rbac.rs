@@ -254,7 +254,7 @@ async fn hub_works(
             match list
                 .items
                 .iter()
-                .find(|e| e.reason.as_deref() == Some("BuildFailed"))
+                .find(|e| e.reason.as_deref() == Some(kmm_hub::reconcile::events::BUILD_FAILED))
             {
                 Some(e) => Ok(e.note.clone().unwrap_or_default()),
                 None => Err(format!("{} events", list.items.len())),

@@ -16,6 +16,8 @@
 //!   Deployment's arguments and environment and its ServiceAccount's token, becomes ready,
 //!   publishes the kernel ClusterClaim and loads a Module created by the work agent's
 //!   ServiceAccount.
+//! - Upstream's `controller_config.yaml` ships as upstream's ConfigMaps, fully used, and
+//!   the spoke binary takes its addresses, Lease and loader settings from such a file.
 //! - The hub, run with its ServiceAccount's token and the shipped configuration, ships a
 //!   ManifestWork, runs a build, records events and answers its dashboard.
 //!
@@ -27,6 +29,7 @@
 //! unless `KMM_SPOKE_BIN` names one.
 
 mod access;
+mod config;
 mod dry_run;
 mod hub_rbac;
 mod manifests;

@@ -234,7 +234,7 @@ fn plain(c: &Value, name: &str) -> String {
 }
 
 /// The volume mounted at the directory of `file`: `(volume, file name)`.
-fn volume_for<'a>(d: &'a Value, file: &str) -> anyhow::Result<(&'a Value, String)> {
+pub(crate) fn volume_for<'a>(d: &'a Value, file: &str) -> anyhow::Result<(&'a Value, String)> {
     let c = container(d)?;
     let (dir, name) = file.rsplit_once('/').context("not a path")?;
     let mount = c["volumeMounts"]

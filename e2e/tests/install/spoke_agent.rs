@@ -31,7 +31,7 @@ use crate::{
 
 /// The `kmm-spoke` binary next to this test's executable (target/<profile>/), built first;
 /// cargo finds it up to date in the common case. `KMM_SPOKE_BIN` names a prebuilt one.
-async fn spoke_binary() -> anyhow::Result<PathBuf> {
+pub(crate) async fn spoke_binary() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("KMM_SPOKE_BIN") {
         return Ok(p.into());
     }

@@ -299,7 +299,11 @@ pub(crate) async fn builds_and_signing(sb: &Sandbox) -> anyhow::Result<()> {
         .list(&ListParams::default())
         .await?
         .items;
-    for reason in ["BuildCreated", "BuildSucceeded", "Signed"] {
+    for reason in [
+        kmm_hub::reconcile::events::BUILD_CREATED,
+        kmm_hub::reconcile::events::BUILD_SUCCEEDED,
+        kmm_hub::reconcile::events::SIGN_SUCCEEDED,
+    ] {
         ensure!(
             events.iter().any(|e| e.reason.as_deref() == Some(reason)),
             "no {reason} event; reasons: {:?}",

@@ -108,6 +108,16 @@ async fn prebuilt_image_loads_on_workers_only_and_deletion_cleans_up() -> anyhow
                     .iter()
                     .all(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Node"))
             );
+            // As upstream: Normal events carrying the annotation module=<namespace>/<name>.
+            assert!(
+                events.iter().all(|e| e.type_.as_deref() == Some("Normal")
+                    && e.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get("module"))
+                        == Some(&"labsv2/kmm-ci-a".to_string())),
+                "{events:#?}"
+            );
 
             // Bad input never deletes what works: an invalid edit is reported, the loaders stay.
             let before = loader_daemonsets(&client).await?;

@@ -195,11 +195,14 @@ impl ImagePipeline {
                 .get_or_create(&OutcomeLabel { outcome: "failed" })
                 .inc();
             let msg = format!(
-                "Build of {} for kernel {} failed: {reason}",
-                need.image,
-                need.build_kernel()
+                "Buildimage job failed for kernel {} (image {}): {reason}",
+                need.build_kernel(),
+                need.image
             );
-            run.events.push(McmEvent::warning("BuildFailed", msg));
+            run.events.push(McmEvent::warning(
+                crate::reconcile::events::BUILD_FAILED,
+                msg,
+            ));
         }
         reason
     }
@@ -302,11 +305,14 @@ impl ImagePipeline {
                     .get_or_create(&OutcomeLabel { outcome: "created" })
                     .inc();
                 let msg = format!(
-                    "Build created for kernel {} (image {}, Job {name})",
+                    "Buildimage created for kernel {} (image {}, Job {name})",
                     need.build_kernel(),
                     need.image
                 );
-                run.events.push(McmEvent::normal("BuildCreated", msg));
+                run.events.push(McmEvent::normal(
+                    crate::reconcile::events::BUILD_CREATED,
+                    msg,
+                ));
                 ImageOutcome::building(format!("build Job {ns}/{name} created"))
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {

@@ -333,11 +333,14 @@ impl ImagePipeline {
                 })
                 .inc();
             let msg = format!(
-                "Build of {} for kernel {} succeeded",
-                need.image,
-                need.build_kernel()
+                "Buildimage job succeeded for kernel {} (image {})",
+                need.build_kernel(),
+                need.image
             );
-            run.events.push(McmEvent::normal("BuildSucceeded", msg));
+            run.events.push(McmEvent::normal(
+                crate::reconcile::events::BUILD_SUCCEEDED,
+                msg,
+            ));
         }
         let old_enough = j.finished_at.is_none_or(|t| {
             Timestamp::now().duration_since(t).unsigned_abs() >= deps.config.job_gc_delay

@@ -90,7 +90,10 @@ pub(super) async fn ensure_signed(
                 need.build_kernel(),
                 &signed.cert_sha256[..16.min(signed.cert_sha256.len())]
             );
-            run.events.push(McmEvent::normal("Signed", msg));
+            run.events.push(McmEvent::normal(
+                crate::reconcile::events::SIGN_SUCCEEDED,
+                msg,
+            ));
             ImageOutcome::ready(signed.digest)
         }
         Err(e) => {
@@ -106,8 +109,10 @@ pub(super) async fn ensure_signed(
                 need.image,
                 need.build_kernel()
             );
-            run.events
-                .push(McmEvent::warning("SignFailed", msg.clone()));
+            run.events.push(McmEvent::warning(
+                crate::reconcile::events::SIGN_FAILED,
+                msg.clone(),
+            ));
             ImageOutcome::failed(msg)
         }
     }

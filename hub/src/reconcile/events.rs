@@ -9,6 +9,20 @@ use super::Context;
 use crate::cache::RecentEvent;
 use crate::pipeline::McmEvent;
 
+// Build and sign reasons as upstream KMM emits them on the owner (upstream derives them from
+// the pod's `resource-type` label, `buildimage`/`signimage`, title-cased: hence the lower-case
+// "image"). Upstream's documentation still says `BuildCreated`/`SignSucceeded`; the code wins.
+/// A build Job was created for a kernel.
+pub const BUILD_CREATED: &str = "BuildimageCreated";
+/// A build finished and its image was pushed.
+pub const BUILD_SUCCEEDED: &str = "BuildimageSucceeded";
+/// A build failed (Warning).
+pub const BUILD_FAILED: &str = "BuildimageFailed";
+/// An image was signed and pushed (the hub signs in-process: there is no "Created" step).
+pub const SIGN_SUCCEEDED: &str = "SignimageSucceeded";
+/// Signing failed (Warning).
+pub const SIGN_FAILED: &str = "SignimageFailed";
+
 /// Publish an event on the MCM (and keep it for the dashboard).
 pub async fn event(
     ctx: &Context,
@@ -49,5 +63,21 @@ pub async fn event(
 pub async fn publish(ctx: &Context, mcm: &ManagedClusterModule, events: &[McmEvent]) {
     for e in events {
         event(ctx, mcm, e.type_, &e.reason, &e.note).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reasons upstream KMM's build/sign events reconciler emits today
+    /// (`<Title(resource-type)><Created|Succeeded|Failed>`).
+    #[test]
+    fn build_and_sign_reasons_are_upstreams() {
+        assert_eq!(BUILD_CREATED, "BuildimageCreated");
+        assert_eq!(BUILD_SUCCEEDED, "BuildimageSucceeded");
+        assert_eq!(BUILD_FAILED, "BuildimageFailed");
+        assert_eq!(SIGN_SUCCEEDED, "SignimageSucceeded");
+        assert_eq!(SIGN_FAILED, "SignimageFailed");
     }
 }

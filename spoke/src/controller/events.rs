@@ -181,3 +181,54 @@ pub fn render_event(ev: &NodeEvent, identity: &str, now: Timestamp) -> Event {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn node_event(reason: &'static str) -> NodeEvent {
+        NodeEvent {
+            node: "n1".into(),
+            node_uid: Some("u1".into()),
+            reason,
+            module_namespace: "ns".into(),
+            module_name: "m".into(),
+            module_uid: None,
+            detail: String::new(),
+        }
+    }
+
+    /// Reason, type, note and the `module` annotation as upstream KMM records them on Nodes.
+    #[test]
+    fn node_events_have_upstreams_shape() {
+        assert_eq!(MODULE_LOADED, "ModuleLoaded");
+        assert_eq!(MODULE_UNLOADED, "ModuleUnloaded");
+        for (reason, note) in [
+            (MODULE_LOADED, "Module ns/m loaded into the kernel"),
+            (MODULE_UNLOADED, "Module ns/m unloaded from the kernel"),
+        ] {
+            let ev = render_event(&node_event(reason), "me", Timestamp::UNIX_EPOCH);
+            assert_eq!(ev.reason.as_deref(), Some(reason));
+            assert_eq!(ev.type_.as_deref(), Some("Normal"));
+            assert_eq!(ev.note.as_deref(), Some(note));
+            assert_eq!(
+                ev.metadata
+                    .annotations
+                    .unwrap()
+                    .get("module")
+                    .map(String::as_str),
+                Some("ns/m")
+            );
+            let regarding = ev.regarding.unwrap();
+            assert_eq!(regarding.kind.as_deref(), Some("Node"));
+            assert_eq!(regarding.name.as_deref(), Some("n1"));
+        }
+        let failed = render_event(
+            &node_event(MODULE_UNLOAD_FAILED),
+            "me",
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(failed.type_.as_deref(), Some("Warning"));
+    }
+}

@@ -174,13 +174,13 @@ pub fn render_loader_daemonset(
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
-            run_as_user: Some(0),
+            run_as_user: Some(settings.loader_run_as_user),
             capabilities: Some(Capabilities {
                 add: Some(vec!["SYS_MODULE".into()]),
                 drop: None,
             }),
             se_linux_options: Some(SELinuxOptions {
-                type_: Some("spc_t".into()),
+                type_: Some(settings.loader_selinux_type.clone()),
                 ..Default::default()
             }),
             // Writing the host's firmware directory (and the firmware search path) needs it;

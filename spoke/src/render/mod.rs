@@ -34,6 +34,8 @@ pub use shared_api::labels::SPEC_HASH_ANNOTATION;
 pub const TEMPLATE_HASH_ANNOTATION: &str = "kmm.node.kubernetes.io/template-hash";
 /// The default firmware directory on the host.
 pub const DEFAULT_FIRMWARE_HOST_PATH: &str = "/var/lib/firmware";
+/// The default SELinux type of loader containers (as upstream's `worker.seLinuxType`).
+pub const DEFAULT_LOADER_SELINUX_TYPE: &str = "spc_t";
 /// The default service account of loader pods.
 pub const DEFAULT_LOADER_SERVICE_ACCOUNT: &str = "default";
 /// The kubelet's device-plugin socket directory.
@@ -77,6 +79,10 @@ pub struct RenderSettings {
     pub device_plugin_priority_class: Option<String>,
     /// Priority class of loader pods (evicting one unloads its driver).
     pub loader_priority_class: Option<String>,
+    /// `runAsUser` of loader containers (upstream's `worker.runAsUser`).
+    pub loader_run_as_user: i64,
+    /// SELinux type of loader containers (upstream's `worker.seLinuxType`).
+    pub loader_selinux_type: String,
 }
 
 impl Default for RenderSettings {
@@ -86,6 +92,8 @@ impl Default for RenderSettings {
             loader_service_account: DEFAULT_LOADER_SERVICE_ACCOUNT.to_string(),
             device_plugin_priority_class: Some("system-node-critical".to_string()),
             loader_priority_class: Some("system-node-critical".to_string()),
+            loader_run_as_user: 0,
+            loader_selinux_type: DEFAULT_LOADER_SELINUX_TYPE.to_string(),
         }
     }
 }

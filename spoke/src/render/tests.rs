@@ -419,11 +419,20 @@ fn firmware_makes_the_loader_privileged_with_the_host_directory() {
         .firmware_path = Some("/firmware".into());
     let settings = RenderSettings {
         firmware_host_path: "/lib/firmware/updates".into(),
+        loader_run_as_user: 1000,
+        loader_selinux_type: "kmm_loader_t".into(),
         ..Default::default()
     };
     let plan = plan_module(&m, [worker("w0", K1)].iter(), &settings);
     let ds = &plan.loaders[0];
     let c = loader_container(ds);
+    // Upstream's worker.runAsUser and worker.seLinuxType reach the loader.
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.run_as_user, Some(1000));
+    assert_eq!(
+        sc.se_linux_options.as_ref().unwrap().type_.as_deref(),
+        Some("kmm_loader_t")
+    );
     assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(true));
     let e = env(c);
     assert_eq!(
