@@ -42,6 +42,11 @@ pub enum ReconcileError {
     /// after [`crate::controller::module::UNLOAD_RECHECK`].
     #[error("deletion of Module {namespace}/{name} waits for its pods to go")]
     StillUnloading { namespace: String, name: String },
+    #[error("labelling namespace {namespace}: {source}")]
+    NamespaceLabel {
+        namespace: String,
+        source: kube::Error,
+    },
     #[error("ClusterClaim {name}: {source}")]
     Claim { name: String, source: kube::Error },
     #[error("cannot encode {what}: {source}")]
@@ -62,6 +67,7 @@ impl ErrorCategory for ReconcileError {
             ReconcileError::Status { .. } => "status",
             ReconcileError::Finalizer { .. } => "finalizer",
             ReconcileError::StillUnloading { .. } => "waiting",
+            ReconcileError::NamespaceLabel { .. } => "namespace-label",
             ReconcileError::Claim { .. } => "cluster-claim",
             ReconcileError::Encode { .. } => "encode",
         }

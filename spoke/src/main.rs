@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 use kmm_runtime::lease::LeaseConfig;
+use kmm_runtime::tls::TlsFiles;
 use kmm_runtime::{Runtime, admin, telemetry};
 use kmm_spoke::cli::{Cli, Command, RenderArgs, RunArgs};
 use kmm_spoke::{Agent, AgentConfig};
@@ -132,6 +133,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             identity,
         )
     });
+    let webhook_state = match args.webhook_address {
+        Some(_) => Some(
+            kmm_spoke::webhook::WebhookState::new(client.clone())
+                .await
+                .context("reading the API server version for the webhook")?,
+        ),
+        None => None,
+    };
     let mut registry = Registry::default();
     let health = admin::Health::new();
     let agent = Agent::new(client.clone(), cfg, &mut registry, &health);
@@ -139,6 +148,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .health(health)
         .leader_election(client, lease)
         .build(Arc::new(registry));
+    if let (Some(addr), Some(cert), Some(key), Some(state)) = (
+        args.webhook_address,
+        &args.webhook_cert,
+        &args.webhook_key,
+        webhook_state,
+    ) {
+        let tls = TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        rt.serve(
+            "webhook",
+            addr,
+            Some(tls),
+            kmm_spoke::webhook::router(Arc::new(state)),
+        )
+        .await
+        .context("webhook")?;
+    }
     let result = agent
         .with_campaign(rt.campaign().clone())
         .run(rt.shutdown_token())
