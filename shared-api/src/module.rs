@@ -61,6 +61,7 @@ pub struct ModuleSpec {
 
     /// Tolerations added to every pod this Module causes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::schema::tolerations")]
     pub tolerations: Vec<Toleration>,
 }
 

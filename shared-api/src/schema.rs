@@ -29,3 +29,43 @@ pub fn conditions(generator: &mut SchemaGenerator) -> Schema {
         "x-kubernetes-list-map-keys": ["type"]
     })
 }
+
+/// A `Toleration` list whose items carry upstream's toleration rules as CEL (the rules
+/// `validate` also checks, with the item's field path).
+pub fn tolerations(generator: &mut SchemaGenerator) -> Schema {
+    let mut item = k8s_openapi::api::core::v1::Toleration::json_schema(generator);
+    item.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([
+            {
+                "rule": "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+                "message": "must be Exists when key is empty (matching every taint)",
+                "fieldPath": ".operator"
+            },
+            {
+                "rule": "!has(self.operator) || self.operator in ['', 'Equal', 'Exists']",
+                "message": "must be Equal or Exists",
+                "fieldPath": ".operator"
+            },
+            {
+                "rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "message": "must be empty when operator is Exists",
+                "fieldPath": ".value"
+            },
+            {
+                "rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "message": "may only be set with effect NoExecute",
+                "fieldPath": ".tolerationSeconds"
+            },
+            {
+                "rule": "!has(self.effect) || self.effect in ['', 'NoSchedule', 'PreferNoSchedule', 'NoExecute']",
+                "message": "must be NoSchedule, PreferNoSchedule or NoExecute",
+                "fieldPath": ".effect"
+            }
+        ]),
+    );
+    json_schema!({
+        "type": "array",
+        "items": item
+    })
+}
