@@ -6,7 +6,6 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 use kmm_runtime::lease::LeaseConfig;
-use kmm_runtime::tls::TlsFiles;
 use kmm_runtime::{Runtime, admin, telemetry};
 use kmm_spoke::cli::{Cli, Command, RenderArgs, RunArgs};
 use kmm_spoke::{Agent, AgentConfig};
@@ -143,6 +142,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut registry = Registry::default();
     let health = admin::Health::new();
+    let webhook_health = health.clone();
     let agent = Agent::new(client.clone(), cfg, &mut registry, &health);
     let rt = Runtime::builder(args.admin_address())
         .health(health)
@@ -150,22 +150,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .build(Arc::new(registry));
     if let (Some(addr), Some(cert), Some(key), Some(state)) = (
         args.webhook_address,
-        &args.webhook_cert,
-        &args.webhook_key,
+        args.webhook_cert.clone(),
+        args.webhook_key.clone(),
         webhook_state,
     ) {
-        let tls = TlsFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-        };
-        rt.serve(
-            "webhook",
+        tokio::spawn(kmm_spoke::webhook::serve_when_certified(
             addr,
-            Some(tls),
+            cert,
+            key,
             kmm_spoke::webhook::router(Arc::new(state)),
-        )
-        .await
-        .context("webhook")?;
+            webhook_health,
+            rt.shutdown_token(),
+        ));
     }
     let result = agent
         .with_campaign(rt.campaign().clone())

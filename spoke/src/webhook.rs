@@ -9,12 +9,17 @@
 //!   `kmm.node.k8s.io/contains-modules` (the agent sets it, [`crate::controller::namespace_label`]);
 //!   the Modules are listed from the API server, so a stale label admits rather than refuses.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
+use kmm_runtime::admin::Health;
+use kmm_runtime::shutdown::CancellationToken;
+use kmm_runtime::tls;
 use kube::api::{Api, ListParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -79,6 +84,48 @@ pub fn router(state: Arc<WebhookState>) -> Router {
         .route(MODULE_PATH, post(review_module))
         .route(NAMESPACE_PATH, post(review_namespace))
         .with_state(state)
+}
+
+/// Serve `router` with TLS on `addr` once `cert` and `key` exist (the Deployment mounts them
+/// from an optional Secret), until `token` is cancelled. Until then the agent runs without its
+/// webhook and stays ready; once serving, the `webhook-server` readiness gate follows the
+/// server. A pair that does not load is retried until one does.
+pub async fn serve_when_certified(
+    addr: SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
+    router: Router,
+    health: Health,
+    token: CancellationToken,
+) {
+    let mut reported = false;
+    let config = loop {
+        if cert.is_file() && key.is_file() {
+            match tls::reloading("webhook", cert.clone(), key.clone(), token.clone()).await {
+                Ok(config) => break config,
+                Err(e) if !reported => {
+                    tracing::warn!(error = %e, category = kmm_runtime::ErrorCategory::category(&e), "webhook certificate does not load; retrying");
+                    reported = true;
+                }
+                Err(_) => {}
+            }
+        } else if !reported {
+            tracing::warn!(cert = %cert.display(), key = %key.display(), "no webhook certificate yet: the webhook starts once both files exist");
+            reported = true;
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(tls::POLL) => {}
+        }
+    };
+    tls::serve(
+        "webhook",
+        addr,
+        Some(config),
+        router,
+        health.gate("webhook-server"),
+        token,
+    );
 }
 
 fn parse(
