@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod agent;
+mod guard;
 mod labs;
 mod setup;
 #[path = "../common/spoke_agent.rs"]
