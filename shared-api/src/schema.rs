@@ -31,7 +31,9 @@ pub fn conditions(generator: &mut SchemaGenerator) -> Schema {
 }
 
 /// A `Toleration` list whose items carry upstream's toleration rules as CEL (the rules
-/// `validate` also checks, with the item's field path).
+/// `validate` also checks, with the item's field path). Comparisons with literals only: the
+/// list and its strings have no maximum size, and the API server refuses rules whose
+/// estimated cost over such a list is too high (`in [...]` is).
 pub fn tolerations(generator: &mut SchemaGenerator) -> Schema {
     let mut item = k8s_openapi::api::core::v1::Toleration::json_schema(generator);
     item.insert(
@@ -43,7 +45,7 @@ pub fn tolerations(generator: &mut SchemaGenerator) -> Schema {
                 "fieldPath": ".operator"
             },
             {
-                "rule": "!has(self.operator) || self.operator in ['', 'Equal', 'Exists']",
+                "rule": "!has(self.operator) || self.operator == '' || self.operator == 'Equal' || self.operator == 'Exists'",
                 "message": "must be Equal or Exists",
                 "fieldPath": ".operator"
             },
@@ -58,7 +60,7 @@ pub fn tolerations(generator: &mut SchemaGenerator) -> Schema {
                 "fieldPath": ".tolerationSeconds"
             },
             {
-                "rule": "!has(self.effect) || self.effect in ['', 'NoSchedule', 'PreferNoSchedule', 'NoExecute']",
+                "rule": "!has(self.effect) || self.effect == '' || self.effect == 'NoSchedule' || self.effect == 'PreferNoSchedule' || self.effect == 'NoExecute'",
                 "message": "must be NoSchedule, PreferNoSchedule or NoExecute",
                 "fieldPath": ".effect"
             }
