@@ -31,22 +31,33 @@ pub fn conditions(generator: &mut SchemaGenerator) -> Schema {
 }
 
 /// A `Toleration` list whose items carry upstream's toleration rules as CEL (the rules
-/// `validate` also checks, with the item's field path). Comparisons with literals only: the
-/// list and its strings have no maximum size, and the API server refuses rules whose
-/// estimated cost over such a list is too high (`in [...]` is).
+/// `validate` also checks, with the item's field path). The allowed operators and effects are
+/// schema enums: the list and its strings have no maximum size, and the API server refuses
+/// rules whose estimated cost over such a list is too high (a comparison with three or four
+/// literals already is).
 pub fn tolerations(generator: &mut SchemaGenerator) -> Schema {
     let mut item = k8s_openapi::api::core::v1::Toleration::json_schema(generator);
+    for (field, allowed) in [
+        ("operator", &["", "Equal", "Exists"][..]),
+        (
+            "effect",
+            &["", "NoSchedule", "PreferNoSchedule", "NoExecute"][..],
+        ),
+    ] {
+        if let Some(p) = item
+            .get_mut("properties")
+            .and_then(|p| p.get_mut(field))
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            p.insert("enum".into(), serde_json::json!(allowed));
+        }
+    }
     item.insert(
         "x-kubernetes-validations".into(),
         serde_json::json!([
             {
                 "rule": "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
                 "message": "must be Exists when key is empty (matching every taint)",
-                "fieldPath": ".operator"
-            },
-            {
-                "rule": "!has(self.operator) || self.operator == '' || self.operator == 'Equal' || self.operator == 'Exists'",
-                "message": "must be Equal or Exists",
                 "fieldPath": ".operator"
             },
             {
@@ -58,11 +69,6 @@ pub fn tolerations(generator: &mut SchemaGenerator) -> Schema {
                 "rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
                 "message": "may only be set with effect NoExecute",
                 "fieldPath": ".tolerationSeconds"
-            },
-            {
-                "rule": "!has(self.effect) || self.effect == '' || self.effect == 'NoSchedule' || self.effect == 'PreferNoSchedule' || self.effect == 'NoExecute'",
-                "message": "must be NoSchedule, PreferNoSchedule or NoExecute",
-                "fieldPath": ".effect"
             }
         ]),
     );
