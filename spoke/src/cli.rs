@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent against the cluster.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print, as YAML, the DaemonSets and node labels the agent would write for a Module
     /// and a set of Nodes, without a cluster.
     Render(RenderArgs),

@@ -130,10 +130,12 @@ pub async fn serve_when_certified(
 
 fn parse(
     review: AdmissionReview<DynamicObject>,
-) -> Result<AdmissionRequest<DynamicObject>, AdmissionResponse> {
+) -> Result<AdmissionRequest<DynamicObject>, Box<AdmissionResponse>> {
     review.try_into().map_err(|e| {
         tracing::warn!(error = %e, "malformed AdmissionReview");
-        AdmissionResponse::invalid(format!("malformed AdmissionReview: {e}"))
+        Box::new(AdmissionResponse::invalid(format!(
+            "malformed AdmissionReview: {e}"
+        )))
     })
 }
 
@@ -143,7 +145,7 @@ async fn review_module(
 ) -> Json<AdmissionReview<DynamicObject>> {
     let resp = match parse(review) {
         Ok(req) => decide_module(&req, state.kubernetes_minor),
-        Err(resp) => resp,
+        Err(resp) => *resp,
     };
     Json(resp.into_review())
 }
@@ -154,7 +156,7 @@ async fn review_namespace(
 ) -> Json<AdmissionReview<DynamicObject>> {
     let req = match parse(review) {
         Ok(req) => req,
-        Err(resp) => return Json(resp.into_review()),
+        Err(resp) => return Json((*resp).into_review()),
     };
     if req.operation != Operation::Delete {
         return Json(AdmissionResponse::from(&req).into_review());
