@@ -105,8 +105,9 @@ pub struct Context {
     pub unload_failures_reported: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Failures in a row per Module: the `Controller`'s retry delays.
     pub module_backoff: KeyedBackoff<ModuleKey>,
-    /// Namespaces this process labelled as holding Modules ([`namespace_label`]).
-    pub labelled_namespaces: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Namespaces this process labelled as holding Modules, and when ([`namespace_label`]).
+    pub labelled_namespaces:
+        std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// The spoke agent. Build with [`Agent::new`] (registers metrics and readiness gates), then

@@ -18,16 +18,17 @@ pub fn others_left(name: &str, names_in_namespace: &[String]) -> bool {
 }
 
 /// Set (`true`) or remove (`false`) the label on `namespace`, by server-side apply under
-/// the agent's own field manager (so the label is the only field it owns there). A label
-/// already set by this process is not written again (a removal always is: the label may
-/// come from an earlier run); a namespace that is gone is fine.
+/// the agent's own field manager (so the label is the only field it owns there). A label this
+/// process set is written again only once per resync period (someone else's full update may
+/// have dropped it); a removal is always written (the label may come from an earlier run); a
+/// namespace that is gone is fine.
 pub async fn ensure(namespace: &str, wanted: bool, ctx: &Context) -> Result<(), ReconcileError> {
-    let known = ctx
+    let fresh = ctx
         .labelled_namespaces
         .lock()
-        .map(|s| s.contains(namespace))
+        .map(|s| s.get(namespace).is_some_and(|at| at.elapsed() < ctx.resync))
         .unwrap_or(false);
-    if wanted && known {
+    if wanted && fresh {
         return Ok(());
     }
     let labels = if wanted {
@@ -61,7 +62,7 @@ pub async fn ensure(namespace: &str, wanted: bool, ctx: &Context) -> Result<(), 
     }
     if let Ok(mut s) = ctx.labelled_namespaces.lock() {
         if wanted {
-            s.insert(namespace.to_string());
+            s.insert(namespace.to_string(), std::time::Instant::now());
         } else {
             s.remove(namespace);
         }
