@@ -55,6 +55,10 @@ pub const SPOKE_DAEMONSET_MANAGER: &str = "kmm-spoke/daemonset";
 pub const SPOKE_NODE_MANAGER: &str = "kmm-spoke/node-labels";
 pub const SPOKE_CLAIM_MANAGER: &str = "kmm-spoke/clusterclaim";
 pub const SPOKE_STATUS_MANAGER: &str = "kmm-spoke/status";
+pub const SPOKE_NAMESPACE_MANAGER: &str = "kmm-spoke/namespace-guard";
+/// On a namespace while it holds Modules (value ""), as upstream: the spoke's namespace
+/// webhook selects namespaces by it and refuses their deletion.
+pub const NAMESPACE_CONTAINS_MODULES_LABEL: &str = "kmm.node.k8s.io/contains-modules";
 
 /// `kmm.node.kubernetes.io/<ns>.<name>.ready`: the module is loaded on the node.
 pub fn module_ready_label(namespace: &str, name: &str) -> String {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -13,8 +13,12 @@ use crate::module::ModuleSpec;
 /// the rest are counted in the matching `…Omitted` field.
 pub const STATUS_LIST_LIMIT: usize = 64;
 
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+// CEL: what `validate_mcm` checks and a CRD can express (the webhook checks everything).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[kube(
+    validation = Rule::new("self.metadata.name.size() + self.spec.spokeNamespace.size() <= 41")
+        .message("metadata.name and spec.spokeNamespace together must be at most 41 characters: the spoke Module <spokeNamespace>/<name> would be rejected there")
+        .field_path(".spec.spokeNamespace"),
     group = "hub.kmm.sigs.x-k8s.io",
     version = "v1beta1",
     kind = "ManagedClusterModule",
@@ -33,6 +37,9 @@ pub struct ManagedClusterModuleSpec {
     /// The Module spec delivered to every selected cluster (build and sign run on the hub).
     pub module_spec: ModuleSpec,
     /// Namespace of the Module on the spokes (must exist there).
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+        .message("must be a DNS label (lower case letters, digits and '-', starting and ending with a letter or digit)"))]
+    #[schemars(length(min = 1, max = 63))]
     pub spoke_namespace: String,
     /// Label equality selector over ManagedClusters; empty selects all.
     pub selector: BTreeMap<String, String>,

@@ -64,6 +64,7 @@ pub struct ModuleSpec {
     /// DRA driver), besides the built-in NoSchedule tolerations of the disk-, memory- and
     /// pid-pressure taints; never to the hub's build Jobs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::schema::tolerations")]
     pub tolerations: Vec<Toleration>,
 }
 

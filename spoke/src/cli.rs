@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent against the cluster.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print, as YAML, the DaemonSets and node labels the agent would write for a Module
     /// and a set of Nodes, without a cluster.
     Render(RenderArgs),
@@ -117,6 +117,16 @@ pub struct RunArgs {
     /// Concurrent Module reconciles.
     #[arg(long, env = "KMM_SPOKE_WORKERS", default_value_t = 2)]
     pub workers: usize,
+    /// Address of the admission webhook (TLS): Module validation and the namespace guard;
+    /// off when not set.
+    #[arg(long, env = "KMM_SPOKE_WEBHOOK_ADDRESS", requires_all = ["webhook_cert", "webhook_key"])]
+    pub webhook_address: Option<SocketAddr>,
+    /// PEM certificate (chain) of the webhook, reloaded when the file changes.
+    #[arg(long, env = "KMM_SPOKE_WEBHOOK_CERT", requires = "webhook_address")]
+    pub webhook_cert: Option<PathBuf>,
+    /// PEM private key of the webhook.
+    #[arg(long, env = "KMM_SPOKE_WEBHOOK_KEY", requires = "webhook_address")]
+    pub webhook_key: Option<PathBuf>,
     #[command(flatten)]
     pub render: RenderFlags,
     /// Upstream KMM's `controller_config.yaml` (the `kmm-operator-manager-config` ConfigMap,
@@ -340,5 +350,21 @@ mod tests {
             run.common.log_format,
             kmm_runtime::telemetry::LogFormat::Plain
         );
+        assert!(
+            run.webhook_address.is_none(),
+            "the webhook is off by default"
+        );
+    }
+
+    #[test]
+    fn the_webhook_needs_its_certificate_and_key() {
+        let base = ["kmm-spoke", "run", "--webhook-address", "127.0.0.1:9443"];
+        assert!(Cli::try_parse_from(base).is_err());
+        assert!(Cli::try_parse_from(["kmm-spoke", "run", "--webhook-cert", "c"]).is_err());
+        let full = [&base[..], &["--webhook-cert", "c", "--webhook-key", "k"]].concat();
+        let Command::Run(run) = Cli::try_parse_from(full).unwrap().command else {
+            panic!("not run")
+        };
+        assert_eq!(run.webhook_cert, Some(PathBuf::from("c")));
     }
 }

@@ -44,6 +44,11 @@ pub enum ReconcileError {
     StillUnloading { namespace: String, name: String },
     #[error("DeviceClass {name}: {source}")]
     DeviceClass { name: String, source: kube::Error },
+    #[error("labelling namespace {namespace}: {source}")]
+    NamespaceLabel {
+        namespace: String,
+        source: kube::Error,
+    },
     #[error("ClusterClaim {name}: {source}")]
     Claim { name: String, source: kube::Error },
     #[error("cannot encode {what}: {source}")]
@@ -65,6 +70,7 @@ impl ErrorCategory for ReconcileError {
             ReconcileError::Finalizer { .. } => "finalizer",
             ReconcileError::StillUnloading { .. } => "waiting",
             ReconcileError::DeviceClass { .. } => "device-class",
+            ReconcileError::NamespaceLabel { .. } => "namespace-label",
             ReconcileError::Claim { .. } => "cluster-claim",
             ReconcileError::Encode { .. } => "encode",
         }

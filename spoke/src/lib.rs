@@ -9,5 +9,6 @@ pub mod error;
 pub mod metrics;
 pub mod render;
 pub mod render_cmd;
+pub mod webhook;
 
 pub use controller::{Agent, AgentConfig};

@@ -69,7 +69,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(args)) {
+            match runtime.block_on(run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "kmm-spoke failed");
@@ -147,8 +147,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             identity,
         )
     });
+    let webhook_state = match args.webhook_address {
+        Some(_) => Some(
+            kmm_spoke::webhook::WebhookState::new(client.clone())
+                .await
+                .context("reading the API server version for the webhook")?,
+        ),
+        None => None,
+    };
     let mut registry = Registry::default();
     let health = admin::Health::new();
+    let webhook_health = health.clone();
     let agent = Agent::new(client.clone(), cfg, &mut registry, &health);
     let registry = Arc::new(registry);
     let rt = Runtime::builder(args.admin_address())
@@ -165,6 +174,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .await
         .context("metrics listener")?;
+    }
+    if let (Some(addr), Some(cert), Some(key), Some(state)) = (
+        args.webhook_address,
+        args.webhook_cert.clone(),
+        args.webhook_key.clone(),
+        webhook_state,
+    ) {
+        tokio::spawn(kmm_spoke::webhook::serve_when_certified(
+            addr,
+            cert,
+            key,
+            kmm_spoke::webhook::router(Arc::new(state)),
+            webhook_health,
+            rt.shutdown_token(),
+        ));
     }
     let result = agent
         .with_campaign(rt.campaign().clone())

@@ -91,6 +91,19 @@ pub fn read_nodes(text: &str) -> Result<Vec<Node>, RenderError> {
     Ok(nodes)
 }
 
+/// Drop `build` and `sign` from the container and every mapping, as the hub does when it ships
+/// a Module; `true` when there were any.
+fn strip_build_and_sign(module: &mut Module) -> bool {
+    let Some(c) = module.spec.module_loader.as_mut().map(|l| &mut l.container) else {
+        return false;
+    };
+    let mut had = c.build.take().is_some() | c.sign.take().is_some();
+    for m in &mut c.kernel_mappings {
+        had |= m.build.take().is_some() | m.sign.take().is_some();
+    }
+    had
+}
+
 /// Render: the YAML to print, and warnings for stderr.
 pub fn render(
     module_text: &str,
@@ -98,13 +111,18 @@ pub fn render(
     settings: &RenderSettings,
     kubernetes_minor: Option<u32>,
 ) -> Result<(String, Vec<String>), RenderError> {
-    let (module, mut warnings) = read_module(module_text)?;
+    let (mut module, mut warnings) = read_module(module_text)?;
     let mut nodes = read_nodes(nodes_text)?;
     let violations = validate_module(&module, Context { kubernetes_minor });
     if !violations.is_empty() {
         return Err(RenderError::Invalid(
             violations.iter().map(ToString::to_string).collect(),
         ));
+    }
+    if strip_build_and_sign(&mut module) {
+        warnings.push(
+            "build and sign run on the hub: rendered as the hub ships this Module (loading the images they produce); applied directly on a spoke, kernels whose mapping builds or signs get no loader (BuildUnsupportedOnSpoke)".into(),
+        );
     }
     // The agent labels every node with its kernel first; the loaders select on it.
     let mut node_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();

@@ -457,7 +457,11 @@ fn policy_yaml_is_generated_from_the_spoke_manifests() -> anyhow::Result<()> {
         );
         let cluster_scoped = matches!(
             s(o, "/kind"),
-            "Namespace" | "CustomResourceDefinition" | "ClusterRole" | "ClusterRoleBinding"
+            "Namespace"
+                | "CustomResourceDefinition"
+                | "ClusterRole"
+                | "ClusterRoleBinding"
+                | "ValidatingWebhookConfiguration"
         );
         ensure!(
             cluster_scoped == s(o, "/metadata/namespace").is_empty(),

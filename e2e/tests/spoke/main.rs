@@ -7,6 +7,7 @@
 
 mod agent;
 mod dra;
+mod guard;
 mod labs;
 mod setup;
 #[path = "../common/spoke_agent.rs"]

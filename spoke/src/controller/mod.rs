@@ -6,6 +6,7 @@ pub mod events;
 pub mod facts;
 pub mod labels;
 pub mod module;
+pub mod namespace_label;
 pub mod orphans;
 pub mod sequence;
 pub mod status;
@@ -105,6 +106,9 @@ pub struct Context {
     pub unload_failures_reported: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Failures in a row per Module: the `Controller`'s retry delays.
     pub module_backoff: KeyedBackoff<ModuleKey>,
+    /// Namespaces this process labelled as holding Modules, and when ([`namespace_label`]).
+    pub labelled_namespaces:
+        std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// The spoke agent. Build with [`Agent::new`] (registers metrics and readiness gates), then
@@ -224,6 +228,7 @@ impl Agent {
             events: sink.clone(),
             unload_failures_reported: Default::default(),
             module_backoff: KeyedBackoff::default(),
+            labelled_namespaces: Default::default(),
         });
         // One task waits on the stores (a store's readiness wakes only one waiter) and
         // publishes "synced" to everyone else.
@@ -426,7 +431,8 @@ impl Agent {
     }
 }
 
-fn parse_minor(minor: &str) -> Option<u32> {
+/// The minor version of a Kubernetes version string (`"34"`, `"34+"`); `None` when unreadable.
+pub fn parse_minor(minor: &str) -> Option<u32> {
     let digits: String = minor.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
 }

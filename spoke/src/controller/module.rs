@@ -34,7 +34,7 @@ use super::status::{self, UNLOAD_FAILED};
 use super::writes::{
     apply_daemonsets, apply_node_labels, delete_daemonset, delete_pod, release_pod, remove_labels,
 };
-use super::{Context, MODULE_CONTROLLER, ModuleKey, module_key};
+use super::{Context, MODULE_CONTROLLER, ModuleKey, module_key, namespace_label};
 use crate::error::ReconcileError;
 use crate::render::nodes::{is_plugin_role, pod_node};
 use crate::render::{ModulePlan, plan_module};
@@ -130,6 +130,7 @@ async fn with_finalizer(
 /// DaemonSets, delete orphans, keep the node labels, write status.
 async fn apply(module: &Module, ctx: &Context) -> Result<Action, ReconcileError> {
     let (namespace, name) = module_key(module);
+    namespace_label::ensure(&namespace, true, ctx).await?;
     let nodes = ctx.stores.nodes.state();
     let owned = owned_daemonsets(module, ctx);
     let violations = validate_module(
@@ -382,6 +383,18 @@ async fn finalize(module: &Module, ctx: &Context) -> Result<Action, ReconcileErr
         // Keeps the finalizer; pod and DaemonSet events bring us back.
         let (namespace, name) = key;
         return Err(ReconcileError::StillUnloading { namespace, name });
+    }
+    // The namespace's last Module: its deletion is no longer refused.
+    let (namespace, name) = &key;
+    let names: Vec<String> = ctx
+        .stores
+        .modules
+        .state_filter(|m| m.namespace().as_deref() == Some(namespace.as_str()))
+        .iter()
+        .map(|m| m.name_any())
+        .collect();
+    if !namespace_label::others_left(name, &names) {
+        namespace_label::ensure(namespace, false, ctx).await?;
     }
     Ok(Action::await_change())
 }

@@ -25,6 +25,18 @@ use crate::render::{ModulePlan, module_version};
 
 /// Condition reason while a stopped loader left its module in the kernel.
 pub const UNLOAD_FAILED: &str = "UnloadFailed";
+/// Condition reason of a Module applied on a spoke whose mapping for a node's kernel has
+/// `build` or `sign`: those run only on the hub.
+pub const BUILD_UNSUPPORTED_ON_SPOKE: &str = "BuildUnsupportedOnSpoke";
+
+/// Why nothing loads on the kernels in `kernels` (see [`BUILD_UNSUPPORTED_ON_SPOKE`]).
+pub fn needs_hub_message<'a>(kernels: impl IntoIterator<Item = &'a String>) -> String {
+    let kernels: Vec<&str> = kernels.into_iter().map(String::as_str).collect();
+    format!(
+        "the kernel mapping for {} has build or sign, which kmm-spoke does not run: images are built and signed only on the hub; apply this module as a ManagedClusterModule (hub.kmm.sigs.x-k8s.io) on the hub, or give the mapping an image that is already built and signed and no build or sign section",
+        kernels.join(", ")
+    )
+}
 
 /// Desired and available pods over the DaemonSets. A DaemonSet the DaemonSet controller has not
 /// yet observed (no status, or one for an older generation) counts at least one desired pod:
@@ -192,7 +204,37 @@ pub fn module_status(
         let kernels: Vec<&str> = plan.unmapped_kernels.iter().map(String::as_str).collect();
         info.push_str(&format!("; no kernel mapping for {}", kernels.join(", ")));
     }
-    if missing == 0 && pending.is_empty() && available >= expected {
+    if !plan.needs_hub.is_empty() {
+        info.push_str(&format!(
+            "; not loaded on kernels {} (build or sign)",
+            plan.needs_hub
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if !plan.needs_hub.is_empty() && missing == 0 && pending.is_empty() && available >= expected {
+        let msg = format!("{}; {info}", needs_hub_message(&plan.needs_hub));
+        set_condition(
+            conds,
+            READY,
+            false,
+            BUILD_UNSUPPORTED_ON_SPOKE,
+            &msg,
+            generation,
+            now,
+        );
+        set_condition(
+            conds,
+            PROGRESSING,
+            false,
+            BUILD_UNSUPPORTED_ON_SPOKE,
+            "",
+            generation,
+            now,
+        );
+    } else if missing == 0 && pending.is_empty() && available >= expected {
         set_condition(conds, READY, true, "Available", &info, generation, now);
         set_condition(conds, PROGRESSING, false, "Available", "", generation, now);
     } else {
@@ -215,6 +257,9 @@ pub fn module_status(
 
     let mut problems: Vec<String> = plan.failed_kernels.values().cloned().collect();
     problems.extend(plan.failed_device_classes.values().cloned());
+    if !plan.needs_hub.is_empty() {
+        problems.push(needs_hub_message(&plan.needs_hub));
+    }
     let unloads = unload_failures(pods);
     problems.extend(
         unloads
@@ -228,6 +273,8 @@ pub fn module_status(
         "MappingFailed"
     } else if !plan.failed_device_classes.is_empty() {
         "DeviceClassFailed"
+    } else if !plan.needs_hub.is_empty() {
+        BUILD_UNSUPPORTED_ON_SPOKE
     } else {
         "PodsFailing"
     };

@@ -36,6 +36,9 @@ pub struct ModulePlan {
     /// Kernel label values whose mapping failed to resolve, with the reason: loader
     /// DaemonSets already there for them are kept (bad input never deletes what works).
     pub failed_kernels: BTreeMap<String, String>,
+    /// Kernels of targeted nodes whose mapping has `build` or `sign`: those run only on the
+    /// hub (which ships Modules without them), so no loader is rendered for these kernels.
+    pub needs_hub: BTreeSet<String>,
 }
 
 impl ModulePlan {
@@ -90,6 +93,9 @@ pub fn plan_module<'a>(
     };
     for (kernel_label, kernel) in kernels {
         match mapper.resolve(&kernel, &name, &namespace) {
+            Ok(Some(mapping)) if mapping.build.is_some() || mapping.sign.is_some() => {
+                plan.needs_hub.insert(kernel);
+            }
             Ok(Some(mapping)) => {
                 let target = LoaderTarget {
                     kernel_label,

@@ -385,3 +385,52 @@ fn dra_counts_come_from_the_driver_daemonset_and_refused_classes_degrade() {
             .is_none()
     );
 }
+
+#[test]
+fn a_kernel_whose_mapping_builds_gets_no_loader_and_points_to_the_hub() {
+    let mut m = module();
+    if let Some(l) = m.spec.module_loader.as_mut() {
+        l.container.build = Some(shared_api::module::Build {
+            dockerfile_config_map: Some(shared_api::module::LocalObjectReference::new("df")),
+            ..Default::default()
+        });
+    }
+    let nodes = cached(two_nodes());
+    let plan = plan_module(
+        &m,
+        nodes.iter().map(Arc::as_ref),
+        &RenderSettings::default(),
+    );
+    assert!(
+        plan.loaders.is_empty(),
+        "no loader for a kernel that needs a build"
+    );
+    assert_eq!(plan.needs_hub.len(), 1);
+    let st = status_of(
+        &m,
+        two_nodes(),
+        vec![plugin_ds(None).observed(0, 0)],
+        vec![],
+    );
+    let (status, reason, msg) = condition(&st.conditions, READY);
+    assert_eq!((status, reason), ("False", BUILD_UNSUPPORTED_ON_SPOKE));
+    assert!(msg.contains("ManagedClusterModule"), "{msg}");
+    let (status, reason, msg) = condition(&st.conditions, DEGRADED);
+    assert_eq!((status, reason), ("True", BUILD_UNSUPPORTED_ON_SPOKE));
+    assert!(
+        msg.contains("images are built and signed only on the hub"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_shipped_module_without_build_or_sign_loads_as_before() {
+    let nodes = cached(two_nodes());
+    let plan = plan_module(
+        &module(),
+        nodes.iter().map(Arc::as_ref),
+        &RenderSettings::default(),
+    );
+    assert!(plan.needs_hub.is_empty());
+    assert_eq!(plan.loaders.len(), 1);
+}
