@@ -32,7 +32,8 @@ pub const STATUS_LIST_LIMIT: usize = 64;
 pub struct ManagedClusterModuleSpec {
     /// The Module spec delivered to every selected cluster (build and sign run on the hub).
     pub module_spec: ModuleSpec,
-    /// Namespace of the Module on the spokes (must exist there).
+    /// Namespace of the Module on the spokes (created there by the work unless
+    /// `spokePrerequisites.namespace` is false).
     pub spoke_namespace: String,
     /// Label equality selector over ManagedClusters; empty selects all.
     pub selector: BTreeMap<String, String>,
