@@ -302,7 +302,7 @@ async fn compare_with_api(
                 "{ns}: dashboard {seen} != ManifestWork {expected}"
             )));
         }
-        let module = kmm_hub::render::module_manifest(&w).context("no Module in the work")?;
+        let module = kmm_hub::render::module_manifest(w).context("no Module in the work")?;
         let module: Module = serde_json::from_value(module.clone())?;
         let shipped: Vec<String> = module
             .spec
