@@ -100,7 +100,10 @@ fn mcm(name: &str, module: &Module) -> Value {
         "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1",
         "kind": "ManagedClusterModule",
         "metadata": {"name": name},
-        "spec": {"spokeNamespace": LAB_NAMESPACE, "selector": {}, "moduleSpec": module.spec},
+        // Nothing is prepared on the spokes: the work carries the labs' namespace and
+        // ServiceAccount (by default) and a copy of their pull secret.
+        "spec": {"spokeNamespace": LAB_NAMESPACE, "selector": {},
+            "spokePrerequisites": {"pullSecret": true}, "moduleSpec": module.spec},
     })
 }
 

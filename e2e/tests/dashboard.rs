@@ -302,7 +302,8 @@ async fn compare_with_api(
                 "{ns}: dashboard {seen} != ManifestWork {expected}"
             )));
         }
-        let module: Module = serde_json::from_value(w.spec.workload.manifests[0].0.clone())?;
+        let module = kmm_hub::render::module_manifest(w).context("no Module in the work")?;
+        let module: Module = serde_json::from_value(module.clone())?;
         let shipped: Vec<String> = module
             .spec
             .module_loader

@@ -1,7 +1,8 @@
 //! The hub's ManifestWorks against the real OCM v1.2.1 work agent and webhook:
 //! - works are executed as the spoke's `kmm-work-executor` ServiceAccount, whose rights
-//!   (manifests/spoke/work-executor.yaml) cover Modules only: the hub's works apply, a work
-//!   carrying anything else as that executor is refused by the work agent;
+//!   (manifests/spoke/work-executor.yaml) cover Modules and the spoke prerequisites only: the
+//!   hub's works apply, a work carrying anything else (a ClusterRoleBinding) as that executor
+//!   is refused by the work agent;
 //! - deleting an MCM does not hang on an unavailable spoke: its works are released after
 //!   `--release-after`, or at once with the force-release annotation, with an event.
 

@@ -75,8 +75,13 @@ fn renders_one_pinned_work_per_ready_cluster_and_reports_the_rest() {
         .collect();
     assert_eq!(works.len(), 1, "{stdout}");
     assert_eq!(works[0]["metadata"]["namespace"], "c1");
-    let mappings = &works[0]["spec"]["workload"]["manifests"][0]["spec"]["moduleLoader"]["container"]
-        ["kernelMappings"];
+    // The Module is the last manifest, after the spoke namespace (spokePrerequisites).
+    let module = works[0]["spec"]["workload"]["manifests"]
+        .as_array()
+        .and_then(|m| m.last())
+        .unwrap();
+    assert_eq!(module["kind"], "Module");
+    let mappings = &module["spec"]["moduleLoader"]["container"]["kernelMappings"];
     assert_eq!(mappings[0]["literal"], "5.14.0-1");
     assert_eq!(
         mappings[0]["containerImage"],
@@ -146,8 +151,11 @@ fn a_digest_pinned_image_passes_through() {
                 .unwrap(),
         )
         .unwrap();
-        let mappings = &work["spec"]["workload"]["manifests"][0]["spec"]["moduleLoader"]["container"]
-            ["kernelMappings"];
+        let module = work["spec"]["workload"]["manifests"]
+            .as_array()
+            .and_then(|m| m.last())
+            .unwrap();
+        let mappings = &module["spec"]["moduleLoader"]["container"]["kernelMappings"];
         assert_eq!(mappings[0]["containerImage"], pinned.as_str(), "{stdout}");
     }
 }

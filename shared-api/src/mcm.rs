@@ -36,7 +36,8 @@ pub const STATUS_LIST_LIMIT: usize = 64;
 pub struct ManagedClusterModuleSpec {
     /// The Module spec delivered to every selected cluster (build and sign run on the hub).
     pub module_spec: ModuleSpec,
-    /// Namespace of the Module on the spokes (must exist there).
+    /// Namespace of the Module on the spokes (created there by the work unless
+    /// `spokePrerequisites.namespace` is false).
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
         .message("must be a DNS label (lower case letters, digits and '-', starting and ending with a letter or digit)"))]
     #[schemars(length(min = 1, max = 63))]
@@ -51,6 +52,61 @@ pub struct ManagedClusterModuleSpec {
     /// change of `imageRebuildTriggerGeneration` are always taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moved_tag_policy: Option<MovedTagPolicy>,
+    /// kmm-fleet addition. What the hub creates on each selected cluster, in the same
+    /// ManifestWork as the Module, so that a fresh spoke needs no preparation by hand. Unset
+    /// fields take their defaults: `namespace` and `serviceAccounts` true, `pullSecret` false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spoke_prerequisites: Option<SpokePrerequisites>,
+}
+
+/// See `spec.spokePrerequisites`. Each field is optional; the defaults are those of
+/// [`SpokePrerequisites::effective`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpokePrerequisites {
+    /// Create `spokeNamespace`, labelled `pod-security.kubernetes.io/enforce: privileged`
+    /// (loader and device-plugin pods are privileged). Never deleted by the hub: it is left
+    /// on the spoke when the work goes. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<bool>,
+    /// Create the ServiceAccounts named by `moduleLoader.serviceAccountName`,
+    /// `devicePlugin.serviceAccountName` and `dra.serviceAccountName` in `spokeNamespace` (unnamed: the namespace's
+    /// `default`, which Kubernetes makes). Never deleted by the hub. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_accounts: Option<bool>,
+    /// Copy the hub's `imageRepoSecret` (its `.dockerconfigjson`) to `spokeNamespace` on
+    /// every selected cluster, as a `kubernetes.io/dockerconfigjson` Secret of the same name,
+    /// kept in step with the hub's and deleted with the work. This hands the registry
+    /// credential to every selected cluster. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_secret: Option<bool>,
+}
+
+/// The prerequisites an MCM asks for, with the defaults applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prerequisites {
+    pub namespace: bool,
+    pub service_accounts: bool,
+    pub pull_secret: bool,
+}
+
+impl SpokePrerequisites {
+    /// The defaults applied: namespace and ServiceAccounts yes, pull secret no.
+    pub fn effective(this: Option<&Self>) -> Prerequisites {
+        let this = this.copied().unwrap_or_default();
+        Prerequisites {
+            namespace: this.namespace.unwrap_or(true),
+            service_accounts: this.service_accounts.unwrap_or(true),
+            pull_secret: this.pull_secret.unwrap_or(false),
+        }
+    }
+}
+
+impl ManagedClusterModuleSpec {
+    /// `spec.spokePrerequisites` with its defaults.
+    pub fn prerequisites(&self) -> Prerequisites {
+        SpokePrerequisites::effective(self.spoke_prerequisites.as_ref())
+    }
 }
 
 /// See `spec.movedTagPolicy`.
@@ -179,4 +235,34 @@ pub struct ClusterProblem {
     /// `DRANotSupported`.
     pub reason: String,
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prerequisites_default_to_namespace_and_service_accounts_only() {
+        let spec: ManagedClusterModuleSpec =
+            serde_yaml::from_str("spokeNamespace: ns\nselector: {}\nmoduleSpec: {selector: {}}\n")
+                .unwrap();
+        let all = Prerequisites {
+            namespace: true,
+            service_accounts: true,
+            pull_secret: false,
+        };
+        assert_eq!(spec.prerequisites(), all);
+        let spec: ManagedClusterModuleSpec = serde_yaml::from_str(
+            "spokeNamespace: ns\nselector: {}\nmoduleSpec: {selector: {}}\nspokePrerequisites: {namespace: false, pullSecret: true}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            spec.prerequisites(),
+            Prerequisites {
+                namespace: false,
+                service_accounts: true,
+                pull_secret: true,
+            }
+        );
+    }
 }

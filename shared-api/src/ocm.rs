@@ -174,6 +174,27 @@ pub struct DeleteOption {
     /// `Foreground`, `Orphan` or `SelectivelyOrphan`.
     #[serde(default)]
     pub propagation_policy: String,
+    /// With `SelectivelyOrphan`: the manifests left on the spoke when the work is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selectively_orphans: Option<SelectivelyOrphan>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SelectivelyOrphan {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphaning_rules: Vec<OrphaningRule>,
+}
+
+/// One manifest of the work, by group, resource, namespace (empty: cluster-scoped) and name.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct OrphaningRule {
+    #[serde(default)]
+    pub group: String,
+    pub resource: String,
+    #[serde(default)]
+    pub namespace: String,
+    pub name: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -13,7 +13,9 @@ use crate::labs::{self, LAB_SERVICE_ACCOUNT, PULL_SECRET};
 use crate::oci::{KmodImage, SignWith, push_kmod_image};
 
 impl Sandbox {
-    pub async fn prepare_lab_inputs(&self, spoke_namespace: &str) -> anyhow::Result<usize> {
+    /// The labs' inputs on the hub and in the registry. Nothing on the spokes: the labs' MCMs
+    /// ask for their namespace, ServiceAccount and pull secret (`spokePrerequisites`).
+    pub async fn prepare_lab_inputs(&self) -> anyhow::Result<usize> {
         let hub = self.hub_client().await;
         let reg = self.fleet.registry();
         let pp = PatchParams::apply(MANAGER).force();
@@ -50,16 +52,12 @@ impl Sandbox {
             .await?;
         }
         n += 2 + labs::DOCKERFILE_CONFIGMAPS.len();
-        for s in self.fleet.spokes() {
-            let c = s.client().await;
-            self.prepare_spoke_namespace(&c, spoke_namespace).await?;
-            n += 3;
-        }
         n += self.push_lab_images().await?;
         Ok(n)
     }
 
-    /// On one spoke: `namespace`, the labs' ServiceAccount and pull secret in it.
+    /// On one spoke: `namespace`, the labs' ServiceAccount and pull secret in it (for tests
+    /// whose MCMs turn `spokePrerequisites` off or use another namespace).
     pub async fn prepare_spoke_namespace(
         &self,
         spoke: &Client,

@@ -252,14 +252,15 @@ impl Sandbox {
     }
 
     /// What the labs need besides their MCMs: on the hub the pull secret, the Dockerfile
-    /// ConfigMaps and the signing secrets in the hub's namespace; on every spoke the labs'
-    /// namespace, ServiceAccount and pull secret; in the registry the prebuilt images and
-    /// the device plugin. Idempotent.
+    /// ConfigMaps and the signing secrets in the hub's namespace; in the registry the prebuilt
+    /// images and the device plugin. Nothing on the spokes: each lab's ManifestWork carries
+    /// the labs' namespace, ServiceAccount and pull-secret copy (`spokePrerequisites`).
+    /// Idempotent.
     /// Apply every lab's MCM on the hub (through the admission webhook). Two steps.
     pub async fn apply_labs(&self, progress: &Progress) -> anyhow::Result<()> {
         let step =
             progress.step("Preparing the labs' inputs (secrets, Dockerfiles, prebuilt images)");
-        let n = self.prepare_lab_inputs(LAB_NAMESPACE).await?;
+        let n = self.prepare_lab_inputs().await?;
         step.done(format!("{n} objects and images"));
         let step = progress.step(&format!(
             "Applying {} labs as ManagedClusterModules",

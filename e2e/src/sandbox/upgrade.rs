@@ -33,6 +33,7 @@ fn mcm(image: &str, version: &str) -> serde_json::Value {
         "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1", "kind": "ManagedClusterModule",
         "metadata": {"name": NAME},
         "spec": {"spokeNamespace": LAB_NAMESPACE, "selector": {"name": "spoke-1"},
+            "spokePrerequisites": {"pullSecret": true},
             "moduleSpec": {
                 "imageRepoSecret": {"name": PULL_SECRET},
                 "selector": {WORKER_LABEL: ""},

@@ -1,13 +1,17 @@
 //! The hub against real control planes: ManifestWorks per selected cluster with pinned
 //! digests, delivery by the work agent, relabelling, deletion, registry outages, moving
-//! tags, restarts without duplicate writes, and the admission webhook.
+//! tags, restarts without duplicate writes, the admission webhook, and the spoke
+//! prerequisites a work carries (a fresh spoke, with the spoke agent in-process).
 
 mod admission;
 mod builds;
+mod prerequisites;
 mod registry;
 mod rollout;
 mod setup;
 mod signing;
+#[path = "../common/spoke_agent.rs"]
+mod spoke_agent;
 
 const HUB_NS: &str = "kmm-hub";
 

@@ -81,8 +81,11 @@ pub(crate) async fn apply_mcm(hub: &Client, m: &ManagedClusterModule) -> anyhow:
 }
 
 pub(crate) fn work_images(w: &ManifestWork) -> Vec<String> {
-    let m: Module = serde_json::from_value(w.spec.workload.manifests[0].0.clone())
-        .unwrap_or_else(|_| Module::new("x", Default::default()));
+    let module = kmm_hub::render::module_manifest(w)
+        .cloned()
+        .unwrap_or_default();
+    let m: Module =
+        serde_json::from_value(module).unwrap_or_else(|_| Module::new("x", Default::default()));
     m.spec
         .module_loader
         .map(|l| {

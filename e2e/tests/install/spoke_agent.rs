@@ -500,7 +500,8 @@ async fn spoke_agent_works(
     )
     .await?;
     // The executor of the hub's works: exactly what the work agent checks for a Module the
-    // work owns, and nothing a Module does not need.
+    // work owns and for the spoke prerequisites (namespace and ServiceAccounts orphaned, so
+    // no delete; pull-secret copies owned), and nothing else.
     check_access(
         admin,
         (SPOKE_NS, "kmm-work-executor"),
@@ -513,9 +514,15 @@ async fn spoke_agent_works(
             "no patch modules.kmm.sigs.x-k8s.io/status m -n kmm-labs",
             "no create clusterrolebindings.rbac.authorization.k8s.io x",
             "no create daemonsets.apps -n kmm-labs",
-            "no create namespaces x",
-            "no create serviceaccounts -n kmm-labs",
-            "no get secrets any -n kmm-labs",
+            "yes create namespaces x",
+            "yes patch namespaces x",
+            "no delete namespaces x",
+            "yes create serviceaccounts -n kmm-labs",
+            "no delete serviceaccounts s -n kmm-labs",
+            "no create serviceaccounts/token s -n kmm-labs",
+            "yes create secrets -n kmm-labs",
+            "yes delete secrets p -n kmm-labs",
+            "no list secrets -n kmm-labs",
         ],
     )
     .await?;

@@ -143,12 +143,23 @@ pub(crate) async fn work_shape(sb: &Sandbox) -> anyhow::Result<()> {
         let manifests = v["spec"]["workload"]["manifests"]
             .as_array()
             .context("manifests")?;
+        // One Module, last, after the spoke prerequisites the lab asks for (spokePrerequisites).
+        let kinds: Vec<&str> = manifests
+            .iter()
+            .map(|m| m["kind"].as_str().unwrap_or("?"))
+            .collect();
         ensure!(
-            manifests.len() == 1,
-            "{cluster}: {} manifests",
-            manifests.len()
+            kinds.last() == Some(&"Module")
+                && kinds.iter().filter(|k| **k == "Module").count() == 1
+                && kinds[..kinds.len() - 1].iter().all(|k| [
+                    "Namespace",
+                    "ServiceAccount",
+                    "Secret"
+                ]
+                .contains(k)),
+            "{cluster}: manifests {kinds:?}"
         );
-        let m = &manifests[0];
+        let m = &manifests[manifests.len() - 1];
         ensure!(
             m["kind"] == "Module"
                 && m["metadata"]["namespace"] == LAB_NAMESPACE
@@ -195,7 +206,14 @@ pub(crate) async fn work_shape(sb: &Sandbox) -> anyhow::Result<()> {
                 "{cluster}: {k}"
             );
         }
-        let paths = v["spec"]["manifestConfigs"][0]["feedbackRules"][0]["jsonPaths"]
+        let module_config = v["spec"]["manifestConfigs"]
+            .as_array()
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c["resourceIdentifier"]["resource"] == "modules")
+            })
+            .context("no manifestConfig for the Module")?;
+        let paths = module_config["feedbackRules"][0]["jsonPaths"]
             .as_array()
             .map(Vec::len);
         ensure!(

@@ -38,7 +38,7 @@ pub(crate) async fn hub_killed_mid_rollout(
     progress: &Progress,
 ) -> anyhow::Result<()> {
     let hub = sb.hub_client().await;
-    sb.prepare_lab_inputs(LAB_NAMESPACE).await?;
+    sb.prepare_lab_inputs().await?;
     for lab in sb.labs().to_vec() {
         apply_mcm(&hub, &lab.mcm).await?;
     }

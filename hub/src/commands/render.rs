@@ -120,6 +120,13 @@ pub async fn run(args: RenderArgs, out: &mut impl Write) -> anyhow::Result<bool>
         })
         .collect();
     let executor = parse_executor(DEFAULT_WORK_EXECUTOR).ok().flatten();
+    // A credential is never printed: the copy the controller would add is left out.
+    let pull = crate::render::prerequisites::PullSecretSource::None;
+    if mcm.spec.prerequisites().pull_secret && mcm.spec.module_spec.image_repo_secret.is_some() {
+        eprintln!(
+            "note: the pull-secret copy (spec.spokePrerequisites.pullSecret) is not rendered"
+        );
+    }
     let mut all = true;
     for cp in &p.clusters {
         if let Some(problem) = &cp.problem {
@@ -130,7 +137,7 @@ pub async fn run(args: RenderArgs, out: &mut impl Write) -> anyhow::Result<bool>
             all = false;
             continue;
         }
-        let d = decide_cluster(&mcm, cp, &outcomes, &[], executor.as_ref());
+        let d = decide_cluster(&mcm, cp, &outcomes, &[], executor.as_ref(), &pull);
         for k in d.view.kernels.iter().filter(|k| k.pinned.is_none()) {
             eprintln!(
                 "cluster {}: kernel {}: no digest for image {}",

@@ -12,6 +12,7 @@ use shared_api::ocm::{ManifestWork, ManifestWorkExecutor};
 use super::image::ImageOutcome;
 use super::plan::ClusterPlan;
 use crate::last_decisions::{ClusterView, KernelView};
+use crate::render::prerequisites::PullSecretSource;
 use crate::render::{ReadyMapping, RenderError, pin, render_manifestwork_as};
 
 /// What one reconcile decided about one cluster.
@@ -29,13 +30,14 @@ pub struct ClusterDecision {
 }
 
 /// Decide one cluster of the plan. `outcomes`: the image pipeline's, by image; `shipped`: the
-/// mappings the cluster's current work carries.
+/// mappings the cluster's current work carries; `pull`: the pull secret to copy.
 pub fn decide_cluster(
     mcm: &ManagedClusterModule,
     cp: &ClusterPlan,
     outcomes: &BTreeMap<String, ImageOutcome>,
     shipped: &[ReadyMapping],
     executor: Option<&ManifestWorkExecutor>,
+    pull: &PullSecretSource,
 ) -> ClusterDecision {
     let shipped: BTreeMap<&str, &ReadyMapping> =
         shipped.iter().map(|m| (m.kernel.as_str(), m)).collect();
@@ -96,7 +98,7 @@ pub fn decide_cluster(
         reason: "ImagesPending".into(),
         message: format!("waiting for image(s): {}", pending.join(", ")),
     });
-    match render_manifestwork_as(mcm, &cp.cluster, &ready, executor) {
+    match render_manifestwork_as(mcm, &cp.cluster, &ready, executor, pull) {
         Ok(w) => decision(view, Some(w), problem, false, None),
         Err(e) => {
             let p = match (&e, problem) {
@@ -149,7 +151,7 @@ mod tests {
         o: &BTreeMap<String, ImageOutcome>,
         s: &[ReadyMapping],
     ) -> ClusterDecision {
-        decide_cluster(&mcm(SPEC), cp, o, s, None)
+        decide_cluster(&mcm(SPEC), cp, o, s, None, &PullSecretSource::None)
     }
 
     fn pinned_in(d: &ClusterDecision) -> Vec<String> {

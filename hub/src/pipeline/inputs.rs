@@ -14,6 +14,7 @@ use tokio::sync::OnceCell;
 
 use crate::decide::plan::Plan;
 use crate::registry::{DockerConfig, DockerConfigError};
+use crate::render::prerequisites::{DOCKER_CONFIG_JSON_KEY, PullSecretSource};
 use crate::sign::{SignError, Signer};
 
 /// A missing or unusable input of the hub's namespace. Messages name objects, never content.
@@ -102,6 +103,38 @@ pub fn docker_config(
                 source,
             }
         })
+}
+
+/// The pull secret to copy to the spokes (`spec.spokePrerequisites.pullSecret`): the
+/// `.dockerconfigjson` of `imageRepoSecret` in the Secret store, checked as [`docker_config`]
+/// checks it. Unavailable says why by name, never by content.
+pub fn pull_secret_source(
+    mcm: &ManagedClusterModule,
+    namespace: &str,
+    secret: impl Fn(&str) -> Option<Arc<Secret>>,
+) -> PullSecretSource {
+    let Some(r) = &mcm.spec.module_spec.image_repo_secret else {
+        return PullSecretSource::None;
+    };
+    if !mcm.spec.prerequisites().pull_secret {
+        return PullSecretSource::None;
+    }
+    if let Err(e) = docker_config(mcm, namespace, &secret) {
+        return PullSecretSource::Unavailable(e.to_string());
+    }
+    match secret(&r.name)
+        .as_ref()
+        .and_then(|s| s.data.as_ref()?.get(DOCKER_CONFIG_JSON_KEY).cloned())
+    {
+        Some(bytes) => PullSecretSource::Copy {
+            name: r.name.clone(),
+            dockerconfigjson: bytes.0,
+        },
+        None => PullSecretSource::Unavailable(format!(
+            "pull secret {namespace}/{} has no {DOCKER_CONFIG_JSON_KEY} key",
+            r.name
+        )),
+    }
 }
 
 type KeyPair = (String, String);
@@ -322,6 +355,38 @@ moduleSpec:
         assert_eq!(e.category(), "pull_secret");
         let ok = store(&[("pull", ".dockerconfigjson", &br#"{"auths":{}}"#[..])]);
         assert!(docker_config(&m, "hub", ok).is_ok());
+    }
+
+    #[test]
+    fn the_pull_secret_is_copied_only_when_asked_and_readable() {
+        let ok = br#"{"auths":{}}"#;
+        let m = mcm(SIGNED);
+        let store_ok = store(&[("pull", ".dockerconfigjson", &ok[..])]);
+        assert_eq!(
+            pull_secret_source(&m, "hub", &store_ok),
+            PullSecretSource::None
+        );
+        let asked = mcm(&format!(
+            "{SIGNED}spokePrerequisites: {{pullSecret: true}}\n"
+        ));
+        assert_eq!(
+            pull_secret_source(&asked, "hub", &store_ok),
+            PullSecretSource::Copy {
+                name: "pull".into(),
+                dockerconfigjson: ok.to_vec()
+            }
+        );
+        assert_eq!(
+            pull_secret_source(&asked, "hub", store(&[])),
+            PullSecretSource::Unavailable(
+                "pull secret hub/pull (spec.moduleSpec.imageRepoSecret) does not exist".into()
+            )
+        );
+        let bad = store(&[("pull", ".dockerconfigjson", &b"not json"[..])]);
+        assert!(matches!(
+            pull_secret_source(&asked, "hub", bad),
+            PullSecretSource::Unavailable(_)
+        ));
     }
 
     #[test]

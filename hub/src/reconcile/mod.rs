@@ -197,6 +197,8 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
     // dropped at once and a changed one moved, so a fleet's worth of rendered works is never
     // held (or copied) at the same time.
     let existing = ctx.caches.works_of(&name);
+    // The pull-secret copy (spokePrerequisites.pullSecret), read once for every cluster.
+    let pull = inputs::pull_secret_source(mcm, &ctx.operator_namespace, secret);
     let selected: BTreeSet<&str> = plan.clusters.iter().map(|c| c.cluster.as_str()).collect();
     let mut decisions = Vec::with_capacity(plan.clusters.len());
     let mut writes: Vec<ManifestWork> = Vec::new();
@@ -204,7 +206,8 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
         let _cluster = tracing::debug_span!("cluster", cluster = %cp.cluster).entered();
         let work = existing.get(&cp.cluster);
         let shipped = work.map_or(&[][..], |e| e.shipped.as_slice());
-        let mut decision = decide_cluster(mcm, cp, &outcomes, shipped, ctx.work_executor.as_ref());
+        let executor = ctx.work_executor.as_ref();
+        let mut decision = decide_cluster(mcm, cp, &outcomes, shipped, executor, &pull);
         if let Some(w) = decision.desired.take() {
             match work {
                 // Being deleted: writing to it is pointless; its removal triggers a new reconcile.

@@ -1,5 +1,6 @@
 //! Rendering one cluster's ManifestWork: a trimmed Module (no build/sign, one literal,
-//! digest-pinned mapping per ready kernel) plus JSONPath feedback rules. Pure.
+//! digest-pinned mapping per ready kernel) plus JSONPath feedback rules, after the spoke
+//! prerequisites the MCM asks for (see [`super::prerequisites`]). Pure.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +16,8 @@ use shared_api::ocm::{
     ManifestWorkSpec, ManifestsTemplate, ResourceIdentifier, UpdateStrategy,
 };
 use shared_api::{ManagedClusterModule, Module};
+
+use super::prerequisites::{self, PullSecretSource};
 
 /// OCM rejects ManifestWorks whose manifests exceed this many bytes (as [`ocm_manifest_size`]
 /// counts them).
@@ -92,6 +95,10 @@ pub enum RenderError {
     TooLarge(usize),
     #[error("image {0:?} is not pinned by digest")]
     NotPinned(String),
+    /// `spokePrerequisites.pullSecret` is set and the hub's pull secret cannot be copied; the
+    /// work already shipped is kept (dropping the copy would delete it on the spoke).
+    #[error("the pull secret cannot be copied to the spoke (spokePrerequisites.pullSecret): {0}")]
+    PullSecretUnavailable(String),
 }
 
 impl RenderError {
@@ -100,6 +107,7 @@ impl RenderError {
             RenderError::NoReadyMapping => "ImagesPending",
             RenderError::TooLarge(_) => "ManifestTooLarge",
             RenderError::NotPinned(_) => "NotPinned",
+            RenderError::PullSecretUnavailable(_) => "PullSecretUnavailable",
         }
     }
 }
@@ -142,26 +150,36 @@ pub fn spoke_module_spec(spec: &ModuleSpec, mappings: &[ReadyMapping]) -> Module
     spec
 }
 
-/// Render the ManifestWork for one cluster, executed as [`DEFAULT_WORK_EXECUTOR`], or say
-/// why none can be shipped.
+/// Render the ManifestWork for one cluster, executed as [`DEFAULT_WORK_EXECUTOR`], without a
+/// pull-secret copy, or say why none can be shipped.
 pub fn render_manifestwork(
     mcm: &ManagedClusterModule,
     cluster: &str,
     mappings: &[ReadyMapping],
 ) -> Result<ManifestWork, RenderError> {
     let executor = parse_executor(DEFAULT_WORK_EXECUTOR).ok().flatten();
-    render_manifestwork_as(mcm, cluster, mappings, executor.as_ref())
+    render_manifestwork_as(
+        mcm,
+        cluster,
+        mappings,
+        executor.as_ref(),
+        &PullSecretSource::None,
+    )
 }
 
 /// Render the ManifestWork for one cluster with that executor (`None`: the work agent's own
-/// identity), or say why none can be shipped.
+/// identity) and that pull secret to copy, or say why none can be shipped.
 pub fn render_manifestwork_as(
     mcm: &ManagedClusterModule,
     cluster: &str,
     mappings: &[ReadyMapping],
     executor: Option<&ManifestWorkExecutor>,
+    pull: &PullSecretSource,
 ) -> Result<ManifestWork, RenderError> {
     let name = mcm.name_any();
+    if let PullSecretSource::Unavailable(why) = pull {
+        return Err(RenderError::PullSecretUnavailable(why.clone()));
+    }
     let spoke_ns = &mcm.spec.spoke_namespace;
     if mcm.spec.module_spec.module_loader.is_some() {
         if mappings.is_empty() {
@@ -189,41 +207,54 @@ pub fn render_manifestwork_as(
         obj.insert("kind".into(), json!(Module::kind(&())));
         obj.remove("status");
     }
-    let size = serde_json::to_vec(&module_json)
-        .map(|v| ocm_manifest_size(v.len()))
-        .unwrap_or(usize::MAX);
+    let extras = prerequisites::prerequisites(mcm, pull);
+    let size = extras
+        .iter()
+        .map(|p| &p.manifest)
+        .chain([&module_json])
+        .map(|m| {
+            serde_json::to_vec(m)
+                .map(|v| ocm_manifest_size(v.len()))
+                .unwrap_or(usize::MAX)
+        })
+        .fold(0usize, usize::saturating_add);
     if size > MAX_MANIFESTS_BYTES {
         return Err(RenderError::TooLarge(size));
     }
-    let spec = ManifestWorkSpec {
-        workload: ManifestsTemplate {
-            manifests: vec![Manifest(module_json)],
+    let delete_option = prerequisites::delete_option(&extras);
+    let mut configs: Vec<ManifestConfigOption> =
+        extras.iter().map(prerequisites::config_of).collect();
+    // The prerequisites first: the work agent applies the manifests in order.
+    let mut manifests: Vec<Manifest> = extras.into_iter().map(|p| Manifest(p.manifest)).collect();
+    manifests.push(Manifest(module_json));
+    configs.push(ManifestConfigOption {
+        resource_identifier: ResourceIdentifier {
+            group: Module::group(&()).to_string(),
+            resource: Module::plural(&()).to_string(),
+            name: name.clone(),
+            namespace: spoke_ns.clone(),
         },
-        delete_option: None,
-        manifest_configs: vec![ManifestConfigOption {
-            resource_identifier: ResourceIdentifier {
-                group: Module::group(&()).to_string(),
-                resource: Module::plural(&()).to_string(),
-                name: name.clone(),
-                namespace: spoke_ns.clone(),
-            },
-            feedback_rules: vec![FeedbackRule {
-                type_: "JSONPaths".into(),
-                json_paths: FEEDBACK_FIELDS
-                    .iter()
-                    .map(|f| JsonPath {
-                        name: (*f).into(),
-                        path: format!(".status.{f}"),
-                        version: None,
-                    })
-                    .collect(),
-            }],
-            // The real work agent's default (`Update`) replaces the whole object; server-side
-            // apply leaves fields others own (and the status) alone.
-            update_strategy: Some(UpdateStrategy {
-                type_: "ServerSideApply".into(),
-            }),
+        feedback_rules: vec![FeedbackRule {
+            type_: "JSONPaths".into(),
+            json_paths: FEEDBACK_FIELDS
+                .iter()
+                .map(|f| JsonPath {
+                    name: (*f).into(),
+                    path: format!(".status.{f}"),
+                    version: None,
+                })
+                .collect(),
         }],
+        // The real work agent's default (`Update`) replaces the whole object; server-side
+        // apply leaves fields others own (and the status) alone.
+        update_strategy: Some(UpdateStrategy {
+            type_: "ServerSideApply".into(),
+        }),
+    });
+    let spec = ManifestWorkSpec {
+        workload: ManifestsTemplate { manifests },
+        delete_option,
+        manifest_configs: configs,
         executor: executor.cloned(),
     };
     let hash = spec_hash(&spec);
@@ -253,9 +284,19 @@ pub fn spec_hash(spec: &ManifestWorkSpec) -> String {
     h
 }
 
+/// The Module manifest of a work (the other manifests are its prerequisites).
+pub fn module_manifest(work: &ManifestWork) -> Option<&serde_json::Value> {
+    work.spec
+        .workload
+        .manifests
+        .iter()
+        .map(|Manifest(m)| m)
+        .find(|m| m.get("kind").and_then(|k| k.as_str()) == Some(Module::kind(&()).as_ref()))
+}
+
 /// The `(kernel, image)` pairs a shipped work carries, read back from its Module.
 pub fn shipped_mappings(work: &ManifestWork) -> Vec<ReadyMapping> {
-    let Some(Manifest(module)) = work.spec.workload.manifests.first() else {
+    let Some(module) = module_manifest(work) else {
         return Vec::new();
     };
     let Ok(m) = serde_json::from_value::<Module>(module.clone()) else {

@@ -1,5 +1,6 @@
 use super::*;
 use crate::decide::plan::{ClusterFacts, plan};
+use crate::render::prerequisites::PullSecretSource;
 use shared_api::mcm::ManagedClusterModuleSpec;
 
 const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
@@ -21,7 +22,7 @@ fn ready(kernel: &str, image: &str) -> ReadyMapping {
 }
 
 fn module_of(w: &ManifestWork) -> Module {
-    serde_json::from_value(w.spec.workload.manifests[0].0.clone()).unwrap()
+    serde_json::from_value(module_manifest(w).unwrap().clone()).unwrap()
 }
 
 /// SPEC §7 case 1: one matching kernel of two, one literal mapping, no build/sign,
@@ -72,16 +73,15 @@ moduleSpec:
     assert_eq!(km.literal.as_deref(), Some("5.14.0-1"));
     assert_eq!(km.container_image, format!("reg/x@{D1}"));
     assert!(km.regexp.is_none() && km.build.is_none() && km.sign.is_none());
-    let rules = &w.spec.manifest_configs[0].feedback_rules[0];
+    // The Module's config is the last, after the namespace the MCM asks for by default.
+    let module_config = w.spec.manifest_configs.last().unwrap();
+    let rules = &module_config.feedback_rules[0];
     assert_eq!(rules.json_paths.len(), 9);
     assert_eq!(
         rules.json_paths[6].path,
         ".status.moduleLoader.availableNumber"
     );
-    assert_eq!(
-        w.spec.manifest_configs[0].resource_identifier.resource,
-        "modules"
-    );
+    assert_eq!(module_config.resource_identifier.resource, "modules");
 }
 
 #[test]
@@ -237,7 +237,14 @@ fn works_carry_the_executor_and_it_is_hashed() {
         json!({"subject": {"type": "ServiceAccount",
                 "serviceAccount": {"namespace": "kmm-spoke", "name": "kmm-work-executor"}}})
     );
-    let none = render_manifestwork_as(&m, "c", &[ready("k", "r/x:1")], None).unwrap();
+    let none = render_manifestwork_as(
+        &m,
+        "c",
+        &[ready("k", "r/x:1")],
+        None,
+        &PullSecretSource::None,
+    )
+    .unwrap();
     assert!(none.spec.executor.is_none());
     assert_ne!(
         w.annotations(),
@@ -262,4 +269,189 @@ fn pinning() {
     );
     assert_eq!(pin("a/b", D1), format!("a/b@{D1}"));
     assert_eq!(pin(&format!("a/b:t@{D1}"), D1), format!("a/b@{D1}"));
+}
+
+const WITH_ACCOUNTS: &str = r#"
+spokeNamespace: labsv2
+selector: {}
+moduleSpec:
+  selector: {}
+  imageRepoSecret: {name: pull}
+  moduleLoader:
+    serviceAccountName: loader-sa
+    container:
+      modprobe: {moduleName: m}
+      kernelMappings: [{regexp: '.*', containerImage: 'r/x:1'}]
+  devicePlugin:
+    serviceAccountName: dp-sa
+    container: {image: 'r/dp:1'}
+"#;
+
+fn kinds(w: &ManifestWork) -> Vec<String> {
+    w.spec
+        .workload
+        .manifests
+        .iter()
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m.0["kind"].as_str().unwrap_or("?"),
+                m.0["metadata"]["name"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+fn copy(data: &[u8]) -> PullSecretSource {
+    PullSecretSource::Copy {
+        name: "pull".into(),
+        dockerconfigjson: data.to_vec(),
+    }
+}
+
+/// By default the work creates the namespace (Pod Security `privileged`) and the named
+/// ServiceAccounts before the Module, server-side applied, and orphans them on deletion;
+/// the pull secret is not copied unless asked for.
+#[test]
+fn default_prerequisites_namespace_and_service_accounts_before_the_module() {
+    let m = mcm(WITH_ACCOUNTS);
+    let w = render_manifestwork_as(
+        &m,
+        "c",
+        &[ready("k", "r/x:1")],
+        None,
+        &copy(b"{\"auths\":{}}"),
+    )
+    .unwrap();
+    assert_eq!(
+        kinds(&w),
+        [
+            "Namespace/labsv2",
+            "ServiceAccount/dp-sa",
+            "ServiceAccount/loader-sa",
+            "Module/mod-example"
+        ]
+    );
+    let ns = &w.spec.workload.manifests[0].0;
+    assert_eq!(ns["apiVersion"], "v1");
+    assert_eq!(
+        ns["metadata"]["labels"],
+        json!({"pod-security.kubernetes.io/enforce": "privileged"})
+    );
+    assert_eq!(
+        w.spec.workload.manifests[1].0["metadata"]["namespace"],
+        "labsv2"
+    );
+    let configs: Vec<(&str, &str, Option<&str>)> = w
+        .spec
+        .manifest_configs
+        .iter()
+        .map(|c| {
+            (
+                c.resource_identifier.resource.as_str(),
+                c.resource_identifier.name.as_str(),
+                c.update_strategy.as_ref().map(|u| u.type_.as_str()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        configs,
+        [
+            ("namespaces", "labsv2", Some("ServerSideApply")),
+            ("serviceaccounts", "dp-sa", Some("ServerSideApply")),
+            ("serviceaccounts", "loader-sa", Some("ServerSideApply")),
+            ("modules", "mod-example", Some("ServerSideApply")),
+        ]
+    );
+    let delete = serde_json::to_value(&w.spec.delete_option).unwrap();
+    assert_eq!(
+        delete,
+        json!({"propagationPolicy": "SelectivelyOrphan", "selectivelyOrphans": {"orphaningRules": [
+            {"group": "", "resource": "namespaces", "namespace": "", "name": "labsv2"},
+            {"group": "", "resource": "serviceaccounts", "namespace": "labsv2", "name": "dp-sa"},
+            {"group": "", "resource": "serviceaccounts", "namespace": "labsv2", "name": "loader-sa"},
+        ]}})
+    );
+    assert_eq!(shipped_mappings(&w).len(), 1, "the Module is still found");
+}
+
+/// Unnamed ServiceAccounts are the namespace's `default`: nothing to create. Everything off:
+/// the upstream work, one Module and OCM's default deletion.
+#[test]
+fn prerequisites_can_be_turned_off_and_default_accounts_are_not_shipped() {
+    let m = mcm(
+        "spokeNamespace: ns\nselector: {}\nmoduleSpec:\n  selector: {}\n  moduleLoader:\n    container:\n      modprobe: {moduleName: m}\n      kernelMappings: [{regexp: '.*', containerImage: 'r/x:1'}]\n",
+    );
+    let w = render_manifestwork(&m, "c", &[ready("k", "r/x:1")]).unwrap();
+    assert_eq!(kinds(&w), ["Namespace/ns", "Module/mod-example"]);
+    let off = mcm(&format!(
+        "{WITH_ACCOUNTS}spokePrerequisites: {{namespace: false, serviceAccounts: false, pullSecret: false}}\n"
+    ));
+    let w = render_manifestwork_as(&off, "c", &[ready("k", "r/x:1")], None, &copy(b"{}")).unwrap();
+    assert_eq!(kinds(&w), ["Module/mod-example"]);
+    assert_eq!(w.spec.delete_option, None);
+    assert_eq!(w.spec.manifest_configs.len(), 1);
+}
+
+/// `pullSecret: true` copies the hub's `.dockerconfigjson` as a dockerconfigjson Secret of
+/// the same name, deleted with the work (not orphaned); a changed secret changes the work;
+/// an unreadable one ships nothing new (the caller keeps the shipped work).
+#[test]
+fn the_pull_secret_is_copied_only_when_asked_and_follows_the_hubs() {
+    let m = mcm(&format!(
+        "{WITH_ACCOUNTS}spokePrerequisites: {{pullSecret: true}}\n"
+    ));
+    let r = [ready("k", "r/x:1")];
+    let w = render_manifestwork_as(&m, "c", &r, None, &copy(b"{\"auths\":{}}")).unwrap();
+    assert_eq!(
+        kinds(&w),
+        [
+            "Namespace/labsv2",
+            "ServiceAccount/dp-sa",
+            "ServiceAccount/loader-sa",
+            "Secret/pull",
+            "Module/mod-example"
+        ]
+    );
+    let secret = &w.spec.workload.manifests[3].0;
+    assert_eq!(secret["type"], "kubernetes.io/dockerconfigjson");
+    assert_eq!(secret["metadata"]["namespace"], "labsv2");
+    assert_eq!(
+        secret["data"],
+        json!({".dockerconfigjson": "eyJhdXRocyI6e319"}),
+        "base64 of the hub's content"
+    );
+    let rules = &w.spec.delete_option.as_ref().unwrap().selectively_orphans;
+    assert!(
+        !rules
+            .as_ref()
+            .unwrap()
+            .orphaning_rules
+            .iter()
+            .any(|r| r.resource == "secrets"),
+        "the copy goes with the work"
+    );
+    let changed =
+        render_manifestwork_as(&m, "c", &r, None, &copy(b"{\"auths\":{\"x\":{}}}")).unwrap();
+    assert_ne!(
+        w.annotations(),
+        changed.annotations(),
+        "re-shipped on change"
+    );
+    let why = "pull secret hub/pull (spec.moduleSpec.imageRepoSecret) does not exist";
+    let e = render_manifestwork_as(
+        &m,
+        "c",
+        &r,
+        None,
+        &PullSecretSource::Unavailable(why.into()),
+    )
+    .unwrap_err();
+    assert_eq!(e.reason(), "PullSecretUnavailable");
+    assert!(e.to_string().contains(why), "{e}");
+    assert_eq!(
+        format!("{:?}", copy(b"c2VjcmV0")),
+        "Copy { name: \"pull\" }",
+        "never the content"
+    );
 }

@@ -1,11 +1,13 @@
 //! Pure renderers: what the hub writes, from what it knows. No I/O.
 //!
 //! - [`manifestwork`]: one cluster's ManifestWork (the trimmed, digest-pinned Module).
+//! - [`prerequisites`]: the spoke namespace, ServiceAccounts and pull-secret copy it carries.
 //! - [`build_job`]: the kaniko Job of one image build.
 //! - [`machineconfig`]: Day-1 loading and the firmware path as MachineConfigs (OpenShift).
 
 pub mod build_job;
 pub mod machineconfig;
 pub mod manifestwork;
+pub mod prerequisites;
 
 pub use manifestwork::*;
