@@ -72,6 +72,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kmm_hub::commands::machineconfig::run(&args, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::MustGather(args) => {
+            let w = hub_runtime()?.block_on(kmm_hub::commands::must_gather::run(&args))?;
+            print_written(&w);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::SignFile(args) => {
             args.run()?;
             Ok(ExitCode::SUCCESS)
@@ -102,5 +107,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+    }
+}
+
+/// What `must-gather` wrote, for the person running it.
+fn print_written(w: &kmm_runtime::gather::Written) {
+    println!(
+        "wrote {} ({} files, {} errors, {} values redacted)",
+        w.dir.display(),
+        w.files,
+        w.errors,
+        w.redactions
+    );
+    if let Some(t) = &w.tarball {
+        println!("wrote {}", t.display());
     }
 }

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Render(args) => render(args),
+        Command::MustGather(args) => must_gather(args),
         Command::Run(args) => {
             if let Err(e) = telemetry::init_tracing(args.common.log_format, &args.common.log_filter)
             {
@@ -61,6 +62,33 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn must_gather(args: kmm_runtime::gather::GatherArgs) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(kmm_spoke::must_gather::run(&args)));
+    match result {
+        Ok(w) => {
+            println!(
+                "wrote {} ({} files, {} errors, {} values redacted)",
+                w.dir.display(),
+                w.files,
+                w.errors,
+                w.redactions
+            );
+            if let Some(t) = &w.tarball {
+                println!("wrote {}", t.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kmm-spoke must-gather: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -48,6 +48,12 @@ pub const NODE: Kind = Kind::new("", "v1", "Node", "nodes");
 pub const CONFIG_MAP: Kind = Kind::new("", "v1", "ConfigMap", "configmaps");
 pub const DEPLOYMENT: Kind = Kind::new("apps", "v1", "Deployment", "deployments");
 pub const DAEMON_SET: Kind = Kind::new("apps", "v1", "DaemonSet", "daemonsets");
+pub const CLUSTER_CLAIM: Kind = Kind::new(
+    "cluster.open-cluster-management.io",
+    "v1alpha1",
+    "ClusterClaim",
+    "clusterclaims",
+);
 pub const JOB: Kind = Kind::new("batch", "v1", "Job", "jobs");
 
 /// Where to list: the whole cluster (also for cluster-scoped kinds) or one namespace.
@@ -86,6 +92,19 @@ impl Gatherer {
         labels: Option<&str>,
         shape: fn(Value) -> Value,
     ) -> Vec<DynamicObject> {
+        self.objects_where(kind, scope, labels, |_| true, shape)
+            .await
+    }
+
+    /// As [`Gatherer::objects`], keeping only the objects `keep` accepts.
+    pub async fn objects_where(
+        &mut self,
+        kind: Kind,
+        scope: Scope<'_>,
+        labels: Option<&str>,
+        keep: fn(&DynamicObject) -> bool,
+        shape: fn(Value) -> Value,
+    ) -> Vec<DynamicObject> {
         let ar = kind.resource();
         let api: Api<DynamicObject> = match scope {
             Scope::All => Api::all_with(self.client.clone(), &ar),
@@ -95,8 +114,8 @@ impl Gatherer {
         if let Some(l) = labels {
             lp = lp.labels(l);
         }
-        let list = match api.list(&lp).await {
-            Ok(l) => l.items,
+        let list: Vec<DynamicObject> = match api.list(&lp).await {
+            Ok(l) => l.items.into_iter().filter(keep).collect(),
             Err(e) => {
                 self.bundle
                     .error(&format!("listing {}", describe(kind, scope, labels)), e);
