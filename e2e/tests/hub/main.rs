@@ -4,6 +4,7 @@
 
 mod admission;
 mod builds;
+mod must_gather;
 mod registry;
 mod rollout;
 mod setup;
