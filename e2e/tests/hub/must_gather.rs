@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use kmm_e2e::fleet::{Fleet, spoke_name};
+use kmm_e2e::sim::SimNode;
 use kmm_e2e::testkit::{ensure_namespace, eventually, put_pull_secret};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
+use shared_api::ManagedCluster;
+use shared_api::ocm::KERNEL_VERSIONS_CLAIM;
 
 use crate::builds::{openssl_keypair, put_secret};
 use crate::setup::{apply_mcm, mcm, mcm_status, prepare, start_hub};
@@ -60,7 +63,15 @@ async fn gather(bin: &Path, kubeconfig: &Path, args: &[&str]) -> anyhow::Result<
 async fn bundles_hold_the_failure_and_no_secret() -> anyhow::Result<()> {
     Fleet::builder()
         .spokes(1)
-        .simulators(false)
+        .spoke_nodes(
+            1,
+            vec![SimNode {
+                name: "worker-1".into(),
+                kernel: "5.14.0-1.fake".into(),
+                labels: [("node-role.kubernetes.io/worker".to_string(), String::new())].into(),
+                ..Default::default()
+            }],
+        )
         .registry_auth(true)
         .run(async |fleet: &mut Fleet| {
             let k = "5.14.0-1.fake";
@@ -97,15 +108,22 @@ async fn bundles_hold_the_failure_and_no_secret() -> anyhow::Result<()> {
             ensure_namespace(&spoke, "kmm-spoke").await?;
             put_pull_secret(&spoke, fleet.registry(), PULL_SECRET, "kmm-spoke").await?;
 
+            // The cluster's kernel claim, as its registration agent reports it.
+            Api::<ManagedCluster>::all(hub.clone())
+                .patch_status(
+                    &spoke_name(1),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": {
+                        "clusterClaims": [{"name": KERNEL_VERSIONS_CLAIM, "value": k}]}})),
+                )
+                .await?;
             // The image is never pushed: the MCM reports it missing.
             let hub_proc = start_hub(fleet, Duration::from_secs(2));
             apply_mcm(&hub, &mcm(fleet, "broken", json!({}))?).await?;
             let reason = eventually("the missing image", Duration::from_secs(60), || async {
-                let m = mcm_status(&hub, "broken").await?;
-                let reason = m
-                    .status
-                    .and_then(|s| s.images.first().and_then(|i| i.reason.clone()));
-                Ok(reason.ok_or_else(|| "no image reason yet".to_string()))
+                let s = mcm_status(&hub, "broken").await?.status.unwrap_or_default();
+                let reason = s.images.first().and_then(|i| i.reason.clone());
+                Ok(reason.ok_or_else(|| format!("{s:?}")))
             })
             .await?;
             hub_proc.stop().await;
@@ -161,17 +179,15 @@ async fn bundles_hold_the_failure_and_no_secret() -> anyhow::Result<()> {
             assert!(spoke_summary.contains("kmm-spoke must-gather"));
             let claim = read(
                 &spoke_out,
-                &format!(
-                    "clusterclaim/_cluster/{}.yaml",
-                    shared_api::ocm::KERNEL_VERSIONS_CLAIM
-                ),
+                &format!("clusterclaim/_cluster/{}.yaml", KERNEL_VERSIONS_CLAIM),
             )?;
             assert!(claim.contains(k), "{claim}");
             assert!(
                 spoke_files
                     .iter()
                     .any(|(p, t)| p.starts_with(spoke_out.join("node")) && t.contains("bootID")),
-                "no Node in the spoke bundle"
+                "no Node in the spoke bundle: {}",
+                read(&spoke_out, "errors.txt")?
             );
             let spoke_secrets = read(&spoke_out, "secrets/kmm-spoke.yaml")?;
             assert!(spoke_secrets.contains(PULL_SECRET), "{spoke_secrets}");
