@@ -4,7 +4,7 @@ use clap::Parser;
 use kmm_hub::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(kmm_runtime::gather::argv("kmm-hub", std::env::args_os()));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -33,7 +33,7 @@ fn frugal_malloc() {
 fn frugal_malloc() {}
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(kmm_runtime::gather::argv("kmm-spoke", std::env::args_os()));
     match cli.command {
         Command::Render(args) => render(args),
         Command::MustGather(args) => must_gather(args),

@@ -35,11 +35,16 @@ fn files(dir: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
     Ok(out)
 }
 
+/// `bin must-gather` with `args`; when `bin` is named `gather`, without the subcommand
+/// (as `oc adm must-gather` runs the image's `/usr/bin/gather`), with `KUBECONFIG` set.
 async fn gather(bin: &Path, kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = tokio::process::Command::new(bin)
-        .arg("must-gather")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
+    let mut cmd = tokio::process::Command::new(bin);
+    if bin.file_name().is_some_and(|n| n == "gather") {
+        cmd.env("KUBECONFIG", kubeconfig);
+    } else {
+        cmd.arg("must-gather").arg("--kubeconfig").arg(kubeconfig);
+    }
+    let out = cmd
         .args(args)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .output()
@@ -140,9 +145,12 @@ async fn bundles_hold_the_failure_and_no_secret() -> anyhow::Result<()> {
             .await?;
             assert!(printed.contains("hub.tar.gz"), "{printed}");
             assert!(dir.path().join("hub.tar.gz").is_file());
+            // The spoke as the image's /usr/bin/gather: a link to the binary.
+            let link = dir.path().join("gather");
+            std::os::unix::fs::symlink(&spoke_bin, &link)?;
             let spoke_out = dir.path().join("spoke");
             gather(
-                &spoke_bin,
+                &link,
                 &fleet.spoke(1).kubeconfig_path(),
                 &["--output", &spoke_out.to_string_lossy()],
             )

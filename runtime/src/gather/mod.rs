@@ -281,6 +281,24 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, GatherErr
     kube::Client::try_from(config).map_err(|e| GatherError::Connect(e.to_string()))
 }
 
+/// The command line of a binary, with `oc adm must-gather`'s convention: started as
+/// `gather` (the image's `/usr/bin/gather` is a link to the binary), it runs `must-gather`
+/// with the arguments given; started under its own name, the arguments are unchanged.
+pub fn argv(
+    binary: &str,
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = args.into_iter().collect();
+    let as_gather = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .is_some_and(|n| n == "gather");
+    if as_gather {
+        args.splice(0..1, [binary.into(), "must-gather".into()]);
+    }
+    args
+}
+
 /// For the duration of a gather: the since-seconds of log requests.
 pub fn since_seconds(since: Option<Duration>) -> Option<i64> {
     since.map(|d| i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX))

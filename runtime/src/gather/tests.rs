@@ -112,3 +112,20 @@ fn the_output_flag_wins() {
     assert!(c.g.tar);
     assert_eq!(since_seconds(c.g.since), Some(1800));
 }
+
+#[test]
+fn started_as_gather_it_gathers() {
+    let os = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+    assert_eq!(
+        argv("kmm-hub", os(&["/usr/bin/gather"])),
+        os(&["kmm-hub", "must-gather"])
+    );
+    assert_eq!(
+        argv("kmm-spoke", os(&["gather", "--since", "1h"])),
+        os(&["kmm-spoke", "must-gather", "--since", "1h"])
+    );
+    assert_eq!(
+        argv("kmm-hub", os(&["/usr/bin/kmm-hub", "run"])),
+        os(&["/usr/bin/kmm-hub", "run"])
+    );
+}
