@@ -90,8 +90,13 @@ async fn bundles_hold_the_failure_and_no_secret() -> anyhow::Result<()> {
                 &base64::engine::general_purpose::STANDARD,
                 format!("{user}:{password}"),
             );
+            let b64 =
+                |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b);
+            // The Secrets' data as the API server returns it (base64), in part.
+            let pull_data = b64(fleet.registry().dockerconfigjson().as_bytes())[..60].to_string();
             let dir = tempfile::tempdir()?;
             let (key, _, _) = openssl_keypair(dir.path(), "gather")?;
+            let key_data = b64(&key)[100..160].to_string();
             put_secret(&hub, "signing-key", "key", &key).await?;
             let key_text = String::from_utf8(key)?;
             // A line of the key's body (not the BEGIN/END markers).
@@ -206,6 +211,8 @@ async fn bundles_hold_the_failure_and_no_secret() -> anyhow::Result<()> {
                     ("password", password.as_str()),
                     ("auth", auth.as_str()),
                     ("key body", key_body.as_str()),
+                    ("pull Secret's data", pull_data.as_str()),
+                    ("key Secret's data", key_data.as_str()),
                 ] {
                     assert!(!text.contains(value), "the {what} is in {}", path.display());
                 }
