@@ -46,6 +46,8 @@ pub enum Command {
     /// Print the OpenShift MachineConfig that loads a kernel module on Day 1 (before the
     /// network), or that adds a firmware search path (no cluster needed).
     Machineconfig(crate::commands::machineconfig::MachineConfigArgs),
+    /// Write a support bundle of the hub (objects, logs, events; Secrets as names only).
+    MustGather(crate::commands::must_gather::MustGatherArgs),
 }
 
 /// Apply `--upstream-config` (if any) to the flags of `run` not given explicitly; `matches`

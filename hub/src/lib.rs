@@ -7,7 +7,8 @@
 //! - [`reconcile`]: the MCM reconciler: reads caches, calls the above, writes, publishes.
 //! - [`cache`], [`registry`], [`sign`], [`webhook`], [`dashboard`]: watches, the registry
 //!   client, native signing, admission, the dashboard API.
-//! - [`commands`]: the offline `render`, `validate` and `machineconfig` subcommands.
+//! - [`commands`]: the offline `render`, `validate` and `machineconfig` subcommands, and
+//!   `must-gather` (the support bundle).
 
 pub mod access;
 pub mod cache;

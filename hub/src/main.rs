@@ -4,7 +4,8 @@ use clap::{CommandFactory, FromArgMatches};
 use kmm_hub::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let matches =
+        Cli::command().get_matches_from(kmm_runtime::gather::argv("kmm-hub", std::env::args_os()));
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -82,6 +83,11 @@ fn run(cli: Cli, run_matches: Option<&clap::ArgMatches>) -> anyhow::Result<ExitC
             kmm_hub::commands::machineconfig::run(&args, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::MustGather(args) => {
+            let w = hub_runtime()?.block_on(kmm_hub::commands::must_gather::run(&args))?;
+            print_written(&w);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::SignFile(args) => {
             args.run()?;
             Ok(ExitCode::SUCCESS)
@@ -112,5 +118,19 @@ fn run(cli: Cli, run_matches: Option<&clap::ArgMatches>) -> anyhow::Result<ExitC
                 ExitCode::FAILURE
             })
         }
+    }
+}
+
+/// What `must-gather` wrote, for the person running it.
+fn print_written(w: &kmm_runtime::gather::Written) {
+    println!(
+        "wrote {} ({} files, {} errors, {} values redacted)",
+        w.dir.display(),
+        w.files,
+        w.errors,
+        w.redactions
+    );
+    if let Some(t) = &w.tarball {
+        println!("wrote {}", t.display());
     }
 }

@@ -14,6 +14,8 @@
 //! - [`error`]: [`ErrorCategory`], the short static category every error type names.
 //! - [`cli`]: the run arguments both binaries flatten, one duration parser, one log format.
 //! - [`upstream_config`]: upstream KMM's `controller_config.yaml`, mapped onto those arguments.
+//! - [`gather`]: the support bundle both `must-gather` subcommands write (redacted objects,
+//!   logs, events, a summary and the errors met on the way).
 //!
 //! Everything is generic over the resource kind and takes its dependencies (client, registry,
 //! cancellation token) as arguments: no globals.
@@ -22,6 +24,7 @@ pub mod admin;
 pub mod backoff;
 pub mod cli;
 pub mod error;
+pub mod gather;
 pub mod lease;
 pub mod metrics;
 pub mod queue;

@@ -31,6 +31,8 @@ pub enum Command {
     /// Print, as YAML, the DaemonSets and node labels the agent would write for a Module
     /// and a set of Nodes, without a cluster.
     Render(RenderArgs),
+    /// Write a support bundle of the spoke (objects, logs, events; Secrets as names only).
+    MustGather(kmm_runtime::gather::GatherArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod controller;
 pub mod error;
 pub mod metrics;
+pub mod must_gather;
 pub mod render;
 pub mod render_cmd;
 pub mod webhook;

@@ -33,13 +33,15 @@ fn frugal_malloc() {
 fn frugal_malloc() {}
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let matches = Cli::command()
+        .get_matches_from(kmm_runtime::gather::argv("kmm-spoke", std::env::args_os()));
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
     match cli.command {
         Command::Render(args) => render(args),
+        Command::MustGather(args) => must_gather(args),
         Command::Run(mut args) => {
             if let Err(e) = telemetry::init_tracing(args.common.log_format, &args.common.log_filter)
             {
@@ -76,6 +78,33 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn must_gather(args: kmm_runtime::gather::GatherArgs) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(kmm_spoke::must_gather::run(&args)));
+    match result {
+        Ok(w) => {
+            println!(
+                "wrote {} ({} files, {} errors, {} values redacted)",
+                w.dir.display(),
+                w.files,
+                w.errors,
+                w.redactions
+            );
+            if let Some(t) = &w.tarball {
+                println!("wrote {}", t.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kmm-spoke must-gather: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -5,6 +5,7 @@
 
 mod admission;
 mod builds;
+mod must_gather;
 mod prerequisites;
 mod registry;
 mod rollout;
