@@ -1,7 +1,7 @@
 //! `kmm-spoke must-gather`: the spoke's support bundle (see docs/operations.md, "Support
 //! bundle"). What is read: Modules, the loader and device-plugin DaemonSets and their pods
 //! (status, termination messages, logs), Nodes reduced to what KMM looks at, our Node events
-//! in kube-system and the events of the Modules' namespaces, the kernel ClusterClaims, the
+//! in default and the events of the Modules' namespaces, the kernel ClusterClaims, the
 //! agent's Deployment, pods, logs and ConfigMaps, and Secrets as names.
 
 use std::collections::BTreeSet;

@@ -24,9 +24,10 @@ pub const MODULE_LOADED: &str = "ModuleLoaded";
 pub const MODULE_UNLOADED: &str = "ModuleUnloaded";
 /// Warning: a loader stopped with its module still in the kernel.
 pub const MODULE_UNLOAD_FAILED: &str = "ModuleUnloadFailed";
-/// Events about cluster-scoped objects (with `eventTime` set) must live here: the API
-/// server rejects them elsewhere ("involvedObject.namespace does not match event.namespace").
-pub const EVENT_NAMESPACE: &str = "kube-system";
+/// Where the Node events live: `default`, as upstream's recorder writes them. Events about
+/// cluster-scoped objects (with `eventTime` set) may only be in `default` or `kube-system`: the
+/// API server rejects them elsewhere ("involvedObject.namespace does not match event.namespace").
+pub const EVENT_NAMESPACE: &str = "default";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeEvent {
