@@ -159,6 +159,16 @@ pub async fn works(hub: &Client, mcm: &str) -> anyhow::Result<BTreeMap<String, M
 }
 
 /// An MCM as the hub has it now (status included).
+/// The Module a ManifestWork ships, as JSON (the spoke prerequisites come before it).
+pub fn work_module(w: &ManifestWork) -> Option<serde_json::Value> {
+    let v = serde_json::to_value(w).ok()?;
+    v["spec"]["workload"]["manifests"]
+        .as_array()?
+        .iter()
+        .find(|m| m["kind"] == "Module")
+        .cloned()
+}
+
 pub async fn mcm_status(hub: &Client, name: &str) -> anyhow::Result<ManagedClusterModule> {
     Ok(Api::<ManagedClusterModule>::all(hub.clone())
         .get(name)

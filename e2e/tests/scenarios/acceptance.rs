@@ -254,8 +254,8 @@ pub(crate) async fn builds_and_signing(sb: &Sandbox) -> anyhow::Result<()> {
         .await?
         .get("spoke-1")
         .and_then(|w| {
-            serde_json::to_value(w).ok()?["spec"]["workload"]["manifests"][0]["spec"]
-                ["moduleLoader"]["container"]["kernelMappings"][0]["containerImage"]
+            kmm_e2e::testkit::work_module(w)?["spec"]["moduleLoader"]["container"]["kernelMappings"]
+                [0]["containerImage"]
                 .as_str()
                 .map(str::to_string)
         })

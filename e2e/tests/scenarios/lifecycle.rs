@@ -196,9 +196,8 @@ pub(crate) async fn claim_added_later(sb: &Sandbox) -> anyhow::Result<()> {
             .ok_or_else(|| format!("{:?}", ws.keys())))
     })
     .await?;
-    let v = serde_json::to_value(&w)?;
-    let lit = &v["spec"]["workload"]["manifests"][0]["spec"]["moduleLoader"]["container"]["kernelMappings"]
-        [0]["literal"];
+    let m = kmm_e2e::testkit::work_module(&w).context("no Module in the work")?;
+    let lit = &m["spec"]["moduleLoader"]["container"]["kernelMappings"][0]["literal"];
     ensure!(lit == KERNEL_A, "mapping {lit}");
     delete_mcm(&hub, NAME).await?;
     // The labs select every cluster: the ghost one counted against them until it goes.
