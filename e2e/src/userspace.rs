@@ -32,6 +32,7 @@ const KMOD_TOOLS: &[&str] = &[
 enum Node {
     Dir(u32),
     File(u32, PathBuf),
+    Text(u32, Vec<u8>),
     Link(String),
 }
 
@@ -108,8 +109,13 @@ fn build() -> anyhow::Result<Vec<u8>> {
             add_file_with_links(&mut tree, &lib)?;
         }
     }
+    tar_tree(&tree)
+}
+
+/// The tree as a deterministic uncompressed tar (mtime 0, owner root).
+fn tar_tree(tree: &BTreeMap<String, Node>) -> anyhow::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
-    for (path, node) in &tree {
+    for (path, node) in tree {
         let mut h = tar::Header::new_gnu();
         h.set_mtime(0);
         h.set_uid(0);
@@ -129,6 +135,12 @@ fn build() -> anyhow::Result<Vec<u8>> {
                 h.set_size(data.len() as u64);
                 b.append_data(&mut h, path, data.as_slice())?;
             }
+            Node::Text(mode, data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, path, data.as_slice())?;
+            }
             Node::Link(target) => {
                 h.set_entry_type(tar::EntryType::Symlink);
                 h.set_mode(0o777);
@@ -138,6 +150,28 @@ fn build() -> anyhow::Result<Vec<u8>> {
         }
     }
     Ok(b.into_inner()?)
+}
+
+/// A layer for the host OS of a node, to go over [`layer`]: Debian's `bash` with the
+/// libraries it loads, and `files` (path without the leading `/`, mode, contents) — the
+/// test world's stand-ins for what a node has and this machine cannot run in a VM.
+pub fn host_layer(files: &[(&str, u32, &[u8])]) -> anyhow::Result<Vec<u8>> {
+    let mut tree: BTreeMap<String, Node> = BTreeMap::new();
+    let bash = Path::new("/bin/bash");
+    if !bash.is_file() {
+        bail!("/bin/bash is missing (Debian package bash)");
+    }
+    add_parents(&mut tree, "bin/bash");
+    tree.insert("bin/bash".into(), Node::File(0o755, bash.to_path_buf()));
+    for lib in shared_libraries(bash)? {
+        add_file_with_links(&mut tree, &lib)?;
+    }
+    for (path, mode, data) in files {
+        let path = path.trim_start_matches('/');
+        add_parents(&mut tree, path);
+        tree.insert(path.to_string(), Node::Text(*mode, data.to_vec()));
+    }
+    tar_tree(&tree)
 }
 
 fn add_parents(tree: &mut BTreeMap<String, Node>, path: &str) {

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 mod context;
 pub mod dockerfile;
+pub mod host;
 pub mod images;
 pub mod kaniko;
 pub mod loader;

@@ -859,4 +859,5 @@ async fn hub_built_and_hub_signed_labs_load_on_real_kernels() -> anyhow::Result<
     .await
 }
 
+mod day1;
 mod reboot;
