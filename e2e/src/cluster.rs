@@ -740,6 +740,76 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// Server-side applies `crds` (as `manager`) and waits until each is Established.
+pub async fn apply_crds(
+    client: &kube::Client,
+    crds: &[CustomResourceDefinition],
+    manager: &str,
+) -> anyhow::Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crds {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(
+            &name,
+            &PatchParams::apply(manager).force(),
+            &Patch::Apply(crd),
+        )
+        .await
+        .with_context(|| format!("installing CRD {name}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for crd in crds {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        loop {
+            let conds = api
+                .get(&name)
+                .await
+                .with_context(|| format!("reading CRD {name}"))?
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default();
+            if conds
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("CRD {name} not Established after 30 s: {conds:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+/// The MachineConfig and MachineConfigPool CRDs of OpenShift's API module (provisioned),
+/// installed on the cluster of `client`: what an OpenShift spoke serves.
+pub async fn install_machineconfig_crds(
+    client: &kube::Client,
+    binaries: &Binaries,
+    manager: &str,
+) -> anyhow::Result<()> {
+    let crds = read_crd_dir(&binaries.machineconfig_crds)?;
+    let mut names: Vec<String> = crds
+        .iter()
+        .filter_map(|c| c.metadata.name.clone())
+        .collect();
+    names.sort();
+    if names
+        != [
+            "machineconfigpools.machineconfiguration.openshift.io",
+            "machineconfigs.machineconfiguration.openshift.io",
+        ]
+    {
+        bail!(
+            "CRDs in {}: {names:?}",
+            binaries.machineconfig_crds.display()
+        );
+    }
+    apply_crds(client, &crds, manager).await
+}
+
 /// Every CustomResourceDefinition in the `*.yaml` files of `dir` (sorted by file name).
 pub fn read_crd_dir(dir: &Path) -> anyhow::Result<Vec<CustomResourceDefinition>> {
     use serde::Deserialize as _;

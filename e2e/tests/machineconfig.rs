@@ -3,17 +3,11 @@
 //! on a test-world API server, and every printed object is applied with a server-side dry run
 //! and strict field validation. A broken object must be refused, so the check can fail.
 //!
-//! Not covered here: running the load script on a real-kernel node (the test world's VM
-//! nodes run no systemd or podman yet).
-
-use std::time::Duration;
+//! The load and pull scripts run on a real-kernel node in `e2e/tests/kernel/day1.rs`.
 
 use anyhow::{Context as _, bail, ensure};
 use clap::Parser as _;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kmm_e2e::cluster::read_crd_dir;
 use kmm_e2e::fleet::Fleet;
-use kmm_e2e::testkit::eventually;
 use kmm_hub::cli::{Cli, Command};
 use kube::Client;
 use kube::api::{
@@ -101,58 +95,7 @@ async fn install_machineconfig_crds(
     client: &Client,
     binaries: &kmm_e2e::provision::Binaries,
 ) -> anyhow::Result<()> {
-    let crds = read_crd_dir(&binaries.machineconfig_crds)?;
-    let mut names: Vec<String> = crds
-        .iter()
-        .filter_map(|c| c.metadata.name.clone())
-        .collect();
-    names.sort();
-    ensure!(
-        names
-            == [
-                "machineconfigpools.machineconfiguration.openshift.io",
-                "machineconfigs.machineconfiguration.openshift.io"
-            ],
-        "CRDs in {}: {names:?}",
-        binaries.machineconfig_crds.display()
-    );
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in &crds {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        api.patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(crd),
-        )
-        .await
-        .with_context(|| format!("installing CRD {name}"))?;
-    }
-    for name in names {
-        eventually(
-            &format!("CRD {name} Established"),
-            Duration::from_secs(30),
-            async || {
-                let conds = api
-                    .get(&name)
-                    .await?
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default();
-                Ok(
-                    if conds
-                        .iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                    {
-                        Ok(())
-                    } else {
-                        Err(format!("{conds:?}"))
-                    },
-                )
-            },
-        )
-        .await?;
-    }
-    Ok(())
+    kmm_e2e::cluster::install_machineconfig_crds(client, binaries, MANAGER).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,39 @@ pub struct ManagedClusterModuleSpec {
     /// fields take their defaults: `namespace` and `serviceAccounts` true, `pullSecret` false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spoke_prerequisites: Option<SpokePrerequisites>,
+    /// kmm-fleet addition. Day-1 loading on the selected OpenShift clusters: besides the
+    /// Module, each one's ManifestWork carries a MachineConfig for `machineConfigPool` whose
+    /// services load the module at boot, before the network (see docs/day0-day1.md), with the
+    /// images the hub pinned for that cluster's kernels. Selected clusters that are not
+    /// OpenShift get the Module only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day1: Option<Day1Loading>,
+}
+
+/// See `spec.day1`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Day1Loading {
+    /// The MachineConfigPool whose nodes load the module at boot: `worker`, `master` or a
+    /// pool that exists on the spokes (the hub creates no pool).
+    #[schemars(length(min = 1, max = 63))]
+    pub machine_config_pool: String,
+    /// The MachineConfig's name on the spokes; default `99-<pool>-kmm-<MCM name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_config_name: Option<String>,
+    /// The in-tree module unloaded before the out-of-tree one loads; default: the first of
+    /// the kernel mapping's `inTreeModulesToRemove`, else the module itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_tree_module: Option<String>,
+}
+
+impl Day1Loading {
+    /// The MachineConfig's name for the MCM `mcm`.
+    pub fn machine_config_name(&self, mcm: &str) -> String {
+        self.machine_config_name
+            .clone()
+            .unwrap_or_else(|| format!("99-{}-kmm-{mcm}", self.machine_config_pool))
+    }
 }
 
 /// See `spec.spokePrerequisites`. Each field is optional; the defaults are those of
@@ -154,6 +187,11 @@ pub struct ManagedClusterModuleStatus {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub clusters_omitted: i32,
 
+    /// Day-1 loading (`spec.day1`): what each selected OpenShift cluster was shipped and the
+    /// state of its MachineConfigPool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day1: Option<Day1Status>,
+
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_rebuild_trigger_generation: Option<i32>,
 
@@ -225,6 +263,48 @@ pub struct ImageStatus {
     /// Number of selected clusters that need this image.
     #[serde(default)]
     pub clusters: i32,
+}
+
+/// See `status.day1`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Day1Status {
+    /// Clusters whose ManifestWork carries the Day-1 MachineConfig.
+    #[serde(default)]
+    pub shipped: i32,
+    /// Of those, clusters whose pool reports every machine updated.
+    #[serde(default)]
+    pub updated: i32,
+    /// Of those, clusters whose pool reports degraded machines.
+    #[serde(default)]
+    pub degraded: i32,
+    /// Selected clusters that are not OpenShift: no MachineConfig there, the Module only.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_open_shift: i32,
+    /// Per cluster, degraded and updating pools first (bounded, see `clustersOmitted`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<Day1ClusterStatus>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub clusters_omitted: i32,
+}
+
+/// One cluster's Day-1 MachineConfig and its pool.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Day1ClusterStatus {
+    pub name: String,
+    pub machine_config: String,
+    /// `kernel=image@digest`, one per kernel the MachineConfig loads for.
+    pub images: Vec<String>,
+    /// `Updated` (every machine of the pool runs the rendered config), `Updating`,
+    /// `Degraded`, or `Unknown` (no report from the spoke yet, or no such pool there).
+    pub pool: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_machine_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded_machine_count: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

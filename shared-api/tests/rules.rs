@@ -453,3 +453,51 @@ fn mcm_rules() {
         "not a valid regular expression",
     );
 }
+
+#[test]
+fn day1_rules() {
+    let with = |day1: serde_json::Value, loader: bool| {
+        let mut spec = json!({"spokeNamespace": "ns", "selector": {},
+            "moduleSpec": {"selector": {}, "moduleLoader": {"container": {"modprobe": {"moduleName": "m"},
+              "kernelMappings": [{"regexp": "^.*$", "containerImage": "r/x:1"}]}}},
+            "day1": day1});
+        if !loader {
+            spec["moduleSpec"] =
+                json!({"selector": {}, "devicePlugin": {"container": {"image": "r/dp:1"}}});
+        }
+        let mcm: ManagedClusterModule = serde_json::from_value(json!({
+            "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1", "kind": "ManagedClusterModule",
+            "metadata": {"name": "sfc"}, "spec": spec,
+        }))
+        .unwrap();
+        validate_mcm(&mcm)
+    };
+    let ok = with(json!({"machineConfigPool": "worker"}), true);
+    assert!(ok.is_empty(), "{ok:#?}");
+    rejects(
+        with(json!({"machineConfigPool": "Worker Pool"}), true),
+        "spec.day1.machineConfigPool",
+        "label value",
+    );
+    rejects(
+        with(
+            json!({"machineConfigPool": "worker", "machineConfigName": "99_Bad"}),
+            true,
+        ),
+        "spec.day1.machineConfigName",
+        "MachineConfig name",
+    );
+    rejects(
+        with(
+            json!({"machineConfigPool": "worker", "inTreeModule": "a b"}),
+            true,
+        ),
+        "spec.day1.inTreeModule",
+        "kernel module name",
+    );
+    rejects(
+        with(json!({"machineConfigPool": "worker"}), false),
+        "spec.day1",
+        "needs spec.moduleSpec.moduleLoader",
+    );
+}

@@ -5,6 +5,7 @@
 
 mod admission;
 mod builds;
+mod day1;
 mod must_gather;
 mod prerequisites;
 mod registry;

@@ -7,7 +7,8 @@ use std::io::Write;
 use anyhow::Context as _;
 
 use crate::render::machineconfig::{
-    Day1, FirmwarePath, day1_machine_config, firmware_machine_config, machine_config_pool, to_yaml,
+    Day1, Day1Images, FirmwarePath, day1_machine_config, firmware_machine_config,
+    machine_config_pool, to_yaml,
 };
 
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
@@ -53,7 +54,7 @@ pub fn objects(args: &MachineConfigArgs) -> anyhow::Result<Vec<serde_json::Value
         (None, Some(image), Some(module)) => day1_machine_config(&Day1 {
             name: args.name.clone(),
             pool: args.pool.clone(),
-            image: image.clone(),
+            images: Day1Images::One(image.clone()),
             module: module.clone(),
             in_tree_module: args.in_tree_module.clone(),
         })?,

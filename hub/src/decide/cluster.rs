@@ -98,7 +98,15 @@ pub fn decide_cluster(
         reason: "ImagesPending".into(),
         message: format!("waiting for image(s): {}", pending.join(", ")),
     });
-    match render_manifestwork_as(mcm, &cp.cluster, &ready, executor, pull) {
+    let rendered =
+        render_manifestwork_as(mcm, &cp.cluster, &ready, executor, pull).and_then(|mut w| {
+            // Day 1 (spec.day1) on OpenShift clusters: the MachineConfig follows the Module.
+            if cp.openshift {
+                crate::render::day1::add_day1(&mut w, mcm, &ready)?;
+            }
+            Ok(w)
+        });
+    match rendered {
         Ok(w) => decision(view, Some(w), problem, false, None),
         Err(e) => {
             let p = match (&e, problem) {

@@ -23,6 +23,9 @@ pub struct ClusterFacts {
     /// `(major, minor)` of the Kubernetes version OCM reports (`status.version.kubernetes`);
     /// `None` when not reported or not understood.
     pub kubernetes: Option<(u32, u32)>,
+    /// The cluster runs OpenShift (label `vendor=OpenShift` or claim
+    /// `product.open-cluster-management.io=OpenShift`): Day-1 MachineConfigs apply there.
+    pub openshift: bool,
 }
 
 /// `(major, minor)` of a Kubernetes version as OCM reports it (`v1.33.2`,
@@ -52,6 +55,15 @@ impl ClusterFacts {
                 .as_ref()
                 .and_then(|s| s.version.as_ref())
                 .and_then(|v| parse_kubernetes_version(&v.kubernetes)),
+            openshift: crate::render::day1::is_openshift(
+                c.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()),
+                c.status.as_ref().and_then(|s| {
+                    s.cluster_claims
+                        .iter()
+                        .find(|cl| cl.name == crate::render::day1::PRODUCT_CLAIM)
+                        .map(|cl| cl.value.as_str())
+                }),
+            ),
         }
     }
 }
@@ -69,6 +81,9 @@ pub struct WorkEntry {
     pub available: bool,
     pub degraded: bool,
     pub feedback: BTreeMap<String, i64>,
+    /// The Day-1 MachineConfig shipped (`spec.day1`): its name and `kernel=image` lines.
+    #[serde(skip)]
+    pub day1: Option<(String, Vec<String>)>,
     pub conditions: Vec<Condition>,
     pub deleting: bool,
     /// The work's finalizers (OCM's work agent holds one until it cleaned up).
@@ -82,7 +97,13 @@ impl WorkEntry {
         let status = w.status.clone().unwrap_or_default();
         let feedback: BTreeMap<String, i64> = crate::render::FEEDBACK_FIELDS
             .iter()
-            .filter_map(|f| status.feedback_integer(f).map(|v| ((*f).to_string(), v)))
+            .copied()
+            .chain(
+                crate::render::day1::POOL_FEEDBACK
+                    .iter()
+                    .map(|(name, _)| *name),
+            )
+            .filter_map(|f| status.feedback_integer(f).map(|v| (f.to_string(), v)))
             .collect();
         Some(Self {
             mcm,
@@ -93,6 +114,7 @@ impl WorkEntry {
             available: status.condition_true(work_conditions::AVAILABLE),
             degraded: status.condition_true(work_conditions::DEGRADED),
             feedback,
+            day1: crate::render::day1::shipped_day1(w),
             conditions: status.conditions,
             deleting: w.metadata.deletion_timestamp.is_some(),
             finalizers: w.finalizers().to_vec(),

@@ -33,6 +33,8 @@ pub struct ClusterPlan {
     pub unmapped_kernels: Vec<String>,
     /// Why this cluster gets no (or not all of its) work, if so.
     pub problem: Option<ClusterProblem>,
+    /// The cluster runs OpenShift (Day-1 MachineConfigs apply, `spec.day1`).
+    pub openshift: bool,
 }
 
 /// One distinct image of the fleet-wide plan.
@@ -89,6 +91,7 @@ pub fn plan<'a>(
     for facts in selected {
         let mut cp = ClusterPlan {
             cluster: facts.name.clone(),
+            openshift: facts.openshift,
             ..Default::default()
         };
         if let Some(p) = dra_unsupported(mcm, facts) {
@@ -222,7 +225,7 @@ pub(crate) mod tests {
                 .collect(),
             kernels: kernels.map(|ks| ks.iter().map(|k| k.to_string()).collect()),
             available: true,
-            kubernetes: None,
+            ..Default::default()
         }
     }
 

@@ -8,8 +8,8 @@ use k8s_openapi::jiff::Timestamp;
 use shared_api::ManagedClusterModule;
 use shared_api::conditions::{DEGRADED, PROGRESSING, READY, set_condition};
 use shared_api::mcm::{
-    ClusterProblem, ImageState, ImageStatus, ManagedClusterModuleStatus, STATUS_LIST_LIMIT,
-    TAG_MOVED,
+    ClusterProblem, Day1Status, ImageState, ImageStatus, ManagedClusterModuleStatus,
+    STATUS_LIST_LIMIT, TAG_MOVED,
 };
 
 use super::facts::WorkEntry;
@@ -159,6 +159,7 @@ pub fn mcm_status(mcm: &ManagedClusterModule, f: Findings<'_>, now: Timestamp) -
     status.clusters_omitted = f.problems.len().saturating_sub(STATUS_LIST_LIMIT) as i32;
     status.clusters = f.problems.iter().take(STATUS_LIST_LIMIT).cloned().collect();
     status.image_rebuild_trigger_generation = mcm.spec.module_spec.image_rebuild_trigger_generation;
+    status.day1 = day1_status(mcm, &f);
 
     let failed: Vec<ImageStatus> = status
         .images
@@ -188,6 +189,12 @@ pub fn mcm_status(mcm: &ManagedClusterModule, f: Findings<'_>, now: Timestamp) -
     if degraded_works > 0 {
         degraded_reasons.push(format!("{degraded_works} ManifestWork(s) report Degraded"));
     }
+    if let Some(d) = status.day1.as_ref().filter(|d| d.degraded > 0) {
+        degraded_reasons.push(format!(
+            "{} cluster(s) report degraded machines in the Day-1 MachineConfigPool",
+            d.degraded
+        ));
+    }
     let degraded = !degraded_reasons.is_empty();
     let degraded_reason = if !degraded {
         "AsExpected"
@@ -199,6 +206,8 @@ pub fn mcm_status(mcm: &ManagedClusterModule, f: Findings<'_>, now: Timestamp) -
         "ImagesFailed"
     } else if !f.write_errors.is_empty() {
         "WriteFailed"
+    } else if degraded_works == 0 {
+        "Day1PoolDegraded"
     } else {
         "ManifestWorksDegraded"
     };
@@ -284,6 +293,48 @@ pub fn mcm_status(mcm: &ManagedClusterModule, f: Findings<'_>, now: Timestamp) -
         degraded_reasons,
         next,
     }
+}
+
+/// `status.day1`: per selected cluster whose work carries the Day-1 MachineConfig, what it
+/// carries and its pool's state; `None` without `spec.day1`.
+fn day1_status(mcm: &ManagedClusterModule, f: &Findings<'_>) -> Option<Day1Status> {
+    mcm.spec.day1.as_ref()?;
+    let mut clusters: Vec<_> = f
+        .works
+        .values()
+        .filter(|w| !w.deleting && f.selected.contains(w.cluster.as_str()))
+        .filter_map(|w| {
+            let shipped = w.day1.clone()?;
+            Some(crate::render::day1::cluster_status(
+                &w.cluster,
+                shipped,
+                &w.feedback,
+            ))
+        })
+        .collect();
+    let rank = |pool: &str| match pool {
+        "Degraded" => 0,
+        "Updating" => 1,
+        "Unknown" => 2,
+        _ => 3,
+    };
+    clusters.sort_by(|a, b| {
+        rank(&a.pool)
+            .cmp(&rank(&b.pool))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    let count = |state: &str| clusters.iter().filter(|c| c.pool == state).count() as i32;
+    let mut d = Day1Status {
+        shipped: clusters.len() as i32,
+        updated: count("Updated"),
+        degraded: count("Degraded"),
+        not_open_shift: f.plan.clusters.iter().filter(|c| !c.openshift).count() as i32,
+        clusters_omitted: clusters.len().saturating_sub(STATUS_LIST_LIMIT) as i32,
+        clusters: Vec::new(),
+    };
+    clusters.truncate(STATUS_LIST_LIMIT);
+    d.clusters = clusters;
+    Some(d)
 }
 
 fn progress_message(

@@ -10,6 +10,8 @@
 //! - `kmm-day1-pull-<module>.service` runs after NetworkManager: it makes sure the image is on
 //!   the node and, when it had to pull it, reboots the node once ([`PULL_SCRIPT`]).
 
+use std::collections::BTreeMap;
+
 use base64::Engine as _;
 use serde_json::{Value, json};
 
@@ -25,6 +27,9 @@ pub const PULL_SCRIPT_PATH: &str = "/usr/local/bin/kmm-day1-pull";
 pub const LOAD_SCRIPT: &str = include_str!("day1/load.sh");
 /// The pull step: `kmm-day1-pull IMAGE MODULE`.
 pub const PULL_SCRIPT: &str = include_str!("day1/pull.sh");
+/// Where a MachineConfig with an image per kernel lists them (`<kernel> <image>` lines); the
+/// scripts take `@<that file>` for IMAGE and use the running kernel's image.
+pub const IMAGES_DIR: &str = "/etc/kmm-day1";
 /// The kernel argument that sets the firmware search path.
 pub const FIRMWARE_ARG: &str = "firmware_class.path";
 
@@ -38,12 +43,24 @@ pub struct Day1 {
     pub name: String,
     /// The MachineConfigPool whose nodes get it (the role label's value).
     pub pool: String,
-    /// The kmod image (modules under `/opt/lib/modules/<kernel>/`).
-    pub image: String,
+    /// The kmod image(s) (modules under `/opt/lib/modules/<kernel>/`).
+    pub images: Day1Images,
     /// The out-of-tree module to load.
     pub module: String,
     /// The in-tree module to unload first; `None`: the one named like `module`.
     pub in_tree_module: Option<String>,
+}
+
+/// Which kmod image a Day-1 node loads from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Day1Images {
+    /// One image for every kernel of the pool (it holds `/opt/lib/modules/<kernel>/` for each
+    /// kernel the pool's nodes may boot).
+    One(String),
+    /// An image per kernel (what the hub ships: each kernel's image pinned by digest). Written
+    /// to `/etc/kmm-day1/<module>.images`; a node takes the line of the kernel it booted, and
+    /// a kernel without a line loads nothing early (the Day-2 loader still does).
+    PerKernel(BTreeMap<String, String>),
 }
 
 /// A MachineConfig that adds a directory to the kernel's firmware search path.
@@ -165,6 +182,23 @@ fn check_image(v: &str) -> Result<(), MachineConfigError> {
     }
 }
 
+/// A kernel release lands in the images file, one per line before its image.
+fn check_kernel(v: &str) -> Result<(), MachineConfigError> {
+    let ok = !v.is_empty()
+        && v.len() <= 255
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-+~".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "kernel",
+            v,
+            "a kernel release is letters, digits and . _ - + ~",
+        ))
+    }
+}
+
 fn check_firmware_path(v: &str) -> Result<(), MachineConfigError> {
     let ok = v.starts_with('/')
         && v.len() <= 255
@@ -187,10 +221,15 @@ fn metadata(name: &str, pool: &str) -> Value {
 
 /// An Ignition file of mode 0755 with `text` as its contents (a base64 data URL).
 fn executable_file(path: &str, text: &str) -> Value {
+    ignition_file(path, 0o755, text)
+}
+
+/// An Ignition file of `mode` with `text` as its contents (a base64 data URL).
+fn ignition_file(path: &str, mode: u32, text: &str) -> Value {
     let data = base64::engine::general_purpose::STANDARD.encode(text);
     json!({
         "path": path,
-        "mode": 0o755,
+        "mode": mode,
         "overwrite": true,
         "contents": {"source": format!("data:text/plain;charset=utf-8;base64,{data}")},
     })
@@ -199,6 +238,37 @@ fn executable_file(path: &str, text: &str) -> Value {
 impl Day1 {
     fn in_tree(&self) -> &str {
         self.in_tree_module.as_deref().unwrap_or(&self.module)
+    }
+
+    /// The file listing the image of each kernel (with [`Day1Images::PerKernel`]).
+    pub fn images_file(&self) -> String {
+        format!("{IMAGES_DIR}/{}.images", self.module)
+    }
+
+    /// The IMAGE argument of both scripts: the image, or `@` and the file listing them.
+    fn image_arg(&self) -> String {
+        match &self.images {
+            Day1Images::One(image) => image.clone(),
+            Day1Images::PerKernel(_) => format!("@{}", self.images_file()),
+        }
+    }
+
+    /// The kernel → image list as the scripts read it.
+    fn images_text(&self) -> Option<String> {
+        match &self.images {
+            Day1Images::One(_) => None,
+            Day1Images::PerKernel(m) => Some(m.iter().map(|(k, i)| format!("{k} {i}\n")).collect()),
+        }
+    }
+
+    /// What the units' descriptions say the module is loaded from.
+    fn source_text(&self) -> String {
+        match &self.images {
+            Day1Images::One(image) => image.clone(),
+            Day1Images::PerKernel(_) => {
+                format!("the running kernel's image in {}", self.images_file())
+            }
+        }
     }
 
     pub fn load_unit_name(&self) -> String {
@@ -214,7 +284,7 @@ impl Day1 {
     pub fn load_unit(&self) -> String {
         format!(
             "[Unit]\n\
-             Description=kmm-fleet Day 1: replace in-tree {in_tree} with {module} from {image} before the network\n\
+             Description=kmm-fleet Day 1: replace in-tree {in_tree} with {module} from {from} before the network\n\
              DefaultDependencies=no\n\
              After=local-fs.target\n\
              Before=network-pre.target NetworkManager.service {pull}\n\
@@ -230,7 +300,8 @@ impl Day1 {
              WantedBy=multi-user.target\n",
             in_tree = self.in_tree(),
             module = self.module,
-            image = self.image,
+            from = self.source_text(),
+            image = self.image_arg(),
             pull = self.pull_unit_name(),
         )
     }
@@ -240,7 +311,7 @@ impl Day1 {
     pub fn pull_unit(&self) -> String {
         format!(
             "[Unit]\n\
-             Description=kmm-fleet Day 1: make sure {image} is on the node for {module} (reboots once after pulling it)\n\
+             Description=kmm-fleet Day 1: make sure {from} is on the node for {module} (reboots once after pulling it)\n\
              After=NetworkManager.service network-online.target {load}\n\
              Wants=network-online.target\n\
              \n\
@@ -253,7 +324,8 @@ impl Day1 {
              [Install]\n\
              WantedBy=multi-user.target\n",
             module = self.module,
-            image = self.image,
+            from = self.source_text(),
+            image = self.image_arg(),
             load = self.load_unit_name(),
         )
     }
@@ -261,7 +333,18 @@ impl Day1 {
     fn check(&self) -> Result<(), MachineConfigError> {
         check_name(&self.name)?;
         check_pool(&self.pool)?;
-        check_image(&self.image)?;
+        match &self.images {
+            Day1Images::One(image) => check_image(image)?,
+            Day1Images::PerKernel(m) => {
+                if m.is_empty() {
+                    return Err(invalid("images", "", "at least one kernel and its image"));
+                }
+                for (kernel, image) in m {
+                    check_kernel(kernel)?;
+                    check_image(image)?;
+                }
+            }
+        }
         check_module("module", &self.module)?;
         if let Some(m) = &self.in_tree_module {
             check_module("in-tree module", m)?;
@@ -273,6 +356,13 @@ impl Day1 {
 /// The Day-1 MachineConfig: both scripts and both units in its Ignition config.
 pub fn day1_machine_config(d: &Day1) -> Result<Value, MachineConfigError> {
     d.check()?;
+    let mut files = vec![
+        executable_file(LOAD_SCRIPT_PATH, LOAD_SCRIPT),
+        executable_file(PULL_SCRIPT_PATH, PULL_SCRIPT),
+    ];
+    if let Some(text) = d.images_text() {
+        files.push(ignition_file(&d.images_file(), 0o644, &text));
+    }
     Ok(json!({
         "apiVersion": MC_API_VERSION,
         "kind": "MachineConfig",
@@ -280,10 +370,7 @@ pub fn day1_machine_config(d: &Day1) -> Result<Value, MachineConfigError> {
         "spec": {
             "config": {
                 "ignition": {"version": IGNITION_VERSION},
-                "storage": {"files": [
-                    executable_file(LOAD_SCRIPT_PATH, LOAD_SCRIPT),
-                    executable_file(PULL_SCRIPT_PATH, PULL_SCRIPT),
-                ]},
+                "storage": {"files": files},
                 "systemd": {"units": [
                     {"name": d.load_unit_name(), "enabled": true, "contents": d.load_unit()},
                     {"name": d.pull_unit_name(), "enabled": true, "contents": d.pull_unit()},

@@ -9,7 +9,7 @@ fn day1(in_tree: Option<&str>) -> Day1 {
     Day1 {
         name: "99-sfc-kmm-day1".into(),
         pool: "sfc".into(),
-        image: "quay.io/example/sfc-kmod:5.14.0-427.el9.x86_64".into(),
+        images: Day1Images::One("quay.io/example/sfc-kmod:5.14.0-427.el9.x86_64".into()),
         module: "sfc".into(),
         in_tree_module: in_tree.map(str::to_string),
     }
@@ -231,7 +231,7 @@ fn values_that_would_break_the_units_or_the_api_are_refused() {
         "",
     ] {
         assert_eq!(
-            field_of(with(&|d| d.image = image.into())),
+            field_of(with(&|d| d.images = Day1Images::One(image.into()))),
             "image",
             "{image}"
         );
@@ -244,7 +244,10 @@ fn values_that_would_break_the_units_or_the_api_are_refused() {
     );
     // Digest references and registry ports are fine.
     let mut ok = day1(None);
-    ok.image = format!("registry.local:5000/kmod@sha256:{}", "a".repeat(64));
+    ok.images = Day1Images::One(format!(
+        "registry.local:5000/kmod@sha256:{}",
+        "a".repeat(64)
+    ));
     assert!(day1_machine_config(&ok).is_ok());
 
     for path in ["var/lib/firmware", "/var/lib/firmware,/opt", "/a b", ""] {
@@ -281,4 +284,37 @@ fn yaml_output_is_one_document_per_object_and_reads_back() {
     assert_eq!(back, objects);
     // The Ignition version stays a YAML string, not a number.
     assert!(text.contains("version: 3.2.0"), "{text}");
+}
+
+#[test]
+fn an_image_per_kernel_is_listed_in_a_file_the_units_name() {
+    let a = format!("registry.local:5000/kmod@sha256:{}", "a".repeat(64));
+    let b = format!("registry.local:5000/kmod@sha256:{}", "b".repeat(64));
+    let mut d = day1(Some("sfc_old"));
+    d.images = Day1Images::PerKernel(BTreeMap::from([
+        ("5.14.0-427.el9.x86_64".to_string(), a.clone()),
+        ("5.14.0-503.el9.x86_64".to_string(), b.clone()),
+    ]));
+    let mc = day1_machine_config(&d).unwrap();
+    let (mode, text) = file_text(&mc, "/etc/kmm-day1/sfc.images");
+    assert_eq!(mode, 0o644);
+    assert_eq!(
+        text,
+        format!("5.14.0-427.el9.x86_64 {a}\n5.14.0-503.el9.x86_64 {b}\n")
+    );
+    assert!(unit(&mc, "kmm-day1-load-sfc.service").contains(&format!(
+        "ExecStart={LOAD_SCRIPT_PATH} @/etc/kmm-day1/sfc.images sfc sfc_old\n"
+    )));
+    assert!(unit(&mc, "kmm-day1-pull-sfc.service").contains(&format!(
+        "ExecStart={PULL_SCRIPT_PATH} @/etc/kmm-day1/sfc.images sfc\n"
+    )));
+    // Both scripts resolve `@FILE` by the running kernel.
+    for script in [LOAD_SCRIPT, PULL_SCRIPT] {
+        assert!(script.contains("image_for_kernel"), "{script}");
+    }
+    // A kernel that would break the file's lines is refused; so is an empty list.
+    d.images = Day1Images::PerKernel(BTreeMap::from([("5.14 x".to_string(), a)]));
+    assert!(day1_machine_config(&d).is_err());
+    d.images = Day1Images::PerKernel(BTreeMap::new());
+    assert!(day1_machine_config(&d).is_err());
 }

@@ -99,6 +99,10 @@ pub enum RenderError {
     /// work already shipped is kept (dropping the copy would delete it on the spoke).
     #[error("the pull secret cannot be copied to the spoke (spokePrerequisites.pullSecret): {0}")]
     PullSecretUnavailable(String),
+    /// `spec.day1` cannot be rendered into a MachineConfig (admission refuses what it can
+    /// see; this is what only the shipped images can show).
+    #[error("the Day-1 MachineConfig cannot be rendered (spec.day1): {0}")]
+    Day1(String),
 }
 
 impl RenderError {
@@ -108,6 +112,7 @@ impl RenderError {
             RenderError::TooLarge(_) => "ManifestTooLarge",
             RenderError::NotPinned(_) => "NotPinned",
             RenderError::PullSecretUnavailable(_) => "PullSecretUnavailable",
+            RenderError::Day1(_) => "Day1Invalid",
         }
     }
 }

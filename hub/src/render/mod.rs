@@ -4,8 +4,10 @@
 //! - [`prerequisites`]: the spoke namespace, ServiceAccounts and pull-secret copy it carries.
 //! - [`build_job`]: the kaniko Job of one image build.
 //! - [`machineconfig`]: Day-1 loading and the firmware path as MachineConfigs (OpenShift).
+//! - [`day1`]: the Day-1 MachineConfig and read-only pool a work carries (`spec.day1`).
 
 pub mod build_job;
+pub mod day1;
 pub mod machineconfig;
 pub mod manifestwork;
 pub mod prerequisites;

@@ -136,7 +136,43 @@ pub fn validate_mcm(mcm: &ManagedClusterModule) -> Vec<Violation> {
         ns,
         Context::default(),
     );
+    if let Some(d) = &mcm.spec.day1 {
+        day1_rules(&mut r, mcm, d, &name);
+    }
     r.0
+}
+
+/// `spec.day1`: a pool name that is a label value and a DNS subdomain (it is the role label's
+/// value and a MachineConfigPool's name), a MachineConfig name that fits, a module to load.
+fn day1_rules(r: &mut Report, mcm: &ManagedClusterModule, d: &crate::mcm::Day1Loading, name: &str) {
+    let pool = &d.machine_config_pool;
+    r.check("spec.day1.machineConfigPool", names::label_value(pool));
+    r.check("spec.day1.machineConfigPool", names::dns_subdomain(pool));
+    let mc = d.machine_config_name(name);
+    let field = if d.machine_config_name.is_some() {
+        "spec.day1.machineConfigName"
+    } else {
+        "spec.day1.machineConfigPool"
+    };
+    if let Err(e) = names::dns_subdomain(&mc) {
+        r.push(field, format!("the MachineConfig name {mc:?}: {e}"));
+    }
+    if let Some(m) = &d.in_tree_module {
+        r.check("spec.day1.inTreeModule", names::kmod_name(m));
+    }
+    let module_name = mcm
+        .spec
+        .module_spec
+        .module_loader
+        .as_ref()
+        .and_then(|l| l.container.modprobe.module_name.as_deref())
+        .filter(|m| !m.is_empty());
+    if module_name.is_none() {
+        r.push(
+            "spec.day1",
+            "needs spec.moduleSpec.moduleLoader with modprobe.moduleName: Day 1 loads that module at boot",
+        );
+    }
 }
 
 /// Rules that compare an update with the stored object (rule 8).

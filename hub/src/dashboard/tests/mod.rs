@@ -127,7 +127,7 @@ fn fixture() -> Fixture {
                     labels: labels(&[("name", name), ("env", env)]),
                     kernels: kernels.map(|ks| ks.into_iter().map(String::from).collect()),
                     available: true,
-                    kubernetes: None,
+                    ..Default::default()
                 },
             );
         }

@@ -4,6 +4,9 @@
 #
 #   kmm-day1-load IMAGE MODULE [IN_TREE_MODULE]
 #
+# IMAGE is an image, or @FILE: a list of "<kernel> <image>" lines (what the hub ships, one
+# digest-pinned image per kernel) of which the running kernel's is taken.
+#
 # Run by kmm-day1-load-MODULE.service (written by `kmm-hub machineconfig`). IMAGE is a kmod
 # image holding MODULE under /opt/lib/modules/<kernel>/, like the images of Day 2 loading.
 # The network may not be up yet, so the image is pulled only when it is not on the node; when
@@ -19,6 +22,18 @@ kernel=$(uname -r)
 work=/var/lib/kmm-day1/$module
 
 log() { echo "kmm-day1-load: $*" >&2; }
+
+# The image listed for kernel $2 in file $1 (empty when none is).
+image_for_kernel() { awk -v k="$2" '$1 == k { print $2; exit }' "$1"; }
+
+if [ "${image#@}" != "$image" ]; then
+  list=${image#@}
+  image=$(image_for_kernel "$list" "$kernel" || true)
+  if [ -z "$image" ]; then
+    log "$list lists no image for kernel $kernel; nothing is loaded before the network"
+    exit 0
+  fi
+fi
 
 # Loaded modules appear in /proc/modules with underscores for dashes.
 loaded() { grep -q "^${1//-/_} " /proc/modules; }

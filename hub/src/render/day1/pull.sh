@@ -3,6 +3,9 @@
 #
 #   kmm-day1-pull IMAGE MODULE
 #
+# IMAGE is an image, or @FILE: a list of "<kernel> <image>" lines of which the running
+# kernel's is taken.
+#
 # Run by kmm-day1-pull-MODULE.service after NetworkManager. When the image is on the node the
 # load service found it at boot, and this exits 0. Otherwise it pulls the image and reboots
 # the node, once per image: the next boot's load service then finds it before the network.
@@ -15,6 +18,19 @@ state=/var/lib/kmm-day1
 marker=$state/$module.rebooted-for
 
 log() { echo "kmm-day1-pull: $*" >&2; }
+
+# The image listed for kernel $2 in file $1 (empty when none is).
+image_for_kernel() { awk -v k="$2" '$1 == k { print $2; exit }' "$1"; }
+
+if [ "${image#@}" != "$image" ]; then
+  list=${image#@}
+  kernel=$(uname -r)
+  image=$(image_for_kernel "$list" "$kernel" || true)
+  if [ -z "$image" ]; then
+    log "$list lists no image for kernel $kernel; nothing to pull"
+    exit 0
+  fi
+fi
 
 if podman image exists "$image"; then
   log "$image is on the node"
