@@ -7,6 +7,7 @@ mod admission;
 mod builds;
 mod must_gather;
 mod prerequisites;
+mod progressive;
 mod registry;
 mod rollout;
 mod setup;
