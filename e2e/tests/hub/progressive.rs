@@ -208,14 +208,25 @@ async fn progressive_rollout_halt_resume_and_canary() -> anyhow::Result<()> {
             ensure_namespace(&hub, BUILD_NS).await?;
             put_pull_secret(&hub, fleet.registry(), PULL_SECRET, HUB_NS).await?;
             let access = fleet.registry().access();
-            let good = KmodImage::new(&[KERNEL], &["kmm_ci_a"]);
+            // Each version its own manifest (an annotation), so its own digest.
+            let version = |kernel: &str, v: &str| KmodImage {
+                annotations: [(
+                    "org.opencontainers.image.version".to_string(),
+                    v.to_string(),
+                )]
+                .into(),
+                ..KmodImage::new(&[kernel], &["kmm_ci_a"])
+            };
+            let d1 = push_kmod_image(&access, &tag(fleet, "v1"), &version(KERNEL, "v1")).await?;
+            let d2 = push_kmod_image(&access, &tag(fleet, "v2"), &version(KERNEL, "v2")).await?;
             // Modules for another kernel: the loader's modprobe finds nothing on these nodes.
-            let broken = KmodImage::new(&["6.1.0-13-amd64"], &["kmm_ci_a"]);
-            let d1 = push_kmod_image(&access, &tag(fleet, "v1"), &good).await?;
-            let d2 = push_kmod_image(&access, &tag(fleet, "v2"), &good).await?;
+            let broken = version("6.1.0-13-amd64", "v3");
             let d3 = push_kmod_image(&access, &tag(fleet, "v3"), &broken).await?;
-            let d4 = push_kmod_image(&access, &tag(fleet, "v4"), &good).await?;
-            ensure!(d1 != d2 && d2 != d3, "distinct digests");
+            let d4 = push_kmod_image(&access, &tag(fleet, "v4"), &version(KERNEL, "v4")).await?;
+            ensure!(
+                d1 != d2 && d2 != d3 && d3 != d4 && d1 != d4,
+                "distinct digests"
+            );
 
             let mut agents = Vec::new();
             for i in 1..=3 {

@@ -416,21 +416,21 @@ fn queue_write(
     }
 }
 
-/// The rollout's few events: a revision starting or resuming, a halt, the end.
+/// The rollout's few events: a revision starting or resuming, a halt, the end. Each has an
+/// action of its own (revision and failure count), so that a later halt or resume of the
+/// same rollout is a new event with its own message rather than a repeat of the first.
 async fn rollout_events(ctx: &Context, mcm: &ManagedClusterModule, d: &rollout::Decision) {
+    let action = format!("Rollout/{}/{}", d.status.revision, d.status.failed);
     for e in &d.events {
-        match e {
-            rollout::RolloutEvent::Progressing(m) => {
-                event(ctx, mcm, EventType::Normal, "RolloutProgressing", m).await;
-            }
+        let (type_, reason, note) = match e {
+            rollout::RolloutEvent::Progressing(m) => (EventType::Normal, "RolloutProgressing", m),
             rollout::RolloutEvent::Halted(m) => {
                 ctx.metrics.rollout_halts.inc();
-                event(ctx, mcm, EventType::Warning, "RolloutHalted", m).await;
+                (EventType::Warning, "RolloutHalted", m)
             }
-            rollout::RolloutEvent::Completed(m) => {
-                event(ctx, mcm, EventType::Normal, "RolloutCompleted", m).await;
-            }
-        }
+            rollout::RolloutEvent::Completed(m) => (EventType::Normal, "RolloutCompleted", m),
+        };
+        events::event_as(ctx, mcm, type_, reason, &action, note).await;
     }
 }
 
