@@ -255,8 +255,7 @@ async fn scenario(
     apply_mcm(hub, &versioned(fleet, "v1", json!({"type": "All"}))?).await?;
     eventually("v1 available on every spoke", STEP, || async {
         let s = seen(hub, d1).await?;
-        let ok =
-            s.at.len() == 3 && s.works.values().all(|w| available(w)) && s.at.values().all(|b| *b);
+        let ok = s.at.len() == 3 && s.works.values().all(available) && s.at.values().all(|b| *b);
         Ok(if ok {
             Ok(())
         } else {
