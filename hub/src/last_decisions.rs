@@ -6,6 +6,7 @@ use std::sync::RwLock;
 
 use serde::Serialize;
 use shared_api::mcm::{ClusterProblem, ImageState, ImageStatus};
+use shared_api::rollout::{RolloutPhase, RolloutStatus};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -26,6 +27,8 @@ pub struct ClusterView {
     pub kernels: Vec<KernelView>,
     pub unmapped_kernels: Vec<String>,
     pub problem: Option<ClusterProblem>,
+    /// In a progressive rollout: `Updated`, `InProgress`, `Failed` or `Pending`.
+    pub rollout: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -34,7 +37,21 @@ pub struct McmView {
     pub name: String,
     pub clusters: Vec<ClusterView>,
     pub images: Vec<ImageStatus>,
+    /// `status.rollout` as last decided (progressive rollouts only).
+    pub rollout: Option<RolloutStatus>,
     pub last_error: Option<String>,
+}
+
+/// The progressive rollouts of every MCM, summed for the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RolloutTotals {
+    pub updated: i64,
+    pub in_progress: i64,
+    pub failed: i64,
+    pub pending: i64,
+    pub progressing: i64,
+    pub halted: i64,
+    pub complete: i64,
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +70,26 @@ impl Views {
         if let Ok(mut m) = self.0.write() {
             m.remove(name);
         }
+    }
+
+    /// The rollouts of every MCM, summed.
+    pub fn rollouts(&self) -> RolloutTotals {
+        let mut t = RolloutTotals::default();
+        let Ok(m) = self.0.read() else {
+            return t;
+        };
+        for r in m.values().filter_map(|v| v.rollout.as_ref()) {
+            t.updated += i64::from(r.updated);
+            t.in_progress += i64::from(r.in_progress);
+            t.failed += i64::from(r.failed);
+            t.pending += i64::from(r.pending);
+            match r.phase {
+                RolloutPhase::Progressing => t.progressing += 1,
+                RolloutPhase::Halted => t.halted += 1,
+                RolloutPhase::Complete => t.complete += 1,
+            }
+        }
+        t
     }
 
     pub fn get(&self, name: &str) -> Option<McmView> {

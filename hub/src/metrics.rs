@@ -8,6 +8,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::last_decisions::RolloutTotals;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CategoryLabel {
     pub category: &'static str,
@@ -22,6 +24,16 @@ impl CategoryLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,6 +57,14 @@ pub struct Metrics {
     pub signs: Family<OutcomeLabel, Counter>,
     pub managed_cluster_modules: Gauge,
     pub clusters: Gauge,
+    /// Clusters moved to a new revision by progressive rollouts.
+    pub rollout_moved: Counter,
+    /// Progressive rollouts that halted.
+    pub rollout_halts: Counter,
+    /// Clusters of progressive rollouts by state, over every MCM.
+    pub rollout_clusters: Family<StateLabel, Gauge>,
+    /// MCMs with a progressive rollout, by phase.
+    pub rollouts: Family<PhaseLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -61,6 +81,10 @@ impl Default for Metrics {
             signs: Family::default(),
             managed_cluster_modules: Gauge::default(),
             clusters: Gauge::default(),
+            rollout_moved: Counter::default(),
+            rollout_halts: Counter::default(),
+            rollout_clusters: Family::default(),
+            rollouts: Family::default(),
         }
     }
 }
@@ -111,6 +135,48 @@ impl Metrics {
             m.managed_cluster_modules.clone(),
         );
         r.register("clusters", "ManagedClusters known", m.clusters.clone());
+        r.register(
+            "rollout_clusters_moved",
+            "Clusters moved to a new revision by progressive rollouts",
+            m.rollout_moved.clone(),
+        );
+        r.register(
+            "rollout_halts",
+            "Progressive rollouts that halted",
+            m.rollout_halts.clone(),
+        );
+        r.register(
+            "rollout_clusters",
+            "Clusters of progressive rollouts by state (Updated, InProgress, Failed, Pending), over every ManagedClusterModule",
+            m.rollout_clusters.clone(),
+        );
+        r.register(
+            "rollouts",
+            "ManagedClusterModules with a progressive rollout, by phase (Progressing, Halted, Complete)",
+            m.rollouts.clone(),
+        );
+        m.set_rollouts(&RolloutTotals::default());
         m
+    }
+
+    /// Set the rollout gauges from the sums over every MCM.
+    pub fn set_rollouts(&self, t: &RolloutTotals) {
+        for (state, n) in [
+            ("Updated", t.updated),
+            ("InProgress", t.in_progress),
+            ("Failed", t.failed),
+            ("Pending", t.pending),
+        ] {
+            self.rollout_clusters
+                .get_or_create(&StateLabel { state })
+                .set(n);
+        }
+        for (phase, n) in [
+            ("Progressing", t.progressing),
+            ("Halted", t.halted),
+            ("Complete", t.complete),
+        ] {
+            self.rollouts.get_or_create(&PhaseLabel { phase }).set(n);
+        }
     }
 }

@@ -132,6 +132,25 @@ async fn allows_a_valid_mcm_and_denies_an_invalid_one_with_the_path() {
 }
 
 #[tokio::test]
+async fn a_bad_rollout_strategy_is_denied_with_the_path() {
+    let mut m = mcm(".*", None);
+    m["spec"]["rolloutStrategy"] = serde_json::json!({"type": "Progressive",
+        "progressive": {"maxConcurrency": "120%", "progressDeadline": "later"}});
+    let (_, r) = post(review_json("CREATE", m.clone(), None)).await;
+    assert_eq!(r["response"]["allowed"], false, "{r}");
+    let msg = message(&r);
+    assert!(
+        msg.contains("spec.rolloutStrategy.progressive.maxConcurrency")
+            && msg.contains("spec.rolloutStrategy.progressive.progressDeadline"),
+        "{msg}"
+    );
+    m["spec"]["rolloutStrategy"]["progressive"] =
+        serde_json::json!({"maxConcurrency": "20%", "progressDeadline": "10m"});
+    let (_, r) = post(review_json("CREATE", m, None)).await;
+    assert_eq!(r["response"]["allowed"], true, "{r}");
+}
+
+#[tokio::test]
 async fn version_cannot_be_switched_on_update() {
     let (_, r) = post(review_json(
         "UPDATE",

@@ -14,6 +14,7 @@ pub mod ocm;
 pub mod parse;
 pub mod reference;
 pub mod refs;
+pub mod rollout;
 mod schema;
 pub mod validate;
 

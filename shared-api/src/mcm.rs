@@ -8,6 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::module::ModuleSpec;
+use crate::rollout::{RolloutStatus, RolloutStrategy};
 
 /// At most this many entries are kept in `status.images` and `status.clusters`;
 /// the rest are counted in the matching `…Omitted` field.
@@ -30,6 +31,10 @@ pub const STATUS_LIST_LIMIT: usize = 64;
     printcolumn = r#"{"name":"Available","type":"integer","jsonPath":".status.numberAvailable"}"#,
     printcolumn = r#"{"name":"Degraded","type":"integer","jsonPath":".status.numberDegraded"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Rollout","type":"string","jsonPath":".status.rollout.phase"}"#,
+    printcolumn = r#"{"name":"Updated","type":"integer","jsonPath":".status.rollout.updated"}"#,
+    printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.rollout.failed","priority":1}"#,
+    printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.rollout.revision","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -64,6 +69,10 @@ pub struct ManagedClusterModuleSpec {
     /// OpenShift get the Module only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub day1: Option<Day1Loading>,
+    /// How a new revision of the clusters' ManifestWorks reaches the selected clusters (OCM's
+    /// `RolloutStrategy` vocabulary). Unset or `type: All`: every cluster at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_strategy: Option<RolloutStrategy>,
 }
 
 /// See `spec.day1`.
@@ -194,6 +203,10 @@ pub struct ManagedClusterModuleStatus {
 
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_rebuild_trigger_generation: Option<i32>,
+
+    /// The progressive rollout (`spec.rolloutStrategy` other than `All`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
 
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -501,3 +501,90 @@ fn day1_rules() {
         "needs spec.moduleSpec.moduleLoader",
     );
 }
+
+fn mcm_with_rollout(strategy: serde_json::Value) -> ManagedClusterModule {
+    serde_json::from_value(json!({
+        "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1", "kind": "ManagedClusterModule",
+        "metadata": {"name": "mod"},
+        "spec": {"spokeNamespace": "ns", "selector": {},
+                 "moduleSpec": {"selector": {}, "moduleLoader": {"container": {"modprobe": {"moduleName": "m"},
+                   "kernelMappings": [{"regexp": "^.*$", "containerImage": "r/x:1"}]}}},
+                 "rolloutStrategy": strategy}
+    }))
+    .unwrap()
+}
+
+#[test]
+fn rollout_strategy_rules() {
+    let ok = mcm_with_rollout(json!({"type": "Progressive", "progressive": {
+        "maxConcurrency": "25%", "minSuccessTime": "1h30m", "progressDeadline": "None", "maxFailures": 2,
+        "mandatoryDecisionGroups": [{"groupName": "canary", "clusterSelector": {"matchLabels": {"ring": "canary"}}},
+                                    {"groupIndex": 0}]}}));
+    assert_eq!(validate_mcm(&ok), vec![]);
+    let ok = mcm_with_rollout(
+        json!({"type": "ProgressivePerGroup", "progressivePerGroup": {"maxFailures": "10%"}}),
+    );
+    assert_eq!(validate_mcm(&ok), vec![]);
+    assert_eq!(
+        validate_mcm(&mcm_with_rollout(json!({}))),
+        vec![],
+        "unset type is All"
+    );
+
+    let p = "spec.rolloutStrategy.progressive";
+    let v = validate_mcm(&mcm_with_rollout(
+        json!({"type": "Progressive", "progressive": {
+        "maxConcurrency": 0, "minSuccessTime": "soon", "progressDeadline": "5", "maxFailures": "150%",
+        "mandatoryDecisionGroups": [{}, {"clusterSelector": {"matchLabels": {}}},
+                                    {"groupIndex": -1},
+                                    {"groupIndex": 1, "clusterSelector": {"matchLabels": {"a": "-bad-"}}}]}}),
+    ));
+    rejects(v.clone(), &format!("{p}.maxConcurrency"), "more than 0");
+    rejects(v.clone(), &format!("{p}.minSuccessTime"), "not a duration");
+    rejects(v.clone(), &format!("{p}.progressDeadline"), "or None");
+    rejects(
+        v.clone(),
+        &format!("{p}.maxFailures"),
+        "percentage from 0% to 100%",
+    );
+    rejects(
+        v.clone(),
+        &format!("{p}.mandatoryDecisionGroups[0]"),
+        "needs clusterSelector, groupName or groupIndex",
+    );
+    rejects(
+        v.clone(),
+        &format!("{p}.mandatoryDecisionGroups[1].clusterSelector.matchLabels"),
+        "must not be empty",
+    );
+    rejects(
+        v.clone(),
+        &format!("{p}.mandatoryDecisionGroups[2].groupIndex"),
+        "negative",
+    );
+    rejects(
+        v.clone(),
+        &format!("{p}.mandatoryDecisionGroups[3].groupIndex"),
+        "cannot be combined",
+    );
+    rejects(
+        v,
+        &format!("{p}.mandatoryDecisionGroups[3].clusterSelector.matchLabels[a]"),
+        "label value",
+    );
+
+    let v = validate_mcm(&mcm_with_rollout(json!({"type": "All", "progressive": {}})));
+    rejects(v, "spec.rolloutStrategy.progressive", "type is All");
+    let v = validate_mcm(&mcm_with_rollout(json!({"type": "ProgressivePerGroup",
+        "progressive": {}, "progressivePerGroup": {"maxConcurrency": 1}})));
+    rejects(
+        v.clone(),
+        "spec.rolloutStrategy.progressive",
+        "type is ProgressivePerGroup",
+    );
+    rejects(
+        v,
+        "spec.rolloutStrategy.progressivePerGroup.maxConcurrency",
+        "only to type Progressive",
+    );
+}

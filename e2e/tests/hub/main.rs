@@ -8,6 +8,7 @@ mod builds;
 mod day1;
 mod must_gather;
 mod prerequisites;
+mod progressive;
 mod registry;
 mod rollout;
 mod setup;

@@ -17,7 +17,7 @@ use super::error::ApiError;
 use super::model::{
     ClusterList, ClusterRollout, ClusterSummary, Counts, EventItem, EventList, Feedback,
     ImageCounts, KernelRollout, McmDetail, McmList, McmSummary, Phase, PodNumbers, Problem,
-    WorkStatus,
+    RolloutState, WorkStatus,
 };
 use crate::cache::{RECENT_EVENTS, WorkEntry};
 use crate::decide::plan::{ClusterFacts, selects};
@@ -182,6 +182,7 @@ pub fn summary(mcm: &ManagedClusterModule, clusters: &[ClusterFacts]) -> McmSumm
         },
         conditions: status.conditions,
         images,
+        rollout: status.rollout,
     }
 }
 
@@ -260,6 +261,9 @@ pub fn detail(
                     .unwrap_or_default(),
                 unmapped_kernels: view.map(|v| v.unmapped_kernels.clone()).unwrap_or_default(),
                 problem,
+                rollout_state: view
+                    .and_then(|v| v.rollout.as_deref())
+                    .and_then(RolloutState::parse),
                 work: work.map(work_status),
             }
         })

@@ -7,6 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use schemars::JsonSchema;
 use serde::Serialize;
 use shared_api::mcm::{ImageState, ImageStatus};
+use shared_api::rollout::RolloutStatus;
 
 /// `GET /api/v1/managedclustermodules`.
 #[derive(Debug, Clone, Serialize, JsonSchema)]
@@ -33,6 +34,9 @@ pub struct McmSummary {
     /// `Ready`, `Progressing`, `Degraded`.
     pub conditions: Vec<Condition>,
     pub images: ImageCounts,
+    /// The progressive rollout (`status.rollout`), when `spec.rolloutStrategy` is
+    /// `Progressive` or `ProgressivePerGroup`.
+    pub rollout: Option<RolloutStatus>,
 }
 
 /// ManifestWork counts from the MCM status, plus the clusters its selector matches now.
@@ -111,8 +115,35 @@ pub struct ClusterRollout {
     /// Kernels of the cluster that no kernel mapping matches.
     pub unmapped_kernels: Vec<String>,
     pub problem: Option<Problem>,
+    /// Where the cluster is in the MCM's progressive rollout (none for `All`).
+    pub rollout_state: Option<RolloutState>,
     /// The cluster's ManifestWork, when there is one.
     pub work: Option<WorkStatus>,
+}
+
+/// A cluster's state in a progressive rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+pub enum RolloutState {
+    /// At the revision, succeeded and held for `minSuccessTime`.
+    Updated,
+    /// Moved to the revision, not succeeded or failed yet.
+    InProgress,
+    /// At the revision, Degraded or past `progressDeadline`.
+    Failed,
+    /// Not moved yet: keeps the ManifestWork it had.
+    Pending,
+}
+
+impl RolloutState {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "Updated" => Some(Self::Updated),
+            "InProgress" => Some(Self::InProgress),
+            "Failed" => Some(Self::Failed),
+            "Pending" => Some(Self::Pending),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, JsonSchema)]

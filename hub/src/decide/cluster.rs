@@ -76,6 +76,7 @@ pub fn decide_cluster(
         kernels,
         unmapped_kernels: cp.unmapped_kernels.clone(),
         problem: None,
+        rollout: None,
     };
     let decision = |view, desired, problem: Option<ClusterProblem>, delete, render_error| {
         let mut view: ClusterView = view;

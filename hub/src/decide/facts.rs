@@ -11,6 +11,9 @@ use shared_api::ocm::{ManifestWork, work_conditions};
 
 use crate::render::{ReadyMapping, SPEC_HASH_ANNOTATION, shipped_mappings};
 
+/// The prefix of the annotations a progressive rollout keeps on a ManifestWork.
+pub const ROLLOUT_ANNOTATION_PREFIX: &str = "hub.kmm.sigs.x-k8s.io/rollout-";
+
 /// What the hub knows about one ManagedCluster.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterFacts {
@@ -78,6 +81,13 @@ pub struct WorkEntry {
     #[serde(skip)]
     pub shipped: Vec<ReadyMapping>,
     pub applied: bool,
+    /// `Applied` is True for the work's current generation (the agent applied this spec,
+    /// not an earlier one).
+    #[serde(skip)]
+    pub applied_current: bool,
+    /// The progressive-rollout annotations (`hub.kmm.sigs.x-k8s.io/rollout-*`).
+    #[serde(skip)]
+    pub rollout: BTreeMap<String, String>,
     pub available: bool,
     pub degraded: bool,
     pub feedback: BTreeMap<String, i64>,
@@ -111,6 +121,18 @@ impl WorkEntry {
             spec_hash: w.annotations().get(SPEC_HASH_ANNOTATION).cloned(),
             shipped: shipped_mappings(w),
             applied: status.condition_true(work_conditions::APPLIED),
+            applied_current: status.conditions.iter().any(|c| {
+                c.type_ == work_conditions::APPLIED
+                    && c.status == "True"
+                    && c.observed_generation
+                        .is_none_or(|g| Some(g) == w.metadata.generation)
+            }),
+            rollout: w
+                .annotations()
+                .iter()
+                .filter(|(k, _)| k.starts_with(ROLLOUT_ANNOTATION_PREFIX))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             available: status.condition_true(work_conditions::AVAILABLE),
             degraded: status.condition_true(work_conditions::DEGRADED),
             feedback,

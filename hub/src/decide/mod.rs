@@ -16,4 +16,5 @@ pub mod facts;
 pub mod image;
 pub mod plan;
 pub mod release;
+pub mod rollout;
 pub mod status;

@@ -31,6 +31,19 @@ pub async fn event(
     reason: &str,
     note: &str,
 ) {
+    event_as(ctx, mcm, type_, reason, "Reconcile", note).await;
+}
+
+/// [`event`] with its own `action`. The recorder counts an event again (keeping its first
+/// note) when type, reason and action repeat; a distinct action makes a new event.
+pub async fn event_as(
+    ctx: &Context,
+    mcm: &ManagedClusterModule,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
     ctx.caches.record_event(RecentEvent {
         time: Timestamp::now().to_string(),
         kind: "ManagedClusterModule".into(),
@@ -47,7 +60,7 @@ pub async fn event(
         type_,
         reason: reason.into(),
         note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
+        action: action.into(),
         secondary: None,
     };
     // Events of cluster-scoped objects live in `default`; 1.20 servers also require the

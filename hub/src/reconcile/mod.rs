@@ -8,14 +8,14 @@ pub mod events;
 pub mod release;
 pub mod writes;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kmm_runtime::backoff::KeyedBackoff;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -24,6 +24,7 @@ use shared_api::ManagedClusterModule;
 use shared_api::labels::MCM_FINALIZER;
 use shared_api::mcm::ClusterProblem;
 use shared_api::ocm::ManifestWork;
+use shared_api::rollout::RESUME_ANNOTATION;
 use shared_api::validate::validate_mcm;
 use tracing::Instrument;
 
@@ -33,8 +34,12 @@ pub use writes::delete_work;
 
 use crate::cache::Caches;
 use crate::decide::cluster::decide_cluster;
+use crate::decide::facts::{ClusterFacts, WorkEntry};
 use crate::decide::plan::plan;
-use crate::decide::status::{Findings, Next, invalid_spec_status, mcm_status, plan_error_status};
+use crate::decide::rollout;
+use crate::decide::status::{
+    Findings, Next, image_statuses, invalid_spec_status, mcm_status, plan_error_status,
+};
 use crate::last_decisions::{McmView, Views};
 use crate::metrics::Metrics;
 use crate::pipeline::{Deps, ImageOutcome, ImagePipeline, McmInputs, Report, inputs};
@@ -202,28 +207,96 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
     let selected: BTreeSet<&str> = plan.clusters.iter().map(|c| c.cluster.as_str()).collect();
     let mut decisions = Vec::with_capacity(plan.clusters.len());
     let mut writes: Vec<ManifestWork> = Vec::new();
-    for cp in &plan.clusters {
-        let _cluster = tracing::debug_span!("cluster", cluster = %cp.cluster).entered();
-        let work = existing.get(&cp.cluster);
-        let shipped = work.map_or(&[][..], |e| e.shipped.as_slice());
-        let executor = ctx.work_executor.as_ref();
-        let mut decision = decide_cluster(mcm, cp, &outcomes, shipped, executor, &pull);
-        if let Some(w) = decision.desired.take() {
-            match work {
-                // Being deleted: writing to it is pointless; its removal triggers a new reconcile.
-                Some(e) if e.deleting => {}
-                Some(e)
-                    if e.spec_hash.as_deref()
-                        == w.annotations()
-                            .get(crate::render::SPEC_HASH_ANNOTATION)
-                            .map(String::as_str) =>
-                {
-                    ctx.metrics.writes_skipped.inc();
+    let executor = ctx.work_executor.as_ref();
+    let settings = rollout::Settings::of(mcm);
+    let mut rolled = None;
+    match &settings {
+        // `All`: every cluster gets its work at once (as always).
+        None => {
+            for cp in &plan.clusters {
+                let _cluster = tracing::debug_span!("cluster", cluster = %cp.cluster).entered();
+                let work = existing.get(&cp.cluster);
+                let shipped = work.map_or(&[][..], |e| e.shipped.as_slice());
+                let mut decision = decide_cluster(mcm, cp, &outcomes, shipped, executor, &pull);
+                if let Some(w) = decision.desired.take() {
+                    queue_write(ctx, &mut writes, work, w, None);
                 }
-                _ => writes.push(w),
+                decisions.push(decision);
             }
         }
-        decisions.push(decision);
+        Some(settings) => {
+            // First the revision of every cluster (its desired spec hash), keeping none of
+            // the rendered works; then the rollout's decision; then the works it ships,
+            // rendered again one at a time.
+            let mut hashes: BTreeMap<String, String> = BTreeMap::new();
+            for cp in &plan.clusters {
+                let work = existing.get(&cp.cluster);
+                let shipped = work.map_or(&[][..], |e| e.shipped.as_slice());
+                let mut decision = decide_cluster(mcm, cp, &outcomes, shipped, executor, &pull);
+                if let Some(h) = decision.desired.take().and_then(|w| {
+                    w.annotations()
+                        .get(crate::render::SPEC_HASH_ANNOTATION)
+                        .cloned()
+                }) {
+                    hashes.insert(cp.cluster.clone(), h);
+                }
+                decisions.push(decision);
+            }
+            let facts: BTreeMap<&str, &ClusterFacts> =
+                clusters.iter().map(|c| (c.name.as_str(), c)).collect();
+            // The Placement decision group of each cluster, once the MCM can follow a
+            // Placement; until then every cluster is in none.
+            let decision_groups: BTreeMap<String, (i32, String)> = BTreeMap::new();
+            let no_labels = BTreeMap::new();
+            let members: Vec<rollout::Member<'_>> = hashes
+                .iter()
+                .map(|(cluster, hash)| rollout::Member {
+                    cluster,
+                    labels: facts
+                        .get(cluster.as_str())
+                        .map_or(&no_labels, |f| &f.labels),
+                    decision_group: decision_groups.get(cluster).map(|(i, n)| (*i, n.as_str())),
+                    desired_hash: hash,
+                    work: existing.get(cluster),
+                })
+                .collect();
+            let previous = mcm.status.as_ref();
+            let images = image_statuses(
+                &plan,
+                &outcomes,
+                previous.map_or(&[][..], |s| s.images.as_slice()),
+            );
+            let revision = rollout::revision(mcm, &images);
+            let d = rollout::decide(
+                &members,
+                rollout::Inputs {
+                    settings,
+                    revision: &revision,
+                    previous: previous.and_then(|s| s.rollout.as_ref()),
+                    resume: mcm.annotations().contains_key(RESUME_ANNOTATION),
+                    spec_changed: previous.and_then(|s| s.observed_generation)
+                        != mcm.metadata.generation,
+                    now,
+                },
+            );
+            for (cp, decision) in plan.clusters.iter().zip(decisions.iter_mut()) {
+                let Some(step) = d.steps.get(&cp.cluster) else {
+                    continue;
+                };
+                decision.view.rollout = Some(step.state.as_str().to_string());
+                if !step.ship {
+                    continue;
+                }
+                let work = existing.get(&cp.cluster);
+                let shipped = work.map_or(&[][..], |e| e.shipped.as_slice());
+                let again = decide_cluster(mcm, cp, &outcomes, shipped, executor, &pull);
+                if let Some(w) = again.desired {
+                    queue_write(ctx, &mut writes, work, w, Some(&step.annotations));
+                }
+            }
+            ctx.metrics.rollout_moved.inc_by(d.moved as u64);
+            rolled = Some(d);
+        }
     }
     let created = writes
         .iter()
@@ -263,18 +336,32 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
         pull_secret_error: pull_secret_error.as_deref(),
         write_errors: &write_error_texts,
     };
-    let decided = mcm_status(mcm, findings, now);
+    let mut decided = mcm_status(mcm, findings, now);
+    rollout::fill_status(
+        &mut decided.status,
+        rolled.as_ref().map(|d| &d.status),
+        mcm.metadata.generation,
+        now,
+    );
 
     let view_changed = ctx.views.put(McmView {
         name: name.clone(),
         clusters: decisions.into_iter().map(|d| d.view).collect(),
         images: decided.status.images.clone(),
+        rollout: decided.status.rollout.clone(),
         last_error: decided.degraded_reasons.first().cloned(),
     });
     if view_changed {
         ctx.caches.bump();
+        ctx.metrics.set_rollouts(&ctx.views.rollouts());
     }
     write_status(ctx, mcm, decided.status).await?;
+    if let Some(d) = &rolled {
+        rollout_events(ctx, mcm, d).await;
+    }
+    if mcm.annotations().contains_key(RESUME_ANNOTATION) {
+        remove_resume_annotation(ctx, mcm).await?;
+    }
     if created > 0 {
         let msg = format!("{created} cluster(s) received the module");
         event(ctx, mcm, EventType::Normal, "ManifestWorksCreated", &msg).await;
@@ -288,18 +375,83 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
     if let Some(e) = Error::writes(failed_writes) {
         return Err(e);
     }
+    // A rollout's minSuccessTime or progressDeadline running out: look again then.
+    let wake = rolled.as_ref().and_then(|d| d.requeue_after);
+    let soonest = |d: Duration| wake.map_or(d, |w| w.min(d));
     match decided.next {
         // Missing or unreachable images: retry with the per-MCM capped backoff.
         Next::RetryImages(images) => Err(Error::ImagesPending(images)),
         // Being built or signed: look again soon.
-        Next::WaitForImages => Ok(Action::requeue(Duration::from_secs(5))),
-        Next::Resync => Ok(Action::requeue(ctx.resync)),
+        Next::WaitForImages => Ok(Action::requeue(soonest(Duration::from_secs(5)))),
+        Next::Resync => Ok(Action::requeue(soonest(ctx.resync))),
     }
+}
+
+/// Queue a rendered work unless the cached one already carries it (same spec hash and, in
+/// a progressive rollout, the same rollout annotations) or is being deleted.
+fn queue_write(
+    ctx: &Context,
+    writes: &mut Vec<ManifestWork>,
+    existing: Option<&WorkEntry>,
+    mut w: ManifestWork,
+    rollout_annotations: Option<&BTreeMap<String, String>>,
+) {
+    if let Some(a) = rollout_annotations {
+        w.annotations_mut()
+            .extend(a.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    match existing {
+        // Being deleted: writing to it is pointless; its removal triggers a new reconcile.
+        Some(e) if e.deleting => {}
+        Some(e)
+            if e.spec_hash.as_deref()
+                == w.annotations()
+                    .get(crate::render::SPEC_HASH_ANNOTATION)
+                    .map(String::as_str)
+                && rollout_annotations.is_none_or(|a| *a == e.rollout) =>
+        {
+            ctx.metrics.writes_skipped.inc();
+        }
+        _ => writes.push(w),
+    }
+}
+
+/// The rollout's few events: a revision starting or resuming, a halt, the end. Each has an
+/// action of its own (revision and failure count), so that a later halt or resume of the
+/// same rollout is a new event with its own message rather than a repeat of the first.
+async fn rollout_events(ctx: &Context, mcm: &ManagedClusterModule, d: &rollout::Decision) {
+    let action = format!("Rollout/{}/{}", d.status.revision, d.status.failed);
+    for e in &d.events {
+        let (type_, reason, note) = match e {
+            rollout::RolloutEvent::Progressing(m) => (EventType::Normal, "RolloutProgressing", m),
+            rollout::RolloutEvent::Halted(m) => {
+                ctx.metrics.rollout_halts.inc();
+                (EventType::Warning, "RolloutHalted", m)
+            }
+            rollout::RolloutEvent::Completed(m) => (EventType::Normal, "RolloutCompleted", m),
+        };
+        events::event_as(ctx, mcm, type_, reason, &action, note).await;
+    }
+}
+
+/// The resume annotation has been acted on (or there was nothing to resume): remove it, so
+/// that a later halt needs a new resume.
+async fn remove_resume_annotation(ctx: &Context, mcm: &ManagedClusterModule) -> Result<(), Error> {
+    let api: Api<ManagedClusterModule> = Api::all(ctx.client.clone());
+    let patch = serde_json::json!({"metadata": {"annotations": {RESUME_ANNOTATION: null}}});
+    api.patch(
+        &mcm.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Drop everything kept in memory for an MCM (views, image pipeline memory, backoff).
 pub fn forget_mcm(ctx: &Context, name: &str) {
     ctx.views.remove(name);
+    ctx.metrics.set_rollouts(&ctx.views.rollouts());
     ctx.images.forget(name);
     ctx.backoff.reset(&name.to_string());
     ctx.caches.bump();

@@ -19,6 +19,7 @@ use crate::names;
 
 mod mapping;
 mod pod;
+mod rollout;
 use mapping::{image_template_rule, in_tree_names, mapping_rules, modprobe_rules, sign_rules};
 use pod::{
     build_selector_rules, plugin_container_rules, pull_policy_rule, selector_rules,
@@ -123,6 +124,9 @@ pub fn validate_mcm(mcm: &ManagedClusterModule) -> Vec<Violation> {
         );
     }
     selector_rules(&mut r, "spec.selector", &mcm.spec.selector);
+    if let Some(s) = &mcm.spec.rollout_strategy {
+        rollout::rollout_rules(&mut r, "spec.rolloutStrategy", s);
+    }
     let ns = if spoke_ns.is_empty() {
         "default"
     } else {

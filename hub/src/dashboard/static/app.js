@@ -276,13 +276,13 @@ async function mcmView(name) {
     const span = Math.max(1, cl.kernels.length);
     const head = [
       el("td", { rowspan: span, class: "cluster" }, cl.name, cl.selected ? null : el("div", { class: "muted", text: "no longer selected" })),
-      el("td", { rowspan: span }, badge(cl.phase)),
+      el("td", { rowspan: span }, badge(cl.phase), cl.rolloutState ? el("div", { class: "rollout-state" }, badge(cl.rolloutState)) : null),
       el("td", { rowspan: span }, w ? conditionBadges(w.conditions) : el("span", { class: "muted", text: "no ManifestWork" })),
       el("td", { rowspan: span, class: "num nodes", text: nodes }),
     ];
     const tail = el("td", { rowspan: span, class: "problem", text: cl.problem ? `${cl.problem.reason}: ${cl.problem.message}` : (cl.unmappedKernels.length ? "unmapped: " + cl.unmappedKernels.join(", ") : "") });
     if (!cl.kernels.length) {
-      rows.push(el("tr", { "data-cluster": cl.name, "data-phase": cl.phase }, head, el("td", { colspan: 3, class: "muted", text: m.reconciled ? "no kernels" : "not reconciled yet" }), tail));
+      rows.push(el("tr", { "data-cluster": cl.name, "data-phase": cl.phase, "data-rollout": cl.rolloutState || "" }, head, el("td", { colspan: 3, class: "muted", text: m.reconciled ? "no kernels" : "not reconciled yet" }), tail));
       continue;
     }
     cl.kernels.forEach((k, i) => {
@@ -292,7 +292,7 @@ async function mcmView(name) {
         el("td", { class: "digest", title: k.pinnedImage || k.image, text: k.digest ? shortDigest(k.digest) : "—" }),
       ];
       rows.push(i === 0
-        ? el("tr", { "data-cluster": cl.name, "data-phase": cl.phase }, head, cells, tail)
+        ? el("tr", { "data-cluster": cl.name, "data-phase": cl.phase, "data-rollout": cl.rolloutState || "" }, head, cells, tail)
         : el("tr", { "data-cluster-kernel": cl.name }, cells));
     });
   }
@@ -308,12 +308,23 @@ async function mcmView(name) {
     m.lastError ? el("p", { class: "error", text: m.lastError }) : null,
     el("div", { class: "summary" }, progress(c),
       el("span", { text: `${c.available} available · ${c.applied} applied · ${c.degraded} degraded · ${c.desired} ManifestWorks · ${c.selected} selected` })),
+    m.rollout ? rolloutBlock(m.rollout) : null,
     el("p", { class: "muted", text: `selector: ${Object.entries(m.selector).map(([k, v]) => `${k}=${v}`).join(", ") || "(all clusters)"} · spoke namespace: ${m.spokeNamespace}` }),
     el("h2", { text: "Clusters" }),
     rows.length ? table(["Cluster", "Phase", "ManifestWork", "Nodes available/desired", "Kernel", "Image", "Digest", "Problem"], rows, { id: "rollout" }) : el("p", { class: "muted", text: "No cluster selected." }),
     el("h2", { text: "Image plan" }),
     plan.length ? table(["Image", "State", "Digest", "Clusters", "Reason"], plan, { id: "images" }) : el("p", { class: "muted", text: "No images yet." }),
     eventsBlock(events.items));
+}
+
+/// The progressive rollout of one MCM (`status.rollout`).
+function rolloutBlock(r) {
+  const group = r.currentGroup ? ` · group ${r.currentGroup}` : "";
+  return el("div", { id: "rollout-status", "data-phase": r.phase },
+    el("p", {}, badge(r.phase),
+      el("span", { text: ` ${r.strategy} rollout of revision ${r.revision}: ${r.updated} updated · ${r.inProgress} in progress · ${r.failed} failed · ${r.pending} pending of ${r.total} · wave ${r.wave}${group}` })),
+    r.haltReason ? el("p", { class: "error", text: "Halted: " + r.haltReason + ` (resume: kubectl annotate mcm <name> hub.kmm.sigs.x-k8s.io/rollout-resume=now)` }) : null,
+    r.failedClusters && r.failedClusters.length ? el("p", { class: "muted", text: "failed: " + r.failedClusters.join(", ") + (r.failedClustersOmitted ? ` and ${r.failedClustersOmitted} more` : "") }) : null);
 }
 
 // ---- start -----------------------------------------------------------------------------

@@ -92,6 +92,27 @@ async fn mcm_detail_per_cluster_and_kernel() {
     assert_eq!(clusters["spoke-gone"]["phase"], "Removing");
     assert_eq!(clusters["spoke-gone"]["selected"], false);
 
+    // The progressive rollout: the MCM's, and each cluster's place in it.
+    assert_eq!(s1["rolloutState"], "Updated");
+    assert_eq!(s2["rolloutState"], "Pending");
+    assert_eq!(clusters["spoke-4"]["rolloutState"], Value::Null);
+    assert_eq!(
+        (
+            &body["rollout"]["revision"],
+            &body["rollout"]["phase"],
+            &body["rollout"]["updated"],
+            &body["rollout"]["pending"],
+            &body["rollout"]["wave"]
+        ),
+        (
+            &json!("0123456789"),
+            &json!("Progressing"),
+            &json!(1),
+            &json!(1),
+            &json!(2)
+        )
+    );
+
     let plan = body["imagePlan"].as_array().expect("imagePlan");
     assert_eq!(plan.len(), 2);
     assert_eq!(plan[1]["state"], "Missing");

@@ -198,6 +198,7 @@ fn fixture() -> Fixture {
                 kernels: vec![ready(K1)],
                 unmapped_kernels: vec![],
                 problem: None,
+                rollout: Some("Updated".into()),
             },
             ClusterView {
                 name: "spoke-2".into(),
@@ -217,9 +218,11 @@ fn fixture() -> Fixture {
                     reason: "ImagesPending".into(),
                     message: "waiting for image(s)".into(),
                 }),
+                rollout: Some("Pending".into()),
             },
         ],
         images: images.clone(),
+        rollout: Some(rollout_status()),
         last_error: Some("an image is missing".into()),
     });
 
@@ -234,6 +237,7 @@ fn fixture() -> Fixture {
         ],
         images,
         observed_generation: Some(2),
+        rollout: Some(rollout_status()),
         ..Default::default()
     };
     let mut writer = Writer::<ManagedClusterModule>::default();
@@ -330,3 +334,17 @@ fn post(path: &str, token: Option<&str>) -> Request<Body> {
 mod api;
 mod auth;
 mod stream;
+
+/// A progressive rollout one cluster into its revision.
+pub(crate) fn rollout_status() -> shared_api::rollout::RolloutStatus {
+    shared_api::rollout::RolloutStatus {
+        revision: "0123456789".into(),
+        strategy: "Progressive".into(),
+        phase: shared_api::rollout::RolloutPhase::Progressing,
+        total: 2,
+        updated: 1,
+        pending: 1,
+        wave: 2,
+        ..Default::default()
+    }
+}
