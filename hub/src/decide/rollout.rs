@@ -82,6 +82,7 @@ pub fn revision(mcm: &ManagedClusterModule, images: &[ImageStatus]) -> String {
         &mcm.spec.module_spec,
         &mcm.spec.spoke_namespace,
         &mcm.spec.spoke_prerequisites,
+        &mcm.spec.day1,
         pinned,
     ))
     .unwrap_or_default();
