@@ -232,3 +232,35 @@ fn bad_input_is_a_clear_error() {
     );
     assert!(!out.status.success());
 }
+
+/// Without `--digests` the registries are asked; one that does not answer is "in progress"
+/// (not known yet), not a failure of the MCM — and not a success either: exit 1.
+#[test]
+fn an_unreachable_registry_is_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    // A loopback port nothing listens on (bound, then closed).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let one = MCMS
+        .split("  - apiVersion")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("  - apiVersion")
+        .replace("reg.example/a:", &format!("127.0.0.1:{port}/a:"));
+    std::fs::write(dir.path().join("mcms.yaml"), one).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kmm-hub"))
+        .args(["preflight", "--kernel", KERNEL, "--mcm"])
+        .arg(dir.path().join("mcms.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        verdicts(&out),
+        vec![v("prebuilt", "InProgress", "RegistryUnavailable")],
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -282,6 +282,27 @@ async fn preflight_reports_then_builds_ahead_once_for_the_upgrade() -> anyhow::R
                 })
                 .await?;
 
+                // `kmm-hub preflight`, offline but asking the registry: the same answers.
+                let file = fleet.dir().join("preflight-mcm.yaml");
+                std::fs::write(&file, serde_yaml::to_string(&built_mcm(fleet)?)?)?;
+                let args = kmm_hub::commands::preflight::PreflightArgs {
+                    kernels: vec![K_NEXT.into(), K_UNMAPPED.into()],
+                    mcms: vec![file],
+                    digests: None,
+                    pull_secret: None,
+                    inputs: None,
+                    config: None,
+                    namespace: HUB_NS.into(),
+                };
+                let mut out = Vec::new();
+                let all = kmm_hub::commands::preflight::run(args, &mut out).await?;
+                let text = String::from_utf8(out)?;
+                ensure!(
+                    !all && text.contains(&format!("kmm-ci-a\t{K_NEXT}\tSuccess\tImageExists"))
+                        && text.contains(&format!("kmm-ci-a\t{K_UNMAPPED}\tFailure\tNoMapping")),
+                    "{text}"
+                );
+
                 // The node reboots into the next kernel: the agent's claim changes, the hub
                 // ships the image built ahead, and builds nothing.
                 fleet
