@@ -109,16 +109,14 @@ fn hub_config(fleet: &Fleet) -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// Build Jobs seen: (name, UID).
+type SeenJobs = Arc<Mutex<BTreeSet<(String, String)>>>;
+
 /// Every build Job created in the build namespace (by UID), whoever created it.
-fn record_build_jobs(
-    hub: Client,
-) -> (
-    Arc<Mutex<BTreeSet<(String, String)>>>,
-    tokio::task::JoinHandle<()>,
-) {
+fn record_build_jobs(hub: Client) -> (SeenJobs, tokio::task::JoinHandle<()>) {
     use futures::StreamExt as _;
     use kube::runtime::watcher;
-    let seen: Arc<Mutex<BTreeSet<(String, String)>>> = Arc::default();
+    let seen: SeenJobs = Arc::default();
     let s = seen.clone();
     let task = tokio::spawn(async move {
         let jobs: Api<Job> = Api::namespaced(hub, BUILD_NS);
