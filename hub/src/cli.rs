@@ -43,6 +43,9 @@ pub enum Command {
     Run(Box<crate::run::RunArgs>),
     /// Print, as YAML, the ManifestWorks the controller would write (no cluster needed).
     Render(crate::commands::render::RenderArgs),
+    /// Check every ManagedClusterModule against coming kernels: one line per MCM and kernel
+    /// with its verdict and reason; exit 0 only when all would work (no cluster needed).
+    Preflight(crate::commands::preflight::PreflightArgs),
     /// Print the OpenShift MachineConfig that loads a kernel module on Day 1 (before the
     /// network), or that adds a firmware search path (no cluster needed).
     Machineconfig(crate::commands::machineconfig::MachineConfigArgs),

@@ -5,9 +5,11 @@
 //! - [`render`]: pure renderers (ManifestWork, build Job, MachineConfig).
 //! - [`pipeline`]: the image pipeline's I/O (registry, builds, signing); returns what happened.
 //! - [`reconcile`]: the MCM reconciler: reads caches, calls the above, writes, publishes.
+//! - [`preflight`]: FleetPreflightValidations: every MCM against a coming kernel, images
+//!   built ahead through the same pipeline.
 //! - [`cache`], [`registry`], [`sign`], [`webhook`], [`dashboard`]: watches, the registry
 //!   client, native signing, admission, the dashboard API.
-//! - [`commands`]: the offline `render`, `validate` and `machineconfig` subcommands, and
+//! - [`commands`]: the offline `render`, `preflight`, `validate` and `machineconfig` subcommands, and
 //!   `must-gather` (the support bundle).
 
 pub mod access;
@@ -20,6 +22,7 @@ pub mod decide;
 pub mod last_decisions;
 pub mod metrics;
 pub mod pipeline;
+pub mod preflight;
 pub mod reconcile;
 pub mod registry;
 pub mod render;

@@ -79,6 +79,20 @@ fn run(cli: Cli, run_matches: Option<&clap::ArgMatches>) -> anyhow::Result<ExitC
                 ExitCode::FAILURE
             })
         }
+        Command::Preflight(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let ok = rt.block_on(kmm_hub::commands::preflight::run(
+                args,
+                &mut std::io::stdout(),
+            ))?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Machineconfig(args) => {
             kmm_hub::commands::machineconfig::run(&args, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)

@@ -158,6 +158,7 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     tracing::info!(?signing, "image signing");
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    let preflight_metrics = crate::preflight::PreflightMetrics::register(&mut registry);
     let identity =
         std::env::var("POD_NAME").unwrap_or_else(|_| format!("kmm-hub-{}", std::process::id()));
     // Ready only with synced caches and the lease held (and every server listening).
@@ -344,7 +345,16 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     let gauge_store = store.clone();
     let gauge_metrics = metrics.clone();
     let reconcile_lost = rt.campaign().clone();
-    controller
+    // FleetPreflightValidations: checked (and images built ahead) with this reconciler's
+    // caches, registry client and image pipeline.
+    let preflight = crate::preflight::controller::run(
+        client.clone(),
+        ctx.clone(),
+        store.clone(),
+        preflight_metrics,
+        rt.stopping(),
+    );
+    let mcm_controller = controller
         .reconcile_on(triggers)
         .reconcile_all_on(resync)
         .graceful_shutdown_on(shutdown_on)
@@ -381,8 +391,8 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
             if let Err(e) = res {
                 tracing::debug!(error = %e, "controller event");
             }
-        })
-        .await;
+        });
+    futures::join!(mcm_controller, preflight);
     // `Err(lost leadership)` when the lease was lost.
     Ok(rt.finish().await?)
 }

@@ -26,6 +26,8 @@ use shared_api::refs::{RefKind, hub_refs};
 use shared_api::validate::{validate_mcm, validate_update};
 
 pub const MCM_PATH: &str = "/validate-hub-kmm-sigs-x-k8s-io-v1beta1-managedclustermodule";
+/// FleetPreflightValidations: upstream's PreflightValidation rule for each kernel.
+pub const PREFLIGHT_PATH: &str = "/validate-hub-kmm-sigs-x-k8s-io-v1beta1-fleetpreflightvalidation";
 
 /// A SubjectAccessReview that does not answer in this time denies the request.
 pub const ACCESS_REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
@@ -112,6 +114,7 @@ pub struct WebhookState<R> {
 pub fn router<R: AccessReviewer>(state: Arc<WebhookState<R>>) -> Router {
     Router::new()
         .route(MCM_PATH, post(review::<R>))
+        .route(PREFLIGHT_PATH, post(review_preflight))
         .with_state(state)
 }
 
@@ -129,6 +132,44 @@ async fn review<R: AccessReviewer>(
         }
     };
     Json(decide(&req, &state).await.into_review())
+}
+
+/// A FleetPreflightValidation: every kernel checked as upstream checks `kernelVersion`.
+async fn review_preflight(
+    Json(review): Json<AdmissionReview<DynamicObject>>,
+) -> Json<AdmissionReview<DynamicObject>> {
+    let req: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => {
+            return Json(
+                AdmissionResponse::invalid(format!("malformed AdmissionReview: {e}")).into_review(),
+            );
+        }
+    };
+    Json(decide_preflight(&req).into_review())
+}
+
+/// Allow or deny one FleetPreflightValidation request.
+pub fn decide_preflight(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+    let resp = AdmissionResponse::from(req);
+    if !matches!(req.operation, Operation::Create | Operation::Update) || exempt_update(req) {
+        return resp;
+    }
+    let Some(obj) = &req.object else { return resp };
+    let fpv: shared_api::FleetPreflightValidation =
+        match serde_json::to_value(obj).and_then(serde_json::from_value) {
+            Ok(p) => p,
+            Err(e) => return resp.deny(format!("not a FleetPreflightValidation: {e}")),
+        };
+    let violations: Vec<String> = shared_api::preflight::validate_preflight(&fpv)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if violations.is_empty() {
+        resp
+    } else {
+        resp.deny(violations.join("; "))
+    }
 }
 
 /// Whether an update leaves the spec alone (finalizers, labels, annotations) or touches an

@@ -278,3 +278,41 @@ async fn metadata_updates_and_deletion_pass_whatever_the_spec() {
     let (_, r) = post_to(st, review_json("UPDATE", changed, Some(old))).await;
     assert_eq!(r["response"]["allowed"], false, "{r}");
 }
+
+/// FleetPreflightValidations: each kernel as upstream's PreflightValidation checks it, with
+/// its index in the field path.
+#[tokio::test]
+async fn preflight_kernels_are_checked_with_their_path() {
+    let fpv = |kernels: serde_json::Value| {
+        let mut r = review_json(
+            "CREATE",
+            serde_json::json!({"apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1",
+                "kind": "FleetPreflightValidation", "metadata": {"name": "next"},
+                "spec": {"kernelVersions": kernels}}),
+            None,
+        );
+        r["request"]["kind"]["kind"] = serde_json::json!("FleetPreflightValidation");
+        r["request"]["resource"]["resource"] = serde_json::json!("fleetpreflightvalidations");
+        r
+    };
+    let send = |body: serde_json::Value| async move {
+        let resp = router(state(vec![]))
+            .oneshot(
+                Request::post(PREFLIGHT_PATH)
+                    .header("content-type", "application/json")
+                    .body(Body::from(body.to_string()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()
+    };
+    let ok = send(fpv(serde_json::json!(["5.14.0-570.el9.x86_64"]))).await;
+    assert_eq!(ok["response"]["allowed"], true, "{ok}");
+    let bad = send(fpv(serde_json::json!(["6.1.0-13-amd64", "6.1"]))).await;
+    assert_eq!(bad["response"]["allowed"], false, "{bad}");
+    let msg = message(&bad);
+    assert!(msg.contains("spec.kernelVersions[1]"), "{msg}");
+    assert!(!msg.contains("[0]"), "{msg}");
+}

@@ -12,6 +12,7 @@ pub mod module;
 pub mod names;
 pub mod ocm;
 pub mod parse;
+pub mod preflight;
 pub mod reference;
 pub mod refs;
 pub mod rollout;
@@ -21,6 +22,7 @@ pub mod validate;
 pub use mcm::{ManagedClusterModule, ManagedClusterModuleSpec, ManagedClusterModuleStatus};
 pub use module::{Module, ModuleSpec, ModuleStatus};
 pub use ocm::{ClusterClaim, ManagedCluster, ManifestWork};
+pub use preflight::FleetPreflightValidation;
 
 pub use k8s_openapi;
 
@@ -48,5 +50,9 @@ pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
-    vec![Module::crd(), ManagedClusterModule::crd()]
+    vec![
+        Module::crd(),
+        ManagedClusterModule::crd(),
+        FleetPreflightValidation::crd(),
+    ]
 }

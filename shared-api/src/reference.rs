@@ -26,7 +26,11 @@ pub fn crd_reference_markdown() -> String {
          at most 41 characters; a Module's namespace is not visible to CRD rules, so its name + namespace \
          limit is enforced by the webhooks and the agent only.\n\n",
     );
-    for crd in [crate::Module::crd_(), crate::ManagedClusterModule::crd_()] {
+    for crd in [
+        crate::Module::crd_(),
+        crate::ManagedClusterModule::crd_(),
+        crate::FleetPreflightValidation::crd_(),
+    ] {
         section(&mut out, &crd);
     }
     out

@@ -232,9 +232,10 @@ pub async fn register_webhook(hub: &Client, url: &str, ca_pem: &str) -> anyhow::
     use base64::Engine as _;
     let mut vwc: Value =
         serde_yaml::from_str(HUB_WEBHOOK_YAML).context("parsing manifests/hub/webhook.yaml")?;
-    let path = s(&vwc, "/webhooks/0/clientConfig/service/path").to_string();
     let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    // Each webhook keeps its own path (MCMs, FleetPreflightValidations).
     for hook in vwc["webhooks"].as_array_mut().into_iter().flatten() {
+        let path = s(hook, "/clientConfig/service/path").to_string();
         hook["clientConfig"] = json!({"url": format!("{url}{path}"), "caBundle": ca});
     }
     apply(hub, &vwc).await

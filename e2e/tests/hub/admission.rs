@@ -44,7 +44,14 @@ async fn hub_with_webhook(
     ))?;
     let mut vwc: serde_json::Value = serde_yaml::from_str(&manifest)?;
     let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ca.cert_pem());
-    vwc["webhooks"][0]["clientConfig"] = json!({"url": format!("https://127.0.0.1:{port}{}", kmm_hub::webhook::MCM_PATH), "caBundle": b64});
+    for hook in vwc["webhooks"].as_array_mut().into_iter().flatten() {
+        let path = hook["clientConfig"]["service"]["path"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        hook["clientConfig"] =
+            json!({"url": format!("https://127.0.0.1:{port}{path}"), "caBundle": b64});
+    }
     Ok((hub_proc, serde_json::from_value(vwc)?))
 }
 
@@ -186,6 +193,26 @@ async fn webhook_admits_only_authors_who_may_read_every_referenced_secret() -> a
                 })
             })
             .await?;
+
+            // A FleetPreflightValidation goes to its own webhook, which admits a valid one;
+            // a kernel that is not one is refused with its field path.
+            let fpvs: Api<shared_api::FleetPreflightValidation> = Api::all(hub.clone());
+            let fpv = |kernel: &str| -> anyhow::Result<shared_api::FleetPreflightValidation> {
+                Ok(serde_json::from_value(json!({
+                    "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1", "kind": "FleetPreflightValidation",
+                    "metadata": {"name": "next-kernel"},
+                    "spec": {"kernelVersions": ["6.1.0-13-amd64", kernel]}}))?)
+            };
+            fpvs.create(&PostParams::default(), &fpv("5.14.0-570.el9.x86_64")?)
+                .await
+                .context("a valid FleetPreflightValidation")?;
+            let refused = fpvs
+                .patch("next-kernel", &pp, &Patch::Merge(json!({"spec": {"kernelVersions": ["6.1.0-13-amd64", "6.1"]}})))
+                .await;
+            assert!(
+                matches!(&refused, Err(kube::Error::Api(e)) if e.message.contains("spec.kernelVersions[1]")),
+                "{refused:?}"
+            );
             hub_proc.stop().await;
             Ok(())
         })

@@ -1,12 +1,14 @@
 //! The hub against real control planes: ManifestWorks per selected cluster with pinned
 //! digests, delivery by the work agent, relabelling, deletion, registry outages, moving
 //! tags, restarts without duplicate writes, the admission webhook, and the spoke
-//! prerequisites a work carries (a fresh spoke, with the spoke agent in-process).
+//! prerequisites a work carries (a fresh spoke, with the spoke agent in-process), and fleet
+//! preflight for a coming kernel.
 
 mod admission;
 mod builds;
 mod day1;
 mod must_gather;
+mod preflight;
 mod prerequisites;
 mod progressive;
 mod registry;

@@ -317,6 +317,27 @@ async fn hub_works(
     // A static token is not issued for the dashboard's audience: unauthenticated.
     ensure!(nobody == 401, "nobody gets {nobody} from the dashboard");
 
+    // A preflight: the MCMs against the spoke's kernel, results written to its status.
+    put(
+        admin,
+        json!({"apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1", "kind": "FleetPreflightValidation",
+            "metadata": {"name": "same-kernel"}, "spec": {"kernelVersions": [K1]}}),
+    )
+    .await?;
+    eventually("the preflight's results", DEADLINE, || async {
+        let s = Api::<shared_api::FleetPreflightValidation>::all(admin.clone())
+            .get("same-kernel")
+            .await?
+            .status
+            .unwrap_or_default();
+        let prebuilt = s.results.iter().find(|r| r.mcm == "prebuilt");
+        Ok(match prebuilt {
+            Some(r) if r.reason == "ImageExists" => Ok(()),
+            _ => Err(format!("{s:?}")),
+        })
+    })
+    .await?;
+
     // Deleting the MCM: its work deleted, then the finalizer released.
     Api::<ManagedClusterModule>::all(admin.clone())
         .delete("prebuilt", &DeleteParams::default())
@@ -359,6 +380,8 @@ async fn hub_works(
             "no update managedclustermodules.hub.kmm.sigs.x-k8s.io x",
             "no create managedclustermodules.hub.kmm.sigs.x-k8s.io",
             "no delete managedclustermodules.hub.kmm.sigs.x-k8s.io x",
+            "no update fleetpreflightvalidations.hub.kmm.sigs.x-k8s.io x",
+            "no patch fleetpreflightvalidations.hub.kmm.sigs.x-k8s.io x",
             "no delete managedclusters.cluster.open-cluster-management.io spoke-1",
             "yes create manifestworks.work.open-cluster-management.io -n spoke-1",
             &format!(

@@ -9,12 +9,14 @@
 //! - [`cluster`]: one cluster's work: which mapping per kernel, or why none.
 //! - [`status`]: counts, per-image list, conditions and what to do next.
 //! - [`release`]: when a ManifestWork that should go may be deleted or released.
+//! - [`preflight`]: an MCM against a coming kernel: its image, and whether the hub can make it.
 
 pub mod build_job;
 pub mod cluster;
 pub mod facts;
 pub mod image;
 pub mod plan;
+pub mod preflight;
 pub mod release;
 pub mod rollout;
 pub mod status;
