@@ -34,7 +34,7 @@ fn probe(mcm: &ManagedClusterModule, kernel: &str) -> ClusterFacts {
         labels: mcm.spec.selector.clone(),
         kernels: Some(vec![kernel.to_string()]),
         available: true,
-        kubernetes: None,
+        ..Default::default()
     }
 }
 
