@@ -84,6 +84,19 @@ impl Caches {
             .unwrap_or_default()
     }
 
+    /// The Driver Toolkit image for a kernel: the hub's table, then the clusters' claims
+    /// ([`crate::decide::dtk::dtk_image_for`], read under the lock, nothing copied).
+    pub fn dtk_image(
+        &self,
+        kernel: &str,
+        table: &crate::render::build_job::DtkTable,
+    ) -> Result<crate::decide::dtk::DtkImage, String> {
+        match self.clusters.read() {
+            Ok(c) => crate::decide::dtk::dtk_image_for(kernel, table, c.values()),
+            Err(_) => crate::decide::dtk::dtk_image_for(kernel, table, []),
+        }
+    }
+
     /// The cached works of one MCM, by cluster.
     pub fn works_of(&self, mcm: &str) -> BTreeMap<String, WorkEntry> {
         self.works
@@ -244,7 +257,23 @@ pub async fn watch_clusters(
                 new.map_or(&empty, |n| &n.labels),
             ]
             .into();
-            for r in mcms_selecting(&mcms, &labels) {
+            // Driver Toolkit images serve builds for every MCM, selecting this cluster or
+            // not (a build for a kernel takes the image of any cluster running it): they
+            // change rarely, so every MCM looks again.
+            let old_dtk = old.map(|o| &o.dtk_images);
+            let new_dtk = new.map(|n| &n.dtk_images);
+            let dtk_changed = old_dtk != new_dtk
+                && (old_dtk.is_some_and(|d| !d.is_empty())
+                    || new_dtk.is_some_and(|d| !d.is_empty()));
+            let targets = if dtk_changed {
+                mcms.state()
+                    .iter()
+                    .map(|m| ObjectRef::from_obj(m.as_ref()))
+                    .collect()
+            } else {
+                mcms_selecting(&mcms, &labels)
+            };
+            for r in targets {
                 let _ = trigger.send(r);
             }
             caches.bump();

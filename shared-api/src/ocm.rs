@@ -1,6 +1,8 @@
 //! The Open Cluster Management types kmm-fleet reads and writes, with OCM's exact
 //! group/version/kind and field names (a subset of fields: the ones we touch).
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -10,6 +12,12 @@ use serde::{Deserialize, Serialize};
 pub const KERNEL_VERSIONS_CLAIM: &str = "kernel-versions.kmm.node.kubernetes.io";
 /// OCM caps a ClusterClaim value at this many characters.
 pub const CLAIM_VALUE_MAX: usize = 1024;
+/// The ClusterClaim an OpenShift spoke publishes: `<kernel>=<Driver Toolkit image>` lines,
+/// sorted by kernel, spread over numbered claims like the kernel list.
+pub const DTK_IMAGES_CLAIM: &str = "kernel-dtk-images.kmm.node.kubernetes.io";
+/// At most this many Driver Toolkit claims (the main one and `.1` … `.4`): the spoke's RBAC
+/// names each, and OCM syncs only a few custom claims per cluster.
+pub const DTK_CLAIMS_MAX: usize = 5;
 
 /// `ManagedCluster` (`cluster.open-cluster-management.io/v1`, cluster-scoped).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -367,31 +375,34 @@ impl ManagedClusterStatus {
         let mut parts: Vec<(usize, &str)> = self
             .cluster_claims
             .iter()
-            .filter_map(|c| claim_part_index(&c.name).map(|i| (i, c.value.as_str())))
+            .filter_map(|c| claim_part_of(base, &c.name).map(|i| (i, c.value.as_str())))
             .collect();
         if parts.is_empty() {
             return None;
         }
         parts.sort_by_key(|(i, _)| *i);
-        let mut kernels: Vec<String> = parts
-            .iter()
-            .flat_map(|(_, v)| v.split('\n'))
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .map(str::to_string)
-            .collect();
-        kernels.sort();
-        kernels.dedup();
-        Some(kernels)
+        Some(
+            parts
+                .iter()
+                .flat_map(|(_, v)| v.split('\n'))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect(),
+        )
     }
 }
 
-/// 0 for the main claim, n for `<claim>.n`.
+/// 0 for the kernel-versions claim, n for `<claim>.n`.
 pub fn claim_part_index(name: &str) -> Option<usize> {
-    if name == KERNEL_VERSIONS_CLAIM {
+    claim_part_of(KERNEL_VERSIONS_CLAIM, name)
+}
+
+/// 0 for the claim named `base`, n for its overflow claim `<base>.n` (n > 0).
+pub fn claim_part_of(base: &str, name: &str) -> Option<usize> {
+    if name == base {
         return Some(0);
     }
-    name.strip_prefix(KERNEL_VERSIONS_CLAIM)?
+    name.strip_prefix(base)?
         .strip_prefix('.')?
         .parse()
         .ok()
@@ -404,12 +415,11 @@ pub fn claim_part_index(name: &str) -> Option<usize> {
 pub fn split_kernel_claims(kernels: &[String]) -> Vec<(String, String)> {
     let mut values: Vec<String> = Vec::new();
     let mut current = String::new();
-    for k in kernels {
-        let k: String = k.chars().take(CLAIM_VALUE_MAX).collect();
+    for l in lines {
         let needed = if current.is_empty() {
-            k.len()
+            l.len()
         } else {
-            current.len() + 1 + k.len()
+            current.len() + 1 + l.len()
         };
         if needed > CLAIM_VALUE_MAX && !current.is_empty() {
             values.push(std::mem::take(&mut current));
@@ -417,9 +427,9 @@ pub fn split_kernel_claims(kernels: &[String]) -> Vec<(String, String)> {
         if !current.is_empty() {
             current.push('\n');
         }
-        current.push_str(&k);
+        current.push_str(l);
     }
-    if !current.is_empty() || values.is_empty() {
+    if !current.is_empty() {
         values.push(current);
     }
     values
@@ -427,9 +437,9 @@ pub fn split_kernel_claims(kernels: &[String]) -> Vec<(String, String)> {
         .enumerate()
         .map(|(i, v)| {
             let name = if i == 0 {
-                KERNEL_VERSIONS_CLAIM.to_string()
+                base.to_string()
             } else {
-                format!("{KERNEL_VERSIONS_CLAIM}.{i}")
+                format!("{base}.{i}")
             };
             (name, v)
         })
@@ -445,6 +455,36 @@ mod tests {
             cluster_claims: pairs
                 .iter()
                 .map(|(n, v)| ManagedClusterClaim {
+        let mut kernels: Vec<String> = self
+            .claim_lines(KERNEL_VERSIONS_CLAIM)?
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        kernels.sort();
+        kernels.dedup();
+        Some(kernels)
+    }
+
+    /// Kernel → Driver Toolkit image, from the [`DTK_IMAGES_CLAIM`] claim and its numbered
+    /// overflow claims (`<kernel>=<image>` lines); empty when the cluster published none.
+    /// Lines without `=` are skipped; a kernel listed twice keeps its first image.
+    pub fn dtk_images(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for line in self.claim_lines(DTK_IMAGES_CLAIM).unwrap_or_default() {
+            if let Some((k, i)) = line.split_once('=')
+                && !k.trim().is_empty()
+                && !i.trim().is_empty()
+            {
+                out.entry(k.trim().to_string())
+                    .or_insert_with(|| i.trim().to_string());
+            }
+        }
+        out
+    }
+
+    /// The non-empty lines of a claim and its numbered overflow claims, in claim order;
+    /// `None` when the cluster has none of them.
+    fn claim_lines(&self, base: &str) -> Option<Vec<&str>> {
                     name: n.clone(),
                     value: v.clone(),
                 })
@@ -483,5 +523,112 @@ mod tests {
     fn claim_value_is_sorted_and_distinct() {
         let st = claims(&[(KERNEL_VERSIONS_CLAIM.into(), "b\na1\n\na2\nb".into())]);
         assert_eq!(st.kernel_versions().unwrap(), vec!["a1", "a2", "b"]);
+    let lines: Vec<String> = kernels
+        .iter()
+        .map(|k| k.chars().take(CLAIM_VALUE_MAX).collect())
+        .collect();
+    let mut parts = split_lines(KERNEL_VERSIONS_CLAIM, &lines);
+    if parts.is_empty() {
+        parts.push((KERNEL_VERSIONS_CLAIM.to_string(), String::new()));
+    }
+    parts
+}
+
+/// The Driver Toolkit claims for `kernel → image`: `<kernel>=<image>` lines in kernel order,
+/// spread over [`DTK_IMAGES_CLAIM`], `.1`, … up to [`DTK_CLAIMS_MAX`] claims. Nothing for an
+/// empty map (a cluster without a Driver Toolkit publishes no claim). Returns the claims and
+/// the kernels left out (a line longer than [`CLAIM_VALUE_MAX`], or past the last claim).
+pub fn split_dtk_claims(images: &BTreeMap<String, String>) -> (Vec<(String, String)>, Vec<String>) {
+    let mut left_out = Vec::new();
+    let lines: Vec<String> = images
+        .iter()
+        .filter_map(|(k, i)| {
+            let line = format!("{k}={i}");
+            if line.len() > CLAIM_VALUE_MAX || k.contains('=') || line.contains('\n') {
+                left_out.push(k.clone());
+                None
+            } else {
+                Some(line)
+            }
+        })
+        .collect();
+    let mut parts = split_lines(DTK_IMAGES_CLAIM, &lines);
+    if parts.len() > DTK_CLAIMS_MAX {
+        for (_, v) in parts.drain(DTK_CLAIMS_MAX..) {
+            left_out.extend(
+                v.lines()
+                    .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_string())),
+            );
+        }
+    }
+    (parts, left_out)
+}
+
+/// Pack lines (each at most [`CLAIM_VALUE_MAX`]) into newline-joined values of at most the
+/// cap, named `base`, `base.1`, `base.2`, …; nothing for no lines.
+fn split_lines(base: &str, lines: &[String]) -> Vec<(String, String)> {
     }
 }
+    #[test]
+    fn dtk_claims_round_trip_and_overflow() {
+        let images: BTreeMap<String, String> = (0..30)
+            .map(|i| {
+                (
+                    format!("5.14.0-{i:03}.el9_2.x86_64"),
+                    format!("quay.io/openshift-release-dev/ocp-v4.0-art-dev@sha256:{i:064}"),
+                )
+            })
+            .collect();
+        let (parts, left_out) = split_dtk_claims(&images);
+        assert!(left_out.is_empty());
+        assert!(parts.len() > 1, "30 entries must overflow one claim");
+        assert!(parts.len() <= DTK_CLAIMS_MAX);
+        assert_eq!(parts[0].0, DTK_IMAGES_CLAIM);
+        assert_eq!(parts[1].0, format!("{DTK_IMAGES_CLAIM}.1"));
+        assert!(parts.iter().all(|(_, v)| v.len() <= CLAIM_VALUE_MAX));
+        let st = claims(&parts);
+        assert_eq!(st.dtk_images(), images);
+        assert_eq!(
+            st.kernel_versions(),
+            None,
+            "the DTK claims are not kernel claims"
+        );
+
+        // Past the last claim: entries are left out, never written to a sixth claim.
+        let many: BTreeMap<String, String> = (0..100)
+            .map(|i| {
+                (
+                    format!("k{i:03}"),
+                    format!("registry.example/dtk@sha256:{i:064}"),
+                )
+            })
+            .collect();
+        let (parts, left_out) = split_dtk_claims(&many);
+        assert_eq!(parts.len(), DTK_CLAIMS_MAX);
+        let kept = claims(&parts).dtk_images();
+        assert_eq!(kept.len() + left_out.len(), 100);
+        assert!(left_out.iter().all(|k| !kept.contains_key(k)));
+
+        // Nothing known: no claim at all; an entry too long for a claim is left out.
+        assert!(split_dtk_claims(&BTreeMap::new()).0.is_empty());
+        let long = BTreeMap::from([("k".to_string(), "x".repeat(CLAIM_VALUE_MAX))]);
+        assert_eq!(split_dtk_claims(&long), (vec![], vec!["k".to_string()]));
+    }
+
+    #[test]
+    fn dtk_claim_parsing_is_lenient() {
+        let st = claims(&[
+            (format!("{DTK_IMAGES_CLAIM}.1"), "k2=img2\nk1=second".into()),
+            (DTK_IMAGES_CLAIM.into(), "k1=img1\nbroken\n=x\nk3=\n".into()),
+            (KERNEL_VERSIONS_CLAIM.into(), "k1".into()),
+        ]);
+        assert_eq!(
+            st.dtk_images(),
+            BTreeMap::from([
+                ("k1".to_string(), "img1".to_string()),
+                ("k2".to_string(), "img2".to_string())
+            ])
+        );
+        assert_eq!(claim_part_of(DTK_IMAGES_CLAIM, KERNEL_VERSIONS_CLAIM), None);
+    }
+

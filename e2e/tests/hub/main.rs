@@ -5,6 +5,7 @@
 
 mod admission;
 mod builds;
+mod dtk;
 mod must_gather;
 mod prerequisites;
 mod registry;

@@ -23,6 +23,9 @@ pub struct ClusterFacts {
     /// `(major, minor)` of the Kubernetes version OCM reports (`status.version.kubernetes`);
     /// `None` when not reported or not understood.
     pub kubernetes: Option<(u32, u32)>,
+    /// Kernel → Driver Toolkit image from the `kernel-dtk-images` claim(s) (OpenShift
+    /// spokes); empty when the cluster published none.
+    pub dtk_images: BTreeMap<String, String>,
 }
 
 /// `(major, minor)` of a Kubernetes version as OCM reports it (`v1.33.2`,
@@ -52,6 +55,11 @@ impl ClusterFacts {
                 .as_ref()
                 .and_then(|s| s.version.as_ref())
                 .and_then(|v| parse_kubernetes_version(&v.kubernetes)),
+            dtk_images: c
+                .status
+                .as_ref()
+                .map(|s| s.dtk_images())
+                .unwrap_or_default(),
         }
     }
 }

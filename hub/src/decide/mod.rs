@@ -14,6 +14,7 @@ pub mod build_job;
 pub mod cluster;
 pub mod facts;
 pub mod image;
+pub mod dtk;
 pub mod plan;
 pub mod release;
 pub mod status;

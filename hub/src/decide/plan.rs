@@ -226,6 +226,7 @@ pub(crate) mod tests {
         }
     }
 
+            dtk_images: Default::default(),
     pub(crate) const SPEC: &str = r#"
 spokeNamespace: spoke-ns
 selector: {wants: "yes"}

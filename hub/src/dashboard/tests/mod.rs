@@ -128,6 +128,7 @@ fn fixture() -> Fixture {
                     kernels: kernels.map(|ks| ks.into_iter().map(String::from).collect()),
                     available: true,
                     kubernetes: None,
+                    dtk_images: Default::default(),
                 },
             );
         }
