@@ -103,6 +103,87 @@ pub struct ClusterClaimSpec {
     pub value: String,
 }
 
+/// `Placement` (`cluster.open-cluster-management.io/v1beta1`, namespaced): which managed
+/// clusters a consumer gets. The hub only needs to know it exists (`spec.placementRef` of an
+/// MCM names one in the hub's namespace); OCM's placement controller writes the decisions.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "cluster.open-cluster-management.io",
+    version = "v1beta1",
+    kind = "Placement",
+    plural = "placements",
+    namespaced
+)]
+pub struct PlacementSpec {
+    /// The ManagedClusterSets it selects from (bound to its namespace).
+    #[serde(default, rename = "clusterSets", skip_serializing_if = "Vec::is_empty")]
+    pub cluster_sets: Vec<String>,
+}
+
+/// `PlacementDecision` (`cluster.open-cluster-management.io/v1beta1`, namespaced): one page
+/// of a Placement's decisions, labelled [`PLACEMENT_LABEL`] with the Placement's name and
+/// [`DECISION_GROUP_INDEX_LABEL`] / [`DECISION_GROUP_NAME_LABEL`] with its decision group.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct PlacementDecision {
+    #[serde(default, rename = "apiVersion")]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<PlacementDecisionStatus>,
+}
+
+impl kube::Resource for PlacementDecision {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "PlacementDecision".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "cluster.open-cluster-management.io".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1beta1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "placementdecisions".into()
+    }
+    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct PlacementDecisionStatus {
+    #[serde(default)]
+    pub decisions: Vec<ClusterDecision>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterDecision {
+    /// Empty when the Placement wants more clusters than there are.
+    #[serde(default)]
+    pub cluster_name: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Label on PlacementDecisions: the name of their Placement.
+pub const PLACEMENT_LABEL: &str = "cluster.open-cluster-management.io/placement";
+/// Label on PlacementDecisions: the index of their decision group (`0`, `1`, …).
+pub const DECISION_GROUP_INDEX_LABEL: &str =
+    "cluster.open-cluster-management.io/decision-group-index";
+/// Label on PlacementDecisions: the name of their decision group (empty when unnamed).
+pub const DECISION_GROUP_NAME_LABEL: &str =
+    "cluster.open-cluster-management.io/decision-group-name";
+
 /// `ManifestWork` (`work.open-cluster-management.io/v1`, in the cluster's namespace on the hub).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
@@ -372,6 +453,36 @@ impl ManagedClusterStatus {
     /// The kernels a spoke published, from the claim and its numbered overflow claims
     /// (`<claim>`, `<claim>.1`, `<claim>.2`, …), distinct and sorted. `None` without any claim.
     pub fn kernel_versions(&self) -> Option<Vec<String>> {
+        let mut kernels: Vec<String> = self
+            .claim_lines(KERNEL_VERSIONS_CLAIM)?
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        kernels.sort();
+        kernels.dedup();
+        Some(kernels)
+    }
+
+    /// Kernel → Driver Toolkit image, from the [`DTK_IMAGES_CLAIM`] claim and its numbered
+    /// overflow claims (`<kernel>=<image>` lines); empty when the cluster published none.
+    /// Lines without `=` are skipped; a kernel listed twice keeps its first image.
+    pub fn dtk_images(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for line in self.claim_lines(DTK_IMAGES_CLAIM).unwrap_or_default() {
+            if let Some((k, i)) = line.split_once('=')
+                && !k.trim().is_empty()
+                && !i.trim().is_empty()
+            {
+                out.entry(k.trim().to_string())
+                    .or_insert_with(|| i.trim().to_string());
+            }
+        }
+        out
+    }
+
+    /// The non-empty lines of a claim and its numbered overflow claims, in claim order;
+    /// `None` when the cluster has none of them.
+    fn claim_lines(&self, base: &str) -> Option<Vec<&str>> {
         let mut parts: Vec<(usize, &str)> = self
             .cluster_claims
             .iter()
@@ -413,116 +524,6 @@ pub fn claim_part_of(base: &str, name: &str) -> Option<usize> {
 /// `(claim name, value)`, the first under [`KERNEL_VERSIONS_CLAIM`], then `.1`, `.2`, ….
 /// A single kernel longer than the cap is truncated (kernels are far shorter in practice).
 pub fn split_kernel_claims(kernels: &[String]) -> Vec<(String, String)> {
-    let mut values: Vec<String> = Vec::new();
-    let mut current = String::new();
-    for l in lines {
-        let needed = if current.is_empty() {
-            l.len()
-        } else {
-            current.len() + 1 + l.len()
-        };
-        if needed > CLAIM_VALUE_MAX && !current.is_empty() {
-            values.push(std::mem::take(&mut current));
-        }
-        if !current.is_empty() {
-            current.push('\n');
-        }
-        current.push_str(l);
-    }
-    if !current.is_empty() {
-        values.push(current);
-    }
-    values
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let name = if i == 0 {
-                base.to_string()
-            } else {
-                format!("{base}.{i}")
-            };
-            (name, v)
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn claims(pairs: &[(String, String)]) -> ManagedClusterStatus {
-        ManagedClusterStatus {
-            cluster_claims: pairs
-                .iter()
-                .map(|(n, v)| ManagedClusterClaim {
-        let mut kernels: Vec<String> = self
-            .claim_lines(KERNEL_VERSIONS_CLAIM)?
-            .into_iter()
-            .map(str::to_string)
-            .collect();
-        kernels.sort();
-        kernels.dedup();
-        Some(kernels)
-    }
-
-    /// Kernel → Driver Toolkit image, from the [`DTK_IMAGES_CLAIM`] claim and its numbered
-    /// overflow claims (`<kernel>=<image>` lines); empty when the cluster published none.
-    /// Lines without `=` are skipped; a kernel listed twice keeps its first image.
-    pub fn dtk_images(&self) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        for line in self.claim_lines(DTK_IMAGES_CLAIM).unwrap_or_default() {
-            if let Some((k, i)) = line.split_once('=')
-                && !k.trim().is_empty()
-                && !i.trim().is_empty()
-            {
-                out.entry(k.trim().to_string())
-                    .or_insert_with(|| i.trim().to_string());
-            }
-        }
-        out
-    }
-
-    /// The non-empty lines of a claim and its numbered overflow claims, in claim order;
-    /// `None` when the cluster has none of them.
-    fn claim_lines(&self, base: &str) -> Option<Vec<&str>> {
-                    name: n.clone(),
-                    value: v.clone(),
-                })
-                .collect(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn claims_split_and_join_round_trip() {
-        let kernels: Vec<String> = (0..200)
-            .map(|i| format!("5.14.0-{i:03}.el9_2.x86_64"))
-            .collect();
-        let parts = split_kernel_claims(&kernels);
-        assert!(parts.len() > 1, "200 kernels must overflow one claim");
-        assert!(parts.iter().all(|(_, v)| v.len() <= CLAIM_VALUE_MAX));
-        assert_eq!(parts[1].0, format!("{KERNEL_VERSIONS_CLAIM}.1"));
-        assert_eq!(claims(&parts).kernel_versions().unwrap(), kernels);
-    }
-
-    #[test]
-    fn no_claim_is_none_and_unrelated_claims_are_ignored() {
-        let st = claims(&[("id.k8s.io".into(), "x".into())]);
-        assert_eq!(st.kernel_versions(), None);
-        assert_eq!(
-            claim_part_index("kernel-versions.kmm.node.kubernetes.io.x"),
-            None
-        );
-        assert_eq!(
-            claim_part_index("kernel-versions.kmm.node.kubernetes.io.0"),
-            None
-        );
-    }
-
-    #[test]
-    fn claim_value_is_sorted_and_distinct() {
-        let st = claims(&[(KERNEL_VERSIONS_CLAIM.into(), "b\na1\n\na2\nb".into())]);
-        assert_eq!(st.kernel_versions().unwrap(), vec!["a1", "a2", "b"]);
     let lines: Vec<String> = kernels
         .iter()
         .map(|k| k.chars().take(CLAIM_VALUE_MAX).collect())
@@ -567,8 +568,82 @@ pub fn split_dtk_claims(images: &BTreeMap<String, String>) -> (Vec<(String, Stri
 /// Pack lines (each at most [`CLAIM_VALUE_MAX`]) into newline-joined values of at most the
 /// cap, named `base`, `base.1`, `base.2`, …; nothing for no lines.
 fn split_lines(base: &str, lines: &[String]) -> Vec<(String, String)> {
+    let mut values: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for l in lines {
+        let needed = if current.is_empty() {
+            l.len()
+        } else {
+            current.len() + 1 + l.len()
+        };
+        if needed > CLAIM_VALUE_MAX && !current.is_empty() {
+            values.push(std::mem::take(&mut current));
+        }
+        if !current.is_empty() {
+            current.push('\n');
+        }
+        current.push_str(l);
     }
+    if !current.is_empty() {
+        values.push(current);
+    }
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let name = if i == 0 {
+                base.to_string()
+            } else {
+                format!("{base}.{i}")
+            };
+            (name, v)
+        })
+        .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(pairs: &[(String, String)]) -> ManagedClusterStatus {
+        ManagedClusterStatus {
+            cluster_claims: pairs
+                .iter()
+                .map(|(n, v)| ManagedClusterClaim {
+                    name: n.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn claims_split_and_join_round_trip() {
+        let kernels: Vec<String> = (0..200)
+            .map(|i| format!("5.14.0-{i:03}.el9_2.x86_64"))
+            .collect();
+        let parts = split_kernel_claims(&kernels);
+        assert!(parts.len() > 1, "200 kernels must overflow one claim");
+        assert!(parts.iter().all(|(_, v)| v.len() <= CLAIM_VALUE_MAX));
+        assert_eq!(parts[1].0, format!("{KERNEL_VERSIONS_CLAIM}.1"));
+        assert_eq!(claims(&parts).kernel_versions().unwrap(), kernels);
+    }
+
+    #[test]
+    fn no_claim_is_none_and_unrelated_claims_are_ignored() {
+        let st = claims(&[("id.k8s.io".into(), "x".into())]);
+        assert_eq!(st.kernel_versions(), None);
+        assert_eq!(
+            claim_part_index("kernel-versions.kmm.node.kubernetes.io.x"),
+            None
+        );
+        assert_eq!(
+            claim_part_index("kernel-versions.kmm.node.kubernetes.io.0"),
+            None
+        );
+    }
+
     #[test]
     fn dtk_claims_round_trip_and_overflow() {
         let images: BTreeMap<String, String> = (0..30)
@@ -632,3 +707,9 @@ fn split_lines(base: &str, lines: &[String]) -> Vec<(String, String)> {
         assert_eq!(claim_part_of(DTK_IMAGES_CLAIM, KERNEL_VERSIONS_CLAIM), None);
     }
 
+    #[test]
+    fn claim_value_is_sorted_and_distinct() {
+        let st = claims(&[(KERNEL_VERSIONS_CLAIM.into(), "b\na1\n\na2\nb".into())]);
+        assert_eq!(st.kernel_versions().unwrap(), vec!["a1", "a2", "b"]);
+    }
+}

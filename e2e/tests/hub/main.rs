@@ -7,6 +7,7 @@ mod admission;
 mod builds;
 mod dtk;
 mod must_gather;
+mod placement;
 mod prerequisites;
 mod registry;
 mod rollout;

@@ -9,12 +9,15 @@
 //! - [`cluster`]: one cluster's work: which mapping per kernel, or why none.
 //! - [`status`]: counts, per-image list, conditions and what to do next.
 //! - [`release`]: when a ManifestWork that should go may be deleted or released.
+//! - [`dtk`]: the Driver Toolkit image for a kernel (`DTK_AUTO`): hub table, then claims.
+//! - [`placement`]: the clusters (and decision groups) of `spec.placementRef`'s Placement.
 
 pub mod build_job;
 pub mod cluster;
+pub mod dtk;
 pub mod facts;
 pub mod image;
-pub mod dtk;
+pub mod placement;
 pub mod plan;
 pub mod release;
 pub mod status;

@@ -33,6 +33,9 @@ pub struct ClusterPlan {
     pub unmapped_kernels: Vec<String>,
     /// Why this cluster gets no (or not all of its) work, if so.
     pub problem: Option<ClusterProblem>,
+    /// With `spec.placementRef`: the Placement's decision group of this cluster (index and
+    /// name, as OCM's `ProgressivePerGroup` orders them); `None` with a label selector.
+    pub decision_group: Option<super::placement::DecisionGroup>,
 }
 
 /// One distinct image of the fleet-wide plan.
@@ -223,10 +226,10 @@ pub(crate) mod tests {
             kernels: kernels.map(|ks| ks.iter().map(|k| k.to_string()).collect()),
             available: true,
             kubernetes: None,
+            dtk_images: Default::default(),
         }
     }
 
-            dtk_images: Default::default(),
     pub(crate) const SPEC: &str = r#"
 spokeNamespace: spoke-ns
 selector: {wants: "yes"}

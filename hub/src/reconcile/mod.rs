@@ -34,7 +34,9 @@ pub use writes::delete_work;
 use crate::cache::Caches;
 use crate::decide::cluster::decide_cluster;
 use crate::decide::plan::plan;
-use crate::decide::status::{Findings, Next, invalid_spec_status, mcm_status, plan_error_status};
+use crate::decide::status::{
+    Findings, Next, invalid_spec_status, mcm_status, placement_hold_status, plan_error_status,
+};
 use crate::last_decisions::{McmView, Views};
 use crate::metrics::Metrics;
 use crate::pipeline::{Deps, ImageOutcome, ImagePipeline, McmInputs, Report, inputs};
@@ -163,13 +165,37 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
     }
 
     let clusters = ctx.caches.cluster_facts();
-    let plan = match plan(mcm, clusters.iter()) {
+    // spec.placementRef: exactly the decided clusters; a missing or undecided Placement
+    // changes nothing that runs (the watch of Placements brings the MCM back).
+    let placed = match &mcm.spec.placement_ref {
+        None => None,
+        Some(p) => match ctx
+            .caches
+            .placement_clusters(&p.name, &ctx.operator_namespace)
+        {
+            Ok(groups) => Some(groups),
+            Err(hold) => {
+                let status = placement_hold_status(mcm, &hold, &ctx.caches.works_of(&name), now);
+                if write_status(ctx, mcm, status).await? {
+                    event(ctx, mcm, EventType::Warning, hold.reason, &hold.message).await;
+                }
+                return Ok(Action::requeue(ctx.resync));
+            }
+        },
+    };
+    let candidates = clusters
+        .iter()
+        .filter(|c| placed.as_ref().is_none_or(|g| g.contains_key(&c.name)));
+    let mut plan = match plan(mcm, candidates) {
         Ok(p) => p,
         Err(e) => {
             write_status(ctx, mcm, plan_error_status(mcm, &e.to_string(), now)).await?;
             return Ok(Action::requeue(ctx.resync));
         }
     };
+    if let Some(groups) = &placed {
+        crate::decide::placement::assign_groups(&mut plan, groups);
+    }
 
     // What the images need from the hub's namespace, read once; then the images.
     let secret = |n: &str| ctx.secret(n);
