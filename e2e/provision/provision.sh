@@ -10,7 +10,8 @@
 #       work-webhook: OCM's ManifestWork webhook package served on loopback (ocm/cmd/work-webhook)
 #       governance-policy-propagator, config-policy-controller   (open-cluster-management.io/…)
 #   - the MachineConfig and MachineConfigPool CRDs, copied from OpenShift's published API module
-#     (github.com/openshift/api, downloaded only; nothing is built from it);
+#     (github.com/openshift/api), and the ImageStream CRD, generated from that module's image/v1
+#     types by controller-gen (sigs.k8s.io/controller-tools, built from its module);
 # Idempotent: every step checks first and says what it does and how long it took. The
 # binaries are cached outside the checkout, keyed by version: $CACHE/bin/<set>-<version>-<build>.
 set -euo pipefail
@@ -20,6 +21,7 @@ ETCD_VERSION="v3.7.4"
 OCM_VERSION="v1.2.1"
 GOVERNANCE_VERSION="v0.18.0"
 OPENSHIFT_API_VERSION="v0.0.0-20251021124544-a2cb0c5d994d"
+CONTROLLER_TOOLS_VERSION="v0.23.0"
 # Bump when the way a set is built changes (flags, stamping): every machine then rebuilds.
 BUILD_ID="kmm3"
 GO_MIN="1.26"
@@ -199,6 +201,31 @@ if [ ! -f "$mc_dir/.complete-1" ]; then
   done_step
 else
   echo "==> MachineConfig and MachineConfigPool CRDs (openshift/api $OPENSHIFT_API_VERSION) in $mc_dir"
+fi
+
+# The ImageStream CRD. OpenShift serves ImageStreams from its own API server, so its API module
+# ships no CRD of them: controller-gen (pinned beside the API module in openshift-api/go.mod)
+# generates one from the module's image/v1 Go types, for spokes that play OpenShift (the spoke
+# agent's Driver Toolkit claim, e2e/tests/spoke/dtk.rs). Only the ImageStream file is kept.
+build_set controller-tools "$CONTROLLER_TOOLS_VERSION" openshift-api "-s -w" \
+  controller-gen=sigs.k8s.io/controller-tools/cmd/controller-gen
+is_dir="$CACHE/crds/openshift-api-$OPENSHIFT_API_VERSION-image-$CONTROLLER_TOOLS_VERSION"
+is_crd=image.openshift.io_imagestreams.yaml
+if [ ! -f "$is_dir/.complete-1" ]; then
+  step "generating the ImageStream CRD from github.com/openshift/api $OPENSHIFT_API_VERSION (image/v1) with controller-gen $CONTROLLER_TOOLS_VERSION into $is_dir"
+  need_go
+  rm -rf "$is_dir" "$is_dir.tmp" && mkdir -p "$is_dir.tmp"
+  ( cd "$HERE/openshift-api" && GOTOOLCHAIN=local GOFLAGS=-mod=readonly \
+      "$(bin_dir controller-tools "$CONTROLLER_TOOLS_VERSION")/controller-gen" crd \
+      paths=github.com/openshift/api/image/v1 output:crd:dir="$is_dir.tmp" ) \
+    || fail "controller-gen crd paths=github.com/openshift/api/image/v1" \
+      "cd $HERE/openshift-api && controller-gen crd paths=github.com/openshift/api/image/v1 output:crd:dir=/tmp/crds"
+  [ -f "$is_dir.tmp/$is_crd" ] || fail "controller-gen wrote no $is_crd"
+  mkdir -p "$is_dir" && mv "$is_dir.tmp/$is_crd" "$is_dir/$is_crd" && rm -rf "$is_dir.tmp"
+  touch "$is_dir/.complete-1"
+  done_step
+else
+  echo "==> ImageStream CRD (openshift/api $OPENSHIFT_API_VERSION, controller-gen $CONTROLLER_TOOLS_VERSION) in $is_dir"
 fi
 
 # Real-kernel nodes (e2e/src/vm.rs): Debian's packaged kernel, the same version as the

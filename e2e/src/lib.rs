@@ -11,6 +11,7 @@ pub mod labs;
 pub mod manifests;
 pub mod oci;
 pub mod ocm;
+pub mod openshift;
 pub mod pki;
 pub mod process;
 pub mod provision;

@@ -19,6 +19,7 @@ use shared_api::ocm::ManifestWork;
 use shared_api::{ManagedCluster, ManagedClusterModule};
 use tokio::sync::mpsc;
 
+use crate::decide::placement::{DecisionEntry, DecisionGroup, PlacementHold, placement_clusters};
 use crate::decide::plan::{ClusterFacts, selects};
 
 pub use crate::decide::facts::{JobEntry, WorkEntry};
@@ -48,6 +49,12 @@ pub struct Caches {
     pub works_synced: AtomicBool,
     /// The Secrets of the hub namespace are listed (see [`watch_secrets`]).
     pub secrets_synced: AtomicBool,
+    /// Placements of the hub namespace, by name (`spec.placementRef`).
+    pub placements: RwLock<BTreeMap<String, String>>,
+    pub placements_synced: AtomicBool,
+    /// PlacementDecisions of the hub namespace, by name.
+    pub decisions: RwLock<BTreeMap<String, DecisionEntry>>,
+    pub decisions_synced: AtomicBool,
     pub events: RwLock<VecDeque<RecentEvent>>,
     /// Bumped on every change the dashboard's live stream should announce.
     pub changes: tokio::sync::watch::Sender<u64>,
@@ -82,6 +89,41 @@ impl Caches {
             .read()
             .map(|c| c.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The Driver Toolkit image for a kernel: the hub's table, then the clusters' claims
+    /// ([`crate::decide::dtk::dtk_image_for`], read under the lock, nothing copied).
+    pub fn dtk_image(
+        &self,
+        kernel: &str,
+        table: &crate::render::build_job::DtkTable,
+    ) -> Result<crate::decide::dtk::DtkImage, String> {
+        match self.clusters.read() {
+            Ok(c) => crate::decide::dtk::dtk_image_for(kernel, table, c.values()),
+            Err(_) => crate::decide::dtk::dtk_image_for(kernel, table, []),
+        }
+    }
+
+    /// The clusters (with decision groups) Placement `name` of the hub namespace decided, or
+    /// why to wait ([`crate::decide::placement::placement_clusters`]).
+    pub fn placement_clusters(
+        &self,
+        name: &str,
+        namespace: &str,
+    ) -> Result<BTreeMap<String, DecisionGroup>, PlacementHold> {
+        let synced = self.placements_synced.load(Ordering::Acquire)
+            && self.decisions_synced.load(Ordering::Acquire);
+        let exists = self
+            .placements
+            .read()
+            .map(|p| p.contains_key(name))
+            .unwrap_or(false);
+        let decisions = self
+            .decisions
+            .read()
+            .map(|d| d.values().cloned().collect::<Vec<_>>());
+        let decisions = decisions.unwrap_or_default();
+        placement_clusters(name, namespace, synced, exists, &decisions)
     }
 
     /// The cached works of one MCM, by cluster.
@@ -244,7 +286,23 @@ pub async fn watch_clusters(
                 new.map_or(&empty, |n| &n.labels),
             ]
             .into();
-            for r in mcms_selecting(&mcms, &labels) {
+            // Driver Toolkit images serve builds for every MCM, selecting this cluster or
+            // not (a build for a kernel takes the image of any cluster running it): they
+            // change rarely, so every MCM looks again.
+            let old_dtk = old.map(|o| &o.dtk_images);
+            let new_dtk = new.map(|n| &n.dtk_images);
+            let dtk_changed = old_dtk != new_dtk
+                && (old_dtk.is_some_and(|d| !d.is_empty())
+                    || new_dtk.is_some_and(|d| !d.is_empty()));
+            let targets = if dtk_changed {
+                mcms.state()
+                    .iter()
+                    .map(|m| ObjectRef::from_obj(m.as_ref()))
+                    .collect()
+            } else {
+                mcms_selecting(&mcms, &labels)
+            };
+            for r in targets {
                 let _ = trigger.send(r);
             }
             caches.bump();
@@ -255,6 +313,98 @@ pub async fn watch_clusters(
                 let _ = trigger.send(ObjectRef::from_obj(m.as_ref()));
             }
             caches.bump();
+        },
+    )
+    .await
+}
+
+/// MCMs whose `spec.placementRef` names one of `placements` (all with one when `None`).
+fn mcms_placed_by(
+    store: &Store<ManagedClusterModule>,
+    placements: Option<&[&str]>,
+) -> Vec<ObjectRef<ManagedClusterModule>> {
+    store
+        .state()
+        .iter()
+        .filter(|m| {
+            m.spec
+                .placement_ref
+                .as_ref()
+                .is_some_and(|p| placements.is_none_or(|names| names.contains(&p.name.as_str())))
+        })
+        .map(|m| ObjectRef::from_obj(m.as_ref()))
+        .collect()
+}
+
+/// Watch the Placements of the hub namespace (names only); enqueue the MCMs naming one that
+/// comes or goes.
+pub async fn watch_placements(
+    client: Client,
+    namespace: String,
+    caches: Arc<Caches>,
+    mcms: Store<ManagedClusterModule>,
+    trigger: Trigger,
+) {
+    use shared_api::ocm::Placement;
+    mirror(
+        "Placement",
+        Api::<Placement>::namespaced(client, &namespace),
+        watcher::Config::default(),
+        &caches.placements,
+        &caches.placements_synced,
+        |p| Some((p.name_any(), p.name_any())),
+        |p| p.name_any(),
+        |old, new| {
+            if let Some(name) = new.or(old) {
+                let names = [name.as_str()];
+                for r in mcms_placed_by(&mcms, Some(&names[..])) {
+                    let _ = trigger.send(r);
+                }
+            }
+            caches.bump();
+        },
+        || {
+            for r in mcms_placed_by(&mcms, None) {
+                let _ = trigger.send(r);
+            }
+        },
+    )
+    .await
+}
+
+/// Watch the PlacementDecisions of the hub namespace (by the placement label); enqueue the
+/// MCMs of a Placement whose decisions change.
+pub async fn watch_placement_decisions(
+    client: Client,
+    namespace: String,
+    caches: Arc<Caches>,
+    mcms: Store<ManagedClusterModule>,
+    trigger: Trigger,
+) {
+    use shared_api::ocm::{PLACEMENT_LABEL, PlacementDecision};
+    mirror(
+        "PlacementDecision",
+        Api::<PlacementDecision>::namespaced(client, &namespace),
+        watcher::Config::default().labels(PLACEMENT_LABEL),
+        &caches.decisions,
+        &caches.decisions_synced,
+        |d| DecisionEntry::from_decision(d).map(|e| (d.name_any(), e)),
+        |d| d.name_any(),
+        |old, new| {
+            let names: Vec<&str> = [old, new]
+                .into_iter()
+                .flatten()
+                .map(|e| e.placement.as_str())
+                .collect();
+            for r in mcms_placed_by(&mcms, Some(names.as_slice())) {
+                let _ = trigger.send(r);
+            }
+            caches.bump();
+        },
+        || {
+            for r in mcms_placed_by(&mcms, None) {
+                let _ = trigger.send(r);
+            }
         },
     )
     .await

@@ -216,6 +216,21 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
         tx.clone(),
     ));
     tokio::spawn(watch_works(client.clone(), caches.clone(), tx.clone()));
+    // spec.placementRef: Placements and their decisions in the hub's namespace.
+    tokio::spawn(crate::cache::watch_placements(
+        client.clone(),
+        args.operator_namespace.clone(),
+        caches.clone(),
+        store.clone(),
+        tx.clone(),
+    ));
+    tokio::spawn(crate::cache::watch_placement_decisions(
+        client.clone(),
+        args.operator_namespace.clone(),
+        caches.clone(),
+        store.clone(),
+        tx.clone(),
+    ));
     tokio::spawn(watch_jobs(
         client.clone(),
         config.build_namespace.clone(),

@@ -20,6 +20,9 @@ pub const STATUS_LIST_LIMIT: usize = 64;
     validation = Rule::new("self.metadata.name.size() + self.spec.spokeNamespace.size() <= 41")
         .message("metadata.name and spec.spokeNamespace together must be at most 41 characters: the spoke Module <spokeNamespace>/<name> would be rejected there")
         .field_path(".spec.spokeNamespace"),
+    validation = Rule::new("!has(self.spec.placementRef) || size(self.spec.selector) == 0")
+        .message("must be empty when spec.placementRef is set: the Placement chooses the clusters")
+        .field_path(".spec.selector"),
     group = "hub.kmm.sigs.x-k8s.io",
     version = "v1beta1",
     kind = "ManagedClusterModule",
@@ -47,8 +50,16 @@ pub struct ManagedClusterModuleSpec {
         .message("must be a DNS label (lower case letters, digits and '-', starting and ending with a letter or digit)"))]
     #[schemars(length(min = 1, max = 63))]
     pub spoke_namespace: String,
-    /// Label equality selector over ManagedClusters; empty selects all.
+    /// Label equality selector over ManagedClusters; empty selects all (unless
+    /// `placementRef` is set, which requires it empty).
     pub selector: BTreeMap<String, String>,
+    /// kmm-fleet addition. An OCM `Placement` (`cluster.open-cluster-management.io/v1beta1`)
+    /// in the hub's namespace that chooses the clusters instead of `selector` (which must then
+    /// be empty): the hub ships to exactly the clusters of its PlacementDecisions and follows
+    /// them as they change. While the Placement is missing or has not decided yet, the clusters
+    /// keep what they were shipped (condition reason `PlacementNotFound` / `PlacementPending`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement_ref: Option<PlacementRef>,
     /// kmm-fleet addition. What the hub does when an image tag it pinned now points to
     /// another digest (someone pushed to the tag): `Repin` ships the new digest at the next
     /// lookup; `Keep` keeps shipping the pinned digest and reports the moved tag (condition
@@ -149,6 +160,14 @@ impl ManagedClusterModuleSpec {
     pub fn prerequisites(&self) -> Prerequisites {
         SpokePrerequisites::effective(self.spoke_prerequisites.as_ref())
     }
+}
+
+/// See `spec.placementRef`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct PlacementRef {
+    /// Name of the Placement, in the hub's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// See `spec.movedTagPolicy`.

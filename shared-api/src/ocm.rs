@@ -1,6 +1,8 @@
 //! The Open Cluster Management types kmm-fleet reads and writes, with OCM's exact
 //! group/version/kind and field names (a subset of fields: the ones we touch).
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -10,6 +12,12 @@ use serde::{Deserialize, Serialize};
 pub const KERNEL_VERSIONS_CLAIM: &str = "kernel-versions.kmm.node.kubernetes.io";
 /// OCM caps a ClusterClaim value at this many characters.
 pub const CLAIM_VALUE_MAX: usize = 1024;
+/// The ClusterClaim an OpenShift spoke publishes: `<kernel>=<Driver Toolkit image>` lines,
+/// sorted by kernel, spread over numbered claims like the kernel list.
+pub const DTK_IMAGES_CLAIM: &str = "kernel-dtk-images.kmm.node.kubernetes.io";
+/// At most this many Driver Toolkit claims (the main one and `.1` … `.4`): the spoke's RBAC
+/// names each, and OCM syncs only a few custom claims per cluster.
+pub const DTK_CLAIMS_MAX: usize = 5;
 
 /// `ManagedCluster` (`cluster.open-cluster-management.io/v1`, cluster-scoped).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -94,6 +102,87 @@ pub struct ClusterClaimSpec {
     #[serde(default)]
     pub value: String,
 }
+
+/// `Placement` (`cluster.open-cluster-management.io/v1beta1`, namespaced): which managed
+/// clusters a consumer gets. The hub only needs to know it exists (`spec.placementRef` of an
+/// MCM names one in the hub's namespace); OCM's placement controller writes the decisions.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "cluster.open-cluster-management.io",
+    version = "v1beta1",
+    kind = "Placement",
+    plural = "placements",
+    namespaced
+)]
+pub struct PlacementSpec {
+    /// The ManagedClusterSets it selects from (bound to its namespace).
+    #[serde(default, rename = "clusterSets", skip_serializing_if = "Vec::is_empty")]
+    pub cluster_sets: Vec<String>,
+}
+
+/// `PlacementDecision` (`cluster.open-cluster-management.io/v1beta1`, namespaced): one page
+/// of a Placement's decisions, labelled [`PLACEMENT_LABEL`] with the Placement's name and
+/// [`DECISION_GROUP_INDEX_LABEL`] / [`DECISION_GROUP_NAME_LABEL`] with its decision group.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct PlacementDecision {
+    #[serde(default, rename = "apiVersion")]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<PlacementDecisionStatus>,
+}
+
+impl kube::Resource for PlacementDecision {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "PlacementDecision".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "cluster.open-cluster-management.io".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1beta1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "placementdecisions".into()
+    }
+    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct PlacementDecisionStatus {
+    #[serde(default)]
+    pub decisions: Vec<ClusterDecision>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterDecision {
+    /// Empty when the Placement wants more clusters than there are.
+    #[serde(default)]
+    pub cluster_name: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Label on PlacementDecisions: the name of their Placement.
+pub const PLACEMENT_LABEL: &str = "cluster.open-cluster-management.io/placement";
+/// Label on PlacementDecisions: the index of their decision group (`0`, `1`, …).
+pub const DECISION_GROUP_INDEX_LABEL: &str =
+    "cluster.open-cluster-management.io/decision-group-index";
+/// Label on PlacementDecisions: the name of their decision group (empty when unnamed).
+pub const DECISION_GROUP_NAME_LABEL: &str =
+    "cluster.open-cluster-management.io/decision-group-name";
 
 /// `ManifestWork` (`work.open-cluster-management.io/v1`, in the cluster's namespace on the hub).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -364,34 +453,67 @@ impl ManagedClusterStatus {
     /// The kernels a spoke published, from the claim and its numbered overflow claims
     /// (`<claim>`, `<claim>.1`, `<claim>.2`, …), distinct and sorted. `None` without any claim.
     pub fn kernel_versions(&self) -> Option<Vec<String>> {
-        let mut parts: Vec<(usize, &str)> = self
-            .cluster_claims
-            .iter()
-            .filter_map(|c| claim_part_index(&c.name).map(|i| (i, c.value.as_str())))
-            .collect();
-        if parts.is_empty() {
-            return None;
-        }
-        parts.sort_by_key(|(i, _)| *i);
-        let mut kernels: Vec<String> = parts
-            .iter()
-            .flat_map(|(_, v)| v.split('\n'))
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
+        let mut kernels: Vec<String> = self
+            .claim_lines(KERNEL_VERSIONS_CLAIM)?
+            .into_iter()
             .map(str::to_string)
             .collect();
         kernels.sort();
         kernels.dedup();
         Some(kernels)
     }
+
+    /// Kernel → Driver Toolkit image, from the [`DTK_IMAGES_CLAIM`] claim and its numbered
+    /// overflow claims (`<kernel>=<image>` lines); empty when the cluster published none.
+    /// Lines without `=` are skipped; a kernel listed twice keeps its first image.
+    pub fn dtk_images(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for line in self.claim_lines(DTK_IMAGES_CLAIM).unwrap_or_default() {
+            if let Some((k, i)) = line.split_once('=')
+                && !k.trim().is_empty()
+                && !i.trim().is_empty()
+            {
+                out.entry(k.trim().to_string())
+                    .or_insert_with(|| i.trim().to_string());
+            }
+        }
+        out
+    }
+
+    /// The non-empty lines of a claim and its numbered overflow claims, in claim order;
+    /// `None` when the cluster has none of them.
+    fn claim_lines(&self, base: &str) -> Option<Vec<&str>> {
+        let mut parts: Vec<(usize, &str)> = self
+            .cluster_claims
+            .iter()
+            .filter_map(|c| claim_part_of(base, &c.name).map(|i| (i, c.value.as_str())))
+            .collect();
+        if parts.is_empty() {
+            return None;
+        }
+        parts.sort_by_key(|(i, _)| *i);
+        Some(
+            parts
+                .iter()
+                .flat_map(|(_, v)| v.split('\n'))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect(),
+        )
+    }
 }
 
-/// 0 for the main claim, n for `<claim>.n`.
+/// 0 for the kernel-versions claim, n for `<claim>.n`.
 pub fn claim_part_index(name: &str) -> Option<usize> {
-    if name == KERNEL_VERSIONS_CLAIM {
+    claim_part_of(KERNEL_VERSIONS_CLAIM, name)
+}
+
+/// 0 for the claim named `base`, n for its overflow claim `<base>.n` (n > 0).
+pub fn claim_part_of(base: &str, name: &str) -> Option<usize> {
+    if name == base {
         return Some(0);
     }
-    name.strip_prefix(KERNEL_VERSIONS_CLAIM)?
+    name.strip_prefix(base)?
         .strip_prefix('.')?
         .parse()
         .ok()
@@ -402,14 +524,57 @@ pub fn claim_part_index(name: &str) -> Option<usize> {
 /// `(claim name, value)`, the first under [`KERNEL_VERSIONS_CLAIM`], then `.1`, `.2`, ….
 /// A single kernel longer than the cap is truncated (kernels are far shorter in practice).
 pub fn split_kernel_claims(kernels: &[String]) -> Vec<(String, String)> {
+    let lines: Vec<String> = kernels
+        .iter()
+        .map(|k| k.chars().take(CLAIM_VALUE_MAX).collect())
+        .collect();
+    let mut parts = split_lines(KERNEL_VERSIONS_CLAIM, &lines);
+    if parts.is_empty() {
+        parts.push((KERNEL_VERSIONS_CLAIM.to_string(), String::new()));
+    }
+    parts
+}
+
+/// The Driver Toolkit claims for `kernel → image`: `<kernel>=<image>` lines in kernel order,
+/// spread over [`DTK_IMAGES_CLAIM`], `.1`, … up to [`DTK_CLAIMS_MAX`] claims. Nothing for an
+/// empty map (a cluster without a Driver Toolkit publishes no claim). Returns the claims and
+/// the kernels left out (a line longer than [`CLAIM_VALUE_MAX`], or past the last claim).
+pub fn split_dtk_claims(images: &BTreeMap<String, String>) -> (Vec<(String, String)>, Vec<String>) {
+    let mut left_out = Vec::new();
+    let lines: Vec<String> = images
+        .iter()
+        .filter_map(|(k, i)| {
+            let line = format!("{k}={i}");
+            if line.len() > CLAIM_VALUE_MAX || k.contains('=') || line.contains('\n') {
+                left_out.push(k.clone());
+                None
+            } else {
+                Some(line)
+            }
+        })
+        .collect();
+    let mut parts = split_lines(DTK_IMAGES_CLAIM, &lines);
+    if parts.len() > DTK_CLAIMS_MAX {
+        for (_, v) in parts.drain(DTK_CLAIMS_MAX..) {
+            left_out.extend(
+                v.lines()
+                    .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_string())),
+            );
+        }
+    }
+    (parts, left_out)
+}
+
+/// Pack lines (each at most [`CLAIM_VALUE_MAX`]) into newline-joined values of at most the
+/// cap, named `base`, `base.1`, `base.2`, …; nothing for no lines.
+fn split_lines(base: &str, lines: &[String]) -> Vec<(String, String)> {
     let mut values: Vec<String> = Vec::new();
     let mut current = String::new();
-    for k in kernels {
-        let k: String = k.chars().take(CLAIM_VALUE_MAX).collect();
+    for l in lines {
         let needed = if current.is_empty() {
-            k.len()
+            l.len()
         } else {
-            current.len() + 1 + k.len()
+            current.len() + 1 + l.len()
         };
         if needed > CLAIM_VALUE_MAX && !current.is_empty() {
             values.push(std::mem::take(&mut current));
@@ -417,9 +582,9 @@ pub fn split_kernel_claims(kernels: &[String]) -> Vec<(String, String)> {
         if !current.is_empty() {
             current.push('\n');
         }
-        current.push_str(&k);
+        current.push_str(l);
     }
-    if !current.is_empty() || values.is_empty() {
+    if !current.is_empty() {
         values.push(current);
     }
     values
@@ -427,9 +592,9 @@ pub fn split_kernel_claims(kernels: &[String]) -> Vec<(String, String)> {
         .enumerate()
         .map(|(i, v)| {
             let name = if i == 0 {
-                KERNEL_VERSIONS_CLAIM.to_string()
+                base.to_string()
             } else {
-                format!("{KERNEL_VERSIONS_CLAIM}.{i}")
+                format!("{base}.{i}")
             };
             (name, v)
         })
@@ -477,6 +642,69 @@ mod tests {
             claim_part_index("kernel-versions.kmm.node.kubernetes.io.0"),
             None
         );
+    }
+
+    #[test]
+    fn dtk_claims_round_trip_and_overflow() {
+        let images: BTreeMap<String, String> = (0..30)
+            .map(|i| {
+                (
+                    format!("5.14.0-{i:03}.el9_2.x86_64"),
+                    format!("quay.io/openshift-release-dev/ocp-v4.0-art-dev@sha256:{i:064}"),
+                )
+            })
+            .collect();
+        let (parts, left_out) = split_dtk_claims(&images);
+        assert!(left_out.is_empty());
+        assert!(parts.len() > 1, "30 entries must overflow one claim");
+        assert!(parts.len() <= DTK_CLAIMS_MAX);
+        assert_eq!(parts[0].0, DTK_IMAGES_CLAIM);
+        assert_eq!(parts[1].0, format!("{DTK_IMAGES_CLAIM}.1"));
+        assert!(parts.iter().all(|(_, v)| v.len() <= CLAIM_VALUE_MAX));
+        let st = claims(&parts);
+        assert_eq!(st.dtk_images(), images);
+        assert_eq!(
+            st.kernel_versions(),
+            None,
+            "the DTK claims are not kernel claims"
+        );
+
+        // Past the last claim: entries are left out, never written to a sixth claim.
+        let many: BTreeMap<String, String> = (0..100)
+            .map(|i| {
+                (
+                    format!("k{i:03}"),
+                    format!("registry.example/dtk@sha256:{i:064}"),
+                )
+            })
+            .collect();
+        let (parts, left_out) = split_dtk_claims(&many);
+        assert_eq!(parts.len(), DTK_CLAIMS_MAX);
+        let kept = claims(&parts).dtk_images();
+        assert_eq!(kept.len() + left_out.len(), 100);
+        assert!(left_out.iter().all(|k| !kept.contains_key(k)));
+
+        // Nothing known: no claim at all; an entry too long for a claim is left out.
+        assert!(split_dtk_claims(&BTreeMap::new()).0.is_empty());
+        let long = BTreeMap::from([("k".to_string(), "x".repeat(CLAIM_VALUE_MAX))]);
+        assert_eq!(split_dtk_claims(&long), (vec![], vec!["k".to_string()]));
+    }
+
+    #[test]
+    fn dtk_claim_parsing_is_lenient() {
+        let st = claims(&[
+            (format!("{DTK_IMAGES_CLAIM}.1"), "k2=img2\nk1=second".into()),
+            (DTK_IMAGES_CLAIM.into(), "k1=img1\nbroken\n=x\nk3=\n".into()),
+            (KERNEL_VERSIONS_CLAIM.into(), "k1".into()),
+        ]);
+        assert_eq!(
+            st.dtk_images(),
+            BTreeMap::from([
+                ("k1".to_string(), "img1".to_string()),
+                ("k2".to_string(), "img2".to_string())
+            ])
+        );
+        assert_eq!(claim_part_of(DTK_IMAGES_CLAIM, KERNEL_VERSIONS_CLAIM), None);
     }
 
     #[test]

@@ -588,3 +588,29 @@ fn rollout_strategy_rules() {
         "only to type Progressive",
     );
 }
+
+#[test]
+fn placement_ref_rules() {
+    let with = |selector: serde_json::Value, placement: &str| -> ManagedClusterModule {
+        serde_json::from_value(json!({
+            "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1", "kind": "ManagedClusterModule",
+            "metadata": {"name": "m"},
+            "spec": {"spokeNamespace": "ns", "selector": selector,
+                     "placementRef": {"name": placement},
+                     "moduleSpec": {"selector": {}, "moduleLoader": {"container": {"modprobe": {"moduleName": "m"},
+                       "kernelMappings": [{"regexp": "^.*$", "containerImage": "r/x:1"}]}}}}
+        }))
+        .unwrap()
+    };
+    assert_eq!(validate_mcm(&with(json!({}), "prod")), vec![]);
+    rejects(
+        validate_mcm(&with(json!({"env": "prod"}), "prod")),
+        "spec.selector",
+        "must be empty when spec.placementRef is set",
+    );
+    rejects(
+        validate_mcm(&with(json!({}), "Not_A_Name")),
+        "spec.placementRef.name",
+        "DNS-1123 subdomain",
+    );
+}

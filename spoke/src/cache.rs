@@ -117,16 +117,24 @@ pub fn strip_node(n: &mut Node) {
         unschedulable: spec.unschedulable,
         ..Default::default()
     });
-    let (kernel, boot_id) = n
+    // The OS image names the RHCOS version on OpenShift: the Driver Toolkit claim needs it.
+    let (kernel, boot_id, os_image) = n
         .status
         .as_ref()
         .and_then(|s| s.node_info.as_ref())
-        .map(|i| (i.kernel_version.clone(), i.boot_id.clone()))
+        .map(|i| {
+            (
+                i.kernel_version.clone(),
+                i.boot_id.clone(),
+                i.os_image.clone(),
+            )
+        })
         .unwrap_or_default();
     n.status = Some(NodeStatus {
         node_info: Some(NodeSystemInfo {
             kernel_version: kernel,
             boot_id,
+            os_image,
             ..Default::default()
         }),
         ..Default::default()

@@ -14,7 +14,7 @@ use kube::ResourceExt;
 use kube::api::DynamicObject;
 use serde_json::{Map, Value, json};
 use shared_api::labels::{BETA_PREFIX, PREFIX, ROLE_LABEL};
-use shared_api::ocm::KERNEL_VERSIONS_CLAIM;
+use shared_api::ocm::{DTK_IMAGES_CLAIM, KERNEL_VERSIONS_CLAIM};
 
 use crate::controller::events::{EVENT_NAMESPACE, REPORTING_CONTROLLER};
 
@@ -69,8 +69,10 @@ pub async fn run(args: &GatherArgs) -> anyhow::Result<Written> {
     Ok(g.bundle.finish(args.tar)?)
 }
 
+/// The kernel claims and the Driver Toolkit claims (with their numbered overflow claims).
 fn is_kernel_claim(o: &DynamicObject) -> bool {
-    o.name_any().starts_with(KERNEL_VERSIONS_CLAIM)
+    let name = o.name_any();
+    name.starts_with(KERNEL_VERSIONS_CLAIM) || name.starts_with(DTK_IMAGES_CLAIM)
 }
 
 /// A Node as KMM sees it: name, kernel, boot ID, taints, readiness, and only the
@@ -165,5 +167,6 @@ mod tests {
             "{KERNEL_VERSIONS_CLAIM}.1"
         ))));
         assert!(!is_kernel_claim(&claim("id.k8s.io")));
+        assert!(is_kernel_claim(&claim(DTK_IMAGES_CLAIM)));
     }
 }

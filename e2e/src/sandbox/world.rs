@@ -99,6 +99,7 @@ pub fn topology(cert_der: &[u8]) -> Vec<Vec<SimNode>> {
         },
         in_tree_modules: in_tree.iter().map(|s| s.to_string()).collect(),
         real_kernel: false,
+        os_image: None,
     };
     let real = |name: &str, secure_boot: bool, in_tree: &[&str]| {
         let mut n = SimNode::real(name, labels(secure_boot));

@@ -38,6 +38,8 @@ pub struct SimNode {
     pub enrolled_certs: Vec<Vec<u8>>,
     pub in_tree_modules: Vec<String>,
     pub real_kernel: bool,
+    /// `status.nodeInfo.osImage`; `None`: a fixed simulated (or, on a real kernel, Debian) one.
+    pub os_image: Option<String>,
 }
 
 impl SimNode {

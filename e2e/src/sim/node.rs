@@ -277,6 +277,18 @@ impl NodeSim {
 
     /// Upgrade a node's kernel: a reboot (new bootID, loaded modules back to the in-tree
     /// ones, running containers restarted).
+    /// An OS update: the node reports `os_image` and reboots into `kernel`.
+    pub async fn upgrade_os(&self, node: &str, kernel: &str, os_image: &str) -> anyhow::Result<()> {
+        {
+            let mut nodes = self.ctx.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = nodes
+                .get_mut(node)
+                .with_context(|| format!("no simulated node {node}"))?;
+            entry.spec.os_image = Some(os_image.to_string());
+        }
+        self.set_kernel(node, kernel).await
+    }
+
     pub async fn set_kernel(&self, node: &str, kernel: &str) -> anyhow::Result<()> {
         let boot_id = new_boot_id();
         let spec = {
@@ -538,7 +550,11 @@ fn node_status(spec: &SimNode, boot_id: &str) -> serde_json::Value {
             "bootID": boot_id,
             "machineID": shared_api::labels::short_hash(&spec.name, 32),
             "systemUUID": shared_api::labels::short_hash(&format!("uuid-{}", spec.name), 32),
-            "osImage": if spec.real_kernel { "Debian GNU/Linux 12 (bookworm), kernel in a qemu VM" } else { "kmm-fleet simulated node" },
+            "osImage": match &spec.os_image {
+                Some(os) => os.as_str(),
+                None if spec.real_kernel => "Debian GNU/Linux 12 (bookworm), kernel in a qemu VM",
+                None => "kmm-fleet simulated node",
+            },
             "containerRuntimeVersion": "containerd://1.7.0-sim",
             "kubeletVersion": "v1.20.2",
             "kubeProxyVersion": "v1.20.2",

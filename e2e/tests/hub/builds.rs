@@ -66,7 +66,11 @@ pub(crate) async fn put_secret(
     Ok(())
 }
 
-async fn put_dockerfile(hub: &Client, name: &str, dockerfile: &str) -> anyhow::Result<()> {
+pub(crate) async fn put_dockerfile(
+    hub: &Client,
+    name: &str,
+    dockerfile: &str,
+) -> anyhow::Result<()> {
     let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(hub.clone(), HUB_NS);
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": HUB_NS}, "data": {"dockerfile": dockerfile}});
     api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(cm))
@@ -75,7 +79,7 @@ async fn put_dockerfile(hub: &Client, name: &str, dockerfile: &str) -> anyhow::R
 }
 
 /// The in-cluster build lab as an MCM (image moved to the local registry), optionally signed.
-fn build_mcm(
+pub(crate) fn build_mcm(
     fleet: &Fleet,
     name: &str,
     dockerfile_cm: &str,

@@ -7,7 +7,9 @@
 mod admission;
 mod builds;
 mod day1;
+mod dtk;
 mod must_gather;
+mod placement;
 mod preflight;
 mod prerequisites;
 mod progressive;

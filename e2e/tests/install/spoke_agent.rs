@@ -11,12 +11,13 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::events::v1::Event;
 use kmm_e2e::fleet::{Fleet, spoke_name, worker_node};
 use kmm_e2e::oci::{KmodImage, push_kmod_image};
+use kmm_e2e::openshift::{install_imagestream_crd, put_dtk_imagestream, rhcos_os_image};
 use kmm_e2e::testkit::{ensure_namespace, eventually};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::{Client, ResourceExt as _};
 use serde_json::{Value, json};
 use shared_api::labels::{KERNEL_LABEL, ROLE_LABEL, kernel_label_value};
-use shared_api::ocm::{ClusterClaim, KERNEL_VERSIONS_CLAIM};
+use shared_api::ocm::{ClusterClaim, DTK_IMAGES_CLAIM, KERNEL_VERSIONS_CLAIM};
 use shared_api::{ManagedCluster, Module};
 
 use crate::access::{check_access, service_account, token_kubeconfig};
@@ -147,12 +148,27 @@ async fn the_policy_installs_a_working_spoke_agent() -> anyhow::Result<()> {
     let objects = policy_objects(&policy_docs)?;
     let deployment = find(&objects, "Deployment", "kmm-spoke")?.clone();
     let bin = spoke_binary().await?;
+    let binaries = kmm_e2e::provision::ensure_provisioned()?;
     let _one = ONE_FLEET_AT_A_TIME.lock().await;
     Fleet::builder()
         .spokes(1)
-        .spoke_nodes(1, vec![worker_node("n1", K1), worker_node("n2", K2)])
+        .spoke_nodes(
+            1,
+            vec![
+                // An RHCOS node: with the ImageStream below, the Driver Toolkit claim.
+                kmm_e2e::sim::SimNode {
+                    os_image: Some(rhcos_os_image(DTK_OS)),
+                    ..worker_node("n1", K1)
+                },
+                worker_node("n2", K2),
+            ],
+        )
         .run(async |fleet: &mut Fleet| {
             let admin = fleet.spoke(1).client().await;
+            // OpenShift's ImageStream API and the release payload's Driver Toolkit
+            // ImageStream: the agent lists and watches it under its own RBAC.
+            install_imagestream_crd(&admin, &binaries).await?;
+            put_dtk_imagestream(&admin, &[(DTK_OS, DTK_IMAGE)]).await?;
             // On the hub, as a platform team does; the policy framework does the rest.
             let hub = fleet.hub().client().await;
             for d in &policy_docs {
@@ -178,6 +194,9 @@ async fn the_policy_installs_a_working_spoke_agent() -> anyhow::Result<()> {
             let mut outcome = spoke_agent_works(fleet, &admin, &agent, pod).await;
             if outcome.is_ok() {
                 outcome = lease_renewed(&admin, SPOKE_NS, "kmm-spoke").await;
+            }
+            if outcome.is_ok() {
+                outcome = dtk_claim_published(&admin).await;
             }
             let log = agent.stop().await;
             if outcome.is_err() {
@@ -236,6 +255,26 @@ async fn the_policy_installs_a_working_spoke_agent() -> anyhow::Result<()> {
             )
         })
         .await
+}
+
+const DTK_OS: &str = "417.94.202410211619-0";
+const DTK_IMAGE: &str = "quay.io/openshift-release-dev/ocp-v4.0-art-dev@sha256:dddd";
+
+/// Waits until the agent published the Driver Toolkit claim of the RHCOS node's kernel.
+async fn dtk_claim_published(client: &Client) -> anyhow::Result<()> {
+    let want = format!("{K1}={DTK_IMAGE}");
+    eventually("the Driver Toolkit claim", DEADLINE, || async {
+        let v = Api::<ClusterClaim>::all(client.clone())
+            .get_opt(DTK_IMAGES_CLAIM)
+            .await?
+            .map(|c| c.spec.value);
+        Ok(if v.as_deref() == Some(want.as_str()) {
+            Ok(())
+        } else {
+            Err(format!("{v:?}"))
+        })
+    })
+    .await
 }
 
 /// Waits until the holder of a Lease has renewed it once (renewTime past acquireTime).
@@ -462,6 +501,12 @@ async fn spoke_agent_works(
             "yes patch clusterclaims.cluster.open-cluster-management.io kernel-versions.kmm.node.kubernetes.io",
             "yes create clusterclaims.cluster.open-cluster-management.io kernel-versions.kmm.node.kubernetes.io.9",
             "no create clusterclaims.cluster.open-cluster-management.io kernel-versions.kmm.node.kubernetes.io.10",
+            "yes create clusterclaims.cluster.open-cluster-management.io kernel-dtk-images.kmm.node.kubernetes.io.4",
+            "no create clusterclaims.cluster.open-cluster-management.io kernel-dtk-images.kmm.node.kubernetes.io.5",
+            "yes watch imagestreams.image.openshift.io driver-toolkit -n openshift",
+            "no list imagestreams.image.openshift.io -n openshift",
+            "no get imagestreams.image.openshift.io driver-toolkit -n openshift",
+            "no watch imagestreams.image.openshift.io other -n openshift",
             "no patch clusterclaims.cluster.open-cluster-management.io id.k8s.io",
             "no create clusterclaims.cluster.open-cluster-management.io",
             "no delete clusterclaims.cluster.open-cluster-management.io id.k8s.io",

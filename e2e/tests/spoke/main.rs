@@ -7,6 +7,7 @@
 
 mod agent;
 mod dra;
+mod dtk;
 mod guard;
 mod labs;
 mod setup;

@@ -181,6 +181,7 @@ impl Sources for FileSources {
         self.digests.is_none() && self.configmaps.is_some()
     }
     fn dtk(&self, kernel: &str) -> Option<String> {
+        // Offline there are no clusters' claims: the table of `--config` only.
         self.config.dtk.image_for(kernel).map(str::to_string)
     }
 }

@@ -29,6 +29,9 @@ pub struct ClusterFacts {
     /// The cluster runs OpenShift (label `vendor=OpenShift` or claim
     /// `product.open-cluster-management.io=OpenShift`): Day-1 MachineConfigs apply there.
     pub openshift: bool,
+    /// Kernel → Driver Toolkit image from the `kernel-dtk-images` claim(s) (OpenShift
+    /// spokes); empty when the cluster published none.
+    pub dtk_images: BTreeMap<String, String>,
 }
 
 /// `(major, minor)` of a Kubernetes version as OCM reports it (`v1.33.2`,
@@ -67,6 +70,11 @@ impl ClusterFacts {
                         .map(|cl| cl.value.as_str())
                 }),
             ),
+            dtk_images: c
+                .status
+                .as_ref()
+                .map(|s| s.dtk_images())
+                .unwrap_or_default(),
         }
     }
 }

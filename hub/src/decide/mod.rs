@@ -10,11 +10,15 @@
 //! - [`status`]: counts, per-image list, conditions and what to do next.
 //! - [`release`]: when a ManifestWork that should go may be deleted or released.
 //! - [`preflight`]: an MCM against a coming kernel: its image, and whether the hub can make it.
+//! - [`dtk`]: the Driver Toolkit image for a kernel (`DTK_AUTO`): hub table, then claims.
+//! - [`placement`]: the clusters (and decision groups) of `spec.placementRef`'s Placement.
 
 pub mod build_job;
 pub mod cluster;
+pub mod dtk;
 pub mod facts;
 pub mod image;
+pub mod placement;
 pub mod plan;
 pub mod preflight;
 pub mod release;

@@ -35,6 +35,9 @@ pub struct ClusterPlan {
     pub problem: Option<ClusterProblem>,
     /// The cluster runs OpenShift (Day-1 MachineConfigs apply, `spec.day1`).
     pub openshift: bool,
+    /// With `spec.placementRef`: the Placement's decision group of this cluster (index and
+    /// name, as OCM's `ProgressivePerGroup` orders them); `None` with a label selector.
+    pub decision_group: Option<super::placement::DecisionGroup>,
 }
 
 /// One distinct image of the fleet-wide plan.

@@ -350,7 +350,7 @@ pub fn dtk_check(wants_dtk: bool, kernel: &str, dtk: Option<&str>) -> BuildCheck
         (true, None) => BuildCheck::Missing(
             "DriverToolkitMissing",
             format!(
-                "the Dockerfile declares DTK_AUTO but no Driver Toolkit image is known for kernel {kernel} (add a driverToolkit row to the hub configuration)"
+                "the Dockerfile declares DTK_AUTO but no Driver Toolkit image is known for kernel {kernel}: no OpenShift spoke running it publishes one (kernel-dtk-images claim) and the hub configuration has no driverToolkit row for it"
             ),
         ),
         _ => BuildCheck::Ready,

@@ -14,6 +14,7 @@ use shared_api::mcm::{
 
 use super::facts::WorkEntry;
 use super::image::ImageOutcome;
+use super::placement::{PLACEMENT_NOT_FOUND, PlacementHold};
 use super::plan::Plan;
 
 /// Counts from the cached works of the selected clusters (all works when `selected` is None).
@@ -86,6 +87,28 @@ pub fn invalid_spec_status(
         generation,
         now,
     );
+    fill_counts(&mut status, works, None);
+    status
+}
+
+/// The status while `spec.placementRef`'s Placement is missing (Degraded) or has not decided
+/// yet (Progressing): the works stay as they are, and are counted as they are.
+pub fn placement_hold_status(
+    mcm: &ManagedClusterModule,
+    hold: &PlacementHold,
+    works: &BTreeMap<String, WorkEntry>,
+    now: Timestamp,
+) -> ManagedClusterModuleStatus {
+    let generation = mcm.metadata.generation;
+    let mut status = mcm.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    let missing = hold.reason == PLACEMENT_NOT_FOUND;
+    let c = &mut status.conditions;
+    let r = hold.reason;
+    let m = hold.message.as_str();
+    set_condition(c, DEGRADED, missing, r, m, generation, now);
+    set_condition(c, READY, false, r, m, generation, now);
+    set_condition(c, PROGRESSING, !missing, r, m, generation, now);
     fill_counts(&mut status, works, None);
     status
 }

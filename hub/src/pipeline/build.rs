@@ -52,13 +52,15 @@ impl ImagePipeline {
             Err(e) => return ImageOutcome::failed(e.to_string()),
         };
         let dtk = if wants_dtk_auto(&dockerfile) {
-            match deps.config.dtk.image_for(kernel) {
-                Some(i) => Some(i.to_string()),
-                None => {
-                    return ImageOutcome::failed(format!(
-                        "the Dockerfile declares DTK_AUTO but the hub's driverToolkit table has no image for kernel {kernel}; build not started"
-                    ));
+            // Unknown is something to wait for (a spoke publishing its toolkit, a table
+            // row), not a failed build: no Job, retried with the MCM's backoff and whenever a
+            // cluster's Driver Toolkit claim changes.
+            match deps.caches.dtk_image(kernel, &deps.config.dtk) {
+                Ok(d) => {
+                    tracing::debug!(image = %d.image, source = ?d.source, "DTK_AUTO");
+                    Some(d.image)
                 }
+                Err(reason) => return ImageOutcome::missing(reason),
             }
         } else {
             None

@@ -188,8 +188,13 @@ impl Sources for ClusterSources<'_> {
         true
     }
     fn dtk(&self, kernel: &str) -> Option<String> {
-        // The table the build pipeline resolves `DTK_AUTO` from.
-        self.hub.config.dtk.image_for(kernel).map(str::to_string)
+        // As the build pipeline resolves `DTK_AUTO`: the hub's table, then the clusters'
+        // Driver Toolkit claims.
+        self.hub
+            .caches
+            .dtk_image(kernel, &self.hub.config.dtk)
+            .ok()
+            .map(|d| d.image)
     }
 }
 

@@ -38,7 +38,8 @@ use crate::decide::facts::{ClusterFacts, WorkEntry};
 use crate::decide::plan::plan;
 use crate::decide::rollout;
 use crate::decide::status::{
-    Findings, Next, image_statuses, invalid_spec_status, mcm_status, plan_error_status,
+    Findings, Next, image_statuses, invalid_spec_status, mcm_status, placement_hold_status,
+    plan_error_status,
 };
 use crate::last_decisions::{McmView, Views};
 use crate::metrics::Metrics;
@@ -168,13 +169,37 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
     }
 
     let clusters = ctx.caches.cluster_facts();
-    let plan = match plan(mcm, clusters.iter()) {
+    // spec.placementRef: exactly the decided clusters; a missing or undecided Placement
+    // changes nothing that runs (the watch of Placements brings the MCM back).
+    let placed = match &mcm.spec.placement_ref {
+        None => None,
+        Some(p) => match ctx
+            .caches
+            .placement_clusters(&p.name, &ctx.operator_namespace)
+        {
+            Ok(groups) => Some(groups),
+            Err(hold) => {
+                let status = placement_hold_status(mcm, &hold, &ctx.caches.works_of(&name), now);
+                if write_status(ctx, mcm, status).await? {
+                    event(ctx, mcm, EventType::Warning, hold.reason, &hold.message).await;
+                }
+                return Ok(Action::requeue(ctx.resync));
+            }
+        },
+    };
+    let candidates = clusters
+        .iter()
+        .filter(|c| placed.as_ref().is_none_or(|g| g.contains_key(&c.name)));
+    let mut plan = match plan(mcm, candidates) {
         Ok(p) => p,
         Err(e) => {
             write_status(ctx, mcm, plan_error_status(mcm, &e.to_string(), now)).await?;
             return Ok(Action::requeue(ctx.resync));
         }
     };
+    if let Some(groups) = &placed {
+        crate::decide::placement::assign_groups(&mut plan, groups);
+    }
 
     // What the images need from the hub's namespace, read once; then the images.
     let secret = |n: &str| ctx.secret(n);
@@ -244,9 +269,13 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
             }
             let facts: BTreeMap<&str, &ClusterFacts> =
                 clusters.iter().map(|c| (c.name.as_str(), c)).collect();
-            // The Placement decision group of each cluster, once the MCM can follow a
-            // Placement; until then every cluster is in none.
-            let decision_groups: BTreeMap<String, (i32, String)> = BTreeMap::new();
+            // The Placement decision group of each cluster (`spec.placementRef`); none with
+            // a label selector.
+            let decision_groups: BTreeMap<&str, (i32, &str)> = plan
+                .clusters
+                .iter()
+                .filter_map(|c| Some((c.cluster.as_str(), c.decision_group.as_ref()?.as_tuple())))
+                .collect();
             let no_labels = BTreeMap::new();
             let members: Vec<rollout::Member<'_>> = hashes
                 .iter()
@@ -255,7 +284,7 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
                     labels: facts
                         .get(cluster.as_str())
                         .map_or(&no_labels, |f| &f.labels),
-                    decision_group: decision_groups.get(cluster).map(|(i, n)| (*i, n.as_str())),
+                    decision_group: decision_groups.get(cluster.as_str()).copied(),
                     desired_hash: hash,
                     work: existing.get(cluster),
                 })

@@ -127,6 +127,16 @@ pub fn validate_mcm(mcm: &ManagedClusterModule) -> Vec<Violation> {
     if let Some(s) = &mcm.spec.rollout_strategy {
         rollout::rollout_rules(&mut r, "spec.rolloutStrategy", s);
     }
+    if let Some(p) = &mcm.spec.placement_ref {
+        r.check("spec.placementRef.name", names::dns_subdomain(&p.name));
+        if !mcm.spec.selector.is_empty() {
+            r.push(
+                "spec.selector",
+                "must be empty when spec.placementRef is set: the Placement chooses the clusters"
+                    .to_string(),
+            );
+        }
+    }
     let ns = if spoke_ns.is_empty() {
         "default"
     } else {

@@ -1,22 +1,24 @@
-//! Kernel facts: every node labelled with its kernel, and the kernel ClusterClaim(s).
+//! Kernel facts: every node labelled with its kernel, the kernel ClusterClaim(s) and, on
+//! OpenShift spokes, the Driver Toolkit ClusterClaim(s) (kernel → toolkit image).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Node;
 use kmm_runtime::queue::Action;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use shared_api::ClusterClaim;
 use shared_api::labels::{
     KERNEL_LABEL, SPOKE_CLAIM_MANAGER, SPOKE_NODE_MANAGER, kernel_label_value,
 };
-use shared_api::ocm::claim_part_index;
+use shared_api::ocm::{DTK_IMAGES_CLAIM, claim_part_index, claim_part_of, split_dtk_claims};
 
 use super::Context;
 use crate::error::ReconcileError;
-use crate::render::nodes::{distinct_kernels, kernel_claims, node_kernel};
+use crate::render::nodes::{distinct_kernels, kernel_claims, kernel_dtk_images, node_kernel};
 
 #[tracing::instrument(name = "reconcile_kernel_facts", skip_all)]
 pub async fn reconcile(ctx: &Context) -> Result<Action, ReconcileError> {
@@ -48,8 +50,64 @@ pub async fn reconcile(ctx: &Context) -> Result<Action, ReconcileError> {
             .filter(|n| n.metadata.deletion_timestamp.is_none())
             .map(|n| n.as_ref()),
     );
+    apply_claims(&desired, claims, ctx, "kernel claim published").await?;
+    let wanted: BTreeSet<&str> = desired.iter().map(|(n, _)| n.as_str()).collect();
+    let stale: Vec<String> = claims
+        .state()
+        .iter()
+        .map(|c| c.name_any())
+        .filter(|n| claim_part_index(n).is_some_and(|i| i > 0) && !wanted.contains(n.as_str()))
+        .collect();
+    delete_claims(&stale, ctx, "stale kernel claim deleted").await?;
+    publish_dtk_claims(&nodes, claims, ctx).await?;
+    Ok(Action::Requeue(ctx.resync))
+}
+
+/// The Driver Toolkit claims: kernel → toolkit image for the kernels whose nodes run an OS
+/// version the ImageStream has a tag for. None (and any left over deleted) without the
+/// ImageStream or without a kernel it covers.
+async fn publish_dtk_claims(
+    nodes: &[Arc<Node>],
+    claims: &Store<ClusterClaim>,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let images = match ctx.dtk_tags.read().ok().and_then(|t| t.clone()) {
+        Some(tags) => kernel_dtk_images(
+            nodes
+                .iter()
+                .filter(|n| n.metadata.deletion_timestamp.is_none())
+                .map(|n| n.as_ref()),
+            &tags,
+        ),
+        None => BTreeMap::new(),
+    };
+    let (desired, left_out) = split_dtk_claims(&images);
+    if !left_out.is_empty() {
+        tracing::warn!(
+            kernels = ?left_out,
+            "Driver Toolkit images that do not fit the claims are not published"
+        );
+    }
+    apply_claims(&desired, claims, ctx, "Driver Toolkit claim published").await?;
+    let wanted: BTreeSet<&str> = desired.iter().map(|(n, _)| n.as_str()).collect();
+    let stale: Vec<String> = claims
+        .state()
+        .iter()
+        .map(|c| c.name_any())
+        .filter(|n| claim_part_of(DTK_IMAGES_CLAIM, n).is_some() && !wanted.contains(n.as_str()))
+        .collect();
+    delete_claims(&stale, ctx, "stale Driver Toolkit claim deleted").await
+}
+
+/// Server-side apply the claims whose value differs from the cached one.
+async fn apply_claims(
+    desired: &[(String, String)],
+    claims: &Store<ClusterClaim>,
+    ctx: &Context,
+    what: &str,
+) -> Result<(), ReconcileError> {
     let api: Api<ClusterClaim> = Api::all(ctx.client.clone());
-    for (name, value) in &desired {
+    for (name, value) in desired {
         let current = claims.get(&ObjectRef::new(name));
         if current.as_ref().is_some_and(|c| &c.spec.value == value) {
             continue;
@@ -71,23 +129,29 @@ pub async fn reconcile(ctx: &Context) -> Result<Action, ReconcileError> {
             source,
         })?;
         ctx.metrics.write("cluster-claim");
-        tracing::info!(claim = %name, kernels = value.lines().count(), "kernel claim published");
+        tracing::info!(claim = %name, lines = value.lines().count(), "{what}");
     }
-    let wanted: BTreeSet<&str> = desired.iter().map(|(n, _)| n.as_str()).collect();
-    for stale in claims.state().iter().filter(|c| {
-        let name = c.name_any();
-        claim_part_index(&name).is_some_and(|i| i > 0) && !wanted.contains(name.as_str())
-    }) {
-        let name = stale.name_any();
-        match api.delete(&name, &DeleteParams::default()).await {
+    Ok(())
+}
+
+/// Delete claims (already gone is fine).
+async fn delete_claims(names: &[String], ctx: &Context, what: &str) -> Result<(), ReconcileError> {
+    let api: Api<ClusterClaim> = Api::all(ctx.client.clone());
+    for name in names {
+        match api.delete(name, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(source) => return Err(ReconcileError::Claim { name, source }),
+            Err(source) => {
+                return Err(ReconcileError::Claim {
+                    name: name.clone(),
+                    source,
+                });
+            }
         }
         ctx.metrics.write("cluster-claim");
-        tracing::info!(claim = %name, "stale kernel claim deleted");
+        tracing::info!(claim = %name, "{what}");
     }
-    Ok(Action::Requeue(ctx.resync))
+    Ok(())
 }
 
 #[tracing::instrument(skip_all, fields(node = %node.name_any(), kernel = value))]

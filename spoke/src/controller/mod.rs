@@ -2,6 +2,7 @@
 //! the orphan sweep, node events, leader election.
 
 pub mod device_classes;
+pub mod dtk;
 pub mod events;
 pub mod facts;
 pub mod labels;
@@ -109,6 +110,8 @@ pub struct Context {
     /// Namespaces this process labelled as holding Modules, and when ([`namespace_label`]).
     pub labelled_namespaces:
         std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// The Driver Toolkit ImageStream's tags on OpenShift spokes ([`dtk`]).
+    pub dtk_tags: dtk::DtkTags,
 }
 
 /// The spoke agent. Build with [`Agent::new`] (registers metrics and readiness gates), then
@@ -229,6 +232,7 @@ impl Agent {
             unload_failures_reported: Default::default(),
             module_backoff: KeyedBackoff::default(),
             labelled_namespaces: Default::default(),
+            dtk_tags: Default::default(),
         });
         // One task waits on the stores (a store's readiness wakes only one waiter) and
         // publishes "synced" to everyone else.
@@ -295,6 +299,16 @@ impl Agent {
             gn,
             token.clone(),
         )));
+        if cfg.cluster_claims {
+            // OpenShift spokes: the Driver Toolkit ImageStream (looked for, never required).
+            tasks.push(tokio::spawn(dtk::watch(
+                client.clone(),
+                ctx.dtk_tags.clone(),
+                triggers.facts.clone(),
+                cfg.resync,
+                token.clone(),
+            )));
+        }
         if let (Some(w), Some(g)) = (w_claims, gc) {
             let q = triggers.facts.clone();
             tasks.push(tokio::spawn(run_informer(

@@ -241,6 +241,14 @@ struct NodeTriggers {
 
 /// What of a node matters to the reconcilers: labels, the agent's annotations, taints,
 /// kernel, boot (a reboot unloads every module), deletion.
+/// `status.nodeInfo.osImage`, empty when not reported.
+fn node_os_image(n: &Node) -> &str {
+    n.status
+        .as_ref()
+        .and_then(|s| s.node_info.as_ref())
+        .map_or("", |i| i.os_image.as_str())
+}
+
 fn node_changed(old: &Node, new: &Node) -> bool {
     old.metadata.labels != new.metadata.labels
         || old.metadata.annotations != new.metadata.annotations
@@ -285,6 +293,8 @@ pub async fn informer_nodes(
                                 || old.metadata.uid != new.metadata.uid;
                             t.events = ready_transitions(&old, new, &modules);
                         }
+                        // An OS update changes the Driver Toolkit of the node's kernel.
+                        t.facts |= node_os_image(&old) != node_os_image(new);
                     }
                 },
                 watcher::Event::Delete(_) | watcher::Event::InitDone => {

@@ -266,6 +266,23 @@ pub fn distinct_kernels<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Vec<St
     set.into_iter().collect()
 }
 
+/// Kernel → Driver Toolkit image for these nodes, through their OS version
+/// (`status.nodeInfo.osImage`) and the Driver Toolkit ImageStream's tags (OS version → image).
+/// Kernels are spelled as in the kernel claim.
+pub fn kernel_dtk_images<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    tags: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let pairs: Vec<(&str, &str)> = nodes
+        .into_iter()
+        .filter_map(|n| {
+            let info = n.status.as_ref()?.node_info.as_ref()?;
+            Some((info.kernel_version.trim(), info.os_image.as_str()))
+        })
+        .collect();
+    shared_api::dtk::kernel_dtk_images(pairs, tags)
+}
+
 /// The kernel ClusterClaims `(name, value)` for these nodes, split when longer than 1024.
 pub fn kernel_claims<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Vec<(String, String)> {
     shared_api::ocm::split_kernel_claims(&distinct_kernels(nodes))
