@@ -243,6 +243,20 @@ pub(crate) async fn spoke_apiserver_restarted(sb: &mut Sandbox) -> anyhow::Resul
     .await;
     kmm_e2e::process::signal(agent, libc::SIGCONT);
     frozen?;
+    // Frozen past its lease's renew deadline (a slow restart on a busy machine), the agent
+    // steps down and exits, as a spoke that lost its lease must; the kubelet restarts its
+    // Deployment's pod (restartPolicy Always). The sandbox runs it as a process: restart it
+    // the same way if it exited.
+    let resumed = std::time::Instant::now();
+    while resumed.elapsed() < Duration::from_secs(15) && sb.spokes[1].running() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if !sb.spokes[1].running() {
+        eprintln!(
+            "    the spoke-2 agent exited after the freeze (lease lost); restarting it as the kubelet would"
+        );
+        sb.spokes[1].restart(Duration::from_secs(60)).await?;
+    }
     eventually(
         "kmm_scn_restart on every worker of spoke-2",
         CONVERGE,
