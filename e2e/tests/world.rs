@@ -548,6 +548,14 @@ async fn cel_rules_are_enforced(
             "cannot be used together with inTreeModulesToRemove",
         ),
         (
+            "dra and devicePlugin together",
+            serde_json::json!([
+                {"op": "add", "path": "/spec/devicePlugin", "value": {"container": {"image": "registry.invalid/plugin:1"}}},
+                {"op": "add", "path": "/spec/dra", "value": {"driverName": "gpu.example.com", "container": {"image": "registry.invalid/dra:1"}}}]),
+            "spec",
+            "dra and devicePlugin cannot both be set",
+        ),
+        (
             "nothing to run",
             serde_json::json!([{"op": "remove", "path": "/spec/moduleLoader"}]),
             "spec",

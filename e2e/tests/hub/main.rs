@@ -7,6 +7,7 @@
 mod admission;
 mod builds;
 mod day1;
+mod dra;
 mod dtk;
 mod must_gather;
 mod placement;

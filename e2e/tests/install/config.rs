@@ -220,3 +220,107 @@ async fn check(client: &kube::Client, probes: &str, metrics: &str) -> anyhow::Re
     );
     Ok(())
 }
+
+const HUB_CONFIG_NS: &str = "kmm-hub-config-test";
+
+/// The `kmm-hub` binary, run with a file of upstream's hub keys against a real hub API server:
+/// probes and metrics on the addresses from the file, its Lease named by
+/// `leaderElection.resourceID`, `job.gcDelay` taken (no warning), and the unknown key named
+/// in its log while it still starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_takes_its_settings_from_upstreams_config_file() -> anyhow::Result<()> {
+    let bin = crate::spoke_agent::hub_binary().await?;
+    let _one = ONE_FLEET_AT_A_TIME.lock().await;
+    Fleet::builder()
+        .spokes(1)
+        .run(async |fleet: &mut Fleet| {
+            let client = fleet.hub().client().await;
+            ensure_namespace(&client, HUB_CONFIG_NS).await?;
+            let probes = format!("127.0.0.1:{}", kmm_e2e::process::free_port()?);
+            let metrics = format!("127.0.0.1:{}", kmm_e2e::process::free_port()?);
+            let file = fleet.dir().join(format!("hub-{CONFIG_KEY}"));
+            std::fs::write(
+                &file,
+                format!(
+                    "healthProbeBindAddress: {probes}\n\
+                     metrics:\n  bindAddress: {metrics}\n\
+                     leaderElection:\n  enabled: true\n  resourceID: kmm-hub-from-config\n\
+                     job:\n  gcDelay: 1h\n\
+                     notAHubKey: true\n"
+                ),
+            )?;
+            let log = fleet.dir().join("kmm-hub-config.log");
+            let out = std::fs::File::create(&log)?;
+            let mut child = tokio::process::Command::new(&bin)
+                .args(["run", "--upstream-config"])
+                .arg(&file)
+                .args(["--operator-namespace", HUB_CONFIG_NS])
+                .env_clear()
+                .env("KUBECONFIG", fleet.hub().kubeconfig_path())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            let outcome = check_hub(&client, &probes, &metrics).await;
+            let _ = child.kill().await;
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if outcome.is_err() {
+                eprintln!("kmm-hub log:\n{text}");
+            }
+            outcome?;
+            ensure!(
+                text.lines()
+                    .any(|l| l.contains("WARN") && l.contains("notAHubKey")),
+                "no warning naming notAHubKey:\n{text}"
+            );
+            ensure!(
+                !text
+                    .lines()
+                    .any(|l| l.contains("WARN") && l.contains("job.gcDelay")),
+                "job.gcDelay is a hub key, yet warned about:\n{text}"
+            );
+            Ok(())
+        })
+        .await
+}
+
+async fn check_hub(client: &kube::Client, probes: &str, metrics: &str) -> anyhow::Result<()> {
+    eventually(
+        "the hub ready on the probe address from the file",
+        DEADLINE,
+        async || {
+            Ok(match http_status(probes, "/readyz").await {
+                Ok(200) => Ok(()),
+                Ok(code) => Err(format!("/readyz {code}")),
+                Err(e) => Err(format!("{e:#}")),
+            })
+        },
+    )
+    .await?;
+    let (code, body) = kmm_e2e::process::http_get(metrics, "/metrics").await?;
+    ensure!(
+        code == 200 && body.contains("kmm_hub_"),
+        "metrics on {metrics}: {code}\n{body}"
+    );
+    let lease = eventually("the Lease named in the file", DEADLINE, async || {
+        Ok(
+            match Api::<Lease>::namespaced(client.clone(), HUB_CONFIG_NS)
+                .get_opt("kmm-hub-from-config")
+                .await?
+            {
+                Some(l) => Ok(l),
+                None => Err(format!("no Lease {HUB_CONFIG_NS}/kmm-hub-from-config")),
+            },
+        )
+    })
+    .await?;
+    ensure!(
+        lease
+            .spec
+            .and_then(|s| s.holder_identity)
+            .is_some_and(|h| !h.is_empty()),
+        "the hub holds no Lease"
+    );
+    Ok(())
+}

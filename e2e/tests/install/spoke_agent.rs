@@ -33,7 +33,16 @@ use crate::{
 /// The `kmm-spoke` binary next to this test's executable (target/<profile>/), built first;
 /// cargo finds it up to date in the common case. `KMM_SPOKE_BIN` names a prebuilt one.
 pub(crate) async fn spoke_binary() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("KMM_SPOKE_BIN") {
+    binary("kmm-spoke", "KMM_SPOKE_BIN").await
+}
+
+/// The `kmm-hub` binary, as [`spoke_binary`] (`KMM_HUB_BIN` names a prebuilt one).
+pub(crate) async fn hub_binary() -> anyhow::Result<PathBuf> {
+    binary("kmm-hub", "KMM_HUB_BIN").await
+}
+
+async fn binary(package: &str, env_var: &str) -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
         return Ok(p.into());
     }
     let exe = std::env::current_exe()?;
@@ -47,14 +56,38 @@ pub(crate) async fn spoke_binary() -> anyhow::Result<PathBuf> {
         Some(p) => p,
         None => bail!("no profile directory"),
     };
+    let bin = profile_dir.join(package);
+    // scripts/test builds both binaries right before the tests.
+    if std::env::var_os("KMM_E2E_BINARIES_BUILT").is_some() && bin.is_file() {
+        return Ok(bin);
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = tokio::process::Command::new(cargo)
+    let mut cmd = tokio::process::Command::new(cargo);
+    // The test's own build environment would make build scripts rerun (see
+    // kmm_e2e::sandbox::agents).
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_")
+            || k.starts_with("CARGO_CRATE_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_PRIMARY_PACKAGE",
+                "OUT_DIR",
+            ]
+            .contains(&k.as_ref())
+        {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    let status = cmd
         .args([
             "build",
             "-p",
-            "kmm-spoke",
+            package,
             "--bin",
-            "kmm-spoke",
+            package,
             "--profile",
             profile,
         ])
@@ -63,9 +96,8 @@ pub(crate) async fn spoke_binary() -> anyhow::Result<PathBuf> {
         .current_dir(repo())
         .status()
         .await
-        .context("running cargo build -p kmm-spoke")?;
-    ensure!(status.success(), "cargo build -p kmm-spoke failed");
-    let bin = profile_dir.join("kmm-spoke");
+        .with_context(|| format!("running cargo build -p {package}"))?;
+    ensure!(status.success(), "cargo build -p {package} failed");
     ensure!(bin.is_file(), "{} missing after the build", bin.display());
     Ok(bin)
 }

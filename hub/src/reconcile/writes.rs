@@ -4,7 +4,7 @@
 use futures::StreamExt;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use serde_json::json;
+use serde_json::{Value, json};
 use shared_api::ManagedClusterModule;
 use shared_api::labels::HUB_MANIFESTWORK_MANAGER;
 use shared_api::mcm::ManagedClusterModuleStatus;
@@ -97,11 +97,16 @@ pub async fn write_status(
         ctx.metrics.writes_skipped.inc();
         return Ok(false);
     }
+    // A merge patch keeps every member it does not mention: what the new status leaves out
+    // (an emptied `clusters` list, a finished rollout's `haltReason`) must be sent as null,
+    // or the stale value would stay on the object.
+    let old = mcm.status.as_ref().map_or(Value::Null, |s| json!(s));
+    let patch = merge_patch(&old, &json!(status));
     let api: Api<ManagedClusterModule> = Api::all(ctx.client.clone());
     api.patch_status(
         &mcm.name_any(),
         &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
+        &Patch::Merge(json!({ "status": patch })),
     )
     .await?;
     ctx.metrics
@@ -112,4 +117,70 @@ pub async fn write_status(
         .inc();
     ctx.caches.bump();
     Ok(true)
+}
+
+/// The JSON merge patch (RFC 7386) that turns `old` into `new`: members added or changed as in
+/// `new`, members `new` lacks as null, nested objects patched member by member, anything else
+/// (arrays, scalars) replaced whole.
+pub fn merge_patch(old: &Value, new: &Value) -> Value {
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut patch = serde_json::Map::new();
+            for (k, nv) in n {
+                match o.get(k) {
+                    Some(ov) if ov == nv => {}
+                    Some(ov) => {
+                        patch.insert(k.clone(), merge_patch(ov, nv));
+                    }
+                    None => {
+                        patch.insert(k.clone(), nv.clone());
+                    }
+                }
+            }
+            for k in o.keys().filter(|k| !n.contains_key(*k)) {
+                patch.insert(k.clone(), Value::Null);
+            }
+            Value::Object(patch)
+        }
+        _ => new.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::merge_patch;
+
+    /// Applying the patch to `old` (RFC 7386, as the API server does) gives `new`.
+    fn roundtrip(old: serde_json::Value, new: serde_json::Value) -> serde_json::Value {
+        let patch = merge_patch(&old, &new);
+        let mut applied = old;
+        json_patch::merge(&mut applied, &patch);
+        assert_eq!(applied, new);
+        patch
+    }
+
+    #[test]
+    fn members_the_new_status_lacks_are_removed() {
+        let old = json!({"clusters": [{"name": "old", "reason": "DRANotSupported"}],
+            "numberDesired": 2, "rollout": {"phase": "Halted", "haltReason": "x"}});
+        let new = json!({"numberDesired": 2, "rollout": {"phase": "Complete"}});
+        let patch = roundtrip(old, new);
+        assert_eq!(
+            patch,
+            json!({"clusters": null, "rollout": {"phase": "Complete", "haltReason": null}})
+        );
+    }
+
+    #[test]
+    fn unchanged_members_are_left_out_and_arrays_replaced_whole() {
+        let old = json!({"a": 1, "images": [{"image": "x"}, {"image": "y"}]});
+        let new = json!({"a": 1, "images": [{"image": "y"}]});
+        assert_eq!(roundtrip(old, new), json!({"images": [{"image": "y"}]}));
+        assert_eq!(
+            roundtrip(serde_json::Value::Null, json!({"a": 1})),
+            json!({"a": 1})
+        );
+    }
 }
