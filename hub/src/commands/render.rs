@@ -127,6 +127,11 @@ pub async fn run(args: RenderArgs, out: &mut impl Write) -> anyhow::Result<bool>
             "note: the pull-secret copy (spec.spokePrerequisites.pullSecret) is not rendered"
         );
     }
+    if mcm.spec.day0.is_some() {
+        eprintln!(
+            "note: the Day-0 MachineConfig (spec.day0) is not rendered: the kernels of the clusters' RHCOS images come from the registry"
+        );
+    }
     let mut all = true;
     for cp in &p.clusters {
         if let Some(problem) = &cp.problem {
@@ -137,7 +142,14 @@ pub async fn run(args: RenderArgs, out: &mut impl Write) -> anyhow::Result<bool>
             all = false;
             continue;
         }
-        let d = decide_cluster(&mcm, cp, &outcomes, &[], executor.as_ref(), &pull);
+        let d = decide_cluster(
+            &mcm,
+            cp,
+            &outcomes,
+            Default::default(),
+            executor.as_ref(),
+            &pull,
+        );
         for k in d.view.kernels.iter().filter(|k| k.pinned.is_none()) {
             eprintln!(
                 "cluster {}: kernel {}: no digest for image {}",

@@ -40,6 +40,7 @@ struct World {
     problems: Vec<ClusterProblem>,
     pull_secret_error: Option<String>,
     write_errors: Vec<String>,
+    day0: BTreeMap<String, crate::render::day0::Day0Want>,
 }
 
 impl World {
@@ -58,6 +59,7 @@ impl World {
             problems: vec![],
             pull_secret_error: None,
             write_errors: vec![],
+            day0: BTreeMap::new(),
         }
     }
 
@@ -71,6 +73,7 @@ impl World {
             problems: &self.problems,
             pull_secret_error: self.pull_secret_error.as_deref(),
             write_errors: &self.write_errors,
+            day0: &self.day0,
         };
         mcm_status(&self.mcm, f, now())
     }
