@@ -6,7 +6,8 @@
 //! MachineConfig whose `osImageURL` is the layered image pinned by digest; a plain spoke gets
 //! the Module only. One spoke moving to another RHCOS image (another kernel) gets one new
 //! build and a new `osImageURL` while the other keeps its image; an RHCOS image without the
-//! kernel label is reported (`OSImageKernelUnknown`) and changes nothing shipped.
+//! kernel label is reported (`OSImageKernelUnknown`) and changes nothing shipped. The hub
+//! signs the module inside the layered image (`spec.day0.sign`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,7 +28,7 @@ use shared_api::day0::{BASE_OS_IMAGE_KEY, MCO_NAMESPACE, OS_IMAGE_CLAIM, OS_IMAG
 use shared_api::labels::MCM_OWNER_LABEL;
 use shared_api::mcm::Day0Status;
 
-use crate::builds::put_dockerfile;
+use crate::builds::{openssl_keypair, put_dockerfile, put_secret};
 use crate::setup::{apply_mcm, mcm_status, prepare, works};
 use crate::spoke_agent::RunningAgent;
 use crate::{BUILD_NS, HUB_NS, PULL_SECRET, SPOKE_NS};
@@ -234,6 +235,11 @@ async fn day0_layered_image_built_once_and_shipped_as_os_image_url() -> anyhow::
             }
 
             put_dockerfile(&hub, "coreos-layering", LAYERING_DOCKERFILE).await?;
+            // The hub signs simple-kmod.ko inside the layered image.
+            let keys = tempfile::tempdir()?;
+            let (key, cert, der) = openssl_keypair(keys.path(), "kmm-day0-signing")?;
+            put_secret(&hub, "day0-key", "key", &key).await?;
+            put_secret(&hub, "day0-cert", "cert", &cert).await?;
             let config = fleet.dir().join("hub-config.yaml");
             std::fs::write(
                 &config,
@@ -252,7 +258,9 @@ async fn day0_layered_image_built_once_and_shipped_as_os_image_url() -> anyhow::
                         "imageRepoSecret": {"name": PULL_SECRET},
                         "devicePlugin": {"container": {"image": "public.sim.kmm-fleet.io/simple-device-plugin:1"}}},
                     "day0": {"machineConfigPool": "worker", "containerImage": layered_repo,
-                        "build": {"dockerfileConfigMap": {"name": "coreos-layering"}}}}
+                        "build": {"dockerfileConfigMap": {"name": "coreos-layering"}},
+                        "sign": {"keySecret": {"name": "day0-key"}, "certSecret": {"name": "day0-cert"},
+                            "filesToSign": ["/usr/lib/modules/${KERNEL_FULL_VERSION}/simple-kmod.ko"]}}}
             }))?;
             apply_mcm(&hub, &m).await?;
 
@@ -305,6 +313,19 @@ async fn day0_layered_image_built_once_and_shipped_as_os_image_url() -> anyhow::
             ensure!(
                 built.files["/etc/modules-load.d/simple_kmod.conf"] == b"simple_kmod\n",
                 "autoload file"
+            );
+            // Signed by the hub with the MCM's key (the other module was not asked for).
+            let ko = &built.files[&format!("/usr/lib/modules/{K1}/simple-kmod.ko")];
+            let (body, sig) =
+                kmm_e2e::kmod::split_signature(ko).context("simple-kmod.ko is signed")?;
+            kmm_e2e::sim::loader::verify_signature(body, &sig.signature, std::slice::from_ref(&der))
+                .map_err(anyhow::Error::msg)?;
+            ensure!(
+                kmm_e2e::kmod::split_signature(
+                    &built.files[&format!("/usr/lib/modules/{K1}/simple-procfs-kmod.ko")]
+                )
+                .is_none(),
+                "only the files asked for are signed"
             );
 
             // Applied by the work agent on the spoke.
