@@ -18,6 +18,7 @@ use crate::{K1, ONE_FLEET_AT_A_TIME};
 
 const RHCOS_A: &str = "quay.io/openshift-release-dev/ocp-v4.0-art-dev@sha256:aaaa";
 const RHCOS_B: &str = "quay.io/openshift-release-dev/ocp-v4.0-art-dev@sha256:bbbb";
+const PROMPT: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn claim(client: &Client, name: &str) -> anyhow::Result<Option<String>> {
     Ok(Api::<ClusterClaim>::all(client.clone())
@@ -26,8 +27,11 @@ async fn claim(client: &Client, name: &str) -> anyhow::Result<Option<String>> {
         .map(|c| c.spec.value))
 }
 
+/// Within [`PROMPT`]: shorter than the agent's resync (60 s), so that the watch, not the
+/// periodic relist, is what makes the claim follow.
 async fn os_claim_is(client: &Client, want: Option<&str>) -> anyhow::Result<()> {
-    eventually(&format!("RHCOS image claim {want:?}"), async || {
+    let what = format!("RHCOS image claim {want:?}");
+    kmm_e2e::testkit::eventually(&what, PROMPT, async || {
         let got = claim(client, OS_IMAGE_CLAIM).await?;
         Ok(if got.as_deref() == want {
             Ok(())
