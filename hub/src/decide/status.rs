@@ -246,8 +246,12 @@ pub fn mcm_status(mcm: &ManagedClusterModule, f: Findings<'_>, now: Timestamp) -
     } else {
         "ManifestWorksDegraded"
     };
-    let all_available =
-        status.number_available == selected as i32 && f.problems.is_empty() && pending.is_empty();
+    // spec.day0: an OpenShift cluster without the layered image it should boot is not done.
+    let day0_waiting = status.day0.as_ref().map_or(0, |d| d.waiting);
+    let all_available = status.number_available == selected as i32
+        && f.problems.is_empty()
+        && pending.is_empty()
+        && day0_waiting == 0;
     // Rolling out: something is on its way (an image being resolved, built or signed, or a
     // shipped work not yet available); failures alone are Degraded, not progress.
     let in_flight = pending.iter().any(|i| {
@@ -258,10 +262,15 @@ pub fn mcm_status(mcm: &ManagedClusterModule, f: Findings<'_>, now: Timestamp) -
     }) || status.number_available < status.number_desired;
     let progressing = !all_available && in_flight;
     let progress = progress_message(&status, selected, pending.len(), f.problems);
-    let ready_msg = format!(
+    let mut ready_msg = format!(
         "{} of {selected} selected cluster(s) have the module available",
         status.number_available
     );
+    if day0_waiting > 0 {
+        ready_msg.push_str(&format!(
+            "; {day0_waiting} OpenShift cluster(s) wait for their Day-0 layered image (status.day0)"
+        ));
+    }
     let next = if pending
         .iter()
         .any(|i| i.state != ImageState::Building && i.state != ImageState::Signing)

@@ -356,6 +356,18 @@ fn day0_status_and_a_degraded_pool() {
         Some(format!("reg/os@{D}").as_str())
     );
     assert_ne!(conditions(&d).3, "Day0PoolDegraded");
+    // A cluster waiting for its layered image: not Ready, and the message says why.
+    assert_eq!(conditions(&d).0, "False");
+    let ready = d
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY)
+        .unwrap();
+    assert!(
+        ready.message.contains("1 OpenShift cluster(s) wait"),
+        "{ready:?}"
+    );
 
     w.works
         .get_mut("c1")
