@@ -29,7 +29,7 @@ use shared_api::labels::MCM_OWNER_LABEL;
 use shared_api::mcm::Day0Status;
 
 use crate::builds::{openssl_keypair, put_dockerfile, put_secret};
-use crate::setup::{apply_mcm, mcm_status, prepare, works};
+use crate::setup::{apply_mcm, condition, mcm_status, prepare, works};
 use crate::spoke_agent::RunningAgent;
 use crate::{BUILD_NS, HUB_NS, PULL_SECRET, SPOKE_NS};
 
@@ -404,6 +404,11 @@ async fn day0_layered_image_built_once_and_shipped_as_os_image_url() -> anyhow::
                 "{d:?}"
             );
             assert_eq!(d.image.as_deref(), Some(pinned_a.as_str()), "kept");
+            let ready = condition(&mcm_status(&hub, NAME).await?, "Ready");
+            ensure!(
+                ready.as_ref().is_some_and(|(s, _, m)| s == "False" && m.contains("Day-0")),
+                "{ready:?}"
+            );
             let urls = shipped_urls(&hub).await?;
             assert_eq!(urls[&spoke_name(1)].as_deref(), Some(pinned_a.as_str()));
             ensure!(build_jobs(&hub).await?.len() == 2, "nothing built for C");
