@@ -317,7 +317,6 @@ impl Agent {
                 client.clone(),
                 ctx.os_image.clone(),
                 triggers.facts.clone(),
-                cfg.resync,
                 token.clone(),
             )));
         }

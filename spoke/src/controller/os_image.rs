@@ -7,7 +7,6 @@
 //! Elsewhere the namespace does not exist: the watch lists nothing and nothing is published.
 
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -31,24 +30,19 @@ pub fn base_os_image(cm: &ConfigMap) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// Watch the ConfigMap (listed afresh every `recheck` too) until `token` is cancelled,
-/// keeping `image` current and waking the facts loop on every change.
+/// Watch the ConfigMap (by name, in its namespace) until `token` is cancelled, keeping
+/// `image` current and waking the facts loop on every change.
 pub async fn watch(
     client: Client,
     image: OsImage,
     facts: Arc<WorkQueue<()>>,
-    recheck: Duration,
     token: CancellationToken,
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, MCO_NAMESPACE);
     let cfg = watcher::Config::default().fields(&format!("metadata.name={OS_IMAGE_URL_CONFIGMAP}"));
-    let start = || {
-        watcher::watcher(api.clone(), cfg.clone())
-            .default_backoff()
-            .boxed()
-    };
-    let mut stream = start();
-    let mut relist = tokio::time::interval_at(tokio::time::Instant::now() + recheck, recheck);
+    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    // No periodic relist (unlike the ImageStream CRD's watch): a ConfigMap watch of the core
+    // API is dependable, and an idle agent polls nothing.
     let mut listed: Option<String> = None;
     let set = |value: Option<String>| {
         let changed = image
@@ -66,10 +60,6 @@ pub async fn watch(
     loop {
         let ev = tokio::select! {
             _ = token.cancelled() => return,
-            _ = relist.tick() => {
-                stream = start();
-                continue;
-            }
             ev = stream.try_next() => ev,
         };
         match ev {
