@@ -110,6 +110,8 @@ pub struct ImageConfig {
     /// `NAME=value`.
     pub env: Vec<String>,
     pub working_dir: String,
+    /// The configuration's labels (e.g. `ostree.linux` of an rpm-ostree image).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl ImageConfig {
@@ -130,6 +132,14 @@ impl ImageConfig {
             cmd: list("Cmd"),
             env: list("Env"),
             working_dir: c["WorkingDir"].as_str().unwrap_or_default().to_string(),
+            labels: c["Labels"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 
@@ -143,6 +153,12 @@ impl ImageConfig {
             cmd: some(&self.cmd),
             env: some(&self.env),
             working_dir: (!self.working_dir.is_empty()).then(|| self.working_dir.clone()),
+            labels: (!self.labels.is_empty()).then(|| {
+                self.labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            }),
             ..Default::default()
         })
     }

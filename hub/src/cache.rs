@@ -454,8 +454,8 @@ pub async fn watch_jobs(client: Client, namespace: String, caches: Arc<Caches>, 
     .await
 }
 
-/// Whether an MCM's module spec names `secret` (pull secret, signing key or certificate,
-/// build secret).
+/// Whether an MCM's module spec (or `spec.day0`) names `secret` (pull secret, signing key or
+/// certificate, build secret).
 pub fn references_secret(mcm: &ManagedClusterModule, secret: &str) -> bool {
     fn walk(v: &serde_json::Value, secret: &str) -> bool {
         match v {
@@ -473,6 +473,12 @@ pub fn references_secret(mcm: &ManagedClusterModule, secret: &str) -> bool {
         }
     }
     serde_json::to_value(&mcm.spec.module_spec).is_ok_and(|v| walk(&v, secret))
+        || mcm
+            .spec
+            .day0
+            .as_ref()
+            .and_then(|d| serde_json::to_value(d).ok())
+            .is_some_and(|v| walk(&v, secret))
 }
 
 /// A short fingerprint of a Secret's content (type and data), to tell real changes apart.

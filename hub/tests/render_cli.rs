@@ -159,3 +159,102 @@ fn a_digest_pinned_image_passes_through() {
         assert_eq!(mappings[0]["containerImage"], pinned.as_str(), "{stdout}");
     }
 }
+
+/// `spec.day0`: with the RHCOS images' kernels and the digests given, an OpenShift cluster's
+/// work carries the MachineConfig with the pinned layered image; a plain cluster's does not;
+/// without the kernel the cluster is reported.
+#[test]
+fn day0_renders_the_os_image_url_for_openshift_clusters() {
+    const RHCOS: &str =
+        "quay.io/ocp/rhcos@sha256:1276700000000000000000000000000000000000000000000000000000000000";
+    let mcm = r#"
+apiVersion: hub.kmm.sigs.x-k8s.io/v1beta1
+kind: ManagedClusterModule
+metadata: {name: simple-kmod}
+spec:
+  spokeNamespace: kmm-labs
+  selector: {}
+  moduleSpec:
+    selector: {}
+    devicePlugin: {container: {image: 'reg.example/dp:1'}}
+  day0:
+    machineConfigPool: worker
+    containerImage: reg.example/os/rhcos-kmod
+    build: {dockerfileConfigMap: {name: layering}}
+"#;
+    let clusters = format!(
+        r#"
+apiVersion: cluster.open-cluster-management.io/v1
+kind: ManagedCluster
+metadata: {{name: ocp, labels: {{vendor: OpenShift}}}}
+spec: {{hubAcceptsClient: true}}
+status:
+  clusterClaims:
+    - {{name: os-image.kmm.node.kubernetes.io, value: "{RHCOS}"}}
+---
+apiVersion: cluster.open-cluster-management.io/v1
+kind: ManagedCluster
+metadata: {{name: k8s}}
+spec: {{hubAcceptsClient: true}}
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("mcm.yaml"), mcm).unwrap();
+    std::fs::write(d.join("clusters.yaml"), clusters).unwrap();
+    let layered = "reg.example/os/rhcos-kmod:5.14.0-427.13.1.el9_4.x86_64-127670000000";
+    std::fs::write(d.join("digests.yaml"), format!("{layered}: {DIGEST}\n")).unwrap();
+    std::fs::write(
+        d.join("kernels.yaml"),
+        format!("'{RHCOS}': 5.14.0-427.13.1.el9_4.x86_64\n"),
+    )
+    .unwrap();
+    let run = |kernels: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kmm-hub"));
+        c.args(["render", "--mcm"])
+            .arg(d.join("mcm.yaml"))
+            .arg("--clusters")
+            .arg(d.join("clusters.yaml"))
+            .arg("--digests")
+            .arg(d.join("digests.yaml"));
+        if kernels {
+            c.arg("--os-image-kernels").arg(d.join("kernels.yaml"));
+        }
+        c.output().unwrap()
+    };
+    let out = run(true);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let works: Vec<serde_json::Value> = stdout
+        .split("---\n")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_yaml::from_str(d).unwrap())
+        .collect();
+    let mc_of = |cluster: &str| {
+        works
+            .iter()
+            .find(|w| w["metadata"]["namespace"] == cluster)
+            .unwrap()["spec"]["workload"]["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["kind"] == "MachineConfig")
+            .cloned()
+    };
+    let mc = mc_of("ocp").expect("a MachineConfig for the OpenShift cluster");
+    assert_eq!(
+        mc["spec"]["osImageURL"],
+        format!("reg.example/os/rhcos-kmod@{DIGEST}")
+    );
+    assert_eq!(mc["metadata"]["name"], "99-worker-kmm-day0-simple-kmod");
+    assert!(mc_of("k8s").is_none());
+
+    let out = run(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cluster ocp: day0: OSImageKernelUnknown"),
+        "{stderr}"
+    );
+}

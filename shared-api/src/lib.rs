@@ -3,6 +3,7 @@
 //! Types and pure functions only: no client calls.
 
 pub mod conditions;
+pub mod day0;
 pub mod dtk;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;

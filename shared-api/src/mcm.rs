@@ -23,6 +23,9 @@ pub const STATUS_LIST_LIMIT: usize = 64;
     validation = Rule::new("!has(self.spec.placementRef) || size(self.spec.selector) == 0")
         .message("must be empty when spec.placementRef is set: the Placement chooses the clusters")
         .field_path(".spec.selector"),
+    validation = Rule::new("!has(self.spec.day0) || !has(self.spec.day1)")
+        .message("spec.day0 and spec.day1 cannot both be set: a node boots the layered OS image with the module in it, or loads the module at boot, not both")
+        .field_path(".spec.day0"),
     group = "hub.kmm.sigs.x-k8s.io",
     version = "v1beta1",
     kind = "ManagedClusterModule",
@@ -80,6 +83,14 @@ pub struct ManagedClusterModuleSpec {
     /// OpenShift get the Module only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub day1: Option<Day1Loading>,
+    /// kmm-fleet addition. Day 0 by CoreOS layering on the selected OpenShift clusters: the
+    /// hub builds (and signs, when asked) a layered OS image `FROM` each cluster's RHCOS
+    /// image with the module in it, once per distinct (RHCOS image, kernel) of the fleet,
+    /// and ships each cluster, after the Module, a MachineConfig for `machineConfigPool`
+    /// whose `osImageURL` is that image pinned by digest (see docs/day0-day1.md). Selected
+    /// clusters that are not OpenShift get the Module only. Cannot be combined with `day1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day0: Option<Day0Layering>,
     /// How a new revision of the clusters' ManifestWorks reaches the selected clusters (OCM's
     /// `RolloutStrategy` vocabulary). Unset or `type: All`: every cluster at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,6 +120,48 @@ impl Day1Loading {
         self.machine_config_name
             .clone()
             .unwrap_or_else(|| format!("99-{}-kmm-{mcm}", self.machine_config_pool))
+    }
+}
+
+/// See `spec.day0`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Day0Layering {
+    /// The MachineConfigPool whose nodes boot the layered image: `worker`, `master` or a
+    /// pool that exists on the spokes (the hub creates no pool).
+    #[schemars(length(min = 1, max = 63))]
+    pub machine_config_pool: String,
+    /// The MachineConfig's name on the spokes; default `99-<pool>-kmm-day0-<MCM name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_config_name: Option<String>,
+    /// The layered image's repository, with an optional tag template. Variables:
+    /// `${KERNEL_FULL_VERSION}` (the kernel of the RHCOS image) and `${OS_IMAGE_DIGEST}`
+    /// (the first 12 hex digits of the RHCOS image's digest), plus the Module variables. A
+    /// tag must use both, so that distinct (RHCOS image, kernel) pairs never share a tag;
+    /// without a tag the hub tags `<kernel>-<12 hex>`.
+    #[schemars(length(min = 1))]
+    pub container_image: String,
+    /// How the layered image is built: a Dockerfile `FROM ${RHCOS_IMAGE}` (ConfigMap in the
+    /// hub's namespace) and build arguments. The hub adds `RHCOS_IMAGE` (the cluster's RHCOS
+    /// image pinned by digest), `DTK_IMAGE` and `DTK_AUTO` (the Driver Toolkit image for the
+    /// kernel), `KERNEL_VERSION` and `KERNEL_FULL_VERSION`.
+    pub build: crate::module::Build,
+    /// Sign the module files of the layered image with the hub's signer: `filesToSign` are
+    /// paths inside the image (e.g. `/usr/lib/modules/${KERNEL_FULL_VERSION}/m.ko`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sign: Option<crate::module::Sign>,
+    /// The RHCOS image to layer on for every selected cluster, instead of the one each
+    /// cluster publishes (ClusterClaim `os-image.kmm.node.kubernetes.io`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_image: Option<String>,
+}
+
+impl Day0Layering {
+    /// The MachineConfig's name for the MCM `mcm`.
+    pub fn machine_config_name(&self, mcm: &str) -> String {
+        self.machine_config_name
+            .clone()
+            .unwrap_or_else(|| format!("99-{}-kmm-day0-{mcm}", self.machine_config_pool))
     }
 }
 
@@ -219,6 +272,12 @@ pub struct ManagedClusterModuleStatus {
     /// state of its MachineConfigPool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub day1: Option<Day1Status>,
+
+    /// Day 0 by CoreOS layering (`spec.day0`): per selected OpenShift cluster, its RHCOS
+    /// image and kernel, the layered image shipped as `osImageURL` and the state of its pool,
+    /// or what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day0: Option<Day0Status>,
 
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_rebuild_trigger_generation: Option<i32>,
@@ -337,6 +396,69 @@ pub struct Day1ClusterStatus {
     pub updated_machine_count: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded_machine_count: Option<i64>,
+}
+
+/// See `status.day0`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Day0Status {
+    /// Clusters whose ManifestWork carries the Day-0 MachineConfig.
+    #[serde(default)]
+    pub shipped: i32,
+    /// Of those, clusters whose pool reports every machine updated.
+    #[serde(default)]
+    pub updated: i32,
+    /// Of those, clusters whose pool reports degraded machines.
+    #[serde(default)]
+    pub degraded: i32,
+    /// OpenShift clusters waiting for their layered image (RHCOS image or its kernel
+    /// unknown, no Driver Toolkit, being built, failed); a cluster shipped an earlier image
+    /// keeps it meanwhile and counts here too.
+    #[serde(default)]
+    pub waiting: i32,
+    /// Selected clusters that are not OpenShift: no MachineConfig there, the Module only.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_open_shift: i32,
+    /// Per cluster, waiting, degraded and updating first (bounded, see `clustersOmitted`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<Day0ClusterStatus>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub clusters_omitted: i32,
+}
+
+/// One OpenShift cluster's Day-0 state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Day0ClusterStatus {
+    pub name: String,
+    /// The RHCOS image the layered image is built on (from the cluster or `spec.day0.osImage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_image: Option<String>,
+    /// The kernel of that image (its `ostree.linux` label).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// The layered image shipped as `osImageURL` (`repo@sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The MachineConfig shipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_config: Option<String>,
+    /// `Updated`, `Updating`, `Degraded` or `Unknown` (see `status.day1`); empty while
+    /// nothing was shipped.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pool: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_machine_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded_machine_count: Option<i64>,
+    /// Why the cluster does not (yet) run the layered image it should: `OSImageUnknown`,
+    /// `OSImageKernelUnknown`, `DriverToolkitUnknown`, `ImageBuilding`, `ImageFailed`, ….
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

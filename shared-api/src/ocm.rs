@@ -480,6 +480,16 @@ impl ManagedClusterStatus {
         out
     }
 
+    /// The RHCOS image the cluster runs (claim [`crate::day0::OS_IMAGE_CLAIM`], OpenShift
+    /// spokes); `None` without the claim or with an empty one.
+    pub fn os_image(&self) -> Option<String> {
+        self.cluster_claims
+            .iter()
+            .find(|c| c.name == crate::day0::OS_IMAGE_CLAIM)
+            .map(|c| c.value.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
     /// The non-empty lines of a claim and its numbered overflow claims, in claim order;
     /// `None` when the cluster has none of them.
     fn claim_lines(&self, base: &str) -> Option<Vec<&str>> {

@@ -212,6 +212,13 @@ pub fn object_refs(spec: &ManagedClusterModuleSpec) -> Vec<ObjectRef> {
             r.container(&format!("{at}.initContainer"), i);
         }
     }
+    // spec.day0: the layered image's Dockerfile, build secrets and signing key, on the hub.
+    if let Some(d) = &spec.day0 {
+        r.build("spec.day0.build", &d.build);
+        if let Some(s) = &d.sign {
+            r.sign("spec.day0.sign", s);
+        }
+    }
     r.0
 }
 
@@ -358,6 +365,37 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         assert_eq!(hub_refs(&spec).len(), 10);
+    }
+
+    /// `spec.day0` names a Dockerfile, build secrets and signing secrets the hub reads.
+    #[test]
+    fn day0_references_are_the_hubs() {
+        let spec: ManagedClusterModuleSpec = serde_json::from_value(serde_json::json!({
+            "spokeNamespace": "ns", "selector": {},
+            "moduleSpec": {"selector": {}, "devicePlugin": {"container": {"image": "r/dp:1"}}},
+            "day0": {"machineConfigPool": "worker", "containerImage": "r/os",
+                "build": {"dockerfileConfigMap": {"name": "layering"}, "secrets": [{"name": "git"}]},
+                "sign": {"keySecret": {"name": "k"}, "certSecret": {"name": "c"}, "filesToSign": ["/m.ko"]}}
+        }))
+        .unwrap();
+        let got: Vec<(String, RefKind, String)> = hub_refs(&spec)
+            .into_iter()
+            .map(|r| (r.path, r.kind, r.name))
+            .collect();
+        let want = |p: &str, k, n: &str| (p.to_string(), k, n.to_string());
+        assert_eq!(
+            got,
+            vec![
+                want(
+                    "spec.day0.build.dockerfileConfigMap.name",
+                    RefKind::ConfigMap,
+                    "layering"
+                ),
+                want("spec.day0.build.secrets[0].name", RefKind::Secret, "git"),
+                want("spec.day0.sign.keySecret.name", RefKind::Secret, "k"),
+                want("spec.day0.sign.certSecret.name", RefKind::Secret, "c"),
+            ]
+        );
     }
 
     #[test]

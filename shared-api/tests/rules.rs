@@ -502,6 +502,103 @@ fn day1_rules() {
     );
 }
 
+#[test]
+fn day0_rules() {
+    let with = |patch: serde_json::Value| {
+        let mut day0 = json!({"machineConfigPool": "worker",
+            "containerImage": "reg:5000/os/rhcos-kmod",
+            "build": {"dockerfileConfigMap": {"name": "layering"}}});
+        merge(&mut day0, patch);
+        let mcm: ManagedClusterModule = serde_json::from_value(json!({
+            "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1", "kind": "ManagedClusterModule",
+            "metadata": {"name": "sfc"},
+            "spec": {"spokeNamespace": "ns", "selector": {},
+                "moduleSpec": {"selector": {}, "devicePlugin": {"container": {"image": "r/dp:1"}}},
+                "day0": day0},
+        }))
+        .unwrap();
+        validate_mcm(&mcm)
+    };
+    let ok = with(json!({}));
+    assert!(ok.is_empty(), "{ok:#?}");
+    let ok = with(json!({
+        "containerImage": "reg/os:${KERNEL_FULL_VERSION}-${OS_IMAGE_DIGEST}",
+        "osImage": "quay.io/openshift-release-dev/ocp-v4.0-art-dev@sha256:127670aaa6073e97bd6d919e1b57bd16b60435410b096aeefce7cd64f6c83d24",
+        "sign": {"keySecret": {"name": "k"}, "certSecret": {"name": "c"},
+                 "filesToSign": ["/usr/lib/modules/${KERNEL_FULL_VERSION}/simple-kmod.ko"]}}));
+    assert!(ok.is_empty(), "{ok:#?}");
+    rejects(
+        with(json!({"containerImage": "reg/os:${KERNEL_FULL_VERSION}"})),
+        "spec.day0.containerImage",
+        "both ${KERNEL_FULL_VERSION} and ${OS_IMAGE_DIGEST}",
+    );
+    rejects(
+        with(json!({"containerImage": "reg/os:fixed"})),
+        "spec.day0.containerImage",
+        "must contain both",
+    );
+    rejects(
+        with(json!({"containerImage": "reg/os@sha256:0000"})),
+        "spec.day0.containerImage",
+        "must not carry a digest",
+    );
+    rejects(
+        with(json!({"containerImage": "reg/OS"})),
+        "spec.day0.containerImage",
+        "not a valid image reference",
+    );
+    rejects(
+        with(json!({"containerImage": "reg/os/${NOPE}"})),
+        "spec.day0.containerImage",
+        "unknown variable",
+    );
+    rejects(
+        with(json!({"machineConfigPool": "Worker Pool"})),
+        "spec.day0.machineConfigPool",
+        "label value",
+    );
+    rejects(
+        with(json!({"machineConfigName": "99_Bad"})),
+        "spec.day0.machineConfigName",
+        "MachineConfig name",
+    );
+    rejects(
+        with(json!({"build": {"dockerfileConfigMap": null}})),
+        "spec.day0.build.dockerfileConfigMap",
+        "is required",
+    );
+    rejects(
+        with(json!({"sign": {"certSecret": {"name": "c"}, "filesToSign": ["/m.ko"]}})),
+        "spec.day0.sign.keySecret",
+        "is required",
+    );
+    rejects(
+        with(
+            json!({"sign": {"keySecret": {"name": "k"}, "certSecret": {"name": "c"}, "filesToSign": []}}),
+        ),
+        "spec.day0.sign.filesToSign",
+        "at least one file",
+    );
+    rejects(
+        with(json!({"osImage": "rhcos"})),
+        "spec.day0.osImage",
+        "needs a tag or a digest",
+    );
+    // Not together with Day 1.
+    let both: ManagedClusterModule = serde_json::from_value(json!({
+        "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1", "kind": "ManagedClusterModule",
+        "metadata": {"name": "sfc"},
+        "spec": {"spokeNamespace": "ns", "selector": {},
+            "moduleSpec": {"selector": {}, "moduleLoader": {"container": {"modprobe": {"moduleName": "m"},
+              "kernelMappings": [{"regexp": "^.*$", "containerImage": "r/x:1"}]}}},
+            "day1": {"machineConfigPool": "worker"},
+            "day0": {"machineConfigPool": "worker", "containerImage": "reg/os",
+                     "build": {"dockerfileConfigMap": {"name": "layering"}}}},
+    }))
+    .unwrap();
+    rejects(validate_mcm(&both), "spec.day0", "cannot both be set");
+}
+
 fn mcm_with_rollout(strategy: serde_json::Value) -> ManagedClusterModule {
     serde_json::from_value(json!({
         "apiVersion": "hub.kmm.sigs.x-k8s.io/v1beta1", "kind": "ManagedClusterModule",

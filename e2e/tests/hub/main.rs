@@ -1,11 +1,12 @@
 //! The hub against real control planes: ManifestWorks per selected cluster with pinned
 //! digests, delivery by the work agent, relabelling, deletion, registry outages, moving
-//! tags, restarts without duplicate writes, the admission webhook, and the spoke
-//! prerequisites a work carries (a fresh spoke, with the spoke agent in-process), and fleet
-//! preflight for a coming kernel.
+//! tags, restarts without duplicate writes, the admission webhook, Day 0 (CoreOS layering) and
+//! Day 1 on OpenShift spokes, the spoke prerequisites a work carries (a fresh spoke, with the
+//! spoke agent in-process), and fleet preflight for a coming kernel.
 
 mod admission;
 mod builds;
+mod day0;
 mod day1;
 mod dra;
 mod dtk;

@@ -211,6 +211,7 @@ async fn build_pod_passes_pod_security(hub: &Client) -> anyhow::Result<()> {
             attempt: 1,
             resources: &config.build_resources,
             deadline: config.build_deadline,
+            extra_args: Default::default(),
         });
     let template = job.spec.context("no Job spec")?.template;
     let pod = |ns: &str| {

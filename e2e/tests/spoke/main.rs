@@ -10,6 +10,7 @@ mod dra;
 mod dtk;
 mod guard;
 mod labs;
+mod os_image;
 mod setup;
 #[path = "../common/spoke_agent.rs"]
 mod spoke_agent;

@@ -12,6 +12,7 @@ use shared_api::parse::{Object, parse_documents};
 use shared_api::validate::validate_mcm;
 
 use crate::decide::cluster::decide_cluster;
+use crate::decide::day0::{BaseImage, os_images_to_look_up, plan_day0};
 use crate::decide::image::ImageOutcome;
 use crate::decide::plan::{ClusterFacts, plan};
 use crate::metrics::Metrics;
@@ -32,6 +33,18 @@ pub struct RenderArgs {
     /// A `.dockerconfigjson` file with registry credentials (when asking registries).
     #[arg(long, env = "KMM_RENDER_PULL_SECRET")]
     pub pull_secret: Option<PathBuf>,
+    /// `spec.day0`: a YAML map from RHCOS image to its kernel (the image's `ostree.linux`
+    /// label); needed with `--digests`, which then also holds the RHCOS images' digests
+    /// (unless pinned) and the layered images'. Without `--digests` the registries are asked.
+    #[arg(long, env = "KMM_RENDER_OS_IMAGE_KERNELS")]
+    pub os_image_kernels: Option<PathBuf>,
+}
+
+/// A YAML map of strings from a file.
+fn read_map(path: &PathBuf, what: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_yaml::from_str(&text).with_context(|| format!("{}: expected {what}", path.display()))
 }
 
 /// Print the works as YAML on `out` and every cluster left without one on stderr.
@@ -62,27 +75,59 @@ pub async fn run(args: RenderArgs, out: &mut impl Write) -> anyhow::Result<bool>
         );
     }
     let clusters = read_clusters(&args.clusters)?;
-    let p = plan(&mcm, clusters.iter())?;
+    let mut p = plan(&mcm, clusters.iter())?;
 
-    let digests: BTreeMap<String, String> = match &args.digests {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            serde_yaml::from_str(&text).with_context(|| {
-                format!(
-                    "{}: expected a map of image to sha256:… digest",
-                    path.display()
-                )
-            })?
-        }
-        None => {
-            let creds = match &args.pull_secret {
-                Some(p) => DockerConfig::parse(
-                    &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-                )?,
-                None => DockerConfig::default(),
+    let offline: Option<BTreeMap<String, String>> = match &args.digests {
+        Some(path) => Some(read_map(path, "a map of image to sha256:… digest")?),
+        None => None,
+    };
+    let creds = match &args.pull_secret {
+        Some(p) => DockerConfig::parse(
+            &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )?,
+        None => DockerConfig::default(),
+    };
+    let resolver = Resolver::new(Duration::from_secs(60), Metrics::default());
+
+    // spec.day0: the clusters' RHCOS images, their digests and kernels, then the layered
+    // images, as the reconciler plans them.
+    if mcm.spec.day0.is_some() {
+        let kernels = match &args.os_image_kernels {
+            Some(path) => read_map(path, "a map of RHCOS image to kernel")?,
+            None => BTreeMap::new(),
+        };
+        let mut bases = BTreeMap::new();
+        for image in os_images_to_look_up(&mcm, &p, &clusters) {
+            let found = match &offline {
+                Some(d) => match crate::registry::pinned_digest(&image)
+                    .map(str::to_string)
+                    .or_else(|| d.get(&image).cloned())
+                {
+                    Some(digest) => Ok(BaseImage {
+                        digest,
+                        kernel: kernels.get(&image).cloned(),
+                    }),
+                    None => Err(format!(
+                        "no digest for the RHCOS image {image} in --digests"
+                    )),
+                },
+                None => resolver
+                    .os_image(&image, Default::default(), &creds)
+                    .await
+                    .map(|(digest, kernel)| BaseImage {
+                        digest,
+                        kernel: kernels.get(&image).cloned().or(kernel),
+                    })
+                    .map_err(|e| e.to_string()),
             };
-            let resolver = Resolver::new(Duration::from_secs(60), Metrics::default());
+            bases.insert(image, found);
+        }
+        plan_day0(&mcm, &mut p, &clusters, &bases);
+    }
+
+    let digests: BTreeMap<String, String> = match offline {
+        Some(d) => d,
+        None => {
             let mut d = BTreeMap::new();
             for need in p.images.values() {
                 match resolver
@@ -137,7 +182,18 @@ pub async fn run(args: RenderArgs, out: &mut impl Write) -> anyhow::Result<bool>
             all = false;
             continue;
         }
-        let d = decide_cluster(&mcm, cp, &outcomes, &[], executor.as_ref(), &pull);
+        let d = decide_cluster(
+            &mcm,
+            cp,
+            &outcomes,
+            Default::default(),
+            executor.as_ref(),
+            &pull,
+        );
+        if let Some((reason, message)) = d.day0.as_ref().and_then(|w| w.waiting.as_ref()) {
+            eprintln!("cluster {}: day0: {reason}: {message}", cp.cluster);
+            all = false;
+        }
         for k in d.view.kernels.iter().filter(|k| k.pinned.is_none()) {
             eprintln!(
                 "cluster {}: kernel {}: no digest for image {}",

@@ -12,8 +12,26 @@ use shared_api::ocm::{ManifestWork, ManifestWorkExecutor};
 use super::image::ImageOutcome;
 use super::plan::ClusterPlan;
 use crate::last_decisions::{ClusterView, KernelView};
+use crate::render::day0::{Day0Want, ShippedDay0};
 use crate::render::prerequisites::PullSecretSource;
 use crate::render::{ReadyMapping, RenderError, pin, render_manifestwork_as};
+
+/// What a cluster's current work carries.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shipped<'a> {
+    pub mappings: &'a [ReadyMapping],
+    pub day0: Option<&'a ShippedDay0>,
+}
+
+impl<'a> Shipped<'a> {
+    /// What the cached work carries; nothing without one.
+    pub fn of(work: Option<&'a crate::decide::facts::WorkEntry>) -> Self {
+        Self {
+            mappings: work.map_or(&[][..], |e| e.shipped.as_slice()),
+            day0: work.and_then(|e| e.day0.as_ref()),
+        }
+    }
+}
 
 /// What one reconcile decided about one cluster.
 #[derive(Debug, Clone)]
@@ -27,18 +45,34 @@ pub struct ClusterDecision {
     pub delete: bool,
     /// Rendering was tried and refused (the problem says the same for status).
     pub render_error: Option<RenderError>,
+    /// `spec.day0` on an OpenShift cluster: the layered image it should boot, and why it
+    /// does not get it (yet), if so.
+    pub day0: Option<Day0Want>,
 }
 
 /// Decide one cluster of the plan. `outcomes`: the image pipeline's, by image; `shipped`: the
-/// mappings the cluster's current work carries; `pull`: the pull secret to copy.
+/// mappings the cluster's current work carries (and its Day-0 MachineConfig); `pull`: the
+/// pull secret to copy.
 pub fn decide_cluster(
     mcm: &ManagedClusterModule,
     cp: &ClusterPlan,
     outcomes: &BTreeMap<String, ImageOutcome>,
-    shipped: &[ReadyMapping],
+    shipped: Shipped<'_>,
     executor: Option<&ManifestWorkExecutor>,
     pull: &PullSecretSource,
 ) -> ClusterDecision {
+    let Shipped {
+        mappings: shipped,
+        day0: shipped_day0,
+    } = shipped;
+    // Day 0: the fresh layered image, else the one shipped before.
+    let (day0_mc, day0) = match &cp.day0 {
+        Some(want) => {
+            let (mc, want) = super::day0::choose(mcm, want, outcomes, shipped_day0);
+            (mc, Some(want))
+        }
+        None => (None, None),
+    };
     let shipped: BTreeMap<&str, &ReadyMapping> =
         shipped.iter().map(|m| (m.kernel.as_str(), m)).collect();
     let mut ready = Vec::new();
@@ -87,6 +121,7 @@ pub fn decide_cluster(
             problem,
             delete,
             render_error,
+            day0: day0.clone(),
         }
     };
     if let Some(p) = &cp.problem {
@@ -104,6 +139,10 @@ pub fn decide_cluster(
             // Day 1 (spec.day1) on OpenShift clusters: the MachineConfig follows the Module.
             if cp.openshift {
                 crate::render::day1::add_day1(&mut w, mcm, &ready)?;
+            }
+            // Day 0 (spec.day0): the MachineConfig with the layered image, after the Module.
+            if let Some(mc) = &day0_mc {
+                crate::render::day0::add_day0(&mut w, mcm, mc)?;
             }
             Ok(w)
         });
@@ -160,7 +199,11 @@ mod tests {
         o: &BTreeMap<String, ImageOutcome>,
         s: &[ReadyMapping],
     ) -> ClusterDecision {
-        decide_cluster(&mcm(SPEC), cp, o, s, None, &PullSecretSource::None)
+        let shipped = Shipped {
+            mappings: s,
+            day0: None,
+        };
+        decide_cluster(&mcm(SPEC), cp, o, shipped, None, &PullSecretSource::None)
     }
 
     fn pinned_in(d: &ClusterDecision) -> Vec<String> {

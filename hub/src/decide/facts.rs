@@ -32,6 +32,9 @@ pub struct ClusterFacts {
     /// Kernel → Driver Toolkit image from the `kernel-dtk-images` claim(s) (OpenShift
     /// spokes); empty when the cluster published none.
     pub dtk_images: BTreeMap<String, String>,
+    /// The RHCOS image the cluster runs (claim `os-image.kmm.node.kubernetes.io`,
+    /// OpenShift spokes); what `spec.day0` layers on.
+    pub os_image: Option<String>,
 }
 
 /// `(major, minor)` of a Kubernetes version as OCM reports it (`v1.33.2`,
@@ -75,6 +78,7 @@ impl ClusterFacts {
                 .as_ref()
                 .map(|s| s.dtk_images())
                 .unwrap_or_default(),
+            os_image: c.status.as_ref().and_then(|s| s.os_image()),
         }
     }
 }
@@ -102,6 +106,9 @@ pub struct WorkEntry {
     /// The Day-1 MachineConfig shipped (`spec.day1`): its name and `kernel=image` lines.
     #[serde(skip)]
     pub day1: Option<(String, Vec<String>)>,
+    /// The Day-0 MachineConfig shipped (`spec.day0`).
+    #[serde(skip)]
+    pub day0: Option<crate::render::day0::ShippedDay0>,
     pub conditions: Vec<Condition>,
     pub deleting: bool,
     /// The work's finalizers (OCM's work agent holds one until it cleaned up).
@@ -145,6 +152,7 @@ impl WorkEntry {
             degraded: status.condition_true(work_conditions::DEGRADED),
             feedback,
             day1: crate::render::day1::shipped_day1(w),
+            day0: crate::render::day0::shipped_day0(w),
             conditions: status.conditions,
             deleting: w.metadata.deletion_timestamp.is_some(),
             finalizers: w.finalizers().to_vec(),

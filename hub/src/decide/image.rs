@@ -105,6 +105,7 @@ mod tests {
             sign: signed.then(Sign::default),
             kernels: ["5.14.0-1".to_string()].into(),
             clusters: 1,
+            layering: None,
         }
     }
 

@@ -7,6 +7,7 @@
 //! - [`image`]: one image's outcome, and whether a moved tag is held.
 //! - [`build_job`]: the build-Job state machine (create, wait, restart, retry after backoff).
 //! - [`cluster`]: one cluster's work: which mapping per kernel, or why none.
+//! - [`day0`]: `spec.day0`: the layered OS images of the fleet and each cluster's MachineConfig.
 //! - [`status`]: counts, per-image list, conditions and what to do next.
 //! - [`release`]: when a ManifestWork that should go may be deleted or released.
 //! - [`preflight`]: an MCM against a coming kernel: its image, and whether the hub can make it.
@@ -15,6 +16,7 @@
 
 pub mod build_job;
 pub mod cluster;
+pub mod day0;
 pub mod dtk;
 pub mod facts;
 pub mod image;

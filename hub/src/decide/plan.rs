@@ -38,6 +38,9 @@ pub struct ClusterPlan {
     /// With `spec.placementRef`: the Placement's decision group of this cluster (index and
     /// name, as OCM's `ProgressivePerGroup` orders them); `None` with a label selector.
     pub decision_group: Option<super::placement::DecisionGroup>,
+    /// `spec.day0` on an OpenShift cluster: the layered image it should boot, or why it
+    /// waits ([`super::day0::plan_day0`]); `None` elsewhere.
+    pub day0: Option<crate::render::day0::Day0Want>,
 }
 
 /// One distinct image of the fleet-wide plan.
@@ -50,6 +53,8 @@ pub struct ImageNeed {
     /// The kernels served by this image; the first is the one it is built for.
     pub kernels: BTreeSet<String>,
     pub clusters: usize,
+    /// A layered OS image of `spec.day0` (built `FROM` this RHCOS image).
+    pub layering: Option<super::day0::Layering>,
 }
 
 impl ImageNeed {
@@ -139,6 +144,7 @@ pub fn plan<'a>(
                             sign: r.sign.clone(),
                             kernels: BTreeSet::new(),
                             clusters: 0,
+                            layering: None,
                         });
                     need.kernels.insert(r.kernel.clone());
                     if seen_images.insert(r.container_image.clone()) {

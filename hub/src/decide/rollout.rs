@@ -78,13 +78,25 @@ pub fn revision(mcm: &ManagedClusterModule, images: &[ImageStatus]) -> String {
         .iter()
         .map(|i| (i.image.as_str(), i.digest.as_deref()))
         .collect();
-    let text = serde_json::to_string(&(
-        &mcm.spec.module_spec,
-        &mcm.spec.spoke_namespace,
-        &mcm.spec.spoke_prerequisites,
-        &mcm.spec.day1,
-        pinned,
-    ))
+    let text = match &mcm.spec.day0 {
+        // Day 0 joins the revision only where it is set (other MCMs keep theirs); its
+        // layered images are among `images`.
+        Some(day0) => serde_json::to_string(&(
+            &mcm.spec.module_spec,
+            &mcm.spec.spoke_namespace,
+            &mcm.spec.spoke_prerequisites,
+            &mcm.spec.day1,
+            pinned,
+            day0,
+        )),
+        None => serde_json::to_string(&(
+            &mcm.spec.module_spec,
+            &mcm.spec.spoke_namespace,
+            &mcm.spec.spoke_prerequisites,
+            &mcm.spec.day1,
+            pinned,
+        )),
+    }
     .unwrap_or_default();
     hex::encode(Sha256::digest(text.as_bytes()))[..10].to_string()
 }

@@ -8,14 +8,15 @@ use k8s_openapi::jiff::Timestamp;
 use shared_api::ManagedClusterModule;
 use shared_api::conditions::{DEGRADED, PROGRESSING, READY, set_condition};
 use shared_api::mcm::{
-    ClusterProblem, Day1Status, ImageState, ImageStatus, ManagedClusterModuleStatus,
-    STATUS_LIST_LIMIT, TAG_MOVED,
+    ClusterProblem, Day0ClusterStatus, Day0Status, Day1Status, ImageState, ImageStatus,
+    ManagedClusterModuleStatus, STATUS_LIST_LIMIT, TAG_MOVED,
 };
 
 use super::facts::WorkEntry;
 use super::image::ImageOutcome;
 use super::placement::{PLACEMENT_NOT_FOUND, PlacementHold};
 use super::plan::Plan;
+use crate::render::day0::Day0Want;
 
 /// Counts from the cached works of the selected clusters (all works when `selected` is None).
 pub fn fill_counts(
@@ -148,6 +149,8 @@ pub struct Findings<'a> {
     pub pull_secret_error: Option<&'a str>,
     /// The ManifestWork writes that failed, as text.
     pub write_errors: &'a [String],
+    /// `spec.day0`: each OpenShift cluster's layered image and why it waits, as decided.
+    pub day0: &'a BTreeMap<String, Day0Want>,
 }
 
 /// What to do after the status is written.
@@ -183,6 +186,7 @@ pub fn mcm_status(mcm: &ManagedClusterModule, f: Findings<'_>, now: Timestamp) -
     status.clusters = f.problems.iter().take(STATUS_LIST_LIMIT).cloned().collect();
     status.image_rebuild_trigger_generation = mcm.spec.module_spec.image_rebuild_trigger_generation;
     status.day1 = day1_status(mcm, &f);
+    status.day0 = day0_status(mcm, &f);
 
     let failed: Vec<ImageStatus> = status
         .images
@@ -218,6 +222,12 @@ pub fn mcm_status(mcm: &ManagedClusterModule, f: Findings<'_>, now: Timestamp) -
             d.degraded
         ));
     }
+    let day0_degraded = status.day0.as_ref().map_or(0, |d| d.degraded);
+    if day0_degraded > 0 {
+        degraded_reasons.push(format!(
+            "{day0_degraded} cluster(s) report degraded machines in the Day-0 MachineConfigPool"
+        ));
+    }
     let degraded = !degraded_reasons.is_empty();
     let degraded_reason = if !degraded {
         "AsExpected"
@@ -229,13 +239,19 @@ pub fn mcm_status(mcm: &ManagedClusterModule, f: Findings<'_>, now: Timestamp) -
         "ImagesFailed"
     } else if !f.write_errors.is_empty() {
         "WriteFailed"
+    } else if degraded_works == 0 && day0_degraded > 0 {
+        "Day0PoolDegraded"
     } else if degraded_works == 0 {
         "Day1PoolDegraded"
     } else {
         "ManifestWorksDegraded"
     };
-    let all_available =
-        status.number_available == selected as i32 && f.problems.is_empty() && pending.is_empty();
+    // spec.day0: an OpenShift cluster without the layered image it should boot is not done.
+    let day0_waiting = status.day0.as_ref().map_or(0, |d| d.waiting);
+    let all_available = status.number_available == selected as i32
+        && f.problems.is_empty()
+        && pending.is_empty()
+        && day0_waiting == 0;
     // Rolling out: something is on its way (an image being resolved, built or signed, or a
     // shipped work not yet available); failures alone are Degraded, not progress.
     let in_flight = pending.iter().any(|i| {
@@ -246,10 +262,15 @@ pub fn mcm_status(mcm: &ManagedClusterModule, f: Findings<'_>, now: Timestamp) -
     }) || status.number_available < status.number_desired;
     let progressing = !all_available && in_flight;
     let progress = progress_message(&status, selected, pending.len(), f.problems);
-    let ready_msg = format!(
+    let mut ready_msg = format!(
         "{} of {selected} selected cluster(s) have the module available",
         status.number_available
     );
+    if day0_waiting > 0 {
+        ready_msg.push_str(&format!(
+            "; {day0_waiting} OpenShift cluster(s) wait for their Day-0 layered image (status.day0)"
+        ));
+    }
     let next = if pending
         .iter()
         .any(|i| i.state != ImageState::Building && i.state != ImageState::Signing)
@@ -351,6 +372,56 @@ fn day1_status(mcm: &ManagedClusterModule, f: &Findings<'_>) -> Option<Day1Statu
         shipped: clusters.len() as i32,
         updated: count("Updated"),
         degraded: count("Degraded"),
+        not_open_shift: f.plan.clusters.iter().filter(|c| !c.openshift).count() as i32,
+        clusters_omitted: clusters.len().saturating_sub(STATUS_LIST_LIMIT) as i32,
+        clusters: Vec::new(),
+    };
+    clusters.truncate(STATUS_LIST_LIMIT);
+    d.clusters = clusters;
+    Some(d)
+}
+
+/// `status.day0`: per selected OpenShift cluster, its RHCOS image and kernel, the layered
+/// image shipped and its pool's state, or why it waits; `None` without `spec.day0`.
+fn day0_status(mcm: &ManagedClusterModule, f: &Findings<'_>) -> Option<Day0Status> {
+    mcm.spec.day0.as_ref()?;
+    let none = BTreeMap::new();
+    let mut clusters: Vec<Day0ClusterStatus> = f
+        .plan
+        .clusters
+        .iter()
+        .filter(|c| c.openshift)
+        .map(|c| {
+            let work = f.works.get(&c.cluster).filter(|w| !w.deleting);
+            let want = f
+                .day0
+                .get(&c.cluster)
+                .cloned()
+                .or_else(|| c.day0.clone())
+                .unwrap_or_default();
+            crate::render::day0::cluster_status(
+                &c.cluster,
+                &want,
+                work.and_then(|w| w.day0.as_ref()),
+                work.map_or(&none, |w| &w.feedback),
+            )
+        })
+        .collect();
+    let rank = |c: &Day0ClusterStatus| match (c.pool.as_str(), c.reason.is_some()) {
+        ("Degraded", _) => 0,
+        (_, true) => 1,
+        ("Updating", _) => 2,
+        ("Unknown", _) => 3,
+        _ => 4,
+    };
+    clusters.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.name.cmp(&b.name)));
+    let shipped = clusters.iter().filter(|c| c.image.is_some()).count() as i32;
+    let count = |state: &str| clusters.iter().filter(|c| c.pool == state).count() as i32;
+    let mut d = Day0Status {
+        shipped,
+        updated: count("Updated"),
+        degraded: count("Degraded"),
+        waiting: clusters.iter().filter(|c| c.reason.is_some()).count() as i32,
         not_open_shift: f.plan.clusters.iter().filter(|c| !c.openshift).count() as i32,
         clusters_omitted: clusters.len().saturating_sub(STATUS_LIST_LIMIT) as i32,
         clusters: Vec::new(),

@@ -40,6 +40,7 @@ struct World {
     problems: Vec<ClusterProblem>,
     pull_secret_error: Option<String>,
     write_errors: Vec<String>,
+    day0: BTreeMap<String, crate::render::day0::Day0Want>,
 }
 
 impl World {
@@ -58,6 +59,7 @@ impl World {
             problems: vec![],
             pull_secret_error: None,
             write_errors: vec![],
+            day0: BTreeMap::new(),
         }
     }
 
@@ -71,6 +73,7 @@ impl World {
             problems: &self.problems,
             pull_secret_error: self.pull_secret_error.as_deref(),
             write_errors: &self.write_errors,
+            day0: &self.day0,
         };
         mcm_status(&self.mcm, f, now())
     }
@@ -284,4 +287,102 @@ fn an_invalid_spec_is_degraded_and_changes_nothing_else() {
     assert_eq!(condition_status(c, READY), Some("False"));
     assert_eq!(condition_status(c, PROGRESSING), Some("False"));
     assert_eq!((s.number_desired, s.number_available), (1, 1));
+}
+
+/// `status.day0`: shipped and waiting clusters, the pool's state, and a degraded pool making
+/// the MCM Degraded (`Day0PoolDegraded`).
+#[test]
+fn day0_status_and_a_degraded_pool() {
+    use crate::render::day0::{Day0Want, ShippedDay0};
+    let mut w = World::new(ImageOutcome::ready(D.into()), Some(available("c1")));
+    let spec = format!(
+        "{SPEC}day0:\n  machineConfigPool: worker\n  containerImage: reg/os\n  build: {{dockerfileConfigMap: {{name: layering}}}}\n"
+    );
+    w.mcm = mcm(&spec);
+    let facts = |name: &str, openshift: bool| crate::decide::plan::ClusterFacts {
+        openshift,
+        ..cluster(name, &[("wants", "yes")], Some(&["5.14.0-1"]))
+    };
+    w.plan = plan(
+        &w.mcm,
+        &[facts("c1", true), facts("c2", true), facts("k8s", false)],
+    )
+    .unwrap();
+    let work = w.works.get_mut("c1").unwrap();
+    work.day0 = Some(ShippedDay0 {
+        name: "99-worker-kmm-day0-mod-example".into(),
+        os_image_url: format!("reg/os@{D}"),
+        base_image: "reg/rhcos@sha256:aa".into(),
+        kernel: "5.14.0-1".into(),
+    });
+    work.feedback.insert("day1.machineCount".into(), 3);
+    work.feedback.insert("day1.updatedMachineCount".into(), 3);
+    work.feedback.insert("day1.degradedMachineCount".into(), 0);
+    w.day0 = BTreeMap::from([
+        (
+            "c1".to_string(),
+            Day0Want {
+                os_image: Some("reg/rhcos@sha256:aa".into()),
+                kernel: Some("5.14.0-1".into()),
+                image: Some("reg/os:5.14.0-1-aa".into()),
+                waiting: None,
+            },
+        ),
+        (
+            "c2".to_string(),
+            Day0Want {
+                waiting: Some(("OSImageUnknown".into(), "no claim".into())),
+                ..Default::default()
+            },
+        ),
+    ]);
+    let d = w.status();
+    let s = d.status.day0.clone().unwrap();
+    assert_eq!(
+        (
+            s.shipped,
+            s.updated,
+            s.degraded,
+            s.waiting,
+            s.not_open_shift
+        ),
+        (1, 1, 0, 1, 1)
+    );
+    assert_eq!(s.clusters[0].name, "c2", "waiting first");
+    assert_eq!(s.clusters[0].reason.as_deref(), Some("OSImageUnknown"));
+    assert_eq!(s.clusters[1].pool, "Updated");
+    assert_eq!(
+        s.clusters[1].image.as_deref(),
+        Some(format!("reg/os@{D}").as_str())
+    );
+    assert_ne!(conditions(&d).3, "Day0PoolDegraded");
+    // A cluster waiting for its layered image: not Ready, and the message says why.
+    assert_eq!(conditions(&d).0, "False");
+    let ready = d
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY)
+        .unwrap();
+    assert!(
+        ready.message.contains("1 OpenShift cluster(s) wait"),
+        "{ready:?}"
+    );
+
+    w.works
+        .get_mut("c1")
+        .unwrap()
+        .feedback
+        .insert("day1.degradedMachineCount".into(), 1);
+    let d = w.status();
+    assert_eq!(d.status.day0.as_ref().unwrap().degraded, 1);
+    let (_, _, degraded, reason) = conditions(&d);
+    assert_eq!((degraded, reason.as_str()), ("True", "Day0PoolDegraded"));
+    assert!(
+        d.degraded_reasons
+            .iter()
+            .any(|r| r.contains("Day-0 MachineConfigPool")),
+        "{:?}",
+        d.degraded_reasons
+    );
 }

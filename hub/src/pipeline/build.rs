@@ -51,7 +51,9 @@ impl ImagePipeline {
             Ok(d) => d,
             Err(e) => return ImageOutcome::failed(e.to_string()),
         };
-        let dtk = if wants_dtk_auto(&dockerfile) {
+        // A layered OS image (spec.day0) always needs the toolkit of its kernel (DTK_IMAGE).
+        let layering = need.layering.as_ref();
+        let dtk = if layering.is_some() || wants_dtk_auto(&dockerfile) {
             // Unknown is something to wait for (a spoke publishing its toolkit, a table
             // row), not a failed build: no Job, retried with the MCM's backoff and whenever a
             // cluster's Driver Toolkit claim changes.
@@ -88,6 +90,21 @@ impl ImagePipeline {
             attempt: attempt(existing.as_ref(), remembered),
             resources: &deps.config.build_resources,
             deadline: deps.config.build_deadline,
+            extra_args: layering
+                .map(|l| {
+                    [
+                        (
+                            shared_api::day0::RHCOS_IMAGE_ARG.to_string(),
+                            l.base_image.clone(),
+                        ),
+                        (
+                            shared_api::day0::DTK_IMAGE_ARG.to_string(),
+                            dtk.clone().unwrap_or_default(),
+                        ),
+                    ]
+                    .into()
+                })
+                .unwrap_or_default(),
         };
         let desired = render_build_job(&inputs);
         let hash = desired

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kmm_runtime::backoff::KeyedBackoff;
@@ -33,7 +34,7 @@ pub use events::event;
 pub use writes::delete_work;
 
 use crate::cache::Caches;
-use crate::decide::cluster::decide_cluster;
+use crate::decide::cluster::{Shipped, decide_cluster};
 use crate::decide::facts::{ClusterFacts, WorkEntry};
 use crate::decide::plan::plan;
 use crate::decide::rollout;
@@ -204,6 +205,13 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
     // What the images need from the hub's namespace, read once; then the images.
     let secret = |n: &str| ctx.secret(n);
     let creds = inputs::docker_config(mcm, &ctx.operator_namespace, secret);
+
+    // spec.day0: the clusters' RHCOS images and their kernels (from the registry, with the
+    // MCM's pull secret), then one layered image per distinct (RHCOS image, kernel).
+    if mcm.spec.day0.is_some() {
+        let bases = day0_bases(ctx, mcm, &plan, &clusters, creds.as_ref()).await;
+        crate::decide::day0::plan_day0(mcm, &mut plan, &clusters, &bases);
+    }
     let report = match &creds {
         Ok(creds) => {
             let inputs = McmInputs::read(mcm, &plan, &ctx.operator_namespace, secret);
@@ -241,7 +249,7 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
             for cp in &plan.clusters {
                 let _cluster = tracing::debug_span!("cluster", cluster = %cp.cluster).entered();
                 let work = existing.get(&cp.cluster);
-                let shipped = work.map_or(&[][..], |e| e.shipped.as_slice());
+                let shipped = Shipped::of(work);
                 let mut decision = decide_cluster(mcm, cp, &outcomes, shipped, executor, &pull);
                 if let Some(w) = decision.desired.take() {
                     queue_write(ctx, &mut writes, work, w, None);
@@ -256,7 +264,7 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
             let mut hashes: BTreeMap<String, String> = BTreeMap::new();
             for cp in &plan.clusters {
                 let work = existing.get(&cp.cluster);
-                let shipped = work.map_or(&[][..], |e| e.shipped.as_slice());
+                let shipped = Shipped::of(work);
                 let mut decision = decide_cluster(mcm, cp, &outcomes, shipped, executor, &pull);
                 if let Some(h) = decision.desired.take().and_then(|w| {
                     w.annotations()
@@ -317,7 +325,7 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
                     continue;
                 }
                 let work = existing.get(&cp.cluster);
-                let shipped = work.map_or(&[][..], |e| e.shipped.as_slice());
+                let shipped = Shipped::of(work);
                 let again = decide_cluster(mcm, cp, &outcomes, shipped, executor, &pull);
                 if let Some(w) = again.desired {
                     queue_write(ctx, &mut writes, work, w, Some(&step.annotations));
@@ -356,6 +364,10 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
         decisions.iter().filter_map(|d| d.problem.clone()).collect();
     let write_error_texts: Vec<String> = write_errors.iter().map(ToString::to_string).collect();
     let pull_secret_error = creds.as_ref().err().map(ToString::to_string);
+    let day0_wants: BTreeMap<String, crate::render::day0::Day0Want> = decisions
+        .iter()
+        .filter_map(|d| Some((d.view.name.clone(), d.day0.clone()?)))
+        .collect();
     let findings = Findings {
         plan: &plan,
         outcomes: &outcomes,
@@ -364,6 +376,7 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
         problems: &problems,
         pull_secret_error: pull_secret_error.as_deref(),
         write_errors: &write_error_texts,
+        day0: &day0_wants,
     };
     let mut decided = mcm_status(mcm, findings, now);
     rollout::fill_status(
@@ -407,13 +420,62 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
     // A rollout's minSuccessTime or progressDeadline running out: look again then.
     let wake = rolled.as_ref().and_then(|d| d.requeue_after);
     let soonest = |d: Duration| wake.map_or(d, |w| w.min(d));
+    // An RHCOS image the registry could not read, or without its kernel label, is retried
+    // like a missing image.
+    let day0_retry: Vec<String> = plan
+        .clusters
+        .iter()
+        .filter_map(|c| c.day0.as_ref())
+        .filter(|w| {
+            w.waiting.as_ref().is_some_and(|(r, _)| {
+                r == crate::decide::day0::OS_IMAGE_LOOKUP_FAILED
+                    || r == crate::decide::day0::OS_IMAGE_KERNEL_UNKNOWN
+            })
+        })
+        .filter_map(|w| w.os_image.clone())
+        .collect();
     match decided.next {
         // Missing or unreachable images: retry with the per-MCM capped backoff.
         Next::RetryImages(images) => Err(Error::ImagesPending(images)),
+        Next::Resync if !day0_retry.is_empty() => Err(Error::ImagesPending(day0_retry)),
         // Being built or signed: look again soon.
         Next::WaitForImages => Ok(Action::requeue(soonest(Duration::from_secs(5)))),
         Next::Resync => Ok(Action::requeue(soonest(ctx.resync))),
     }
+}
+
+/// The RHCOS images of the MCM's OpenShift clusters, looked up once each: digest and kernel.
+async fn day0_bases(
+    ctx: &Context,
+    mcm: &ManagedClusterModule,
+    plan: &crate::decide::plan::Plan,
+    clusters: &[ClusterFacts],
+    creds: Result<&crate::registry::DockerConfig, &inputs::InputError>,
+) -> BTreeMap<String, crate::decide::day0::BaseLookup> {
+    use crate::decide::day0::BaseImage;
+    let images = crate::decide::day0::os_images_to_look_up(mcm, plan, clusters);
+    let creds = match creds {
+        Ok(c) => c,
+        Err(e) => {
+            return images
+                .into_iter()
+                .map(|i| (i, Err(e.to_string())))
+                .collect();
+        }
+    };
+    let lookups = images.into_iter().map(|image| async move {
+        let found = ctx
+            .resolver
+            .os_image(&image, Default::default(), creds)
+            .await
+            .map(|(digest, kernel)| BaseImage { digest, kernel })
+            .map_err(|e| e.to_string());
+        (image, found)
+    });
+    futures::stream::iter(lookups)
+        .buffer_unordered(ctx.images.lookup_concurrency.max(1))
+        .collect()
+        .await
 }
 
 /// Queue a rendered work unless the cached one already carries it (same spec hash and, in

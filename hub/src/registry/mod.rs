@@ -156,6 +156,9 @@ impl Limiter {
     }
 }
 
+/// At most this many RHCOS image kernels are remembered.
+const OS_IMAGE_CACHE_MAX: usize = 1024;
+
 /// `ttl` scaled by a random factor in [0.9, 1.1).
 pub fn jittered(ttl: Duration) -> Duration {
     use rand::Rng as _;
@@ -174,6 +177,9 @@ struct Inner {
     ttl: Duration,
     cache: Mutex<HashMap<CacheKey, CacheEntry>>,
     annotations: Mutex<HashMap<CacheKey, AnnotatedDigest>>,
+    /// RHCOS image kernels (`ostree.linux`), by manifest digest: a digest's config never
+    /// changes, so these never expire (bounded: cleared when full).
+    os_image_kernels: Mutex<HashMap<String, Option<String>>>,
     /// Digests the hub pushed itself, by image (signing).
     produced: Mutex<HashMap<String, (String, Instant)>>,
     limiter: Limiter,
@@ -225,6 +231,7 @@ impl Resolver {
                 ttl,
                 cache: Mutex::new(HashMap::new()),
                 annotations: Mutex::new(HashMap::new()),
+                os_image_kernels: Mutex::new(HashMap::new()),
                 produced: Mutex::new(HashMap::new()),
                 limiter: Limiter::new(qps, burst),
                 metrics,
@@ -373,6 +380,49 @@ impl Resolver {
             self.put(key, &digest);
         }
         Ok((digest, annotations))
+    }
+
+    /// The manifest digest of an RHCOS image and the kernel it boots (the `ostree.linux`
+    /// label of its configuration; `None` without it). The digest is looked up as any
+    /// image's; the configuration is read once per digest.
+    pub async fn os_image(
+        &self,
+        image: &str,
+        tls: TlsOptions,
+        creds: &DockerConfig,
+    ) -> Result<(String, Option<String>), LookupError> {
+        let digest = self.digest(image, tls, creds).await?;
+        if let Some(k) = self
+            .inner
+            .os_image_kernels
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&digest).cloned())
+        {
+            return Ok((digest, k));
+        }
+        let reference = parse_reference(image)?;
+        let pinned = Reference::with_digest(
+            reference.registry().to_string(),
+            reference.repository().to_string(),
+            digest.clone(),
+        );
+        let (client, auth, _) = self.client_for(&pinned, image, tls, creds);
+        self.inner.limiter.acquire().await;
+        self.inner.metrics.registry_lookups.inc();
+        let (_, _, config) = client
+            .pull_manifest_and_config(&pinned, &auth)
+            .await
+            .map_err(|e| classify(image, e))
+            .inspect_err(|e| self.count_error(e))?;
+        let kernel = shared_api::day0::kernel_of_config(&config);
+        if let Ok(mut c) = self.inner.os_image_kernels.lock() {
+            if c.len() >= OS_IMAGE_CACHE_MAX {
+                c.clear();
+            }
+            c.insert(digest.clone(), kernel.clone());
+        }
+        Ok((digest, kernel))
     }
 
     fn cached(&self, key: &CacheKey) -> Option<String> {

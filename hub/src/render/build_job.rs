@@ -114,6 +114,9 @@ pub struct BuildInputs<'a> {
     pub resources: &'a ResourceRequirements,
     /// `activeDeadlineSeconds` of the Job.
     pub deadline: Duration,
+    /// Arguments the hub sets besides the user's and the kernel's (`spec.day0`:
+    /// `RHCOS_IMAGE`, `DTK_IMAGE`); they win over the user's.
+    pub extra_args: BTreeMap<String, String>,
 }
 
 /// The copy of the Dockerfile ConfigMap a build Job mounts (key `dockerfile`).
@@ -158,6 +161,7 @@ pub fn render_build_job(inputs: &BuildInputs<'_>) -> Job {
     if let Some(dtk) = inputs.dtk_image {
         args_map.insert("DTK_AUTO".into(), dtk.to_string());
     }
+    args_map.extend(inputs.extra_args.clone());
     let hash = build_hash(inputs, &args_map);
     let registry = inputs.image.split('/').next().unwrap_or_default();
     let mut args = vec![

@@ -39,7 +39,42 @@ fn inputs<'a>(b: &'a Build, dockerfile: &'a str) -> BuildInputs<'a> {
         attempt: 1,
         resources: res(),
         deadline: Duration::from_secs(1800),
+        extra_args: Default::default(),
     }
+}
+
+/// A layered build (spec.day0): the hub's RHCOS and toolkit arguments win over the user's.
+#[test]
+fn layering_arguments_are_added_and_win() {
+    let mut b = build();
+    b.build_args.push(shared_api::module::BuildArg {
+        name: "RHCOS_IMAGE".into(),
+        value: "user-choice".into(),
+    });
+    let mut i = inputs(&b, "ARG RHCOS_IMAGE\nFROM ${RHCOS_IMAGE}\n");
+    i.extra_args = [
+        ("RHCOS_IMAGE".to_string(), "reg/rhcos@sha256:aa".to_string()),
+        (
+            "DTK_IMAGE".to_string(),
+            "registry.local/dtk:5.14".to_string(),
+        ),
+    ]
+    .into();
+    let job = render_build_job(&i);
+    let args = job.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    for want in [
+        "--build-arg=RHCOS_IMAGE=reg/rhcos@sha256:aa",
+        "--build-arg=DTK_IMAGE=registry.local/dtk:5.14",
+        "--build-arg=DTK_AUTO=registry.local/dtk:5.14",
+        "--build-arg=KERNEL_VERSION=5.14.0-1.el9.x86_64",
+        "--build-arg=KERNEL_FULL_VERSION=5.14.0-1.el9.x86_64",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} in {args:?}");
+    }
+    assert!(!args.iter().any(|a| a.contains("user-choice")), "{args:?}");
 }
 
 #[test]

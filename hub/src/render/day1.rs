@@ -24,7 +24,8 @@ use super::{MAX_MANIFESTS_BYTES, ReadyMapping, RenderError, SPEC_HASH_ANNOTATION
 
 pub const MC_GROUP: &str = "machineconfiguration.openshift.io";
 
-/// The pool's status fields reported back through the work (feedback name, JSON path).
+/// The pool's status fields reported back through the work (feedback name, JSON path);
+/// Day 0 uses the same names (works shipped before Day 0 keep their spec hash).
 pub const POOL_FEEDBACK: [(&str, &str); 3] = [
     ("day1.machineCount", ".status.machineCount"),
     ("day1.updatedMachineCount", ".status.updatedMachineCount"),
@@ -77,10 +78,22 @@ pub fn add_day1(
         return Ok(());
     };
     let mc = day1_machine_config(&d).map_err(|e| RenderError::Day1(e.to_string()))?;
-    let pool = json!({
+    add_machine_config(work, mc, &d.name, &d.pool)
+}
+
+/// Adds a MachineConfig `mc` (named `name`, server-side applied) and the read-only pool
+/// `pool` with its machine counts as feedback (orphaned: never deleted with the work) to a
+/// rendered work, after what it carries, and re-hashes it. Shared by Day 1 and Day 0.
+pub fn add_machine_config(
+    work: &mut ManifestWork,
+    mc: Value,
+    name: &str,
+    pool: &str,
+) -> Result<(), RenderError> {
+    let pool_manifest = json!({
         "apiVersion": MC_API_VERSION,
         "kind": "MachineConfigPool",
-        "metadata": {"name": d.pool},
+        "metadata": {"name": pool},
     });
     let size = work
         .spec
@@ -88,7 +101,7 @@ pub fn add_day1(
         .manifests
         .iter()
         .map(|Manifest(m)| m)
-        .chain([&mc, &pool])
+        .chain([&mc, &pool_manifest])
         .map(|m| {
             serde_json::to_vec(m)
                 .map(|v| super::ocm_manifest_size(v.len()))
@@ -105,14 +118,14 @@ pub fn add_day1(
         namespace: String::new(),
     };
     work.spec.manifest_configs.push(ManifestConfigOption {
-        resource_identifier: id("machineconfigs", &d.name),
+        resource_identifier: id("machineconfigs", name),
         feedback_rules: Vec::new(),
         update_strategy: Some(UpdateStrategy {
             type_: "ServerSideApply".into(),
         }),
     });
     work.spec.manifest_configs.push(ManifestConfigOption {
-        resource_identifier: id("machineconfigpools", &d.pool),
+        resource_identifier: id("machineconfigpools", pool),
         feedback_rules: vec![FeedbackRule {
             type_: "JSONPaths".into(),
             json_paths: POOL_FEEDBACK
@@ -133,7 +146,7 @@ pub fn add_day1(
         group: MC_GROUP.into(),
         resource: "machineconfigpools".into(),
         namespace: String::new(),
-        name: d.pool.clone(),
+        name: pool.to_string(),
     };
     let delete = work.spec.delete_option.get_or_insert_with(|| DeleteOption {
         propagation_policy: "SelectivelyOrphan".into(),
@@ -146,7 +159,7 @@ pub fn add_day1(
         .orphaning_rules
         .push(orphan);
     work.spec.workload.manifests.push(Manifest(mc));
-    work.spec.workload.manifests.push(Manifest(pool));
+    work.spec.workload.manifests.push(Manifest(pool_manifest));
     let hash = super::spec_hash(&work.spec);
     work.metadata
         .annotations
@@ -163,7 +176,7 @@ pub fn shipped_day1(work: &ManifestWork) -> Option<(String, Vec<String>)> {
         .manifests
         .iter()
         .map(|Manifest(m)| m)
-        .find(|m| m["kind"] == "MachineConfig")?;
+        .find(|m| m["kind"] == "MachineConfig" && m["spec"]["osImageURL"].is_null())?;
     let name = mc["metadata"]["name"].as_str()?.to_string();
     let images = mc["spec"]["config"]["storage"]["files"]
         .as_array()
@@ -201,6 +214,35 @@ pub fn cluster_status(
     shipped: (String, Vec<String>),
     feedback: &BTreeMap<String, i64>,
 ) -> Day1ClusterStatus {
+    let PoolState {
+        pool,
+        machines,
+        updated,
+        degraded,
+    } = pool_state(feedback);
+    Day1ClusterStatus {
+        name: cluster.to_string(),
+        machine_config: shipped.0,
+        images: shipped.1,
+        pool: pool.to_string(),
+        machine_count: machines,
+        updated_machine_count: updated,
+        degraded_machine_count: degraded,
+    }
+}
+
+/// A pool's state from the work's feedback ([`POOL_FEEDBACK`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolState {
+    /// `Updated`, `Updating`, `Degraded` or `Unknown`.
+    pub pool: &'static str,
+    pub machines: Option<i64>,
+    pub updated: Option<i64>,
+    pub degraded: Option<i64>,
+}
+
+/// The pool's state: degraded machines first, then every machine updated or not.
+pub fn pool_state(feedback: &BTreeMap<String, i64>) -> PoolState {
     let f = |k: &str| feedback.get(k).copied();
     let (machines, updated, degraded) = (
         f("day1.machineCount"),
@@ -213,14 +255,11 @@ pub fn cluster_status(
         (Some(_), Some(_), _) => "Updating",
         _ => "Unknown",
     };
-    Day1ClusterStatus {
-        name: cluster.to_string(),
-        machine_config: shipped.0,
-        images: shipped.1,
-        pool: pool.to_string(),
-        machine_count: machines,
-        updated_machine_count: updated,
-        degraded_machine_count: degraded,
+    PoolState {
+        pool,
+        machines,
+        updated,
+        degraded,
     }
 }
 

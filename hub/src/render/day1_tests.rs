@@ -216,7 +216,14 @@ fn only_openshift_clusters_get_the_machine_config() {
         .clusters
         .iter()
         .map(|cp| {
-            let d = decide_cluster(&m, cp, &outcomes, &[], None, &PullSecretSource::None);
+            let d = decide_cluster(
+                &m,
+                cp,
+                &outcomes,
+                Default::default(),
+                None,
+                &PullSecretSource::None,
+            );
             (cp.cluster.clone(), kinds(&d.desired.unwrap()))
         })
         .collect();

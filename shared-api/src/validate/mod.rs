@@ -17,6 +17,7 @@ use crate::module::{
 };
 use crate::names;
 
+mod day0;
 mod mapping;
 mod pod;
 mod rollout;
@@ -152,6 +153,9 @@ pub fn validate_mcm(mcm: &ManagedClusterModule) -> Vec<Violation> {
     );
     if let Some(d) = &mcm.spec.day1 {
         day1_rules(&mut r, mcm, d, &name);
+    }
+    if let Some(d) = &mcm.spec.day0 {
+        day0::day0_rules(&mut r, mcm, d, &name);
     }
     r.0
 }

@@ -1,5 +1,6 @@
 //! Kernel facts: every node labelled with its kernel, the kernel ClusterClaim(s) and, on
-//! OpenShift spokes, the Driver Toolkit ClusterClaim(s) (kernel → toolkit image).
+//! OpenShift spokes, the Driver Toolkit ClusterClaim(s) (kernel → toolkit image) and the
+//! RHCOS image claim.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use shared_api::ClusterClaim;
+use shared_api::day0::OS_IMAGE_CLAIM;
 use shared_api::labels::{
     KERNEL_LABEL, SPOKE_CLAIM_MANAGER, SPOKE_NODE_MANAGER, kernel_label_value,
 };
@@ -60,7 +62,28 @@ pub async fn reconcile(ctx: &Context) -> Result<Action, ReconcileError> {
         .collect();
     delete_claims(&stale, ctx, "stale kernel claim deleted").await?;
     publish_dtk_claims(&nodes, claims, ctx).await?;
+    publish_os_image_claim(claims, ctx).await?;
     Ok(Action::Requeue(ctx.resync))
+}
+
+/// The RHCOS image claim of OpenShift spokes (`spec.day0` on the hub layers on it); deleted
+/// when the MCO's ConfigMap goes.
+async fn publish_os_image_claim(
+    claims: &Store<ClusterClaim>,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let image = ctx.os_image.read().ok().and_then(|i| i.clone());
+    match image {
+        Some(v) => {
+            let desired = [(OS_IMAGE_CLAIM.to_string(), v)];
+            apply_claims(&desired, claims, ctx, "RHCOS image claim published").await
+        }
+        None if claims.get(&ObjectRef::new(OS_IMAGE_CLAIM)).is_some() => {
+            let stale = [OS_IMAGE_CLAIM.to_string()];
+            delete_claims(&stale, ctx, "RHCOS image claim deleted").await
+        }
+        None => Ok(()),
+    }
 }
 
 /// The Driver Toolkit claims: kernel → toolkit image for the kernels whose nodes run an OS

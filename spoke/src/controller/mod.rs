@@ -9,6 +9,7 @@ pub mod labels;
 pub mod module;
 pub mod namespace_label;
 pub mod orphans;
+pub mod os_image;
 pub mod sequence;
 pub mod status;
 pub mod sweep;
@@ -112,6 +113,8 @@ pub struct Context {
         std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// The Driver Toolkit ImageStream's tags on OpenShift spokes ([`dtk`]).
     pub dtk_tags: dtk::DtkTags,
+    /// The RHCOS image of OpenShift spokes ([`os_image`]).
+    pub os_image: os_image::OsImage,
 }
 
 /// The spoke agent. Build with [`Agent::new`] (registers metrics and readiness gates), then
@@ -233,6 +236,7 @@ impl Agent {
             module_backoff: KeyedBackoff::default(),
             labelled_namespaces: Default::default(),
             dtk_tags: Default::default(),
+            os_image: Default::default(),
         });
         // One task waits on the stores (a store's readiness wakes only one waiter) and
         // publishes "synced" to everyone else.
@@ -306,6 +310,13 @@ impl Agent {
                 ctx.dtk_tags.clone(),
                 triggers.facts.clone(),
                 cfg.resync,
+                token.clone(),
+            )));
+            // OpenShift spokes: the RHCOS image the MCO keeps (nothing elsewhere).
+            tasks.push(tokio::spawn(os_image::watch(
+                client.clone(),
+                ctx.os_image.clone(),
+                triggers.facts.clone(),
                 token.clone(),
             )));
         }

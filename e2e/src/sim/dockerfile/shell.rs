@@ -32,7 +32,9 @@ fn known_repo(url: &str) -> Vec<(&'static str, String)> {
         vec![
             (
                 "Makefile",
-                "obj-m += simple-kmod.o simple-procfs-kmod.o\n".to_string(),
+                // As upstream's: `make install` puts the modules right in /lib/modules/<KVER>/
+                // (which the CoreOS layering Dockerfile copies from), not in extra/.
+                "obj-m += simple-kmod.o simple-procfs-kmod.o\n\ninstall:\n\tinstall -v -m 644 simple-kmod.ko /lib/modules/$(KVER)/\n\tinstall -v -m 644 simple-procfs-kmod.ko /lib/modules/$(KVER)/\n".to_string(),
             ),
             ("simple-kmod.c", "/* simple-kmod */\n".to_string()),
             (
@@ -457,6 +459,20 @@ impl Shell<'_> {
             return 2;
         };
         let install = targets.iter().any(|t| t.contains("install"));
+        // Where `make install` puts modules: `/lib/modules/<k>/` when the Makefile's install
+        // rule says so, else `extra/` (Kbuild's modules_install default).
+        let install_dir = {
+            let text = ["Makefile", "makefile", "GNUmakefile"]
+                .iter()
+                .find_map(|f| self.fs.files.get(&join(&dir, f)))
+                .map(|d| String::from_utf8_lossy(d).to_string())
+                .unwrap_or_default();
+            if text.contains("/lib/modules/$(KVER)/\n") || text.contains("/lib/modules/$(KVER)/ ") {
+                format!("/lib/modules/{kernel}")
+            } else {
+                format!("/lib/modules/{kernel}/extra")
+            }
+        };
         let real = if crate::vm::is_real_kernel(&kernel) {
             let names: Vec<&str> = modules.iter().map(String::as_str).collect();
             match crate::kbuild::compile(&kernel, &names, crate::kbuild::DEFAULT_VERSION) {
@@ -481,8 +497,7 @@ impl Shell<'_> {
             };
             self.fs.write(&join(&dir, &format!("{m}.ko")), ko.clone());
             if install {
-                self.fs
-                    .write(&format!("/lib/modules/{kernel}/extra/{m}.ko"), ko);
+                self.fs.write(&format!("{install_dir}/{m}.ko"), ko);
             }
             self.log.push(format!(
                 "INFO (simulated) CC [M] {dir}/{m}.o; LD [M] {dir}/{m}.ko (vermagic {kernel})"
