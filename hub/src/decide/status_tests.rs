@@ -1,5 +1,7 @@
 //! Truth tables of the MCM status: feed what a reconcile found, assert on the status.
 
+use std::sync::Arc;
+
 use super::*;
 use crate::decide::plan::plan;
 use crate::decide::plan::tests::{SPEC, cluster, mcm};
@@ -36,7 +38,7 @@ struct World {
     mcm: ManagedClusterModule,
     plan: Plan,
     outcomes: BTreeMap<String, ImageOutcome>,
-    works: BTreeMap<String, WorkEntry>,
+    works: Works,
     problems: Vec<ClusterProblem>,
     pull_secret_error: Option<String>,
     write_errors: Vec<String>,
@@ -54,7 +56,10 @@ impl World {
             mcm,
             plan,
             outcomes: [(IMAGE.to_string(), image)].into(),
-            works: work.map(|w| (w.cluster.clone(), w)).into_iter().collect(),
+            works: work
+                .map(|w| (w.cluster.clone(), Arc::new(w)))
+                .into_iter()
+                .collect(),
             problems: vec![],
             pull_secret_error: None,
             write_errors: vec![],
@@ -96,8 +101,8 @@ fn conditions(d: &StatusDecision) -> (&str, &str, &str, String) {
 #[test]
 fn status_counts_from_work_conditions() {
     let works = BTreeMap::from([
-        ("c1".to_string(), entry("c1", true, false)),
-        ("c2".to_string(), entry("c2", false, true)),
+        ("c1".to_string(), Arc::new(entry("c1", true, false))),
+        ("c2".to_string(), Arc::new(entry("c2", false, true))),
     ]);
     let mut s = ManagedClusterModuleStatus::default();
     fill_counts(&mut s, &works, None);
@@ -277,7 +282,7 @@ fn tag_moved_is_reported_while_held_and_cleared_after() {
 #[test]
 fn an_invalid_spec_is_degraded_and_changes_nothing_else() {
     let m = mcm(SPEC);
-    let works = BTreeMap::from([("c1".to_string(), available("c1"))]);
+    let works = BTreeMap::from([("c1".to_string(), Arc::new(available("c1")))]);
     let s = invalid_spec_status(&m, "spec.x: bad", &works, now());
     let c = &s.conditions;
     assert_eq!(condition_status(c, DEGRADED), Some("True"));
