@@ -353,8 +353,9 @@ fn spoke_section(w: &mut String, r: &Results) {
          prebuilt image each, pulled with a secret; nodes alternate between two kernels). The \
          spoke's own kube-controller-manager makes the loader pods of the agent's DaemonSets, \
          its scheduler binds them and the node simulator runs them. Measured once every module \
-         is loaded on every node and the agent has written nothing for 5 s: memory after 30 s \
-         idle, the CPU and the API writes (`kmm_spoke_api_writes_total`) of those 30 s. Peak: \
+         is loaded on every node and the agent has written nothing for 5 s (waited for at most \
+         120 s: an agent still writing is measured as it is): memory after 30 s more, the CPU \
+         and the API writes (`kmm_spoke_api_writes_total`) of those 30 s. Peak: \
          VmHWM over the whole run (start-up, convergence, and the kernel change where there is \
          one).\n",
         r.settings.spoke_bin
@@ -399,8 +400,10 @@ fn spoke_section(w: &mut String, r: &Results) {
             w,
             "\n**One node's kernel change** ({} nodes × {} Modules): node `{}` reboots from `{}` \
              into `{}` (a kernel other nodes run, so its loader DaemonSets exist). Its loader pods \
-             were all of the new kernel's DaemonSets and Ready after **{:.1} s**, every module was \
-             loaded again after {:.1} s and every Module's ready label back after {:.1} s. The \
+             were all of the new kernel's DaemonSets and Ready after **{:.1} s**; every module \
+             was loaded again after {:.1} s and every Module's ready label on the node after \
+             {:.1} s (the simulator restarts the old loader containers at the reboot, and the \
+             images carry both kernels' modules, so these can precede the replacement). The \
              agent wrote **{}** times for it: {}. Every client's mutating requests at the spoke's \
              API server in the same window (the DaemonSet controller, the scheduler and the node \
              simulator included): {}.",
