@@ -404,7 +404,8 @@ fn spoke_section(w: &mut String, r: &Results) {
              was loaded again after {:.1} s and every Module's ready label on the node after \
              {:.1} s (the simulator restarts the old loader containers at the reboot, and the \
              images carry both kernels' modules, so these can precede the replacement). The \
-             agent wrote **{}** times for it: {}. Every client's mutating requests at the spoke's \
+             agent wrote **{}** times from the change until it had written nothing for 5 s (or \
+             120 s passed): {}. Every client's mutating requests at the spoke's \
              API server in the same window (the DaemonSet controller, the scheduler and the node \
              simulator included): {}.",
             n(s.nodes),
