@@ -123,6 +123,8 @@ fn rates(area: &Area<'_>, fanout: &[FanOut]) -> DrawResult {
     chart
         .configure_mesh()
         .x_desc("clusters (log scale)")
+        // Few labels: a log axis over one decade otherwise crowds them at its end.
+        .x_labels(4)
         .y_desc("writes/s")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
@@ -185,6 +187,8 @@ fn memory(area: &Area<'_>, fanout: &[FanOut]) -> DrawResult {
     chart
         .configure_mesh()
         .x_desc("clusters (log scale)")
+        // Few labels: a log axis over one decade otherwise crowds them at its end.
+        .x_labels(4)
         .y_desc("MiB")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
