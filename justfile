@@ -65,7 +65,7 @@ images:
       echo "built $image"
     done
 
-# The signing bench, then the fleet bench on the test world (fan-out over 100/1,000/5,000
+# The signing bench, then the fleet bench on the test world (fan-out over 100/1,000/10,000
 # clusters, steady state, hub and spoke memory). TARGET is $CARGO_TARGET_DIR or target; ARGS go
 # to the fleet bench (e.g. `--sizes 100,1000`). Run nothing else heavy meanwhile.
 # Benchmarks: writes TARGET/bench/results.json, docs/benchmarks.md and its plot.

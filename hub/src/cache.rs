@@ -1,5 +1,6 @@
 //! Compact caches of ManagedClusters and our ManifestWorks, fed by watches.
-//! Only what the reconciler and the dashboard need is kept, so 5,000 clusters stay small.
+//! Only what the reconciler and the dashboard need is kept, so 10,000 clusters stay small;
+//! entries are shared (`Arc`), so a reconcile's view of them costs a pointer each.
 //! A change that matters enqueues the affected ManagedClusterModules.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -22,7 +23,7 @@ use tokio::sync::mpsc;
 use crate::decide::placement::{DecisionEntry, DecisionGroup, PlacementHold, placement_clusters};
 use crate::decide::plan::{ClusterFacts, selects};
 
-pub use crate::decide::facts::{JobEntry, WorkEntry};
+pub use crate::decide::facts::{JobEntry, WorkEntry, Works};
 
 /// One recent event for the dashboard.
 #[derive(Debug, Clone, Serialize)]
@@ -43,8 +44,8 @@ pub struct Caches {
     /// Build Jobs in the operator namespace, by name.
     pub jobs: RwLock<BTreeMap<String, JobEntry>>,
     pub jobs_synced: AtomicBool,
-    pub clusters: RwLock<BTreeMap<String, ClusterFacts>>,
-    pub works: RwLock<BTreeMap<(String, String), WorkEntry>>,
+    pub clusters: RwLock<BTreeMap<String, Arc<ClusterFacts>>>,
+    pub works: RwLock<BTreeMap<(String, String), Arc<WorkEntry>>>,
     pub clusters_synced: AtomicBool,
     pub works_synced: AtomicBool,
     /// The Secrets of the hub namespace are listed (see [`watch_secrets`]).
@@ -84,7 +85,8 @@ impl Caches {
         }
     }
 
-    pub fn cluster_facts(&self) -> Vec<ClusterFacts> {
+    /// Every cluster's facts (shared with the cache, not copied).
+    pub fn cluster_facts(&self) -> Vec<Arc<ClusterFacts>> {
         self.clusters
             .read()
             .map(|c| c.values().cloned().collect())
@@ -99,7 +101,7 @@ impl Caches {
         table: &crate::render::build_job::DtkTable,
     ) -> Result<crate::decide::dtk::DtkImage, String> {
         match self.clusters.read() {
-            Ok(c) => crate::decide::dtk::dtk_image_for(kernel, table, c.values()),
+            Ok(c) => crate::decide::dtk::dtk_image_for(kernel, table, c.values().map(|f| &**f)),
             Err(_) => crate::decide::dtk::dtk_image_for(kernel, table, []),
         }
     }
@@ -126,8 +128,8 @@ impl Caches {
         placement_clusters(name, namespace, synced, exists, &decisions)
     }
 
-    /// The cached works of one MCM, by cluster.
-    pub fn works_of(&self, mcm: &str) -> BTreeMap<String, WorkEntry> {
+    /// The cached works of one MCM, by cluster (shared with the cache, not copied).
+    pub fn works_of(&self, mcm: &str) -> Works {
         self.works
             .read()
             .map(|w| {
@@ -143,7 +145,7 @@ impl Caches {
         if let Some(e) = WorkEntry::from_work(w)
             && let Ok(mut works) = self.works.write()
         {
-            works.insert((e.cluster.clone(), w.name_any()), e);
+            works.insert((e.cluster.clone(), w.name_any()), Arc::new(e));
         }
         self.bump();
     }
@@ -277,7 +279,7 @@ pub async fn watch_clusters(
                 return None;
             }
             let f = ClusterFacts::from_cluster(c);
-            Some((f.name.clone(), f))
+            Some((f.name.clone(), Arc::new(f)))
         },
         |c| c.name_any(),
         |old, new| {
@@ -419,7 +421,7 @@ pub async fn watch_works(client: Client, caches: Arc<Caches>, trigger: Trigger) 
         watcher::Config::default().labels(MCM_OWNER_LABEL),
         &caches.works,
         &caches.works_synced,
-        |w| WorkEntry::from_work(w).map(|e| ((e.cluster.clone(), w.name_any()), e)),
+        |w| WorkEntry::from_work(w).map(|e| ((e.cluster.clone(), w.name_any()), Arc::new(e))),
         |w| (w.namespace().unwrap_or_default(), w.name_any()),
         |old, new| {
             if let Some(e) = new.or(old) {

@@ -58,10 +58,17 @@ pub struct RolloutTotals {
 pub struct Views(RwLock<BTreeMap<String, McmView>>);
 
 impl Views {
-    /// Store the view; returns whether it differs from the previous one.
+    /// Store the view; returns whether it differs from the previous one. Never copied: a
+    /// fleet's view is one entry per cluster.
     pub fn put(&self, v: McmView) -> bool {
         match self.0.write() {
-            Ok(mut m) => m.insert(v.name.clone(), v.clone()).as_ref() != Some(&v),
+            Ok(mut m) => {
+                let changed = m.get(&v.name) != Some(&v);
+                if changed {
+                    m.insert(v.name.clone(), v);
+                }
+                changed
+            }
             Err(_) => false,
         }
     }

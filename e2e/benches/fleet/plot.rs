@@ -57,7 +57,7 @@ type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
 fn x_range(fanout: &[FanOut]) -> std::ops::Range<f64> {
     let min = fanout.iter().map(|f| f.clusters).min().unwrap_or(100) as f64;
-    let max = fanout.iter().map(|f| f.clusters).max().unwrap_or(5000) as f64;
+    let max = fanout.iter().map(|f| f.clusters).max().unwrap_or(10_000) as f64;
     (min * 0.7)..(max * 1.4)
 }
 
@@ -123,6 +123,8 @@ fn rates(area: &Area<'_>, fanout: &[FanOut]) -> DrawResult {
     chart
         .configure_mesh()
         .x_desc("clusters (log scale)")
+        // Few labels: a log axis over one decade otherwise crowds them at its end.
+        .x_labels(4)
         .y_desc("writes/s")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
@@ -141,9 +143,9 @@ fn rates(area: &Area<'_>, fanout: &[FanOut]) -> DrawResult {
     )?;
     series(
         &mut chart,
-        pts(&|r| r.limit_per_second * 0.5),
+        pts(&|r| r.limit_per_second * 0.7),
         RGBColor(90, 90, 90),
-        "50% of the limit (target)",
+        "70% of the limit (target at 10,000)",
         true,
     )?;
     series(
@@ -185,6 +187,8 @@ fn memory(area: &Area<'_>, fanout: &[FanOut]) -> DrawResult {
     chart
         .configure_mesh()
         .x_desc("clusters (log scale)")
+        // Few labels: a log axis over one decade otherwise crowds them at its end.
+        .x_labels(4)
         .y_desc("MiB")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))

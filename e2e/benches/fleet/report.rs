@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::results::{Outcome, Results};
+use crate::results::{Outcome, Results, SpokeIdle};
 
 const BEGIN: &str = "<!-- analysis:begin (kept when the page is regenerated) -->";
 const END: &str = "<!-- analysis:end -->";
@@ -52,6 +52,11 @@ fn map(m: &BTreeMap<String, u64>) -> String {
         .map(|(k, v)| format!("{k} {v}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// `12345` → `12,345`.
+pub fn thousands(x: usize) -> String {
+    n(x)
 }
 
 fn n(x: usize) -> String {
@@ -114,6 +119,7 @@ fn render(r: &Results, plot: bool, analysis: &str) -> String {
         "## Reproduce\n\n```sh\n\
          just bench                   # provisions the test world, builds, runs both benches\n\
          just bench --sizes 100,1000  # other fan-out sizes (also KMM_BENCH_SIZES)\n\
+         just bench --spoke-runs 50x3,200x10  # other spoke sizes, NODESxMODULES (also KMM_BENCH_SPOKE_RUNS)\n\
          cargo bench -p kmm-e2e --bench fleet -- --render-only  # this page from results.json\n\
          ```\n\n\
          `just bench` builds `kmm-hub` and `kmm-spoke` with `--profile release-small`, runs \
@@ -337,30 +343,83 @@ fn memory_section(w: &mut String, r: &Results) {
             );
         }
     }
-    match &r.spoke {
-        Outcome::Done(s) => {
+    spoke_section(w, r);
+}
+
+fn spoke_section(w: &mut String, r: &Results) {
+    let _ = writeln!(
+        w,
+        "\n## Spoke agent\n\n`{} run` on one spoke with N simulated nodes and M Modules (one \
+         prebuilt image each, pulled with a secret; nodes alternate between two kernels). The \
+         spoke's own kube-controller-manager makes the loader pods of the agent's DaemonSets, \
+         its scheduler binds them and the node simulator runs them. Measured once every module \
+         is loaded on every node and the agent has written nothing for 5 s (waited for at most \
+         120 s: an agent still writing is measured as it is): memory after 30 s more, the CPU \
+         and the API writes (`kmm_spoke_api_writes_total`) of those 30 s. Peak: \
+         VmHWM over the whole run (start-up, convergence, and the kernel change where there is \
+         one).\n",
+        r.settings.spoke_bin
+    );
+    let done: Vec<&SpokeIdle> = r.spoke.iter().filter_map(Outcome::done).collect();
+    if !done.is_empty() {
+        let _ = writeln!(
+            w,
+            "| nodes × Modules | loader pods | spoke up (setup) | Modules → all loaded | idle RSS (anon + file) | peak RSS | idle CPU | idle writes |\n\
+             | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for s in &done {
             let _ = writeln!(
                 w,
-                "\nSpoke agent (`{} run`, {:.1} MiB on disk) on a spoke with \
-                 {} simulated nodes and {} Modules ({} loader pods running, every module loaded on \
-                 every node), after {:.0} s idle: **{:.1} MiB** RSS = {:.1} MiB anon + {:.1} MiB \
-                 file (peak {:.1} MiB); {:.2} s of CPU while idle.",
-                r.settings.spoke_bin,
-                s.binary_mib,
-                s.nodes,
+                "| {} × {} | {} | {:.0} s | {:.1} s | **{:.1} MiB** ({:.1} + {:.1}) | {:.1} MiB | {:.2} s in {:.0} s | {} |",
+                n(s.nodes),
                 s.modules,
-                s.loader_pods_running,
-                s.idle_s,
+                n(s.loader_pods_running),
+                s.fleet_start_s,
+                s.converge_s,
                 s.rss_mib,
                 s.rss_anon_mib,
                 s.rss_file_mib,
                 s.peak_mib,
-                s.idle_cpu_s
+                s.idle_cpu_s,
+                s.idle_s,
+                s.idle_writes,
             );
         }
-        Outcome::Todo { todo } => {
-            let _ = writeln!(w, "\nSpoke agent idle RSS: {todo}");
+        if let Some(s) = done.first() {
+            let _ = writeln!(w, "\nThe binary is {:.1} MiB on disk.", s.binary_mib);
         }
+    }
+    for o in &r.spoke {
+        if let Outcome::Todo { todo } = o {
+            let _ = writeln!(w, "\nSpoke agent: {todo}");
+        }
+    }
+    for s in &done {
+        let Some(c) = &s.change else { continue };
+        let _ = writeln!(
+            w,
+            "\n**One node's kernel change** ({} nodes × {} Modules): node `{}` reboots from `{}` \
+             into `{}` (a kernel other nodes run, so its loader DaemonSets exist). Its loader pods \
+             were all of the new kernel's DaemonSets and Ready after **{:.1} s**; every module \
+             was loaded again after {:.1} s and every Module's ready label on the node after \
+             {:.1} s (the simulator restarts the old loader containers at the reboot, and the \
+             images carry both kernels' modules, so these can precede the replacement). The \
+             agent wrote **{}** times from the change until it had written nothing for 5 s (or \
+             120 s passed): {}. Every client's mutating requests at the spoke's \
+             API server in the same window (the DaemonSet controller, the scheduler and the node \
+             simulator included): {}.",
+            n(s.nodes),
+            s.modules,
+            c.node,
+            c.from,
+            c.to,
+            c.replaced_ms / 1e3,
+            c.loaded_ms / 1e3,
+            c.labelled_ms / 1e3,
+            c.total_writes,
+            map(&c.writes),
+            map(&c.apiserver_writes),
+        );
     }
 }
 

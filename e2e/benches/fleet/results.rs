@@ -12,8 +12,8 @@ pub struct Results {
     pub machine: Machine,
     pub settings: Settings,
     pub fanout: Vec<FanOut>,
-    /// Spoke agent footprint, or why it was not measured.
-    pub spoke: Outcome<SpokeIdle>,
+    /// The spoke agent runs (one per size), or why one was not measured.
+    pub spoke: Vec<Outcome<SpokeIdle>>,
     /// Signing cases from `hub/benches/sign.rs`, or why there are none.
     pub signing: Outcome<Signing>,
     pub upstream: Vec<Upstream>,
@@ -213,6 +213,42 @@ pub struct SpokeIdle {
     pub idle_s: f64,
     /// CPU the agent used while idle.
     pub idle_cpu_s: f64,
+    /// The agent's API writes while idle (`kmm_spoke_api_writes_total`).
+    #[serde(default)]
+    pub idle_writes: u64,
+    /// Starting the spoke with its simulated nodes (setup, not measured against anything).
+    #[serde(default)]
+    pub fleet_start_s: f64,
+    /// Modules applied → every module loaded on every node.
+    #[serde(default)]
+    pub converge_s: f64,
+    /// One node's kernel change, when measured.
+    #[serde(default)]
+    pub change: Option<KernelChange>,
+}
+
+/// One simulated node reboots into another kernel (one the other nodes run, so the loader
+/// DaemonSets for it exist): what the agent does about it, and how long the node is without
+/// its modules.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct KernelChange {
+    pub node: String,
+    pub from: String,
+    pub to: String,
+    /// Kernel changed → the node's loader pods are all of the new kernel's DaemonSets and
+    /// Ready (the old ones gone).
+    pub replaced_ms: f64,
+    /// → every module loaded again on the node (the node simulator's view).
+    pub loaded_ms: f64,
+    /// → every Module's ready label back on the node.
+    pub labelled_ms: f64,
+    /// The agent's API writes for the change, by kind (`kmm_spoke_api_writes_total`), until
+    /// it wrote nothing for a few seconds.
+    pub writes: BTreeMap<String, u64>,
+    pub total_writes: u64,
+    /// Mutating requests of every client at the spoke's API server in the same window (the
+    /// DaemonSet controller, the scheduler and the node simulator included).
+    pub apiserver_writes: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

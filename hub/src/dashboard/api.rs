@@ -2,6 +2,7 @@
 //! (`Views`) and the MCM reflector store. No API-server call per request.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -19,7 +20,7 @@ use super::model::{
     ImageCounts, KernelRollout, McmDetail, McmList, McmSummary, Phase, PodNumbers, Problem,
     RolloutState, WorkStatus,
 };
-use crate::cache::{RECENT_EVENTS, WorkEntry};
+use crate::cache::{RECENT_EVENTS, WorkEntry, Works};
 use crate::decide::plan::{ClusterFacts, selects};
 use crate::last_decisions::McmView;
 
@@ -82,9 +83,9 @@ pub async fn list_clusters(State(state): State<AppState>) -> Json<ClusterList> {
             selecting.sort();
             ClusterSummary {
                 kernel_claim: c.kernels.is_some(),
-                kernels: c.kernels.unwrap_or_default(),
-                name: c.name,
-                labels: c.labels,
+                kernels: c.kernels.clone().unwrap_or_default(),
+                name: c.name.clone(),
+                labels: c.labels.clone(),
                 managed_cluster_modules: selecting,
             }
         })
@@ -145,7 +146,7 @@ fn is_object_name(name: &str) -> bool {
 }
 
 /// One MCM's summary; `clusters` are all known clusters (for the selected count).
-pub fn summary(mcm: &ManagedClusterModule, clusters: &[ClusterFacts]) -> McmSummary {
+pub fn summary(mcm: &ManagedClusterModule, clusters: &[Arc<ClusterFacts>]) -> McmSummary {
     let status = mcm.status.clone().unwrap_or_default();
     let mut images = ImageCounts {
         total: (status.images.len() + usize::try_from(status.images_omitted).unwrap_or(0)) as u32,
@@ -191,8 +192,8 @@ pub fn summary(mcm: &ManagedClusterModule, clusters: &[ClusterFacts]) -> McmSumm
 pub fn detail(
     mcm: &ManagedClusterModule,
     view: Option<McmView>,
-    works: &BTreeMap<String, WorkEntry>,
-    clusters: &[ClusterFacts],
+    works: &Works,
+    clusters: &[Arc<ClusterFacts>],
 ) -> McmDetail {
     let selected: BTreeSet<&str> = clusters
         .iter()
@@ -264,7 +265,7 @@ pub fn detail(
                 rollout_state: view
                     .and_then(|v| v.rollout.as_deref())
                     .and_then(RolloutState::parse),
-                work: work.map(work_status),
+                work: work.map(|w| work_status(w)),
             }
         })
         .collect();

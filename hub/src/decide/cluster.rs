@@ -10,7 +10,7 @@ use shared_api::mcm::{ClusterProblem, ImageState};
 use shared_api::ocm::{ManifestWork, ManifestWorkExecutor};
 
 use super::image::ImageOutcome;
-use super::plan::ClusterPlan;
+use super::plan::{ClusterPlan, KernelTarget};
 use crate::last_decisions::{ClusterView, KernelView};
 use crate::render::day0::{Day0Want, ShippedDay0};
 use crate::render::prerequisites::PullSecretSource;
@@ -37,8 +37,9 @@ impl<'a> Shipped<'a> {
 #[derive(Debug, Clone)]
 pub struct ClusterDecision {
     pub view: ClusterView,
-    /// The work to ship (written only when it differs from the cached one).
-    pub desired: Option<ManifestWork>,
+    /// The work to ship (written only when it differs from the cached one). Boxed: the
+    /// reconciler keeps a decision per selected cluster, and most hold no work.
+    pub desired: Option<Box<ManifestWork>>,
     /// Why the cluster has no work, or not all of its kernels.
     pub problem: Option<ClusterProblem>,
     /// Delete an existing work (nothing of the cluster matches any more).
@@ -48,6 +49,37 @@ pub struct ClusterDecision {
     /// `spec.day0` on an OpenShift cluster: the layered image it should boot, and why it
     /// does not get it (yet), if so.
     pub day0: Option<Day0Want>,
+    /// A work is to be rendered for the cluster (its plan has no problem): by
+    /// [`decide_cluster`] at once, or by the reconciler when its write starts
+    /// ([`stage_cluster`], [`render_cluster_work`]).
+    pub renders: bool,
+}
+
+impl ClusterDecision {
+    /// Take the outcome of rendering the cluster's work: the work to ship, or why none.
+    pub fn rendered(&mut self, rendered: Result<ManifestWork, RenderError>) {
+        match rendered {
+            Ok(w) => self.desired = Some(Box::new(w)),
+            Err(e) => self.refused(e),
+        }
+    }
+
+    /// Rendering the cluster's work was refused: the problem says why (a cluster waiting for
+    /// all of its images keeps its `ImagesPending`).
+    pub fn refused(&mut self, e: RenderError) {
+        let p = match (&e, self.problem.take()) {
+            (RenderError::NoReadyMapping, Some(p)) => p,
+            _ => ClusterProblem {
+                name: self.view.name.clone(),
+                reason: e.reason().into(),
+                message: e.to_string(),
+            },
+        };
+        self.view.problem = Some(p.clone());
+        self.problem = Some(p);
+        self.desired = None;
+        self.render_error = Some(e);
+    }
 }
 
 /// Decide one cluster of the plan. `outcomes`: the image pipeline's, by image; `shipped`: the
@@ -61,48 +93,71 @@ pub fn decide_cluster(
     executor: Option<&ManifestWorkExecutor>,
     pull: &PullSecretSource,
 ) -> ClusterDecision {
-    let Shipped {
-        mappings: shipped,
-        day0: shipped_day0,
-    } = shipped;
+    let mut decision = stage_cluster(mcm, cp, outcomes, shipped);
+    if decision.renders {
+        decision.rendered(render_cluster_work(
+            mcm, cp, outcomes, shipped, executor, pull,
+        ));
+    }
+    decision
+}
+
+/// The image one kernel of the cluster ships: freshly pinned when its image is ready, the
+/// shipped one when the registry could not answer, none while pending.
+fn chosen(
+    t: &KernelTarget,
+    outcome: Option<&ImageOutcome>,
+    shipped: &BTreeMap<&str, &ReadyMapping>,
+) -> Option<ReadyMapping> {
+    let fresh = outcome
+        .filter(|o| o.state == ImageState::Ready)
+        .and_then(|o| o.digest.as_deref());
+    match (fresh, shipped.get(t.kernel.as_str())) {
+        (Some(d), _) => Some(ReadyMapping {
+            kernel: t.kernel.clone(),
+            pinned_image: pin(&t.image, d),
+            registry_tls: t.registry_tls,
+            in_tree_modules_to_remove: t.in_tree_modules_to_remove.clone(),
+        }),
+        (None, Some(old)) => Some((*old).clone()),
+        (None, None) => None,
+    }
+}
+
+fn by_kernel(shipped: &[ReadyMapping]) -> BTreeMap<&str, &ReadyMapping> {
+    shipped.iter().map(|m| (m.kernel.as_str(), m)).collect()
+}
+
+/// Everything [`decide_cluster`] decides about one cluster except its rendered work:
+/// `renders` says whether one is due, [`render_cluster_work`] makes it from the same inputs
+/// and [`ClusterDecision::rendered`] takes the outcome. The reconciler renders a work only
+/// when its write starts, so that a fleet's worth of rendered works is never held at once.
+pub fn stage_cluster(
+    mcm: &ManagedClusterModule,
+    cp: &ClusterPlan,
+    outcomes: &BTreeMap<String, ImageOutcome>,
+    shipped: Shipped<'_>,
+) -> ClusterDecision {
     // Day 0: the fresh layered image, else the one shipped before.
-    let (day0_mc, day0) = match &cp.day0 {
-        Some(want) => {
-            let (mc, want) = super::day0::choose(mcm, want, outcomes, shipped_day0);
-            (mc, Some(want))
-        }
-        None => (None, None),
-    };
-    let shipped: BTreeMap<&str, &ReadyMapping> =
-        shipped.iter().map(|m| (m.kernel.as_str(), m)).collect();
-    let mut ready = Vec::new();
+    let day0 = cp
+        .day0
+        .as_ref()
+        .map(|want| super::day0::choose(mcm, want, outcomes, shipped.day0).1);
+    let shipped = by_kernel(shipped.mappings);
     let mut kernels = Vec::new();
     let mut pending = Vec::new();
     for t in &cp.targets {
         let outcome = outcomes.get(&t.image);
-        let fresh = outcome
-            .and_then(|o| o.digest.as_deref())
-            .filter(|_| outcome.is_some_and(|o| o.state == ImageState::Ready));
-        let chosen = match (fresh, shipped.get(t.kernel.as_str())) {
-            (Some(d), _) => Some(ReadyMapping {
-                kernel: t.kernel.clone(),
-                pinned_image: pin(&t.image, d),
-                registry_tls: t.registry_tls,
-                in_tree_modules_to_remove: t.in_tree_modules_to_remove.clone(),
-            }),
-            (None, Some(old)) => Some((*old).clone()),
-            (None, None) => None,
-        };
+        let chosen = chosen(t, outcome, &shipped);
         kernels.push(KernelView {
             kernel: t.kernel.clone(),
             image: t.image.clone(),
-            pinned: chosen.as_ref().map(|c| c.pinned_image.clone()),
+            pinned: chosen.map(|c| c.pinned_image),
             state: outcome.map_or(ImageState::Pending, |o| o.state),
             reason: outcome.and_then(|o| o.reason.clone()),
         });
-        match chosen {
-            Some(c) => ready.push(c),
-            None => pending.push(t.image.clone()),
+        if kernels.last().is_some_and(|k| k.pinned.is_none()) {
+            pending.push(t.image.clone());
         }
     }
     let view = ClusterView {
@@ -112,54 +167,61 @@ pub fn decide_cluster(
         problem: None,
         rollout: None,
     };
-    let decision = |view, desired, problem: Option<ClusterProblem>, delete, render_error| {
+    let decision = |view, problem: Option<ClusterProblem>, delete, renders| {
         let mut view: ClusterView = view;
         view.problem = problem.clone();
         ClusterDecision {
             view,
-            desired,
+            desired: None,
             problem,
             delete,
-            render_error,
+            render_error: None,
             day0: day0.clone(),
+            renders,
         }
     };
     if let Some(p) = &cp.problem {
         // No kernel matches any more: the work goes. Other problems keep what was shipped.
         let delete = p.reason == "NoMatchingKernel";
-        return decision(view, None, Some(p.clone()), delete, None);
+        return decision(view, Some(p.clone()), delete, false);
     }
     let problem = (!pending.is_empty()).then(|| ClusterProblem {
         name: cp.cluster.clone(),
         reason: "ImagesPending".into(),
         message: format!("waiting for image(s): {}", pending.join(", ")),
     });
-    let rendered =
-        render_manifestwork_as(mcm, &cp.cluster, &ready, executor, pull).and_then(|mut w| {
-            // Day 1 (spec.day1) on OpenShift clusters: the MachineConfig follows the Module.
-            if cp.openshift {
-                crate::render::day1::add_day1(&mut w, mcm, &ready)?;
-            }
-            // Day 0 (spec.day0): the MachineConfig with the layered image, after the Module.
-            if let Some(mc) = &day0_mc {
-                crate::render::day0::add_day0(&mut w, mcm, mc)?;
-            }
-            Ok(w)
-        });
-    match rendered {
-        Ok(w) => decision(view, Some(w), problem, false, None),
-        Err(e) => {
-            let p = match (&e, problem) {
-                (RenderError::NoReadyMapping, Some(p)) => p,
-                _ => ClusterProblem {
-                    name: cp.cluster.clone(),
-                    reason: e.reason().into(),
-                    message: e.to_string(),
-                },
-            };
-            decision(view, None, Some(p), false, Some(e))
-        }
+    decision(view, problem, false, true)
+}
+
+/// The work [`decide_cluster`] ships to the cluster (same inputs, same work), or why none.
+pub fn render_cluster_work(
+    mcm: &ManagedClusterModule,
+    cp: &ClusterPlan,
+    outcomes: &BTreeMap<String, ImageOutcome>,
+    shipped: Shipped<'_>,
+    executor: Option<&ManifestWorkExecutor>,
+    pull: &PullSecretSource,
+) -> Result<ManifestWork, RenderError> {
+    let day0_mc = cp
+        .day0
+        .as_ref()
+        .and_then(|want| super::day0::choose(mcm, want, outcomes, shipped.day0).0);
+    let shipped = by_kernel(shipped.mappings);
+    let ready: Vec<ReadyMapping> = cp
+        .targets
+        .iter()
+        .filter_map(|t| chosen(t, outcomes.get(&t.image), &shipped))
+        .collect();
+    let mut w = render_manifestwork_as(mcm, &cp.cluster, &ready, executor, pull)?;
+    // Day 1 (spec.day1) on OpenShift clusters: the MachineConfig follows the Module.
+    if cp.openshift {
+        crate::render::day1::add_day1(&mut w, mcm, &ready)?;
     }
+    // Day 0 (spec.day0): the MachineConfig with the layered image, after the Module.
+    if let Some(mc) = &day0_mc {
+        crate::render::day0::add_day0(&mut w, mcm, mc)?;
+    }
+    Ok(w)
 }
 
 #[cfg(test)]

@@ -83,6 +83,9 @@ impl ClusterFacts {
     }
 }
 
+/// The cached works of one MCM, by cluster: the cache's own entries, shared.
+pub type Works = BTreeMap<String, std::sync::Arc<WorkEntry>>;
+
 /// What the hub keeps of one of its ManifestWorks.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -12,7 +12,7 @@ use shared_api::mcm::{
     ManagedClusterModuleStatus, STATUS_LIST_LIMIT, TAG_MOVED,
 };
 
-use super::facts::WorkEntry;
+use super::facts::{WorkEntry, Works};
 use super::image::ImageOutcome;
 use super::placement::{PLACEMENT_NOT_FOUND, PlacementHold};
 use super::plan::Plan;
@@ -21,11 +21,12 @@ use crate::render::day0::Day0Want;
 /// Counts from the cached works of the selected clusters (all works when `selected` is None).
 pub fn fill_counts(
     status: &mut ManagedClusterModuleStatus,
-    works: &BTreeMap<String, WorkEntry>,
+    works: &Works,
     selected: Option<&BTreeSet<&str>>,
 ) {
     let relevant: Vec<&WorkEntry> = works
         .values()
+        .map(|w| &**w)
         .filter(|w| !w.deleting && selected.is_none_or(|s| s.contains(w.cluster.as_str())))
         .collect();
     status.number_desired = relevant.len() as i32;
@@ -68,7 +69,7 @@ pub fn image_statuses(
 pub fn invalid_spec_status(
     mcm: &ManagedClusterModule,
     message: &str,
-    works: &BTreeMap<String, WorkEntry>,
+    works: &Works,
     now: Timestamp,
 ) -> ManagedClusterModuleStatus {
     let generation = mcm.metadata.generation;
@@ -97,7 +98,7 @@ pub fn invalid_spec_status(
 pub fn placement_hold_status(
     mcm: &ManagedClusterModule,
     hold: &PlacementHold,
-    works: &BTreeMap<String, WorkEntry>,
+    works: &Works,
     now: Timestamp,
 ) -> ManagedClusterModuleStatus {
     let generation = mcm.metadata.generation;
@@ -142,7 +143,7 @@ pub struct Findings<'a> {
     pub plan: &'a Plan,
     pub outcomes: &'a BTreeMap<String, ImageOutcome>,
     /// The cached works of the MCM after this reconcile's writes, by cluster.
-    pub works: &'a BTreeMap<String, WorkEntry>,
+    pub works: &'a Works,
     pub selected: &'a BTreeSet<&'a str>,
     pub problems: &'a [ClusterProblem],
     /// Why the pull secret could not be used, if so.

@@ -1,5 +1,7 @@
 //! Truth tables of the MCM status: feed what a reconcile found, assert on the status.
 
+use std::sync::Arc;
+
 use super::*;
 use crate::decide::plan::plan;
 use crate::decide::plan::tests::{SPEC, cluster, mcm};
@@ -36,7 +38,7 @@ struct World {
     mcm: ManagedClusterModule,
     plan: Plan,
     outcomes: BTreeMap<String, ImageOutcome>,
-    works: BTreeMap<String, WorkEntry>,
+    works: Works,
     problems: Vec<ClusterProblem>,
     pull_secret_error: Option<String>,
     write_errors: Vec<String>,
@@ -55,7 +57,10 @@ impl World {
             mcm,
             plan,
             outcomes: [(IMAGE.to_string(), image)].into(),
-            works: work.map(|w| (w.cluster.clone(), w)).into_iter().collect(),
+            works: work
+                .map(|w| (w.cluster.clone(), Arc::new(w)))
+                .into_iter()
+                .collect(),
             problems: vec![],
             pull_secret_error: None,
             write_errors: vec![],
@@ -99,8 +104,8 @@ fn conditions(d: &StatusDecision) -> (&str, &str, &str, String) {
 #[test]
 fn status_counts_from_work_conditions() {
     let works = BTreeMap::from([
-        ("c1".to_string(), entry("c1", true, false)),
-        ("c2".to_string(), entry("c2", false, true)),
+        ("c1".to_string(), Arc::new(entry("c1", true, false))),
+        ("c2".to_string(), Arc::new(entry("c2", false, true))),
     ]);
     let mut s = ManagedClusterModuleStatus::default();
     fill_counts(&mut s, &works, None);
@@ -280,7 +285,7 @@ fn tag_moved_is_reported_while_held_and_cleared_after() {
 #[test]
 fn an_invalid_spec_is_degraded_and_changes_nothing_else() {
     let m = mcm(SPEC);
-    let works = BTreeMap::from([("c1".to_string(), available("c1"))]);
+    let works = BTreeMap::from([("c1".to_string(), Arc::new(available("c1")))]);
     let s = invalid_spec_status(&m, "spec.x: bad", &works, now());
     let c = &s.conditions;
     assert_eq!(condition_status(c, DEGRADED), Some("True"));
@@ -308,7 +313,7 @@ fn day0_status_and_a_degraded_pool() {
         &[facts("c1", true), facts("c2", true), facts("k8s", false)],
     )
     .unwrap();
-    let work = w.works.get_mut("c1").unwrap();
+    let work = std::sync::Arc::make_mut(w.works.get_mut("c1").unwrap());
     work.day0 = Some(ShippedDay0 {
         name: "99-worker-kmm-day0-mod-example".into(),
         os_image_url: format!("reg/os@{D}"),
@@ -369,9 +374,7 @@ fn day0_status_and_a_degraded_pool() {
         "{ready:?}"
     );
 
-    w.works
-        .get_mut("c1")
-        .unwrap()
+    std::sync::Arc::make_mut(w.works.get_mut("c1").unwrap())
         .feedback
         .insert("day1.degradedMachineCount".into(), 1);
     let d = w.status();

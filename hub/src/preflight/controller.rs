@@ -260,7 +260,7 @@ async fn apply(fpv: &FleetPreflightValidation, ctx: &Context) -> Result<Action, 
         .state()
         .into_iter()
         .filter(|m| m.metadata.deletion_timestamp.is_none())
-        .filter(|m| in_scope(m, selector, &clusters))
+        .filter(|m| in_scope(m, selector, clusters.iter().map(|c| &**c)))
         .collect();
     mcms.sort_by_key(|m| m.name_any());
     let pairs: Vec<(Arc<ManagedClusterModule>, String)> = mcms

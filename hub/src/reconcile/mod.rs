@@ -34,7 +34,7 @@ pub use events::event;
 pub use writes::delete_work;
 
 use crate::cache::Caches;
-use crate::decide::cluster::{Shipped, decide_cluster};
+use crate::decide::cluster::{Shipped, decide_cluster, render_cluster_work, stage_cluster};
 use crate::decide::facts::{ClusterFacts, WorkEntry};
 use crate::decide::plan::plan;
 use crate::decide::rollout;
@@ -46,6 +46,7 @@ use crate::last_decisions::{McmView, Views};
 use crate::metrics::Metrics;
 use crate::pipeline::{Deps, ImageOutcome, ImagePipeline, McmInputs, Report, inputs};
 use crate::registry::Resolver;
+use crate::render::RenderError;
 use writes::{apply_works, delete_works, write_status};
 
 /// The controller label of the MCM reconciler in the shared controller metrics.
@@ -190,6 +191,7 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
     };
     let candidates = clusters
         .iter()
+        .map(|c| &**c)
         .filter(|c| placed.as_ref().is_none_or(|g| g.contains_key(&c.name)));
     let mut plan = match plan(mcm, candidates) {
         Ok(p) => p,
@@ -210,7 +212,7 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
     // MCM's pull secret), then one layered image per distinct (RHCOS image, kernel).
     if mcm.spec.day0.is_some() {
         let bases = day0_bases(ctx, mcm, &plan, &clusters, creds.as_ref()).await;
-        crate::decide::day0::plan_day0(mcm, &mut plan, &clusters, &bases);
+        crate::decide::day0::plan_day0(mcm, &mut plan, clusters.iter().map(|c| &**c), &bases);
     }
     let report = match &creds {
         Ok(creds) => {
@@ -231,28 +233,29 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
     events::publish(ctx, mcm, &report.events).await;
     let outcomes = report.outcomes;
 
-    // Decide cluster by cluster and keep only the works to write: an unchanged work is
-    // dropped at once and a changed one moved, so a fleet's worth of rendered works is never
-    // held (or copied) at the same time.
+    // Decide cluster by cluster without rendering; the works to write are queued as plan
+    // indexes and each is rendered only when its write starts (`apply_works` keeps
+    // `write_concurrency` in flight), so a fleet's worth of rendered works is never held.
     let existing = ctx.caches.works_of(&name);
     // The pull-secret copy (spokePrerequisites.pullSecret), read once for every cluster.
     let pull = inputs::pull_secret_source(mcm, &ctx.operator_namespace, secret);
     let selected: BTreeSet<&str> = plan.clusters.iter().map(|c| c.cluster.as_str()).collect();
+    let shipped_of = |cluster: &str| Shipped::of(existing.get(cluster).map(|e| &**e));
     let mut decisions = Vec::with_capacity(plan.clusters.len());
-    let mut writes: Vec<ManifestWork> = Vec::new();
+    let mut queue: Vec<Queued> = Vec::new();
     let executor = ctx.work_executor.as_ref();
     let settings = rollout::Settings::of(mcm);
     let mut rolled = None;
     match &settings {
         // `All`: every cluster gets its work at once (as always).
         None => {
-            for cp in &plan.clusters {
-                let _cluster = tracing::debug_span!("cluster", cluster = %cp.cluster).entered();
-                let work = existing.get(&cp.cluster);
-                let shipped = Shipped::of(work);
-                let mut decision = decide_cluster(mcm, cp, &outcomes, shipped, executor, &pull);
-                if let Some(w) = decision.desired.take() {
-                    queue_write(ctx, &mut writes, work, w, None);
+            for (index, cp) in plan.clusters.iter().enumerate() {
+                let decision = stage_cluster(mcm, cp, &outcomes, shipped_of(&cp.cluster));
+                if decision.renders {
+                    queue.push(Queued {
+                        index,
+                        rollout: None,
+                    });
                 }
                 decisions.push(decision);
             }
@@ -260,11 +263,10 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
         Some(settings) => {
             // First the revision of every cluster (its desired spec hash), keeping none of
             // the rendered works; then the rollout's decision; then the works it ships,
-            // rendered again one at a time.
+            // rendered again one at a time when written.
             let mut hashes: BTreeMap<String, String> = BTreeMap::new();
             for cp in &plan.clusters {
-                let work = existing.get(&cp.cluster);
-                let shipped = Shipped::of(work);
+                let shipped = shipped_of(&cp.cluster);
                 let mut decision = decide_cluster(mcm, cp, &outcomes, shipped, executor, &pull);
                 if let Some(h) = decision.desired.take().and_then(|w| {
                     w.annotations()
@@ -276,7 +278,7 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
                 decisions.push(decision);
             }
             let facts: BTreeMap<&str, &ClusterFacts> =
-                clusters.iter().map(|c| (c.name.as_str(), c)).collect();
+                clusters.iter().map(|c| (c.name.as_str(), &**c)).collect();
             // The Placement decision group of each cluster (`spec.placementRef`); none with
             // a label selector.
             let decision_groups: BTreeMap<&str, (i32, &str)> = plan
@@ -294,7 +296,7 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
                         .map_or(&no_labels, |f| &f.labels),
                     decision_group: decision_groups.get(cluster.as_str()).copied(),
                     desired_hash: hash,
-                    work: existing.get(cluster),
+                    work: existing.get(cluster).map(|e| &**e),
                 })
                 .collect();
             let previous = mcm.status.as_ref();
@@ -316,30 +318,51 @@ async fn apply(mcm: &ManagedClusterModule, ctx: &Context) -> Result<Action, Erro
                     now,
                 },
             );
-            for (cp, decision) in plan.clusters.iter().zip(decisions.iter_mut()) {
+            for (index, (cp, decision)) in
+                plan.clusters.iter().zip(decisions.iter_mut()).enumerate()
+            {
                 let Some(step) = d.steps.get(&cp.cluster) else {
                     continue;
                 };
                 decision.view.rollout = Some(step.state.as_str().to_string());
-                if !step.ship {
-                    continue;
-                }
-                let work = existing.get(&cp.cluster);
-                let shipped = Shipped::of(work);
-                let again = decide_cluster(mcm, cp, &outcomes, shipped, executor, &pull);
-                if let Some(w) = again.desired {
-                    queue_write(ctx, &mut writes, work, w, Some(&step.annotations));
+                if step.ship && decision.renders && decision.render_error.is_none() {
+                    queue.push(Queued {
+                        index,
+                        rollout: Some(step.annotations.clone()),
+                    });
                 }
             }
             ctx.metrics.rollout_moved.inc_by(d.moved as u64);
             rolled = Some(d);
         }
     }
-    let created = writes
-        .iter()
-        .filter(|w| !existing.contains_key(&w.namespace().unwrap_or_default()))
-        .count();
-    let write_errors = apply_works(ctx, writes).await;
+    // The writes: each queued work rendered as its turn comes, dropped when the cached one
+    // already carries it.
+    let mut refused: Vec<(usize, RenderError)> = Vec::new();
+    let mut created = 0usize;
+    let works = queue.into_iter().filter_map(|q| {
+        let cp = &plan.clusters[q.index];
+        let _cluster = tracing::debug_span!("cluster", cluster = %cp.cluster).entered();
+        let work = existing.get(&cp.cluster).map(|e| &**e);
+        let shipped = shipped_of(&cp.cluster);
+        match render_cluster_work(mcm, cp, &outcomes, shipped, executor, &pull) {
+            Ok(w) => {
+                let w = to_write(ctx, work, w, q.rollout.as_ref())?;
+                created += usize::from(work.is_none());
+                Some(w)
+            }
+            Err(e) => {
+                refused.push((q.index, e));
+                None
+            }
+        }
+    });
+    let write_errors = apply_works(ctx, works).await;
+    for (index, e) in refused {
+        if let Some(d) = decisions.get_mut(index) {
+            d.refused(e);
+        }
+    }
 
     // Garbage: works of clusters no longer selected, or where nothing matches any more.
     let mut deletions: Vec<String> = existing
@@ -449,11 +472,12 @@ async fn day0_bases(
     ctx: &Context,
     mcm: &ManagedClusterModule,
     plan: &crate::decide::plan::Plan,
-    clusters: &[ClusterFacts],
+    clusters: &[std::sync::Arc<ClusterFacts>],
     creds: Result<&crate::registry::DockerConfig, &inputs::InputError>,
 ) -> BTreeMap<String, crate::decide::day0::BaseLookup> {
     use crate::decide::day0::BaseImage;
-    let images = crate::decide::day0::os_images_to_look_up(mcm, plan, clusters);
+    let images =
+        crate::decide::day0::os_images_to_look_up(mcm, plan, clusters.iter().map(|c| &**c));
     let creds = match creds {
         Ok(c) => c,
         Err(e) => {
@@ -478,22 +502,28 @@ async fn day0_bases(
         .await
 }
 
-/// Queue a rendered work unless the cached one already carries it (same spec hash and, in
-/// a progressive rollout, the same rollout annotations) or is being deleted.
-fn queue_write(
+/// A work queued for writing: its cluster's index in the plan and, in a progressive
+/// rollout, the annotations of its step. Rendered only when its write starts.
+struct Queued {
+    index: usize,
+    rollout: Option<BTreeMap<String, String>>,
+}
+
+/// The rendered work to write, unless the cached one already carries it (same spec hash and,
+/// in a progressive rollout, the same rollout annotations) or is being deleted.
+fn to_write(
     ctx: &Context,
-    writes: &mut Vec<ManifestWork>,
     existing: Option<&WorkEntry>,
     mut w: ManifestWork,
     rollout_annotations: Option<&BTreeMap<String, String>>,
-) {
+) -> Option<ManifestWork> {
     if let Some(a) = rollout_annotations {
         w.annotations_mut()
             .extend(a.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     match existing {
         // Being deleted: writing to it is pointless; its removal triggers a new reconcile.
-        Some(e) if e.deleting => {}
+        Some(e) if e.deleting => None,
         Some(e)
             if e.spec_hash.as_deref()
                 == w.annotations()
@@ -502,8 +532,9 @@ fn queue_write(
                 && rollout_annotations.is_none_or(|a| *a == e.rollout) =>
         {
             ctx.metrics.writes_skipped.inc();
+            None
         }
-        _ => writes.push(w),
+        _ => Some(w),
     }
 }
 

@@ -30,7 +30,7 @@ use shared_api::ManagedClusterModule;
 use shared_api::ocm::{ManifestWork, WORK_FINALIZER};
 
 use super::{Context, Error, WorkWriteError, event};
-use crate::cache::WorkEntry;
+use crate::cache::{WorkEntry, Works};
 pub use crate::decide::release::{Step, recorded, step};
 
 /// On a ManagedClusterModule being deleted, `"true"` releases all its works at once, whatever
@@ -93,7 +93,7 @@ fn cluster_available(ctx: &Context, cluster: &str) -> bool {
 pub fn deletable_now(
     ctx: &Context,
     mcm: &str,
-    existing: &BTreeMap<String, WorkEntry>,
+    existing: &Works,
     wanted: Vec<String>,
 ) -> Vec<String> {
     let r = &ctx.release;
@@ -123,7 +123,7 @@ pub fn deletable_now(
 pub async fn cleanup_works(
     ctx: &Context,
     mcm: &ManagedClusterModule,
-    works: &BTreeMap<String, WorkEntry>,
+    works: &Works,
 ) -> Result<(), Error> {
     let name = mcm.name_any();
     // Deleting the MCM counts from its deletion timestamp: no clocks of its own any more.

@@ -15,10 +15,16 @@ use super::Context;
 use super::error::{Error, WorkWriteError};
 use crate::metrics::KindLabel;
 
-/// Apply the works; returns the writes that failed.
-pub async fn apply_works(ctx: &Context, works: Vec<ManifestWork>) -> Vec<WorkWriteError> {
+/// Apply the works, `write_concurrency` at a time; returns the writes that failed. `works` is
+/// pulled only as writes start, so a lazy iterator that renders each work keeps no more
+/// rendered works than writes in flight.
+pub async fn apply_works<I>(ctx: &Context, works: I) -> Vec<WorkWriteError>
+where
+    I: IntoIterator<Item = ManifestWork>,
+    I::IntoIter: Send,
+{
     let pp = PatchParams::apply(HUB_MANIFESTWORK_MANAGER).force();
-    let results: Vec<Result<(), WorkWriteError>> = futures::stream::iter(works)
+    futures::stream::iter(works)
         .map(|w| {
             let pp = pp.clone();
             let cluster = w.namespace().unwrap_or_default();
@@ -47,9 +53,9 @@ pub async fn apply_works(ctx: &Context, works: Vec<ManifestWork>) -> Vec<WorkWri
             .instrument(span)
         })
         .buffer_unordered(ctx.write_concurrency.max(1))
+        .filter_map(|r| std::future::ready(r.err()))
         .collect()
-        .await;
-    results.into_iter().filter_map(Result::err).collect()
+        .await
 }
 
 /// Delete the works of `name` on these clusters; returns the deletions that failed.

@@ -122,13 +122,13 @@ fn fixture() -> Fixture {
         ] {
             clusters.insert(
                 name.into(),
-                ClusterFacts {
+                Arc::new(ClusterFacts {
                     name: name.into(),
                     labels: labels(&[("name", name), ("env", env)]),
                     kernels: kernels.map(|ks| ks.into_iter().map(String::from).collect()),
                     available: true,
                     ..Default::default()
-                },
+                }),
             );
         }
     }
@@ -142,7 +142,7 @@ fn fixture() -> Fixture {
                 ..work("kmm-ci-a", "spoke-gone", false, (1, 1, 0))
             },
         ] {
-            works.insert((w.cluster.clone(), w.mcm.clone()), w);
+            works.insert((w.cluster.clone(), w.mcm.clone()), Arc::new(w));
         }
     }
     for (i, reason) in [
