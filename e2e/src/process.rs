@@ -289,3 +289,32 @@ pub fn stop_by_pid_file(
     );
     Ok(())
 }
+
+/// `cargo` (the one running this process when there is one) without the build environment of
+/// the test or build script this process may be. Under `cargo test`/nextest a process carries
+/// its crate's `CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …; build scripts track some of it (ring's
+/// tracks `CARGO_MANIFEST_DIR`), so passing it on would rebuild half the dependency tree in
+/// the child and again at the next build from a shell.
+pub fn cargo_command() -> tokio::process::Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = tokio::process::Command::new(cargo);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_")
+            || k.starts_with("CARGO_CRATE_")
+            || k.starts_with("NEXTEST")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&k.as_ref())
+        {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    cmd
+}

@@ -19,26 +19,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// With glibc, give freed memory back and keep one heap: a fan-out's transient allocations
-/// (list pages, request and response bodies, decisions) are otherwise kept mapped after the
-/// peak, and spread over per-thread arenas they raise the peak itself. The spoke agent sets
-/// the same (spoke/src/main.rs). musl's allocator needs nothing.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn frugal_malloc() {
-    // SAFETY: mallopt only sets allocator parameters; it is called once, before any other
-    // thread exists, with constants glibc documents for it.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 * 1024);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
-        libc::mallopt(libc::M_TOP_PAD, 0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn frugal_malloc() {}
-
 /// The runtime `kmm-hub run` uses: two async workers (blocking work has its own threads).
 fn hub_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -75,7 +55,7 @@ fn run(cli: Cli, run_matches: Option<&clap::ArgMatches>) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(mut args) => {
-            frugal_malloc();
+            kmm_runtime::alloc::frugal_malloc();
             kmm_runtime::telemetry::init_tracing(args.common.log_format, &args.common.log_filter)?;
             // Precedence: a flag (or its variable) > upstream's config file > the default.
             if let Some((path, report)) =

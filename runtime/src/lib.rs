@@ -1,5 +1,6 @@
 //! kmm-runtime: the small controller runtime shared by `kmm-hub` and `kmm-spoke`.
 //!
+//! - [`alloc`]: the allocator settings both binaries start with.
 //! - [`runtime`]: the [`Runtime`] builder both binaries start with: admin server, readiness
 //!   gates, lease, shutdown and TLS servers.
 //! - [`admin`]: the admin HTTP server (`/livez`, `/readyz`, `/metrics`) and the readiness gates
@@ -21,6 +22,7 @@
 //! cancellation token) as arguments: no globals.
 
 pub mod admin;
+pub mod alloc;
 pub mod backoff;
 pub mod cli;
 pub mod error;

@@ -13,25 +13,6 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use prometheus_client::registry::Registry;
 
-/// The agent runs on every node: with glibc, give freed memory back instead of keeping a
-/// padded heap top and per-thread arenas (22.4 MiB idle with glibc's defaults against
-/// about 20 MiB with these; see docs/benchmarks.md). musl's allocator needs nothing.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn frugal_malloc() {
-    // SAFETY: mallopt only sets allocator parameters; it is called once, before any other
-    // thread exists, with constants glibc documents for it.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 * 1024);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
-        libc::mallopt(libc::M_TOP_PAD, 0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn frugal_malloc() {}
-
 fn main() -> ExitCode {
     let matches = Cli::command()
         .get_matches_from(kmm_runtime::gather::argv("kmm-spoke", std::env::args_os()));
@@ -59,7 +40,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
-            frugal_malloc();
+            kmm_runtime::alloc::frugal_malloc();
             // A single-threaded runtime: the agent is I/O-bound and should stay small.
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -54,32 +54,9 @@ pub async fn locate_binaries(
             None => bail!("cannot tell the cargo profile of {}", exe.display()),
         };
         let target_dir = profile_dir.parent().context("no target directory")?;
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = tokio::process::Command::new(cargo);
-        // Under `cargo test`/nextest this process carries the test crate's build environment
-        // (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …). Build scripts track some of it (ring's
-        // tracks `CARGO_MANIFEST_DIR`), so passing it on would rebuild half the dependency
-        // tree here and again at the next build from a shell.
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy();
-            if k.starts_with("CARGO_PKG_")
-                || k.starts_with("CARGO_BIN_")
-                || k.starts_with("CARGO_CRATE_")
-                || k.starts_with("NEXTEST")
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "OUT_DIR",
-                ]
-                .contains(&k.as_ref())
-            {
-                cmd.env_remove(k.as_ref());
-            }
-        }
+        let mut cmd = crate::process::cargo_command();
         let status = cmd
             .args([
                 "build",

@@ -61,26 +61,7 @@ async fn binary(package: &str, env_var: &str) -> anyhow::Result<PathBuf> {
     if std::env::var_os("KMM_E2E_BINARIES_BUILT").is_some() && bin.is_file() {
         return Ok(bin);
     }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = tokio::process::Command::new(cargo);
-    // The test's own build environment would make build scripts rerun (see
-    // kmm_e2e::sandbox::agents).
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if k.starts_with("CARGO_PKG_")
-            || k.starts_with("CARGO_BIN_")
-            || k.starts_with("CARGO_CRATE_")
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_PRIMARY_PACKAGE",
-                "OUT_DIR",
-            ]
-            .contains(&k.as_ref())
-        {
-            cmd.env_remove(k.as_ref());
-        }
-    }
+    let mut cmd = kmm_e2e::process::cargo_command();
     let status = cmd
         .args([
             "build",
