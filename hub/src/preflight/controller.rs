@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt as _, StreamExt};
 use k8s_openapi::jiff::Timestamp;
 use kmm_runtime::backoff::KeyedBackoff;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
-use kube::{Resource, ResourceExt};
 use shared_api::ManagedClusterModule;
 use shared_api::mcm::ImageState;
 use shared_api::preflight::{
@@ -26,7 +26,6 @@ use tracing::Instrument;
 
 use super::check::{Gathered, Sources, gather};
 use super::metrics::PreflightMetrics;
-use crate::cache::RecentEvent;
 use crate::decide::preflight::{
     Target, Verdict, in_scope, plan_of, status, target, verdict, verdict_without_image,
 };
@@ -471,30 +470,7 @@ async fn event(
     reason: &str,
     note: &str,
 ) {
-    ctx.hub.caches.record_event(RecentEvent {
-        time: Timestamp::now().to_string(),
-        kind: "FleetPreflightValidation".into(),
-        name: fpv.name_any(),
-        type_: if type_ == EventType::Warning {
-            "Warning".into()
-        } else {
-            "Normal".into()
-        },
-        reason: reason.into(),
-        message: note.into(),
-    });
-    let ev = KubeEvent {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Preflight".into(),
-        secondary: None,
-    };
-    let mut reference = fpv.object_ref(&());
-    reference.namespace = Some("default".into());
-    if let Err(e) = ctx.hub.recorder.publish(&ev, &reference).await {
-        tracing::warn!(error = %e, reason, "event not published");
-    }
+    crate::reconcile::events::event_on(&ctx.hub, fpv, type_, reason, "Preflight", note).await;
 }
 
 /// The names and generations of the MCMs: a spec change (not a status write) re-runs every

@@ -44,10 +44,25 @@ pub async fn event_as(
     action: &str,
     note: &str,
 ) {
+    event_on(ctx, mcm, type_, reason, action, note).await;
+}
+
+/// Publish an event on a cluster-scoped object of ours (an MCM, a preflight) and keep it for
+/// the dashboard.
+pub async fn event_on<K>(
+    ctx: &Context,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) where
+    K: Resource<DynamicType = ()>,
+{
     ctx.caches.record_event(RecentEvent {
         time: Timestamp::now().to_string(),
-        kind: "ManagedClusterModule".into(),
-        name: mcm.name_any(),
+        kind: K::kind(&()).into_owned(),
+        name: obj.name_any(),
         type_: if type_ == EventType::Warning {
             "Warning".into()
         } else {
@@ -65,7 +80,7 @@ pub async fn event_as(
     };
     // Events of cluster-scoped objects live in `default`; 1.20 servers also require the
     // reference to name that namespace.
-    let mut reference = mcm.object_ref(&());
+    let mut reference = obj.object_ref(&());
     reference.namespace = Some("default".into());
     if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
         tracing::warn!(error = %e, reason, "event not published");
