@@ -429,20 +429,19 @@ async fn check(
     }
 }
 
-/// Write the status (the whole of it: a merge patch would keep fields left out).
+/// Write the status: the diff against the status read, members left out sent as null (a
+/// merge patch would keep them), as the MCM reconciler writes its status.
 async fn write_status(
     ctx: &Context,
     fpv: &FleetPreflightValidation,
     s: &FleetPreflightValidationStatus,
 ) -> Result<(), Error> {
-    let mut v = serde_json::to_value(s).map_err(Error::Encode)?;
-    if let Some(o) = v.as_object_mut() {
-        o.entry("results").or_insert_with(|| serde_json::json!([]));
-        o.entry("conditions")
-            .or_insert_with(|| serde_json::json!([]));
-        o.entry("resultsOmitted")
-            .or_insert_with(|| serde_json::json!(0));
-    }
+    let new = serde_json::to_value(s).map_err(Error::Encode)?;
+    let old = match &fpv.status {
+        Some(old) => serde_json::to_value(old).map_err(Error::Encode)?,
+        None => serde_json::Value::Null,
+    };
+    let v = crate::reconcile::writes::merge_patch(&old, &new);
     Api::<FleetPreflightValidation>::all(ctx.hub.client.clone())
         .patch_status(
             &fpv.name_any(),
