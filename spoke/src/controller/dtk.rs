@@ -9,13 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
 use kmm_runtime::queue::WorkQueue;
 use kmm_runtime::shutdown::CancellationToken;
 use kube::Client;
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
 use shared_api::dtk::{
     DTK_IMAGESTREAM_NAME, DTK_IMAGESTREAM_NAMESPACE, IMAGE_API_GROUP_VERSION, ImageStream,
     imagestream_tags,
@@ -63,57 +60,18 @@ pub async fn watch(
         name = DTK_IMAGESTREAM_NAME,
         "ImageStream API served: watching the Driver Toolkit ImageStream"
     );
-    let api: Api<ImageStream> = Api::namespaced(client, DTK_IMAGESTREAM_NAMESPACE);
-    let cfg = watcher::Config::default().fields(&format!("metadata.name={DTK_IMAGESTREAM_NAME}"));
-    let start = || {
-        watcher::watcher(api.clone(), cfg.clone())
-            .default_backoff()
-            .boxed()
-    };
-    let mut stream = start();
     // Listed afresh once per `recheck` as well: one small object, and a watch that went
     // quiet (seen on a just-established CRD of a kube-apiserver) cannot hide a new release's
     // tag for longer than that.
-    let mut relist = tokio::time::interval_at(tokio::time::Instant::now() + recheck, recheck);
-    let mut listed: Option<BTreeMap<String, String>> = None;
-    let set = |value: Option<BTreeMap<String, String>>| {
-        let changed = tags
-            .write()
-            .map(|mut t| {
-                let changed = *t != value;
-                *t = value;
-                changed
-            })
-            .unwrap_or(false);
-        if changed {
-            facts.add(());
-        }
-    };
-    loop {
-        let ev = tokio::select! {
-            _ = token.cancelled() => return,
-            _ = relist.tick() => {
-                stream = start();
-                continue;
-            }
-            ev = stream.try_next() => ev,
-        };
-        match ev {
-            Ok(Some(Event::Init)) => listed = None,
-            Ok(Some(Event::InitApply(is))) => listed = Some(imagestream_tags(&is.spec)),
-            Ok(Some(Event::InitDone)) => set(listed.take()),
-            Ok(Some(Event::Apply(is))) => {
-                let t = imagestream_tags(&is.spec);
-                tracing::info!(tags = t.len(), "Driver Toolkit ImageStream changed");
-                set(Some(t));
-            }
-            Ok(Some(Event::Delete(_))) => {
-                tracing::info!("Driver Toolkit ImageStream deleted");
-                set(None);
-            }
-            Ok(None) => return,
-            // The watcher backs off by itself (capped); say it once per failure.
-            Err(e) => tracing::warn!(error = %e, "Driver Toolkit ImageStream watch error"),
-        }
-    }
+    super::named::follow(
+        Api::<ImageStream>::namespaced(client, DTK_IMAGESTREAM_NAMESPACE),
+        DTK_IMAGESTREAM_NAME,
+        "Driver Toolkit ImageStream",
+        |is: &ImageStream| Some(imagestream_tags(&is.spec)),
+        &tags,
+        &facts,
+        Some(recheck),
+        token,
+    )
+    .await;
 }

@@ -7,6 +7,7 @@ pub mod events;
 pub mod facts;
 pub mod labels;
 pub mod module;
+mod named;
 pub mod namespace_label;
 pub mod orphans;
 pub mod os_image;

@@ -8,14 +8,11 @@
 
 use std::sync::{Arc, RwLock};
 
-use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kmm_runtime::queue::WorkQueue;
 use kmm_runtime::shutdown::CancellationToken;
 use kube::Client;
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
 use shared_api::day0::{BASE_OS_IMAGE_KEY, MCO_NAMESPACE, OS_IMAGE_URL_CONFIGMAP};
 
 /// The RHCOS image; `None` while the ConfigMap (or its key) does not exist.
@@ -38,47 +35,19 @@ pub async fn watch(
     facts: Arc<WorkQueue<()>>,
     token: CancellationToken,
 ) {
-    let api: Api<ConfigMap> = Api::namespaced(client, MCO_NAMESPACE);
-    let cfg = watcher::Config::default().fields(&format!("metadata.name={OS_IMAGE_URL_CONFIGMAP}"));
-    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
     // No periodic relist (unlike the ImageStream CRD's watch): a ConfigMap watch of the core
     // API is dependable, and an idle agent polls nothing.
-    let mut listed: Option<String> = None;
-    let set = |value: Option<String>| {
-        let changed = image
-            .write()
-            .map(|mut t| {
-                let changed = *t != value;
-                *t = value;
-                changed
-            })
-            .unwrap_or(false);
-        if changed {
-            facts.add(());
-        }
-    };
-    loop {
-        let ev = tokio::select! {
-            _ = token.cancelled() => return,
-            ev = stream.try_next() => ev,
-        };
-        match ev {
-            Ok(Some(Event::Init)) => listed = None,
-            Ok(Some(Event::InitApply(cm))) => listed = base_os_image(&cm),
-            Ok(Some(Event::InitDone)) => set(listed.take()),
-            Ok(Some(Event::Apply(cm))) => {
-                let v = base_os_image(&cm);
-                tracing::info!(image = ?v, "RHCOS image ConfigMap changed");
-                set(v);
-            }
-            Ok(Some(Event::Delete(_))) => {
-                tracing::info!("RHCOS image ConfigMap deleted");
-                set(None);
-            }
-            Ok(None) => return,
-            Err(e) => tracing::warn!(error = %e, "RHCOS image ConfigMap watch error"),
-        }
-    }
+    super::named::follow(
+        Api::<ConfigMap>::namespaced(client, MCO_NAMESPACE),
+        OS_IMAGE_URL_CONFIGMAP,
+        "RHCOS image ConfigMap",
+        base_os_image,
+        &image,
+        &facts,
+        None,
+        token,
+    )
+    .await;
 }
 
 #[cfg(test)]
