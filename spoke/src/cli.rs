@@ -119,6 +119,10 @@ pub struct RunArgs {
     /// Concurrent Module reconciles.
     #[arg(long, env = "KMM_SPOKE_WORKERS", default_value_t = 2)]
     pub workers: usize,
+    /// How long a node's label writes (every Module's and the kernel label) are gathered
+    /// before the one write that carries them all (e.g. 500ms, 1s).
+    #[arg(long, env = "KMM_SPOKE_NODE_WRITE_DELAY", default_value = "500ms", value_parser = kmm_runtime::cli::parse_duration)]
+    pub node_write_delay: std::time::Duration,
     /// Address of the admission webhook (TLS): Module validation and the namespace guard;
     /// off when not set.
     #[arg(long, env = "KMM_SPOKE_WEBHOOK_ADDRESS", requires_all = ["webhook_cert", "webhook_key"])]

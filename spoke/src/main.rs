@@ -149,6 +149,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         cluster_claims: args.cluster_claims,
         identity: identity.clone(),
         workers: args.workers,
+        node_write_delay: args.node_write_delay,
     };
     let lease = args.common.leader_elect.then(|| {
         LeaseConfig::new(

@@ -475,10 +475,15 @@ pub(crate) async fn events_and_labels(sb: &Sandbox) -> anyhow::Result<()> {
                         e.reason.as_deref() == Some(kmm_spoke::controller::events::MODULE_LOADED)
                             && e.regarding.as_ref().and_then(|r| r.name.as_deref())
                                 == Some(name.as_str())
-                            && e.note
-                                .as_deref()
-                                .unwrap_or_default()
-                                .contains(&format!("Module {ns}/{} ", m.name_any()))
+                            // One event names every Module that loaded in the same node
+                            // write: `module=<ns>/<a>,<ns>/<b>`.
+                            && e.metadata
+                                .annotations
+                                .as_ref()
+                                .and_then(|a| a.get("module"))
+                                .is_some_and(|v| {
+                                    v.split(',').any(|k| k == format!("{ns}/{}", m.name_any()))
+                                })
                     });
                     if !announced {
                         problems.push(format!(

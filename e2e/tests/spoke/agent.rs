@@ -427,12 +427,20 @@ async fn plugin_stops_before_the_unload_and_a_failed_unload_keeps_the_node_label
                 degraded.contains("worker-0") && degraded.contains("is in use"),
                 "{degraded}"
             );
-            let l = labels().await?;
+            // Node labels follow within the node writer's window.
+            let l = eventually("the plugin label gone", async || {
+                let l = labels().await?;
+                Ok(if l.contains_key(&dp_ready) {
+                    Err(format!("{l:?}"))
+                } else {
+                    Ok(l)
+                })
+            })
+            .await?;
             assert!(
                 l.contains_key(&ready),
                 "the kernel still has the module: {l:?}"
             );
-            assert!(!l.contains_key(&dp_ready), "the plugin went first: {l:?}");
             assert_eq!(loaded(fleet, "worker-0"), ["kmm_ci_a"]);
             let warn = eventually("ModuleUnloadFailed event", async || {
                 let ev = node_events(&client, "ModuleUnloadFailed").await?;

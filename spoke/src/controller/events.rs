@@ -29,60 +29,101 @@ pub const MODULE_UNLOAD_FAILED: &str = "ModuleUnloadFailed";
 /// API server rejects them elsewhere ("involvedObject.namespace does not match event.namespace").
 pub const EVENT_NAMESPACE: &str = "default";
 
+/// A Module an event is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: Option<String>,
+}
+
+impl ModuleRef {
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One event on a node: the same transition of one Module or of several at once (the node
+/// writer sets every Module's labels on a node in one write, so a reboot unloads and loads
+/// them together).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeEvent {
     pub node: String,
     pub node_uid: Option<String>,
     pub reason: &'static str,
-    pub module_namespace: String,
-    pub module_name: String,
-    pub module_uid: Option<String>,
+    /// At least one, sorted.
+    pub modules: Vec<ModuleRef>,
     /// What went wrong (for [`MODULE_UNLOAD_FAILED`]).
     pub detail: String,
 }
 
 impl NodeEvent {
+    /// `ns/name` of each Module, comma-separated: the `module` annotation (upstream's, for
+    /// one Module) and the log field.
+    pub fn module_keys(&self) -> String {
+        self.modules
+            .iter()
+            .map(ModuleRef::key)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub fn message(&self) -> String {
-        let (ns, name) = (&self.module_namespace, &self.module_name);
+        let keys: Vec<String> = self.modules.iter().map(ModuleRef::key).collect();
+        let (what, them) = match keys.as_slice() {
+            [one] => ("Module", one.clone()),
+            many => ("Modules", many.join(", ")),
+        };
         if self.reason == MODULE_LOADED {
-            format!("Module {ns}/{name} loaded into the kernel")
+            format!("{what} {them} loaded into the kernel")
         } else if self.reason == MODULE_UNLOAD_FAILED {
             format!(
-                "Module {ns}/{name} could not be unloaded; it stays in the kernel: {}",
+                "{what} {them} could not be unloaded; it stays in the kernel: {}",
                 self.detail
             )
         } else {
-            format!("Module {ns}/{name} unloaded from the kernel")
+            format!("{what} {them} unloaded from the kernel")
         }
     }
 }
 
-/// Ready-label transitions between two states of a node, for the Modules known now.
+/// Ready-label transitions between two states of a node, for the Modules known now: one
+/// event per reason, naming every Module that made that transition.
 pub fn ready_transitions(old: &Node, new: &Node, modules: &Store<Module>) -> Vec<NodeEvent> {
     let empty = BTreeMap::new();
     let old_labels = old.metadata.labels.as_ref().unwrap_or(&empty);
     let new_labels = new.metadata.labels.as_ref().unwrap_or(&empty);
-    let mut out = Vec::new();
+    let mut loaded = Vec::new();
+    let mut unloaded = Vec::new();
     for module in modules.state() {
         let ns = module.namespace().unwrap_or_default();
         let name = module.name_any();
         let key = module_ready_label(&ns, &name);
-        let reason = match (old_labels.contains_key(&key), new_labels.contains_key(&key)) {
-            (false, true) => MODULE_LOADED,
-            (true, false) => MODULE_UNLOADED,
+        let to = match (old_labels.contains_key(&key), new_labels.contains_key(&key)) {
+            (false, true) => &mut loaded,
+            (true, false) => &mut unloaded,
             _ => continue,
         };
-        out.push(NodeEvent {
-            node: new.name_any(),
-            node_uid: new.uid(),
-            reason,
-            module_namespace: ns,
-            module_name: name,
-            module_uid: module.uid(),
-            detail: String::new(),
+        to.push(ModuleRef {
+            namespace: ns,
+            name,
+            uid: module.uid(),
         });
     }
-    out
+    [(MODULE_UNLOADED, unloaded), (MODULE_LOADED, loaded)]
+        .into_iter()
+        .filter(|(_, m)| !m.is_empty())
+        .map(|(reason, mut modules)| {
+            modules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            NodeEvent {
+                node: new.name_any(),
+                node_uid: new.uid(),
+                reason,
+                modules,
+                detail: String::new(),
+            }
+        })
+        .collect()
 }
 
 /// Where informers send events; a background task writes them (only while leading).
@@ -116,7 +157,7 @@ pub fn spawn_writer(
             let span = tracing::info_span!(
                 "node_event",
                 node = %ev.node,
-                module = %format!("{}/{}", ev.module_namespace, ev.module_name),
+                module = %ev.module_keys(),
             );
             match api
                 .create(&PostParams::default(), &event)
@@ -126,7 +167,7 @@ pub fn spawn_writer(
                 Ok(_) => {
                     metrics.write("event");
                     metrics.event(ev.reason);
-                    tracing::info!(node = %ev.node, module = %format!("{}/{}", ev.module_namespace, ev.module_name), reason = ev.reason, "node event");
+                    tracing::info!(node = %ev.node, module = %ev.module_keys(), reason = ev.reason, "node event");
                 }
                 Err(e) => {
                     tracing::warn!(node = %ev.node, reason = ev.reason, error = %e, "cannot record node event")
@@ -145,7 +186,7 @@ pub fn render_event(ev: &NodeEvent, identity: &str, now: Timestamp) -> Event {
             namespace: Some(EVENT_NAMESPACE.into()),
             annotations: Some(BTreeMap::from([(
                 MODULE_ANNOTATION.to_string(),
-                format!("{}/{}", ev.module_namespace, ev.module_name),
+                ev.module_keys(),
             )])),
             ..Default::default()
         },
@@ -171,14 +212,18 @@ pub fn render_event(ev: &NodeEvent, identity: &str, now: Timestamp) -> Event {
             uid: ev.node_uid.clone(),
             ..Default::default()
         }),
-        related: Some(ObjectReference {
-            api_version: Some(Module::api_version(&()).into_owned()),
-            kind: Some(Module::kind(&()).into_owned()),
-            namespace: Some(ev.module_namespace.clone()),
-            name: Some(ev.module_name.clone()),
-            uid: ev.module_uid.clone(),
-            ..Default::default()
-        }),
+        // One related object: the Module, when the event is about one.
+        related: match ev.modules.as_slice() {
+            [m] => Some(ObjectReference {
+                api_version: Some(Module::api_version(&()).into_owned()),
+                kind: Some(Module::kind(&()).into_owned()),
+                namespace: Some(m.namespace.clone()),
+                name: Some(m.name.clone()),
+                uid: m.uid.clone(),
+                ..Default::default()
+            }),
+            _ => None,
+        },
         ..Default::default()
     }
 }
@@ -193,9 +238,11 @@ mod tests {
             node: "n1".into(),
             node_uid: Some("u1".into()),
             reason,
-            module_namespace: "ns".into(),
-            module_name: "m".into(),
-            module_uid: None,
+            modules: vec![ModuleRef {
+                namespace: "ns".into(),
+                name: "m".into(),
+                uid: None,
+            }],
             detail: String::new(),
         }
     }
@@ -231,5 +278,30 @@ mod tests {
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(failed.type_.as_deref(), Some("Warning"));
+    }
+
+    /// Several Modules that load together (one node write) make one event naming them all.
+    #[test]
+    fn modules_that_change_together_share_one_event() {
+        let mut ev = node_event(MODULE_LOADED);
+        ev.modules.push(ModuleRef {
+            namespace: "ns".into(),
+            name: "n".into(),
+            uid: None,
+        });
+        let e = render_event(&ev, "me", Timestamp::UNIX_EPOCH);
+        assert_eq!(
+            e.note.as_deref(),
+            Some("Modules ns/m, ns/n loaded into the kernel")
+        );
+        assert_eq!(
+            e.metadata
+                .annotations
+                .unwrap()
+                .get("module")
+                .map(String::as_str),
+            Some("ns/m,ns/n")
+        );
+        assert!(e.related.is_none());
     }
 }

@@ -13,9 +13,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use shared_api::ClusterClaim;
 use shared_api::day0::OS_IMAGE_CLAIM;
-use shared_api::labels::{
-    KERNEL_LABEL, SPOKE_CLAIM_MANAGER, SPOKE_NODE_MANAGER, kernel_label_value,
-};
+use shared_api::labels::{KERNEL_LABEL, SPOKE_CLAIM_MANAGER, kernel_label_value};
 use shared_api::ocm::{DTK_IMAGES_CLAIM, claim_part_index, claim_part_of, split_dtk_claims};
 
 use super::Context;
@@ -36,7 +34,9 @@ pub async fn reconcile(ctx: &Context) -> Result<Action, ReconcileError> {
         };
         let want = kernel_label_value(kernel);
         if node.labels().get(KERNEL_LABEL) != Some(&want) {
-            label_kernel(node, &want, ctx).await?;
+            // Written with the node's Module labels, by the node writer.
+            ctx.node_writes.kernel(&node.name_any(), &want);
+            tracing::debug!(node = %node.name_any(), kernel = %want, "node kernel label wanted");
         }
     }
     ctx.metrics
@@ -174,29 +174,5 @@ async fn delete_claims(names: &[String], ctx: &Context, what: &str) -> Result<()
         ctx.metrics.write("cluster-claim");
         tracing::info!(claim = %name, "{what}");
     }
-    Ok(())
-}
-
-#[tracing::instrument(skip_all, fields(node = %node.name_any(), kernel = value))]
-async fn label_kernel(node: &Node, value: &str, ctx: &Context) -> Result<(), ReconcileError> {
-    let name = node.name_any();
-    let mut meta = json!({ "name": name, "labels": { KERNEL_LABEL: value } });
-    if let Some(uid) = node.uid() {
-        meta["uid"] = json!(uid);
-    }
-    let body = json!({ "apiVersion": "v1", "kind": "Node", "metadata": meta });
-    let api: Api<Node> = Api::all(ctx.client.clone());
-    api.patch(
-        &name,
-        &PatchParams::apply(SPOKE_NODE_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(|source| ReconcileError::NodeLabels {
-        node: name.clone(),
-        source,
-    })?;
-    ctx.metrics.write("kernel-label");
-    tracing::info!(node = %name, kernel = value, "node kernel labelled");
     Ok(())
 }

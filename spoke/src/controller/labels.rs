@@ -1,7 +1,7 @@
 //! The labels one Module wants on each node, and the label writes that follow: pure, from the
 //! cached nodes and the Module's pods.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -86,15 +86,12 @@ pub fn boot_fence(boot_id: Option<&str>, recorded: Option<&str>, runs: &[String]
     }
 }
 
-/// [`boot_fence`] for the Module on `node`.
-fn fence_on(scope: &LabelScope<'_>, node: &Node) -> BootFence {
-    let node_name = node.name_any();
-    let runs: Vec<String> = scope
-        .pods
+/// [`boot_fence`] for the Module on `node`, whose pods of the Module are `on_node`.
+fn fence_on(scope: &LabelScope<'_>, node: &Node, on_node: &[&Pod]) -> BootFence {
+    let runs: Vec<String> = on_node
         .iter()
-        .map(Arc::as_ref)
-        .filter(|p| pod_node(p) == Some(node_name.as_str()) && loader_holds_module(p))
-        .map(loader_run)
+        .filter(|p| loader_holds_module(p))
+        .map(|p| loader_run(p))
         .collect();
     let key = ready_boot_annotation(scope.namespace, scope.name);
     boot_fence(
@@ -105,12 +102,16 @@ fn fence_on(scope: &LabelScope<'_>, node: &Node) -> BootFence {
 }
 
 /// The Module's annotations that `node` should carry: its [`ready_boot_annotation`].
-pub fn desired_node_annotations(scope: &LabelScope<'_>, node: &Node) -> BTreeMap<String, String> {
+pub fn desired_node_annotations(
+    scope: &LabelScope<'_>,
+    node: &Node,
+    on_node: &[&Pod],
+) -> BTreeMap<String, String> {
     if scope.drop_all {
         return BTreeMap::new();
     }
     let key = ready_boot_annotation(scope.namespace, scope.name);
-    fence_on(scope, node)
+    fence_on(scope, node, on_node)
         .annotation
         .map(|v| BTreeMap::from([(key, v)]))
         .unwrap_or_default()
@@ -132,31 +133,25 @@ pub fn current_node_annotations(
 /// Every label of the Module that `node` should carry: the ready and device-plugin labels
 /// from the pods ([`node_labels`]; the ready labels withheld after a reboot until a loader
 /// ran again, [`boot_fence`]) and, for a sequenced Module, the worker and schedule labels.
-pub fn desired_node_labels(scope: &LabelScope<'_>, node: &Node) -> BTreeMap<String, String> {
+/// `on_node` are the Module's pods on `node`.
+pub fn desired_node_labels(
+    scope: &LabelScope<'_>,
+    node: &Node,
+    on_node: &[&Pod],
+) -> BTreeMap<String, String> {
     let (namespace, name) = (scope.namespace, scope.name);
     if scope.drop_all {
         return BTreeMap::new();
     }
     let node_name = node.name_any();
-    let mut desired = node_labels(
-        namespace,
-        name,
-        &node_name,
-        scope.pods.iter().map(Arc::as_ref),
-    );
-    if !fence_on(scope, node).ready_allowed {
+    let mut desired = node_labels(namespace, name, &node_name, on_node.iter().copied());
+    if !fence_on(scope, node, on_node).ready_allowed {
         desired.remove(&module_ready_label(namespace, name));
         desired.remove(&module_version_ready_label(namespace, name));
     }
     if let Some(m) = scope.sequenced {
-        let on_node: Vec<&Pod> = scope
-            .pods
-            .iter()
-            .map(Arc::as_ref)
-            .filter(|p| pod_node(p) == Some(node_name.as_str()))
-            .collect();
         let replacing_here = scope.replace_on == Some(node_name.as_str());
-        let (w, sched) = worker_and_schedule(m, node, &desired, &on_node, replacing_here);
+        let (w, sched) = worker_and_schedule(m, node, &desired, on_node, replacing_here);
         if let Some(w) = w {
             desired.insert(worker_version_label(namespace, name), w);
         }
@@ -208,12 +203,22 @@ pub fn node_label_writes<'n>(
 ) -> Vec<NodeLabelWrite<'n>> {
     let deprecated = deprecated_ready_label(scope.name);
     let deprecated_is_live = deprecated_label_is_live(scope.name, modules);
+    // The pods by node once: every node below looks only at its own.
+    let mut by_node: HashMap<&str, Vec<&Pod>> = HashMap::new();
+    for p in scope.pods {
+        if let Some(n) = pod_node(p) {
+            by_node.entry(n).or_default().push(p);
+        }
+    }
     nodes
         .iter()
         .map(|node| {
-            let desired = desired_node_labels(scope, node);
+            let on_node = by_node
+                .get(node.name_any().as_str())
+                .map_or(&[][..], Vec::as_slice);
+            let desired = desired_node_labels(scope, node, on_node);
             let current = current_node_labels(node, scope.namespace, scope.name);
-            let annotations = desired_node_annotations(scope, node);
+            let annotations = desired_node_annotations(scope, node, on_node);
             let changed = desired != current
                 || annotations != current_node_annotations(node, scope.namespace, scope.name);
             NodeLabelWrite {

@@ -9,6 +9,7 @@ pub mod labels;
 pub mod module;
 mod named;
 pub mod namespace_label;
+pub mod node_writes;
 pub mod orphans;
 pub mod os_image;
 pub mod sequence;
@@ -54,6 +55,9 @@ pub type ModuleKey = (String, String);
 /// The metric label of the Module reconciles.
 pub const MODULE_CONTROLLER: &str = "module";
 const FACTS_CONTROLLER: &str = "kernel-facts";
+const NODE_WRITER: &str = "node-writer";
+/// The default of [`AgentConfig::node_write_delay`].
+pub const DEFAULT_NODE_WRITE_DELAY: Duration = Duration::from_millis(500);
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -70,6 +74,9 @@ pub struct AgentConfig {
     pub identity: String,
     /// Concurrent Module reconciles.
     pub workers: usize,
+    /// How long a node's label writes are gathered before the one write that carries them
+    /// all ([`node_writes`]).
+    pub node_write_delay: Duration,
 }
 
 impl Default for AgentConfig {
@@ -81,6 +88,7 @@ impl Default for AgentConfig {
             cluster_claims: true,
             identity: "kmm-spoke".into(),
             workers: 2,
+            node_write_delay: DEFAULT_NODE_WRITE_DELAY,
         }
     }
 }
@@ -116,6 +124,8 @@ pub struct Context {
     pub dtk_tags: dtk::DtkTags,
     /// The RHCOS image of OpenShift spokes ([`os_image`]).
     pub os_image: os_image::OsImage,
+    /// The node writes the reconcilers ask for, gathered per node ([`node_writes`]).
+    pub node_writes: node_writes::NodeWrites,
 }
 
 /// The spoke agent. Build with [`Agent::new`] (registers metrics and readiness gates), then
@@ -238,6 +248,7 @@ impl Agent {
             labelled_namespaces: Default::default(),
             dtk_tags: Default::default(),
             os_image: Default::default(),
+            node_writes: node_writes::NodeWrites::new(cfg.node_write_delay),
         });
         // One task waits on the stores (a store's readiness wakes only one waiter) and
         // publishes "synced" to everyone else.
@@ -355,6 +366,19 @@ impl Agent {
             )));
             let c = ctx.clone();
             workers.push(tokio::spawn(worker(
+                NODE_WRITER,
+                ctx.node_writes.queue(),
+                ready.clone(),
+                campaign.clone(),
+                token.clone(),
+                ctx.clone(),
+                move |node: String| {
+                    let ctx = c.clone();
+                    async move { node_writes::reconcile(node, &ctx).await }
+                },
+            )));
+            let c = ctx.clone();
+            workers.push(tokio::spawn(worker(
                 sweep::SWEEP_CONTROLLER,
                 triggers.orphans.clone(),
                 ready.clone(),
@@ -440,6 +464,7 @@ impl Agent {
         tracing::info!(lost_lease = lost, "draining");
         triggers.orphans.close();
         triggers.facts.close();
+        ctx.node_writes.queue().close();
         for w in workers {
             let _ = w.await;
         }

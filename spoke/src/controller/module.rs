@@ -20,30 +20,26 @@ use shared_api::Module;
 use shared_api::conditions::{DEGRADED, READY, set_condition};
 use shared_api::labels::{
     MODULE_FINALIZER, MODULE_NAME_LABEL, ROLE_LABEL, SPOKE_STATUS_MANAGER, deprecated_ready_label,
+    worker_version_label,
 };
 use shared_api::module::ModuleStatus;
 use shared_api::validate::{self, validate_module};
 use tracing::Instrument;
 
 use super::device_classes::{delete_device_classes, sync_device_classes};
-use super::events::{MODULE_UNLOAD_FAILED, NodeEvent};
-use super::labels::{LabelScope, node_label_writes};
+use super::events::{MODULE_UNLOAD_FAILED, ModuleRef, NodeEvent};
+use super::labels::{LabelScope, current_node_annotations, current_node_labels, node_label_writes};
+use super::node_writes::ModuleWant;
 use super::orphans::orphans;
 use super::sequence::{StoppedLoader, loader_replacement, replacement_may_go, stopped_loaders};
 use super::status::{self, UNLOAD_FAILED};
 use super::writes::{
-    apply_daemonsets, apply_node_labels, delete_daemonset, delete_pod, release_pod, remove_labels,
+    apply_daemonsets, delete_daemonset, delete_pod, hold_pod, hold_pods, release_pod,
 };
 use super::{Context, MODULE_CONTROLLER, ModuleKey, module_key, namespace_label};
 use crate::error::ReconcileError;
 use crate::render::nodes::{is_plugin_role, pod_node};
 use crate::render::{ModulePlan, plan_module};
-
-/// The field manager of one Module's node labels: several Modules co-own labels on a node,
-/// and dropping a Module's labels is an apply of none under its manager.
-pub fn node_label_manager(namespace: &str, name: &str) -> String {
-    format!("kmm-spoke/{namespace}.{name}")
-}
 
 /// How often a deletion that waits for loader pods to unload looks again, at most (pod and
 /// DaemonSet events bring it back sooner).
@@ -198,10 +194,34 @@ async fn delete_orphans(
     owned: &[Arc<DaemonSet>],
     ctx: &Context,
 ) -> Result<(), ReconcileError> {
-    for ds in orphans(module, plan, owned) {
+    let orphaned = orphans(module, plan, owned);
+    if orphaned.is_empty() {
+        return Ok(());
+    }
+    let pods = module_pods(
+        &module.namespace().unwrap_or_default(),
+        &module.name_any(),
+        ctx,
+    );
+    for ds in orphaned {
+        hold_pods(&pods_of(ds, &pods), ctx).await?;
         delete_daemonset(ds, ctx).await?;
     }
     Ok(())
+}
+
+/// The pods of `ds` among the Module's `pods`: those carrying all its labels (the agent's
+/// DaemonSets select their pods by exactly their own labels; the cache keeps no owner
+/// references).
+fn pods_of(ds: &DaemonSet, pods: &[Arc<Pod>]) -> Vec<Arc<Pod>> {
+    let want = ds.labels();
+    if want.is_empty() {
+        return Vec::new();
+    }
+    pods.iter()
+        .filter(|p| want.iter().all(|(k, v)| p.labels().get(k) == Some(v)))
+        .cloned()
+        .collect()
 }
 
 /// Bring this Module's labels on every node in line with its pods and the kernel
@@ -253,22 +273,39 @@ pub async fn sync_node_labels(
     };
     let nodes = ctx.stores.nodes.state();
     let deprecated = deprecated_ready_label(name);
+    // Said to the node writer, which writes each node once for every Module and the kernel.
+    let key = (namespace.to_string(), name.to_string());
+    let worker = worker_version_label(namespace, name);
     for write in node_label_writes(&scope, &nodes, &ctx.stores.modules.state()) {
-        if let Some(desired) = &write.apply {
-            apply_node_labels(
-                write.node,
-                namespace,
-                name,
-                desired,
-                &write.annotations,
-                ctx,
-            )
-            .await?;
-        }
-        if write.remove_deprecated {
+        // The worker label leaving (or changing) stops the node's loader: held first.
+        let worker_now = write.node.labels().get(&worker);
+        if worker_now.is_some()
+            && write
+                .apply
+                .as_ref()
+                .is_some_and(|d| d.get(&worker) != worker_now)
+        {
             let node_name = write.node.name_any();
-            remove_labels(&node_name, std::slice::from_ref(&deprecated), ctx).await?;
+            let here: Vec<Arc<Pod>> = pods
+                .iter()
+                .filter(|p| pod_node(p) == Some(node_name.as_str()))
+                .cloned()
+                .collect();
+            hold_pods(&here, ctx).await?;
         }
+        ctx.node_writes.module(
+            &write.node.name_any(),
+            &key,
+            ModuleWant {
+                labels: write.apply,
+                annotations: write.annotations,
+                remove: if write.remove_deprecated {
+                    vec![deprecated.clone()]
+                } else {
+                    Vec::new()
+                },
+            },
+        );
     }
     // The chosen node's loader goes once its device plugin is gone.
     if let (Some(m), Some(pod)) = (sequenced, replacing.and_then(|r| r.next)) {
@@ -276,6 +313,7 @@ pub async fn sync_node_labels(
         let cached = ctx.stores.nodes.get(&ObjectRef::new(node));
         if replacement_may_go(m, &pod, cached.as_deref(), &pods) {
             tracing::info!(module = %format!("{namespace}/{name}"), node, pod = %pod.name_any(), "replacing an outdated loader pod");
+            hold_pod(&pod, ctx).await?;
             delete_pod(&pod, ctx).await?;
         }
     }
@@ -321,13 +359,15 @@ fn report_unload_failure(module: Option<&Module>, pod: &Pod, why: String, ctx: &
             .and_then(|n| n.uid()),
         node,
         reason: MODULE_UNLOAD_FAILED,
-        module_namespace: pod.namespace().unwrap_or_default(),
-        module_name: pod
-            .labels()
-            .get(MODULE_NAME_LABEL)
-            .cloned()
-            .unwrap_or_default(),
-        module_uid: module.and_then(|m| m.uid()),
+        modules: vec![ModuleRef {
+            namespace: pod.namespace().unwrap_or_default(),
+            name: pod
+                .labels()
+                .get(MODULE_NAME_LABEL)
+                .cloned()
+                .unwrap_or_default(),
+            uid: module.and_then(|m| m.uid()),
+        }],
         detail: why,
     });
 }
@@ -425,6 +465,8 @@ async fn cleanup(
         || pods.iter().any(|p| is_plugin(p.labels()));
     for ds in &daemonsets {
         if ds.metadata.deletion_timestamp.is_none() && (is_plugin(ds.labels()) || !plugins_left) {
+            // Loaders stop with their DaemonSet: held first, to read what the unload did.
+            hold_pods(&pods_of(ds, &pods), ctx).await?;
             delete_daemonset(ds, ctx).await?;
         }
     }
@@ -438,7 +480,14 @@ async fn cleanup(
     // Labels follow the pods while they terminate (a loader whose unload failed keeps them:
     // the module is still in the kernel); once they are gone none may remain.
     sync_node_labels(namespace, name, module, pods_left == 0, ctx).await?;
-    Ok(daemonsets.is_empty() && pods_left == 0)
+    // Done once the node writer has taken every label and annotation of the Module off.
+    let marks_left = ctx.node_writes.pending_for(key)
+        || ctx.stores.nodes.state().iter().any(|n| {
+            n.metadata.deletion_timestamp.is_none()
+                && (!current_node_labels(n, namespace, name).is_empty()
+                    || !current_node_annotations(n, namespace, name).is_empty())
+        });
+    Ok(daemonsets.is_empty() && pods_left == 0 && !marks_left)
 }
 
 /// The Module's status from the caches ([`status::module_status`]).

@@ -17,8 +17,8 @@ use shared_api::labels::{
 
 use crate::render::loader::loader_daemonset_name;
 use crate::render::nodes::{
-    has_plugin, is_plugin_role, loader_unload_failed, pod_node, pod_ready, pod_stopped,
-    targeted_nodes,
+    has_plugin, is_plugin_role, loader_holds_module, loader_unload_failed, pod_node, pod_ready,
+    pod_stopped, targeted_nodes,
 };
 use crate::render::{TEMPLATE_HASH_ANNOTATION, module_version};
 
@@ -179,6 +179,18 @@ pub fn replacement_may_go(
         .iter()
         .any(|p| pod_node(p) == Some(node_name) && is_plugin_pod(p));
     !has_plugin(module) || (schedule_off && !plugin_left)
+}
+
+/// Whether the agent must hold `pod` with its finalizer before it stops it (deletes its
+/// DaemonSet or the pod, or takes the worker label off its node): a loader pod whose module is
+/// in the kernel, not yet stopping and not yet held. The hold keeps the pod, and the node's
+/// ready label, until the agent has read whether the unload worked ([`stopped_loaders`]).
+/// Loader pods are not held otherwise: one that goes because its node rebooted into another
+/// kernel holds nothing.
+pub fn needs_hold(pod: &Pod) -> bool {
+    loader_holds_module(pod)
+        && pod.metadata.deletion_timestamp.is_none()
+        && !pod.finalizers().iter().any(|f| f == LOADER_POD_FINALIZER)
 }
 
 /// What becomes of a stopped (deleted) loader pod that still carries the agent's finalizer.

@@ -1,19 +1,19 @@
 //! The Module reconciler's writes to the API, one call each: apply and delete DaemonSets,
-//! release and delete loader pods, apply and remove node labels. Each counts its write in
-//! the metrics and reads "already gone" as done where that is the wanted end state.
+//! release and delete loader pods (node labels go through [`super::node_writes`]). Each
+//! counts its write in the metrics and reads "already gone" as done where that is the wanted
+//! end state.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
-use shared_api::labels::{LOADER_POD_FINALIZER, SPOKE_DAEMONSET_MANAGER, is_module_node_label};
+use shared_api::labels::{LOADER_POD_FINALIZER, SPOKE_DAEMONSET_MANAGER};
 
 use super::Context;
-use super::module::node_label_manager;
+use super::sequence::needs_hold;
 use crate::error::ReconcileError;
 use crate::render::{ModulePlan, spec_hash};
 
@@ -117,6 +117,60 @@ pub async fn release_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError>
     }
 }
 
+/// The field manager of the loader pod finalizer the agent adds ([`hold_pod`]).
+pub const LOADER_HOLD_MANAGER: &str = "kmm-spoke/loader-hold";
+
+/// Hold a loader pod with the agent's finalizer before the agent stops it ([`needs_hold`]):
+/// a server-side apply of the finalizer alone (other finalizers stay), pinned to the pod's
+/// uid. A pod gone meanwhile needs no hold.
+pub async fn hold_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError> {
+    if !needs_hold(pod) {
+        return Ok(());
+    }
+    let ns = pod.namespace().unwrap_or_default();
+    let name = pod.name_any();
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "uid": pod.uid(),
+            "finalizers": [LOADER_POD_FINALIZER],
+        },
+    });
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    match api
+        .patch(
+            &name,
+            &PatchParams::apply(LOADER_HOLD_MANAGER),
+            &Patch::Apply(&body),
+        )
+        .await
+    {
+        Ok(_) => {
+            ctx.metrics.write("pod-finalizer");
+            tracing::debug!(pod = %format!("{ns}/{name}"), "holding a loader pod before it stops");
+            Ok(())
+        }
+        // Gone (an apply to a missing pod is refused as invalid) or replaced: nothing to hold.
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 || s.code == 422 => Ok(()),
+        Err(source) => Err(ReconcileError::Pod {
+            namespace: ns,
+            name,
+            source,
+        }),
+    }
+}
+
+/// [`hold_pod`] each of `pods` that needs it.
+pub async fn hold_pods(pods: &[Arc<Pod>], ctx: &Context) -> Result<(), ReconcileError> {
+    for p in pods {
+        hold_pod(p, ctx).await?;
+    }
+    Ok(())
+}
+
 pub async fn delete_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError> {
     let ns = pod.namespace().unwrap_or_default();
     let name = pod.name_any();
@@ -140,77 +194,4 @@ pub async fn delete_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError> 
             source,
         }),
     }
-}
-
-pub async fn apply_node_labels(
-    node: &Node,
-    namespace: &str,
-    name: &str,
-    desired: &BTreeMap<String, String>,
-    annotations: &BTreeMap<String, String>,
-    ctx: &Context,
-) -> Result<(), ReconcileError> {
-    let node_name = node.name_any();
-    let mut meta = json!({ "name": node_name });
-    if !desired.is_empty() {
-        meta["labels"] = json!(desired);
-    }
-    if !annotations.is_empty() {
-        meta["annotations"] = json!(annotations);
-    }
-    // The uid makes a write to a node that was replaced under the same name fail.
-    if let Some(uid) = node.uid() {
-        meta["uid"] = json!(uid);
-    }
-    let body = json!({ "apiVersion": "v1", "kind": "Node", "metadata": meta });
-    let api: Api<Node> = Api::all(ctx.client.clone());
-    let manager = node_label_manager(namespace, name);
-    let result = api
-        .patch(
-            &node_name,
-            &PatchParams::apply(&manager).force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .map_err(|source| ReconcileError::NodeLabels {
-            node: node_name.clone(),
-            source,
-        })?;
-    ctx.metrics.write("node-labels");
-    // Labels of ours that someone else also owns survive an apply; take them off directly.
-    let leftover: Vec<String> = result
-        .labels()
-        .keys()
-        .filter(|k| is_module_node_label(k, namespace, name) && !desired.contains_key(*k))
-        .cloned()
-        .collect();
-    if !leftover.is_empty() {
-        remove_labels(&node_name, &leftover, ctx).await?;
-    }
-    tracing::debug!(node = %node_name, module = %format!("{namespace}/{name}"), labels = ?desired, "node labels applied");
-    Ok(())
-}
-
-pub async fn remove_labels(
-    node: &str,
-    keys: &[String],
-    ctx: &Context,
-) -> Result<(), ReconcileError> {
-    let labels: serde_json::Map<String, serde_json::Value> = keys
-        .iter()
-        .map(|k| (k.clone(), serde_json::Value::Null))
-        .collect();
-    let api: Api<Node> = Api::all(ctx.client.clone());
-    api.patch(
-        node,
-        &PatchParams::default(),
-        &Patch::Merge(&json!({ "metadata": { "labels": labels } })),
-    )
-    .await
-    .map_err(|source| ReconcileError::NodeLabels {
-        node: node.to_string(),
-        source,
-    })?;
-    ctx.metrics.write("node-labels");
-    Ok(())
 }

@@ -13,8 +13,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use shared_api::Module;
 use shared_api::kernel::ResolvedMapping;
 use shared_api::labels::{
-    KERNEL_LABEL, LOADER_POD_FINALIZER, ROLE_LOADER, TARGET_KERNEL_LABEL, short_hash,
-    worker_version_label,
+    KERNEL_LABEL, ROLE_LOADER, TARGET_KERNEL_LABEL, short_hash, worker_version_label,
 };
 use shared_api::module::ModuleLoaderSpec;
 
@@ -229,10 +228,12 @@ pub fn render_loader_daemonset(
             type_: Some("OnDelete".into()),
             rolling_update: None,
         });
-        // The agent releases a stopped loader pod once it read what the kernel has.
+        // No finalizer here: the agent holds a loader pod with its finalizer just before it
+        // stops one (controller::sequence::needs_hold) and releases it once it read what the
+        // kernel has; a pod that goes because its node rebooted into another kernel holds
+        // nothing and needs no release.
         let template_hash = loader_template_hash(module, spec.template.spec.as_ref());
         if let Some(meta) = spec.template.metadata.as_mut() {
-            meta.finalizers = Some(vec![LOADER_POD_FINALIZER.to_string()]);
             meta.annotations
                 .get_or_insert_with(BTreeMap::new)
                 .insert(TEMPLATE_HASH_ANNOTATION.into(), template_hash.clone());

@@ -195,10 +195,9 @@ fn prebuilt_image_loads_on_workers_only() {
         requests.contains_key("cpu") && requests.contains_key("memory"),
         "not BestEffort: {requests:?}"
     );
-    assert_eq!(
-        tmpl_meta.finalizers.clone().unwrap(),
-        vec![LOADER_POD_FINALIZER.to_string()]
-    );
+    // No finalizer from the template: the agent holds a loader pod itself before it stops
+    // one (controller::sequence::needs_hold), so a reboot's replaced pods cost no release.
+    assert_eq!(tmpl_meta.finalizers, None);
     assert_eq!(
         sc.capabilities.as_ref().unwrap().add.clone().unwrap(),
         vec!["SYS_MODULE"]

@@ -395,3 +395,20 @@ fn a_dra_driver_leaves_before_the_loader_like_a_plugin() {
     ));
     assert!(replacement_may_go(&m, &pod, Some(&node("n")), &[]));
 }
+
+#[test]
+fn only_a_loader_holding_its_module_is_held_before_it_stops() {
+    let unheld = |p: Pod| {
+        let mut p = p;
+        p.metadata.finalizers = None;
+        p
+    };
+    // Ready (its module in the kernel), not stopping, not yet held: held first.
+    assert!(needs_hold(&unheld(loader_pod("n1").ready())));
+    // Already held, already stopping, or never Ready (holds nothing): left alone.
+    assert!(!needs_hold(&loader_pod("n1").ready()));
+    assert!(!needs_hold(&unheld(loader_pod("n1").ready().deleting())));
+    assert!(!needs_hold(&unheld(loader_pod("n1"))));
+    // Device-plugin pods hold no module.
+    assert!(!needs_hold(&unheld(plugin_pod("n1").ready())));
+}
