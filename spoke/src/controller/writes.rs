@@ -117,35 +117,27 @@ pub async fn release_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError>
     }
 }
 
-/// The field manager of the loader pod finalizer the agent adds ([`hold_pod`]).
-pub const LOADER_HOLD_MANAGER: &str = "kmm-spoke/loader-hold";
-
 /// Hold a loader pod with the agent's finalizer before the agent stops it ([`needs_hold`]):
-/// a server-side apply of the finalizer alone (other finalizers stay), pinned to the pod's
-/// uid. A pod gone meanwhile needs no hold.
+/// a merge patch of the pod's finalizers plus ours, on the condition that the pod is still the
+/// version the cache holds (`resourceVersion`; a pod changed meanwhile is retried, so nobody
+/// else's finalizer is lost). A pod gone meanwhile needs no hold.
 pub async fn hold_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError> {
     if !needs_hold(pod) {
         return Ok(());
     }
     let ns = pod.namespace().unwrap_or_default();
     let name = pod.name_any();
-    let body = json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
+    let mut finalizers = pod.finalizers().to_vec();
+    finalizers.push(LOADER_POD_FINALIZER.to_string());
+    let patch = json!({
         "metadata": {
-            "name": name,
-            "namespace": ns,
-            "uid": pod.uid(),
-            "finalizers": [LOADER_POD_FINALIZER],
+            "resourceVersion": pod.resource_version(),
+            "finalizers": finalizers,
         },
     });
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     match api
-        .patch(
-            &name,
-            &PatchParams::apply(LOADER_HOLD_MANAGER),
-            &Patch::Apply(&body),
-        )
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
     {
         Ok(_) => {
@@ -153,8 +145,7 @@ pub async fn hold_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError> {
             tracing::debug!(pod = %format!("{ns}/{name}"), "holding a loader pod before it stops");
             Ok(())
         }
-        // Gone (an apply to a missing pod is refused as invalid) or replaced: nothing to hold.
-        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 || s.code == 422 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(source) => Err(ReconcileError::Pod {
             namespace: ns,
             name,
