@@ -123,6 +123,14 @@ pub struct RunArgs {
     /// before the one write that carries them all (e.g. 500ms, 1s).
     #[arg(long, env = "KMM_SPOKE_NODE_WRITE_DELAY", default_value = "500ms", value_parser = kmm_runtime::cli::parse_duration)]
     pub node_write_delay: std::time::Duration,
+    /// The least time between two writes of one node: changes that follow a write within it
+    /// wait and go together in the next one.
+    #[arg(long, env = "KMM_SPOKE_NODE_WRITE_INTERVAL", default_value = "2s", value_parser = kmm_runtime::cli::parse_duration)]
+    pub node_write_interval: std::time::Duration,
+    /// How long a Module status change under the same spec (pods and DaemonSets moving) must
+    /// last before it is written; a spec change's status is written at once.
+    #[arg(long, env = "KMM_SPOKE_STATUS_WRITE_DELAY", default_value = "2s", value_parser = kmm_runtime::cli::parse_duration)]
+    pub status_write_delay: std::time::Duration,
     /// Address of the admission webhook (TLS): Module validation and the namespace guard;
     /// off when not set.
     #[arg(long, env = "KMM_SPOKE_WEBHOOK_ADDRESS", requires_all = ["webhook_cert", "webhook_key"])]

@@ -150,6 +150,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         identity: identity.clone(),
         workers: args.workers,
         node_write_delay: args.node_write_delay,
+        node_write_interval: args.node_write_interval,
+        status_write_delay: args.status_write_delay,
     };
     let lease = args.common.leader_elect.then(|| {
         LeaseConfig::new(

@@ -13,10 +13,12 @@ use kube::api::{Api, PostParams};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use shared_api::Module;
-use shared_api::labels::{MODULE_ANNOTATION, module_ready_label};
+use shared_api::labels::{MODULE_ANNOTATION, module_ready_label, ready_boot_annotation};
 use tokio::sync::mpsc;
+use tokio::time::{Duration, Instant};
 
 use crate::metrics::Metrics;
+use crate::render::nodes::node_boot_id;
 
 /// The reporting controller of our events.
 pub const REPORTING_CONTROLLER: &str = "kmm-spoke";
@@ -55,6 +57,10 @@ pub struct NodeEvent {
     pub modules: Vec<ModuleRef>,
     /// What went wrong (for [`MODULE_UNLOAD_FAILED`]).
     pub detail: String,
+    /// [`MODULE_UNLOADED`]: the modules left the kernel with a reboot of the node (the ready
+    /// label went because the node reports another boot). [`MODULE_LOADED`]: loaded again
+    /// after such a reboot ([`RebootMerge`]).
+    pub reboot: bool,
 }
 
 impl NodeEvent {
@@ -74,8 +80,12 @@ impl NodeEvent {
             [one] => ("Module", one.clone()),
             many => ("Modules", many.join(", ")),
         };
-        if self.reason == MODULE_LOADED {
+        if self.reason == MODULE_LOADED && self.reboot {
+            format!("{what} {them} loaded into the kernel again after the node rebooted")
+        } else if self.reason == MODULE_LOADED {
             format!("{what} {them} loaded into the kernel")
+        } else if self.reason == MODULE_UNLOADED && self.reboot {
+            format!("{what} {them} left the kernel with a reboot of the node")
         } else if self.reason == MODULE_UNLOAD_FAILED {
             format!(
                 "{what} {them} could not be unloaded; it stays in the kernel: {}",
@@ -95,12 +105,21 @@ pub fn ready_transitions(old: &Node, new: &Node, modules: &Store<Module>) -> Vec
     let new_labels = new.metadata.labels.as_ref().unwrap_or(&empty);
     let mut loaded = Vec::new();
     let mut unloaded = Vec::new();
+    let mut rebooted = Vec::new();
+    let boot = node_boot_id(new);
     for module in modules.state() {
         let ns = module.namespace().unwrap_or_default();
         let name = module.name_any();
         let key = module_ready_label(&ns, &name);
+        // The label confirmed in another boot than the node's: gone with a reboot.
+        let lost_in_reboot = || {
+            let recorded = new.annotations().get(&ready_boot_annotation(&ns, &name));
+            let recorded_boot = recorded.and_then(|r| r.split_once(' ')).map(|(b, _)| b);
+            recorded_boot.is_some() && boot.is_some() && recorded_boot != boot
+        };
         let to = match (old_labels.contains_key(&key), new_labels.contains_key(&key)) {
             (false, true) => &mut loaded,
+            (true, false) if lost_in_reboot() => &mut rebooted,
             (true, false) => &mut unloaded,
             _ => continue,
         };
@@ -110,20 +129,116 @@ pub fn ready_transitions(old: &Node, new: &Node, modules: &Store<Module>) -> Vec
             uid: module.uid(),
         });
     }
-    [(MODULE_UNLOADED, unloaded), (MODULE_LOADED, loaded)]
-        .into_iter()
-        .filter(|(_, m)| !m.is_empty())
-        .map(|(reason, mut modules)| {
-            modules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-            NodeEvent {
-                node: new.name_any(),
-                node_uid: new.uid(),
-                reason,
-                modules,
-                detail: String::new(),
+    [
+        (MODULE_UNLOADED, true, rebooted),
+        (MODULE_UNLOADED, false, unloaded),
+        (MODULE_LOADED, false, loaded),
+    ]
+    .into_iter()
+    .filter(|(_, _, m)| !m.is_empty())
+    .map(|(reason, reboot, mut modules)| {
+        modules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        NodeEvent {
+            node: new.name_any(),
+            node_uid: new.uid(),
+            reason,
+            modules,
+            detail: String::new(),
+            reboot,
+        }
+    })
+    .collect()
+}
+
+/// How long the modules a reboot took out of a node's kernel may take to load again and be
+/// recorded as one `ModuleLoaded` event ("loaded into the kernel again after the node
+/// rebooted") instead of a `ModuleUnloaded` and a `ModuleLoaded`.
+pub const REBOOT_MERGE_WINDOW: Duration = Duration::from_secs(60);
+
+/// A node event to write, with the time it happened.
+pub type Timed = (NodeEvent, Timestamp);
+
+/// The events of reboots held back: a reboot's `ModuleUnloaded` waits up to
+/// [`REBOOT_MERGE_WINDOW`] for the same modules' `ModuleLoaded` on that node, and the two become
+/// one event. Modules not back in time get their `ModuleUnloaded`, with the time the reboot
+/// took them out.
+#[derive(Debug, Default)]
+pub struct RebootMerge {
+    parked: BTreeMap<String, (Instant, Timed)>,
+}
+
+impl RebootMerge {
+    /// The events to write now for `ev`, seen at `now` (`at` as a timestamp).
+    pub fn offer(&mut self, ev: NodeEvent, now: Instant, at: Timestamp) -> Vec<Timed> {
+        if ev.reason == MODULE_UNLOADED && ev.reboot {
+            let mut out = Vec::new();
+            // A second reboot before the first one's modules came back: the first one's go.
+            if let Some((_, earlier)) = self.parked.remove(&ev.node) {
+                out.push(earlier);
             }
-        })
-        .collect()
+            self.parked
+                .insert(ev.node.clone(), (now + REBOOT_MERGE_WINDOW, (ev, at)));
+            return out;
+        }
+        if ev.reason != MODULE_LOADED {
+            return vec![(ev, at)];
+        }
+        let Some((deadline, (mut parked, parked_at))) = self.parked.remove(&ev.node) else {
+            return vec![(ev, at)];
+        };
+        let (again, fresh): (Vec<ModuleRef>, Vec<ModuleRef>) = ev
+            .modules
+            .iter()
+            .cloned()
+            .partition(|m| parked.modules.iter().any(|p| p.key() == m.key()));
+        parked
+            .modules
+            .retain(|p| !again.iter().any(|m| m.key() == p.key()));
+        if !parked.modules.is_empty() {
+            self.parked
+                .insert(ev.node.clone(), (deadline, (parked, parked_at)));
+        }
+        let mut out = Vec::new();
+        if !again.is_empty() {
+            out.push((
+                NodeEvent {
+                    modules: again,
+                    reboot: true,
+                    ..ev.clone()
+                },
+                at,
+            ));
+        }
+        if !fresh.is_empty() {
+            out.push((
+                NodeEvent {
+                    modules: fresh,
+                    ..ev
+                },
+                at,
+            ));
+        }
+        out
+    }
+
+    /// The held-back events whose window ended by `now`.
+    pub fn due(&mut self, now: Instant) -> Vec<Timed> {
+        let nodes: Vec<String> = self
+            .parked
+            .iter()
+            .filter(|(_, (deadline, _))| *deadline <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        nodes
+            .into_iter()
+            .filter_map(|n| self.parked.remove(&n).map(|(_, ev)| ev))
+            .collect()
+    }
+
+    /// When the next held-back event is due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.parked.values().map(|(d, _)| *d).min()
+    }
 }
 
 /// Where informers send events; a background task writes them (only while leading).
@@ -149,33 +264,56 @@ pub fn spawn_writer(
     let (tx, mut rx) = mpsc::unbounded_channel::<NodeEvent>();
     tokio::spawn(async move {
         let api: Api<Event> = Api::namespaced(client, EVENT_NAMESPACE);
-        while let Some(ev) = rx.recv().await {
+        let mut merge = RebootMerge::default();
+        loop {
+            let deadline = merge.next_deadline();
+            let ready = tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => merge.offer(ev, Instant::now(), Timestamp::now()),
+                    None => break,
+                },
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => merge.due(Instant::now()),
+            };
             if !leadership.is_leader() {
                 continue;
             }
-            let event = render_event(&ev, &identity, Timestamp::now());
-            let span = tracing::info_span!(
-                "node_event",
-                node = %ev.node,
-                module = %ev.module_keys(),
-            );
-            match api
-                .create(&PostParams::default(), &event)
-                .instrument(span)
-                .await
-            {
-                Ok(_) => {
-                    metrics.write("event");
-                    metrics.event(ev.reason);
-                    tracing::info!(node = %ev.node, module = %ev.module_keys(), reason = ev.reason, "node event");
-                }
-                Err(e) => {
-                    tracing::warn!(node = %ev.node, reason = ev.reason, error = %e, "cannot record node event")
-                }
+            for (ev, at) in ready {
+                write_event(&api, &ev, &identity, at, &metrics).await;
             }
         }
     });
     EventSink { tx }
+}
+
+/// Create one node event.
+async fn write_event(
+    api: &Api<Event>,
+    ev: &NodeEvent,
+    identity: &str,
+    at: Timestamp,
+    metrics: &Metrics,
+) {
+    let event = render_event(ev, identity, at);
+    let span = tracing::info_span!("node_event", node = %ev.node, module = %ev.module_keys());
+    match api
+        .create(&PostParams::default(), &event)
+        .instrument(span)
+        .await
+    {
+        Ok(_) => {
+            metrics.write("event");
+            metrics.event(ev.reason);
+            tracing::info!(node = %ev.node, module = %ev.module_keys(), reason = ev.reason, "node event");
+        }
+        Err(e) => {
+            tracing::warn!(node = %ev.node, reason = ev.reason, error = %e, "cannot record node event")
+        }
+    }
 }
 
 /// The `events.k8s.io/v1` Event for one transition.
@@ -244,6 +382,7 @@ mod tests {
                 uid: None,
             }],
             detail: String::new(),
+            reboot: false,
         }
     }
 
@@ -278,6 +417,99 @@ mod tests {
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(failed.type_.as_deref(), Some("Warning"));
+    }
+
+    fn module(name: &str) -> ModuleRef {
+        ModuleRef {
+            namespace: "ns".into(),
+            name: name.into(),
+            uid: None,
+        }
+    }
+
+    fn on(reason: &'static str, reboot: bool, names: &[&str]) -> NodeEvent {
+        NodeEvent {
+            reboot,
+            modules: names.iter().map(|n| module(n)).collect(),
+            ..node_event(reason)
+        }
+    }
+
+    /// A reboot's unload and the reload that follows become one event; what does not come
+    /// back in time is recorded as unloaded, with the reboot's time.
+    #[test]
+    fn a_reboot_and_its_reload_are_one_event() {
+        let mut merge = RebootMerge::default();
+        let t0 = Instant::now();
+        let at0 = Timestamp::UNIX_EPOCH;
+        let at1 = Timestamp::from_second(1).unwrap();
+        assert!(
+            merge
+                .offer(on(MODULE_UNLOADED, true, &["a", "b", "c"]), t0, at0)
+                .is_empty()
+        );
+        assert_eq!(merge.next_deadline(), Some(t0 + REBOOT_MERGE_WINDOW));
+        // a and b are back, with d that was never there: one merged event and d's own.
+        let out = merge.offer(on(MODULE_LOADED, false, &["a", "b", "d"]), t0, at1);
+        assert_eq!(
+            out,
+            vec![
+                (on(MODULE_LOADED, true, &["a", "b"]), at1),
+                (on(MODULE_LOADED, false, &["d"]), at1)
+            ]
+        );
+        assert_eq!(
+            out[0].0.message(),
+            "Modules ns/a, ns/b loaded into the kernel again after the node rebooted"
+        );
+        // c never came back: its unload is written when the window ends.
+        assert!(merge.due(t0).is_empty());
+        assert_eq!(
+            merge.due(t0 + REBOOT_MERGE_WINDOW),
+            vec![(on(MODULE_UNLOADED, true, &["c"]), at0)]
+        );
+        assert_eq!(merge.next_deadline(), None);
+        // Unloads that are not reboots, and loads with nothing held, pass straight through.
+        let plain = on(MODULE_UNLOADED, false, &["a"]);
+        assert_eq!(merge.offer(plain.clone(), t0, at0), vec![(plain, at0)]);
+        let load = on(MODULE_LOADED, false, &["a"]);
+        assert_eq!(merge.offer(load.clone(), t0, at0), vec![(load, at0)]);
+    }
+
+    /// A ready label that goes while the node reports another boot than the one it was
+    /// confirmed in is a reboot's; one that goes otherwise is an unload.
+    #[test]
+    fn a_label_gone_with_a_reboot_is_told_apart() {
+        use crate::controller::testkit::{NodeFixture, module, node};
+        use kube::runtime::watcher;
+        let (store, mut writer) = kube::runtime::reflector::store::<Module>();
+        writer.apply_watcher_event(&watcher::Event::Apply(module()));
+        let ready = module_ready_label("ns", "m");
+        let fence = ready_boot_annotation("ns", "m");
+        let booted = |boot: &str, recorded: &str, labelled: bool| {
+            let mut n = node("n1");
+            if labelled {
+                n = n.label(&ready, "");
+            }
+            if let Some(i) = n.status.as_mut().and_then(|s| s.node_info.as_mut()) {
+                i.boot_id = boot.into();
+            }
+            n.annotations_mut().insert(fence.clone(), recorded.into());
+            n
+        };
+        let gone = ready_transitions(
+            &booted("b2", "b1 p/0", true),
+            &booted("b2", "b1 p/0", false),
+            &store,
+        );
+        assert_eq!(gone.len(), 1);
+        assert!(gone[0].reboot && gone[0].reason == MODULE_UNLOADED);
+        let unloaded = ready_transitions(
+            &booted("b1", "b1 p/0", true),
+            &booted("b1", "b1 p/0", false),
+            &store,
+        );
+        assert!(!unloaded[0].reboot && unloaded[0].reason == MODULE_UNLOADED);
     }
 
     /// Several Modules that load together (one node write) make one event naming them all.

@@ -14,6 +14,7 @@ pub mod orphans;
 pub mod os_image;
 pub mod sequence;
 pub mod status;
+pub mod status_gate;
 pub mod sweep;
 #[cfg(test)]
 mod testkit;
@@ -58,6 +59,10 @@ const FACTS_CONTROLLER: &str = "kernel-facts";
 const NODE_WRITER: &str = "node-writer";
 /// The default of [`AgentConfig::node_write_delay`].
 pub const DEFAULT_NODE_WRITE_DELAY: Duration = Duration::from_millis(500);
+/// The default of [`AgentConfig::node_write_interval`].
+pub const DEFAULT_NODE_WRITE_INTERVAL: Duration = Duration::from_secs(2);
+/// The default of [`AgentConfig::status_write_delay`].
+pub const DEFAULT_STATUS_WRITE_DELAY: Duration = Duration::from_secs(2);
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -77,6 +82,11 @@ pub struct AgentConfig {
     /// How long a node's label writes are gathered before the one write that carries them
     /// all ([`node_writes`]).
     pub node_write_delay: Duration,
+    /// The least time between two writes of one node ([`node_writes`]).
+    pub node_write_interval: Duration,
+    /// How long a status change under the same spec must last to be written
+    /// ([`status_gate`]).
+    pub status_write_delay: Duration,
 }
 
 impl Default for AgentConfig {
@@ -89,6 +99,8 @@ impl Default for AgentConfig {
             identity: "kmm-spoke".into(),
             workers: 2,
             node_write_delay: DEFAULT_NODE_WRITE_DELAY,
+            node_write_interval: DEFAULT_NODE_WRITE_INTERVAL,
+            status_write_delay: DEFAULT_STATUS_WRITE_DELAY,
         }
     }
 }
@@ -126,6 +138,8 @@ pub struct Context {
     pub os_image: os_image::OsImage,
     /// The node writes the reconcilers ask for, gathered per node ([`node_writes`]).
     pub node_writes: node_writes::NodeWrites,
+    /// When Module statuses are written ([`status_gate`]).
+    pub status_gate: status_gate::StatusGate,
 }
 
 /// The spoke agent. Build with [`Agent::new`] (registers metrics and readiness gates), then
@@ -248,7 +262,11 @@ impl Agent {
             labelled_namespaces: Default::default(),
             dtk_tags: Default::default(),
             os_image: Default::default(),
-            node_writes: node_writes::NodeWrites::new(cfg.node_write_delay),
+            node_writes: node_writes::NodeWrites::new(
+                cfg.node_write_delay,
+                cfg.node_write_interval,
+            ),
+            status_gate: status_gate::StatusGate::new(cfg.status_write_delay),
         });
         // One task waits on the stores (a store's readiness wakes only one waiter) and
         // publishes "synced" to everyone else.

@@ -33,6 +33,7 @@ use super::node_writes::ModuleWant;
 use super::orphans::orphans;
 use super::sequence::{StoppedLoader, loader_replacement, replacement_may_go, stopped_loaders};
 use super::status::{self, UNLOAD_FAILED};
+use super::status_gate::StatusWrite;
 use super::writes::{
     apply_daemonsets, delete_daemonset, delete_pod, hold_pod, hold_pods, release_pod,
 };
@@ -149,8 +150,22 @@ async fn apply(module: &Module, ctx: &Context) -> Result<Action, ReconcileError>
 
     sync_node_labels(&namespace, &name, Some(module), false, ctx).await?;
     let status = compute_status(module, &violations, plan.as_ref(), &nodes, ctx);
-    write_status(module, status, ctx).await?;
-    Ok(Action::requeue(ctx.resync))
+    let differs = module.status.as_ref() != Some(&status);
+    let new_spec =
+        module.metadata.generation != module.status.as_ref().and_then(|s| s.observed_generation);
+    match ctx.status_gate.decide(
+        &(namespace, name),
+        differs,
+        new_spec,
+        std::time::Instant::now(),
+    ) {
+        StatusWrite::Unchanged => Ok(Action::requeue(ctx.resync)),
+        StatusWrite::Now => {
+            write_status(module, status, ctx).await?;
+            Ok(Action::requeue(ctx.resync))
+        }
+        StatusWrite::After(wait) => Ok(Action::requeue(wait.min(ctx.resync))),
+    }
 }
 
 /// What is left of a Module that is gone from the cache without our finalizer (removed by
@@ -368,6 +383,7 @@ fn report_unload_failure(module: Option<&Module>, pod: &Pod, why: String, ctx: &
                 .unwrap_or_default(),
             uid: module.and_then(|m| m.uid()),
         }],
+        reboot: false,
         detail: why,
     });
 }
@@ -436,6 +452,7 @@ async fn finalize(module: &Module, ctx: &Context) -> Result<Action, ReconcileErr
     if !namespace_label::others_left(name, &names) {
         namespace_label::ensure(namespace, false, ctx).await?;
     }
+    ctx.status_gate.forget(&key);
     Ok(Action::await_change())
 }
 

@@ -2,13 +2,13 @@
 //! Module's labels and annotations (ready, device-plugin, worker and schedule labels, the
 //! reboot fence). The Module reconciles and the kernel-facts loop only say what they want on
 //! a node ([`NodeWrites::module`], [`NodeWrites::kernel`]); a node's wants are gathered for
-//! a short window (`--node-write-delay`) and written together as one JSON merge patch of the
-//! keys that differ, so a node reboot with ten Modules costs one or two node writes instead
-//! of one per Module and change.
+//! a short window (`--node-write-delay`, and at least `--node-write-interval` after the node's
+//! last write) and written together as one JSON merge patch of the keys that differ, so a node
+//! reboot with ten Modules costs two node writes instead of one per Module and change.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
 use kmm_runtime::queue::{Action, WorkQueue};
@@ -61,18 +61,49 @@ impl NodeWant {
 pub struct NodeWrites {
     queue: Arc<WorkQueue<String>>,
     delay: Duration,
+    interval: Duration,
     pending: Mutex<HashMap<String, NodeWant>>,
     written: Mutex<HashMap<String, Arc<Node>>>,
+    /// When each node was last written (entries older than `interval` are dropped).
+    last_write: Mutex<HashMap<String, Instant>>,
 }
 
 impl NodeWrites {
-    pub fn new(delay: Duration) -> Self {
+    /// Wants wait `delay` from the first one; a node written less than `interval` ago waits
+    /// until `interval` has passed.
+    pub fn new(delay: Duration, interval: Duration) -> Self {
         Self {
             queue: Arc::new(WorkQueue::new()),
             delay,
+            interval,
             pending: Mutex::default(),
             written: Mutex::default(),
+            last_write: Mutex::default(),
         }
+    }
+
+    /// How long a want for `node` waits from `now`.
+    fn wait(&self, node: &str, now: Instant) -> Duration {
+        let last = self
+            .last_write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)
+            .copied();
+        let until_interval = last.map_or(Duration::ZERO, |t| {
+            self.interval
+                .saturating_sub(now.saturating_duration_since(t))
+        });
+        self.delay.max(until_interval)
+    }
+
+    fn wrote(&self, node: &str, now: Instant) {
+        let mut last = self.last_write.lock().unwrap_or_else(|e| e.into_inner());
+        if last.len() >= 256 {
+            let interval = self.interval;
+            last.retain(|_, t| now.saturating_duration_since(*t) < interval);
+        }
+        last.insert(node.to_string(), now);
     }
 
     /// The queue of node names the writer works through.
@@ -101,7 +132,8 @@ impl NodeWrites {
 
     fn with(&self, node: &str, f: impl FnOnce(&mut NodeWant)) {
         f(self.lock_pending().entry(node.to_string()).or_default());
-        self.queue.add_after(node.to_string(), self.delay);
+        let wait = self.wait(node, Instant::now());
+        self.queue.add_after(node.to_string(), wait);
     }
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeWant>> {
@@ -229,6 +261,7 @@ pub async fn reconcile(name: String, ctx: &Context) -> Result<Action, ReconcileE
         .await
     {
         Ok(written) => {
+            writes.wrote(&name, Instant::now());
             ctx.metrics.write("node-labels");
             tracing::debug!(node = %name, patch = %patch["metadata"], "node written");
             writes.lock_written().insert(name, Arc::new(written));
@@ -381,9 +414,26 @@ mod tests {
         assert_eq!(newer.modules[&a].labels, Some(BTreeMap::new()));
     }
 
+    #[test]
+    fn a_node_written_lately_waits_for_the_interval() {
+        let w = NodeWrites::new(Duration::from_millis(500), Duration::from_secs(2));
+        let t0 = Instant::now();
+        assert_eq!(w.wait("n1", t0), Duration::from_millis(500));
+        w.wrote("n1", t0);
+        assert_eq!(
+            w.wait("n1", t0 + Duration::from_millis(500)),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            w.wait("n1", t0 + Duration::from_secs(5)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(w.wait("n2", t0), Duration::from_millis(500));
+    }
+
     #[tokio::test]
     async fn wants_wait_for_the_window_and_are_gathered_per_node() {
-        let w = NodeWrites::new(Duration::from_millis(50));
+        let w = NodeWrites::new(Duration::from_millis(50), Duration::from_millis(50));
         let a: ModuleKey = (NS.into(), NAME.into());
         w.module("n1", &a, ModuleWant::default());
         w.kernel("n1", "k");
