@@ -9,15 +9,23 @@
 //!    binary with 3 Modules on 50 simulated nodes and with 10 Modules on 1,000 (idle memory
 //!    and CPU, one node's kernel change: latency and API writes);
 //! 4. signing: the figures of `hub/benches/sign.rs` (run by the `just` recipe);
-//! 5. upstream KMM-hub's design on paper for the same fan-out.
+//! 5. upstream KMM-hub's design on paper for the same fan-out;
+//! 6. end to end with the real OCM agents (`e2e.rs`): on the sandbox (3 spokes × 3 simulated
+//!    nodes, 2 kernels by default; `--e2e-vm` adds a real-kernel VM node), an MCM applied until
+//!    its module is loaded on every selected node, split into hub, OCM delivery and spoke; and
+//!    one node's reboot into a new kernel until the module is loaded there again, split into
+//!    the spoke agent's claim, OCM registration, hub, OCM delivery and spoke.
 //!
-//! Writes `target/bench/results.json` and renders `docs/benchmarks.md` and its PNG.
+//! Writes `target/bench/results.json` and renders `docs/benchmarks.md` and its PNGs.
 //!
 //! ```text
 //! cargo bench -p kmm-e2e --bench fleet -- [--sizes 100,1000,10000] [--sign-results FILE]
-//!     [--spoke-runs 50x3,1000x10] [--skip-fanout] [--skip-spoke] [--render-only]
+//!     [--spoke-runs 50x3,1000x10] [--skip-fanout] [--skip-spoke]
+//!     [--e2e-spokes 3] [--e2e-nodes 3] [--e2e-kernels 2] [--e2e-vm] [--skip-e2e]
+//!     [--render-only]
 //! ```
 
+mod e2e;
 mod fanout;
 mod plot;
 mod proxy;
@@ -64,6 +72,21 @@ struct Args {
     /// Skip the spoke agent measurement.
     #[arg(long, env = "KMM_BENCH_SKIP_SPOKE")]
     skip_spoke: bool,
+    /// End to end: spokes of the sandbox (real OCM agents, kmm-hub and kmm-spoke).
+    #[arg(long, env = "KMM_BENCH_E2E_SPOKES", default_value_t = 3)]
+    e2e_spokes: usize,
+    /// End to end: simulated worker nodes per spoke.
+    #[arg(long, env = "KMM_BENCH_E2E_NODES", default_value_t = 3)]
+    e2e_nodes: usize,
+    /// End to end: kernels the nodes run (round-robin); the kernel change adds one more.
+    #[arg(long, env = "KMM_BENCH_E2E_KERNELS", default_value_t = 2)]
+    e2e_kernels: usize,
+    /// End to end: add a real-kernel node (Debian's kernel in a qemu VM) to spoke-1.
+    #[arg(long, env = "KMM_BENCH_E2E_VM")]
+    e2e_vm: bool,
+    /// Skip the end-to-end measurement.
+    #[arg(long, env = "KMM_BENCH_SKIP_E2E")]
+    skip_e2e: bool,
     /// Only render the page from an existing results.json.
     #[arg(long)]
     render_only: bool,
@@ -198,6 +221,29 @@ async fn main() -> anyhow::Result<()> {
             });
         }
         runs
+    };
+
+    results.e2e = if args.skip_e2e {
+        Outcome::todo("skipped (--skip-e2e)")
+    } else if !spoke_bin.is_file() {
+        Outcome::todo(format!(
+            "TODO: {} is missing (`cargo build --profile release-small -p kmm-spoke`)",
+            spoke_bin.display()
+        ))
+    } else {
+        let cfg = e2e::Config {
+            spokes: args.e2e_spokes,
+            nodes: args.e2e_nodes,
+            kernels: args.e2e_kernels,
+            vm: args.e2e_vm,
+        };
+        match e2e::run(&hub_bin, &spoke_bin, cfg).await {
+            Ok(r) => Outcome::Done(r),
+            Err(e) => {
+                eprintln!("kmm-bench: end to end failed: {e:#}");
+                Outcome::todo(format!("TODO: the end-to-end run failed: {e:#}"))
+            }
+        }
     };
 
     results.upstream = results.fanout.iter().map(upstream).collect();

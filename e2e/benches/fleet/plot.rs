@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use plotters::prelude::*;
 
-use crate::results::FanOut;
+use crate::results::{EndToEnd, FanOut, Outcome};
 
 const W: u32 = 1200;
 const H: u32 = 480;
@@ -44,11 +44,127 @@ pub fn render(fanout: &[FanOut], out: &Path) -> anyhow::Result<()> {
         memory(&right, fanout).map_err(|e| anyhow::anyhow!("memory panel: {e}"))?;
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
+    write_png(&buf, (W, H), out)
+}
+
+fn write_png(buf: &[u8], (w, h): (u32, u32), out: &Path) -> anyhow::Result<()> {
     let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W, H);
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    enc.write_header()?.write_image_data(&buf)?;
+    enc.write_header()?.write_image_data(buf)?;
+    Ok(())
+}
+
+const E2E_W: u32 = 1200;
+const E2E_H: u32 = 300;
+
+/// The end-to-end figure: one stacked bar per event (MCM apply, kernel change), a segment
+/// per leg.
+pub fn render_e2e(e: &EndToEnd, out: &Path) -> anyhow::Result<()> {
+    register_font()?;
+    let a = &e.apply;
+    let mut bars: Vec<(String, Vec<(&str, f64)>)> = vec![(
+        "MCM apply".into(),
+        vec![
+            ("hub", a.hub_s),
+            ("OCM delivery", a.ocm_s),
+            ("spoke", a.spoke_s),
+        ],
+    )];
+    if let Some(c) = e.change.iter().find_map(Outcome::done) {
+        bars.push((
+            "kernel change".into(),
+            vec![
+                ("spoke agent: claim", c.spoke_agent_s),
+                ("OCM registration", c.registration_s),
+                ("hub", c.hub_s),
+                ("OCM delivery", c.ocm_s),
+                ("spoke", c.spoke_s),
+            ],
+        ));
+    }
+    let mut buf = vec![0u8; (E2E_W * E2E_H * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (E2E_W, E2E_H)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        e2e_bars(&root, &bars).map_err(|e| anyhow::anyhow!("end-to-end bars: {e}"))?;
+        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    write_png(&buf, (E2E_W, E2E_H), out)
+}
+
+fn leg_color(leg: &str) -> RGBColor {
+    match leg {
+        "hub" => RGBColor(30, 100, 200),
+        "OCM delivery" => RGBColor(230, 140, 20),
+        "spoke" => RGBColor(40, 160, 80),
+        "OCM registration" => RGBColor(200, 40, 40),
+        _ => RGBColor(150, 90, 190),
+    }
+}
+
+fn e2e_bars(area: &Area<'_>, bars: &[(String, Vec<(&str, f64)>)]) -> DrawResult {
+    let total = bars
+        .iter()
+        .map(|(_, legs)| legs.iter().map(|(_, s)| s.max(0.0)).sum::<f64>())
+        .fold(0.0f64, f64::max);
+    let n = bars.len() as f64;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            "End to end with the real OCM agents: where the time goes",
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(130)
+        .build_cartesian_2d(0.0..(total * 1.1).max(0.1), 0.0..n)?;
+    let names: Vec<String> = bars.iter().map(|(name, _)| name.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .x_desc("seconds")
+        .y_labels(bars.len() * 2 + 1)
+        .y_label_formatter(&|y| {
+            // Bar i spans [n-1-i, n-i]; label its middle.
+            let i = n - y - 0.5;
+            if (i - i.round()).abs() < 0.01 && i >= 0.0 {
+                names.get(i.round() as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .x_label_formatter(&|x| format!("{x:.1}"))
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 16))
+        .draw()?;
+    let mut labelled: Vec<&str> = Vec::new();
+    for (i, (_, legs)) in bars.iter().enumerate() {
+        let (y0, y1) = (n - 1.0 - i as f64 + 0.2, n - i as f64 - 0.2);
+        let mut x = 0.0;
+        for &(leg, secs) in legs {
+            let secs = secs.max(0.0);
+            let color = leg_color(leg);
+            let series = chart.draw_series(std::iter::once(Rectangle::new(
+                [(x, y0), (x + secs, y1)],
+                color.filled(),
+            )))?;
+            if !labelled.contains(&leg) {
+                labelled.push(leg);
+                series.label(leg).legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled())
+                });
+            }
+            x += secs;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font(("sans-serif", 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
     Ok(())
 }
 

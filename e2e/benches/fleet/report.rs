@@ -7,11 +7,12 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::results::{Outcome, Results, SpokeIdle};
+use crate::results::{EndToEnd, Outcome, Results, SpokeIdle};
 
 const BEGIN: &str = "<!-- analysis:begin (kept when the page is regenerated) -->";
 const END: &str = "<!-- analysis:end -->";
 const PNG: &str = "benchmarks-fanout.png";
+const E2E_PNG: &str = "benchmarks-e2e.png";
 
 pub fn write(r: &Results, doc: &Path) -> anyhow::Result<()> {
     let png = doc.with_file_name(PNG);
@@ -30,7 +31,16 @@ pub fn write(r: &Results, doc: &Path) -> anyhow::Result<()> {
             Some(old[start..end].trim().to_string())
         })
         .unwrap_or_else(|| "(No analysis yet.)".into());
-    let page = render(r, plot, &analysis);
+    let e2e_png = doc.with_file_name(E2E_PNG);
+    let e2e_plot = match r.e2e.done().map(|e| crate::plot::render_e2e(e, &e2e_png)) {
+        Some(Ok(())) => true,
+        Some(Err(e)) => {
+            eprintln!("kmm-bench: no end-to-end plot: {e:#}");
+            false
+        }
+        None => false,
+    };
+    let page = render(r, plot, e2e_plot, &analysis);
     std::fs::write(doc, page).with_context(|| format!("writing {}", doc.display()))?;
     eprintln!("kmm-bench: wrote {}", doc.display());
     Ok(())
@@ -71,7 +81,7 @@ fn n(x: usize) -> String {
     out
 }
 
-fn render(r: &Results, plot: bool, analysis: &str) -> String {
+fn render(r: &Results, plot: bool, e2e_plot: bool, analysis: &str) -> String {
     let mut s = String::new();
     let w = &mut s;
     let _ = writeln!(w, "# Benchmarks\n");
@@ -83,8 +93,10 @@ fn render(r: &Results, plot: bool, analysis: &str) -> String {
          ([test-world.md](test-world.md)): a real kube-apiserver, etcd and registry on \
          loopback, the `kmm-hub` and `kmm-spoke` binaries as their own processes (`{}`, `{}`: \
          the `release-small` profile the container images are built with, linked against glibc \
-         here where the images use musl). Rates are compared only with rates of the same run, on \
-         the same API server.\n",
+         here where the images use musl). The end-to-end part runs them on the sandbox \
+         (`kmm_e2e::sandbox`): installed from `manifests/` under their ServiceAccounts, between a \
+         hub and spokes joined by Open Cluster Management's real registration and work agents. \
+         Rates are compared only with rates of the same run, on the same API server.\n",
         r.settings.hub_bin, r.settings.spoke_bin
     );
     let _ = writeln!(
@@ -120,6 +132,7 @@ fn render(r: &Results, plot: bool, analysis: &str) -> String {
          just bench                   # provisions the test world, builds, runs both benches\n\
          just bench --sizes 100,1000  # other fan-out sizes (also KMM_BENCH_SIZES)\n\
          just bench --spoke-runs 50x3,200x10  # other spoke sizes, NODESxMODULES (also KMM_BENCH_SPOKE_RUNS)\n\
+         just bench --skip-fanout --skip-spoke --e2e-vm  # end to end only, with a real-kernel node\n\
          cargo bench -p kmm-e2e --bench fleet -- --render-only  # this page from results.json\n\
          ```\n\n\
          `just bench` builds `kmm-hub` and `kmm-spoke` with `--profile release-small`, runs \
@@ -147,6 +160,7 @@ fn render(r: &Results, plot: bool, analysis: &str) -> String {
     fanout_section(w, r, plot);
     steady_section(w, r);
     memory_section(w, r);
+    e2e_section(w, r, e2e_plot);
     signing_section(w, r);
     upstream_section(w, r);
 
@@ -506,4 +520,128 @@ fn upstream_section(w: &mut String, r: &Results) {
          cluster plus a few MCM status writes per reconcile.",
         1 + 1 + 2 * 3 + 1
     );
+}
+
+fn e2e_section(w: &mut String, r: &Results, plot: bool) {
+    let _ = writeln!(
+        w,
+        "\n## End to end (real OCM)\n\nThe sandbox (`kmm_e2e::sandbox`, as `./scripts/sandbox` \
+         and the scenario suite start it): a hub and spokes on their own control planes, joined \
+         through OCM's real registration and work agents (status sync every 1 s, the test \
+         world's setting); `{}` and `{}` installed from `manifests/` (the spoke agent's objects \
+         through the policy framework) and running under their ServiceAccounts; simulated worker \
+         nodes whose kubelets pull the images from the registry and run the loader contract. \
+         Every time comes from watches opened before the action. **MCM apply**: one \
+         ManagedClusterModule over every spoke (one prebuilt image per kernel, pulled with a \
+         secret the MCM copies to the spokes), from the apply until every selected cluster's \
+         ManifestWork is on the hub (*hub*), then until the Module is on every spoke (*OCM \
+         delivery*: the work agent applied it), then until every selected node carries the \
+         Module's ready label `kmm.node.kubernetes.io/<ns>.<name>.ready` with the module in its \
+         loaded list (*spoke*). **Kernel change**: one node reboots into a kernel its spoke did \
+         not run (its image is in the registry), on each spoke in turn: until the spoke agent's ClusterClaim lists it \
+         (*spoke agent*), the ManagedCluster's claim on the hub does (*OCM registration*), the \
+         cluster's ManifestWork maps it (*hub*), the Module on the spoke does (*OCM \
+         delivery*), and the module is loaded and labelled on that node (*spoke*).\n",
+        r.settings.hub_bin, r.settings.spoke_bin
+    );
+    let e: &EndToEnd = match &r.e2e {
+        Outcome::Done(e) => e,
+        Outcome::Todo { todo } => {
+            let _ = writeln!(w, "{todo}");
+            return;
+        }
+    };
+    let vm = e
+        .vm_kernel
+        .as_ref()
+        .map(|k| format!(", and on spoke-1 one real-kernel node (`{k}` in a qemu VM)"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        w,
+        "Measured {}: {} spokes × {} simulated worker nodes on {} kernels ({}){vm}; {} selected \
+         nodes in all. The sandbox took {:.0} s to start (setup).\n",
+        e.measured_at,
+        e.spokes,
+        e.nodes_per_spoke,
+        e.kernels.len(),
+        e.kernels
+            .iter()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        e.apply.nodes,
+        e.sandbox_start_s
+    );
+    let _ = writeln!(
+        w,
+        "| event | spoke agent: claim | OCM registration | hub | OCM delivery | spoke | total |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    let a = &e.apply;
+    let _ = writeln!(
+        w,
+        "| MCM applied → loaded on {} nodes of {} spokes | — | — | {:.2} s | {:.2} s | {:.2} s | **{:.2} s** |",
+        a.nodes, e.spokes, a.hub_s, a.ocm_s, a.spoke_s, a.loaded_s
+    );
+    for change in &e.change {
+        match change {
+            Outcome::Done(c) => {
+                let _ = writeln!(
+                    w,
+                    "| `{}` of {} reboots from `{}` into `{}` → loaded there | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2} s | **{:.2} s** |",
+                    c.node,
+                    c.cluster,
+                    c.from,
+                    c.to,
+                    c.spoke_agent_s,
+                    c.registration_s,
+                    c.hub_s,
+                    c.ocm_s,
+                    c.spoke_s,
+                    c.loaded_s
+                );
+            }
+            Outcome::Todo { todo } => {
+                let _ = writeln!(w, "| kernel change | {todo} | | | | | |");
+            }
+        }
+    }
+    if plot {
+        let _ = writeln!(
+            w,
+            "\n![End to end: where the time goes (the first kernel change)]({E2E_PNG})"
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\nPer spoke, from the MCM apply: {}. The legs of the apply are fleet-wide (the last \
+         cluster's work, the last spoke's Module, the last node), so a leg can overlap the one \
+         before it on other clusters.",
+        a.clusters
+            .iter()
+            .map(|c| format!(
+                "{} work {:.2} s, Module {:.2} s, {} nodes loaded {:.2} s",
+                c.name, c.work_s, c.module_s, c.nodes, c.loaded_s
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    if !a.vm_loaded_s.is_empty() {
+        let _ = writeln!(
+            w,
+            "\nReal-kernel node{}: {}, the last simulated node {:.2} s (the VM had booted in \
+             {:.1} s before the apply; its loader pod's container runs in the VM: the image's \
+             layers unpacked into its shared directory, the loader script with kmod's `modprobe` \
+             against Debian's kernel, under software emulation). Its kernel cannot change \
+             (`set_kernel` refuses a VM), so the kernel change is measured on a simulated node.",
+            if a.vm_loaded_s.len() > 1 { "s" } else { "" },
+            a.vm_loaded_s
+                .iter()
+                .map(|(n, s)| format!("`{n}` loaded {s:.2} s after the apply"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            a.simulated_loaded_s,
+            e.vm_boot_s.unwrap_or_default()
+        );
+    }
 }

@@ -18,6 +18,9 @@ pub struct Results {
     pub signing: Outcome<Signing>,
     pub upstream: Vec<Upstream>,
     pub targets: Vec<Target>,
+    /// End to end on the sandbox (real OCM agents), or why it was not measured.
+    #[serde(default)]
+    pub e2e: Outcome<EndToEnd>,
 }
 
 /// A measurement, or a TODO saying why it is missing.
@@ -294,4 +297,90 @@ pub struct Target {
     pub target: String,
     pub measured: String,
     pub met: Option<bool>,
+}
+
+/// End to end on the sandbox: the hub and spokes with OCM's real agents, the `kmm-hub` and
+/// `kmm-spoke` binaries under their ServiceAccounts, simulated nodes (and a VM node with
+/// `--e2e-vm`). Times in seconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EndToEnd {
+    /// When this part ran (it can be run alone: `--skip-fanout --skip-spoke`).
+    pub measured_at: String,
+    pub spokes: usize,
+    /// Simulated worker nodes per spoke, kernels round-robin from `kernels`.
+    pub nodes_per_spoke: usize,
+    pub kernels: Vec<String>,
+    /// The kernel one node reboots into for the kernel change.
+    pub new_kernel: String,
+    /// Kernel of the real-kernel node on spoke-1 (`--e2e-vm`), and its VM's boot (qemu start
+    /// to its agent's `ready`; over before the measurements start).
+    #[serde(default)]
+    pub vm_kernel: Option<String>,
+    #[serde(default)]
+    pub vm_boot_s: Option<f64>,
+    /// Starting the sandbox (setup, not measured against anything).
+    pub sandbox_start_s: f64,
+    pub apply: E2eApply,
+    /// One kernel change per spoke, in turn.
+    pub change: Vec<Outcome<E2eChange>>,
+}
+
+/// An MCM applied on the hub until its module is loaded on every selected node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct E2eApply {
+    /// MCM applied → every selected cluster's ManifestWork seen on the hub.
+    pub works_s: f64,
+    /// → the Module seen on every spoke (applied by OCM's work agent).
+    pub modules_s: f64,
+    /// → the Module's ready label on every selected node, its module in the node's list.
+    pub loaded_s: f64,
+    /// The legs: hub (`works_s`), OCM delivery (`modules_s - works_s`), spoke (`loaded_s - modules_s`).
+    pub hub_s: f64,
+    pub ocm_s: f64,
+    pub spoke_s: f64,
+    /// Selected nodes over all spokes.
+    pub nodes: usize,
+    pub clusters: Vec<E2eCluster>,
+    /// Real-kernel node → MCM applied → loaded there.
+    #[serde(default)]
+    pub vm_loaded_s: BTreeMap<String, f64>,
+    /// MCM applied → loaded on the last simulated node.
+    #[serde(default)]
+    pub simulated_loaded_s: f64,
+}
+
+/// One spoke's times in the MCM apply, from the apply.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct E2eCluster {
+    pub name: String,
+    pub work_s: f64,
+    pub module_s: f64,
+    pub loaded_s: f64,
+    pub nodes: usize,
+}
+
+/// One node reboots into a kernel its spoke did not run: the claim, the hub's new work, its
+/// delivery and the load. Cumulative times from the reboot, then each leg.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct E2eChange {
+    pub cluster: String,
+    pub node: String,
+    pub from: String,
+    pub to: String,
+    /// → the spoke's kernel ClusterClaim lists the new kernel.
+    pub claim_spoke_s: f64,
+    /// → the ManagedCluster's claim on the hub does (OCM registration agent).
+    pub claim_hub_s: f64,
+    /// → the cluster's ManifestWork maps it.
+    pub work_s: f64,
+    /// → the Module on the spoke maps it (OCM work agent).
+    pub module_s: f64,
+    /// → the module loaded on the node and its ready label there.
+    pub loaded_s: f64,
+    /// Legs: spoke agent, OCM registration, hub, OCM delivery, spoke (load).
+    pub spoke_agent_s: f64,
+    pub registration_s: f64,
+    pub hub_s: f64,
+    pub ocm_s: f64,
+    pub spoke_s: f64,
 }

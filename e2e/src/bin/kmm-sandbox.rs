@@ -149,6 +149,7 @@ async fn up_inner(args: &UpArgs) -> anyhow::Result<()> {
         hub_resync: args.hub_resync,
         hub_bin: args.hub_bin.clone(),
         spoke_bin: args.spoke_bin.clone(),
+        nodes: None,
     };
     // Ctrl-C during start-up stops what has started (dropping the fleet kills its processes).
     let sandbox = tokio::select! {

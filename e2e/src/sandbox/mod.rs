@@ -56,6 +56,10 @@ pub struct SandboxOptions {
     /// Prebuilt binaries; found next to the running executable (and built) otherwise.
     pub hub_bin: Option<PathBuf>,
     pub spoke_bin: Option<PathBuf>,
+    /// The nodes of each spoke, one list per spoke (`spoke-1` first); the sandbox's mixed
+    /// topology ([`topology`]: two spokes, two kernels, Secure Boot and real-kernel nodes)
+    /// when `None`.
+    pub nodes: Option<Vec<Vec<SimNode>>>,
 }
 
 impl Default for SandboxOptions {
@@ -66,6 +70,7 @@ impl Default for SandboxOptions {
             hub_resync: Duration::from_secs(30),
             hub_bin: None,
             spoke_bin: None,
+            nodes: None,
         }
     }
 }
@@ -130,11 +135,17 @@ impl Sandbox {
         let keys = SigningKeys::generate(&scratch.path().join("keys"), "kmm-sandbox-signing")?;
         step.done("RSA 2048, enrolled on the Secure Boot node");
 
-        let step = progress.step(
-            "Starting the fleet: hub + 2 spokes (Kubernetes and OCM from their Go modules), registry, simulated and real-kernel nodes",
-        );
-        let nodes = topology(&keys.cert_der);
-        let mut builder = Fleet::builder().spokes(2).registry_auth(true);
+        let nodes = opts
+            .nodes
+            .clone()
+            .unwrap_or_else(|| topology(&keys.cert_der));
+        let real = nodes.iter().flatten().any(|n| n.real_kernel);
+        let step = progress.step(&format!(
+            "Starting the fleet: hub + {} spokes (Kubernetes and OCM from their Go modules), registry, simulated{} nodes",
+            nodes.len(),
+            if real { " and real-kernel" } else { "" }
+        ));
+        let mut builder = Fleet::builder().spokes(nodes.len()).registry_auth(true);
         for (i, ns) in nodes.iter().enumerate() {
             builder = builder.spoke_nodes(i + 1, ns.clone());
         }
