@@ -209,6 +209,10 @@ pub async fn run(args: RunArgs, token: CancellationToken) -> anyhow::Result<()> 
     .with_config(ControllerConfig::default().concurrency(args.concurrency));
     let store = controller.store();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // What a fan-out left in the heap goes back to the system once the hub is quiet again.
+    tokio::spawn(kmm_runtime::alloc::release_free_when_quiet(
+        std::time::Duration::from_secs(10),
+    ));
     tokio::spawn(watch_clusters(
         client.clone(),
         caches.clone(),

@@ -293,6 +293,11 @@ impl Agent {
         let (triggers, streams) = Triggers::new();
 
         let mut tasks = Vec::new();
+        // What a burst of work (a relist, a fleet of pods starting) left in the heap goes
+        // back to the system once the agent is quiet again.
+        tasks.push(tokio::spawn(kmm_runtime::alloc::release_free_when_quiet(
+            Duration::from_secs(10),
+        )));
         let role_selector = watcher::Config::default().labels(ROLE_LABEL);
         tasks.push(tokio::spawn(informer_modules(
             Api::all(client.clone()),

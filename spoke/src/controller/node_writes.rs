@@ -22,6 +22,9 @@ use super::labels::{current_node_annotations, current_node_labels};
 use super::{Context, ModuleKey};
 use crate::error::ReconcileError;
 
+/// How long the node a write returned is kept for a cache that has not caught up.
+const WRITTEN_KEPT: Duration = Duration::from_secs(30);
+
 /// The field manager of the agent's node writes.
 pub const NODE_WRITE_MANAGER: &str = "kmm-spoke";
 
@@ -63,7 +66,9 @@ pub struct NodeWrites {
     delay: Duration,
     interval: Duration,
     pending: Mutex<HashMap<String, NodeWant>>,
-    written: Mutex<HashMap<String, Arc<Node>>>,
+    /// The node each write returned, and when, until the cache has caught up (at most
+    /// [`WRITTEN_KEPT`]).
+    written: Mutex<HashMap<String, (Instant, Arc<Node>)>>,
     /// When each node was last written (entries older than `interval` are dropped).
     last_write: Mutex<HashMap<String, Instant>>,
 }
@@ -140,7 +145,7 @@ impl NodeWrites {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_written(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Node>>> {
+    fn lock_written(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Arc<Node>)>> {
         self.written.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -148,7 +153,7 @@ impl NodeWrites {
     /// forgotten once the cache has caught up.
     fn freshest(&self, name: &str, cached: Arc<Node>) -> Arc<Node> {
         let mut written = self.lock_written();
-        let Some(ours) = written.get(name) else {
+        let Some((_, ours)) = written.get(name) else {
             return cached;
         };
         let rv = |n: &Node| {
@@ -260,11 +265,16 @@ pub async fn reconcile(name: String, ctx: &Context) -> Result<Action, ReconcileE
         )
         .await
     {
-        Ok(written) => {
+        Ok(mut written) => {
+            // Kept only until the cache catches up, and only what the cache keeps of a node.
+            crate::cache::strip_node(&mut written);
             writes.wrote(&name, Instant::now());
             ctx.metrics.write("node-labels");
             tracing::debug!(node = %name, patch = %patch["metadata"], "node written");
-            writes.lock_written().insert(name, Arc::new(written));
+            let now = Instant::now();
+            let mut kept = writes.lock_written();
+            kept.retain(|_, (at, _)| now.saturating_duration_since(*at) < WRITTEN_KEPT);
+            kept.insert(name, (now, Arc::new(written)));
             Ok(Action::AwaitChange)
         }
         // Gone, or replaced under the same name (the uid no longer matches): the wants of
