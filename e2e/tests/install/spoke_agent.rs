@@ -385,13 +385,19 @@ async fn spoke_agent_works(
         })
     })
     .await?;
+    // Node labels go through the node writer's short window.
     for (node, kernel) in [("n1", K1), ("n2", K2)] {
-        let n = Api::<Node>::all(admin.clone()).get(node).await?;
-        ensure!(
-            n.labels().get(KERNEL_LABEL) == Some(&kernel_label_value(kernel)),
-            "{node} labelled with its kernel: {:?}",
-            n.labels()
-        );
+        eventually("the node labelled with its kernel", DEADLINE, || async {
+            let n = Api::<Node>::all(admin.clone()).get(node).await?;
+            Ok(
+                if n.labels().get(KERNEL_LABEL) == Some(&kernel_label_value(kernel)) {
+                    Ok(())
+                } else {
+                    Err(format!("{node}: {:?}", n.labels()))
+                },
+            )
+        })
+        .await?;
     }
     let hub = fleet.hub().client().await;
     eventually(

@@ -1,7 +1,8 @@
 //! When a Module's status is written. A change of the spec (a new generation) is written at
-//! once; a change the pods and DaemonSets make under the same spec (counts dipping while a
-//! node reboots, conditions following them) is written once it has lasted `delay`, with the
-//! status as it is then. So a node's reboot, whose loaders are back within the delay, costs no
+//! once, and so is every change for [`SETTLE`] after it (the hub's rollout reads how the new
+//! spec fares); a change the pods and DaemonSets make under a settled spec (counts dipping
+//! while a node reboots, conditions following them) is written once it has lasted `delay`,
+//! with the status as it is then. So a node's reboot, whose loaders are back within the delay, costs no
 //! status write, and a longer one costs one or two instead of one per DaemonSet status update.
 
 use std::collections::HashMap;
@@ -9,6 +10,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::ModuleKey;
+
+/// How long after a spec change every status change is written at once.
+pub const SETTLE: Duration = Duration::from_secs(60);
 
 /// What to do with a computed status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +29,8 @@ pub enum StatusWrite {
 pub struct StatusGate {
     delay: Duration,
     differs_since: Mutex<HashMap<ModuleKey, Instant>>,
+    /// When each Module's last spec change was written.
+    new_spec_at: Mutex<HashMap<ModuleKey, Instant>>,
 }
 
 impl StatusGate {
@@ -32,6 +38,7 @@ impl StatusGate {
         Self {
             delay,
             differs_since: Mutex::default(),
+            new_spec_at: Mutex::default(),
         }
     }
 
@@ -49,9 +56,19 @@ impl StatusGate {
             since.remove(key);
             return StatusWrite::Unchanged;
         }
+        let mut spec_at = self.new_spec_at.lock().unwrap_or_else(|e| e.into_inner());
+        if new_spec {
+            spec_at.insert(key.clone(), now);
+        }
+        let settling = spec_at
+            .get(key)
+            .is_some_and(|t| now.saturating_duration_since(*t) < SETTLE);
+        if !settling {
+            spec_at.remove(key);
+        }
         let first = *since.entry(key.clone()).or_insert(now);
         let age = now.saturating_duration_since(first);
-        if new_spec || age >= self.delay {
+        if settling || age >= self.delay {
             since.remove(key);
             StatusWrite::Now
         } else {
@@ -62,6 +79,10 @@ impl StatusGate {
     /// Forget a Module (deleted).
     pub fn forget(&self, key: &ModuleKey) {
         self.differs_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        self.new_spec_at
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
@@ -76,9 +97,13 @@ mod tests {
     fn a_spec_change_is_written_at_once_a_pod_change_once_it_lasted() {
         let gate = StatusGate::new(Duration::from_secs(2));
         let k: ModuleKey = ("ns".into(), "m".into());
-        let t0 = Instant::now();
-        assert_eq!(gate.decide(&k, false, false, t0), StatusWrite::Unchanged);
-        assert_eq!(gate.decide(&k, true, true, t0), StatusWrite::Now);
+        let t = Instant::now();
+        assert_eq!(gate.decide(&k, false, false, t), StatusWrite::Unchanged);
+        assert_eq!(gate.decide(&k, true, true, t), StatusWrite::Now);
+        // While the new spec settles, every change goes at once (a rollout reads them).
+        let settling = t + SETTLE / 2;
+        assert_eq!(gate.decide(&k, true, false, settling), StatusWrite::Now);
+        let t0 = t + SETTLE;
         // A dip: held back, looked at again when it is due.
         assert_eq!(
             gate.decide(&k, true, false, t0),
