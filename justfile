@@ -74,7 +74,8 @@ bench *ARGS:
     set -euo pipefail
     t0=$(date +%s)
     KMM_FLEET_EXTRA_PACKAGES="${KMM_FLEET_EXTRA_PACKAGES:-} fonts-dejavu-core" bash e2e/provision/provision.sh
-    out="${CARGO_TARGET_DIR:-target}/bench"
+    # Absolute: the fleet bench runs in e2e/, where a relative path would not resolve.
+    out="$(realpath -m "${CARGO_TARGET_DIR:-target}")/bench"
     mkdir -p "$out"
     echo "==> kmm-hub and kmm-spoke as the container images build them (release-small, one each)"
     cargo build --profile release-small --locked -p kmm-spoke --bin kmm-spoke
