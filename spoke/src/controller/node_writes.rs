@@ -16,7 +16,7 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use serde_json::{Map, Value, json};
-use shared_api::labels::KERNEL_LABEL;
+use shared_api::labels::{KERNEL_LABEL, SPOKE_NODE_MANAGER};
 
 use super::labels::{current_node_annotations, current_node_labels};
 use super::{Context, ModuleKey};
@@ -24,9 +24,6 @@ use crate::error::ReconcileError;
 
 /// How long the node a write returned is kept for a cache that has not caught up.
 const WRITTEN_KEPT: Duration = Duration::from_secs(30);
-
-/// The field manager of the agent's node writes.
-pub const NODE_WRITE_MANAGER: &str = "kmm-spoke";
 
 /// What one Module wants on one node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -260,7 +257,7 @@ pub async fn reconcile(name: String, ctx: &Context) -> Result<Action, ReconcileE
     match api
         .patch(
             &name,
-            &PatchParams::apply(NODE_WRITE_MANAGER),
+            &PatchParams::apply(SPOKE_NODE_MANAGER),
             &Patch::Merge(&patch),
         )
         .await
