@@ -537,6 +537,8 @@ async fn spoke_agent_works(
             "yes patch nodes n1",
             "no delete nodes n1",
             "yes patch namespaces kmm-labs",
+            "yes get namespaces kmm-labs",
+            "no list namespaces",
             "no update namespaces kmm-labs",
             "no delete namespaces kmm-labs",
             "no create namespaces x",

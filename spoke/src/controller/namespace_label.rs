@@ -19,9 +19,9 @@ pub fn others_left(name: &str, names_in_namespace: &[String]) -> bool {
 
 /// Set (`true`) or remove (`false`) the label on `namespace`, by server-side apply under
 /// the agent's own field manager (so the label is the only field it owns there). A label this
-/// process set is written again only once per resync period (someone else's full update may
-/// have dropped it); a removal is always written (the label may come from an earlier run); a
-/// namespace that is gone is fine.
+/// process set is looked at again once per resync period (someone else's full update may have
+/// dropped it) and written only if it is missing; a removal is always written (the label may
+/// come from an earlier run); a namespace that is gone is fine.
 pub async fn ensure(namespace: &str, wanted: bool, ctx: &Context) -> Result<(), ReconcileError> {
     let fresh = ctx
         .labelled_namespaces
@@ -29,6 +29,11 @@ pub async fn ensure(namespace: &str, wanted: bool, ctx: &Context) -> Result<(), 
         .map(|s| s.get(namespace).is_some_and(|at| at.elapsed() < ctx.resync))
         .unwrap_or(false);
     if wanted && fresh {
+        return Ok(());
+    }
+    let api: Api<Namespace> = Api::all(ctx.client.clone());
+    if wanted && has_label(&api, namespace).await? {
+        remember(namespace, true, ctx);
         return Ok(());
     }
     let labels = if wanted {
@@ -41,7 +46,6 @@ pub async fn ensure(namespace: &str, wanted: bool, ctx: &Context) -> Result<(), 
         "kind": "Namespace",
         "metadata": { "name": namespace, "labels": labels },
     });
-    let api: Api<Namespace> = Api::all(ctx.client.clone());
     let result = api
         .patch(
             namespace,
@@ -60,14 +64,33 @@ pub async fn ensure(namespace: &str, wanted: bool, ctx: &Context) -> Result<(), 
             });
         }
     }
+    remember(namespace, wanted, ctx);
+    Ok(())
+}
+
+/// Whether `namespace` carries the label now (a namespace that is gone does not).
+async fn has_label(api: &Api<Namespace>, namespace: &str) -> Result<bool, ReconcileError> {
+    match api.get_metadata_opt(namespace).await {
+        Ok(ns) => Ok(ns.is_some_and(|ns| {
+            ns.metadata
+                .labels
+                .is_some_and(|l| l.contains_key(NAMESPACE_CONTAINS_MODULES_LABEL))
+        })),
+        Err(source) => Err(ReconcileError::NamespaceLabel {
+            namespace: namespace.to_string(),
+            source,
+        }),
+    }
+}
+
+fn remember(namespace: &str, labelled: bool, ctx: &Context) {
     if let Ok(mut s) = ctx.labelled_namespaces.lock() {
-        if wanted {
+        if labelled {
             s.insert(namespace.to_string(), std::time::Instant::now());
         } else {
             s.remove(namespace);
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
