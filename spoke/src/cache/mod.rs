@@ -11,10 +11,7 @@ use std::hash::Hash;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Node,
-    NodeSpec, NodeStatus, NodeSystemInfo, Pod, PodCondition, PodSpec, PodStatus,
-};
+use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus, NodeSystemInfo};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kmm_runtime::admin::ReadyGate;
 use kmm_runtime::shutdown::CancellationToken;
@@ -28,6 +25,9 @@ use shared_api::labels::is_ready_boot_annotation;
 use shared_api::{ClusterClaim, Module};
 
 use crate::render::{SPEC_HASH_ANNOTATION, TEMPLATE_HASH_ANNOTATION};
+
+pub mod pod;
+pub use pod::CachedPod;
 
 /// Run one informer until `token` is cancelled. `before` sees each (stripped) event with
 /// the store in its previous state and returns triggers; `after` receives them once the
@@ -141,71 +141,8 @@ pub fn strip_node(n: &mut Node) {
     });
 }
 
-/// Pods: labels, node, deletion, phase, Ready condition and container states.
-pub fn strip_pod(p: &mut Pod) {
-    strip_meta(&mut p.metadata);
-    // Only the loader's template hash (the agent replaces outdated loader pods).
-    p.metadata.annotations = p
-        .metadata
-        .annotations
-        .take()
-        .and_then(|mut a| a.remove_entry(TEMPLATE_HASH_ANNOTATION))
-        .map(|(k, v)| BTreeMap::from([(k, v)]));
-    p.metadata.owner_references = None;
-    let node_name = p.spec.as_ref().and_then(|s| s.node_name.clone());
-    p.spec = Some(PodSpec {
-        node_name,
-        ..Default::default()
-    });
-    if let Some(status) = p.status.take() {
-        p.status = Some(PodStatus {
-            phase: status.phase,
-            conditions: status.conditions.map(|cs| {
-                cs.into_iter()
-                    .filter(|c| c.type_ == "Ready")
-                    .map(|c| PodCondition {
-                        type_: c.type_,
-                        status: c.status,
-                        ..Default::default()
-                    })
-                    .collect()
-            }),
-            container_statuses: status
-                .container_statuses
-                .map(|cs| cs.into_iter().map(strip_container_status).collect()),
-            init_container_statuses: status
-                .init_container_statuses
-                .map(|cs| cs.into_iter().map(strip_container_status).collect()),
-            ..Default::default()
-        });
-    }
-}
-
-fn strip_container_status(c: ContainerStatus) -> ContainerStatus {
-    let strip = |s: ContainerState| ContainerState {
-        waiting: s.waiting.map(|w| ContainerStateWaiting {
-            reason: w.reason,
-            message: w.message,
-        }),
-        terminated: s.terminated.map(|t| ContainerStateTerminated {
-            exit_code: t.exit_code,
-            reason: t.reason,
-            message: t.message,
-            ..Default::default()
-        }),
-        // Kept as a marker: a deleted loader pod is released only once nothing runs.
-        running: s.running.map(|_| Default::default()),
-    };
-    ContainerStatus {
-        name: c.name,
-        ready: c.ready,
-        restart_count: c.restart_count,
-        state: c.state.map(strip),
-        // Why the container last ended: what a CrashLoopBackOff is about.
-        last_state: c.last_state.map(strip),
-        ..Default::default()
-    }
-}
+/// Pods need no stripping: [`CachedPod`] keeps only what the reconcilers read.
+pub fn strip_pod(_: &mut CachedPod) {}
 
 /// DaemonSets: metadata (labels, owners, generation, our hash annotation) and status; the
 /// spec is never read back (the hash annotation stands for it).

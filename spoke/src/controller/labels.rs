@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use shared_api::Module;
 use shared_api::labels::{
@@ -13,6 +13,7 @@ use shared_api::labels::{
 };
 
 use super::sequence::worker_and_schedule;
+use crate::cache::CachedPod;
 use crate::render::nodes::{loader_holds_module, loader_run, node_boot_id, node_labels, pod_node};
 
 /// One Module's view for its node labels.
@@ -24,7 +25,7 @@ pub struct LabelScope<'a> {
     /// ([`worker_and_schedule`]). `None` for a Module without a loader or one already gone.
     pub sequenced: Option<&'a Module>,
     /// The Module's pods (loaders and device plugins) on every node.
-    pub pods: &'a [Arc<Pod>],
+    pub pods: &'a [Arc<CachedPod>],
     /// The node whose outdated loader pod is being replaced now, if any.
     pub replace_on: Option<&'a str>,
     /// Drop every label of the Module (cleanup once its pods are gone).
@@ -87,7 +88,7 @@ pub fn boot_fence(boot_id: Option<&str>, recorded: Option<&str>, runs: &[String]
 }
 
 /// [`boot_fence`] for the Module on `node`, whose pods of the Module are `on_node`.
-fn fence_on(scope: &LabelScope<'_>, node: &Node, on_node: &[&Pod]) -> BootFence {
+fn fence_on(scope: &LabelScope<'_>, node: &Node, on_node: &[&CachedPod]) -> BootFence {
     let runs: Vec<String> = on_node
         .iter()
         .filter(|p| loader_holds_module(p))
@@ -105,7 +106,7 @@ fn fence_on(scope: &LabelScope<'_>, node: &Node, on_node: &[&Pod]) -> BootFence 
 pub fn desired_node_annotations(
     scope: &LabelScope<'_>,
     node: &Node,
-    on_node: &[&Pod],
+    on_node: &[&CachedPod],
 ) -> BTreeMap<String, String> {
     if scope.drop_all {
         return BTreeMap::new();
@@ -137,7 +138,7 @@ pub fn current_node_annotations(
 pub fn desired_node_labels(
     scope: &LabelScope<'_>,
     node: &Node,
-    on_node: &[&Pod],
+    on_node: &[&CachedPod],
 ) -> BTreeMap<String, String> {
     let (namespace, name) = (scope.namespace, scope.name);
     if scope.drop_all {
@@ -204,7 +205,7 @@ pub fn node_label_writes<'n>(
     let deprecated = deprecated_ready_label(scope.name);
     let deprecated_is_live = deprecated_label_is_live(scope.name, modules);
     // The pods by node once: every node below looks only at its own.
-    let mut by_node: HashMap<&str, Vec<&Pod>> = HashMap::new();
+    let mut by_node: HashMap<&str, Vec<&CachedPod>> = HashMap::new();
     for p in scope.pods {
         if let Some(n) = pod_node(p) {
             by_node.entry(n).or_default().push(p);
@@ -238,7 +239,7 @@ mod tests {
     use crate::controller::testkit::*;
     use shared_api::labels::device_plugin_ready_label;
 
-    fn scope<'a>(m: Option<&'a Module>, pods: &'a [Arc<Pod>]) -> LabelScope<'a> {
+    fn scope<'a>(m: Option<&'a Module>, pods: &'a [Arc<CachedPod>]) -> LabelScope<'a> {
         LabelScope {
             namespace: NS,
             name: NAME,
@@ -462,7 +463,7 @@ mod tests {
         let ready_pod = loader_pod("n1").ready();
         let run0 = loader_run(&ready_pod);
         let pods = cached([ready_pod.clone()]);
-        let one = |n: Node, pods: &[Arc<Pod>]| {
+        let one = |n: Node, pods: &[Arc<CachedPod>]| {
             let sc = scope(Some(&m), pods);
             node_label_writes(&sc, &cached([n]), &[])
                 .into_iter()
@@ -499,8 +500,7 @@ mod tests {
         if let Some(c) = restarted
             .status
             .as_mut()
-            .and_then(|s| s.container_statuses.as_mut())
-            .and_then(|c| c.first_mut())
+            .and_then(|s| s.container_statuses.first_mut())
         {
             c.restart_count = 1;
         }

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kmm_runtime::backoff::KeyedBackoff;
 use kmm_runtime::lease::{Campaign, LeaseConfig};
 use kmm_runtime::runtime::LEASE_GATE;
@@ -41,6 +41,7 @@ use prometheus_client::registry::Registry;
 use shared_api::labels::ROLE_LABEL;
 use shared_api::{ClusterClaim, Module};
 
+use crate::cache::CachedPod;
 use crate::cache::{self, run_informer};
 use crate::error::AgentError;
 use crate::metrics::Metrics;
@@ -110,7 +111,7 @@ impl Default for AgentConfig {
 pub struct Stores {
     pub modules: Store<Module>,
     pub daemonsets: Store<DaemonSet>,
-    pub pods: Store<Pod>,
+    pub pods: Store<CachedPod>,
     pub nodes: Store<Node>,
     pub claims: Option<Store<ClusterClaim>>,
 }
@@ -227,7 +228,7 @@ impl Agent {
 
         let (modules, w_modules) = reflector::store::<Module>();
         let (daemonsets, w_ds) = reflector::store::<DaemonSet>();
-        let (pods, w_pods) = reflector::store::<Pod>();
+        let (pods, w_pods) = reflector::store::<CachedPod>();
         let (nodes, w_nodes) = reflector::store::<Node>();
         let (claims, w_claims) = if cfg.cluster_claims {
             let (s, w) = reflector::store::<ClusterClaim>();
@@ -318,7 +319,7 @@ impl Agent {
             gd,
             token.clone(),
         )));
-        tasks.push(tokio::spawn(informer_owned::<Pod>(
+        tasks.push(tokio::spawn(informer_owned::<CachedPod>(
             "pods",
             Api::all(client.clone()),
             role_selector,

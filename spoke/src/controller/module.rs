@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kmm_runtime::ErrorCategory;
 use kmm_runtime::queue::Action as QueueAction;
@@ -38,6 +38,7 @@ use super::writes::{
     apply_daemonsets, delete_daemonset, delete_pod, hold_pod, hold_pods, release_pod,
 };
 use super::{Context, MODULE_CONTROLLER, ModuleKey, module_key, namespace_label};
+use crate::cache::CachedPod;
 use crate::error::ReconcileError;
 use crate::render::nodes::{is_plugin_role, pod_node};
 use crate::render::{ModulePlan, plan_module};
@@ -228,7 +229,7 @@ async fn delete_orphans(
 /// The pods of `ds` among the Module's `pods`: those carrying all its labels (the agent's
 /// DaemonSets select their pods by exactly their own labels; the cache keeps no owner
 /// references).
-fn pods_of(ds: &DaemonSet, pods: &[Arc<Pod>]) -> Vec<Arc<Pod>> {
+fn pods_of(ds: &DaemonSet, pods: &[Arc<CachedPod>]) -> Vec<Arc<CachedPod>> {
     let want = ds.labels();
     if want.is_empty() {
         return Vec::new();
@@ -301,7 +302,7 @@ pub async fn sync_node_labels(
                 .is_some_and(|d| d.get(&worker) != worker_now)
         {
             let node_name = write.node.name_any();
-            let here: Vec<Arc<Pod>> = pods
+            let here: Vec<Arc<CachedPod>> = pods
                 .iter()
                 .filter(|p| pod_node(p) == Some(node_name.as_str()))
                 .cloned()
@@ -340,7 +341,7 @@ pub async fn sync_node_labels(
 /// ([`stopped_loaders`]).
 async fn release_stopped_loaders(
     module: Option<&Module>,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<CachedPod>],
     ctx: &Context,
 ) -> Result<(), ReconcileError> {
     let node_exists = |n: &str| ctx.stores.nodes.get(&ObjectRef::<Node>::new(n)).is_some();
@@ -354,7 +355,7 @@ async fn release_stopped_loaders(
 }
 
 /// A Warning event on the node, once per loader pod, for a stopped loader whose unload failed.
-fn report_unload_failure(module: Option<&Module>, pod: &Pod, why: String, ctx: &Context) {
+fn report_unload_failure(module: Option<&Module>, pod: &CachedPod, why: String, ctx: &Context) {
     let first = pod.uid().is_some_and(|uid| {
         ctx.unload_failures_reported
             .lock()
@@ -394,7 +395,7 @@ fn unload_failures(namespace: &str, name: &str, ctx: &Context) -> Vec<String> {
 }
 
 /// The Module's loader and device-plugin pods in the cache.
-fn module_pods(namespace: &str, name: &str, ctx: &Context) -> Vec<Arc<Pod>> {
+fn module_pods(namespace: &str, name: &str, ctx: &Context) -> Vec<Arc<CachedPod>> {
     ctx.stores.pods.state_filter(|p| {
         p.namespace().as_deref() == Some(namespace)
             && p.labels().get(MODULE_NAME_LABEL).map(String::as_str) == Some(name)
@@ -479,7 +480,9 @@ async fn cleanup(
     // Device plugins first: a plugin holds its driver's devices, and the kernel refuses to
     // unload a module in use ("Module … is in use"). Loaders go once no plugin pod is left.
     let plugins_left = daemonsets.iter().any(|d| is_plugin(d.labels()))
-        || pods.iter().any(|p| is_plugin(p.labels()));
+        || pods
+            .iter()
+            .any(|p| is_plugin_role(p.labels().get(ROLE_LABEL).map(String::as_str)));
     for ds in &daemonsets {
         if ds.metadata.deletion_timestamp.is_none() && (is_plugin(ds.labels()) || !plugins_left) {
             // Loaders stop with their DaemonSet: held first, to read what the unload did.

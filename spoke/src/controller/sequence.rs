@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use shared_api::Module;
 use shared_api::labels::{
@@ -15,6 +15,7 @@ use shared_api::labels::{
     module_ready_label, schedule_version_label, version_module_label, worker_version_label,
 };
 
+use crate::cache::CachedPod;
 use crate::render::loader::loader_daemonset_name;
 use crate::render::nodes::{
     has_plugin, is_plugin_role, loader_holds_module, loader_unload_failed, pod_node, pod_ready,
@@ -22,12 +23,12 @@ use crate::render::nodes::{
 };
 use crate::render::{TEMPLATE_HASH_ANNOTATION, module_version};
 
-fn has_role(pod: &Pod, role: &str) -> bool {
+fn has_role(pod: &CachedPod, role: &str) -> bool {
     pod.labels().get(ROLE_LABEL).map(String::as_str) == Some(role)
 }
 
 /// A device-plugin or DRA driver pod.
-fn is_plugin_pod(pod: &Pod) -> bool {
+fn is_plugin_pod(pod: &CachedPod) -> bool {
     is_plugin_role(pod.labels().get(ROLE_LABEL).map(String::as_str))
 }
 
@@ -60,7 +61,7 @@ pub fn worker_and_schedule(
     module: &Module,
     node: &Node,
     desired: &BTreeMap<String, String>,
-    pods_on_node: &[&Pod],
+    pods_on_node: &[&CachedPod],
     replacing_here: bool,
 ) -> (Option<String>, Option<String>) {
     let (ns, name) = (module.namespace().unwrap_or_default(), module.name_any());
@@ -95,10 +96,10 @@ pub fn worker_and_schedule(
 #[derive(Debug, Default)]
 pub struct Replacement {
     /// Outdated pods that are not ready: they hold nothing, replaced at once.
-    pub idle: Vec<Arc<Pod>>,
+    pub idle: Vec<Arc<CachedPod>>,
     /// The one Ready outdated pod to replace now: only while every other loader pod of the
     /// Module is Ready and none is stopping, so at most one node unloads at a time.
-    pub next: Option<Arc<Pod>>,
+    pub next: Option<Arc<CachedPod>>,
 }
 
 /// Which of the Module's loader `pods` to replace. `daemonset` finds a DaemonSet of the
@@ -107,13 +108,13 @@ pub struct Replacement {
 /// schedule label taken off — goes on first).
 pub fn loader_replacement(
     module: &Module,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<CachedPod>],
     daemonset: impl Fn(&str) -> Option<Arc<DaemonSet>>,
     node: impl Fn(&str) -> Option<Arc<Node>>,
 ) -> Replacement {
     let (ns, name) = (module.namespace().unwrap_or_default(), module.name_any());
-    let loaders: Vec<&Arc<Pod>> = pods.iter().filter(|p| has_role(p, ROLE_LOADER)).collect();
-    let outdated = |p: &Pod| -> bool {
+    let loaders: Vec<&Arc<CachedPod>> = pods.iter().filter(|p| has_role(p, ROLE_LOADER)).collect();
+    let outdated = |p: &CachedPod| -> bool {
         let l = p.labels();
         let Some(kernel) = l.get(TARGET_KERNEL_LABEL) else {
             return false;
@@ -128,8 +129,8 @@ pub fn loader_replacement(
         let have = p.annotations().get(TEMPLATE_HASH_ANNOTATION);
         want.is_some_and(|w| have != Some(&w))
     };
-    let live = |p: &&&Arc<Pod>| p.metadata.deletion_timestamp.is_none();
-    let idle: Vec<Arc<Pod>> = loaders
+    let live = |p: &&&Arc<CachedPod>| p.metadata.deletion_timestamp.is_none();
+    let idle: Vec<Arc<CachedPod>> = loaders
         .iter()
         .filter(live)
         .filter(|p| !pod_ready(p) && outdated(p))
@@ -139,7 +140,7 @@ pub fn loader_replacement(
         .iter()
         .any(|p| p.metadata.deletion_timestamp.is_some() || (!pod_ready(p) && !outdated(p)));
     let skey = schedule_version_label(&ns, &name);
-    let mut candidates: Vec<&Arc<Pod>> = loaders
+    let mut candidates: Vec<&Arc<CachedPod>> = loaders
         .iter()
         .filter(live)
         .filter(|p| pod_ready(p) && outdated(p))
@@ -167,9 +168,9 @@ pub fn loader_replacement(
 /// or the Module has no device plugin.
 pub fn replacement_may_go(
     module: &Module,
-    pod: &Pod,
+    pod: &CachedPod,
     node: Option<&Node>,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<CachedPod>],
 ) -> bool {
     let (ns, name) = (module.namespace().unwrap_or_default(), module.name_any());
     let node_name = pod_node(pod).unwrap_or_default();
@@ -187,7 +188,7 @@ pub fn replacement_may_go(
 /// ready label, until the agent has read whether the unload worked ([`stopped_loaders`]).
 /// Loader pods are not held otherwise: one that goes because its node rebooted into another
 /// kernel holds nothing.
-pub fn needs_hold(pod: &Pod) -> bool {
+pub fn needs_hold(pod: &CachedPod) -> bool {
     loader_holds_module(pod)
         && pod.metadata.deletion_timestamp.is_none()
         && !pod.finalizers().iter().any(|f| f == LOADER_POD_FINALIZER)
@@ -205,9 +206,9 @@ pub enum StoppedLoader {
 /// The stopped loader pods among `pods` and what to do with each, in `pods`' order.
 /// `node_exists` tells whether a node of that name is cached. Pods still stopping are left.
 pub fn stopped_loaders(
-    pods: &[Arc<Pod>],
+    pods: &[Arc<CachedPod>],
     node_exists: impl Fn(&str) -> bool,
-) -> Vec<(&Arc<Pod>, StoppedLoader)> {
+) -> Vec<(&Arc<CachedPod>, StoppedLoader)> {
     let mut out = Vec::new();
     for pod in pods {
         if !has_role(pod, ROLE_LOADER)

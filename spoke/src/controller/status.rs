@@ -5,8 +5,10 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use crate::cache::CachedPod;
+use crate::cache::pod::CachedContainerState;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use shared_api::Module;
@@ -75,7 +77,7 @@ pub fn module_status(
     plan: Option<&ModulePlan>,
     nodes: &[Arc<Node>],
     owned: &[Arc<DaemonSet>],
-    pods: &[Arc<Pod>],
+    pods: &[Arc<CachedPod>],
     now: Timestamp,
 ) -> ModuleStatus {
     let (namespace, name) = (module.namespace().unwrap_or_default(), module.name_any());
@@ -295,7 +297,7 @@ pub fn module_status(
 }
 
 /// The pods among `pods` (a Module's loaders and device plugins) that are failing, as `node: reason: message`.
-pub fn failing_pods(pods: &[Arc<Pod>]) -> Vec<String> {
+pub fn failing_pods(pods: &[Arc<CachedPod>]) -> Vec<String> {
     const BAD: [&str; 6] = [
         "ErrImagePull",
         "ImagePullBackOff",
@@ -310,41 +312,31 @@ pub fn failing_pods(pods: &[Arc<Pod>]) -> Vec<String> {
             continue;
         }
         let node = pod_node(pod).unwrap_or("<unscheduled>").to_string();
-        let statuses = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.clone())
-            .unwrap_or_default();
-        for c in statuses {
-            let state = c.state.unwrap_or_default();
+        for c in pod.containers() {
             // A crash loop is about why the container last ended (the kernel's words, for a
             // loader), not about the back-off.
             let last_exit = c
                 .last_state
-                .and_then(|l| l.terminated)
-                .filter(|t| t.exit_code != 0)
-                .map(|t| {
-                    format!(
-                        "; last exited {}: {}",
-                        t.exit_code,
-                        t.message.or(t.reason).unwrap_or_default().trim_end()
-                    )
-                })
+                .as_ref()
+                .and_then(CachedContainerState::terminated)
+                .filter(|(code, _)| *code != 0)
+                .map(|(code, why)| format!("; last exited {code}: {}", why.trim_end()))
                 .unwrap_or_default();
-            let problem = match (state.waiting, state.terminated) {
-                (Some(w), _) if w.reason.as_deref().is_some_and(|r| BAD.contains(&r)) => {
+            let problem = match &c.state {
+                Some(CachedContainerState::Waiting { reason, message })
+                    if reason.as_deref().is_some_and(|r| BAD.contains(&r)) =>
+                {
                     Some(format!(
                         "{}: {}{last_exit}",
-                        w.reason.unwrap_or_default(),
-                        w.message.unwrap_or_default()
+                        reason.as_deref().unwrap_or_default(),
+                        message.as_deref().unwrap_or_default()
                     ))
                 }
-                (_, Some(t)) if t.exit_code != 0 => Some(format!(
-                    "exited {}: {}",
-                    t.exit_code,
-                    t.message.or(t.reason).unwrap_or_default()
-                )),
-                _ => None,
+                Some(t) => t
+                    .terminated()
+                    .filter(|(code, _)| *code != 0)
+                    .map(|(code, why)| format!("exited {code}: {why}")),
+                None => None,
             };
             if let Some(p) = problem {
                 out.insert(format!(
@@ -359,7 +351,7 @@ pub fn failing_pods(pods: &[Arc<Pod>]) -> Vec<String> {
 }
 
 /// `node: message` of every stopped loader pod among `pods` whose unload failed.
-pub fn unload_failures(pods: &[Arc<Pod>]) -> Vec<String> {
+pub fn unload_failures(pods: &[Arc<CachedPod>]) -> Vec<String> {
     pods.iter()
         .filter_map(|p| {
             loader_unload_failed(p)

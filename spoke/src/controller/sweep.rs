@@ -38,12 +38,13 @@ mod tests {
     use kube::runtime::watcher::Event;
 
     use super::*;
+    use crate::cache::CachedPod;
     use crate::controller::testkit::{NAME, NS, loader_ds, loader_pod, module, plugin_pod};
 
     fn stores(
         modules: Vec<Module>,
         daemonsets: Vec<k8s_openapi::api::apps::v1::DaemonSet>,
-        pods: Vec<k8s_openapi::api::core::v1::Pod>,
+        pods: Vec<CachedPod>,
     ) -> Stores {
         fn fill<K>(objects: Vec<K>) -> reflector::Store<K>
         where

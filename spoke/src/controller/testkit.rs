@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetStatus};
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-    ContainerStatus, Node, NodeStatus, NodeSystemInfo, Pod, PodCondition, PodSpec, PodStatus,
+    ContainerState, ContainerStateRunning, ContainerStatus, Node, NodeStatus, NodeSystemInfo, Pod,
+    PodSpec, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -19,6 +19,8 @@ use shared_api::labels::{
     schedule_version_label, version_module_label, worker_version_label,
 };
 
+use crate::cache::CachedPod;
+use crate::cache::pod::CachedContainerState;
 use crate::render::TEMPLATE_HASH_ANNOTATION;
 use crate::render::device_plugin::{device_plugin_daemonset_name, device_plugin_labels};
 use crate::render::dra::dra_daemonset_name;
@@ -167,7 +169,7 @@ impl NodeFixture for Node {
     }
 }
 
-fn pod(name: String, node: &str, labels: BTreeMap<String, String>, container: &str) -> Pod {
+fn pod(name: String, node: &str, labels: BTreeMap<String, String>, container: &str) -> CachedPod {
     Pod {
         metadata: kube::api::ObjectMeta {
             name: Some(name.clone()),
@@ -193,11 +195,12 @@ fn pod(name: String, node: &str, labels: BTreeMap<String, String>, container: &s
             ..Default::default()
         }),
     }
+    .into()
 }
 
 /// A running, not yet Ready, unversioned loader pod of `ns/m` on `node` for [`KERNEL`],
 /// with the agent's pod finalizer.
-pub fn loader_pod(node: &str) -> Pod {
+pub fn loader_pod(node: &str) -> CachedPod {
     let mut p = pod(
         format!("{NAME}-loader-{node}"),
         node,
@@ -209,7 +212,7 @@ pub fn loader_pod(node: &str) -> Pod {
 }
 
 /// A running, not yet Ready, unversioned device-plugin pod of `ns/m` on `node`.
-pub fn plugin_pod(node: &str) -> Pod {
+pub fn plugin_pod(node: &str) -> CachedPod {
     pod(
         format!("{NAME}-device-plugin-{node}"),
         node,
@@ -219,7 +222,7 @@ pub fn plugin_pod(node: &str) -> Pod {
 }
 
 /// A running, not yet Ready, unversioned DRA driver pod of `ns/m` on `node`.
-pub fn dra_pod(node: &str) -> Pod {
+pub fn dra_pod(node: &str) -> CachedPod {
     pod(
         format!("{NAME}-dra-{node}"),
         node,
@@ -245,14 +248,10 @@ pub trait PodFixture: Sized {
     }
 }
 
-impl PodFixture for Pod {
+impl PodFixture for CachedPod {
     fn ready(mut self) -> Self {
         if let Some(s) = self.status.as_mut() {
-            s.conditions = Some(vec![PodCondition {
-                type_: "Ready".into(),
-                status: "True".into(),
-                ..Default::default()
-            }]);
+            s.ready = true;
         }
         self
     }
@@ -261,48 +260,36 @@ impl PodFixture for Pod {
         self
     }
     fn version(mut self, v: &str) -> Self {
-        self.labels_mut()
-            .insert(MODULE_VERSION_LABEL.into(), v.into());
+        self.set_label(MODULE_VERSION_LABEL, v);
         self
     }
     fn template_hash(mut self, hash: &str) -> Self {
-        self.annotations_mut()
-            .insert(TEMPLATE_HASH_ANNOTATION.into(), hash.into());
+        self.set_template_hash(hash);
         self
     }
     fn exited(mut self, code: i32, message: &str) -> Self {
         if let Some(c) = container(&mut self) {
-            c.state = Some(ContainerState {
-                terminated: Some(ContainerStateTerminated {
-                    exit_code: code,
-                    message: Some(message.into()),
-                    ..Default::default()
-                }),
-                ..Default::default()
+            c.state = Some(CachedContainerState::Terminated {
+                exit_code: code,
+                reason: None,
+                message: Some(message.into()),
             });
         }
         self
     }
     fn waiting(mut self, reason: &str, message: &str) -> Self {
         if let Some(c) = container(&mut self) {
-            c.state = Some(ContainerState {
-                waiting: Some(ContainerStateWaiting {
-                    reason: Some(reason.into()),
-                    message: Some(message.into()),
-                }),
-                ..Default::default()
+            c.state = Some(CachedContainerState::Waiting {
+                reason: Some(reason.into()),
+                message: Some(message.into()),
             });
         }
         self
     }
 }
 
-fn container(pod: &mut Pod) -> Option<&mut ContainerStatus> {
-    pod.status
-        .as_mut()?
-        .container_statuses
-        .as_mut()?
-        .first_mut()
+fn container(pod: &mut CachedPod) -> Option<&mut crate::cache::pod::CachedContainerStatus> {
+    pod.status.as_mut()?.container_statuses.first_mut()
 }
 
 fn daemonset(name: String, labels: BTreeMap<String, String>) -> DaemonSet {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kmm_runtime::admin::ReadyGate;
 use kmm_runtime::queue::WorkQueue;
 use kmm_runtime::shutdown::CancellationToken;
@@ -23,6 +23,7 @@ use shared_api::labels::{KERNEL_LABEL, MODULE_NAME_LABEL};
 
 use super::events::{EventSink, NodeEvent, ready_transitions};
 use super::{ModuleKey, module_key};
+use crate::cache::CachedPod;
 use crate::cache::{self, run_informer};
 use crate::metrics::Metrics;
 use crate::render::nodes::{node_boot_id, node_kernel};
@@ -35,7 +36,7 @@ pub struct Triggers {
     open: Arc<AtomicBool>,
     modules: UnboundedSender<Module>,
     daemonsets: UnboundedSender<DaemonSet>,
-    pods: UnboundedSender<Pod>,
+    pods: UnboundedSender<CachedPod>,
     all: UnboundedSender<()>,
     /// Keys of Modules that may be gone (the sweep skips those in the store).
     pub orphans: Arc<WorkQueue<ModuleKey>>,
@@ -46,7 +47,7 @@ pub struct Triggers {
 pub struct ControllerStreams {
     pub modules: UnboundedReceiver<Module>,
     pub daemonsets: UnboundedReceiver<DaemonSet>,
-    pub pods: UnboundedReceiver<Pod>,
+    pub pods: UnboundedReceiver<CachedPod>,
     pub all: UnboundedReceiver<()>,
 }
 
@@ -102,21 +103,39 @@ impl Triggers {
         }
     }
 
-    fn pod(&self, p: &Pod) {
+    fn pod(&self, p: &CachedPod) {
         if self.is_open() {
             let _ = self.pods.unbounded_send(p.clone());
         }
     }
 }
 
-/// The Module a DaemonSet or pod belongs to, by its owner label.
-pub fn owner_key<K: Resource>(o: &K) -> Option<ModuleKey> {
-    let name = o.meta().labels.as_ref()?.get(MODULE_NAME_LABEL)?.clone();
-    Some((o.meta().namespace.clone().unwrap_or_default(), name))
+/// What the agent makes for a Module (its DaemonSets and pods): which Module it belongs to,
+/// by its owner label.
+pub trait Owned {
+    fn module_key(&self) -> Option<ModuleKey>;
+}
+
+impl Owned for DaemonSet {
+    fn module_key(&self) -> Option<ModuleKey> {
+        let name = self.labels().get(MODULE_NAME_LABEL)?.clone();
+        Some((self.namespace().unwrap_or_default(), name))
+    }
+}
+
+impl Owned for CachedPod {
+    fn module_key(&self) -> Option<ModuleKey> {
+        CachedPod::module_key(self)
+    }
+}
+
+/// The Module `o` belongs to.
+pub fn owner_key<K: Owned>(o: &K) -> Option<ModuleKey> {
+    o.module_key()
 }
 
 /// [`owner_key`] as the `Controller`'s mapper.
-pub fn owner_ref<K: Resource>(o: K) -> Option<ObjectRef<Module>> {
+pub fn owner_ref<K: Owned>(o: K) -> Option<ObjectRef<Module>> {
     owner_key(&o).map(|(ns, name)| ObjectRef::new(&name).within(&ns))
 }
 
@@ -188,6 +207,7 @@ pub async fn informer_owned<K>(
     token: CancellationToken,
 ) where
     K: Resource<DynamicType = ()>
+        + Owned
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug
@@ -228,7 +248,7 @@ pub fn send_daemonset(t: &Triggers, ds: &DaemonSet) {
     t.daemonset(ds);
 }
 
-pub fn send_pod(t: &Triggers, p: &Pod) {
+pub fn send_pod(t: &Triggers, p: &CachedPod) {
     t.pod(p);
 }
 

@@ -14,6 +14,7 @@ use shared_api::labels::{LOADER_POD_FINALIZER, SPOKE_DAEMONSET_MANAGER};
 
 use super::Context;
 use super::sequence::needs_hold;
+use crate::cache::CachedPod;
 use crate::error::ReconcileError;
 use crate::render::{ModulePlan, spec_hash};
 
@@ -79,7 +80,7 @@ pub async fn delete_daemonset(ds: &DaemonSet, ctx: &Context) -> Result<(), Recon
     }
 }
 
-pub async fn release_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError> {
+pub async fn release_pod(pod: &CachedPod, ctx: &Context) -> Result<(), ReconcileError> {
     let Some(index) = pod
         .finalizers()
         .iter()
@@ -121,7 +122,7 @@ pub async fn release_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError>
 /// a merge patch of the pod's finalizers plus ours, on the condition that the pod is still the
 /// version the cache holds (`resourceVersion`; a pod changed meanwhile is retried, so nobody
 /// else's finalizer is lost). A pod gone meanwhile needs no hold.
-pub async fn hold_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError> {
+pub async fn hold_pod(pod: &CachedPod, ctx: &Context) -> Result<(), ReconcileError> {
     if !needs_hold(pod) {
         return Ok(());
     }
@@ -155,14 +156,14 @@ pub async fn hold_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError> {
 }
 
 /// [`hold_pod`] each of `pods` that needs it.
-pub async fn hold_pods(pods: &[Arc<Pod>], ctx: &Context) -> Result<(), ReconcileError> {
+pub async fn hold_pods(pods: &[Arc<CachedPod>], ctx: &Context) -> Result<(), ReconcileError> {
     for p in pods {
         hold_pod(p, ctx).await?;
     }
     Ok(())
 }
 
-pub async fn delete_pod(pod: &Pod, ctx: &Context) -> Result<(), ReconcileError> {
+pub async fn delete_pod(pod: &CachedPod, ctx: &Context) -> Result<(), ReconcileError> {
     let ns = pod.namespace().unwrap_or_default();
     let name = pod.name_any();
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);

@@ -3,13 +3,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
+use k8s_openapi::api::core::v1::{Node, Taint, Toleration};
 use kube::ResourceExt;
 use shared_api::Module;
 use shared_api::labels::{
     MODULE_NAME_LABEL, MODULE_VERSION_LABEL, ROLE_DEVICE_PLUGIN, ROLE_DRA, ROLE_LABEL, ROLE_LOADER,
     device_plugin_ready_label, dra_ready_label, module_ready_label, module_version_ready_label,
 };
+
+use crate::cache::CachedPod;
 
 /// Taints the DaemonSet controller tolerates on its own (DaemonSet pods get these
 /// tolerations automatically), so they do not make a node unschedulable for our loaders.
@@ -115,12 +117,12 @@ pub fn targeted_nodes<'a>(
 }
 
 /// A pod that runs, is Ready and is not terminating.
-pub fn pod_ready(pod: &Pod) -> bool {
+pub fn pod_ready(pod: &CachedPod) -> bool {
     pod.metadata.deletion_timestamp.is_none() && pod_was_ready(pod)
 }
 
 /// The node a pod is bound to.
-pub fn pod_node(pod: &Pod) -> Option<&str> {
+pub fn pod_node(pod: &CachedPod) -> Option<&str> {
     pod.spec
         .as_ref()?
         .node_name
@@ -131,57 +133,37 @@ pub fn pod_node(pod: &Pod) -> Option<&str> {
 /// Whether a pod was Ready when it last reported, terminating or not: a loader pod being
 /// deleted still has its module loaded until its preStop hook has unloaded it and the pod
 /// is gone.
-fn pod_was_ready(pod: &Pod) -> bool {
-    let Some(status) = pod.status.as_ref() else {
-        return false;
-    };
-    status.phase.as_deref() == Some("Running")
-        && status
-            .conditions
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
+fn pod_was_ready(pod: &CachedPod) -> bool {
+    pod.status
+        .as_ref()
+        .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.ready)
 }
 
 /// A deleted loader pod whose container stopped with its module still in the kernel (the
 /// preStop unload failed; the loader exits [`super::loader::UNLOAD_FAILED_EXIT`]): the
 /// termination message, which carries the kernel's words.
-pub fn loader_unload_failed(pod: &Pod) -> Option<String> {
+pub fn loader_unload_failed(pod: &CachedPod) -> Option<String> {
     pod.metadata.deletion_timestamp.as_ref()?;
-    pod.status
-        .as_ref()?
-        .container_statuses
-        .as_deref()?
+    pod.containers()
         .iter()
         .filter(|c| c.name == super::loader::LOADER_CONTAINER)
-        .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
-        .find(|t| t.exit_code == super::loader::UNLOAD_FAILED_EXIT)
-        .map(|t| {
-            t.message
-                .clone()
-                .or(t.reason.clone())
-                .unwrap_or_default()
-                .trim_end()
-                .to_string()
-        })
+        .filter_map(|c| c.state.as_ref()?.terminated())
+        .find(|(code, _)| *code == super::loader::UNLOAD_FAILED_EXIT)
+        .map(|(_, why)| why.trim_end().to_string())
 }
 
 /// A loader pod whose module is in the kernel as far as its status says: Ready, or stopped
 /// after a failed unload.
-pub fn loader_holds_module(pod: &Pod) -> bool {
+pub fn loader_holds_module(pod: &CachedPod) -> bool {
     pod.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_LOADER)
         && (pod_was_ready(pod) || loader_unload_failed(pod).is_some())
 }
 
 /// Which run of a pod's loader container this is: `<pod uid>/<restartCount>`. It changes when
 /// the kubelet restarts the container (after a reboot, too) or the pod is replaced.
-pub fn loader_run(pod: &Pod) -> String {
+pub fn loader_run(pod: &CachedPod) -> String {
     let restarts = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_deref())
-        .unwrap_or_default()
+        .containers()
         .iter()
         .find(|c| c.name == super::loader::LOADER_CONTAINER)
         .map_or(0, |c| c.restart_count);
@@ -192,7 +174,7 @@ pub fn loader_run(pod: &Pod) -> String {
 }
 
 /// A deleted pod none of whose containers runs any more (or that never started one).
-pub fn pod_stopped(pod: &Pod) -> bool {
+pub fn pod_stopped(pod: &CachedPod) -> bool {
     if pod.metadata.deletion_timestamp.is_none() {
         return false;
     }
@@ -204,10 +186,8 @@ pub fn pod_stopped(pod: &Pod) -> bool {
         Some("Succeeded" | "Failed" | "Pending")
     ) || status
         .container_statuses
-        .as_deref()
-        .unwrap_or_default()
         .iter()
-        .all(|c| c.state.as_ref().is_none_or(|s| s.running.is_none()))
+        .all(|c| c.state.as_ref().is_none_or(|s| !s.is_running()))
 }
 
 /// The labels the agent keeps on `node` for the Module `namespace/name`, given the pods of
@@ -221,7 +201,7 @@ pub fn node_labels<'a>(
     namespace: &str,
     name: &str,
     node: &str,
-    pods: impl IntoIterator<Item = &'a Pod>,
+    pods: impl IntoIterator<Item = &'a CachedPod>,
 ) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::new();
     let mut versions: BTreeSet<&str> = BTreeSet::new();

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Container, Node, Pod, Toleration};
+use k8s_openapi::api::core::v1::{Container, Node, Toleration};
 use kube::ResourceExt;
 use serde_json::json;
 use shared_api::Module;
@@ -14,6 +14,7 @@ use shared_api::validate::{Context, validate_module};
 use super::loader::loader_daemonset_name;
 use super::nodes::{kernel_claims, node_labels};
 use super::*;
+use crate::cache::CachedPod;
 
 const K1: &str = "5.14.0-284.36.1.el9_2.x86_64";
 const K2: &str = "5.15.0-1.el9.x86_64";
@@ -520,7 +521,14 @@ fn hash_follows_content_and_names_stay_short() {
     );
 }
 
-fn pod(ns: &str, module: &str, role: &str, node: &str, ready: bool, version: Option<&str>) -> Pod {
+fn pod(
+    ns: &str,
+    module: &str,
+    role: &str,
+    node: &str,
+    ready: bool,
+    version: Option<&str>,
+) -> CachedPod {
     let mut labels = BTreeMap::from([(MODULE_NAME_LABEL, module), (ROLE_LABEL, role)]);
     if let Some(v) = version {
         labels.insert(MODULE_VERSION_LABEL, v);

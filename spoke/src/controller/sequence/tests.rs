@@ -8,7 +8,7 @@ fn ready() -> BTreeMap<String, String> {
     BTreeMap::from([(module_ready_label(NS, NAME), String::new())])
 }
 
-fn names(pods: &[Arc<Pod>]) -> Vec<String> {
+fn names(pods: &[Arc<CachedPod>]) -> Vec<String> {
     pods.iter().map(|p| p.name_any()).collect()
 }
 
@@ -158,7 +158,11 @@ fn steady_state_keeps_both_labels_and_no_plugin_means_no_schedule_label() {
 }
 
 /// Loader pods whose template hash is `old` while their DaemonSet's is `new`.
-fn outdated_world(pods: Vec<Pod>, nodes: Vec<Node>, m: &Module) -> (Replacement, Vec<Arc<Pod>>) {
+fn outdated_world(
+    pods: Vec<CachedPod>,
+    nodes: Vec<Node>,
+    m: &Module,
+) -> (Replacement, Vec<Arc<CachedPod>>) {
     let pods = cached(pods);
     let daemonsets = cached([loader_ds(&kernel_label_value(KERNEL), None).template_hash("new")]);
     let nodes = cached(nodes);
@@ -398,7 +402,7 @@ fn a_dra_driver_leaves_before_the_loader_like_a_plugin() {
 
 #[test]
 fn only_a_loader_holding_its_module_is_held_before_it_stops() {
-    let unheld = |p: Pod| {
+    let unheld = |p: CachedPod| {
         let mut p = p;
         p.metadata.finalizers = None;
         p

@@ -15,7 +15,12 @@ fn kernel() -> String {
 
 /// The status of `m` over `nodes` with the given DaemonSets and pods, rendered as the
 /// reconciler renders it.
-fn status_of(m: &Module, nodes: Vec<Node>, owned: Vec<DaemonSet>, pods: Vec<Pod>) -> ModuleStatus {
+fn status_of(
+    m: &Module,
+    nodes: Vec<Node>,
+    owned: Vec<DaemonSet>,
+    pods: Vec<CachedPod>,
+) -> ModuleStatus {
     let nodes = cached(nodes);
     let plan = plan_module(m, nodes.iter().map(Arc::as_ref), &RenderSettings::default());
     module_status(
