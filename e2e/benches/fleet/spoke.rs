@@ -370,6 +370,22 @@ async fn kernel_change(
         }
     }
     quiet(admin, Duration::from_secs(120)).await?;
+    // What the agent's events said about the node (their count is among the writes).
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(
+        client.clone(),
+        kmm_spoke::controller::events::EVENT_NAMESPACE,
+    );
+    for e in events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={node}")))
+        .await?
+        .items
+    {
+        eprintln!(
+            "kmm-bench: event on {node}: {} {}",
+            e.reason.unwrap_or_default(),
+            e.message.unwrap_or_default()
+        );
+    }
     let writes1 = agent_writes(admin).await?;
     let api1 = apiserver_writes(client).await?;
     let writes = delta(&writes0, &writes1);
