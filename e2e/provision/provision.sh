@@ -29,6 +29,19 @@ GO_MIN="1.26"
 CACHE="${KMM_FLEET_CACHE:-$HOME/.cache/kmm-fleet}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
+# One provisioning at a time per cache: the test binaries take this lock before they run the
+# script (e2e/src/provision.rs, which then sets KMM_FLEET_PROVISION_LOCK_HELD), and a run by
+# hand or from ./scripts/test takes it here, so two never build into the same *.tmp directory.
+if [ -z "${KMM_FLEET_PROVISION_LOCK_HELD:-}" ] && command -v flock >/dev/null 2>&1; then
+  mkdir -p "$CACHE"
+  exec 9>"$CACHE/provision.lock"
+  if ! flock -n 9; then
+    printf '==> waiting for another provisioning of %s to finish\n' "$CACHE"
+    flock 9
+  fi
+  export KMM_FLEET_PROVISION_LOCK_HELD=1
+fi
+
 PACKAGES=(docker-registry apache2-utils openssl kmod linux-headers-amd64 ca-certificates chromium
   time qemu-system-x86 ovmf busybox-static gcc make libc6-dev python3-venv)
 [ -n "${KMM_FLEET_EXTRA_PACKAGES:-}" ] && read -r -a extra <<<"$KMM_FLEET_EXTRA_PACKAGES" && PACKAGES+=("${extra[@]}")

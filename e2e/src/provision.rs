@@ -400,6 +400,8 @@ fn run_script(cache: &Path) -> anyhow::Result<()> {
     let status = Command::new("bash")
         .arg(&script)
         .env("KMM_FLEET_CACHE", cache)
+        // This process holds the lock the script would take (provision_locked).
+        .env("KMM_FLEET_PROVISION_LOCK_HELD", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::from(std::io::stderr()))
         .stderr(Stdio::from(std::io::stderr()))
