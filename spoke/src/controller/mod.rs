@@ -41,8 +41,7 @@ use prometheus_client::registry::Registry;
 use shared_api::labels::ROLE_LABEL;
 use shared_api::{ClusterClaim, Module};
 
-use crate::cache::CachedPod;
-use crate::cache::{self, run_informer};
+use crate::cache::{self, CachedPod, run_informer};
 use crate::error::AgentError;
 use crate::metrics::Metrics;
 use crate::render::RenderSettings;

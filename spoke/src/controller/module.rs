@@ -31,7 +31,9 @@ use super::events::{MODULE_UNLOAD_FAILED, ModuleRef, NodeEvent};
 use super::labels::{LabelScope, current_node_annotations, current_node_labels, node_label_writes};
 use super::node_writes::ModuleWant;
 use super::orphans::orphans;
-use super::sequence::{StoppedLoader, loader_replacement, replacement_may_go, stopped_loaders};
+use super::sequence::{
+    StoppedLoader, is_plugin_pod, loader_replacement, replacement_may_go, stopped_loaders,
+};
 use super::status::{self, UNLOAD_FAILED};
 use super::status_gate::StatusWrite;
 use super::writes::{
@@ -479,10 +481,8 @@ async fn cleanup(
         |l: &BTreeMap<String, String>| is_plugin_role(l.get(ROLE_LABEL).map(String::as_str));
     // Device plugins first: a plugin holds its driver's devices, and the kernel refuses to
     // unload a module in use ("Module … is in use"). Loaders go once no plugin pod is left.
-    let plugins_left = daemonsets.iter().any(|d| is_plugin(d.labels()))
-        || pods
-            .iter()
-            .any(|p| is_plugin_role(p.labels().get(ROLE_LABEL).map(String::as_str)));
+    let plugins_left =
+        daemonsets.iter().any(|d| is_plugin(d.labels())) || pods.iter().any(|p| is_plugin_pod(p));
     for ds in &daemonsets {
         if ds.metadata.deletion_timestamp.is_none() && (is_plugin(ds.labels()) || !plugins_left) {
             // Loaders stop with their DaemonSet: held first, to read what the unload did.

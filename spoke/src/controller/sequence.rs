@@ -28,7 +28,7 @@ fn has_role(pod: &CachedPod, role: &str) -> bool {
 }
 
 /// A device-plugin or DRA driver pod.
-fn is_plugin_pod(pod: &CachedPod) -> bool {
+pub fn is_plugin_pod(pod: &CachedPod) -> bool {
     is_plugin_role(pod.labels().get(ROLE_LABEL).map(String::as_str))
 }
 

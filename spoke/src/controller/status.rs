@@ -5,8 +5,6 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use crate::cache::CachedPod;
-use crate::cache::pod::CachedContainerState;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
@@ -20,6 +18,8 @@ use shared_api::labels::{
 use shared_api::module::{DaemonSetStatus, ModuleStatus};
 use shared_api::validate;
 
+use crate::cache::CachedPod;
+use crate::cache::pod::CachedContainerState;
 use crate::render::nodes::{
     loader_unload_failed, node_kernel, pod_node, pod_ready, targeted_nodes,
 };

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use kube::runtime::reflector::ObjectRef;
 use shared_api::Module;
 
-use super::triggers::owner_key;
+use super::triggers::Owned;
 use super::{ModuleKey, Stores};
 
 /// The metric label of the sweep's reconciles.
@@ -21,8 +21,8 @@ pub fn absent_owners(stores: &Stores) -> BTreeSet<ModuleKey> {
     let pods = stores.pods.state();
     daemonsets
         .iter()
-        .filter_map(|d| owner_key(d.as_ref()))
-        .chain(pods.iter().filter_map(|p| owner_key(p.as_ref())))
+        .filter_map(|d| d.module_key())
+        .chain(pods.iter().filter_map(|p| p.module_key()))
         .filter(|(ns, name)| {
             stores
                 .modules

@@ -23,8 +23,7 @@ use shared_api::labels::{KERNEL_LABEL, MODULE_NAME_LABEL};
 
 use super::events::{EventSink, NodeEvent, ready_transitions};
 use super::{ModuleKey, module_key};
-use crate::cache::CachedPod;
-use crate::cache::{self, run_informer};
+use crate::cache::{self, CachedPod, run_informer};
 use crate::metrics::Metrics;
 use crate::render::nodes::{node_boot_id, node_kernel};
 
@@ -129,14 +128,10 @@ impl Owned for CachedPod {
     }
 }
 
-/// The Module `o` belongs to.
-pub fn owner_key<K: Owned>(o: &K) -> Option<ModuleKey> {
-    o.module_key()
-}
-
-/// [`owner_key`] as the `Controller`'s mapper.
+/// [`Owned::module_key`] as the `Controller`'s mapper.
 pub fn owner_ref<K: Owned>(o: K) -> Option<ObjectRef<Module>> {
-    owner_key(&o).map(|(ns, name)| ObjectRef::new(&name).within(&ns))
+    o.module_key()
+        .map(|(ns, name)| ObjectRef::new(&name).within(&ns))
 }
 
 enum ModuleTrigger {
@@ -223,7 +218,7 @@ pub async fn informer_owned<K>(
         strip,
         |_store: &Store<K>, ev: &watcher::Event<K>| match ev {
             watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
-                owner_key(o).map(|k| (Some((o.clone(), k)), false))
+                o.module_key().map(|k| (Some((o.clone(), k)), false))
             }
             watcher::Event::InitDone => Some((None, true)),
             _ => None,
