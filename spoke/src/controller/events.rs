@@ -159,64 +159,116 @@ pub const REBOOT_MERGE_WINDOW: Duration = Duration::from_secs(60);
 pub type Timed = (NodeEvent, Timestamp);
 
 /// The events of reboots held back: a reboot's `ModuleUnloaded` waits up to
-/// [`REBOOT_MERGE_WINDOW`] for the same modules' `ModuleLoaded` on that node, and the two become
-/// one event. Modules not back in time get their `ModuleUnloaded`, with the time the reboot
-/// took them out.
+/// [`REBOOT_MERGE_WINDOW`] for the same modules' `ModuleLoaded` on that node, and they become
+/// one event, written when the last of them is back ("loaded into the kernel again after the
+/// node rebooted"), however many node writes brought their labels back. Modules not back in
+/// time get their `ModuleUnloaded`, with the time the reboot took them out, and those back by
+/// then their merged `ModuleLoaded`.
 #[derive(Debug, Default)]
 pub struct RebootMerge {
-    parked: BTreeMap<String, (Instant, Timed)>,
+    parked: BTreeMap<String, Parked>,
+}
+
+/// One node's reboot, held back.
+#[derive(Debug)]
+struct Parked {
+    deadline: Instant,
+    /// The reboot's unload: the modules not back yet.
+    unloaded: Timed,
+    /// The modules back already, with the time the newest came back.
+    back: Vec<ModuleRef>,
+    back_at: Option<Timestamp>,
+}
+
+impl Parked {
+    /// What is held, as the events to write now: the modules back (one merged `ModuleLoaded`),
+    /// then those that are not (the reboot's `ModuleUnloaded`).
+    fn release(self) -> Vec<Timed> {
+        let (unloaded, at) = self.unloaded;
+        let mut out = Vec::new();
+        if let (false, Some(back_at)) = (self.back.is_empty(), self.back_at) {
+            out.push((
+                NodeEvent {
+                    reason: MODULE_LOADED,
+                    modules: self.back,
+                    ..unloaded.clone()
+                },
+                back_at,
+            ));
+        }
+        if !unloaded.modules.is_empty() {
+            out.push((unloaded, at));
+        }
+        out
+    }
+}
+
+fn sorted(mut modules: Vec<ModuleRef>) -> Vec<ModuleRef> {
+    modules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    modules
 }
 
 impl RebootMerge {
     /// The events to write now for `ev`, seen at `now` (`at` as a timestamp).
     pub fn offer(&mut self, ev: NodeEvent, now: Instant, at: Timestamp) -> Vec<Timed> {
         if ev.reason == MODULE_UNLOADED && ev.reboot {
-            let mut out = Vec::new();
-            // A second reboot before the first one's modules came back: the first one's go.
-            if let Some((_, earlier)) = self.parked.remove(&ev.node) {
-                out.push(earlier);
-            }
-            self.parked
-                .insert(ev.node.clone(), (now + REBOOT_MERGE_WINDOW, (ev, at)));
+            // A second reboot before the first one's modules were all back: the first one's
+            // events go now.
+            let out = self
+                .parked
+                .remove(&ev.node)
+                .map(Parked::release)
+                .unwrap_or_default();
+            self.parked.insert(
+                ev.node.clone(),
+                Parked {
+                    deadline: now + REBOOT_MERGE_WINDOW,
+                    unloaded: (ev, at),
+                    back: Vec::new(),
+                    back_at: None,
+                },
+            );
             return out;
         }
-        if ev.reason != MODULE_LOADED {
-            return vec![(ev, at)];
-        }
-        let Some((deadline, (mut parked, parked_at))) = self.parked.remove(&ev.node) else {
+        let Some(mut parked) = self.parked.remove(&ev.node) else {
             return vec![(ev, at)];
         };
+        if ev.reason != MODULE_LOADED {
+            // Another transition of a module already back: what is held about it goes first.
+            let touches = |m: &ModuleRef| ev.modules.iter().any(|e| e.key() == m.key());
+            if !parked.back.iter().any(touches) {
+                self.parked.insert(ev.node.clone(), parked);
+                return vec![(ev, at)];
+            }
+            let mut out = parked.release();
+            out.push((ev, at));
+            return out;
+        }
+        let unloaded = &mut parked.unloaded.0.modules;
         let (again, fresh): (Vec<ModuleRef>, Vec<ModuleRef>) = ev
             .modules
             .iter()
             .cloned()
-            .partition(|m| parked.modules.iter().any(|p| p.key() == m.key()));
-        parked
-            .modules
-            .retain(|p| !again.iter().any(|m| m.key() == p.key()));
-        if !parked.modules.is_empty() {
-            self.parked
-                .insert(ev.node.clone(), (deadline, (parked, parked_at)));
+            .partition(|m| unloaded.iter().any(|p| p.key() == m.key()));
+        unloaded.retain(|p| !again.iter().any(|m| m.key() == p.key()));
+        if !again.is_empty() {
+            parked.back = sorted(parked.back.into_iter().chain(again).collect());
+            parked.back_at = Some(at);
         }
         let mut out = Vec::new();
-        if !again.is_empty() {
+        if !fresh.is_empty() {
             out.push((
                 NodeEvent {
-                    modules: again,
-                    reboot: true,
+                    modules: fresh,
                     ..ev.clone()
                 },
                 at,
             ));
         }
-        if !fresh.is_empty() {
-            out.push((
-                NodeEvent {
-                    modules: fresh,
-                    ..ev
-                },
-                at,
-            ));
+        if parked.unloaded.0.modules.is_empty() {
+            out.extend(parked.release());
+        } else {
+            self.parked.insert(ev.node, parked);
         }
         out
     }
@@ -226,18 +278,19 @@ impl RebootMerge {
         let nodes: Vec<String> = self
             .parked
             .iter()
-            .filter(|(_, (deadline, _))| *deadline <= now)
+            .filter(|(_, p)| p.deadline <= now)
             .map(|(n, _)| n.clone())
             .collect();
         nodes
             .into_iter()
-            .filter_map(|n| self.parked.remove(&n).map(|(_, ev)| ev))
+            .filter_map(|n| self.parked.remove(&n))
+            .flat_map(Parked::release)
             .collect()
     }
 
     /// When the next held-back event is due.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.parked.values().map(|(d, _)| *d).min()
+        self.parked.values().map(|p| p.deadline).min()
     }
 }
 
@@ -435,45 +488,82 @@ mod tests {
         }
     }
 
-    /// A reboot's unload and the reload that follows become one event; what does not come
-    /// back in time is recorded as unloaded, with the reboot's time.
+    /// A reboot's unload and the reloads that follow, however many, become one event, written
+    /// when the last module is back; what does not come back in time is recorded as unloaded,
+    /// with the reboot's time, beside one event for those that did.
     #[test]
-    fn a_reboot_and_its_reload_are_one_event() {
+    fn a_reboot_and_its_reloads_are_one_event() {
         let mut merge = RebootMerge::default();
         let t0 = Instant::now();
-        let at0 = Timestamp::UNIX_EPOCH;
-        let at1 = Timestamp::from_second(1).unwrap();
+        let at = |s: i64| Timestamp::from_second(s).unwrap();
         assert!(
             merge
-                .offer(on(MODULE_UNLOADED, true, &["a", "b", "c"]), t0, at0)
+                .offer(on(MODULE_UNLOADED, true, &["a", "b", "c"]), t0, at(0))
                 .is_empty()
         );
         assert_eq!(merge.next_deadline(), Some(t0 + REBOOT_MERGE_WINDOW));
-        // a and b are back, with d that was never there: one merged event and d's own.
-        let out = merge.offer(on(MODULE_LOADED, false, &["a", "b", "d"]), t0, at1);
+        // b is back, with d that was never there: d's own event now, b's held.
+        assert_eq!(
+            merge.offer(on(MODULE_LOADED, false, &["b", "d"]), t0, at(1)),
+            vec![(on(MODULE_LOADED, false, &["d"]), at(1))]
+        );
+        // a and c are back in a later node write: one event for the three.
+        let out = merge.offer(on(MODULE_LOADED, false, &["a", "c"]), t0, at(2));
         assert_eq!(
             out,
-            vec![
-                (on(MODULE_LOADED, true, &["a", "b"]), at1),
-                (on(MODULE_LOADED, false, &["d"]), at1)
-            ]
+            vec![(on(MODULE_LOADED, true, &["a", "b", "c"]), at(2))]
         );
         assert_eq!(
             out[0].0.message(),
-            "Modules ns/a, ns/b loaded into the kernel again after the node rebooted"
+            "Modules ns/a, ns/b, ns/c loaded into the kernel again after the node rebooted"
         );
-        // c never came back: its unload is written when the window ends.
+        assert_eq!(merge.next_deadline(), None);
+
+        // c never comes back: at the window's end, a and b as loaded again, c as unloaded.
+        merge.offer(on(MODULE_UNLOADED, true, &["a", "b", "c"]), t0, at(10));
+        assert!(
+            merge
+                .offer(on(MODULE_LOADED, false, &["a", "b"]), t0, at(11))
+                .is_empty()
+        );
         assert!(merge.due(t0).is_empty());
         assert_eq!(
             merge.due(t0 + REBOOT_MERGE_WINDOW),
-            vec![(on(MODULE_UNLOADED, true, &["c"]), at0)]
+            vec![
+                (on(MODULE_LOADED, true, &["a", "b"]), at(11)),
+                (on(MODULE_UNLOADED, true, &["c"]), at(10)),
+            ]
         );
         assert_eq!(merge.next_deadline(), None);
+
+        // A module back and then unloaded for good: its reload is written before its unload.
+        merge.offer(on(MODULE_UNLOADED, true, &["a", "b"]), t0, at(20));
+        merge.offer(on(MODULE_LOADED, false, &["a"]), t0, at(21));
+        assert_eq!(
+            merge.offer(on(MODULE_UNLOADED, false, &["a"]), t0, at(22)),
+            vec![
+                (on(MODULE_LOADED, true, &["a"]), at(21)),
+                (on(MODULE_UNLOADED, true, &["b"]), at(20)),
+                (on(MODULE_UNLOADED, false, &["a"]), at(22)),
+            ]
+        );
+        // A second reboot before the first one's modules are back: the first one's go.
+        merge.offer(on(MODULE_UNLOADED, true, &["a", "b"]), t0, at(30));
+        merge.offer(on(MODULE_LOADED, false, &["a"]), t0, at(31));
+        assert_eq!(
+            merge.offer(on(MODULE_UNLOADED, true, &["a"]), t0, at(32)),
+            vec![
+                (on(MODULE_LOADED, true, &["a"]), at(31)),
+                (on(MODULE_UNLOADED, true, &["b"]), at(30)),
+            ]
+        );
+        merge.due(t0 + REBOOT_MERGE_WINDOW);
+
         // Unloads that are not reboots, and loads with nothing held, pass straight through.
         let plain = on(MODULE_UNLOADED, false, &["a"]);
-        assert_eq!(merge.offer(plain.clone(), t0, at0), vec![(plain, at0)]);
+        assert_eq!(merge.offer(plain.clone(), t0, at(0)), vec![(plain, at(0))]);
         let load = on(MODULE_LOADED, false, &["a"]);
-        assert_eq!(merge.offer(load.clone(), t0, at0), vec![(load, at0)]);
+        assert_eq!(merge.offer(load.clone(), t0, at(0)), vec![(load, at(0))]);
     }
 
     /// A ready label that goes while the node reports another boot than the one it was

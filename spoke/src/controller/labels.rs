@@ -8,13 +8,16 @@ use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use shared_api::Module;
 use shared_api::labels::{
-    deprecated_ready_label, is_module_node_label, module_ready_label, module_version_ready_label,
-    ready_boot_annotation, schedule_version_label, worker_version_label,
+    TARGET_KERNEL_LABEL, deprecated_ready_label, is_module_node_label, kernel_label_value,
+    module_ready_label, module_version_ready_label, ready_boot_annotation, schedule_version_label,
+    worker_version_label,
 };
 
 use super::sequence::worker_and_schedule;
 use crate::cache::CachedPod;
-use crate::render::nodes::{loader_holds_module, loader_run, node_boot_id, node_labels, pod_node};
+use crate::render::nodes::{
+    loader_holds_module, loader_run, node_boot_id, node_kernel, node_labels, pod_node,
+};
 
 /// One Module's view for its node labels.
 #[derive(Debug, Clone, Copy)]
@@ -57,8 +60,11 @@ pub fn boot_fence(boot_id: Option<&str>, recorded: Option<&str>, runs: &[String]
     };
     let keep = || recorded.map(str::to_string);
     let Some(newest) = runs.iter().max() else {
+        // No run to believe: what was recorded stays, and a Ready that is not a run of this
+        // kernel (a loader of the kernel before the reboot) is not believed after a reboot.
+        let recorded_boot = recorded.and_then(|r| r.split_once(' ')).map(|(b, _)| b);
         return BootFence {
-            ready_allowed: true,
+            ready_allowed: recorded_boot.is_none_or(|b| b == boot),
             annotation: keep(),
         };
     };
@@ -87,11 +93,19 @@ pub fn boot_fence(boot_id: Option<&str>, recorded: Option<&str>, runs: &[String]
     }
 }
 
-/// [`boot_fence`] for the Module on `node`, whose pods of the Module are `on_node`.
+/// [`boot_fence`] for the Module on `node`, whose pods of the Module are `on_node`. Only the
+/// loaders of the kernel the node runs count as runs: after a reboot into another kernel, the
+/// previous kernel's loader (Ready, restarted, or terminating) has not loaded the module into
+/// this kernel.
 fn fence_on(scope: &LabelScope<'_>, node: &Node, on_node: &[&CachedPod]) -> BootFence {
+    let kernel = node_kernel(node).map(kernel_label_value);
+    let this_kernel = |p: &CachedPod| match (&kernel, p.labels().get(TARGET_KERNEL_LABEL)) {
+        (Some(k), Some(target)) => k == target,
+        _ => true,
+    };
     let runs: Vec<String> = on_node
         .iter()
-        .filter(|p| loader_holds_module(p))
+        .filter(|p| loader_holds_module(p) && this_kernel(p))
         .map(|p| loader_run(p))
         .collect();
     let key = ready_boot_annotation(scope.namespace, scope.name);
@@ -405,10 +419,15 @@ mod tests {
             boot_fence(None, Some("b1 p/0"), &runs(&["p/0"])),
             fence(true, None)
         );
-        // Nothing loaded: whatever was recorded stays.
+        // Nothing loaded in this kernel: whatever was recorded stays; after a reboot, no
+        // Ready is believed (a loader of the kernel before it has not loaded this one).
         assert_eq!(
             boot_fence(Some("b1"), Some("b0 p/0"), &[]),
-            fence(true, Some("b0 p/0"))
+            fence(false, Some("b0 p/0"))
+        );
+        assert_eq!(
+            boot_fence(Some("b1"), Some("b1 p/0"), &[]),
+            fence(true, Some("b1 p/0"))
         );
         assert_eq!(boot_fence(Some("b1"), None, &[]), fence(true, None));
         // First sight: confirmed in this boot.
@@ -518,6 +537,55 @@ mod tests {
                 ])),
                 BTreeMap::from([(key.clone(), format!("b2 {run1}"))])
             )]
+        );
+    }
+
+    /// After a reboot into another kernel, the previous kernel's loader, restarted by the
+    /// kubelet and Ready, has not loaded the module into this kernel: the ready label waits
+    /// for the new kernel's loader.
+    #[test]
+    fn after_a_kernel_change_only_the_new_kernels_loader_counts() {
+        let key = shared_api::labels::ready_boot_annotation(NS, NAME);
+        let ready = module_ready_label(NS, NAME);
+        let old = loader_pod("n1").ready();
+        let recorded = format!("b1 {}", loader_run(&old));
+        let mut rebooted = node("n1").label(&ready, "").kernel("6.12.0-1-amd64");
+        if let Some(i) = rebooted.status.as_mut().and_then(|s| s.node_info.as_mut()) {
+            i.boot_id = "b2".into();
+        }
+        rebooted
+            .annotations_mut()
+            .insert(key.clone(), recorded.clone());
+        let mut restarted = old.clone();
+        if let Some(c) = restarted
+            .status
+            .as_mut()
+            .and_then(|s| s.container_statuses.first_mut())
+        {
+            c.restart_count = 1;
+        }
+        let ready_on = |pods: &[Arc<CachedPod>]| {
+            let sc = scope(None, pods);
+            let on_node: Vec<&CachedPod> = pods.iter().map(AsRef::as_ref).collect();
+            (
+                desired_node_labels(&sc, &rebooted, &on_node).contains_key(&ready),
+                desired_node_annotations(&sc, &rebooted, &on_node).remove(&key),
+            )
+        };
+        assert_eq!(
+            ready_on(&cached([restarted.clone()])),
+            (false, Some(recorded.clone()))
+        );
+        // Only the previous kernel's loader, still Ready from before the reboot: not believed.
+        assert_eq!(ready_on(&cached([old])), (false, Some(recorded)));
+        // The new kernel's loader is Ready: ready, confirmed in b2 by its run.
+        let mut new = loader_pod("n1").ready();
+        new.set_label(TARGET_KERNEL_LABEL, &kernel_label_value("6.12.0-1-amd64"));
+        new.metadata.uid = Some("uid-new".into());
+        let run = loader_run(&new);
+        assert_eq!(
+            ready_on(&cached([restarted, new])),
+            (true, Some(format!("b2 {run}")))
         );
     }
 }

@@ -16,14 +16,24 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use serde_json::{Map, Value, json};
-use shared_api::labels::{KERNEL_LABEL, SPOKE_NODE_MANAGER};
+use shared_api::labels::{
+    KERNEL_LABEL, MODULE_NAME_LABEL, ROLE_LABEL, ROLE_LOADER, SPOKE_NODE_MANAGER,
+    TARGET_KERNEL_LABEL, kernel_label_value, module_ready_label, ready_boot_annotation,
+};
 
 use super::labels::{current_node_annotations, current_node_labels};
 use super::{Context, ModuleKey};
+use crate::cache::CachedPod;
 use crate::error::ReconcileError;
+use crate::render::nodes::{node_boot_id, node_kernel, pod_node, pod_ready};
 
 /// How long the node a write returned is kept for a cache that has not caught up.
 const WRITTEN_KEPT: Duration = Duration::from_secs(30);
+
+/// How long a write that brings ready labels back after a reboot may wait for the node's
+/// other Modules whose loaders of the node's kernel are starting there
+/// ([`waits_for_siblings`]), so that a reboot's labels come back in one write.
+pub const REBOOT_GATHER: Duration = Duration::from_secs(10);
 
 /// What one Module wants on one node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -68,6 +78,9 @@ pub struct NodeWrites {
     written: Mutex<HashMap<String, (Instant, Arc<Node>)>>,
     /// When each node was last written (entries older than `interval` are dropped).
     last_write: Mutex<HashMap<String, Instant>>,
+    /// Nodes whose labels back after a reboot wait for their siblings ([`REBOOT_GATHER`]),
+    /// and until when.
+    gathering: Mutex<HashMap<String, Instant>>,
 }
 
 impl NodeWrites {
@@ -81,6 +94,7 @@ impl NodeWrites {
             pending: Mutex::default(),
             written: Mutex::default(),
             last_write: Mutex::default(),
+            gathering: Mutex::default(),
         }
     }
 
@@ -144,6 +158,45 @@ impl NodeWrites {
 
     fn lock_written(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Arc<Node>)>> {
         self.written.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How much longer a write of `patch` to `node` waits for its siblings
+    /// ([`waits_for_siblings`]); `None`: write now. The wait starts with the first write that
+    /// waits and ends [`REBOOT_GATHER`] later at the latest.
+    fn gather(
+        &self,
+        node: &Node,
+        want: &NodeWant,
+        patch: &Value,
+        ctx: &Context,
+    ) -> Option<Duration> {
+        let name = node.name_any();
+        let mut gathering = self.gathering.lock().unwrap_or_else(|e| e.into_inner());
+        let modules: Vec<ModuleKey> = ctx
+            .stores
+            .modules
+            .state()
+            .iter()
+            .map(|m| (m.namespace().unwrap_or_default(), m.name_any()))
+            .collect();
+        let pods = ctx.stores.pods.state();
+        let on_node: Vec<&CachedPod> = pods
+            .iter()
+            .filter(|p| pod_node(p) == Some(name.as_str()))
+            .map(AsRef::as_ref)
+            .collect();
+        let now = Instant::now();
+        if !waits_for_siblings(node, want, patch, &modules, &on_node) {
+            gathering.remove(&name);
+            return None;
+        }
+        let until = *gathering.entry(name.clone()).or_insert(now + REBOOT_GATHER);
+        let left = until.saturating_duration_since(now);
+        if left.is_zero() {
+            gathering.remove(&name);
+            return None;
+        }
+        Some(left)
     }
 
     /// The newer of the cached node and the one our last write returned; the returned one is
@@ -235,6 +288,64 @@ fn diff_into(
     }
 }
 
+/// Whether a write of `patch` to `node` should wait for the node's other Modules: after a
+/// reboot, it only brings ready labels back (it removes no label and leaves the kernel label
+/// alone), and some other Module (of `modules`) whose ready label the reboot took is not back
+/// with it while its loader of the node's kernel is on the node, starting (not Ready, not
+/// terminating). Waiting (at most [`REBOOT_GATHER`]) makes the reboot's labels come back in
+/// one write instead of one per loader that gets Ready in another write window.
+fn waits_for_siblings(
+    node: &Node,
+    want: &NodeWant,
+    patch: &Value,
+    modules: &[ModuleKey],
+    pods_on_node: &[&CachedPod],
+) -> bool {
+    let Some(boot) = node_boot_id(node) else {
+        return false;
+    };
+    let labels = patch["metadata"]["labels"].as_object();
+    if labels.is_some_and(|l| l.contains_key(KERNEL_LABEL) || l.values().any(Value::is_null)) {
+        return false;
+    }
+    let recorded_boot = |v: Option<&String>| {
+        v.and_then(|v| v.split_once(' '))
+            .map(|(b, _)| b.to_string())
+    };
+    let back = |(ns, name): &ModuleKey| {
+        let key = ready_boot_annotation(ns, name);
+        let before = recorded_boot(node.annotations().get(&key));
+        let after = want.modules.get(&(ns.clone(), name.clone())).and_then(|w| {
+            w.labels
+                .as_ref()
+                .map(|_| recorded_boot(w.annotations.get(&key)))
+        });
+        before.as_deref() != Some(boot) && after.is_some_and(|a| a.as_deref() == Some(boot))
+    };
+    if !modules.iter().any(back) {
+        return false;
+    }
+    let kernel = node_kernel(node).map(kernel_label_value);
+    let starting = |(ns, name): &ModuleKey| {
+        pods_on_node.iter().any(|p| {
+            p.metadata.namespace.as_deref() == Some(ns.as_str())
+                && p.labels().get(MODULE_NAME_LABEL) == Some(name)
+                && p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_LOADER)
+                && kernel.is_some()
+                && p.labels().get(TARGET_KERNEL_LABEL) == kernel.as_ref()
+                && p.metadata.deletion_timestamp.is_none()
+                && !pod_ready(p)
+        })
+    };
+    modules.iter().any(|m| {
+        let (ns, name) = m;
+        let taken = recorded_boot(node.annotations().get(&ready_boot_annotation(ns, name)))
+            .is_some_and(|b| b != boot)
+            && !node.labels().contains_key(&module_ready_label(ns, name));
+        taken && !back(m) && starting(m)
+    })
+}
+
 /// Write what is wanted on node `name` (the node writer's reconcile).
 #[tracing::instrument(name = "write_node", skip(ctx))]
 pub async fn reconcile(name: String, ctx: &Context) -> Result<Action, ReconcileError> {
@@ -253,6 +364,15 @@ pub async fn reconcile(name: String, ctx: &Context) -> Result<Action, ReconcileE
     let Some(patch) = node_patch(&node, &want) else {
         return Ok(Action::AwaitChange);
     };
+    if let Some(left) = writes.gather(&node, &want, &patch, ctx) {
+        tracing::debug!(node = %name, ?left, "ready labels back after a reboot wait for the node's other loaders");
+        writes
+            .lock_pending()
+            .entry(name.clone())
+            .or_default()
+            .restore(want);
+        return Ok(Action::Requeue(left));
+    }
     let api: Api<Node> = Api::all(ctx.client.clone());
     match api
         .patch(
@@ -391,6 +511,108 @@ mod tests {
             vec![(("x".into(), "y".into()), ModuleWant::default())],
         );
         assert_eq!(node_patch(&n, &idle), None);
+    }
+
+    /// After a reboot, labels coming back wait for the other Modules whose loaders of the
+    /// node's kernel are starting there; removals, the kernel label, and siblings with no
+    /// loader starting never wait.
+    #[test]
+    fn labels_back_after_a_reboot_wait_for_starting_siblings() {
+        let a: ModuleKey = (NS.into(), NAME.into());
+        let b: ModuleKey = (NS.into(), "other".into());
+        let modules = [a.clone(), b.clone()];
+        let (ready_a, ready_b) = (
+            module_ready_label(NS, NAME),
+            module_ready_label(NS, "other"),
+        );
+        let (fence_a, fence_b) = (
+            ready_boot_annotation(NS, NAME),
+            ready_boot_annotation(NS, "other"),
+        );
+        // Rebooted into b2: both labels were taken, both records name b1.
+        let mut n = node("n1");
+        if let Some(i) = n.status.as_mut().and_then(|s| s.node_info.as_mut()) {
+            i.boot_id = "b2".into();
+        }
+        n.annotations_mut().insert(fence_a.clone(), "b1 p/0".into());
+        n.annotations_mut().insert(fence_b.clone(), "b1 q/0".into());
+        // a's loader is Ready again: its label and record in b2.
+        let a_back = want(
+            None,
+            vec![(
+                a.clone(),
+                ModuleWant {
+                    labels: Some(labels(&[(&ready_a, "")])),
+                    annotations: labels(&[(&fence_a, "b2 p/1")]),
+                    remove: vec![],
+                },
+            )],
+        );
+        let patch = node_patch(&n, &a_back).expect("a patch");
+        let mut b_loader = loader_pod("n1");
+        b_loader.set_label(MODULE_NAME_LABEL, "other");
+        let b_ready = b_loader.clone().ready();
+        let waits = |w: &NodeWant, p: &Value, pods: &[&CachedPod]| {
+            waits_for_siblings(&n, w, p, &modules, pods)
+        };
+        // b's loader is starting: wait for it.
+        assert!(waits(&a_back, &patch, &[&b_loader]));
+        // b's loader is Ready (its want comes on its own), or there is none, or it is of
+        // another kernel, or terminating: no wait.
+        assert!(!waits(&a_back, &patch, &[&b_ready]));
+        assert!(!waits(&a_back, &patch, &[]));
+        let mut other_kernel = b_loader.clone();
+        other_kernel.set_label(TARGET_KERNEL_LABEL, "5.14.0");
+        assert!(!waits(&a_back, &patch, &[&other_kernel]));
+        assert!(!waits(&a_back, &patch, &[&b_loader.clone().deleting()]));
+        // Both back in one want: nothing left to wait for.
+        let mut both = a_back.clone();
+        both.modules.insert(
+            b.clone(),
+            ModuleWant {
+                labels: Some(labels(&[(&ready_b, "")])),
+                annotations: labels(&[(&fence_b, "b2 q/1")]),
+                remove: vec![],
+            },
+        );
+        let both_patch = node_patch(&n, &both).expect("a patch");
+        assert!(!waits(&both, &both_patch, &[&b_loader]));
+        // A write that also removes a label or sets the kernel goes at once.
+        let mut with_kernel = a_back.clone();
+        with_kernel.kernel = Some("6.12.0".into());
+        let kp = node_patch(&n, &with_kernel).expect("a patch");
+        assert!(!waits(&with_kernel, &kp, &[&b_loader]));
+        let n_with_b = n.clone().label(&ready_b, "");
+        let mut drops_b = a_back.clone();
+        drops_b.modules.insert(
+            b.clone(),
+            ModuleWant {
+                labels: Some(BTreeMap::new()),
+                annotations: labels(&[(&fence_b, "b1 q/0")]),
+                remove: vec![],
+            },
+        );
+        let dp = node_patch(&n_with_b, &drops_b).expect("a patch");
+        assert!(!waits_for_siblings(
+            &n_with_b,
+            &drops_b,
+            &dp,
+            &modules,
+            &[&b_loader]
+        ));
+        // Not after a reboot (the record already names this boot): no wait.
+        let mut same_boot = n.clone();
+        same_boot
+            .annotations_mut()
+            .insert(fence_a.clone(), "b2 p/0".into());
+        let sp = node_patch(&same_boot, &a_back).expect("a patch");
+        assert!(!waits_for_siblings(
+            &same_boot,
+            &a_back,
+            &sp,
+            &modules,
+            &[&b_loader]
+        ));
     }
 
     #[test]
