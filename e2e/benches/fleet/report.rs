@@ -415,9 +415,10 @@ fn spoke_section(w: &mut String, r: &Results) {
             "\n**One node's kernel change** ({} nodes × {} Modules): node `{}` reboots from `{}` \
              into `{}` (a kernel other nodes run, so its loader DaemonSets exist). Its loader pods \
              were all of the new kernel's DaemonSets and Ready after **{:.1} s**; every module \
-             was loaded again after {:.1} s and every Module's ready label on the node after \
-             {:.1} s (the simulator restarts the old loader containers at the reboot, and the \
-             images carry both kernels' modules, so these can precede the replacement). The \
+             was loaded again after {:.1} s (the simulator restarts the old loader containers at \
+             the reboot, and the images carry both kernels' modules, so this can precede the \
+             replacement) and every Module's ready label on the node was back, confirmed in \
+             the new boot (its ready-boot annotation), after **{:.1} s**. The \
              agent wrote **{}** times from the change until it had written nothing for 5 s (or \
              120 s passed): {}. Every client's mutating requests at the spoke's \
              API server in the same window (the DaemonSet controller, the scheduler and the node \

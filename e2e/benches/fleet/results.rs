@@ -243,7 +243,8 @@ pub struct KernelChange {
     pub replaced_ms: f64,
     /// → every module loaded again on the node (the node simulator's view).
     pub loaded_ms: f64,
-    /// → every Module's ready label back on the node.
+    /// → every Module's ready label back on the node, confirmed in the new boot (its
+    /// ready-boot annotation names the node's new boot ID).
     pub labelled_ms: f64,
     /// The agent's API writes for the change, by kind (`kmm_spoke_api_writes_total`), until
     /// it wrote nothing for a few seconds.

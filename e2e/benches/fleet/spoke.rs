@@ -22,6 +22,7 @@ use serde_json::json;
 use shared_api::Module;
 use shared_api::labels::{
     ROLE_LABEL, ROLE_LOADER, TARGET_KERNEL_LABEL, kernel_label_value, module_ready_label,
+    ready_boot_annotation,
 };
 
 use crate::results::{KernelChange, SpokeIdle};
@@ -318,10 +319,22 @@ async fn kernel_change(
     let lp = ListParams::default()
         .fields(&format!("spec.nodeName={node}"))
         .labels(&format!("{ROLE_LABEL}={ROLE_LOADER}"));
-    let ready_labels: Vec<String> = modules
+    let ready_labels: Vec<(String, String)> = modules
         .iter()
-        .map(|m| module_ready_label(NS, &object_name(m)))
+        .map(|m| {
+            (
+                module_ready_label(NS, &object_name(m)),
+                ready_boot_annotation(NS, &object_name(m)),
+            )
+        })
         .collect();
+    let boot_before = nodes
+        .get(&node)
+        .await?
+        .status
+        .and_then(|s| s.node_info)
+        .map(|i| i.boot_id)
+        .unwrap_or_default();
 
     let writes0 = agent_writes(admin).await?;
     let api0 = apiserver_writes(client).await?;
@@ -360,11 +373,23 @@ async fn kernel_change(
                 loaded = Some(at);
             }
         }
-        // The ready labels stay until the agent sees the reboot: only count them back once
-        // the modules are loaded again.
+        // The ready labels stay until the agent sees the reboot: they count as back once each
+        // is confirmed in the node's new boot (its ready-boot annotation names that boot).
         if loaded.is_some() && labelled.is_none() {
             let n = nodes.get(&node).await?;
-            if ready_labels.iter().all(|l| n.labels().contains_key(l)) {
+            let boot = n
+                .status
+                .as_ref()
+                .and_then(|s| s.node_info.as_ref())
+                .map(|i| i.boot_id.clone())
+                .unwrap_or_default();
+            let confirmed = |(label, fence): &(String, String)| {
+                n.labels().contains_key(label)
+                    && n.annotations()
+                        .get(fence)
+                        .is_some_and(|v| v.split(' ').next() == Some(boot.as_str()))
+            };
+            if boot != boot_before && ready_labels.iter().all(confirmed) {
                 labelled = Some(at);
             }
         }
