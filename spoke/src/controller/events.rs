@@ -61,6 +61,9 @@ pub struct NodeEvent {
     /// label went because the node reports another boot). [`MODULE_LOADED`]: loaded again
     /// after such a reboot ([`RebootMerge`]).
     pub reboot: bool,
+    /// The node's boot ID when the transition was seen (what tells the withdrawals of one
+    /// reboot, seen in several node writes, from a second reboot).
+    pub boot: Option<String>,
 }
 
 impl NodeEvent {
@@ -145,6 +148,7 @@ pub fn ready_transitions(old: &Node, new: &Node, modules: &Store<Module>) -> Vec
             modules,
             detail: String::new(),
             reboot,
+            boot: boot.map(str::to_string),
         }
     })
     .collect()
@@ -212,6 +216,21 @@ impl RebootMerge {
     /// The events to write now for `ev`, seen at `now` (`at` as a timestamp).
     pub fn offer(&mut self, ev: NodeEvent, now: Instant, at: Timestamp) -> Vec<Timed> {
         if ev.reason == MODULE_UNLOADED && ev.reboot {
+            // More of the same reboot's withdrawals (a later node write of that boot): held
+            // with the first ones.
+            if let Some(parked) = self.parked.get_mut(&ev.node)
+                && ev.boot.is_some()
+                && parked.unloaded.0.boot == ev.boot
+            {
+                let unloaded = &mut parked.unloaded.0.modules;
+                for m in ev.modules {
+                    if !unloaded.iter().any(|p| p.key() == m.key()) {
+                        unloaded.push(m);
+                    }
+                }
+                *unloaded = sorted(std::mem::take(unloaded));
+                return Vec::new();
+            }
             // A second reboot before the first one's modules were all back: the first one's
             // events go now.
             let out = self
@@ -318,6 +337,7 @@ pub fn spawn_writer(
     tokio::spawn(async move {
         let api: Api<Event> = Api::namespaced(client, EVENT_NAMESPACE);
         let mut merge = RebootMerge::default();
+        let mut last = Timestamp::UNIX_EPOCH;
         loop {
             let deadline = merge.next_deadline();
             let ready = tokio::select! {
@@ -336,11 +356,26 @@ pub fn spawn_writer(
                 continue;
             }
             for (ev, at) in ready {
+                // The event's name comes from its time: two events of one node never share it.
+                let at = unique_after(at, &mut last);
                 write_event(&api, &ev, &identity, at, &metrics).await;
             }
         }
     });
     EventSink { tx }
+}
+
+/// `at`, or a nanosecond after `last` when `at` is not later (two events released together
+/// carry one time), and remembered in `last`.
+fn unique_after(at: Timestamp, last: &mut Timestamp) -> Timestamp {
+    let at = if at > *last {
+        at
+    } else {
+        last.checked_add(k8s_openapi::jiff::SignedDuration::from_nanos(1))
+            .unwrap_or(at)
+    };
+    *last = at;
+    at
 }
 
 /// Create one node event.
@@ -436,6 +471,7 @@ mod tests {
             }],
             detail: String::new(),
             reboot: false,
+            boot: None,
         }
     }
 
@@ -564,6 +600,55 @@ mod tests {
         assert_eq!(merge.offer(plain.clone(), t0, at(0)), vec![(plain, at(0))]);
         let load = on(MODULE_LOADED, false, &["a"]);
         assert_eq!(merge.offer(load.clone(), t0, at(0)), vec![(load, at(0))]);
+    }
+
+    /// A reboot's withdrawals seen in two node writes are one reboot: the second joins the
+    /// first, and one event follows when all are back. Another boot is a second reboot.
+    #[test]
+    fn one_reboots_withdrawals_in_two_writes_are_held_together() {
+        let mut merge = RebootMerge::default();
+        let t0 = Instant::now();
+        let at = |s: i64| Timestamp::from_second(s).unwrap();
+        let in_boot = |boot: &str, ev: NodeEvent| NodeEvent {
+            boot: Some(boot.into()),
+            ..ev
+        };
+        let first = in_boot("b2", on(MODULE_UNLOADED, true, &["a", "b"]));
+        assert!(merge.offer(first, t0, at(0)).is_empty());
+        let later = in_boot("b2", on(MODULE_UNLOADED, true, &["c"]));
+        assert!(merge.offer(later, t0, at(1)).is_empty());
+        assert!(
+            merge
+                .offer(on(MODULE_LOADED, false, &["a", "b"]), t0, at(2))
+                .is_empty()
+        );
+        let out = merge.offer(on(MODULE_LOADED, false, &["c"]), t0, at(3));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.reason, MODULE_LOADED);
+        assert!(out[0].0.reboot);
+        assert_eq!(out[0].0.module_keys(), "ns/a,ns/b,ns/c");
+        // Another boot before they are back: the first reboot's unload goes.
+        merge.offer(in_boot("b3", on(MODULE_UNLOADED, true, &["a"])), t0, at(4));
+        let second = merge.offer(in_boot("b4", on(MODULE_UNLOADED, true, &["a"])), t0, at(5));
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].0.boot.as_deref(), Some("b3"));
+    }
+
+    /// Events released together get distinct times, so distinct names.
+    #[test]
+    fn events_of_one_moment_get_distinct_names() {
+        let mut last = Timestamp::UNIX_EPOCH;
+        let t = Timestamp::from_second(5).unwrap();
+        let first = unique_after(t, &mut last);
+        let second = unique_after(t, &mut last);
+        assert_eq!(first, t);
+        assert!(second > first);
+        let a = render_event(&node_event(MODULE_LOADED), "me", first);
+        let b = render_event(&node_event(MODULE_LOADED), "me", second);
+        assert_ne!(a.metadata.name, b.metadata.name);
+        // A later time is kept as it is.
+        let later = Timestamp::from_second(6).unwrap();
+        assert_eq!(unique_after(later, &mut last), later);
     }
 
     /// A ready label that goes while the node reports another boot than the one it was

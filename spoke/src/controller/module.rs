@@ -387,6 +387,7 @@ fn report_unload_failure(module: Option<&Module>, pod: &CachedPod, why: String, 
             uid: module.and_then(|m| m.uid()),
         }],
         reboot: false,
+        boot: None,
         detail: why,
     });
 }
