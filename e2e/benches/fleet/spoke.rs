@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kmm_e2e::fleet::{Fleet, worker_node};
 use kmm_e2e::oci::{KmodImage, push_kmod_image};
 use kmm_e2e::process::{ManagedProcess, free_port, http_get};
+use kmm_spoke::render::nodes::node_boot_id;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::{Client, ResourceExt as _};
 use serde_json::json;
@@ -328,13 +329,9 @@ async fn kernel_change(
             )
         })
         .collect();
-    let boot_before = nodes
-        .get(&node)
-        .await?
-        .status
-        .and_then(|s| s.node_info)
-        .map(|i| i.boot_id)
-        .unwrap_or_default();
+    let boot_before = node_boot_id(&nodes.get(&node).await?)
+        .unwrap_or_default()
+        .to_string();
 
     let writes0 = agent_writes(admin).await?;
     let api0 = apiserver_writes(client).await?;
@@ -377,19 +374,14 @@ async fn kernel_change(
         // is confirmed in the node's new boot (its ready-boot annotation names that boot).
         if loaded.is_some() && labelled.is_none() {
             let n = nodes.get(&node).await?;
-            let boot = n
-                .status
-                .as_ref()
-                .and_then(|s| s.node_info.as_ref())
-                .map(|i| i.boot_id.clone())
-                .unwrap_or_default();
+            let boot = node_boot_id(&n).unwrap_or_default();
             let confirmed = |(label, fence): &(String, String)| {
                 n.labels().contains_key(label)
                     && n.annotations()
                         .get(fence)
-                        .is_some_and(|v| v.split(' ').next() == Some(boot.as_str()))
+                        .is_some_and(|v| v.split(' ').next() == Some(boot))
             };
-            if boot != boot_before && ready_labels.iter().all(confirmed) {
+            if boot != boot_before.as_str() && ready_labels.iter().all(confirmed) {
                 labelled = Some(at);
             }
         }
