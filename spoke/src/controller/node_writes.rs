@@ -6,6 +6,7 @@
 //! last write) and written together as one JSON merge patch of the keys that differ, so a node
 //! reboot with ten Modules costs two node writes instead of one per Module and change.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -152,6 +153,14 @@ impl NodeWrites {
         self.queue.add_after(node.to_string(), wait);
     }
 
+    /// Put back a want taken for a write that was not made, under anything wanted since.
+    fn put_back(&self, node: &str, want: NodeWant) {
+        self.lock_pending()
+            .entry(node.to_string())
+            .or_default()
+            .restore(want);
+    }
+
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeWant>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -179,14 +188,15 @@ impl NodeWrites {
             .iter()
             .map(|m| (m.namespace().unwrap_or_default(), m.name_any()))
             .collect();
-        let pods = ctx.stores.pods.state();
-        let on_node: Vec<&CachedPod> = pods
-            .iter()
-            .filter(|p| pod_node(p) == Some(name.as_str()))
-            .map(AsRef::as_ref)
-            .collect();
+        // Every cached pod is looked at only when a write does bring labels back after a
+        // reboot, not for every node write.
+        let on_node = || {
+            let mut pods = ctx.stores.pods.state();
+            pods.retain(|p| pod_node(p) == Some(name.as_str()));
+            pods
+        };
         let now = Instant::now();
-        if !waits_for_siblings(node, want, patch, &modules, &on_node) {
+        if !waits_for_siblings(node, want, patch, &modules, on_node) {
             gathering.remove(&name);
             return None;
         }
@@ -294,12 +304,12 @@ fn diff_into(
 /// with it while its loader of the node's kernel is on the node, starting (not Ready, not
 /// terminating). Waiting (at most [`REBOOT_GATHER`]) makes the reboot's labels come back in
 /// one write instead of one per loader that gets Ready in another write window.
-fn waits_for_siblings(
+fn waits_for_siblings<P: Borrow<CachedPod>>(
     node: &Node,
     want: &NodeWant,
     patch: &Value,
     modules: &[ModuleKey],
-    pods_on_node: &[&CachedPod],
+    pods_on_node: impl FnOnce() -> Vec<P>,
 ) -> bool {
     let Some(boot) = node_boot_id(node) else {
         return false;
@@ -326,16 +336,20 @@ fn waits_for_siblings(
         return false;
     }
     let kernel = node_kernel(node).map(kernel_label_value);
+    let pods_on_node = pods_on_node();
     let starting = |(ns, name): &ModuleKey| {
-        pods_on_node.iter().any(|p| {
-            p.metadata.namespace.as_deref() == Some(ns.as_str())
-                && p.labels().get(MODULE_NAME_LABEL) == Some(name)
-                && p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_LOADER)
-                && kernel.is_some()
-                && p.labels().get(TARGET_KERNEL_LABEL) == kernel.as_ref()
-                && p.metadata.deletion_timestamp.is_none()
-                && !pod_ready(p)
-        })
+        pods_on_node
+            .iter()
+            .map(Borrow::borrow)
+            .any(|p: &CachedPod| {
+                p.metadata.namespace.as_deref() == Some(ns.as_str())
+                    && p.labels().get(MODULE_NAME_LABEL) == Some(name)
+                    && p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_LOADER)
+                    && kernel.is_some()
+                    && p.labels().get(TARGET_KERNEL_LABEL) == kernel.as_ref()
+                    && p.metadata.deletion_timestamp.is_none()
+                    && !pod_ready(p)
+            })
     };
     modules.iter().any(|m| {
         let (ns, name) = m;
@@ -366,11 +380,7 @@ pub async fn reconcile(name: String, ctx: &Context) -> Result<Action, ReconcileE
     };
     if let Some(left) = writes.gather(&node, &want, &patch, ctx) {
         tracing::debug!(node = %name, ?left, "ready labels back after a reboot wait for the node's other loaders");
-        writes
-            .lock_pending()
-            .entry(name.clone())
-            .or_default()
-            .restore(want);
+        writes.put_back(&name, want);
         return Ok(Action::Requeue(left));
     }
     let api: Api<Node> = Api::all(ctx.client.clone());
@@ -401,11 +411,7 @@ pub async fn reconcile(name: String, ctx: &Context) -> Result<Action, ReconcileE
             Ok(Action::AwaitChange)
         }
         Err(source) => {
-            writes
-                .lock_pending()
-                .entry(name.clone())
-                .or_default()
-                .restore(want);
+            writes.put_back(&name, want);
             Err(ReconcileError::NodeLabels { node: name, source })
         }
     }
@@ -553,7 +559,7 @@ mod tests {
         b_loader.set_label(MODULE_NAME_LABEL, "other");
         let b_ready = b_loader.clone().ready();
         let waits = |w: &NodeWant, p: &Value, pods: &[&CachedPod]| {
-            waits_for_siblings(&n, w, p, &modules, pods)
+            waits_for_siblings(&n, w, p, &modules, || pods.to_vec())
         };
         // b's loader is starting: wait for it.
         assert!(waits(&a_back, &patch, &[&b_loader]));
@@ -598,7 +604,7 @@ mod tests {
             &drops_b,
             &dp,
             &modules,
-            &[&b_loader]
+            || vec![&b_loader]
         ));
         // Not after a reboot (the record already names this boot): no wait.
         let mut same_boot = n.clone();
@@ -611,7 +617,7 @@ mod tests {
             &a_back,
             &sp,
             &modules,
-            &[&b_loader]
+            || vec![&b_loader]
         ));
     }
 
