@@ -73,6 +73,11 @@ pub fn ready_boot_annotation(namespace: &str, name: &str) -> String {
     format!("{PREFIX}/{namespace}.{name}.ready-boot-id")
 }
 
+/// The boot ID a [`ready_boot_annotation`] value records (`None` for a value not of its form).
+pub fn recorded_boot_id(value: &str) -> Option<&str> {
+    value.split_once(' ').map(|(boot, _)| boot)
+}
+
 /// Whether `key` is a [`ready_boot_annotation`] of some Module.
 pub fn is_ready_boot_annotation(key: &str) -> bool {
     key.strip_prefix(PREFIX)

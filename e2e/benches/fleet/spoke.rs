@@ -23,7 +23,7 @@ use serde_json::json;
 use shared_api::Module;
 use shared_api::labels::{
     ROLE_LABEL, ROLE_LOADER, TARGET_KERNEL_LABEL, kernel_label_value, module_ready_label,
-    ready_boot_annotation,
+    ready_boot_annotation, recorded_boot_id,
 };
 
 use crate::results::{KernelChange, SpokeIdle};
@@ -379,7 +379,7 @@ async fn kernel_change(
                 n.labels().contains_key(label)
                     && n.annotations()
                         .get(fence)
-                        .is_some_and(|v| v.split(' ').next() == Some(boot))
+                        .is_some_and(|v| recorded_boot_id(v) == Some(boot))
             };
             if boot != boot_before.as_str() && ready_labels.iter().all(confirmed) {
                 labelled = Some(at);

@@ -13,7 +13,9 @@ use kube::api::{Api, PostParams};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use shared_api::Module;
-use shared_api::labels::{MODULE_ANNOTATION, module_ready_label, ready_boot_annotation};
+use shared_api::labels::{
+    MODULE_ANNOTATION, module_ready_label, ready_boot_annotation, recorded_boot_id,
+};
 use tokio::sync::mpsc;
 use tokio::time::{Duration, Instant};
 
@@ -117,7 +119,7 @@ pub fn ready_transitions(old: &Node, new: &Node, modules: &Store<Module>) -> Vec
         // The label confirmed in another boot than the node's: gone with a reboot.
         let lost_in_reboot = || {
             let recorded = new.annotations().get(&ready_boot_annotation(&ns, &name));
-            let recorded_boot = recorded.and_then(|r| r.split_once(' ')).map(|(b, _)| b);
+            let recorded_boot = recorded.and_then(|r| recorded_boot_id(r));
             recorded_boot.is_some() && boot.is_some() && recorded_boot != boot
         };
         let to = match (old_labels.contains_key(&key), new_labels.contains_key(&key)) {

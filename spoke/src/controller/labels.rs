@@ -9,8 +9,8 @@ use kube::ResourceExt;
 use shared_api::Module;
 use shared_api::labels::{
     TARGET_KERNEL_LABEL, deprecated_ready_label, is_module_node_label, kernel_label_value,
-    module_ready_label, module_version_ready_label, ready_boot_annotation, schedule_version_label,
-    worker_version_label,
+    module_ready_label, module_version_ready_label, ready_boot_annotation, recorded_boot_id,
+    schedule_version_label, worker_version_label,
 };
 
 use super::sequence::worker_and_schedule;
@@ -62,7 +62,7 @@ pub fn boot_fence(boot_id: Option<&str>, recorded: Option<&str>, runs: &[String]
     let Some(newest) = runs.iter().max() else {
         // No run to believe: what was recorded stays, and a Ready that is not a run of this
         // kernel (a loader of the kernel before the reboot) is not believed after a reboot.
-        let recorded_boot = recorded.and_then(|r| r.split_once(' ')).map(|(b, _)| b);
+        let recorded_boot = recorded.and_then(recorded_boot_id);
         return BootFence {
             ready_allowed: recorded_boot.is_none_or(|b| b == boot),
             annotation: keep(),

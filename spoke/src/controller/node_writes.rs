@@ -20,6 +20,7 @@ use serde_json::{Map, Value, json};
 use shared_api::labels::{
     KERNEL_LABEL, MODULE_NAME_LABEL, ROLE_LABEL, ROLE_LOADER, SPOKE_NODE_MANAGER,
     TARGET_KERNEL_LABEL, kernel_label_value, module_ready_label, ready_boot_annotation,
+    recorded_boot_id,
 };
 
 use super::labels::{current_node_annotations, current_node_labels};
@@ -318,10 +319,9 @@ fn waits_for_siblings<P: Borrow<CachedPod>>(
     if labels.is_some_and(|l| l.contains_key(KERNEL_LABEL) || l.values().any(Value::is_null)) {
         return false;
     }
-    let recorded_boot = |v: Option<&String>| {
-        v.and_then(|v| v.split_once(' '))
-            .map(|(b, _)| b.to_string())
-    };
+    fn recorded_boot(v: Option<&String>) -> Option<&str> {
+        v.and_then(|v| recorded_boot_id(v))
+    }
     let back = |(ns, name): &ModuleKey| {
         let key = ready_boot_annotation(ns, name);
         let before = recorded_boot(node.annotations().get(&key));
@@ -330,7 +330,7 @@ fn waits_for_siblings<P: Borrow<CachedPod>>(
                 .as_ref()
                 .map(|_| recorded_boot(w.annotations.get(&key)))
         });
-        before.as_deref() != Some(boot) && after.is_some_and(|a| a.as_deref() == Some(boot))
+        before != Some(boot) && after.is_some_and(|a| a == Some(boot))
     };
     if !modules.iter().any(back) {
         return false;
