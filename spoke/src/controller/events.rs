@@ -141,17 +141,14 @@ pub fn ready_transitions(old: &Node, new: &Node, modules: &Store<Module>) -> Vec
     ]
     .into_iter()
     .filter(|(_, _, m)| !m.is_empty())
-    .map(|(reason, reboot, mut modules)| {
-        modules.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        NodeEvent {
-            node: new.name_any(),
-            node_uid: new.uid(),
-            reason,
-            modules,
-            detail: String::new(),
-            reboot,
-            boot: boot.map(str::to_string),
-        }
+    .map(|(reason, reboot, modules)| NodeEvent {
+        node: new.name_any(),
+        node_uid: new.uid(),
+        reason,
+        modules: sorted(modules),
+        detail: String::new(),
+        reboot,
+        boot: boot.map(str::to_string),
     })
     .collect()
 }
@@ -181,9 +178,10 @@ struct Parked {
     deadline: Instant,
     /// The reboot's unload: the modules not back yet.
     unloaded: Timed,
-    /// The modules back already, with the time the newest came back.
+    /// The modules back already, and when the newest came back (the reboot's time while none
+    /// is).
     back: Vec<ModuleRef>,
-    back_at: Option<Timestamp>,
+    back_at: Timestamp,
 }
 
 impl Parked {
@@ -192,14 +190,14 @@ impl Parked {
     fn release(self) -> Vec<Timed> {
         let (unloaded, at) = self.unloaded;
         let mut out = Vec::new();
-        if let (false, Some(back_at)) = (self.back.is_empty(), self.back_at) {
+        if !self.back.is_empty() {
             out.push((
                 NodeEvent {
                     reason: MODULE_LOADED,
                     modules: self.back,
                     ..unloaded.clone()
                 },
-                back_at,
+                self.back_at,
             ));
         }
         if !unloaded.modules.is_empty() {
@@ -246,7 +244,7 @@ impl RebootMerge {
                     deadline: now + REBOOT_MERGE_WINDOW,
                     unloaded: (ev, at),
                     back: Vec::new(),
-                    back_at: None,
+                    back_at: at,
                 },
             );
             return out;
@@ -274,7 +272,7 @@ impl RebootMerge {
         unloaded.retain(|p| !again.iter().any(|m| m.key() == p.key()));
         if !again.is_empty() {
             parked.back = sorted(parked.back.into_iter().chain(again).collect());
-            parked.back_at = Some(at);
+            parked.back_at = at;
         }
         let mut out = Vec::new();
         if !fresh.is_empty() {
